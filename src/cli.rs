@@ -1,0 +1,440 @@
+//! The command line: clap definitions and the commands behind them.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::measure::METRICS;
+use crate::model::generate::greedy;
+use crate::model::{self, builtin, ModelFiles, QuantizeFactory, ARCHS};
+use crate::report::table;
+use crate::runner::{self, RunOptions};
+use crate::scheme::{self, FloatStorage, SCHEMES};
+use crate::suite::Plan;
+use crate::tensor;
+
+/// Exit code for success.
+pub const EXIT_OK: i32 = 0;
+/// Exit code for an error.
+pub const EXIT_ERROR: i32 = 1;
+/// Exit code for a regression found by `compare` (reserved).
+pub const EXIT_REGRESSION: i32 = 2;
+
+/// What a quantization scheme costs and buys: memory, disk, latency and divergence from
+/// the full-precision model, in one run.
+#[derive(Debug, Parser)]
+#[command(name = "bench", version, about, long_about = None)]
+pub struct Cli {
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a suite: every model × scheme, measured; writes results.json, results.md, results.csv.
+    Run {
+        /// Suite YAML file.
+        suite: PathBuf,
+        /// Output folder (default: the suite's `output`, else reports/<suite name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Keep the finished cases of an earlier run in the output folder and skip them.
+        #[arg(long)]
+        resume: bool,
+        /// Run only cases whose id (model/scheme-label) matches: a substring, or a pattern with `*`.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Keep each saved quantized model under OUT/models/.
+        #[arg(long)]
+        keep_models: bool,
+    },
+    /// Check a suite (paths, names, parameters, models) without running it.
+    Validate {
+        /// Suite YAML file.
+        suite: PathBuf,
+    },
+    /// Show a model's architecture, parameters, dtypes and bytes per tensor group.
+    Inspect {
+        /// Model directory or builtin:NAME.
+        model: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List what the registries hold.
+    List {
+        /// Which registry.
+        what: ListWhat,
+        /// Print a Markdown table (the README's tables come from this).
+        #[arg(long)]
+        markdown: bool,
+    },
+    /// Greedy continuation of prompts with one scheme, with prefill and per-token times.
+    Generate(GenerateArgs),
+    /// Write a built-in model (config.json, model.safetensors, tokenizer.json) into a folder.
+    Builtin {
+        /// Built-in model name (see `bench list builtins`).
+        name: String,
+        /// Destination folder.
+        dir: PathBuf,
+    },
+}
+
+/// Registries `bench list` shows.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ListWhat {
+    /// Quantization schemes.
+    Schemes,
+    /// Metrics.
+    Metrics,
+    /// Model architectures.
+    Archs,
+    /// Built-in models.
+    Builtins,
+}
+
+/// Arguments of `bench generate`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompts"])))]
+pub struct GenerateArgs {
+    /// Model directory or builtin:NAME.
+    pub model: String,
+    /// Scheme to apply (default fp32).
+    #[arg(long, default_value = "fp32")]
+    pub scheme: String,
+    /// One prompt.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// A file with one prompt per line.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Tokens to generate per prompt.
+    #[arg(long, default_value_t = 16)]
+    pub max_new_tokens: usize,
+    /// With --json: how many most likely tokens to list per position.
+    #[arg(long, default_value_t = 5)]
+    pub top_k: usize,
+    /// Print JSON: ids, text, and the top-k log-probabilities of every position.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Run a parsed command line; returns the exit code.
+pub fn execute(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Run {
+            suite,
+            out,
+            resume,
+            filter,
+            keep_models,
+        } => {
+            let plan = Plan::load(&suite)?;
+            let options = RunOptions {
+                out,
+                resume,
+                filter,
+                keep_models,
+            };
+            let (dir, results) = runner::run(&plan, &options)?;
+            println!("{}", table::markdown(&results));
+            for case in &results.cases {
+                for w in &case.warnings {
+                    eprintln!("warning: {}: {w}", case.id);
+                }
+            }
+            eprintln!("wrote {}", dir.join("results.json").display());
+        }
+        Command::Validate { suite } => {
+            let plan = Plan::load(&suite)?;
+            println!(
+                "{}: ok — {} models × {} schemes = {} cases on {}",
+                suite.display(),
+                plan.models.len(),
+                plan.schemes.len(),
+                plan.case_ids().len(),
+                plan.device
+            );
+        }
+        Command::Inspect { model, json } => inspect(&model, json)?,
+        Command::List { what, markdown } => print!("{}", list(what, markdown)),
+        Command::Generate(args) => generate(&args)?,
+        Command::Builtin { name, dir } => {
+            builtin::write_to(&name, &dir)?;
+            println!("wrote builtin:{name} to {}", dir.display());
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+fn open_model(spec: &str) -> Result<ModelFiles> {
+    ModelFiles::open(&model::resolve_model_path(spec, Path::new("."))?)
+}
+
+fn inspect(spec: &str, as_json: bool) -> Result<()> {
+    let files = open_model(spec)?;
+    let summary = files.summary()?;
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&summary).expect("summary serialises")
+        );
+        return Ok(());
+    }
+    println!("model        {}", files.dir.display());
+    println!("architecture {}", summary.arch);
+    println!(
+        "parameters   {} ({} in quantizable linear layers, {:.1}%)",
+        summary.parameters,
+        summary.linear_parameters,
+        100.0 * summary.linear_parameters as f64 / summary.parameters.max(1) as f64
+    );
+    let dtypes: Vec<String> = summary
+        .dtypes
+        .iter()
+        .map(|(d, n)| format!("{d} × {n}"))
+        .collect();
+    println!("dtypes       {}", dtypes.join(", "));
+    println!("tokenizer    {} tokens", summary.tokenizer_vocab);
+    println!("stored bytes by tensor kind:");
+    for (kind, bytes) in &summary.stored_bytes {
+        println!(
+            "  {kind:<8} {bytes:>14}  ({:.2} MiB)",
+            *bytes as f64 / 1048576.0
+        );
+    }
+    if !summary.skipped.is_empty() {
+        println!(
+            "skipped (not used by {}): {}",
+            summary.arch,
+            summary.skipped.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// The listing of a registry, as aligned text or a Markdown table.
+pub fn list(what: ListWhat, markdown: bool) -> String {
+    let (headers, rows): (Vec<&str>, Vec<Vec<String>>) = match what {
+        ListWhat::Schemes => (
+            vec![
+                "scheme",
+                "bits/weight",
+                "block",
+                "calibration",
+                "devices",
+                "parameters",
+                "summary",
+            ],
+            SCHEMES
+                .iter()
+                .map(|s| {
+                    let params: Vec<&str> = s.params.iter().map(|p| p.name).collect();
+                    vec![
+                        s.name.to_string(),
+                        format!("{}", s.bits_per_weight),
+                        s.block_size.map_or("–".into(), |b| b.to_string()),
+                        yes_no(s.needs_calibration).into(),
+                        serde_json::to_value(s.devices)
+                            .expect("serialises")
+                            .as_str()
+                            .unwrap_or("")
+                            .into(),
+                        if params.is_empty() {
+                            "–".into()
+                        } else {
+                            params.join(", ")
+                        },
+                        s.summary.into(),
+                    ]
+                })
+                .collect(),
+        ),
+        ListWhat::Metrics => (
+            vec!["metric", "group", "unit", "better", "tolerance", "summary"],
+            METRICS
+                .iter()
+                .map(|m| {
+                    vec![
+                        m.name.into(),
+                        m.group.name().into(),
+                        if m.unit.is_empty() {
+                            "–".into()
+                        } else {
+                            m.unit.into()
+                        },
+                        if m.higher_is_better {
+                            "higher"
+                        } else {
+                            "lower"
+                        }
+                        .into(),
+                        format!("{}%", m.tolerance * 100.0),
+                        m.summary.into(),
+                    ]
+                })
+                .collect(),
+        ),
+        ListWhat::Archs => (
+            vec!["arch", "model_type", "quantized layers", "summary"],
+            ARCHS
+                .iter()
+                .map(|a| {
+                    vec![
+                        a.name.into(),
+                        a.model_types.join(", "),
+                        a.quantizable.into(),
+                        a.summary.into(),
+                    ]
+                })
+                .collect(),
+        ),
+        ListWhat::Builtins => (
+            vec!["model", "summary"],
+            builtin::BUILTINS
+                .iter()
+                .map(|b| vec![format!("builtin:{}", b.name), b.summary.into()])
+                .collect(),
+        ),
+    };
+    if markdown {
+        let mut out = format!(
+            "| {} |\n|{}|\n",
+            headers.join(" | "),
+            vec!["---"; headers.len()].join("|")
+        );
+        for row in rows {
+            out.push_str(&format!("| {} |\n", row.join(" | ")));
+        }
+        return out;
+    }
+    let widths: Vec<usize> = (0..headers.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([headers[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        padded.join("  ").trim_end().to_string() + "\n"
+    };
+    let mut out = line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        out.push_str(&line(row));
+    }
+    out
+}
+
+fn generate(args: &GenerateArgs) -> Result<()> {
+    let prompts: Vec<String> = match (&args.prompt, &args.prompts) {
+        (Some(p), _) => vec![p.clone()],
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .map_err(|e| Error::io("cannot read prompts", file, e))?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(String::from)
+            .collect(),
+        (None, None) => unreachable!("clap requires --prompt or --prompts"),
+    };
+    if prompts.is_empty() {
+        return Err(Error::Workload(
+            "no prompts: the prompts file has no non-empty line".into(),
+        ));
+    }
+    let info = scheme::lookup(&args.scheme)?;
+    let scheme = (info.build)(&Default::default())?;
+    let files = open_model(&args.model)?;
+    let model = files.build(&mut QuantizeFactory::new(
+        &files.store,
+        FloatStorage::F32,
+        scheme.as_ref(),
+        false,
+    ))?;
+    let tokenizer = &files.tokenizer;
+    let mut records = Vec::new();
+    for prompt in &prompts {
+        let ids = tokenizer.encode(prompt)?;
+        if ids.is_empty() {
+            return Err(Error::Workload(format!("prompt {prompt:?} has no tokens")));
+        }
+        let timed = greedy(model.as_ref(), &ids, args.max_new_tokens, false)?;
+        let text = tokenizer.decode(&timed.ids)?;
+        let step_ms = crate::measure::latency::Stats::of(&timed.step_s).map(|s| s.median * 1e3);
+        if !args.json {
+            println!("{prompt}{text}");
+            println!(
+                "  [{} prompt tokens, prefill {:.2} ms, decode {} ms/token median over {} steps, scheme {}]",
+                ids.len(),
+                timed.prefill_s * 1e3,
+                step_ms.map_or("–".into(), |m| format!("{m:.3}")),
+                timed.step_s.len(),
+                info.name
+            );
+            continue;
+        }
+        let with_logits = greedy(model.as_ref(), &ids, args.max_new_tokens, true)?;
+        let top = |logits: &[f32]| -> Result<Vec<serde_json::Value>> {
+            logits
+                .chunks_exact(model.vocab_size())
+                .map(|row| top_k(row, args.top_k, tokenizer))
+                .collect()
+        };
+        records.push(json!({
+            "prompt": prompt,
+            "input_ids": ids,
+            "generated_ids": timed.ids,
+            "text": text,
+            "prefill_ms": timed.prefill_s * 1e3,
+            "decode_ms": timed.step_s.iter().map(|s| s * 1e3).collect::<Vec<_>>(),
+            "prompt_top_k": top(with_logits.prompt_logits.as_deref().unwrap_or_default())?,
+            "generated_top_k": top(with_logits.step_logits.as_deref().unwrap_or_default())?,
+        }));
+    }
+    if args.json {
+        let doc = json!({"model": args.model, "scheme": info.name, "top_k": args.top_k, "prompts": records});
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).expect("json serialises")
+        );
+    }
+    Ok(())
+}
+
+/// The `k` most likely tokens of one logits row with their log-probabilities.
+fn top_k(
+    row: &[f32],
+    k: usize,
+    tokenizer: &model::tokenizer::TextTokenizer,
+) -> Result<serde_json::Value> {
+    let mut logp = Vec::new();
+    tensor::log_softmax(row, &mut logp);
+    let mut order: Vec<usize> = (0..row.len()).collect();
+    order.sort_by(|&a, &b| logp[b].total_cmp(&logp[a]).then(a.cmp(&b)));
+    let entries = order
+        .into_iter()
+        .take(k)
+        .map(|id| {
+            Ok(json!({"id": id, "logprob": logp[id], "token": tokenizer.decode(&[id as u32])?}))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(serde_json::Value::Array(entries))
+}

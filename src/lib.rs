@@ -1,0 +1,18 @@
+//! quantbench: what a quantization scheme costs and buys, for one model on one machine.
+//!
+//! A YAML suite names models, schemes, a workload and metrics; [`runner`] loads each
+//! model, applies each scheme, and measures memory, disk size, latency and divergence from
+//! the full-precision reference; [`report`] writes results.json and renders tables. See
+//! DESIGN.md in the repository for the data flow.
+
+pub mod cli;
+pub mod error;
+pub mod measure;
+pub mod model;
+pub mod report;
+pub mod runner;
+pub mod scheme;
+pub mod suite;
+pub mod tensor;
+
+pub use error::{Error, Result};

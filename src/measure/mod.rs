@@ -1,0 +1,267 @@
+//! Measurements and the one registry table of metrics: what each metric means, its unit,
+//! its direction and its noise tolerance. Reports and comparisons read this table.
+
+pub mod divergence;
+pub mod latency;
+
+use serde::Serialize;
+
+/// The groups a suite's `metrics:` list switches on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricGroup {
+    /// Bytes by tensor role, bits per weight.
+    Memory,
+    /// Saved safetensors size, reload check.
+    Disk,
+    /// Quantize, load, prefill and decode times.
+    Latency,
+    /// KL divergence, same top-1, perplexity.
+    Divergence,
+    /// Greedy continuations and the first divergent token.
+    Generation,
+}
+
+impl MetricGroup {
+    /// Every group, in report order.
+    pub const ALL: [MetricGroup; 5] = [
+        MetricGroup::Memory,
+        MetricGroup::Disk,
+        MetricGroup::Latency,
+        MetricGroup::Divergence,
+        MetricGroup::Generation,
+    ];
+
+    /// Name in suites.
+    pub fn name(self) -> &'static str {
+        match self {
+            MetricGroup::Memory => "memory",
+            MetricGroup::Disk => "disk",
+            MetricGroup::Latency => "latency",
+            MetricGroup::Divergence => "divergence",
+            MetricGroup::Generation => "generation",
+        }
+    }
+}
+
+/// How a metric's values over cases or runs combine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregation {
+    /// One exact value per case (bytes).
+    Exact,
+    /// The median of repeated timings.
+    Median,
+    /// The mean over scored tokens.
+    MeanOverTokens,
+    /// A ratio of two case-level values.
+    Ratio,
+}
+
+/// One row of the metric table.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct MetricInfo {
+    /// Name in results and reports.
+    pub name: &'static str,
+    /// Group that measures it.
+    pub group: MetricGroup,
+    /// Unit as printed.
+    pub unit: &'static str,
+    /// Whether larger is better.
+    pub higher_is_better: bool,
+    /// How values combine.
+    pub aggregation: Aggregation,
+    /// Relative change within which two runs count as equal.
+    pub tolerance: f64,
+    /// What it means.
+    pub summary: &'static str,
+}
+
+const fn metric(
+    name: &'static str,
+    group: MetricGroup,
+    unit: &'static str,
+    higher_is_better: bool,
+    aggregation: Aggregation,
+    tolerance: f64,
+    summary: &'static str,
+) -> MetricInfo {
+    MetricInfo {
+        name,
+        group,
+        unit,
+        higher_is_better,
+        aggregation,
+        tolerance,
+        summary,
+    }
+}
+
+use Aggregation::*;
+use MetricGroup::*;
+
+/// Every metric the harness reports.
+pub static METRICS: &[MetricInfo] = &[
+    metric(
+        "weight_bytes",
+        Memory,
+        "B",
+        false,
+        Exact,
+        0.0,
+        "bytes of every tensor as the scheme stores it",
+    ),
+    metric(
+        "bits_per_weight",
+        Memory,
+        "bit",
+        false,
+        Exact,
+        0.0,
+        "bits per quantized linear weight, scales and zero points included",
+    ),
+    metric(
+        "disk_bytes",
+        Disk,
+        "B",
+        false,
+        Exact,
+        0.0,
+        "size of the saved safetensors file",
+    ),
+    metric(
+        "quantize_s",
+        Latency,
+        "s",
+        false,
+        Median,
+        0.10,
+        "time to build the model from the full-precision checkpoint, quantization included",
+    ),
+    metric(
+        "load_s",
+        Latency,
+        "s",
+        false,
+        Median,
+        0.10,
+        "time to load the saved quantized file",
+    ),
+    metric(
+        "prefill_ms",
+        Latency,
+        "ms",
+        false,
+        Median,
+        0.02,
+        "time to first token: one forward pass over batch × prompt_len tokens",
+    ),
+    metric(
+        "decode_ms_per_token",
+        Latency,
+        "ms",
+        false,
+        Median,
+        0.02,
+        "time of one decode step (batch tokens) with the KV cache",
+    ),
+    metric(
+        "decode_tokens_per_s",
+        Latency,
+        "tok/s",
+        true,
+        Median,
+        0.02,
+        "tokens generated per second across the batch",
+    ),
+    metric(
+        "kld_mean",
+        Divergence,
+        "nat",
+        false,
+        MeanOverTokens,
+        0.01,
+        "mean KL(reference ‖ quantized) of next-token distributions",
+    ),
+    metric(
+        "same_top1",
+        Divergence,
+        "%",
+        true,
+        MeanOverTokens,
+        0.005,
+        "fraction of positions whose most likely token is unchanged",
+    ),
+    metric(
+        "ppl",
+        Divergence,
+        "",
+        false,
+        MeanOverTokens,
+        0.005,
+        "perplexity of the evaluation text",
+    ),
+    metric(
+        "ppl_ratio",
+        Divergence,
+        "",
+        false,
+        Ratio,
+        0.005,
+        "perplexity over the reference's perplexity",
+    ),
+    metric(
+        "first_divergent_token",
+        Generation,
+        "tok",
+        true,
+        Exact,
+        0.0,
+        "first generated position where greedy output differs from the reference",
+    ),
+];
+
+/// A suite's metric entry (a group or a metric name) resolved to its group, or a message
+/// listing what is accepted.
+pub fn resolve_metric(name: &str) -> Result<MetricGroup, String> {
+    if let Some(group) = MetricGroup::ALL.into_iter().find(|g| g.name() == name) {
+        return Ok(group);
+    }
+    if let Some(m) = METRICS.iter().find(|m| m.name == name) {
+        return Ok(m.group);
+    }
+    let groups: Vec<_> = MetricGroup::ALL.iter().map(|g| g.name()).collect();
+    let metrics: Vec<_> = METRICS.iter().map(|m| m.name).collect();
+    Err(format!(
+        "unknown metric `{name}`, expected a group ({}) or a metric ({})",
+        groups.join(", "),
+        metrics.join(", ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_group_has_a_metric_and_names_are_unique() {
+        for g in MetricGroup::ALL {
+            assert!(METRICS.iter().any(|m| m.group == g), "{g:?} has no metric");
+        }
+        let mut names: Vec<_> = METRICS.iter().map(|m| m.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), METRICS.len());
+    }
+
+    #[test]
+    fn metric_names_resolve_to_their_group() {
+        assert_eq!(resolve_metric("kld_mean"), Ok(MetricGroup::Divergence));
+        assert_eq!(resolve_metric("latency"), Ok(MetricGroup::Latency));
+        let err = resolve_metric("speed").unwrap_err();
+        assert!(
+            err.contains("`speed`") && err.contains("latency") && err.contains("ppl"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,201 @@
+//! Weight factories: where an architecture gets each tensor and linear layer from, either
+//! quantizing a full-precision checkpoint with a scheme or reloading a saved quantized model.
+
+use crate::error::Result;
+use crate::scheme::{DenseWeight, FloatLinear, FloatStorage, Linear, Scheme, StoredSource};
+
+use super::weights::WeightStore;
+
+/// Canonical name of an untied output head.
+pub const HEAD: &str = "lm_head";
+
+/// Supplies an architecture's tensors and linear layers while it is built.
+pub trait WeightFactory {
+    /// A full-precision tensor (embedding, norm) of `shape`.
+    fn dense(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+    /// The linear layer `name` (`[rows, cols]` weight at `{name}.weight`), in the scheme's
+    /// representation.
+    fn linear(
+        &mut self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        bias: bool,
+    ) -> Result<Box<dyn Linear>>;
+    /// The output head. `tied_to` names the embedding when the head shares it. `None`
+    /// means: use the embedding matrix as is (tied and not quantized).
+    fn head(
+        &mut self,
+        tied_to: Option<&str>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Box<dyn Linear>>>;
+}
+
+/// Builds a model from a full-precision checkpoint, quantizing its linear layers.
+pub struct QuantizeFactory<'a> {
+    store: &'a WeightStore,
+    precision: FloatStorage,
+    scheme: &'a dyn Scheme,
+    quantize_head: bool,
+}
+
+impl<'a> QuantizeFactory<'a> {
+    /// Every tensor is first rounded to `precision` (the reference model's dtype), then
+    /// linear layers go through `scheme`.
+    pub fn new(
+        store: &'a WeightStore,
+        precision: FloatStorage,
+        scheme: &'a dyn Scheme,
+        quantize_head: bool,
+    ) -> Self {
+        QuantizeFactory {
+            store,
+            precision,
+            scheme,
+            quantize_head,
+        }
+    }
+
+    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let mut data = self.store.f32(name, shape)?;
+        if self.precision != FloatStorage::F32 {
+            data.iter_mut().for_each(|v| *v = self.precision.round(*v));
+        }
+        Ok(data)
+    }
+
+    fn bias(&self, name: &str, rows: usize, present: bool) -> Result<Option<Vec<f32>>> {
+        present
+            .then(|| self.read(&format!("{name}.bias"), &[rows]))
+            .transpose()
+    }
+}
+
+impl WeightFactory for QuantizeFactory<'_> {
+    fn dense(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.read(name, shape)
+    }
+
+    fn linear(
+        &mut self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        bias: bool,
+    ) -> Result<Box<dyn Linear>> {
+        let data = self.read(&format!("{name}.weight"), &[rows, cols])?;
+        let bias = self.bias(name, rows, bias)?;
+        self.scheme.quantize(
+            DenseWeight {
+                name: name.to_string(),
+                rows,
+                cols,
+                data,
+            },
+            bias,
+        )
+    }
+
+    fn head(
+        &mut self,
+        tied_to: Option<&str>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Box<dyn Linear>>> {
+        let source = tied_to
+            .map(String::from)
+            .unwrap_or(format!("{HEAD}.weight"));
+        if !self.quantize_head && tied_to.is_some() {
+            return Ok(None);
+        }
+        let data = self.read(&source, &[rows, cols])?;
+        let weight = DenseWeight {
+            name: HEAD.to_string(),
+            rows,
+            cols,
+            data,
+        };
+        Ok(Some(if self.quantize_head {
+            self.scheme.quantize(weight, None)?
+        } else {
+            Box::new(FloatLinear::unquantized(weight, None))
+        }))
+    }
+}
+
+/// Rebuilds a model from a saved quantized checkpoint.
+pub struct ReloadFactory<'a> {
+    store: &'a WeightStore,
+    scheme: &'a dyn Scheme,
+    quantize_head: bool,
+}
+
+impl<'a> ReloadFactory<'a> {
+    /// Read `store` (written by saving a model quantized with `scheme`).
+    pub fn new(store: &'a WeightStore, scheme: &'a dyn Scheme, quantize_head: bool) -> Self {
+        ReloadFactory {
+            store,
+            scheme,
+            quantize_head,
+        }
+    }
+
+    fn bias(&self, name: &str, rows: usize, present: bool) -> Result<Option<Vec<f32>>> {
+        present
+            .then(|| self.store.f32(&format!("{name}.bias"), &[rows]))
+            .transpose()
+    }
+}
+
+impl WeightFactory for ReloadFactory<'_> {
+    fn dense(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.store.f32(name, shape)
+    }
+
+    fn linear(
+        &mut self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        bias: bool,
+    ) -> Result<Box<dyn Linear>> {
+        let bias = self.bias(name, rows, bias)?;
+        self.scheme.load(name, rows, cols, bias, self.store)
+    }
+
+    fn head(
+        &mut self,
+        tied_to: Option<&str>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Box<dyn Linear>>> {
+        if self.quantize_head {
+            return self
+                .scheme
+                .load(HEAD, rows, cols, None, self.store)
+                .map(Some);
+        }
+        if tied_to.is_some() {
+            return Ok(None);
+        }
+        let data = self.store.f32(&format!("{HEAD}.weight"), &[rows, cols])?;
+        let weight = DenseWeight {
+            name: HEAD.to_string(),
+            rows,
+            cols,
+            data,
+        };
+        Ok(Some(Box::new(FloatLinear::unquantized(weight, None))))
+    }
+}
+
+impl StoredSource for WeightStore {
+    fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        WeightStore::f32(self, name, shape)
+    }
+
+    fn raw(&self, name: &str, shape: &[usize]) -> Result<(safetensors::Dtype, Vec<u8>)> {
+        WeightStore::raw(self, name, shape)
+    }
+}

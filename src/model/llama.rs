@@ -1,0 +1,384 @@
+//! The Llama architecture (RMSNorm, rotary embeddings, grouped-query attention, SwiGLU,
+//! tied or untied head), written once against the linear-layer boundary.
+
+use std::collections::BTreeSet;
+
+use crate::error::{Error, Result};
+use crate::scheme::{Linear, StoredTensor, TensorRole};
+use crate::tensor::attention::{AttentionShape, KvCache};
+use crate::tensor::{self, Rope};
+
+use super::{ArchInfo, CausalLm, ConfigJson, Logits, TensorKind, TensorSpec, WeightFactory};
+
+/// The table row for Llama.
+pub const ARCH: ArchInfo = ArchInfo {
+    name: "llama",
+    model_types: &["llama"],
+    summary: "Llama / SmolLM2 / Mistral-style decoder: RMSNorm, RoPE, GQA, SwiGLU",
+    quantizable: "q/k/v/o_proj, gate/up/down_proj (lm_head with quantize_head)",
+    tensors: tensor_specs,
+    build,
+};
+
+/// The hyper-parameters the forward pass needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Residual stream width.
+    pub hidden: usize,
+    /// SwiGLU inner width.
+    pub intermediate: usize,
+    /// Decoder blocks.
+    pub layers: usize,
+    /// Attention heads, key/value heads and head dimension.
+    pub attention: AttentionShape,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// Output head shares the embedding matrix.
+    pub tied: bool,
+    /// Biases on q/k/v/o (`attention_bias`).
+    pub attention_bias: bool,
+}
+
+impl LlamaConfig {
+    /// Read from config.json, accepting `rope_theta` at the top level or inside
+    /// `rope_parameters` (newer transformers) and rejecting RoPE scaling it cannot do.
+    pub fn parse(config: &ConfigJson) -> Result<Self> {
+        let hidden = config.usize("hidden_size")?;
+        let heads = config.usize("num_attention_heads")?;
+        let kv_heads = config.usize_or("num_key_value_heads", heads)?;
+        if heads % kv_heads != 0 {
+            let found = config
+                .get("num_key_value_heads")
+                .cloned()
+                .unwrap_or_default();
+            return Err(config.unsupported(
+                "num_key_value_heads",
+                &found,
+                &format!("a divisor of num_attention_heads ({heads})"),
+            ));
+        }
+        let head_dim = config.usize_or("head_dim", hidden / heads)?;
+        if head_dim % 2 != 0 {
+            let found = serde_json::json!(head_dim);
+            return Err(config.unsupported("head_dim", &found, "an even number (rotary pairs)"));
+        }
+        for key in [
+            "rope_scaling.rope_type",
+            "rope_scaling.type",
+            "rope_parameters.rope_type",
+        ] {
+            if let Some(kind) = config.get(key) {
+                if kind.as_str() != Some("default") {
+                    return Err(config.unsupported(key, kind, "\"default\" (no RoPE scaling)"));
+                }
+            }
+        }
+        Ok(LlamaConfig {
+            vocab: config.usize("vocab_size")?,
+            hidden,
+            intermediate: config.usize("intermediate_size")?,
+            layers: config.usize("num_hidden_layers")?,
+            attention: AttentionShape {
+                heads,
+                kv_heads,
+                head_dim,
+            },
+            eps: config.f64_or("rms_norm_eps", 1e-6)? as f32,
+            rope_theta: config.f64_first(&["rope_theta", "rope_parameters.rope_theta"], 10000.0)?,
+            tied: config.bool_or("tie_word_embeddings", false)?,
+            attention_bias: config.bool_or("attention_bias", false)?,
+        })
+    }
+
+    fn q_width(&self) -> usize {
+        self.attention.heads * self.attention.head_dim
+    }
+
+    fn kv_width(&self) -> usize {
+        self.attention.kv_heads * self.attention.head_dim
+    }
+
+    /// (name, rows, cols, bias) of every linear layer of block `i`.
+    fn block_linears(&self, i: usize) -> Vec<(String, usize, usize, bool)> {
+        let p = format!("model.layers.{i}");
+        let (h, q, kv, m, b) = (
+            self.hidden,
+            self.q_width(),
+            self.kv_width(),
+            self.intermediate,
+            self.attention_bias,
+        );
+        vec![
+            (format!("{p}.self_attn.q_proj"), q, h, b),
+            (format!("{p}.self_attn.k_proj"), kv, h, b),
+            (format!("{p}.self_attn.v_proj"), kv, h, b),
+            (format!("{p}.self_attn.o_proj"), h, q, b),
+            (format!("{p}.mlp.gate_proj"), m, h, false),
+            (format!("{p}.mlp.up_proj"), m, h, false),
+            (format!("{p}.mlp.down_proj"), h, m, false),
+        ]
+    }
+}
+
+const EMBED: &str = "model.embed_tokens.weight";
+const FINAL_NORM: &str = "model.norm.weight";
+
+fn tensor_specs(config: &ConfigJson) -> Result<Vec<TensorSpec>> {
+    let c = LlamaConfig::parse(config)?;
+    let spec = |name: String, shape: Vec<usize>, kind| TensorSpec { name, shape, kind };
+    let mut specs = vec![spec(
+        EMBED.into(),
+        vec![c.vocab, c.hidden],
+        TensorKind::Dense,
+    )];
+    for i in 0..c.layers {
+        let p = format!("model.layers.{i}");
+        specs.push(spec(
+            format!("{p}.input_layernorm.weight"),
+            vec![c.hidden],
+            TensorKind::Dense,
+        ));
+        specs.push(spec(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![c.hidden],
+            TensorKind::Dense,
+        ));
+        for (name, rows, cols, bias) in c.block_linears(i) {
+            specs.push(spec(
+                format!("{name}.weight"),
+                vec![rows, cols],
+                TensorKind::Linear,
+            ));
+            if bias {
+                specs.push(spec(format!("{name}.bias"), vec![rows], TensorKind::Bias));
+            }
+        }
+    }
+    specs.push(spec(FINAL_NORM.into(), vec![c.hidden], TensorKind::Dense));
+    if !c.tied {
+        specs.push(spec(
+            "lm_head.weight".into(),
+            vec![c.vocab, c.hidden],
+            TensorKind::Head,
+        ));
+    }
+    Ok(specs)
+}
+
+struct Block {
+    attn_norm: Vec<f32>,
+    mlp_norm: Vec<f32>,
+    /// q, k, v, o, gate, up, down, with their names.
+    linears: Vec<(String, Box<dyn Linear>)>,
+}
+
+/// A built Llama model.
+pub struct Llama {
+    config: LlamaConfig,
+    embed: Vec<f32>,
+    blocks: Vec<Block>,
+    final_norm: Vec<f32>,
+    /// `None`: the head is the embedding matrix.
+    head: Option<Box<dyn Linear>>,
+    rope: Rope,
+}
+
+fn build(config: &ConfigJson, factory: &mut dyn WeightFactory) -> Result<Box<dyn CausalLm>> {
+    let c = LlamaConfig::parse(config)?;
+    let embed = factory.dense(EMBED, &[c.vocab, c.hidden])?;
+    let mut blocks = Vec::with_capacity(c.layers);
+    for i in 0..c.layers {
+        let p = format!("model.layers.{i}");
+        let attn_norm = factory.dense(&format!("{p}.input_layernorm.weight"), &[c.hidden])?;
+        let mlp_norm =
+            factory.dense(&format!("{p}.post_attention_layernorm.weight"), &[c.hidden])?;
+        let linears = c
+            .block_linears(i)
+            .into_iter()
+            .map(|(name, rows, cols, bias)| {
+                Ok((name.clone(), factory.linear(&name, rows, cols, bias)?))
+            })
+            .collect::<Result<_>>()?;
+        blocks.push(Block {
+            attn_norm,
+            mlp_norm,
+            linears,
+        });
+    }
+    let final_norm = factory.dense(FINAL_NORM, &[c.hidden])?;
+    let head = factory.head(c.tied.then_some(EMBED), c.vocab, c.hidden)?;
+    let rope = Rope::new(c.attention.head_dim, c.rope_theta);
+    Ok(Box::new(Llama {
+        config: c,
+        embed,
+        blocks,
+        final_norm,
+        head,
+        rope,
+    }))
+}
+
+impl Llama {
+    /// The parsed hyper-parameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    fn embed_tokens(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let h = self.config.hidden;
+        let mut out = Vec::with_capacity(tokens.len() * h);
+        for &t in tokens {
+            let t = t as usize;
+            if t >= self.config.vocab {
+                return Err(Error::Workload(format!(
+                    "token id {t} is outside the model's vocabulary of {}",
+                    self.config.vocab
+                )));
+            }
+            out.extend_from_slice(&self.embed[t * h..(t + 1) * h]);
+        }
+        Ok(out)
+    }
+
+    /// Rotate every head of `x` (`[batch, seq, heads · head_dim]`) for its position.
+    fn rotate(&self, x: &mut [f32], heads: usize, seq: usize, start: usize) {
+        let hd = self.config.attention.head_dim;
+        for (row, chunk) in x.chunks_exact_mut(heads * hd).enumerate() {
+            let pos = start + row % seq;
+            chunk
+                .chunks_exact_mut(hd)
+                .for_each(|head| self.rope.apply(head, pos));
+        }
+    }
+
+    fn block(
+        &self,
+        index: usize,
+        hidden: &mut [f32],
+        rows: usize,
+        seq: usize,
+        cache: &mut KvCache,
+    ) {
+        let c = &self.config;
+        let block = &self.blocks[index];
+        let layer = |i: usize| block.linears[i].1.as_ref();
+        let run = |l: &dyn Linear, x: &[f32]| {
+            let mut out = vec![0.0; rows * l.out_features()];
+            l.forward(x, rows, &mut out);
+            out
+        };
+
+        let mut x = hidden.to_vec();
+        tensor::rms_norm_rows(&mut x, &block.attn_norm, c.eps);
+        let mut q = run(layer(0), &x);
+        let mut k = run(layer(1), &x);
+        let v = run(layer(2), &x);
+        let start = cache.len();
+        self.rotate(&mut q, c.attention.heads, seq, start);
+        self.rotate(&mut k, c.attention.kv_heads, seq, start);
+        cache.append(index, &k, &v, seq);
+        let mut attn = vec![0.0; q.len()];
+        cache.attend(index, &q, seq, &mut attn);
+        tensor::add_in_place(hidden, &run(layer(3), &attn));
+
+        let mut x = hidden.to_vec();
+        tensor::rms_norm_rows(&mut x, &block.mlp_norm, c.eps);
+        let mut gate = run(layer(4), &x);
+        tensor::silu_mul_in_place(&mut gate, &run(layer(5), &x));
+        tensor::add_in_place(hidden, &run(layer(6), &gate));
+    }
+}
+
+impl CausalLm for Llama {
+    fn vocab_size(&self) -> usize {
+        self.config.vocab
+    }
+
+    fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
+        KvCache::new(self.config.layers, batch, self.config.attention, capacity)
+    }
+
+    fn forward(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+        logits: Logits,
+    ) -> Result<Vec<f32>> {
+        if batch == 0 || tokens.is_empty() || tokens.len() % batch != 0 || cache.batch() != batch {
+            return Err(Error::Workload(format!(
+                "{} tokens cannot form a batch of {batch} equal sequences for a cache of {}",
+                tokens.len(),
+                cache.batch()
+            )));
+        }
+        let (rows, seq, h) = (tokens.len(), tokens.len() / batch, self.config.hidden);
+        let mut hidden = self.embed_tokens(tokens)?;
+        for i in 0..self.blocks.len() {
+            self.block(i, &mut hidden, rows, seq, cache);
+        }
+        cache.advance(seq);
+        if logits == Logits::Last {
+            hidden = hidden
+                .chunks_exact(seq * h)
+                .flat_map(|s| s[(seq - 1) * h..].to_vec())
+                .collect();
+        }
+        let out_rows = hidden.len() / h;
+        tensor::rms_norm_rows(&mut hidden, &self.final_norm, self.config.eps);
+        let mut out = vec![0.0; out_rows * self.config.vocab];
+        match &self.head {
+            Some(head) => head.forward(&hidden, out_rows, &mut out),
+            None => tensor::matmul_nt(
+                &hidden,
+                out_rows,
+                h,
+                &self.embed,
+                self.config.vocab,
+                &mut out,
+            ),
+        }
+        Ok(out)
+    }
+
+    fn export(&self) -> Vec<StoredTensor> {
+        let c = &self.config;
+        let dense = |name: String, shape: Vec<usize>, data: &[f32]| {
+            StoredTensor::f32(name, TensorRole::Unquantized, shape, data)
+        };
+        let mut out = vec![dense(EMBED.into(), vec![c.vocab, c.hidden], &self.embed)];
+        for (i, block) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push(dense(
+                format!("{p}.input_layernorm.weight"),
+                vec![c.hidden],
+                &block.attn_norm,
+            ));
+            out.push(dense(
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![c.hidden],
+                &block.mlp_norm,
+            ));
+            for (name, linear) in &block.linears {
+                out.extend(linear.export(name));
+            }
+        }
+        out.push(dense(FINAL_NORM.into(), vec![c.hidden], &self.final_norm));
+        if let Some(head) = &self.head {
+            out.extend(head.export(super::factory::HEAD));
+        }
+        out
+    }
+
+    fn kernels(&self) -> BTreeSet<&'static str> {
+        let blocks = self
+            .blocks
+            .iter()
+            .flat_map(|b| b.linears.iter().map(|(_, l)| l.kernel()));
+        blocks.chain(self.head.iter().map(|h| h.kernel())).collect()
+    }
+}

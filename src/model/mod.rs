@@ -1,0 +1,286 @@
+//! Models: loading checkpoints and tokenizers, the architecture registry, and the
+//! weight factories that put a scheme's linear layers into an architecture.
+
+pub mod builtin;
+pub mod config;
+mod factory;
+pub mod generate;
+pub mod llama;
+pub mod tokenizer;
+pub mod weights;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::scheme::StoredTensor;
+use crate::tensor::attention::KvCache;
+pub use config::ConfigJson;
+pub use factory::{QuantizeFactory, ReloadFactory, WeightFactory};
+use tokenizer::TextTokenizer;
+use weights::WeightStore;
+
+/// Which logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every position: `[batch, seq, vocab]` (evaluation).
+    All,
+    /// The last position of each sequence: `[batch, vocab]` (generation, prefill timing).
+    Last,
+}
+
+/// A decoder-only language model, whatever its architecture and scheme.
+pub trait CausalLm: Send + Sync {
+    /// Vocabulary size (logits per position).
+    fn vocab_size(&self) -> usize;
+    /// An empty key/value cache for `batch` sequences of up to `capacity` positions.
+    fn new_cache(&self, batch: usize, capacity: usize) -> KvCache;
+    /// Run `tokens` (`[batch, seq]`, row-major) after what `cache` holds; returns logits.
+    fn forward(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+        logits: Logits,
+    ) -> Result<Vec<f32>>;
+    /// Every tensor of the model as stored (for the byte account and for saving).
+    fn export(&self) -> Vec<StoredTensor>;
+    /// The kernel paths its layers run.
+    fn kernels(&self) -> BTreeSet<&'static str>;
+}
+
+/// What a tensor of an architecture is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TensorKind {
+    /// Kept in full precision (embeddings, norms).
+    Dense,
+    /// The weight of a linear layer that schemes quantize.
+    Linear,
+    /// The output head's weight (quantized only when asked).
+    Head,
+    /// The bias of a linear layer.
+    Bias,
+}
+
+/// One tensor an architecture expects in a checkpoint.
+#[derive(Debug, Clone)]
+pub struct TensorSpec {
+    /// Canonical name (Hugging Face's, with the `model.` prefix where it has one).
+    pub name: String,
+    /// Expected shape.
+    pub shape: Vec<usize>,
+    /// Role at the quantization boundary.
+    pub kind: TensorKind,
+}
+
+/// One row of the architecture table.
+pub struct ArchInfo {
+    /// Name in `bench list archs`.
+    pub name: &'static str,
+    /// `model_type` values of config.json that select it.
+    pub model_types: &'static [&'static str],
+    /// One line for `bench list`.
+    pub summary: &'static str,
+    /// Which tensors schemes quantize, for the list and the docs.
+    pub quantizable: &'static str,
+    /// Every tensor the config implies.
+    pub tensors: fn(&ConfigJson) -> Result<Vec<TensorSpec>>,
+    /// Build the model, taking each tensor from the factory.
+    pub build: fn(&ConfigJson, &mut dyn WeightFactory) -> Result<Box<dyn CausalLm>>,
+}
+
+/// Every architecture the harness runs.
+pub static ARCHS: &[ArchInfo] = &[llama::ARCH];
+
+/// The architecture whose `model_type` is `model_type`.
+pub fn arch_for(config: &ConfigJson) -> Result<&'static ArchInfo> {
+    let model_type = config
+        .get("model_type")
+        .cloned()
+        .unwrap_or(serde_json::Value::Null);
+    let name = model_type.as_str().unwrap_or("");
+    ARCHS
+        .iter()
+        .find(|a| a.model_types.contains(&name))
+        .ok_or_else(|| {
+            let known: Vec<_> = ARCHS
+                .iter()
+                .flat_map(|a| a.model_types.iter().copied())
+                .collect();
+            config.unsupported(
+                "model_type",
+                &model_type,
+                &format!("one of: {}", known.join(", ")),
+            )
+        })
+}
+
+/// A model on disk, opened and checked but not yet built: config, architecture,
+/// memory-mapped weights and tokenizer.
+pub struct ModelFiles {
+    /// The model directory.
+    pub dir: PathBuf,
+    /// Its config.json.
+    pub config: ConfigJson,
+    /// Its architecture.
+    pub arch: &'static ArchInfo,
+    /// Its weights.
+    pub store: WeightStore,
+    /// Its tokenizer.
+    pub tokenizer: TextTokenizer,
+}
+
+/// Summary of a model for `inspect` and results.json.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSummary {
+    /// Architecture name.
+    pub arch: String,
+    /// Parameters in the tensors the architecture uses.
+    pub parameters: usize,
+    /// Parameters inside the quantization boundary (linear layers).
+    pub linear_parameters: usize,
+    /// Stored dtypes and how many tensors use each.
+    pub dtypes: Vec<(String, usize)>,
+    /// Bytes as stored, by tensor kind.
+    pub stored_bytes: Vec<(String, usize)>,
+    /// Tensors in the checkpoint the architecture does not use (skipped by name).
+    pub skipped: Vec<String>,
+    /// Vocabulary size of the tokenizer.
+    pub tokenizer_vocab: usize,
+}
+
+impl ModelFiles {
+    /// Open the model directory `dir` and check every tensor the config implies against
+    /// the checkpoint (names, shapes, float types), without reading tensor data.
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::ModelMissing {
+                what: "directory",
+                path: dir.to_path_buf(),
+                hint: format!(
+                    "expected a Hugging Face model directory (config.json, model.safetensors, \
+                     tokenizer.json) or a built-in model ({})",
+                    builtin::names().join(", ")
+                ),
+            });
+        }
+        let config_path = dir.join("config.json");
+        if !config_path.is_file() {
+            return Err(Error::ModelMissing {
+                what: "config",
+                path: config_path,
+                hint: "expected config.json in the model directory".into(),
+            });
+        }
+        let config = ConfigJson::read(&config_path)?;
+        let arch = arch_for(&config)?;
+        let store = WeightStore::open_dir(dir)?;
+        let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"))?;
+        let files = ModelFiles {
+            dir: dir.to_path_buf(),
+            config,
+            arch,
+            store,
+            tokenizer,
+        };
+        files.check_tensors()?;
+        Ok(files)
+    }
+
+    /// The tensors the architecture expects, each checked against the checkpoint.
+    pub fn check_tensors(&self) -> Result<Vec<TensorSpec>> {
+        let specs = (self.arch.tensors)(&self.config)?;
+        for spec in &specs {
+            let entry = self.store.entry(&spec.name)?;
+            if entry.shape != spec.shape {
+                return Err(Error::Tensor {
+                    name: spec.name.clone(),
+                    message: format!(
+                        "shape {:?} does not match {} (expected {:?})",
+                        entry.shape,
+                        self.config.path().display(),
+                        spec.shape
+                    ),
+                });
+            }
+            if !weights::is_float(entry.dtype) {
+                return Err(Error::Tensor {
+                    name: spec.name.clone(),
+                    message: format!("dtype {:?}, expected F32, F16 or BF16", entry.dtype),
+                });
+            }
+        }
+        let vocab = self.config.usize("vocab_size")?;
+        if self.tokenizer.vocab_size() > vocab {
+            return Err(Error::Tokenizer {
+                path: self.tokenizer.path().to_path_buf(),
+                message: format!(
+                    "{} tokens, more than the model's vocab_size {vocab}",
+                    self.tokenizer.vocab_size()
+                ),
+            });
+        }
+        Ok(specs)
+    }
+
+    /// Build the model through `factory`.
+    pub fn build(&self, factory: &mut dyn WeightFactory) -> Result<Box<dyn CausalLm>> {
+        (self.arch.build)(&self.config, factory)
+    }
+
+    /// Parameter counts, dtypes and stored bytes.
+    pub fn summary(&self) -> Result<ModelSummary> {
+        let specs = self.check_tensors()?;
+        let mut dtypes = std::collections::BTreeMap::<String, usize>::new();
+        let mut bytes = std::collections::BTreeMap::<String, usize>::new();
+        let (mut parameters, mut linear_parameters) = (0, 0);
+        for spec in &specs {
+            let entry = self.store.entry(&spec.name)?;
+            let count: usize = spec.shape.iter().product();
+            parameters += count;
+            if spec.kind == TensorKind::Linear {
+                linear_parameters += count;
+            }
+            *dtypes.entry(format!("{:?}", entry.dtype)).or_default() += 1;
+            let kind = format!("{:?}", spec.kind).to_lowercase();
+            *bytes.entry(kind).or_default() += count * entry.dtype.bitsize() / 8;
+        }
+        let used: BTreeSet<&str> = specs
+            .iter()
+            .filter_map(|s| self.store.resolve(&s.name))
+            .collect();
+        let skipped = self
+            .store
+            .names()
+            .filter(|n| !used.contains(n))
+            .map(String::from)
+            .collect();
+        Ok(ModelSummary {
+            arch: self.arch.name.to_string(),
+            parameters,
+            linear_parameters,
+            dtypes: dtypes.into_iter().collect(),
+            stored_bytes: bytes.into_iter().collect(),
+            skipped,
+            tokenizer_vocab: self.tokenizer.vocab_size(),
+        })
+    }
+}
+
+/// Resolve a suite's or command line's model path: a built-in name (`builtin:NAME`) is
+/// generated into the cache on first use; anything else is a directory.
+pub fn resolve_model_path(spec: &str, base: &Path) -> Result<PathBuf> {
+    match spec.strip_prefix("builtin:") {
+        Some(name) => builtin::ensure(name),
+        None => {
+            let path = Path::new(spec);
+            Ok(if path.is_absolute() {
+                path.to_path_buf()
+            } else {
+                base.join(path)
+            })
+        }
+    }
+}

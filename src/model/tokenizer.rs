@@ -1,0 +1,64 @@
+//! Text ↔ token ids through a Hugging Face `tokenizer.json` (the `tokenizers` crate,
+//! pure Rust, offline).
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// A loaded tokenizer.
+pub struct TextTokenizer {
+    path: PathBuf,
+    inner: tokenizers::Tokenizer,
+}
+
+impl TextTokenizer {
+    /// Load `tokenizer.json` at `path`.
+    pub fn load(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::ModelMissing {
+                what: "tokenizer",
+                path: path.to_path_buf(),
+                hint: "expected tokenizer.json beside config.json (a Hugging Face fast tokenizer)"
+                    .into(),
+            });
+        }
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Ok(TextTokenizer {
+            path: path.to_path_buf(),
+            inner,
+        })
+    }
+
+    /// The file it came from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Token ids of `text`, without special tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| Error::Tokenizer {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Vocabulary size, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}

@@ -1,0 +1,365 @@
+//! The schema of results.json: provenance, models, and one record per case.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::measure::divergence::Divergence;
+use crate::measure::latency::Stats;
+
+/// Bumped on any incompatible change of this schema.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The whole results file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    /// [`SCHEMA_VERSION`] of the writer.
+    pub schema_version: u32,
+    /// The suite that produced it.
+    pub suite: SuiteRecord,
+    /// Where and how it ran.
+    pub provenance: Provenance,
+    /// What every case ran.
+    pub workload: WorkloadRecord,
+    /// The models.
+    pub models: Vec<ModelRecord>,
+    /// One record per finished case, in run order.
+    pub cases: Vec<CaseResult>,
+}
+
+/// The suite, verbatim and hashed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SuiteRecord {
+    /// Suite name.
+    pub name: String,
+    /// Path as given.
+    pub path: String,
+    /// sha256 of the text.
+    pub sha256: String,
+    /// The text.
+    pub text: String,
+}
+
+/// The machine and build.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Provenance {
+    /// Crate version.
+    pub bench_version: String,
+    /// Git revision of the build (with `-dirty` for uncommitted changes), or `unknown`.
+    pub git_revision: String,
+    /// `release` or `debug`.
+    pub build_profile: String,
+    /// Cargo features compiled in.
+    pub build_features: Vec<String>,
+    /// Target triple pieces: arch and OS.
+    pub target: String,
+    /// CPU model name.
+    pub cpu: String,
+    /// SIMD features the kernels may dispatch on.
+    pub cpu_features: Vec<String>,
+    /// Threads used by the matrix products.
+    pub threads: usize,
+    /// GPU names (empty: none used).
+    pub gpus: Vec<String>,
+    /// Start of the run, UTC, RFC 3339.
+    pub started_at: String,
+}
+
+/// The workload and the hash of its text.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkloadRecord {
+    /// Prompts.
+    pub prompts: Vec<String>,
+    /// Evaluation text source.
+    pub eval_source: String,
+    /// sha256 of the evaluation text.
+    pub eval_sha256: String,
+    /// Latency prompt length.
+    pub prompt_len: usize,
+    /// Generated tokens per run.
+    pub gen_len: usize,
+    /// Sequences per latency run.
+    pub batch_size: usize,
+    /// Evaluation chunk length.
+    pub context: usize,
+    /// Cap on chunks.
+    pub max_chunks: Option<usize>,
+    /// Timed repetitions.
+    pub repeats: usize,
+    /// Warm-up runs.
+    pub warmup: usize,
+    /// Seed.
+    pub seed: u64,
+    /// sha256 over all of the above (keys the reference).
+    pub sha256: String,
+}
+
+/// One model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelRecord {
+    /// Name in reports.
+    pub name: String,
+    /// Path as written in the suite.
+    pub path: String,
+    /// Architecture.
+    pub arch: String,
+    /// Reference precision.
+    pub dtype: String,
+    /// Parameters.
+    pub parameters: usize,
+    /// Parameters in quantizable linear layers.
+    pub linear_parameters: usize,
+    /// sha256 over config.json and the weight files.
+    pub model_sha256: String,
+    /// sha256 of tokenizer.json.
+    pub tokenizer_sha256: String,
+    /// Evaluation text length in this model's tokens.
+    pub eval_tokens: usize,
+}
+
+/// Everything measured for one model × scheme.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CaseResult {
+    /// `model/label`.
+    pub id: String,
+    /// Model name.
+    pub model: String,
+    /// Scheme registry name.
+    pub scheme: String,
+    /// Case label.
+    pub label: String,
+    /// Scheme parameters.
+    pub params: BTreeMap<String, serde_json::Value>,
+    /// Device.
+    pub device: String,
+    /// Kernel paths the quantized model ran.
+    pub kernels: Vec<String>,
+    /// Hash of everything that determines this case's numbers (resume key).
+    pub spec_sha256: String,
+    /// Git revision of the build that measured it.
+    pub git_revision: String,
+    /// Wall time of the whole case, seconds.
+    pub elapsed_s: f64,
+    /// Byte account.
+    pub memory: Option<Memory>,
+    /// Saved file.
+    pub disk: Option<Disk>,
+    /// Timings.
+    pub latency: Option<Latency>,
+    /// Divergence from the reference.
+    pub divergence: Option<Divergence>,
+    /// Greedy continuations.
+    pub generation: Option<Vec<Generation>>,
+    /// Things the reader should know (noisy timings, ...).
+    pub warnings: Vec<String>,
+}
+
+/// Bytes by tensor role.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Memory {
+    /// Bytes per role name.
+    pub bytes_by_role: BTreeMap<String, u64>,
+    /// All bytes.
+    pub total_bytes: u64,
+    /// Weights inside quantized linear layers.
+    pub quantized_weights: u64,
+    /// Bits per quantized weight, scales, zero points and outlier columns included.
+    pub bits_per_weight: f64,
+    /// Bytes per model parameter, everything included.
+    pub bytes_per_parameter: f64,
+}
+
+/// The saved quantized model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Disk {
+    /// File size.
+    pub bytes: u64,
+    /// File size over the in-memory byte account (header overhead).
+    pub bytes_over_memory: f64,
+    /// The reloaded model's logits equal the original's bit for bit.
+    pub reload_identical: bool,
+}
+
+/// Timings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Latency {
+    /// Build from the full-precision checkpoint, seconds.
+    pub quantize_s: f64,
+    /// Load of the saved file, seconds.
+    pub load_s: Option<f64>,
+    /// Prefill samples, milliseconds.
+    pub prefill_ms: Vec<f64>,
+    /// Prefill statistics.
+    pub prefill: Stats,
+    /// Decode step samples (all steps of all repeats), milliseconds.
+    pub decode_ms: Vec<f64>,
+    /// Decode step statistics.
+    pub decode: Stats,
+    /// Tokens per second across the batch, from the median step.
+    pub decode_tokens_per_s: f64,
+    /// Sequences per run.
+    pub batch_size: usize,
+    /// Prompt tokens per sequence.
+    pub prompt_len: usize,
+    /// Decode steps per run.
+    pub gen_len: usize,
+}
+
+/// One greedy continuation against the reference's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Generation {
+    /// The prompt.
+    pub prompt: String,
+    /// Token ids generated.
+    pub ids: Vec<u32>,
+    /// Their text.
+    pub text: String,
+    /// The reference's ids.
+    pub reference_ids: Vec<u32>,
+    /// The reference's text.
+    pub reference_text: String,
+    /// First position that differs (`None`: identical).
+    pub first_divergent_token: Option<usize>,
+}
+
+impl Results {
+    /// Read a results file, refusing other schema versions.
+    pub fn read(path: &Path) -> Result<Results> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let version = value.get("schema_version").and_then(|v| v.as_u64());
+        if version != Some(SCHEMA_VERSION as u64) {
+            return Err(Error::Results {
+                path: path.to_path_buf(),
+                message: format!(
+                    "schema_version is {}, expected {SCHEMA_VERSION}",
+                    version.map_or("missing".to_string(), |v| v.to_string())
+                ),
+            });
+        }
+        serde_json::from_value(value).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            source: e,
+        })
+    }
+
+    /// Write atomically as pretty JSON.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        super::write_atomic(path, text.as_bytes())
+    }
+}
+
+/// The git revision this binary was built from (set by build.rs), or `unknown`.
+pub fn git_revision() -> &'static str {
+    option_env!("QUANTBENCH_GIT_REVISION").unwrap_or("unknown")
+}
+
+impl Provenance {
+    /// Describe this build and machine.
+    pub fn collect() -> Provenance {
+        Provenance {
+            bench_version: env!("CARGO_PKG_VERSION").to_string(),
+            git_revision: git_revision().to_string(),
+            build_profile: if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            }
+            .to_string(),
+            build_features: Vec::new(),
+            target: format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
+            cpu: cpu_name(),
+            cpu_features: cpu_features(),
+            threads: rayon::current_num_threads(),
+            gpus: Vec::new(),
+            started_at: rfc3339_now(),
+        }
+    }
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, name)| name.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+fn cpu_features() -> Vec<String> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut found = Vec::new();
+        macro_rules! probe {
+            ($($f:tt),*) => {$( if std::arch::is_x86_feature_detected!($f) { found.push($f.to_string()); } )*};
+        }
+        probe!(
+            "avx2",
+            "fma",
+            "avx512f",
+            "avx512bw",
+            "avx512vnni",
+            "avx512bf16",
+            "avxvnni",
+            "f16c"
+        );
+        found
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Vec::new()
+    }
+}
+
+/// Now, UTC, as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn rfc3339_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    rfc3339(secs)
+}
+
+/// Seconds since the Unix epoch as an RFC 3339 UTC timestamp (civil-from-days).
+pub fn rfc3339(secs: u64) -> String {
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + (month <= 2) as i64;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_of_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_523_696), "2026-11-24T12:34:56Z");
+    }
+}

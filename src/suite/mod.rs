@@ -1,0 +1,247 @@
+//! Suite files: the YAML schema (strict: unknown keys are errors with their line and the
+//! allowed keys), and validation into a [`plan::Plan`] before any work starts.
+
+pub mod plan;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_saphyr::Spanned;
+
+use crate::error::{Error, Result};
+
+pub use plan::{Plan, PlannedModel, PlannedScheme, Workload};
+
+/// A suite as written in YAML.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuiteFile {
+    /// Suite name (also the default output folder).
+    pub name: Spanned<String>,
+    /// Free text shown in reports.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Models to measure.
+    pub models: Vec<ModelEntry>,
+    /// Schemes to apply to every model.
+    pub schemes: Vec<Spanned<SchemeEntry>>,
+    /// What to run.
+    #[serde(default)]
+    pub workload: WorkloadSpec,
+    /// Metric groups or metric names to measure (default: all).
+    #[serde(default)]
+    pub metrics: Option<Vec<Spanned<String>>>,
+    /// `cpu`, `cuda` or `auto`.
+    #[serde(default)]
+    pub device: Option<Spanned<String>>,
+    /// Timed repetitions per case.
+    #[serde(default = "default_repeats")]
+    pub repeats: Spanned<u32>,
+    /// Untimed warm-up runs per case.
+    #[serde(default = "default_warmup")]
+    pub warmup: u32,
+    /// Seed for anything random (prompt sampling, schemes that draw).
+    #[serde(default)]
+    pub seed: u64,
+    /// Output folder, relative to the working directory.
+    #[serde(default)]
+    pub output: Option<String>,
+}
+
+/// A default value, which has no place in the file.
+fn defaulted<T>(value: T) -> Spanned<T> {
+    Spanned::new(
+        value,
+        serde_saphyr::Location::UNKNOWN,
+        serde_saphyr::Location::UNKNOWN,
+    )
+}
+
+fn default_repeats() -> Spanned<u32> {
+    defaulted(5)
+}
+
+fn default_warmup() -> u32 {
+    1
+}
+
+/// One model of a suite.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    /// Name in reports.
+    pub name: Spanned<String>,
+    /// A Hugging Face style directory (relative to the suite file) or `builtin:NAME`.
+    pub path: Spanned<String>,
+    /// Precision of the reference model: `f32` (default), `f16` or `bf16`.
+    #[serde(default)]
+    pub dtype: Option<Spanned<String>>,
+}
+
+/// One scheme of a suite: a bare name, or a map with `name` and parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchemeEntry {
+    /// Registry name.
+    pub name: String,
+    /// Parameters, checked against the registry during validation.
+    pub params: BTreeMap<String, serde_json::Value>,
+}
+
+impl<'de> Deserialize<'de> for SchemeEntry {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        struct EntryVisitor;
+        impl<'de> Visitor<'de> for EntryVisitor {
+            type Value = SchemeEntry;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a scheme name, or a map with `name` and the scheme's parameters")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<SchemeEntry, E> {
+                Ok(SchemeEntry {
+                    name: v.to_string(),
+                    params: BTreeMap::new(),
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<SchemeEntry, A::Error> {
+                let mut name = None;
+                let mut params = BTreeMap::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "name" {
+                        name = Some(map.next_value::<String>()?);
+                    } else {
+                        params.insert(key, map.next_value::<serde_json::Value>()?);
+                    }
+                }
+                let name = name.ok_or_else(|| de::Error::missing_field("name"))?;
+                Ok(SchemeEntry { name, params })
+            }
+        }
+        deserializer.deserialize_any(EntryVisitor)
+    }
+}
+
+/// What each case runs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    /// Prompts for latency and the generation check.
+    #[serde(default)]
+    pub prompts: Vec<String>,
+    /// Text file (relative to the suite file) for divergence and perplexity.
+    #[serde(default)]
+    pub eval_text: Option<Spanned<String>>,
+    /// Prompt length in tokens for the latency runs (prompts are cycled to this length).
+    #[serde(default = "default_prompt_len")]
+    pub prompt_len: Spanned<usize>,
+    /// Tokens generated per latency run and per generation check.
+    #[serde(default = "default_gen_len")]
+    pub gen_len: Spanned<usize>,
+    /// Sequences per latency run.
+    #[serde(default = "default_batch")]
+    pub batch_size: Spanned<usize>,
+    /// Tokens per evaluation chunk; the second half of each chunk is scored.
+    #[serde(default = "default_context")]
+    pub context: Spanned<usize>,
+    /// At most this many evaluation chunks (all if absent).
+    #[serde(default)]
+    pub max_chunks: Option<usize>,
+}
+
+impl Default for WorkloadSpec {
+    fn default() -> Self {
+        WorkloadSpec {
+            prompts: Vec::new(),
+            eval_text: None,
+            prompt_len: default_prompt_len(),
+            gen_len: default_gen_len(),
+            batch_size: default_batch(),
+            context: default_context(),
+            max_chunks: None,
+        }
+    }
+}
+
+fn default_prompt_len() -> Spanned<usize> {
+    defaulted(32)
+}
+fn default_gen_len() -> Spanned<usize> {
+    defaulted(16)
+}
+fn default_batch() -> Spanned<usize> {
+    defaulted(1)
+}
+fn default_context() -> Spanned<usize> {
+    defaulted(128)
+}
+
+/// Parse suite text; `path` is only used in messages.
+pub fn parse(text: &str, path: &Path) -> Result<SuiteFile> {
+    serde_saphyr::from_str::<SuiteFile>(text).map_err(|e| Error::SuiteSyntax {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Read and parse the suite at `path`.
+pub fn read(path: &Path) -> Result<(String, SuiteFile)> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| Error::io("cannot read suite", path, e))?;
+    let suite = parse(&text, path)?;
+    Ok((text, suite))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_err(text: &str) -> String {
+        parse(text, Path::new("s.yaml")).unwrap_err().to_string()
+    }
+
+    const MINIMAL: &str =
+        "name: t\nmodels:\n  - name: m\n    path: builtin:tiny-llama\nschemes: [fp32]\n";
+
+    #[test]
+    fn minimal_suite_parses_with_defaults() {
+        let s = parse(MINIMAL, Path::new("s.yaml")).unwrap();
+        assert_eq!(s.name.value, "t");
+        assert_eq!(s.repeats.value, 5);
+        assert_eq!(s.workload.context.value, 128);
+        assert_eq!(
+            s.schemes[0].value,
+            SchemeEntry {
+                name: "fp32".into(),
+                params: BTreeMap::new()
+            }
+        );
+    }
+
+    #[test]
+    fn scheme_entries_take_a_name_or_a_map() {
+        let text = MINIMAL.replace("[fp32]", "\n  - fp16\n  - name: bf16\n    label: b\n");
+        let s = parse(&text, Path::new("s.yaml")).unwrap();
+        assert_eq!(s.schemes[1].value.name, "bf16");
+        assert_eq!(s.schemes[1].value.params["label"], serde_json::json!("b"));
+        assert_eq!(s.schemes[1].referenced.line(), 7);
+    }
+
+    #[test]
+    fn unknown_key_names_the_key_its_line_and_the_allowed_keys() {
+        let err = parse_err(&format!("{MINIMAL}workload:\n  prompt_length: 5\n"));
+        assert!(err.contains("prompt_length"), "{err}");
+        assert!(err.contains("prompt_len"), "allowed keys missing: {err}");
+        assert!(err.contains("line 7"), "line missing: {err}");
+    }
+
+    #[test]
+    fn wrong_type_is_reported_with_its_line() {
+        let err = parse_err(&format!("{MINIMAL}repeats: many\n"));
+        assert!(err.contains("repeats") || err.contains("many"), "{err}");
+        assert!(err.contains("line 6"), "{err}");
+    }
+}

@@ -1,0 +1,355 @@
+//! Validation of a parsed suite into a [`Plan`]: every model path, scheme, parameter,
+//! metric and device is checked, and every model opened, before any work starts.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde_saphyr::Spanned;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::measure::{self, MetricGroup};
+use crate::model::{self, ModelFiles};
+use crate::scheme::{self, FloatStorage, SchemeInfo, SchemeParams};
+
+use super::{SchemeEntry, SuiteFile};
+
+/// A validated suite: everything the runner needs, checked.
+pub struct Plan {
+    /// Suite file path.
+    pub suite_path: PathBuf,
+    /// Suite text as read (stored in results.json).
+    pub suite_text: String,
+    /// sha256 of the suite text.
+    pub suite_hash: String,
+    /// Suite name.
+    pub name: String,
+    /// Free text.
+    pub description: Option<String>,
+    /// Models, opened.
+    pub models: Vec<PlannedModel>,
+    /// Schemes, with validated parameters.
+    pub schemes: Vec<PlannedScheme>,
+    /// The workload.
+    pub workload: Workload,
+    /// Metric groups to measure.
+    pub metrics: BTreeSet<MetricGroup>,
+    /// The device (only `cpu` in this build).
+    pub device: &'static str,
+    /// Timed repetitions.
+    pub repeats: usize,
+    /// Warm-up runs.
+    pub warmup: usize,
+    /// Seed.
+    pub seed: u64,
+    /// Output folder from the suite (the command line may override it).
+    pub output: PathBuf,
+}
+
+/// A model of the plan.
+pub struct PlannedModel {
+    /// Name in reports.
+    pub name: String,
+    /// Path as written in the suite.
+    pub spec: String,
+    /// Reference precision.
+    pub dtype: FloatStorage,
+    /// The opened model.
+    pub files: ModelFiles,
+}
+
+/// A scheme of the plan.
+pub struct PlannedScheme {
+    /// Case label (`label` parameter, else the scheme name).
+    pub label: String,
+    /// Registry row.
+    pub info: &'static SchemeInfo,
+    /// Validated parameters.
+    pub params: SchemeParams,
+}
+
+/// What every case runs.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    /// Prompts for latency and generation.
+    pub prompts: Vec<String>,
+    /// Evaluation text.
+    pub eval_text: String,
+    /// Where the evaluation text came from.
+    pub eval_source: String,
+    /// Latency prompt length in tokens.
+    pub prompt_len: usize,
+    /// Tokens generated per run.
+    pub gen_len: usize,
+    /// Sequences per latency run.
+    pub batch_size: usize,
+    /// Evaluation chunk length.
+    pub context: usize,
+    /// Cap on evaluation chunks.
+    pub max_chunks: Option<usize>,
+}
+
+/// Prompts used when a suite names none.
+const DEFAULT_PROMPTS: &[&str] = &["Hello, how are you?", "1.1+2.3=?"];
+
+impl Plan {
+    /// Read, parse and validate the suite at `path`.
+    pub fn load(path: &Path) -> Result<Plan> {
+        let (text, suite) = super::read(path)?;
+        Plan::from_suite(path, text, suite)
+    }
+
+    /// Validate a parsed suite.
+    pub fn from_suite(path: &Path, text: String, suite: SuiteFile) -> Result<Plan> {
+        let check = Checker { path };
+        let base = path.parent().unwrap_or(Path::new("."));
+        let name = suite.name.value.clone();
+        if name.is_empty() || name.contains(['/', '\\']) {
+            return Err(check.value(
+                &suite.name,
+                format!("name `{name}` must be non-empty, without slashes"),
+            ));
+        }
+        if suite.models.is_empty() {
+            return Err(check.at(0, "`models` is empty, expected at least one model".into()));
+        }
+        if suite.schemes.is_empty() {
+            return Err(check.at(0, "`schemes` is empty, expected at least one scheme".into()));
+        }
+        let schemes = check.schemes(&suite.schemes)?;
+        let workload = check.workload(&suite.workload, base)?;
+        let models = check.models(&suite.models, base, &workload)?;
+        let metrics = check.metrics(suite.metrics.as_deref())?;
+        let device = check.device(suite.device.as_ref())?;
+        if suite.repeats.value == 0 {
+            return Err(check.value(&suite.repeats, "repeats is 0, expected at least 1".into()));
+        }
+        let output = PathBuf::from(
+            suite
+                .output
+                .clone()
+                .unwrap_or_else(|| format!("reports/{name}")),
+        );
+        Ok(Plan {
+            suite_path: path.to_path_buf(),
+            suite_hash: sha256_hex(text.as_bytes()),
+            suite_text: text,
+            name,
+            description: suite.description.clone(),
+            models,
+            schemes,
+            workload,
+            metrics,
+            device,
+            repeats: suite.repeats.value as usize,
+            warmup: suite.warmup as usize,
+            seed: suite.seed,
+            output,
+        })
+    }
+
+    /// Case ids (`model/label`) in run order.
+    pub fn case_ids(&self) -> Vec<String> {
+        self.models
+            .iter()
+            .flat_map(|m| {
+                self.schemes
+                    .iter()
+                    .map(move |s| format!("{}/{}", m.name, s.label))
+            })
+            .collect()
+    }
+}
+
+/// sha256 of `bytes`, hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+struct Checker<'a> {
+    path: &'a Path,
+}
+
+impl Checker<'_> {
+    fn at(&self, line: u64, message: String) -> Error {
+        Error::SuiteValue {
+            path: self.path.to_path_buf(),
+            line,
+            message,
+        }
+    }
+
+    fn value<T>(&self, spanned: &Spanned<T>, message: String) -> Error {
+        self.at(spanned.referenced.line(), message)
+    }
+
+    fn schemes(&self, entries: &[Spanned<SchemeEntry>]) -> Result<Vec<PlannedScheme>> {
+        let mut out: Vec<PlannedScheme> = Vec::new();
+        for entry in entries {
+            let SchemeEntry { name, params } = &entry.value;
+            let wrap = |e: Error| self.value(entry, e.to_string());
+            let info = scheme::lookup(name).map_err(wrap)?;
+            let params = info.validate_params(params.clone()).map_err(wrap)?;
+            let label = params.text("label").unwrap_or(info.name).to_string();
+            if out.iter().any(|s| s.label == label) {
+                return Err(self.value(
+                    entry,
+                    format!("scheme label `{label}` is used twice; give one a distinct `label`"),
+                ));
+            }
+            out.push(PlannedScheme {
+                label,
+                info,
+                params,
+            });
+        }
+        Ok(out)
+    }
+
+    fn positive(&self, value: &Spanned<usize>, key: &str) -> Result<usize> {
+        if value.value == 0 {
+            return Err(self.value(value, format!("workload.{key} is 0, expected at least 1")));
+        }
+        Ok(value.value)
+    }
+
+    fn workload(&self, spec: &super::WorkloadSpec, base: &Path) -> Result<Workload> {
+        let (eval_text, eval_source) =
+            match &spec.eval_text {
+                Some(file) => {
+                    let path = base.join(&file.value);
+                    let text = std::fs::read_to_string(&path).map_err(|e| {
+                        self.value(file, format!("workload.eval_text {}: {e}", path.display()))
+                    })?;
+                    (text, file.value.clone())
+                }
+                None => return Err(self.at(
+                    0,
+                    "workload.eval_text is missing, expected a text file (relative to the suite) \
+                     for the divergence and perplexity measurements"
+                        .into(),
+                )),
+            };
+        let context = self.positive(&spec.context, "context")?;
+        if context < 4 {
+            return Err(self.value(
+                &spec.context,
+                format!("workload.context is {context}, expected at least 4"),
+            ));
+        }
+        let prompts = if spec.prompts.is_empty() {
+            DEFAULT_PROMPTS.iter().map(|s| s.to_string()).collect()
+        } else {
+            spec.prompts.clone()
+        };
+        if let Some(i) = prompts.iter().position(|p| p.trim().is_empty()) {
+            return Err(self.at(0, format!("workload.prompts[{i}] is empty, expected text")));
+        }
+        Ok(Workload {
+            prompts,
+            eval_text,
+            eval_source,
+            prompt_len: self.positive(&spec.prompt_len, "prompt_len")?,
+            gen_len: self.positive(&spec.gen_len, "gen_len")?,
+            batch_size: self.positive(&spec.batch_size, "batch_size")?,
+            context,
+            max_chunks: spec.max_chunks,
+        })
+    }
+
+    fn models(
+        &self,
+        entries: &[super::ModelEntry],
+        base: &Path,
+        workload: &Workload,
+    ) -> Result<Vec<PlannedModel>> {
+        let mut out: Vec<PlannedModel> = Vec::new();
+        for entry in entries {
+            let name = entry.name.value.clone();
+            if name.is_empty() || name.contains(['/', '\\']) || out.iter().any(|m| m.name == name) {
+                return Err(self.value(
+                    &entry.name,
+                    format!("model name `{name}` must be unique, non-empty, without slashes"),
+                ));
+            }
+            let dtype = match entry.dtype.as_ref().map(|d| d.value.as_str()) {
+                None | Some("f32") => FloatStorage::F32,
+                Some("f16") => FloatStorage::F16,
+                Some("bf16") => FloatStorage::BF16,
+                Some(other) => {
+                    let at = entry.dtype.as_ref().expect("matched Some");
+                    return Err(self.value(
+                        at,
+                        format!("model {name}: dtype `{other}`, expected one of: f32, f16, bf16"),
+                    ));
+                }
+            };
+            let context =
+                |e: Error| self.value(&entry.path, format!("model {name}: {}", e.chain_inline()));
+            let dir = model::resolve_model_path(&entry.path.value, base).map_err(context)?;
+            let files = ModelFiles::open(&dir).map_err(context)?;
+            let tokens = files
+                .tokenizer
+                .encode(&workload.eval_text)
+                .map_err(context)?;
+            if tokens.len() < workload.context {
+                return Err(self.value(
+                    &entry.path,
+                    format!(
+                        "model {name}: the evaluation text is {} tokens, fewer than workload.context ({})",
+                        tokens.len(),
+                        workload.context
+                    ),
+                ));
+            }
+            out.push(PlannedModel {
+                name,
+                spec: entry.path.value.clone(),
+                dtype,
+                files,
+            });
+        }
+        Ok(out)
+    }
+
+    fn metrics(&self, names: Option<&[Spanned<String>]>) -> Result<BTreeSet<MetricGroup>> {
+        let Some(names) = names else {
+            return Ok(MetricGroup::ALL.into_iter().collect());
+        };
+        names
+            .iter()
+            .map(|n| measure::resolve_metric(&n.value).map_err(|m| self.value(n, m)))
+            .collect()
+    }
+
+    fn device(&self, device: Option<&Spanned<String>>) -> Result<&'static str> {
+        match device.map(|d| d.value.as_str()) {
+            None | Some("cpu") | Some("auto") => Ok("cpu"),
+            Some("cuda") => Err(self.value(
+                device.expect("matched Some"),
+                "device `cuda`: this build has no CUDA backend yet (it arrives with the CUDA \
+                 issue); use `cpu`, or `auto` to use CUDA when it is available"
+                    .into(),
+            )),
+            Some(other) => Err(self.value(
+                device.expect("matched Some"),
+                format!("device `{other}`, expected one of: cpu, cuda, auto"),
+            )),
+        }
+    }
+}
+
+impl Error {
+    /// The error and its causes on one line (for nesting inside another message).
+    pub fn chain_inline(&self) -> String {
+        let mut out = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            out.push_str(": ");
+            out.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        out
+    }
+}

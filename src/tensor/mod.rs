@@ -1,0 +1,292 @@
+//! The CPU math the forward passes need: matrix products, norms, softmax, rotary
+//! embeddings and activations, on plain row-major `f32` slices.
+//!
+//! Every fast path here has a plain scalar reference beside it (`*_reference`) that the
+//! tests compare against with a named error budget.
+
+pub mod attention;
+
+use gemm::Parallelism;
+
+/// Number of threads used by the matrix products (rayon's global pool).
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// `out[m, n] = a[m, k] · w[n, k]ᵀ`: a linear layer with PyTorch's `[out, in]` weight
+/// layout. Uses the `gemm` crate (AVX-512 kernels when the CPU has them).
+pub fn matmul_nt(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    assert_eq!(a.len(), m * k, "matmul_nt: lhs is not [m, k]");
+    assert_eq!(w.len(), n * k, "matmul_nt: weight is not [n, k]");
+    assert_eq!(out.len(), m * n, "matmul_nt: output is not [m, n]");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    // Tiny products do not pay for thread start-up.
+    let parallelism = if m * n * k < 32 * 1024 {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(threads())
+    };
+    // SAFETY: the asserts above guarantee every index the strides reach is in bounds:
+    // dst is m×n row-major (row stride n, column stride 1); lhs is m×k row-major;
+    // rhs is the k×n view of w[n, k] (element (kk, j) at j*k + kk: row stride 1,
+    // column stride k).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Scalar reference for [`matmul_nt`], accumulating in f64.
+pub fn matmul_nt_reference(a: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let dot: f64 = (0..k)
+                .map(|kk| a[i * k + kk] as f64 * w[j * k + kk] as f64)
+                .sum();
+            out[i * n + j] = dot as f32;
+        }
+    }
+    out
+}
+
+/// RMSNorm of every row of `x` (`rows × weight.len()`), in place:
+/// `x / sqrt(mean(x²) + eps) * weight`, the mean taken in f64 as PyTorch's f32 path
+/// accumulates with more care than a naive f32 sum.
+pub fn rms_norm_rows(x: &mut [f32], weight: &[f32], eps: f32) {
+    let dim = weight.len();
+    for row in x.chunks_exact_mut(dim) {
+        let mean_sq = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / dim as f64;
+        let inv = 1.0 / ((mean_sq as f32) + eps).sqrt();
+        for (v, w) in row.iter_mut().zip(weight) {
+            *v = *v * inv * w;
+        }
+    }
+}
+
+/// Softmax of one row, in place, numerically stable.
+pub fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// Log-softmax of one row into `out` (f64 for the sums, so perplexity and KL stay exact
+/// to the last digit that matters).
+pub fn log_softmax(row: &[f32], out: &mut Vec<f64>) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+    let log_norm = max + sum.ln();
+    out.clear();
+    out.extend(row.iter().map(|&v| v as f64 - log_norm));
+}
+
+/// SiLU (`x · sigmoid(x)`) of `gate`, multiplied element-wise by `up`, written to `gate`.
+pub fn silu_mul_in_place(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// Element-wise `dst += src`.
+pub fn add_in_place(dst: &mut [f32], src: &[f32]) {
+    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+}
+
+/// Index of the largest value (the first one on ties, as `torch.argmax`).
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Relative L2 distance `‖a − b‖ / ‖b‖`, accumulated in f64.
+pub fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        diff += (x as f64 - y as f64).powi(2);
+        norm += (y as f64).powi(2);
+    }
+    if norm == 0.0 {
+        diff.sqrt()
+    } else {
+        (diff / norm).sqrt()
+    }
+}
+
+/// Rotary position embedding tables (`cos`, `sin` per position and frequency), in the
+/// "rotate half" layout Hugging Face Llama uses: dimension `i` pairs with `i + half`.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    head_dim: usize,
+    inv_freq: Vec<f64>,
+}
+
+impl Rope {
+    /// Tables for heads of `head_dim` with base `theta`.
+    pub fn new(head_dim: usize, theta: f64) -> Self {
+        let half = head_dim / 2;
+        let inv_freq = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
+            .collect();
+        Rope { head_dim, inv_freq }
+    }
+
+    /// Rotate one head vector `x` (`head_dim` values) for position `pos`, in place.
+    pub fn apply(&self, x: &mut [f32], pos: usize) {
+        let half = self.head_dim / 2;
+        for i in 0..half {
+            // torch computes the angle in f32 (position · inv_freq as f32), then cos/sin.
+            let angle = (pos as f32) * (self.inv_freq[i] as f32);
+            let (sin, cos) = angle.sin_cos();
+            let (a, b) = (x[i], x[i + half]);
+            x[i] = a * cos - b * sin;
+            x[i + half] = b * cos + a * sin;
+        }
+    }
+}
+
+/// A small deterministic random source (SplitMix64), so built-in models and test data
+/// are identical on every machine without depending on a crate's stream stability.
+#[derive(Debug, Clone)]
+pub struct SeededRng(u64);
+
+impl SeededRng {
+    /// A generator for `seed`.
+    pub fn new(seed: u64) -> Self {
+        SeededRng(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(f64::MIN_POSITIVE);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+
+    /// `n` normal values with standard deviation `std`, as f32.
+    pub fn normal_vec(&mut self, n: usize, std: f64) -> Vec<f32> {
+        (0..n).map(|_| (self.normal() * std) as f32).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        SeededRng::new(seed).normal_vec(n, 1.0)
+    }
+
+    /// f32 GEMM against an f64 reference: the error budget is f32 rounding over k terms.
+    const GEMM_REL_L2_BUDGET: f64 = 1e-5;
+
+    #[test]
+    fn matmul_matches_reference_on_odd_shapes() {
+        for &(m, k, n) in &[(1, 7, 5), (3, 64, 33), (17, 129, 65), (64, 256, 300)] {
+            let a = random(m * k, 1);
+            let w = random(n * k, 2);
+            let mut out = vec![f32::NAN; m * n];
+            matmul_nt(&a, m, k, &w, n, &mut out);
+            let reference = matmul_nt_reference(&a, m, k, &w, n);
+            let err = relative_l2(&out, &reference);
+            assert!(err < GEMM_REL_L2_BUDGET, "shape {m}x{k}x{n}: rel l2 {err}");
+        }
+    }
+
+    #[test]
+    fn rms_norm_gives_unit_rms_with_unit_weight() {
+        let mut x = random(3 * 16, 3);
+        rms_norm_rows(&mut x, &[1.0; 16], 0.0);
+        for row in x.chunks(16) {
+            let rms = (row.iter().map(|v| v * v).sum::<f32>() / 16.0).sqrt();
+            assert!((rms - 1.0).abs() < 1e-5, "rms {rms}");
+        }
+    }
+
+    #[test]
+    fn softmax_and_log_softmax_agree() {
+        let mut row = random(50, 4);
+        let mut logp = Vec::new();
+        log_softmax(&row, &mut logp);
+        softmax_in_place(&mut row);
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        for (p, lp) in row.iter().zip(&logp) {
+            assert!((*p as f64 - lp.exp()).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn rope_preserves_norm_and_is_identity_at_zero() {
+        let rope = Rope::new(8, 10000.0);
+        let x = random(8, 5);
+        let mut at_zero = x.clone();
+        rope.apply(&mut at_zero, 0);
+        assert_eq!(at_zero, x);
+        let mut rotated = x.clone();
+        rope.apply(&mut rotated, 37);
+        let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+        assert!((norm(&rotated) - norm(&x)).abs() < 1e-4);
+        assert_ne!(rotated, x);
+    }
+
+    #[test]
+    fn seeded_rng_is_deterministic_and_roughly_normal() {
+        let a = SeededRng::new(7).normal_vec(10_000, 1.0);
+        assert_eq!(a, SeededRng::new(7).normal_vec(10_000, 1.0));
+        let mean = a.iter().sum::<f32>() / a.len() as f32;
+        let var = a.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / a.len() as f32;
+        assert!(
+            mean.abs() < 0.05 && (var - 1.0).abs() < 0.05,
+            "mean {mean} var {var}"
+        );
+    }
+}
