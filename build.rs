@@ -15,11 +15,7 @@ fn main() {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
     if let Some(rev) = git(&["rev-parse", "--short=12", "HEAD"]) {
-        let dirty =
-            git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
-        println!(
-            "cargo:rustc-env=QUANTBENCH_GIT_REVISION={rev}{}",
-            if dirty { "-dirty" } else { "" }
-        );
+        let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+        println!("cargo:rustc-env=QUANTBENCH_GIT_REVISION={rev}{}", if dirty { "-dirty" } else { "" });
     }
 }

@@ -39,7 +39,7 @@ pub enum Command {
     Run {
         /// Suite YAML file.
         suite: PathBuf,
-        /// Output folder (default: the suite's `output`, else reports/<suite name>).
+        /// Output folder (default: the suite's `output`, else reports/SUITE-NAME).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Keep the finished cases of an earlier run in the output folder and skip them.
@@ -126,20 +126,9 @@ pub struct GenerateArgs {
 /// Run a parsed command line; returns the exit code.
 pub fn execute(cli: Cli) -> Result<i32> {
     match cli.command {
-        Command::Run {
-            suite,
-            out,
-            resume,
-            filter,
-            keep_models,
-        } => {
+        Command::Run { suite, out, resume, filter, keep_models } => {
             let plan = Plan::load(&suite)?;
-            let options = RunOptions {
-                out,
-                resume,
-                filter,
-                keep_models,
-            };
+            let options = RunOptions { out, resume, filter, keep_models };
             let (dir, results) = runner::run(&plan, &options)?;
             println!("{}", table::markdown(&results));
             for case in &results.cases {
@@ -179,10 +168,7 @@ fn inspect(spec: &str, as_json: bool) -> Result<()> {
     let files = open_model(spec)?;
     let summary = files.summary()?;
     if as_json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&summary).expect("summary serialises")
-        );
+        println!("{}", serde_json::to_string_pretty(&summary).expect("summary serialises"));
         return Ok(());
     }
     println!("model        {}", files.dir.display());
@@ -193,26 +179,15 @@ fn inspect(spec: &str, as_json: bool) -> Result<()> {
         summary.linear_parameters,
         100.0 * summary.linear_parameters as f64 / summary.parameters.max(1) as f64
     );
-    let dtypes: Vec<String> = summary
-        .dtypes
-        .iter()
-        .map(|(d, n)| format!("{d} × {n}"))
-        .collect();
+    let dtypes: Vec<String> = summary.dtypes.iter().map(|(d, n)| format!("{d} × {n}")).collect();
     println!("dtypes       {}", dtypes.join(", "));
     println!("tokenizer    {} tokens", summary.tokenizer_vocab);
     println!("stored bytes by tensor kind:");
     for (kind, bytes) in &summary.stored_bytes {
-        println!(
-            "  {kind:<8} {bytes:>14}  ({:.2} MiB)",
-            *bytes as f64 / 1048576.0
-        );
+        println!("  {kind:<8} {bytes:>14}  ({:.2} MiB)", *bytes as f64 / 1048576.0);
     }
     if !summary.skipped.is_empty() {
-        println!(
-            "skipped (not used by {}): {}",
-            summary.arch,
-            summary.skipped.join(", ")
-        );
+        println!("skipped (not used by {}): {}", summary.arch, summary.skipped.join(", "));
     }
     Ok(())
 }
@@ -229,15 +204,7 @@ fn yes_no(b: bool) -> &'static str {
 pub fn list(what: ListWhat, markdown: bool) -> String {
     let (headers, rows): (Vec<&str>, Vec<Vec<String>>) = match what {
         ListWhat::Schemes => (
-            vec![
-                "scheme",
-                "bits/weight",
-                "block",
-                "calibration",
-                "devices",
-                "parameters",
-                "summary",
-            ],
+            vec!["scheme", "bits/weight", "block", "calibration", "devices", "parameters", "summary"],
             SCHEMES
                 .iter()
                 .map(|s| {
@@ -247,16 +214,8 @@ pub fn list(what: ListWhat, markdown: bool) -> String {
                         format!("{}", s.bits_per_weight),
                         s.block_size.map_or("–".into(), |b| b.to_string()),
                         yes_no(s.needs_calibration).into(),
-                        serde_json::to_value(s.devices)
-                            .expect("serialises")
-                            .as_str()
-                            .unwrap_or("")
-                            .into(),
-                        if params.is_empty() {
-                            "–".into()
-                        } else {
-                            params.join(", ")
-                        },
+                        serde_json::to_value(s.devices).expect("serialises").as_str().unwrap_or("").into(),
+                        if params.is_empty() { "–".into() } else { params.join(", ") },
                         s.summary.into(),
                     ]
                 })
@@ -270,17 +229,8 @@ pub fn list(what: ListWhat, markdown: bool) -> String {
                     vec![
                         m.name.into(),
                         m.group.name().into(),
-                        if m.unit.is_empty() {
-                            "–".into()
-                        } else {
-                            m.unit.into()
-                        },
-                        if m.higher_is_better {
-                            "higher"
-                        } else {
-                            "lower"
-                        }
-                        .into(),
+                        if m.unit.is_empty() { "–".into() } else { m.unit.into() },
+                        if m.higher_is_better { "higher" } else { "lower" }.into(),
                         format!("{}%", m.tolerance * 100.0),
                         m.summary.into(),
                     ]
@@ -292,49 +242,27 @@ pub fn list(what: ListWhat, markdown: bool) -> String {
             ARCHS
                 .iter()
                 .map(|a| {
-                    vec![
-                        a.name.into(),
-                        a.model_types.join(", "),
-                        a.quantizable.into(),
-                        a.summary.into(),
-                    ]
+                    vec![a.name.into(), a.model_types.join(", "), a.quantizable.into(), a.summary.into()]
                 })
                 .collect(),
         ),
         ListWhat::Builtins => (
             vec!["model", "summary"],
-            builtin::BUILTINS
-                .iter()
-                .map(|b| vec![format!("builtin:{}", b.name), b.summary.into()])
-                .collect(),
+            builtin::BUILTINS.iter().map(|b| vec![format!("builtin:{}", b.name), b.summary.into()]).collect(),
         ),
     };
     if markdown {
-        let mut out = format!(
-            "| {} |\n|{}|\n",
-            headers.join(" | "),
-            vec!["---"; headers.len()].join("|")
-        );
+        let mut out = format!("| {} |\n|{}|\n", headers.join(" | "), vec!["---"; headers.len()].join("|"));
         for row in rows {
             out.push_str(&format!("| {} |\n", row.join(" | ")));
         }
         return out;
     }
     let widths: Vec<usize> = (0..headers.len())
-        .map(|i| {
-            rows.iter()
-                .map(|r| r[i].chars().count())
-                .chain([headers[i].len()])
-                .max()
-                .unwrap_or(0)
-        })
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).chain([headers[i].len()]).max().unwrap_or(0))
         .collect();
     let line = |cells: Vec<String>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         padded.join("  ").trim_end().to_string() + "\n"
     };
     let mut out = line(headers.iter().map(|h| h.to_string()).collect());
@@ -356,19 +284,13 @@ fn generate(args: &GenerateArgs) -> Result<()> {
         (None, None) => unreachable!("clap requires --prompt or --prompts"),
     };
     if prompts.is_empty() {
-        return Err(Error::Workload(
-            "no prompts: the prompts file has no non-empty line".into(),
-        ));
+        return Err(Error::Workload("no prompts: the prompts file has no non-empty line".into()));
     }
     let info = scheme::lookup(&args.scheme)?;
     let scheme = (info.build)(&Default::default())?;
     let files = open_model(&args.model)?;
-    let model = files.build(&mut QuantizeFactory::new(
-        &files.store,
-        FloatStorage::F32,
-        scheme.as_ref(),
-        false,
-    ))?;
+    let model =
+        files.build(&mut QuantizeFactory::new(&files.store, FloatStorage::F32, scheme.as_ref(), false))?;
     let tokenizer = &files.tokenizer;
     let mut records = Vec::new();
     for prompt in &prompts {
@@ -393,10 +315,7 @@ fn generate(args: &GenerateArgs) -> Result<()> {
         }
         let with_logits = greedy(model.as_ref(), &ids, args.max_new_tokens, true)?;
         let top = |logits: &[f32]| -> Result<Vec<serde_json::Value>> {
-            logits
-                .chunks_exact(model.vocab_size())
-                .map(|row| top_k(row, args.top_k, tokenizer))
-                .collect()
+            logits.chunks_exact(model.vocab_size()).map(|row| top_k(row, args.top_k, tokenizer)).collect()
         };
         records.push(json!({
             "prompt": prompt,
@@ -411,20 +330,13 @@ fn generate(args: &GenerateArgs) -> Result<()> {
     }
     if args.json {
         let doc = json!({"model": args.model, "scheme": info.name, "top_k": args.top_k, "prompts": records});
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&doc).expect("json serialises")
-        );
+        println!("{}", serde_json::to_string_pretty(&doc).expect("json serialises"));
     }
     Ok(())
 }
 
 /// The `k` most likely tokens of one logits row with their log-probabilities.
-fn top_k(
-    row: &[f32],
-    k: usize,
-    tokenizer: &model::tokenizer::TextTokenizer,
-) -> Result<serde_json::Value> {
+fn top_k(row: &[f32], k: usize, tokenizer: &model::tokenizer::TextTokenizer) -> Result<serde_json::Value> {
     let mut logp = Vec::new();
     tensor::log_softmax(row, &mut logp);
     let mut order: Vec<usize> = (0..row.len()).collect();
@@ -432,9 +344,7 @@ fn top_k(
     let entries = order
         .into_iter()
         .take(k)
-        .map(|id| {
-            Ok(json!({"id": id, "logprob": logp[id], "token": tokenizer.decode(&[id as u32])?}))
-        })
+        .map(|id| Ok(json!({"id": id, "logprob": logp[id], "token": tokenizer.decode(&[id as u32])?})))
         .collect::<Result<Vec<_>>>()?;
     Ok(serde_json::Value::Array(entries))
 }

@@ -18,20 +18,12 @@ pub enum Error {
     SuiteSyntax { path: PathBuf, message: String },
     /// The suite parsed but a value is not acceptable.
     #[error("suite {path}, line {line}: {message}")]
-    SuiteValue {
-        path: PathBuf,
-        line: u64,
-        message: String,
-    },
+    SuiteValue { path: PathBuf, line: u64, message: String },
 
     // ---- model loading --------------------------------------------------------------
     /// A model directory or file is missing.
     #[error("model {what} not found at {path}: {hint}")]
-    ModelMissing {
-        what: &'static str,
-        path: PathBuf,
-        hint: String,
-    },
+    ModelMissing { what: &'static str, path: PathBuf, hint: String },
     /// A model file exists but its content is not what was expected.
     #[error("model file {path}: {message}")]
     ModelFormat { path: PathBuf, message: String },
@@ -89,19 +81,12 @@ pub enum Error {
 impl Error {
     /// Wrap an I/O error with the action and the path it concerned.
     pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            action,
-            path: path.into(),
-            source,
-        }
+        Error::Io { action, path: path.into(), source }
     }
 
     /// Add a line of context that is printed before this error.
     pub fn context(self, context: impl Into<String>) -> Self {
-        Error::Context {
-            context: context.into(),
-            source: Box::new(self),
-        }
+        Error::Context { context: context.into(), source: Box::new(self) }
     }
 
     /// The error and its causes, one per line, the way `main` prints them.

@@ -65,12 +65,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> {
         let cases: Vec<(&PlannedScheme, String)> = plan
             .schemes
             .iter()
-            .filter(|s| {
-                selected(
-                    &format!("{}/{}", model.name, s.label),
-                    options.filter.as_deref(),
-                )
-            })
+            .filter(|s| selected(&format!("{}/{}", model.name, s.label), options.filter.as_deref()))
             .map(|s| (s, case_spec_hash(plan, &record, &results.workload, s)))
             .collect();
         let mut runner: Option<ModelRunner> = None;
@@ -83,10 +78,8 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> {
             }
             if runner.is_none() {
                 progress.note(&format!("{}: reference pass", model.name));
-                runner = Some(
-                    ModelRunner::new(plan, model)
-                        .with_context(|| format!("model {}", model.name))?,
-                );
+                runner =
+                    Some(ModelRunner::new(plan, model).with_context(|| format!("model {}", model.name))?);
             }
             let runner = runner.as_ref().expect("set above");
             progress.start(&id);
@@ -109,20 +102,12 @@ fn previous_cases(path: &Path, resume: bool) -> Result<BTreeMap<String, CaseResu
     if !resume || !path.is_file() {
         return Ok(BTreeMap::new());
     }
-    let previous =
-        Results::read(path).with_context(|| "--resume needs the earlier results.json".into())?;
-    Ok(previous
-        .cases
-        .into_iter()
-        .map(|c| (c.id.clone(), c))
-        .collect())
+    let previous = Results::read(path).with_context(|| "--resume needs the earlier results.json".into())?;
+    Ok(previous.cases.into_iter().map(|c| (c.id.clone(), c)).collect())
 }
 
 fn count_selected(plan: &Plan, options: &RunOptions) -> usize {
-    plan.case_ids()
-        .iter()
-        .filter(|id| selected(id, options.filter.as_deref()))
-        .count()
+    plan.case_ids().iter().filter(|id| selected(id, options.filter.as_deref())).count()
 }
 
 /// Whether case `id` passes the filter: a pattern with `*` must match the whole id, one
@@ -134,10 +119,7 @@ pub fn selected(id: &str, filter: Option<&str>) -> bool {
     }
     let parts: Vec<&str> = pattern.split('*').collect();
     let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !id.starts_with(first)
-        || !id[first.len()..].ends_with(last)
-        || id.len() < first.len() + last.len()
-    {
+    if !id.starts_with(first) || !id[first.len()..].ends_with(last) || id.len() < first.len() + last.len() {
         return false;
     }
     let mut rest = &id[first.len()..id.len() - last.len()];
@@ -166,11 +148,7 @@ fn workload_record(plan: &Plan) -> WorkloadRecord {
         seed: plan.seed,
         sha256: String::new(),
     };
-    record.sha256 = sha256_hex(
-        serde_json::to_string(&record)
-            .expect("record serialises")
-            .as_bytes(),
-    );
+    record.sha256 = sha256_hex(serde_json::to_string(&record).expect("record serialises").as_bytes());
     record
 }
 
@@ -179,15 +157,13 @@ fn model_record(model: &PlannedModel, workload: &crate::suite::Workload) -> Resu
     let summary = files.summary()?;
     let mut hasher_input = Vec::new();
     let config_path = files.config.path();
-    hasher_input
-        .extend(std::fs::read(config_path).map_err(|e| Error::io("cannot read", config_path, e))?);
+    hasher_input.extend(std::fs::read(config_path).map_err(|e| Error::io("cannot read", config_path, e))?);
     for path in files.store.paths() {
         let bytes = std::fs::read(path).map_err(|e| Error::io("cannot read", path, e))?;
         hasher_input.extend(sha256_hex(&bytes).into_bytes());
     }
     let tokenizer_path = files.tokenizer.path();
-    let tokenizer =
-        std::fs::read(tokenizer_path).map_err(|e| Error::io("cannot read", tokenizer_path, e))?;
+    let tokenizer = std::fs::read(tokenizer_path).map_err(|e| Error::io("cannot read", tokenizer_path, e))?;
     Ok(ModelRecord {
         name: model.name.clone(),
         path: model.spec.clone(),
@@ -238,12 +214,8 @@ impl<'p> ModelRunner<'p> {
     fn new(plan: &'p Plan, model: &'p PlannedModel) -> Result<Self> {
         let tokenizer = &model.files.tokenizer;
         let eval_tokens = tokenizer.encode(&plan.workload.eval_text)?;
-        let prompt_ids = plan
-            .workload
-            .prompts
-            .iter()
-            .map(|p| tokenizer.encode(p))
-            .collect::<Result<Vec<_>>>()?;
+        let prompt_ids =
+            plan.workload.prompts.iter().map(|p| tokenizer.encode(p)).collect::<Result<Vec<_>>>()?;
         let fp32 = (scheme::lookup("fp32")?.build)(&Default::default())?;
         let reference_model = model.files.build(&mut QuantizeFactory::new(
             &model.files.store,
@@ -267,21 +239,14 @@ impl<'p> ModelRunner<'p> {
             runner.reference_generations = runner
                 .prompt_ids
                 .iter()
-                .map(|ids| {
-                    greedy(reference_model.as_ref(), ids, plan.workload.gen_len, false)
-                        .map(|g| g.ids)
-                })
+                .map(|ids| greedy(reference_model.as_ref(), ids, plan.workload.gen_len, false).map(|g| g.ids))
                 .collect::<Result<_>>()?;
         }
         Ok(runner)
     }
 
     fn chunks(&self) -> Vec<&[u32]> {
-        divergence::chunks(
-            &self.eval_tokens,
-            self.plan.workload.context,
-            self.plan.workload.max_chunks,
-        )
+        divergence::chunks(&self.eval_tokens, self.plan.workload.context, self.plan.workload.max_chunks)
     }
 
     fn run_case(
@@ -339,11 +304,7 @@ impl<'p> ModelRunner<'p> {
         let divergence = match &self.reference {
             Some(reference) => {
                 progress.step("divergence");
-                Some(divergence::measure(
-                    model.as_ref(),
-                    &self.chunks(),
-                    reference,
-                )?)
+                Some(divergence::measure(model.as_ref(), &self.chunks(), reference)?)
             }
             None => None,
         };
@@ -375,10 +336,8 @@ impl<'p> ModelRunner<'p> {
 
     fn memory(&self, exported: &[scheme::StoredTensor], quantize_head: bool) -> Result<Memory> {
         let summary = self.model.files.summary()?;
-        let mut by_role: BTreeMap<String, u64> = TensorRole::ALL
-            .iter()
-            .map(|r| (r.name().to_string(), 0))
-            .collect();
+        let mut by_role: BTreeMap<String, u64> =
+            TensorRole::ALL.iter().map(|r| (r.name().to_string(), 0)).collect();
         let mut weight_bytes = 0u64;
         for t in exported {
             *by_role.get_mut(t.role.name()).expect("every role listed") += t.bytes.len() as u64;
@@ -386,11 +345,7 @@ impl<'p> ModelRunner<'p> {
                 weight_bytes += t.bytes.len() as u64;
             }
         }
-        let head = if quantize_head {
-            self.model_vocab_hidden()
-        } else {
-            0
-        };
+        let head = if quantize_head { self.model_vocab_hidden() } else { 0 };
         let quantized_weights = (summary.linear_parameters + head) as u64;
         let total_bytes: u64 = by_role.values().sum();
         Ok(Memory {
@@ -423,45 +378,30 @@ impl<'p> ModelRunner<'p> {
         let path = dir.join(format!("{}.safetensors", id.replace('/', "__")));
         let metadata = BTreeMap::from([
             ("quantbench.format_version".to_string(), "1".to_string()),
-            (
-                "quantbench.scheme".to_string(),
-                planned.info.name.to_string(),
-            ),
+            ("quantbench.scheme".to_string(), planned.info.name.to_string()),
             (
                 "quantbench.params".to_string(),
                 serde_json::to_string(&planned.params).expect("params serialise"),
             ),
-            (
-                "quantbench.arch".to_string(),
-                self.model.files.arch.name.to_string(),
-            ),
+            ("quantbench.arch".to_string(), self.model.files.arch.name.to_string()),
         ]);
         let bytes = crate::model::weights::save(&path, exported, metadata)?;
         let t = Instant::now();
         let store = WeightStore::open_files(std::slice::from_ref(&path))?;
         let quantize_head = planned.params.bool("quantize_head", false);
-        let reloaded =
-            self.model
-                .files
-                .build(&mut ReloadFactory::new(&store, scheme, quantize_head))?;
+        let reloaded = self.model.files.build(&mut ReloadFactory::new(&store, scheme, quantize_head))?;
         let load_s = t.elapsed().as_secs_f64();
         let probe = &self.eval_tokens[..self.plan.workload.context.min(self.eval_tokens.len())];
-        let run =
-            |m: &dyn CausalLm| m.forward(probe, 1, &mut m.new_cache(1, probe.len()), Logits::All);
+        let run = |m: &dyn CausalLm| m.forward(probe, 1, &mut m.new_cache(1, probe.len()), Logits::All);
         let (a, b) = (run(model)?, run(reloaded.as_ref())?);
-        let identical =
-            a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+        let identical = a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
         drop((reloaded, store));
         if !keep {
             std::fs::remove_file(&path).map_err(|e| Error::io("cannot remove", &path, e))?;
             let _ = std::fs::remove_dir(&dir);
         }
         if !identical {
-            let diff = a
-                .iter()
-                .zip(&b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0.0f32, f32::max);
+            let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
             return Err(Error::Case {
                 case: id.to_string(),
                 message: format!(
@@ -510,10 +450,8 @@ impl<'p> ModelRunner<'p> {
                 prefill_ms.push(t.elapsed().as_secs_f64() * 1e3);
             }
             for _ in 0..w.gen_len {
-                let next: Vec<u32> = logits
-                    .chunks_exact(vocab)
-                    .map(|row| tensor::argmax(row) as u32)
-                    .collect();
+                let next: Vec<u32> =
+                    logits.chunks_exact(vocab).map(|row| tensor::argmax(row) as u32).collect();
                 let t = Instant::now();
                 logits = model.forward(&next, w.batch_size, &mut cache, Logits::Last)?;
                 if timed {
@@ -596,10 +534,7 @@ impl Progress {
             return String::new();
         }
         let per_case = self.started.elapsed().as_secs_f64() / self.measured as f64;
-        format!(
-            " · ETA {:.0}s",
-            per_case * (self.total - self.finished) as f64
-        )
+        format!(" · ETA {:.0}s", per_case * (self.total - self.finished) as f64)
     }
 
     fn line(&self, text: &str) {
@@ -622,13 +557,7 @@ impl Progress {
     }
 
     fn step(&mut self, what: &str) {
-        self.line(&format!(
-            "[{}/{}] {} · {what}{}",
-            self.finished + 1,
-            self.total,
-            self.case,
-            self.eta()
-        ));
+        self.line(&format!("[{}/{}] {} · {what}{}", self.finished + 1, self.total, self.case, self.eta()));
     }
 
     fn skip(&mut self, id: &str) {

@@ -11,10 +11,7 @@ use crate::tensor;
 /// Chunks of the evaluation tokens: consecutive, non-overlapping, `context` long.
 pub fn chunks(tokens: &[u32], context: usize, max_chunks: Option<usize>) -> Vec<&[u32]> {
     let n = tokens.len() / context;
-    tokens
-        .chunks_exact(context)
-        .take(max_chunks.unwrap_or(n).min(n))
-        .collect()
+    tokens.chunks_exact(context).take(max_chunks.unwrap_or(n).min(n)).collect()
 }
 
 /// First scored position of a chunk: positions `first..context-1` predict the token after.
@@ -74,11 +71,7 @@ pub fn reference(model: &dyn CausalLm, chunks: &[&[u32]]) -> Result<Reference> {
         logprobs.extend(row.iter().map(|&v| v as f32));
         targets.push(target);
     })?;
-    Ok(Reference {
-        vocab,
-        logprobs,
-        targets,
-    })
+    Ok(Reference { vocab, logprobs, targets })
 }
 
 /// Divergence of one model from the reference.
@@ -103,11 +96,7 @@ pub struct Divergence {
 }
 
 /// Score `model` against `reference` on the same chunks.
-pub fn measure(
-    model: &dyn CausalLm,
-    chunks: &[&[u32]],
-    reference: &Reference,
-) -> Result<Divergence> {
+pub fn measure(model: &dyn CausalLm, chunks: &[&[u32]], reference: &Reference) -> Result<Divergence> {
     if model.vocab_size() != reference.vocab {
         return Err(Error::Workload(format!(
             "model vocabulary {} differs from the reference's {}",
@@ -116,17 +105,16 @@ pub fn measure(
         )));
     }
     let vocab = reference.vocab;
-    let (mut i, mut kl_sum, mut kl_sq, mut kl_max, mut same) =
-        (0usize, 0.0f64, 0.0f64, 0.0f64, 0usize);
+    let (mut i, mut kl_sum, mut kl_sq, mut kl_max, mut same) = (0usize, 0.0f64, 0.0f64, 0.0f64, 0usize);
     let (mut nll_ref, mut nll) = (0.0f64, 0.0f64);
     let mut row = Vec::new();
     for_each_scored(model, chunks, |logits, target| {
         let ref_row = &reference.logprobs[i * vocab..(i + 1) * vocab];
-        debug_assert_eq!(
-            reference.targets[i], target,
-            "chunks differ from the reference's"
-        );
+        debug_assert_eq!(reference.targets[i], target, "chunks differ from the reference's");
         tensor::log_softmax(logits, &mut row);
+        // The reference is stored as f32; round this side the same way, so a model
+        // identical to the reference scores exactly zero.
+        row.iter_mut().for_each(|q| *q = *q as f32 as f64);
         let kl: f64 = ref_row
             .iter()
             .zip(&row)
@@ -152,11 +140,7 @@ pub fn measure(
     }
     let n = i.max(1) as f64;
     let mean = kl_sum / n;
-    let var = if i > 1 {
-        (kl_sq - n * mean * mean).max(0.0) / (n - 1.0)
-    } else {
-        0.0
-    };
+    let var = if i > 1 { (kl_sq - n * mean * mean).max(0.0) / (n - 1.0) } else { 0.0 };
     let (ppl_reference, ppl) = ((nll_ref / n).exp(), (nll / n).exp());
     Ok(Divergence {
         tokens_scored: i,
@@ -177,10 +161,7 @@ mod tests {
     #[test]
     fn chunks_are_whole_and_capped() {
         let tokens: Vec<u32> = (0..10).collect();
-        assert_eq!(
-            chunks(&tokens, 4, None),
-            vec![&[0, 1, 2, 3][..], &[4, 5, 6, 7][..]]
-        );
+        assert_eq!(chunks(&tokens, 4, None), vec![&[0, 1, 2, 3][..], &[4, 5, 6, 7][..]]);
         assert_eq!(chunks(&tokens, 4, Some(1)).len(), 1);
         assert_eq!(chunks(&tokens, 11, None).len(), 0);
         assert_eq!(first_scored(128), 64);

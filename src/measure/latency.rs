@@ -31,11 +31,8 @@ impl Stats {
         sorted.sort_by(f64::total_cmp);
         let n = sorted.len();
         let mean = sorted.iter().sum::<f64>() / n as f64;
-        let var = if n > 1 {
-            sorted.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64
-        } else {
-            0.0
-        };
+        let var =
+            if n > 1 { sorted.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64 } else { 0.0 };
         Some(Stats {
             n,
             median: percentile(&sorted, 0.5),
@@ -71,10 +68,7 @@ mod tests {
     #[test]
     fn stats_of_known_samples() {
         let s = Stats::of(&[4.0, 1.0, 3.0, 2.0, 5.0]).unwrap();
-        assert_eq!(
-            (s.n, s.median, s.mean, s.min, s.max),
-            (5, 3.0, 3.0, 1.0, 5.0)
-        );
+        assert_eq!((s.n, s.median, s.mean, s.min, s.max), (5, 3.0, 3.0, 1.0, 5.0));
         assert!((s.std_dev - 2.5f64.sqrt()).abs() < 1e-12);
         assert!((s.p90 - 4.6).abs() < 1e-12);
         assert_eq!(Stats::of(&[2.0]).unwrap().std_dev, 0.0);

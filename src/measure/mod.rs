@@ -86,15 +86,7 @@ const fn metric(
     tolerance: f64,
     summary: &'static str,
 ) -> MetricInfo {
-    MetricInfo {
-        name,
-        group,
-        unit,
-        higher_is_better,
-        aggregation,
-        tolerance,
-        summary,
-    }
+    MetricInfo { name, group, unit, higher_is_better, aggregation, tolerance, summary }
 }
 
 use Aggregation::*;
@@ -102,15 +94,7 @@ use MetricGroup::*;
 
 /// Every metric the harness reports.
 pub static METRICS: &[MetricInfo] = &[
-    metric(
-        "weight_bytes",
-        Memory,
-        "B",
-        false,
-        Exact,
-        0.0,
-        "bytes of every tensor as the scheme stores it",
-    ),
+    metric("weight_bytes", Memory, "B", false, Exact, 0.0, "bytes of every tensor as the scheme stores it"),
     metric(
         "bits_per_weight",
         Memory,
@@ -120,15 +104,7 @@ pub static METRICS: &[MetricInfo] = &[
         0.0,
         "bits per quantized linear weight, scales and zero points included",
     ),
-    metric(
-        "disk_bytes",
-        Disk,
-        "B",
-        false,
-        Exact,
-        0.0,
-        "size of the saved safetensors file",
-    ),
+    metric("disk_bytes", Disk, "B", false, Exact, 0.0, "size of the saved safetensors file"),
     metric(
         "quantize_s",
         Latency,
@@ -138,15 +114,7 @@ pub static METRICS: &[MetricInfo] = &[
         0.10,
         "time to build the model from the full-precision checkpoint, quantization included",
     ),
-    metric(
-        "load_s",
-        Latency,
-        "s",
-        false,
-        Median,
-        0.10,
-        "time to load the saved quantized file",
-    ),
+    metric("load_s", Latency, "s", false, Median, 0.10, "time to load the saved quantized file"),
     metric(
         "prefill_ms",
         Latency,
@@ -186,30 +154,14 @@ pub static METRICS: &[MetricInfo] = &[
     metric(
         "same_top1",
         Divergence,
-        "%",
+        "fraction",
         true,
         MeanOverTokens,
         0.005,
         "fraction of positions whose most likely token is unchanged",
     ),
-    metric(
-        "ppl",
-        Divergence,
-        "",
-        false,
-        MeanOverTokens,
-        0.005,
-        "perplexity of the evaluation text",
-    ),
-    metric(
-        "ppl_ratio",
-        Divergence,
-        "",
-        false,
-        Ratio,
-        0.005,
-        "perplexity over the reference's perplexity",
-    ),
+    metric("ppl", Divergence, "", false, MeanOverTokens, 0.005, "perplexity of the evaluation text"),
+    metric("ppl_ratio", Divergence, "", false, Ratio, 0.005, "perplexity over the reference's perplexity"),
     metric(
         "first_divergent_token",
         Generation,
@@ -259,9 +211,6 @@ mod tests {
         assert_eq!(resolve_metric("kld_mean"), Ok(MetricGroup::Divergence));
         assert_eq!(resolve_metric("latency"), Ok(MetricGroup::Latency));
         let err = resolve_metric("speed").unwrap_err();
-        assert!(
-            err.contains("`speed`") && err.contains("latency") && err.contains("ppl"),
-            "{err}"
-        );
+        assert!(err.contains("`speed`") && err.contains("latency") && err.contains("ppl"), "{err}");
     }
 }

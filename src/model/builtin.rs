@@ -79,21 +79,14 @@ pub fn names() -> Vec<&'static str> {
 }
 
 fn lookup(name: &str) -> Result<&'static BuiltinInfo> {
-    BUILTINS
-        .iter()
-        .find(|b| b.name == name)
-        .ok_or_else(|| Error::ModelMissing {
-            what: "built-in model",
-            path: PathBuf::from(format!("builtin:{name}")),
-            hint: format!(
-                "expected one of: {}",
-                names()
-                    .iter()
-                    .map(|n| format!("builtin:{n}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        })
+    BUILTINS.iter().find(|b| b.name == name).ok_or_else(|| Error::ModelMissing {
+        what: "built-in model",
+        path: PathBuf::from(format!("builtin:{name}")),
+        hint: format!(
+            "expected one of: {}",
+            names().iter().map(|n| format!("builtin:{n}")).collect::<Vec<_>>().join(", ")
+        ),
+    })
 }
 
 /// Where built-in models are cached: `$QUANTBENCH_CACHE`, else `$XDG_CACHE_HOME/quantbench`,
@@ -114,9 +107,7 @@ pub fn cache_root() -> PathBuf {
 /// The directory of built-in model `name`, generated on first use.
 pub fn ensure(name: &str) -> Result<PathBuf> {
     let info = lookup(name)?;
-    let dir = cache_root()
-        .join("builtin")
-        .join(format!("{}-v{GENERATION_VERSION}", info.name));
+    let dir = cache_root().join("builtin").join(format!("{}-v{GENERATION_VERSION}", info.name));
     if dir.join(".complete").is_file() {
         return Ok(dir);
     }
@@ -124,17 +115,12 @@ pub fn ensure(name: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(parent).map_err(|e| Error::io("cannot create", parent, e))?;
     let staging = parent.join(format!(".{}-{}", info.name, std::process::id()));
     write(info, &staging)?;
-    std::fs::write(staging.join(".complete"), b"")
-        .map_err(|e| Error::io("cannot write", &staging, e))?;
+    std::fs::write(staging.join(".complete"), b"").map_err(|e| Error::io("cannot write", &staging, e))?;
     if std::fs::rename(&staging, &dir).is_err() {
         // Another process finished first: its copy is identical, keep it.
         let _ = std::fs::remove_dir_all(&staging);
         if !dir.join(".complete").is_file() {
-            return Err(Error::io(
-                "cannot move into place",
-                &dir,
-                std::io::Error::other("rename failed"),
-            ));
+            return Err(Error::io("cannot move into place", &dir, std::io::Error::other("rename failed")));
         }
     }
     Ok(dir)
@@ -152,10 +138,8 @@ fn write(info: &BuiltinInfo, dir: &Path) -> Result<()> {
     let text = serde_json::to_string_pretty(&config).expect("config serialises");
     std::fs::write(&config_path, text).map_err(|e| Error::io("cannot write", &config_path, e))?;
     let tokenizer_path = dir.join("tokenizer.json");
-    let tokenizer =
-        serde_json::to_string(&tokenizer_json(CORPUS, VOCAB)).expect("tokenizer serialises");
-    std::fs::write(&tokenizer_path, tokenizer)
-        .map_err(|e| Error::io("cannot write", &tokenizer_path, e))?;
+    let tokenizer = serde_json::to_string(&tokenizer_json(CORPUS, VOCAB)).expect("tokenizer serialises");
+    std::fs::write(&tokenizer_path, tokenizer).map_err(|e| Error::io("cannot write", &tokenizer_path, e))?;
     let tensors = weights(info, &ConfigJson::from_value(config_path, config))?;
     super::weights::save(&dir.join("model.safetensors"), &tensors, BTreeMap::new())?;
     Ok(())
@@ -170,17 +154,13 @@ fn weights(info: &BuiltinInfo, config: &ConfigJson) -> Result<Vec<StoredTensor>>
         let n: usize = spec.shape.iter().product();
         let cols = *spec.shape.last().unwrap_or(&1) as f64;
         let mut data = match spec.kind {
-            TensorKind::Dense if spec.shape.len() == 1 => rng
-                .normal_vec(n, 0.05)
-                .into_iter()
-                .map(|v| 1.0 + v)
-                .collect(),
+            TensorKind::Dense if spec.shape.len() == 1 => {
+                rng.normal_vec(n, 0.05).into_iter().map(|v| 1.0 + v).collect()
+            }
             TensorKind::Dense => rng.normal_vec(n, 1.0),
             TensorKind::Bias => rng.normal_vec(n, 0.02),
             // Residual-branch outputs get half the variance, so the stream stays bounded.
-            TensorKind::Linear
-                if spec.name.contains("o_proj") || spec.name.contains("down_proj") =>
-            {
+            TensorKind::Linear if spec.name.contains("o_proj") || spec.name.contains("down_proj") => {
                 rng.normal_vec(n, 0.5 / cols.sqrt())
             }
             TensorKind::Linear => rng.normal_vec(n, 1.0 / cols.sqrt()),
@@ -192,20 +172,14 @@ fn weights(info: &BuiltinInfo, config: &ConfigJson) -> Result<Vec<StoredTensor>>
                 data[channel] = value;
             }
         }
-        out.push(StoredTensor::f32(
-            spec.name,
-            TensorRole::Unquantized,
-            spec.shape,
-            &data,
-        ));
+        out.push(StoredTensor::f32(spec.name, TensorRole::Unquantized, spec.shape, &data));
     }
     Ok(out)
 }
 
 /// GPT-2's map from bytes to printable characters (byte-level BPE's alphabet).
 fn byte_alphabet() -> Vec<char> {
-    let printable =
-        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut extra = 0;
     (0u32..256)
         .map(|b| {
@@ -256,10 +230,7 @@ pub fn tokenizer_json(corpus: &str, vocab: usize) -> Value {
     let alphabet = byte_alphabet();
     let mut words: BTreeMap<Vec<String>, usize> = BTreeMap::new();
     for word in pre_tokenize(corpus) {
-        let symbols = word
-            .bytes()
-            .map(|b| alphabet[b as usize].to_string())
-            .collect();
+        let symbols = word.bytes().map(|b| alphabet[b as usize].to_string()).collect();
         *words.entry(symbols).or_default() += 1;
     }
     let mut tokens: Vec<String> = alphabet.iter().map(|c| c.to_string()).collect();
@@ -273,15 +244,10 @@ pub fn tokenizer_json(corpus: &str, vocab: usize) -> Value {
         }
         // Highest count wins; BTreeMap order makes the first maximum the smallest pair.
         let Some(((a, b), count)) =
-            pairs
-                .into_iter()
-                .fold(
-                    None,
-                    |best: Option<((String, String), usize)>, (p, c)| match &best {
-                        Some((_, bc)) if *bc >= c => best,
-                        _ => Some((p, c)),
-                    },
-                )
+            pairs.into_iter().fold(None, |best: Option<((String, String), usize)>, (p, c)| match &best {
+                Some((_, bc)) if *bc >= c => best,
+                _ => Some((p, c)),
+            })
         else {
             break;
         };
@@ -299,11 +265,8 @@ pub fn tokenizer_json(corpus: &str, vocab: usize) -> Value {
         merges.push(format!("{a} {b}"));
         tokens.push(merged);
     }
-    let vocab_map: serde_json::Map<String, Value> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), json!(i)))
-        .collect();
+    let vocab_map: serde_json::Map<String, Value> =
+        tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
     let added: Vec<Value> = SPECIAL
         .iter()
         .enumerate()
@@ -357,11 +320,7 @@ mod tests {
         assert_eq!(tok.vocab_size(), VOCAB);
         let text = "Quantization of weights: 4 bits, zero points & scales — ünïcode too.";
         let ids = tok.encode(text).unwrap();
-        assert!(
-            ids.len() < text.len(),
-            "merges must shorten text: {} ids",
-            ids.len()
-        );
+        assert!(ids.len() < text.len(), "merges must shorten text: {} ids", ids.len());
         assert_eq!(tok.decode(&ids).unwrap(), text);
     }
 

@@ -18,20 +18,12 @@ impl ConfigJson {
     /// Read and parse `path`.
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
+        let value: Value =
+            serde_json::from_str(&text).map_err(|e| Error::Json { path: path.to_path_buf(), source: e })?;
         if !value.is_object() {
-            return Err(Error::Config {
-                path: path.to_path_buf(),
-                message: "expected a JSON object".into(),
-            });
+            return Err(Error::Config { path: path.to_path_buf(), message: "expected a JSON object".into() });
         }
-        Ok(ConfigJson {
-            path: path.to_path_buf(),
-            value,
-        })
+        Ok(ConfigJson { path: path.to_path_buf(), value })
     }
 
     /// A config from a value (built-in models, tests).
@@ -51,16 +43,11 @@ impl ConfigJson {
 
     /// The value at `key`; `a.b` reaches into nested objects.
     pub fn get(&self, key: &str) -> Option<&Value> {
-        key.split('.')
-            .try_fold(&self.value, |v, part| v.get(part))
-            .filter(|v| !v.is_null())
+        key.split('.').try_fold(&self.value, |v, part| v.get(part)).filter(|v| !v.is_null())
     }
 
     fn error(&self, message: String) -> Error {
-        Error::Config {
-            path: self.path.clone(),
-            message,
-        }
+        Error::Config { path: self.path.clone(), message }
     }
 
     /// A required positive integer.
@@ -70,12 +57,8 @@ impl ConfigJson {
                 .as_u64()
                 .filter(|&n| n > 0)
                 .map(|n| n as usize)
-                .ok_or_else(|| {
-                    self.error(format!("key `{key}` is {v}, expected a positive integer"))
-                }),
-            None => Err(self.error(format!(
-                "key `{key}` is missing, expected a positive integer"
-            ))),
+                .ok_or_else(|| self.error(format!("key `{key}` is {v}, expected a positive integer"))),
+            None => Err(self.error(format!("key `{key}` is missing, expected a positive integer"))),
         }
     }
 
@@ -91,9 +74,7 @@ impl ConfigJson {
     /// An optional number.
     pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.get(key) {
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| self.error(format!("key `{key}` is {v}, expected a number"))),
+            Some(v) => v.as_f64().ok_or_else(|| self.error(format!("key `{key}` is {v}, expected a number"))),
             None => Ok(default),
         }
     }
@@ -109,9 +90,9 @@ impl ConfigJson {
     /// An optional boolean.
     pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.get(key) {
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| self.error(format!("key `{key}` is {v}, expected true or false"))),
+            Some(v) => {
+                v.as_bool().ok_or_else(|| self.error(format!("key `{key}` is {v}, expected true or false")))
+            }
             None => Ok(default),
         }
     }
@@ -140,16 +121,9 @@ mod tests {
     fn errors_name_the_key_and_expectation() {
         let c = cfg(json!({"hidden_size": -3, "rope_parameters": {"rope_theta": 5e5}}));
         let err = c.usize("hidden_size").unwrap_err().to_string();
-        assert!(
-            err.contains("`hidden_size` is -3, expected a positive integer"),
-            "{err}"
-        );
+        assert!(err.contains("`hidden_size` is -3, expected a positive integer"), "{err}");
         let err = c.usize("num_hidden_layers").unwrap_err().to_string();
         assert!(err.contains("`num_hidden_layers` is missing"), "{err}");
-        assert_eq!(
-            c.f64_first(&["rope_theta", "rope_parameters.rope_theta"], 1e4)
-                .unwrap(),
-            5e5
-        );
+        assert_eq!(c.f64_first(&["rope_theta", "rope_parameters.rope_theta"], 1e4).unwrap(), 5e5);
     }
 }

@@ -15,21 +15,10 @@ pub trait WeightFactory {
     fn dense(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
     /// The linear layer `name` (`[rows, cols]` weight at `{name}.weight`), in the scheme's
     /// representation.
-    fn linear(
-        &mut self,
-        name: &str,
-        rows: usize,
-        cols: usize,
-        bias: bool,
-    ) -> Result<Box<dyn Linear>>;
+    fn linear(&mut self, name: &str, rows: usize, cols: usize, bias: bool) -> Result<Box<dyn Linear>>;
     /// The output head. `tied_to` names the embedding when the head shares it. `None`
     /// means: use the embedding matrix as is (tied and not quantized).
-    fn head(
-        &mut self,
-        tied_to: Option<&str>,
-        rows: usize,
-        cols: usize,
-    ) -> Result<Option<Box<dyn Linear>>>;
+    fn head(&mut self, tied_to: Option<&str>, rows: usize, cols: usize) -> Result<Option<Box<dyn Linear>>>;
 }
 
 /// Builds a model from a full-precision checkpoint, quantizing its linear layers.
@@ -49,12 +38,7 @@ impl<'a> QuantizeFactory<'a> {
         scheme: &'a dyn Scheme,
         quantize_head: bool,
     ) -> Self {
-        QuantizeFactory {
-            store,
-            precision,
-            scheme,
-            quantize_head,
-        }
+        QuantizeFactory { store, precision, scheme, quantize_head }
     }
 
     fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
@@ -66,9 +50,7 @@ impl<'a> QuantizeFactory<'a> {
     }
 
     fn bias(&self, name: &str, rows: usize, present: bool) -> Result<Option<Vec<f32>>> {
-        present
-            .then(|| self.read(&format!("{name}.bias"), &[rows]))
-            .transpose()
+        present.then(|| self.read(&format!("{name}.bias"), &[rows])).transpose()
     }
 }
 
@@ -77,45 +59,19 @@ impl WeightFactory for QuantizeFactory<'_> {
         self.read(name, shape)
     }
 
-    fn linear(
-        &mut self,
-        name: &str,
-        rows: usize,
-        cols: usize,
-        bias: bool,
-    ) -> Result<Box<dyn Linear>> {
+    fn linear(&mut self, name: &str, rows: usize, cols: usize, bias: bool) -> Result<Box<dyn Linear>> {
         let data = self.read(&format!("{name}.weight"), &[rows, cols])?;
         let bias = self.bias(name, rows, bias)?;
-        self.scheme.quantize(
-            DenseWeight {
-                name: name.to_string(),
-                rows,
-                cols,
-                data,
-            },
-            bias,
-        )
+        self.scheme.quantize(DenseWeight { name: name.to_string(), rows, cols, data }, bias)
     }
 
-    fn head(
-        &mut self,
-        tied_to: Option<&str>,
-        rows: usize,
-        cols: usize,
-    ) -> Result<Option<Box<dyn Linear>>> {
-        let source = tied_to
-            .map(String::from)
-            .unwrap_or(format!("{HEAD}.weight"));
+    fn head(&mut self, tied_to: Option<&str>, rows: usize, cols: usize) -> Result<Option<Box<dyn Linear>>> {
+        let source = tied_to.map(String::from).unwrap_or(format!("{HEAD}.weight"));
         if !self.quantize_head && tied_to.is_some() {
             return Ok(None);
         }
         let data = self.read(&source, &[rows, cols])?;
-        let weight = DenseWeight {
-            name: HEAD.to_string(),
-            rows,
-            cols,
-            data,
-        };
+        let weight = DenseWeight { name: HEAD.to_string(), rows, cols, data };
         Ok(Some(if self.quantize_head {
             self.scheme.quantize(weight, None)?
         } else {
@@ -134,17 +90,11 @@ pub struct ReloadFactory<'a> {
 impl<'a> ReloadFactory<'a> {
     /// Read `store` (written by saving a model quantized with `scheme`).
     pub fn new(store: &'a WeightStore, scheme: &'a dyn Scheme, quantize_head: bool) -> Self {
-        ReloadFactory {
-            store,
-            scheme,
-            quantize_head,
-        }
+        ReloadFactory { store, scheme, quantize_head }
     }
 
     fn bias(&self, name: &str, rows: usize, present: bool) -> Result<Option<Vec<f32>>> {
-        present
-            .then(|| self.store.f32(&format!("{name}.bias"), &[rows]))
-            .transpose()
+        present.then(|| self.store.f32(&format!("{name}.bias"), &[rows])).transpose()
     }
 }
 
@@ -153,39 +103,20 @@ impl WeightFactory for ReloadFactory<'_> {
         self.store.f32(name, shape)
     }
 
-    fn linear(
-        &mut self,
-        name: &str,
-        rows: usize,
-        cols: usize,
-        bias: bool,
-    ) -> Result<Box<dyn Linear>> {
+    fn linear(&mut self, name: &str, rows: usize, cols: usize, bias: bool) -> Result<Box<dyn Linear>> {
         let bias = self.bias(name, rows, bias)?;
         self.scheme.load(name, rows, cols, bias, self.store)
     }
 
-    fn head(
-        &mut self,
-        tied_to: Option<&str>,
-        rows: usize,
-        cols: usize,
-    ) -> Result<Option<Box<dyn Linear>>> {
+    fn head(&mut self, tied_to: Option<&str>, rows: usize, cols: usize) -> Result<Option<Box<dyn Linear>>> {
         if self.quantize_head {
-            return self
-                .scheme
-                .load(HEAD, rows, cols, None, self.store)
-                .map(Some);
+            return self.scheme.load(HEAD, rows, cols, None, self.store).map(Some);
         }
         if tied_to.is_some() {
             return Ok(None);
         }
         let data = self.store.f32(&format!("{HEAD}.weight"), &[rows, cols])?;
-        let weight = DenseWeight {
-            name: HEAD.to_string(),
-            rows,
-            cols,
-            data,
-        };
+        let weight = DenseWeight { name: HEAD.to_string(), rows, cols, data };
         Ok(Some(Box::new(FloatLinear::unquantized(weight, None))))
     }
 }

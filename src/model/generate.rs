@@ -27,19 +27,10 @@ pub struct Greedy {
 /// Greedily continue `prompt` by `max_new` tokens. With `keep_logits`, the logits of
 /// every prompt position and every step are returned (the prefill then computes the head
 /// over all positions, so its time is not the time to first token).
-pub fn greedy(
-    model: &dyn CausalLm,
-    prompt: &[u32],
-    max_new: usize,
-    keep_logits: bool,
-) -> Result<Greedy> {
+pub fn greedy(model: &dyn CausalLm, prompt: &[u32], max_new: usize, keep_logits: bool) -> Result<Greedy> {
     let vocab = model.vocab_size();
     let mut cache = model.new_cache(1, prompt.len() + max_new);
-    let wanted = if keep_logits {
-        Logits::All
-    } else {
-        Logits::Last
-    };
+    let wanted = if keep_logits { Logits::All } else { Logits::Last };
     let start = Instant::now();
     let logits = model.forward(prompt, 1, &mut cache, wanted)?;
     let prefill_s = start.elapsed().as_secs_f64();
@@ -61,11 +52,5 @@ pub fn greedy(
         last = model.forward(&[next], 1, &mut cache, Logits::Last)?;
         step_s.push(start.elapsed().as_secs_f64());
     }
-    Ok(Greedy {
-        ids,
-        prefill_s,
-        step_s,
-        prompt_logits,
-        step_logits,
-    })
+    Ok(Greedy { ids, prefill_s, step_s, prompt_logits, step_logits })
 }

@@ -51,10 +51,7 @@ impl LlamaConfig {
         let heads = config.usize("num_attention_heads")?;
         let kv_heads = config.usize_or("num_key_value_heads", heads)?;
         if heads % kv_heads != 0 {
-            let found = config
-                .get("num_key_value_heads")
-                .cloned()
-                .unwrap_or_default();
+            let found = config.get("num_key_value_heads").cloned().unwrap_or_default();
             return Err(config.unsupported(
                 "num_key_value_heads",
                 &found,
@@ -66,11 +63,7 @@ impl LlamaConfig {
             let found = serde_json::json!(head_dim);
             return Err(config.unsupported("head_dim", &found, "an even number (rotary pairs)"));
         }
-        for key in [
-            "rope_scaling.rope_type",
-            "rope_scaling.type",
-            "rope_parameters.rope_type",
-        ] {
+        for key in ["rope_scaling.rope_type", "rope_scaling.type", "rope_parameters.rope_type"] {
             if let Some(kind) = config.get(key) {
                 if kind.as_str() != Some("default") {
                     return Err(config.unsupported(key, kind, "\"default\" (no RoPE scaling)"));
@@ -82,11 +75,7 @@ impl LlamaConfig {
             hidden,
             intermediate: config.usize("intermediate_size")?,
             layers: config.usize("num_hidden_layers")?,
-            attention: AttentionShape {
-                heads,
-                kv_heads,
-                head_dim,
-            },
+            attention: AttentionShape { heads, kv_heads, head_dim },
             eps: config.f64_or("rms_norm_eps", 1e-6)? as f32,
             rope_theta: config.f64_first(&["rope_theta", "rope_parameters.rope_theta"], 10000.0)?,
             tied: config.bool_or("tie_word_embeddings", false)?,
@@ -105,13 +94,8 @@ impl LlamaConfig {
     /// (name, rows, cols, bias) of every linear layer of block `i`.
     fn block_linears(&self, i: usize) -> Vec<(String, usize, usize, bool)> {
         let p = format!("model.layers.{i}");
-        let (h, q, kv, m, b) = (
-            self.hidden,
-            self.q_width(),
-            self.kv_width(),
-            self.intermediate,
-            self.attention_bias,
-        );
+        let (h, q, kv, m, b) =
+            (self.hidden, self.q_width(), self.kv_width(), self.intermediate, self.attention_bias);
         vec![
             (format!("{p}.self_attn.q_proj"), q, h, b),
             (format!("{p}.self_attn.k_proj"), kv, h, b),
@@ -130,29 +114,13 @@ const FINAL_NORM: &str = "model.norm.weight";
 fn tensor_specs(config: &ConfigJson) -> Result<Vec<TensorSpec>> {
     let c = LlamaConfig::parse(config)?;
     let spec = |name: String, shape: Vec<usize>, kind| TensorSpec { name, shape, kind };
-    let mut specs = vec![spec(
-        EMBED.into(),
-        vec![c.vocab, c.hidden],
-        TensorKind::Dense,
-    )];
+    let mut specs = vec![spec(EMBED.into(), vec![c.vocab, c.hidden], TensorKind::Dense)];
     for i in 0..c.layers {
         let p = format!("model.layers.{i}");
-        specs.push(spec(
-            format!("{p}.input_layernorm.weight"),
-            vec![c.hidden],
-            TensorKind::Dense,
-        ));
-        specs.push(spec(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![c.hidden],
-            TensorKind::Dense,
-        ));
+        specs.push(spec(format!("{p}.input_layernorm.weight"), vec![c.hidden], TensorKind::Dense));
+        specs.push(spec(format!("{p}.post_attention_layernorm.weight"), vec![c.hidden], TensorKind::Dense));
         for (name, rows, cols, bias) in c.block_linears(i) {
-            specs.push(spec(
-                format!("{name}.weight"),
-                vec![rows, cols],
-                TensorKind::Linear,
-            ));
+            specs.push(spec(format!("{name}.weight"), vec![rows, cols], TensorKind::Linear));
             if bias {
                 specs.push(spec(format!("{name}.bias"), vec![rows], TensorKind::Bias));
             }
@@ -160,11 +128,7 @@ fn tensor_specs(config: &ConfigJson) -> Result<Vec<TensorSpec>> {
     }
     specs.push(spec(FINAL_NORM.into(), vec![c.hidden], TensorKind::Dense));
     if !c.tied {
-        specs.push(spec(
-            "lm_head.weight".into(),
-            vec![c.vocab, c.hidden],
-            TensorKind::Head,
-        ));
+        specs.push(spec("lm_head.weight".into(), vec![c.vocab, c.hidden], TensorKind::Head));
     }
     Ok(specs)
 }
@@ -194,32 +158,18 @@ fn build(config: &ConfigJson, factory: &mut dyn WeightFactory) -> Result<Box<dyn
     for i in 0..c.layers {
         let p = format!("model.layers.{i}");
         let attn_norm = factory.dense(&format!("{p}.input_layernorm.weight"), &[c.hidden])?;
-        let mlp_norm =
-            factory.dense(&format!("{p}.post_attention_layernorm.weight"), &[c.hidden])?;
+        let mlp_norm = factory.dense(&format!("{p}.post_attention_layernorm.weight"), &[c.hidden])?;
         let linears = c
             .block_linears(i)
             .into_iter()
-            .map(|(name, rows, cols, bias)| {
-                Ok((name.clone(), factory.linear(&name, rows, cols, bias)?))
-            })
+            .map(|(name, rows, cols, bias)| Ok((name.clone(), factory.linear(&name, rows, cols, bias)?)))
             .collect::<Result<_>>()?;
-        blocks.push(Block {
-            attn_norm,
-            mlp_norm,
-            linears,
-        });
+        blocks.push(Block { attn_norm, mlp_norm, linears });
     }
     let final_norm = factory.dense(FINAL_NORM, &[c.hidden])?;
     let head = factory.head(c.tied.then_some(EMBED), c.vocab, c.hidden)?;
     let rope = Rope::new(c.attention.head_dim, c.rope_theta);
-    Ok(Box::new(Llama {
-        config: c,
-        embed,
-        blocks,
-        final_norm,
-        head,
-        rope,
-    }))
+    Ok(Box::new(Llama { config: c, embed, blocks, final_norm, head, rope }))
 }
 
 impl Llama {
@@ -249,20 +199,11 @@ impl Llama {
         let hd = self.config.attention.head_dim;
         for (row, chunk) in x.chunks_exact_mut(heads * hd).enumerate() {
             let pos = start + row % seq;
-            chunk
-                .chunks_exact_mut(hd)
-                .for_each(|head| self.rope.apply(head, pos));
+            chunk.chunks_exact_mut(hd).for_each(|head| self.rope.apply(head, pos));
         }
     }
 
-    fn block(
-        &self,
-        index: usize,
-        hidden: &mut [f32],
-        rows: usize,
-        seq: usize,
-        cache: &mut KvCache,
-    ) {
+    fn block(&self, index: usize, hidden: &mut [f32], rows: usize, seq: usize, cache: &mut KvCache) {
         let c = &self.config;
         let block = &self.blocks[index];
         let layer = |i: usize| block.linears[i].1.as_ref();
@@ -302,14 +243,8 @@ impl CausalLm for Llama {
         KvCache::new(self.config.layers, batch, self.config.attention, capacity)
     }
 
-    fn forward(
-        &self,
-        tokens: &[u32],
-        batch: usize,
-        cache: &mut KvCache,
-        logits: Logits,
-    ) -> Result<Vec<f32>> {
-        if batch == 0 || tokens.is_empty() || tokens.len() % batch != 0 || cache.batch() != batch {
+    fn forward(&self, tokens: &[u32], batch: usize, cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>> {
+        if batch == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(batch) || cache.batch() != batch {
             return Err(Error::Workload(format!(
                 "{} tokens cannot form a batch of {batch} equal sequences for a cache of {}",
                 tokens.len(),
@@ -323,24 +258,14 @@ impl CausalLm for Llama {
         }
         cache.advance(seq);
         if logits == Logits::Last {
-            hidden = hidden
-                .chunks_exact(seq * h)
-                .flat_map(|s| s[(seq - 1) * h..].to_vec())
-                .collect();
+            hidden = hidden.chunks_exact(seq * h).flat_map(|s| s[(seq - 1) * h..].to_vec()).collect();
         }
         let out_rows = hidden.len() / h;
         tensor::rms_norm_rows(&mut hidden, &self.final_norm, self.config.eps);
         let mut out = vec![0.0; out_rows * self.config.vocab];
         match &self.head {
             Some(head) => head.forward(&hidden, out_rows, &mut out),
-            None => tensor::matmul_nt(
-                &hidden,
-                out_rows,
-                h,
-                &self.embed,
-                self.config.vocab,
-                &mut out,
-            ),
+            None => tensor::matmul_nt(&hidden, out_rows, h, &self.embed, self.config.vocab, &mut out),
         }
         Ok(out)
     }
@@ -353,16 +278,8 @@ impl CausalLm for Llama {
         let mut out = vec![dense(EMBED.into(), vec![c.vocab, c.hidden], &self.embed)];
         for (i, block) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            out.push(dense(
-                format!("{p}.input_layernorm.weight"),
-                vec![c.hidden],
-                &block.attn_norm,
-            ));
-            out.push(dense(
-                format!("{p}.post_attention_layernorm.weight"),
-                vec![c.hidden],
-                &block.mlp_norm,
-            ));
+            out.push(dense(format!("{p}.input_layernorm.weight"), vec![c.hidden], &block.attn_norm));
+            out.push(dense(format!("{p}.post_attention_layernorm.weight"), vec![c.hidden], &block.mlp_norm));
             for (name, linear) in &block.linears {
                 out.extend(linear.export(name));
             }
@@ -375,10 +292,7 @@ impl CausalLm for Llama {
     }
 
     fn kernels(&self) -> BTreeSet<&'static str> {
-        let blocks = self
-            .blocks
-            .iter()
-            .flat_map(|b| b.linears.iter().map(|(_, l)| l.kernel()));
+        let blocks = self.blocks.iter().flat_map(|b| b.linears.iter().map(|(_, l)| l.kernel()));
         blocks.chain(self.head.iter().map(|h| h.kernel())).collect()
     }
 }

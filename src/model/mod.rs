@@ -38,13 +38,7 @@ pub trait CausalLm: Send + Sync {
     /// An empty key/value cache for `batch` sequences of up to `capacity` positions.
     fn new_cache(&self, batch: usize, capacity: usize) -> KvCache;
     /// Run `tokens` (`[batch, seq]`, row-major) after what `cache` holds; returns logits.
-    fn forward(
-        &self,
-        tokens: &[u32],
-        batch: usize,
-        cache: &mut KvCache,
-        logits: Logits,
-    ) -> Result<Vec<f32>>;
+    fn forward(&self, tokens: &[u32], batch: usize, cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>>;
     /// Every tensor of the model as stored (for the byte account and for saving).
     fn export(&self) -> Vec<StoredTensor>;
     /// The kernel paths its layers run.
@@ -96,25 +90,12 @@ pub static ARCHS: &[ArchInfo] = &[llama::ARCH];
 
 /// The architecture whose `model_type` is `model_type`.
 pub fn arch_for(config: &ConfigJson) -> Result<&'static ArchInfo> {
-    let model_type = config
-        .get("model_type")
-        .cloned()
-        .unwrap_or(serde_json::Value::Null);
+    let model_type = config.get("model_type").cloned().unwrap_or(serde_json::Value::Null);
     let name = model_type.as_str().unwrap_or("");
-    ARCHS
-        .iter()
-        .find(|a| a.model_types.contains(&name))
-        .ok_or_else(|| {
-            let known: Vec<_> = ARCHS
-                .iter()
-                .flat_map(|a| a.model_types.iter().copied())
-                .collect();
-            config.unsupported(
-                "model_type",
-                &model_type,
-                &format!("one of: {}", known.join(", ")),
-            )
-        })
+    ARCHS.iter().find(|a| a.model_types.contains(&name)).ok_or_else(|| {
+        let known: Vec<_> = ARCHS.iter().flat_map(|a| a.model_types.iter().copied()).collect();
+        config.unsupported("model_type", &model_type, &format!("one of: {}", known.join(", ")))
+    })
 }
 
 /// A model on disk, opened and checked but not yet built: config, architecture,
@@ -178,13 +159,7 @@ impl ModelFiles {
         let arch = arch_for(&config)?;
         let store = WeightStore::open_dir(dir)?;
         let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"))?;
-        let files = ModelFiles {
-            dir: dir.to_path_buf(),
-            config,
-            arch,
-            store,
-            tokenizer,
-        };
+        let files = ModelFiles { dir: dir.to_path_buf(), config, arch, store, tokenizer };
         files.check_tensors()?;
         Ok(files)
     }
@@ -247,16 +222,8 @@ impl ModelFiles {
             let kind = format!("{:?}", spec.kind).to_lowercase();
             *bytes.entry(kind).or_default() += count * entry.dtype.bitsize() / 8;
         }
-        let used: BTreeSet<&str> = specs
-            .iter()
-            .filter_map(|s| self.store.resolve(&s.name))
-            .collect();
-        let skipped = self
-            .store
-            .names()
-            .filter(|n| !used.contains(n))
-            .map(String::from)
-            .collect();
+        let used: BTreeSet<&str> = specs.iter().filter_map(|s| self.store.resolve(&s.name)).collect();
+        let skipped = self.store.names().filter(|n| !used.contains(n)).map(String::from).collect();
         Ok(ModelSummary {
             arch: self.arch.name.to_string(),
             parameters,
@@ -276,11 +243,7 @@ pub fn resolve_model_path(spec: &str, base: &Path) -> Result<PathBuf> {
         Some(name) => builtin::ensure(name),
         None => {
             let path = Path::new(spec);
-            Ok(if path.is_absolute() {
-                path.to_path_buf()
-            } else {
-                base.join(path)
-            })
+            Ok(if path.is_absolute() { path.to_path_buf() } else { base.join(path) })
         }
     }
 }

@@ -18,18 +18,12 @@ impl TextTokenizer {
             return Err(Error::ModelMissing {
                 what: "tokenizer",
                 path: path.to_path_buf(),
-                hint: "expected tokenizer.json beside config.json (a Hugging Face fast tokenizer)"
-                    .into(),
+                hint: "expected tokenizer.json beside config.json (a Hugging Face fast tokenizer)".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        Ok(TextTokenizer {
-            path: path.to_path_buf(),
-            inner,
-        })
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer { path: path.to_path_buf(), message: e.to_string() })?;
+        Ok(TextTokenizer { path: path.to_path_buf(), inner })
     }
 
     /// The file it came from.
@@ -42,19 +36,15 @@ impl TextTokenizer {
         let encoding = self
             .inner
             .encode(text, false)
-            .map_err(|e| Error::Tokenizer {
-                path: self.path.clone(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| Error::Tokenizer { path: self.path.clone(), message: e.to_string() })?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| Error::Tokenizer {
-            path: self.path.clone(),
-            message: e.to_string(),
-        })
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer { path: self.path.clone(), message: e.to_string() })
     }
 
     /// Vocabulary size, added tokens included.

@@ -71,17 +71,8 @@ impl WeightStore {
         for (file_no, path) in paths.iter().enumerate() {
             let mapped = map_file(path)?;
             for (name, info) in mapped.metadata.tensors() {
-                let TensorInfo {
-                    dtype,
-                    shape,
-                    data_offsets,
-                } = info.clone();
-                let entry = TensorEntry {
-                    file: file_no,
-                    dtype,
-                    shape,
-                    offsets: data_offsets,
-                };
+                let TensorInfo { dtype, shape, data_offsets } = info.clone();
+                let entry = TensorEntry { file: file_no, dtype, shape, offsets: data_offsets };
                 if index.insert(name.clone(), entry).is_some() {
                     return Err(Error::ModelFormat {
                         path: path.clone(),
@@ -106,15 +97,10 @@ impl WeightStore {
 
     /// The stored name of `name`, trying the exporters' prefixes.
     pub fn resolve(&self, name: &str) -> Option<&str> {
-        let bare = NAME_PREFIXES
-            .iter()
-            .find_map(|p| name.strip_prefix(p))
-            .unwrap_or(name);
+        let bare = NAME_PREFIXES.iter().find_map(|p| name.strip_prefix(p)).unwrap_or(name);
         NAME_PREFIXES.iter().find_map(|prefix| {
             let candidate = format!("{prefix}{bare}");
-            self.index
-                .get_key_value(&candidate)
-                .map(|(k, _)| k.as_str())
+            self.index.get_key_value(&candidate).map(|(k, _)| k.as_str())
         })
     }
 
@@ -127,10 +113,7 @@ impl WeightStore {
     pub fn entry(&self, name: &str) -> Result<&TensorEntry> {
         let stored = self.resolve(name).ok_or_else(|| Error::Tensor {
             name: name.to_string(),
-            message: format!(
-                "missing from the checkpoint ({} tensors present)",
-                self.index.len()
-            ),
+            message: format!("missing from the checkpoint ({} tensors present)", self.index.len()),
         })?;
         Ok(&self.index[stored])
     }
@@ -163,10 +146,7 @@ impl WeightStore {
         let (entry, bytes) = self.bytes(name, expected_shape)?;
         to_f32(bytes, entry.dtype).ok_or_else(|| Error::Tensor {
             name: name.to_string(),
-            message: format!(
-                "dtype {:?} is not a float type, expected F32, F16 or BF16",
-                entry.dtype
-            ),
+            message: format!("dtype {:?} is not a float type, expected F32, F16 or BF16", entry.dtype),
         })
     }
 
@@ -185,15 +165,9 @@ pub fn is_float(dtype: Dtype) -> bool {
 pub fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     let words = |n: usize| bytes.chunks_exact(n);
     Some(match dtype {
-        Dtype::F32 => words(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => words(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => words(2)
-            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
+        Dtype::F32 => words(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => words(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::BF16 => words(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         _ => return None,
     })
 }
@@ -203,25 +177,17 @@ fn map_file(path: &Path) -> Result<MappedFile> {
     // SAFETY: the map is read-only; a checkpoint modified while mapped is outside what we
     // can defend against (the same contract as every safetensors reader).
     let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("cannot map", path, e))?;
-    let (header_len, metadata) =
-        SafeTensors::read_metadata(&mmap).map_err(|e| Error::ModelFormat {
-            path: path.to_path_buf(),
-            message: explain_safetensors_error(&e, mmap.len()),
-        })?;
-    Ok(MappedFile {
+    let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::ModelFormat {
         path: path.to_path_buf(),
-        data_start: 8 + header_len,
-        mmap,
-        metadata,
-    })
+        message: explain_safetensors_error(&e, mmap.len()),
+    })?;
+    Ok(MappedFile { path: path.to_path_buf(), data_start: 8 + header_len, mmap, metadata })
 }
 
 fn explain_safetensors_error(error: &SafeTensorError, file_len: usize) -> String {
     match error {
         SafeTensorError::HeaderTooSmall => {
-            format!(
-                "not a safetensors file: {file_len} bytes, too short for the 8-byte header length"
-            )
+            format!("not a safetensors file: {file_len} bytes, too short for the 8-byte header length")
         }
         SafeTensorError::InvalidHeaderLength => format!(
             "corrupt safetensors header: its declared length runs past the end of the file \
@@ -237,19 +203,13 @@ fn explain_safetensors_error(error: &SafeTensorError, file_len: usize) -> String
 
 /// The shard files named by a `model.safetensors.index.json`, in first-use order.
 fn shards_from_index(index_path: &Path) -> Result<Vec<PathBuf>> {
-    let text =
-        std::fs::read_to_string(index_path).map_err(|e| Error::io("cannot read", index_path, e))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+    let text = std::fs::read_to_string(index_path).map_err(|e| Error::io("cannot read", index_path, e))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::Json { path: index_path.to_path_buf(), source: e })?;
+    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::ModelFormat {
         path: index_path.to_path_buf(),
-        source: e,
+        message: "missing object \"weight_map\" (tensor name → shard file)".into(),
     })?;
-    let map = json
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| Error::ModelFormat {
-            path: index_path.to_path_buf(),
-            message: "missing object \"weight_map\" (tensor name → shard file)".into(),
-        })?;
     let dir = index_path.parent().unwrap_or(Path::new("."));
     let mut shards: Vec<PathBuf> = Vec::new();
     for (tensor, file) in map {
@@ -275,11 +235,7 @@ fn shards_from_index(index_path: &Path) -> Result<Vec<PathBuf>> {
 
 /// Write `tensors` as one safetensors file at `path`, atomically (a temporary file in the
 /// same directory, then a rename), with `metadata` in the header. Returns the file size.
-pub fn save(
-    path: &Path,
-    tensors: &[StoredTensor],
-    metadata: BTreeMap<String, String>,
-) -> Result<u64> {
+pub fn save(path: &Path, tensors: &[StoredTensor], metadata: BTreeMap<String, String>) -> Result<u64> {
     let views = tensors.iter().map(|t| (t.name.as_str(), StoredView(t)));
     let metadata = (!metadata.is_empty()).then(|| metadata.into_iter().collect());
     let bytes = safetensors::serialize(views, metadata).map_err(|e| Error::ModelFormat {
@@ -315,14 +271,8 @@ mod tests {
     fn converts_each_float_type() {
         let v = [1.5f32, -2.25, 0.0];
         let f32_bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let f16_bytes: Vec<u8> = v
-            .iter()
-            .flat_map(|x| f16::from_f32(*x).to_le_bytes())
-            .collect();
-        let bf16_bytes: Vec<u8> = v
-            .iter()
-            .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
-            .collect();
+        let f16_bytes: Vec<u8> = v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect();
+        let bf16_bytes: Vec<u8> = v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect();
         assert_eq!(to_f32(&f32_bytes, Dtype::F32).unwrap(), v);
         assert_eq!(to_f32(&f16_bytes, Dtype::F16).unwrap(), v);
         assert_eq!(to_f32(&bf16_bytes, Dtype::BF16).unwrap(), v);

@@ -228,10 +228,8 @@ impl Results {
     /// Read a results file, refusing other schema versions.
     pub fn read(path: &Path) -> Result<Results> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
-        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::Json { path: path.to_path_buf(), source: e })?;
         let version = value.get("schema_version").and_then(|v| v.as_u64());
         if version != Some(SCHEMA_VERSION as u64) {
             return Err(Error::Results {
@@ -242,18 +240,13 @@ impl Results {
                 ),
             });
         }
-        serde_json::from_value(value).map_err(|e| Error::Json {
-            path: path.to_path_buf(),
-            source: e,
-        })
+        serde_json::from_value(value).map_err(|e| Error::Json { path: path.to_path_buf(), source: e })
     }
 
     /// Write atomically as pretty JSON.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Json {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| Error::Json { path: path.to_path_buf(), source: e })?;
         super::write_atomic(path, text.as_bytes())
     }
 }
@@ -269,12 +262,7 @@ impl Provenance {
         Provenance {
             bench_version: env!("CARGO_PKG_VERSION").to_string(),
             git_revision: git_revision().to_string(),
-            build_profile: if cfg!(debug_assertions) {
-                "debug"
-            } else {
-                "release"
-            }
-            .to_string(),
+            build_profile: if cfg!(debug_assertions) { "debug" } else { "release" }.to_string(),
             build_features: Vec::new(),
             target: format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
             cpu: cpu_name(),
@@ -305,16 +293,7 @@ fn cpu_features() -> Vec<String> {
         macro_rules! probe {
             ($($f:tt),*) => {$( if std::arch::is_x86_feature_detected!($f) { found.push($f.to_string()); } )*};
         }
-        probe!(
-            "avx2",
-            "fma",
-            "avx512f",
-            "avx512bw",
-            "avx512vnni",
-            "avx512bf16",
-            "avxvnni",
-            "f16c"
-        );
+        probe!("avx2", "fma", "avx512f", "avx512bw", "avx512vnni", "avx512bf16", "avxvnni", "f16c");
         found
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -325,10 +304,8 @@ fn cpu_features() -> Vec<String> {
 
 /// Now, UTC, as `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn rfc3339_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     rfc3339(secs)
 }
 
@@ -344,12 +321,7 @@ pub fn rfc3339(secs: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + (month <= 2) as i64;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 #[cfg(test)]

@@ -25,78 +25,38 @@ fn opt<T>(v: Option<T>, f: impl FnOnce(T) -> Cell) -> Cell {
 }
 
 const COLUMNS: &[Column] = &[
-    Column {
-        header: "model",
-        value: |c| Cell::Text(c.model.clone()),
-    },
-    Column {
-        header: "scheme",
-        value: |c| Cell::Text(c.label.clone()),
-    },
-    Column {
-        header: "bits/weight",
-        value: |c| opt(c.memory.as_ref(), |m| Cell::Num(m.bits_per_weight, 2)),
-    },
+    Column { header: "model", value: |c| Cell::Text(c.model.clone()) },
+    Column { header: "scheme", value: |c| Cell::Text(c.label.clone()) },
+    Column { header: "bits/weight", value: |c| opt(c.memory.as_ref(), |m| Cell::Num(m.bits_per_weight, 2)) },
     Column {
         header: "weights MiB",
-        value: |c| {
-            opt(c.memory.as_ref(), |m| {
-                Cell::Num(m.total_bytes as f64 / MIB, 2)
-            })
-        },
+        value: |c| opt(c.memory.as_ref(), |m| Cell::Num(m.total_bytes as f64 / MIB, 2)),
     },
+    Column { header: "disk MiB", value: |c| opt(c.disk.as_ref(), |d| Cell::Num(d.bytes as f64 / MIB, 2)) },
+    Column { header: "quantize s", value: |c| opt(c.latency.as_ref(), |l| Cell::Num(l.quantize_s, 3)) },
+    Column { header: "prefill ms", value: |c| opt(c.latency.as_ref(), |l| Cell::Num(l.prefill.median, 2)) },
     Column {
-        header: "disk MiB",
-        value: |c| opt(c.disk.as_ref(), |d| Cell::Num(d.bytes as f64 / MIB, 2)),
-    },
-    Column {
-        header: "quantize s",
-        value: |c| opt(c.latency.as_ref(), |l| Cell::Num(l.quantize_s, 3)),
-    },
-    Column {
-        header: "prefill ms",
-        value: |c| opt(c.latency.as_ref(), |l| Cell::Num(l.prefill.median, 2)),
-    },
-    Column {
-        header: "prefill ±σ",
-        value: |c| opt(c.latency.as_ref(), |l| Cell::Num(l.prefill.std_dev, 2)),
+        header: "prefill ±σ", value: |c| opt(c.latency.as_ref(), |l| Cell::Num(l.prefill.std_dev, 2))
     },
     Column {
         header: "decode ms/step",
         value: |c| opt(c.latency.as_ref(), |l| Cell::Num(l.decode.median, 3)),
     },
-    Column {
-        header: "tok/s",
-        value: |c| opt(c.latency.as_ref(), |l| Cell::Num(l.decode_tokens_per_s, 1)),
-    },
-    Column {
-        header: "KLD mean",
-        value: |c| opt(c.divergence.as_ref(), |d| Cell::Num(d.kld_mean, 6)),
-    },
+    Column { header: "tok/s", value: |c| opt(c.latency.as_ref(), |l| Cell::Num(l.decode_tokens_per_s, 1)) },
+    Column { header: "KLD mean", value: |c| opt(c.divergence.as_ref(), |d| Cell::Num(d.kld_mean, 6)) },
     Column {
         header: "same top-1 %",
         value: |c| opt(c.divergence.as_ref(), |d| Cell::Num(100.0 * d.same_top1, 2)),
     },
-    Column {
-        header: "PPL ref",
-        value: |c| opt(c.divergence.as_ref(), |d| Cell::Num(d.ppl_reference, 3)),
-    },
-    Column {
-        header: "PPL",
-        value: |c| opt(c.divergence.as_ref(), |d| Cell::Num(d.ppl, 3)),
-    },
-    Column {
-        header: "PPL ratio",
-        value: |c| opt(c.divergence.as_ref(), |d| Cell::Num(d.ppl_ratio, 4)),
-    },
+    Column { header: "PPL ref", value: |c| opt(c.divergence.as_ref(), |d| Cell::Num(d.ppl_reference, 3)) },
+    Column { header: "PPL", value: |c| opt(c.divergence.as_ref(), |d| Cell::Num(d.ppl, 3)) },
+    Column { header: "PPL ratio", value: |c| opt(c.divergence.as_ref(), |d| Cell::Num(d.ppl_ratio, 4)) },
     Column {
         header: "first diff tok",
         value: |c| {
-            opt(c.generation.as_ref(), |g| {
-                match g.iter().filter_map(|x| x.first_divergent_token).min() {
-                    Some(p) => Cell::Int(p as u64),
-                    None => Cell::Text("none".into()),
-                }
+            opt(c.generation.as_ref(), |g| match g.iter().filter_map(|x| x.first_divergent_token).min() {
+                Some(p) => Cell::Int(p as u64),
+                None => Cell::Text("none".into()),
             })
         },
     },
@@ -107,11 +67,8 @@ pub fn markdown(results: &Results) -> String {
     let mut out = String::new();
     let headers: Vec<&str> = COLUMNS.iter().map(|c| c.header).collect();
     out.push_str(&format!("| {} |\n", headers.join(" | ")));
-    let aligns: Vec<&str> = COLUMNS
-        .iter()
-        .enumerate()
-        .map(|(i, _)| if i < 2 { "---" } else { "---:" })
-        .collect();
+    let aligns: Vec<&str> =
+        COLUMNS.iter().enumerate().map(|(i, _)| if i < 2 { "---" } else { "---:" }).collect();
     out.push_str(&format!("|{}|\n", aligns.join("|")));
     for case in &results.cases {
         let cells: Vec<String> = COLUMNS
@@ -132,9 +89,7 @@ pub fn markdown(results: &Results) -> String {
 pub fn csv(results: &Results) -> Result<String> {
     let mut writer = csv::Writer::from_writer(Vec::new());
     let to_err = |e: csv::Error| Error::Workload(format!("cannot render csv: {e}"));
-    writer
-        .write_record(COLUMNS.iter().map(|c| c.header))
-        .map_err(to_err)?;
+    writer.write_record(COLUMNS.iter().map(|c| c.header)).map_err(to_err)?;
     for case in &results.cases {
         let cells = COLUMNS.iter().map(|col| match (col.value)(case) {
             Cell::Text(t) => t,
@@ -144,9 +99,7 @@ pub fn csv(results: &Results) -> Result<String> {
         });
         writer.write_record(cells).map_err(to_err)?;
     }
-    let bytes = writer
-        .into_inner()
-        .map_err(|e| Error::Workload(format!("cannot render csv: {e}")))?;
+    let bytes = writer.into_inner().map_err(|e| Error::Workload(format!("cannot render csv: {e}")))?;
     Ok(String::from_utf8(bytes).expect("csv of utf-8 cells is utf-8"))
 }
 

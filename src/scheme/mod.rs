@@ -88,13 +88,7 @@ impl StoredTensor {
     /// An f32 tensor.
     pub fn f32(name: impl Into<String>, role: TensorRole, shape: Vec<usize>, data: &[f32]) -> Self {
         let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        StoredTensor {
-            name: name.into(),
-            role,
-            dtype: Dtype::F32,
-            shape,
-            bytes,
-        }
+        StoredTensor { name: name.into(), role, dtype: Dtype::F32, shape, bytes }
     }
 }
 
@@ -214,10 +208,7 @@ pub struct SchemeParams(pub BTreeMap<String, serde_json::Value>);
 impl SchemeParams {
     /// A boolean parameter, or its default.
     pub fn bool(&self, name: &str, default: bool) -> bool {
-        self.0
-            .get(name)
-            .and_then(|v| v.as_bool())
-            .unwrap_or(default)
+        self.0.get(name).and_then(|v| v.as_bool()).unwrap_or(default)
     }
 
     /// A text parameter, if given.
@@ -261,13 +252,10 @@ pub static SCHEMES: &[SchemeInfo] = &[float::FP32, float::FP16, float::BF16];
 
 /// The table row of `name`, or an error listing the known names.
 pub fn lookup(name: &str) -> Result<&'static SchemeInfo> {
-    SCHEMES
-        .iter()
-        .find(|s| s.name == name)
-        .ok_or_else(|| Error::Scheme {
-            scheme: name.to_string(),
-            message: format!("unknown scheme, expected one of: {}", names().join(", ")),
-        })
+    SCHEMES.iter().find(|s| s.name == name).ok_or_else(|| Error::Scheme {
+        scheme: name.to_string(),
+        message: format!("unknown scheme, expected one of: {}", names().join(", ")),
+    })
 }
 
 /// The scheme names, in table order.
@@ -282,28 +270,19 @@ impl SchemeInfo {
     }
 
     /// Check raw suite parameters against this scheme's parameter list.
-    pub fn validate_params(
-        &self,
-        raw: BTreeMap<String, serde_json::Value>,
-    ) -> Result<SchemeParams> {
+    pub fn validate_params(&self, raw: BTreeMap<String, serde_json::Value>) -> Result<SchemeParams> {
         for (key, value) in &raw {
             let Some(info) = self.all_params().find(|p| p.name == key) else {
                 let allowed: Vec<_> = self.all_params().map(|p| p.name).collect();
                 return Err(Error::Scheme {
                     scheme: self.name.to_string(),
-                    message: format!(
-                        "unknown parameter `{key}`, expected one of: {}",
-                        allowed.join(", ")
-                    ),
+                    message: format!("unknown parameter `{key}`, expected one of: {}", allowed.join(", ")),
                 });
             };
             if !info.kind.accepts(value) {
                 return Err(Error::Scheme {
                     scheme: self.name.to_string(),
-                    message: format!(
-                        "parameter `{key}` is {value}, expected {}",
-                        info.kind.name()
-                    ),
+                    message: format!("parameter `{key}` is {value}, expected {}", info.kind.name()),
                 });
             }
         }
@@ -329,10 +308,7 @@ mod tests {
     #[test]
     fn unknown_scheme_error_lists_known_names() {
         let err = lookup("int3").err().unwrap().to_string();
-        assert!(
-            err.contains("int3") && err.contains("fp16") && err.contains("bf16"),
-            "{err}"
-        );
+        assert!(err.contains("int3") && err.contains("fp16") && err.contains("bf16"), "{err}");
     }
 
     #[test]
@@ -341,10 +317,7 @@ mod tests {
         let mut raw = BTreeMap::new();
         raw.insert("blocksize".to_string(), serde_json::json!(64));
         let err = fp16.validate_params(raw).err().unwrap().to_string();
-        assert!(
-            err.contains("unknown parameter `blocksize`") && err.contains("label"),
-            "{err}"
-        );
+        assert!(err.contains("unknown parameter `blocksize`") && err.contains("label"), "{err}");
 
         let mut raw = BTreeMap::new();
         raw.insert("quantize_head".to_string(), serde_json::json!("yes"));
@@ -353,10 +326,7 @@ mod tests {
 
         let mut raw = BTreeMap::new();
         raw.insert("quantize_head".to_string(), serde_json::json!(true));
-        assert!(fp16
-            .validate_params(raw)
-            .unwrap()
-            .bool("quantize_head", false));
+        assert!(fp16.validate_params(raw).unwrap().bool("quantize_head", false));
     }
 
     /// Every scheme round-trips a layer through export and load bit-identically.
@@ -373,15 +343,8 @@ mod tests {
             let scheme = (info.build)(&SchemeParams::default()).unwrap();
             let layer = scheme.quantize(weight.clone(), Some(vec![0.5; 5])).unwrap();
             let exported = layer.export("layer");
-            let source = MapSource(
-                exported
-                    .iter()
-                    .map(|t| (t.name.clone(), t.clone()))
-                    .collect(),
-            );
-            let reloaded = scheme
-                .load("layer", 5, 7, Some(vec![0.5; 5]), &source)
-                .unwrap();
+            let source = MapSource(exported.iter().map(|t| (t.name.clone(), t.clone())).collect());
+            let reloaded = scheme.load("layer", 5, 7, Some(vec![0.5; 5]), &source).unwrap();
             let (mut a, mut b) = (vec![0.0; 10], vec![0.0; 10]);
             layer.forward(&x, 2, &mut a);
             reloaded.forward(&x, 2, &mut b);

@@ -53,11 +53,7 @@ pub struct SuiteFile {
 
 /// A default value, which has no place in the file.
 fn defaulted<T>(value: T) -> Spanned<T> {
-    Spanned::new(
-        value,
-        serde_saphyr::Location::UNKNOWN,
-        serde_saphyr::Location::UNKNOWN,
-    )
+    Spanned::new(value, serde_saphyr::Location::UNKNOWN, serde_saphyr::Location::UNKNOWN)
 }
 
 fn default_repeats() -> Spanned<u32> {
@@ -99,15 +95,9 @@ impl<'de> Deserialize<'de> for SchemeEntry {
                 f.write_str("a scheme name, or a map with `name` and the scheme's parameters")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<SchemeEntry, E> {
-                Ok(SchemeEntry {
-                    name: v.to_string(),
-                    params: BTreeMap::new(),
-                })
+                Ok(SchemeEntry { name: v.to_string(), params: BTreeMap::new() })
             }
-            fn visit_map<A: MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> std::result::Result<SchemeEntry, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<SchemeEntry, A::Error> {
                 let mut name = None;
                 let mut params = BTreeMap::new();
                 while let Some(key) = map.next_key::<String>()? {
@@ -181,16 +171,13 @@ fn default_context() -> Spanned<usize> {
 
 /// Parse suite text; `path` is only used in messages.
 pub fn parse(text: &str, path: &Path) -> Result<SuiteFile> {
-    serde_saphyr::from_str::<SuiteFile>(text).map_err(|e| Error::SuiteSyntax {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    serde_saphyr::from_str::<SuiteFile>(text)
+        .map_err(|e| Error::SuiteSyntax { path: path.to_path_buf(), message: e.to_string() })
 }
 
 /// Read and parse the suite at `path`.
 pub fn read(path: &Path) -> Result<(String, SuiteFile)> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| Error::io("cannot read suite", path, e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read suite", path, e))?;
     let suite = parse(&text, path)?;
     Ok((text, suite))
 }
@@ -203,8 +190,7 @@ mod tests {
         parse(text, Path::new("s.yaml")).unwrap_err().to_string()
     }
 
-    const MINIMAL: &str =
-        "name: t\nmodels:\n  - name: m\n    path: builtin:tiny-llama\nschemes: [fp32]\n";
+    const MINIMAL: &str = "name: t\nmodels:\n  - name: m\n    path: builtin:tiny-llama\nschemes: [fp32]\n";
 
     #[test]
     fn minimal_suite_parses_with_defaults() {
@@ -212,13 +198,7 @@ mod tests {
         assert_eq!(s.name.value, "t");
         assert_eq!(s.repeats.value, 5);
         assert_eq!(s.workload.context.value, 128);
-        assert_eq!(
-            s.schemes[0].value,
-            SchemeEntry {
-                name: "fp32".into(),
-                params: BTreeMap::new()
-            }
-        );
+        assert_eq!(s.schemes[0].value, SchemeEntry { name: "fp32".into(), params: BTreeMap::new() });
     }
 
     #[test]

@@ -105,10 +105,7 @@ impl Plan {
         let base = path.parent().unwrap_or(Path::new("."));
         let name = suite.name.value.clone();
         if name.is_empty() || name.contains(['/', '\\']) {
-            return Err(check.value(
-                &suite.name,
-                format!("name `{name}` must be non-empty, without slashes"),
-            ));
+            return Err(check.value(&suite.name, format!("name `{name}` must be non-empty, without slashes")));
         }
         if suite.models.is_empty() {
             return Err(check.at(0, "`models` is empty, expected at least one model".into()));
@@ -124,12 +121,7 @@ impl Plan {
         if suite.repeats.value == 0 {
             return Err(check.value(&suite.repeats, "repeats is 0, expected at least 1".into()));
         }
-        let output = PathBuf::from(
-            suite
-                .output
-                .clone()
-                .unwrap_or_else(|| format!("reports/{name}")),
-        );
+        let output = PathBuf::from(suite.output.clone().unwrap_or_else(|| format!("reports/{name}")));
         Ok(Plan {
             suite_path: path.to_path_buf(),
             suite_hash: sha256_hex(text.as_bytes()),
@@ -152,11 +144,7 @@ impl Plan {
     pub fn case_ids(&self) -> Vec<String> {
         self.models
             .iter()
-            .flat_map(|m| {
-                self.schemes
-                    .iter()
-                    .map(move |s| format!("{}/{}", m.name, s.label))
-            })
+            .flat_map(|m| self.schemes.iter().map(move |s| format!("{}/{}", m.name, s.label)))
             .collect()
     }
 }
@@ -173,11 +161,7 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn at(&self, line: u64, message: String) -> Error {
-        Error::SuiteValue {
-            path: self.path.to_path_buf(),
-            line,
-            message,
-        }
+        Error::SuiteValue { path: self.path.to_path_buf(), line, message }
     }
 
     fn value<T>(&self, spanned: &Spanned<T>, message: String) -> Error {
@@ -198,11 +182,7 @@ impl Checker<'_> {
                     format!("scheme label `{label}` is used twice; give one a distinct `label`"),
                 ));
             }
-            out.push(PlannedScheme {
-                label,
-                info,
-                params,
-            });
+            out.push(PlannedScheme { label, info, params });
         }
         Ok(out)
     }
@@ -215,28 +195,27 @@ impl Checker<'_> {
     }
 
     fn workload(&self, spec: &super::WorkloadSpec, base: &Path) -> Result<Workload> {
-        let (eval_text, eval_source) =
-            match &spec.eval_text {
-                Some(file) => {
-                    let path = base.join(&file.value);
-                    let text = std::fs::read_to_string(&path).map_err(|e| {
-                        self.value(file, format!("workload.eval_text {}: {e}", path.display()))
-                    })?;
-                    (text, file.value.clone())
-                }
-                None => return Err(self.at(
+        let (eval_text, eval_source) = match &spec.eval_text {
+            Some(file) => {
+                let path = base.join(&file.value);
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| self.value(file, format!("workload.eval_text {}: {e}", path.display())))?;
+                (text, file.value.clone())
+            }
+            None => {
+                return Err(self.at(
                     0,
                     "workload.eval_text is missing, expected a text file (relative to the suite) \
                      for the divergence and perplexity measurements"
                         .into(),
-                )),
-            };
+                ))
+            }
+        };
         let context = self.positive(&spec.context, "context")?;
         if context < 4 {
-            return Err(self.value(
-                &spec.context,
-                format!("workload.context is {context}, expected at least 4"),
-            ));
+            return Err(
+                self.value(&spec.context, format!("workload.context is {context}, expected at least 4"))
+            );
         }
         let prompts = if spec.prompts.is_empty() {
             DEFAULT_PROMPTS.iter().map(|s| s.to_string()).collect()
@@ -285,14 +264,10 @@ impl Checker<'_> {
                     ));
                 }
             };
-            let context =
-                |e: Error| self.value(&entry.path, format!("model {name}: {}", e.chain_inline()));
+            let context = |e: Error| self.value(&entry.path, format!("model {name}: {}", e.chain_inline()));
             let dir = model::resolve_model_path(&entry.path.value, base).map_err(context)?;
             let files = ModelFiles::open(&dir).map_err(context)?;
-            let tokens = files
-                .tokenizer
-                .encode(&workload.eval_text)
-                .map_err(context)?;
+            let tokens = files.tokenizer.encode(&workload.eval_text).map_err(context)?;
             if tokens.len() < workload.context {
                 return Err(self.value(
                     &entry.path,
@@ -303,12 +278,7 @@ impl Checker<'_> {
                     ),
                 ));
             }
-            out.push(PlannedModel {
-                name,
-                spec: entry.path.value.clone(),
-                dtype,
-                files,
-            });
+            out.push(PlannedModel { name, spec: entry.path.value.clone(), dtype, files });
         }
         Ok(out)
     }
@@ -317,10 +287,7 @@ impl Checker<'_> {
         let Some(names) = names else {
             return Ok(MetricGroup::ALL.into_iter().collect());
         };
-        names
-            .iter()
-            .map(|n| measure::resolve_metric(&n.value).map_err(|m| self.value(n, m)))
-            .collect()
+        names.iter().map(|n| measure::resolve_metric(&n.value).map_err(|m| self.value(n, m))).collect()
     }
 
     fn device(&self, device: Option<&Spanned<String>>) -> Result<&'static str> {

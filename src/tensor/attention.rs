@@ -84,39 +84,33 @@ impl KvCache {
     /// rotated) against everything cached for `layer` (the new positions included), into
     /// `out` (same layout as `q`). Query `t` sits at position `self.len + t`.
     pub fn attend(&self, layer: usize, q: &[f32], seq: usize, out: &mut [f32]) {
-        let AttentionShape {
-            heads,
-            kv_heads,
-            head_dim,
-        } = self.shape;
+        let AttentionShape { heads, kv_heads, head_dim } = self.shape;
         let group = heads / kv_heads;
         let scale = 1.0 / (head_dim as f32).sqrt();
         let start = self.len;
         let row_width = heads * head_dim;
-        out.par_chunks_mut(row_width)
-            .enumerate()
-            .for_each(|(row, out_row)| {
-                let (b, t) = (row / seq, row % seq);
-                let visible = start + t + 1;
-                let mut scores = vec![0.0f32; visible];
-                for h in 0..heads {
-                    let kv = b * kv_heads + h / group;
-                    let keys = &self.keys[layer][kv];
-                    let values = &self.values[layer][kv];
-                    let qh = &q[row * row_width + h * head_dim..][..head_dim];
-                    for (p, s) in scores.iter_mut().enumerate() {
-                        let kp = &keys[p * head_dim..][..head_dim];
-                        *s = qh.iter().zip(kp).map(|(a, b)| a * b).sum::<f32>() * scale;
-                    }
-                    super::softmax_in_place(&mut scores);
-                    let oh = &mut out_row[h * head_dim..][..head_dim];
-                    oh.fill(0.0);
-                    for (p, &w) in scores.iter().enumerate() {
-                        let vp = &values[p * head_dim..][..head_dim];
-                        oh.iter_mut().zip(vp).for_each(|(o, v)| *o += w * v);
-                    }
+        out.par_chunks_mut(row_width).enumerate().for_each(|(row, out_row)| {
+            let (b, t) = (row / seq, row % seq);
+            let visible = start + t + 1;
+            let mut scores = vec![0.0f32; visible];
+            for h in 0..heads {
+                let kv = b * kv_heads + h / group;
+                let keys = &self.keys[layer][kv];
+                let values = &self.values[layer][kv];
+                let qh = &q[row * row_width + h * head_dim..][..head_dim];
+                for (p, s) in scores.iter_mut().enumerate() {
+                    let kp = &keys[p * head_dim..][..head_dim];
+                    *s = qh.iter().zip(kp).map(|(a, b)| a * b).sum::<f32>() * scale;
                 }
-            });
+                super::softmax_in_place(&mut scores);
+                let oh = &mut out_row[h * head_dim..][..head_dim];
+                oh.fill(0.0);
+                for (p, &w) in scores.iter().enumerate() {
+                    let vp = &values[p * head_dim..][..head_dim];
+                    oh.iter_mut().zip(vp).for_each(|(o, v)| *o += w * v);
+                }
+            }
+        });
     }
 }
 
@@ -129,11 +123,7 @@ mod tests {
     /// the property the decode loop relies on.
     #[test]
     fn incremental_attention_equals_full_prefill() {
-        let shape = AttentionShape {
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 8,
-        };
+        let shape = AttentionShape { heads: 4, kv_heads: 2, head_dim: 8 };
         let (batch, seq, width, kv_width) = (2, 5, 32, 16);
         let mut rng = SeededRng::new(11);
         let q = rng.normal_vec(batch * seq * width, 1.0);
@@ -148,9 +138,7 @@ mod tests {
         let mut step = KvCache::new(1, batch, shape, seq);
         for t in 0..seq {
             let pick = |x: &[f32], w: usize| -> Vec<f32> {
-                (0..batch)
-                    .flat_map(|b| x[(b * seq + t) * w..][..w].to_vec())
-                    .collect()
+                (0..batch).flat_map(|b| x[(b * seq + t) * w..][..w].to_vec()).collect()
             };
             step.append(0, &pick(&k, kv_width), &pick(&v, kv_width), 1);
             let mut out = vec![f32::NAN; batch * width];

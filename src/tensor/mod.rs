@@ -27,11 +27,7 @@ pub fn matmul_nt(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [
         return;
     }
     // Tiny products do not pay for thread start-up.
-    let parallelism = if m * n * k < 32 * 1024 {
-        Parallelism::None
-    } else {
-        Parallelism::Rayon(threads())
-    };
+    let parallelism = if m * n * k < 32 * 1024 { Parallelism::None } else { Parallelism::Rayon(threads()) };
     // SAFETY: the asserts above guarantee every index the strides reach is in bounds:
     // dst is m×n row-major (row stride n, column stride 1); lhs is m×k row-major;
     // rhs is the k×n view of w[n, k] (element (kk, j) at j*k + kk: row stride 1,
@@ -66,9 +62,7 @@ pub fn matmul_nt_reference(a: &[f32], m: usize, k: usize, w: &[f32], n: usize) -
     let mut out = vec![0.0; m * n];
     for i in 0..m {
         for j in 0..n {
-            let dot: f64 = (0..k)
-                .map(|kk| a[i * k + kk] as f64 * w[j * k + kk] as f64)
-                .sum();
+            let dot: f64 = (0..k).map(|kk| a[i * k + kk] as f64 * w[j * k + kk] as f64).sum();
             out[i * n + j] = dot as f32;
         }
     }
@@ -160,9 +154,7 @@ impl Rope {
     /// Tables for heads of `head_dim` with base `theta`.
     pub fn new(head_dim: usize, theta: f64) -> Self {
         let half = head_dim / 2;
-        let inv_freq = (0..half)
-            .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
-            .collect();
+        let inv_freq = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64)).collect();
         Rope { head_dim, inv_freq }
     }
 
@@ -284,9 +276,6 @@ mod tests {
         assert_eq!(a, SeededRng::new(7).normal_vec(10_000, 1.0));
         let mean = a.iter().sum::<f32>() / a.len() as f32;
         let var = a.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / a.len() as f32;
-        assert!(
-            mean.abs() < 0.05 && (var - 1.0).abs() < 0.05,
-            "mean {mean} var {var}"
-        );
+        assert!(mean.abs() < 0.05 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
     }
 }

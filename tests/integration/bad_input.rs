@@ -1,0 +1,148 @@
+//! Bad inputs get clear errors (exit 1, the file, key or tensor named, the value found and
+//! what was expected), never a panic, and no results file.
+
+use std::path::{Path, PathBuf};
+
+use crate::support::{bench, fixture, root, shared_cache, Run};
+
+/// A copy of the small tied fixture model in `dir`, to break.
+fn model_copy(dir: &Path) -> PathBuf {
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture("llama-tiny-tied").join(file), model.join(file)).unwrap();
+    }
+    model
+}
+
+fn suite_text(model_path: &str, extra: &str) -> String {
+    format!(
+        "name: bad\nmodels:\n  - name: m\n    path: {model_path}\nschemes: [fp32]\n\
+         workload:\n  eval_text: eval.txt\n  context: 16\n{extra}"
+    )
+}
+
+/// Validate a suite in `dir` and return the failed run; no results may appear.
+fn validate_fails(dir: &Path, suite: &str) -> Run {
+    std::fs::copy(root().join("suites/data/eval.txt"), dir.join("eval.txt")).unwrap();
+    let path = dir.join("s.yaml");
+    std::fs::write(&path, suite).unwrap();
+    let out = dir.join("out");
+    let run = bench(&["run", path.to_str().unwrap(), "--out", out.to_str().unwrap()], dir, &shared_cache());
+    assert_eq!(run.code, 1, "expected failure, got:\n{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.starts_with("error: "), "{}", run.stderr);
+    assert!(!out.join("results.json").exists(), "a failed validation must not write results");
+    let validate = bench(&["validate", path.to_str().unwrap()], dir, &shared_cache());
+    assert_eq!(validate.code, 1);
+    assert_eq!(validate.stderr, run.stderr, "validate and run report the same error");
+    run
+}
+
+fn assert_mentions(run: &Run, needles: &[&str]) {
+    for n in needles {
+        assert!(run.stderr.contains(n), "error should mention {n:?}:\n{}", run.stderr);
+    }
+}
+
+#[test]
+fn unknown_yaml_key_names_key_line_and_allowed_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = validate_fails(dir.path(), &suite_text("builtin:tiny-llama", "  promt_len: 8\n"));
+    assert_mentions(&run, &["s.yaml", "promt_len", "prompt_len", "line 9"]);
+}
+
+#[test]
+fn wrong_type_names_the_value_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = validate_fails(dir.path(), &suite_text("builtin:tiny-llama", "repeats: lots\n"));
+    assert_mentions(&run, &["s.yaml", "lots", "line 9"]);
+}
+
+#[test]
+fn missing_model_directory_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = validate_fails(dir.path(), &suite_text("no/such/model", ""));
+    assert_mentions(&run, &["line 4", "model m", "not found", "no/such/model", "config.json"]);
+}
+
+#[test]
+fn missing_tokenizer_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_copy(dir.path());
+    std::fs::remove_file(model.join("tokenizer.json")).unwrap();
+    let run = validate_fails(dir.path(), &suite_text("model", ""));
+    assert_mentions(&run, &["tokenizer not found", "tokenizer.json"]);
+}
+
+#[test]
+fn truncated_safetensors_is_reported_as_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_copy(dir.path());
+    let file = model.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() - 1000]).unwrap();
+    let run = validate_fails(dir.path(), &suite_text("model", ""));
+    assert_mentions(&run, &["model.safetensors", "truncated"]);
+}
+
+#[test]
+fn corrupt_safetensors_header_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_copy(dir.path());
+    let file = model.join("model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[8..20].copy_from_slice(b"not json at ");
+    std::fs::write(&file, &bytes).unwrap();
+    let run = validate_fails(dir.path(), &suite_text("model", ""));
+    assert_mentions(&run, &["model.safetensors", "corrupt safetensors header"]);
+
+    bytes[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    std::fs::write(&file, &bytes).unwrap();
+    let run = validate_fails(dir.path(), &suite_text("model", ""));
+    assert_mentions(&run, &["model.safetensors", "header"]);
+}
+
+#[test]
+fn tensor_of_the_wrong_shape_names_tensor_and_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_copy(dir.path());
+    let config_path = model.join("config.json");
+    let config = std::fs::read_to_string(&config_path)
+        .unwrap()
+        .replace("\"intermediate_size\": 88", "\"intermediate_size\": 96");
+    std::fs::write(&config_path, config).unwrap();
+    let run = validate_fails(dir.path(), &suite_text("model", ""));
+    assert_mentions(&run, &["model.layers.0.mlp.gate_proj.weight", "[88, 32]", "[96, 32]"]);
+}
+
+#[test]
+fn unknown_scheme_lists_the_known_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let run =
+        validate_fails(dir.path(), &suite_text("builtin:tiny-llama", "").replace("[fp32]", "[fp32, int3]"));
+    assert_mentions(&run, &["line 5", "int3", "unknown scheme", "fp16", "bf16"]);
+}
+
+#[test]
+fn unknown_scheme_parameter_lists_the_allowed_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = suite_text("builtin:tiny-llama", "").replace("[fp32]", "\n  - name: fp16\n    block: 64\n");
+    let run = validate_fails(dir.path(), &suite);
+    assert_mentions(&run, &["line 6", "fp16", "unknown parameter `block`", "quantize_head"]);
+}
+
+#[test]
+fn cuda_device_is_refused_in_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = validate_fails(dir.path(), &suite_text("builtin:tiny-llama", "device: cuda\n"));
+    assert_mentions(&run, &["device `cuda`", "cpu"]);
+}
+
+#[test]
+fn a_bad_second_model_stops_the_run_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = suite_text("builtin:tiny-llama", "")
+        .replace("schemes:", "  - name: broken\n    path: missing-dir\nschemes:");
+    let run = validate_fails(dir.path(), &suite);
+    assert_mentions(&run, &["model broken", "missing-dir"]);
+}

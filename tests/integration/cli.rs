@@ -1,0 +1,169 @@
+//! The command line end to end on the built-in model: run, resume, filter, generate,
+//! inspect, list, validate.
+
+use crate::support::{bench, fixture, root, shared_cache, write_small_suite};
+
+fn read_json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn run_writes_results_and_resume_does_no_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = write_small_suite(dir.path(), "[fp32, fp16, bf16]");
+    let out = dir.path().join("out");
+    let args = ["run", suite.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let first = bench(&args, dir.path(), &shared_cache());
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    assert!(first.stdout.contains("| tiny | fp16 |"), "table missing:\n{}", first.stdout);
+    for file in ["results.json", "results.md", "results.csv"] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    let results = read_json(&out.join("results.json"));
+    assert_eq!(results["schema_version"], 1);
+    assert!(results["suite"]["text"].as_str().unwrap().contains("name: small"));
+    assert_eq!(results["models"][0]["arch"], "llama");
+    let cases = results["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 3);
+
+    let case = |label: &str| cases.iter().find(|c| c["label"] == label).unwrap();
+    let fp32 = case("fp32");
+    assert_eq!(fp32["divergence"]["kld_mean"], 0.0, "fp32 is the reference itself");
+    assert_eq!(fp32["divergence"]["same_top1"], 1.0);
+    assert_eq!(fp32["memory"]["bits_per_weight"], 32.0);
+    let fp16 = case("fp16");
+    let kld = fp16["divergence"]["kld_mean"].as_f64().unwrap();
+    assert!(kld > 0.0 && kld < 1e-3, "fp16 KLD {kld}");
+    assert_eq!(fp16["memory"]["bits_per_weight"], 16.0);
+    // 3 chunks of 32 tokens, positions 16..31 scored in each.
+    assert_eq!(fp16["divergence"]["tokens_scored"], 45);
+    for c in cases {
+        let disk = c["disk"]["bytes_over_memory"].as_f64().unwrap();
+        assert!((1.0..1.01).contains(&disk), "{}: disk/memory {disk}", c["id"]);
+        assert_eq!(c["disk"]["reload_identical"], true);
+        assert_eq!(c["latency"]["prefill_ms"].as_array().unwrap().len(), 2, "repeats");
+        assert_eq!(c["latency"]["decode_ms"].as_array().unwrap().len(), 2 * 4, "repeats × gen_len");
+        assert_eq!(c["generation"].as_array().unwrap().len(), 2);
+    }
+    let fp16_bytes = fp16["memory"]["bytes_by_role"]["packed_weights"].as_u64().unwrap();
+    let fp32_bytes = fp32["memory"]["bytes_by_role"]["packed_weights"].as_u64().unwrap();
+    assert_eq!(fp32_bytes, 2 * fp16_bytes);
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "header + 3 cases:\n{csv}");
+
+    let resumed = bench(&[&args[..], &["--resume"]].concat(), dir.path(), &shared_cache());
+    assert_eq!(resumed.code, 0, "{}", resumed.stderr);
+    assert_eq!(resumed.stderr.matches("skipped").count(), 3, "{}", resumed.stderr);
+    assert!(!resumed.stderr.contains("reference pass"), "resume must not recompute the reference");
+    let again = read_json(&out.join("results.json"));
+    assert_eq!(again["cases"], results["cases"], "resumed cases must be the earlier ones, unchanged");
+}
+
+#[test]
+fn filter_runs_only_matching_cases() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = write_small_suite(dir.path(), "[fp32, bf16]");
+    let out = dir.path().join("out");
+    let run = bench(
+        &["run", suite.to_str().unwrap(), "--out", out.to_str().unwrap(), "--filter", "*/bf16"],
+        dir.path(),
+        &shared_cache(),
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let results = read_json(&out.join("results.json"));
+    let ids: Vec<&str> =
+        results["cases"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["tiny/bf16"]);
+}
+
+#[test]
+fn generate_json_lists_ids_text_and_top_k_per_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = bench(
+        &[
+            "generate",
+            "builtin:tiny-llama",
+            "--prompt",
+            "Hello, how are you?",
+            "--max-new-tokens",
+            "4",
+            "--top-k",
+            "3",
+            "--json",
+        ],
+        dir.path(),
+        &shared_cache(),
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let doc: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let p = &doc["prompts"][0];
+    let inputs = p["input_ids"].as_array().unwrap().len();
+    assert!(inputs > 3);
+    assert_eq!(p["generated_ids"].as_array().unwrap().len(), 4);
+    let prompt_top = p["prompt_top_k"].as_array().unwrap();
+    assert_eq!(prompt_top.len(), inputs);
+    for position in prompt_top.iter().chain(p["generated_top_k"].as_array().unwrap()) {
+        let lp: Vec<f64> =
+            position.as_array().unwrap().iter().map(|e| e["logprob"].as_f64().unwrap()).collect();
+        assert_eq!(lp.len(), 3);
+        assert!(lp.windows(2).all(|w| w[0] >= w[1]) && lp[0] <= 0.0, "{lp:?}");
+    }
+    // The greedy token of each step is the first of that step's top-k.
+    for (id, top) in
+        p["generated_ids"].as_array().unwrap().iter().zip(p["generated_top_k"].as_array().unwrap())
+    {
+        assert_eq!(&top[0]["id"], id);
+    }
+    let text = bench(
+        &["generate", "builtin:tiny-llama", "--prompt", "Hello", "--scheme", "bf16"],
+        dir.path(),
+        &shared_cache(),
+    );
+    assert_eq!(text.code, 0, "{}", text.stderr);
+    assert!(
+        text.stdout.starts_with("Hello")
+            && text.stdout.contains("prefill")
+            && text.stdout.contains("scheme bf16"),
+        "{}",
+        text.stdout
+    );
+}
+
+#[test]
+fn inspect_reports_architecture_parameters_and_dtypes() {
+    let run = bench(&["inspect", fixture("llama-tiny-tied").to_str().unwrap()], &root(), &shared_cache());
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("architecture llama"), "{}", run.stdout);
+    assert!(run.stdout.contains("BF16 ×"), "{}", run.stdout);
+}
+
+#[test]
+fn validate_accepts_the_committed_suites() {
+    let suites: Vec<_> = std::fs::read_dir(root().join("suites"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    assert!(!suites.is_empty());
+    for suite in suites {
+        let suite = suite.display();
+        let run = bench(&["validate", &suite.to_string()], &root(), &shared_cache());
+        assert_eq!(run.code, 0, "{suite}: {}", run.stderr);
+        assert!(run.stdout.contains("ok"), "{}", run.stdout);
+    }
+}
+
+/// The README's registry tables are the output of `bench list … --markdown`.
+#[test]
+fn readme_tables_come_from_the_registries() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    for what in ["schemes", "metrics", "archs", "builtins"] {
+        let run = bench(&["list", what, "--markdown"], &root(), &shared_cache());
+        assert_eq!(run.code, 0);
+        assert!(
+            readme.contains(&run.stdout),
+            "README.md is missing the current `bench list {what} --markdown` table:\n{}",
+            run.stdout
+        );
+    }
+}

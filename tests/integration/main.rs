@@ -1,0 +1,7 @@
+//! The one integration-test binary: golden logits against Hugging Face transformers, the
+//! command line end to end, and the errors bad inputs get.
+
+mod bad_input;
+mod cli;
+mod golden;
+mod support;

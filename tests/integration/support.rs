@@ -1,0 +1,64 @@
+//! Helpers shared by the integration tests: running the `bench` binary, fixture paths,
+//! small suites.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A committed fixture folder.
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("tests").join("fixtures").join(name)
+}
+
+/// What a `bench` invocation printed and returned.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Run `bench` with `args` in `cwd`, with built-in models cached under `cache`.
+pub fn bench(args: &[&str], cwd: &Path, cache: &Path) -> Run {
+    let Output { status, stdout, stderr } = std::process::Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(args)
+        .current_dir(cwd)
+        .env("QUANTBENCH_CACHE", cache)
+        .output()
+        .expect("bench starts");
+    let run = Run {
+        code: status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    };
+    assert!(!run.stderr.contains("panicked"), "bench panicked:\n{}", run.stderr);
+    run
+}
+
+/// A cache folder shared by the tests of this binary, so the built-in model is generated
+/// once (generation is atomic, so concurrent tests are safe).
+pub fn shared_cache() -> PathBuf {
+    let dir = root().join("target").join("test-cache");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A small, fast suite over the built-in model, written into `dir`.
+pub fn write_small_suite(dir: &Path, schemes: &str) -> PathBuf {
+    let eval = std::fs::read_to_string(root().join("suites/data/eval.txt")).unwrap();
+    std::fs::write(dir.join("eval.txt"), eval).unwrap();
+    let suite = format!(
+        "name: small\n\
+         models:\n  - name: tiny\n    path: builtin:tiny-llama\n\
+         schemes: {schemes}\n\
+         workload:\n  prompts: [\"Hello, how are you?\", \"1.1+2.3=?\"]\n  eval_text: eval.txt\n  \
+         prompt_len: 8\n  gen_len: 4\n  context: 32\n  max_chunks: 3\n\
+         repeats: 2\nwarmup: 1\n"
+    );
+    let path = dir.join("small.yaml");
+    std::fs::write(&path, suite).unwrap();
+    path
+}
