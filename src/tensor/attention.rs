@@ -89,7 +89,7 @@ impl KvCache {
         let scale = 1.0 / (head_dim as f32).sqrt();
         let start = self.len;
         let row_width = heads * head_dim;
-        out.par_chunks_mut(row_width).enumerate().for_each(|(row, out_row)| {
+        let attend_row = |(row, out_row): (usize, &mut [f32])| {
             let (b, t) = (row / seq, row % seq);
             let visible = start + t + 1;
             let mut scores = vec![0.0f32; visible];
@@ -110,7 +110,14 @@ impl KvCache {
                     oh.iter_mut().zip(vp).for_each(|(o, v)| *o += w * v);
                 }
             }
-        });
+        };
+        // One query row (a decode step of one sequence) is too little work to wake the
+        // thread pool; waking it leaves workers spinning against this thread.
+        if out.len() / row_width < 2 {
+            out.chunks_mut(row_width).enumerate().for_each(attend_row);
+        } else {
+            out.par_chunks_mut(row_width).enumerate().for_each(attend_row);
+        }
     }
 }
 
