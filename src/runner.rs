@@ -19,7 +19,7 @@ use crate::report::results::{
 };
 use crate::report::table;
 use crate::scheme::{self, FloatStorage, Scheme, TensorRole};
-use crate::suite::plan::sha256_hex;
+use crate::suite::plan::{sha256_file, sha256_hex};
 use crate::suite::{Plan, PlannedModel, PlannedScheme};
 use crate::tensor;
 
@@ -155,15 +155,12 @@ fn workload_record(plan: &Plan) -> WorkloadRecord {
 fn model_record(model: &PlannedModel, workload: &crate::suite::Workload) -> Result<ModelRecord> {
     let files = &model.files;
     let summary = files.summary()?;
-    let mut hasher_input = Vec::new();
     let config_path = files.config.path();
-    hasher_input.extend(std::fs::read(config_path).map_err(|e| Error::io("cannot read", config_path, e))?);
-    for path in files.store.paths() {
-        let bytes = std::fs::read(path).map_err(|e| Error::io("cannot read", path, e))?;
-        hasher_input.extend(sha256_hex(&bytes).into_bytes());
+    let mut model_hash = Vec::new();
+    for path in std::iter::once(config_path).chain(files.store.paths()) {
+        model_hash.extend(sha256_file(path)?.into_bytes());
     }
-    let tokenizer_path = files.tokenizer.path();
-    let tokenizer = std::fs::read(tokenizer_path).map_err(|e| Error::io("cannot read", tokenizer_path, e))?;
+    let tokenizer_sha256 = sha256_file(files.tokenizer.path())?;
     Ok(ModelRecord {
         name: model.name.clone(),
         path: model.spec.clone(),
@@ -171,8 +168,8 @@ fn model_record(model: &PlannedModel, workload: &crate::suite::Workload) -> Resu
         dtype: storage_name(model.dtype).into(),
         parameters: summary.parameters,
         linear_parameters: summary.linear_parameters,
-        model_sha256: sha256_hex(&hasher_input),
-        tokenizer_sha256: sha256_hex(&tokenizer),
+        model_sha256: sha256_hex(&model_hash),
+        tokenizer_sha256,
         eval_tokens: files.tokenizer.encode(&workload.eval_text)?.len(),
     })
 }

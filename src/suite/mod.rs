@@ -169,10 +169,29 @@ fn default_context() -> Spanned<usize> {
     defaulted(128)
 }
 
-/// Parse suite text; `path` is only used in messages.
+/// Parse suite text; `path` is only used in messages. Errors give the key path (from
+/// `serde_path_to_error`), the line and column, and a snippet of the file.
 pub fn parse(text: &str, path: &Path) -> Result<SuiteFile> {
-    serde_saphyr::from_str::<SuiteFile>(text)
-        .map_err(|e| Error::SuiteSyntax { path: path.to_path_buf(), message: e.to_string() })
+    let mut key_path = String::new();
+    let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            // `Spanned<T>` adds a `value` segment of its own; users never wrote it.
+            key_path =
+                e.path().to_string().split('.').filter(|s| *s != "value").collect::<Vec<_>>().join(".");
+            e.into_inner()
+        })
+    });
+    parsed.map_err(|e| {
+        let name = path.display().to_string();
+        let rendered = e.render_with_options(serde_saphyr::render_options! { source_name: Some(&name) });
+        let rendered = rendered.strip_prefix("error: ").unwrap_or(&rendered);
+        let at = if key_path.is_empty() || key_path == "." {
+            String::new()
+        } else {
+            format!("key `{key_path}`, ")
+        };
+        Error::SuiteSyntax { path: path.to_path_buf(), message: format!("{at}{rendered}") }
+    })
 }
 
 /// Read and parse the suite at `path`.

@@ -48,14 +48,14 @@ fn assert_mentions(run: &Run, needles: &[&str]) {
 fn unknown_yaml_key_names_key_line_and_allowed_keys() {
     let dir = tempfile::tempdir().unwrap();
     let run = validate_fails(dir.path(), &suite_text("builtin:tiny-llama", "  promt_len: 8\n"));
-    assert_mentions(&run, &["s.yaml", "promt_len", "prompt_len", "line 9"]);
+    assert_mentions(&run, &["s.yaml", "key `workload.promt_len`", "prompt_len", "line 9"]);
 }
 
 #[test]
 fn wrong_type_names_the_value_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let run = validate_fails(dir.path(), &suite_text("builtin:tiny-llama", "repeats: lots\n"));
-    assert_mentions(&run, &["s.yaml", "lots", "line 9"]);
+    assert_mentions(&run, &["s.yaml", "key `repeats`", "lots", "line 9"]);
 }
 
 #[test]

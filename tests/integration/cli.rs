@@ -114,19 +114,25 @@ fn generate_json_lists_ids_text_and_top_k_per_position() {
     {
         assert_eq!(&top[0]["id"], id);
     }
+    std::fs::write(dir.path().join("prompts.txt"), "Hello\n\n1.1+2.3=?\n").unwrap();
     let text = bench(
-        &["generate", "builtin:tiny-llama", "--prompt", "Hello", "--scheme", "bf16"],
+        &[
+            "generate",
+            "builtin:tiny-llama",
+            "--prompts",
+            "prompts.txt",
+            "--scheme",
+            "bf16",
+            "--max-new-tokens",
+            "3",
+        ],
         dir.path(),
         &shared_cache(),
     );
     assert_eq!(text.code, 0, "{}", text.stderr);
-    assert!(
-        text.stdout.starts_with("Hello")
-            && text.stdout.contains("prefill")
-            && text.stdout.contains("scheme bf16"),
-        "{}",
-        text.stdout
-    );
+    assert!(text.stdout.starts_with("Hello"), "{}", text.stdout);
+    assert_eq!(text.stdout.matches("prefill").count(), 2, "one line per non-empty prompt:\n{}", text.stdout);
+    assert!(text.stdout.contains("over 2 steps, scheme bf16"), "{}", text.stdout);
 }
 
 #[test]

@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
+use quantbench::model::weights::{self, WeightStore};
 use quantbench::model::{CausalLm, Logits, ModelFiles, QuantizeFactory};
-use quantbench::scheme::{self, FloatStorage};
+use quantbench::scheme::{self, FloatStorage, StoredTensor, TensorRole};
 use quantbench::tensor::{argmax, relative_l2};
 use safetensors::{Dtype, SafeTensors};
 
@@ -51,10 +52,13 @@ fn check(name: &str, actual: &[f32], expected: &[f32], worst: &mut f64) {
 }
 
 fn check_fixture(folder: &str) {
-    let dir = fixture(folder);
-    let files = ModelFiles::open(&dir).unwrap();
+    check_dir(&fixture(folder), folder);
+}
+
+fn check_dir(dir: &Path, folder: &str) {
+    let files = ModelFiles::open(dir).unwrap();
     let model = build(&files);
-    let golden = Golden::load(&dir);
+    let golden = Golden::load(dir);
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
     let vocab = model.vocab_size();
@@ -110,8 +114,46 @@ fn llama_tied_bf16_matches_transformers() {
     check_fixture("llama-tiny-tied");
 }
 
-/// The saved-and-reloaded fp32 model is the same model: tensor names survive the prefix
-/// handling and the byte account adds up to the checkpoint's parameters.
+/// The tied fixture re-stored as f16 (bf16 values are exact in f16 at these magnitudes),
+/// with the `model.` prefix dropped as some exporters do, and an int64 `position_ids`
+/// that must be skipped by name.
+#[test]
+fn f16_storage_unprefixed_names_and_int_tensors_load() {
+    let source = fixture("llama-tiny-tied");
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["config.json", "tokenizer.json", "golden.safetensors", "golden.json"] {
+        std::fs::copy(source.join(file), dir.path().join(file)).unwrap();
+    }
+    let store = WeightStore::open_dir(&source).unwrap();
+    let mut tensors: Vec<StoredTensor> = store
+        .entries()
+        .map(|(name, entry)| {
+            let data = store.f32(name, &entry.shape).unwrap();
+            StoredTensor {
+                name: name.strip_prefix("model.").unwrap_or(name).to_string(),
+                role: TensorRole::Unquantized,
+                dtype: Dtype::F16,
+                shape: entry.shape.clone(),
+                bytes: data.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+            }
+        })
+        .collect();
+    let positions: Vec<u8> = (0..128i64).flat_map(|p| p.to_le_bytes()).collect();
+    tensors.push(StoredTensor {
+        name: "position_ids".into(),
+        role: TensorRole::Unquantized,
+        dtype: Dtype::I64,
+        shape: vec![128],
+        bytes: positions,
+    });
+    weights::save(&dir.path().join("model.safetensors"), &tensors, Default::default()).unwrap();
+    check_dir(dir.path(), "llama-tiny-tied as f16");
+    let files = ModelFiles::open(dir.path()).unwrap();
+    assert_eq!(files.summary().unwrap().skipped, ["position_ids"]);
+    assert!(files.summary().unwrap().dtypes.iter().any(|(d, _)| d == "F16"));
+}
+
+/// Parameter counts follow from the config.
 #[test]
 fn fixture_parameter_count_matches_config() {
     let files = ModelFiles::open(&fixture("llama-tiny")).unwrap();
