@@ -49,6 +49,9 @@ pub enum Error {
     /// A workload cannot be run (too few tokens, empty prompt list, ...).
     #[error("workload: {0}")]
     Workload(String),
+    /// A report could not be rendered.
+    #[error("report: {0}")]
+    Render(String),
     /// An existing results file cannot be resumed.
     #[error("results file {path}: {message}")]
     Results { path: PathBuf, message: String },

@@ -44,6 +44,9 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> {
     let out = options.out.clone().unwrap_or_else(|| plan.output.clone());
     let results_path = out.join("results.json");
     let previous = previous_cases(&results_path, options.resume)?;
+    if !options.resume && results_path.is_file() {
+        eprintln!("note: replacing {} (pass --resume to keep its finished cases)", results_path.display());
+    }
     let workload = workload_record(plan);
     let mut progress = Progress::new(count_selected(plan, options));
     let mut results = Results {
@@ -60,20 +63,29 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> {
         cases: Vec::new(),
     };
     for model in &plan.models {
+        let ids: Vec<String> = plan.schemes.iter().map(|s| format!("{}/{}", model.name, s.label)).collect();
+        let wanted = |id: &String| selected(id, options.filter.as_deref()) || previous.contains_key(id);
+        if !ids.iter().any(wanted) {
+            continue;
+        }
         progress.note(&format!("{}: hashing model files", model.name));
         let record = model_record(model, &plan.workload)?;
-        let cases: Vec<(&PlannedScheme, String)> = plan
-            .schemes
-            .iter()
-            .filter(|s| selected(&format!("{}/{}", model.name, s.label), options.filter.as_deref()))
-            .map(|s| (s, case_spec_hash(plan, &record, &results.workload, s)))
-            .collect();
+        // The model's record goes in first, so results written after each case are whole.
+        results.models.push(record.clone());
         let mut runner: Option<ModelRunner> = None;
-        for (planned, spec) in cases {
-            let id = format!("{}/{}", model.name, planned.label);
+        for (planned, id) in plan.schemes.iter().zip(ids) {
+            let spec = case_spec_hash(plan, &record, &results.workload, planned);
+            let chosen = selected(&id, options.filter.as_deref());
+            // With --resume, finished cases stay in the results whether or not the filter
+            // selects them; a filtered run must not drop earlier work.
             if let Some(done) = previous.get(&id).filter(|c| c.spec_sha256 == spec) {
-                progress.skip(&id);
+                if chosen {
+                    progress.skip(&id);
+                }
                 results.cases.push(done.clone());
+                continue;
+            }
+            if !chosen {
                 continue;
             }
             if runner.is_none() {
@@ -90,7 +102,6 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> {
             progress.finish(&id);
             results.write(&results_path)?;
         }
-        results.models.push(record);
     }
     results.write(&results_path)?;
     table::write_tables(&results, &out)?;
@@ -272,7 +283,7 @@ impl<'p> ModelRunner<'p> {
 
         let exported = model.export();
         let mut warnings = Vec::new();
-        let memory = self.memory(&exported, quantize_head)?;
+        let memory = self.memory(&exported)?;
         let mut load_s = None;
         let disk = if metrics.contains(&MetricGroup::Disk) {
             progress.step("save and reload");
@@ -331,32 +342,26 @@ impl<'p> ModelRunner<'p> {
         })
     }
 
-    fn memory(&self, exported: &[scheme::StoredTensor], quantize_head: bool) -> Result<Memory> {
-        let summary = self.model.files.summary()?;
+    fn memory(&self, exported: &[scheme::StoredTensor]) -> Result<Memory> {
+        let parameters = self.model.files.summary()?.parameters;
         let mut by_role: BTreeMap<String, u64> =
             TensorRole::ALL.iter().map(|r| (r.name().to_string(), 0)).collect();
-        let mut weight_bytes = 0u64;
+        let (mut weight_bytes, mut quantized_weights) = (0u64, 0u64);
         for t in exported {
             *by_role.get_mut(t.role.name()).expect("every role listed") += t.bytes.len() as u64;
             if t.role.is_weight_representation() {
                 weight_bytes += t.bytes.len() as u64;
+                quantized_weights += t.represents as u64;
             }
         }
-        let head = if quantize_head { self.model_vocab_hidden() } else { 0 };
-        let quantized_weights = (summary.linear_parameters + head) as u64;
         let total_bytes: u64 = by_role.values().sum();
         Ok(Memory {
             bytes_by_role: by_role,
             total_bytes,
             quantized_weights,
             bits_per_weight: 8.0 * weight_bytes as f64 / quantized_weights.max(1) as f64,
-            bytes_per_parameter: total_bytes as f64 / summary.parameters.max(1) as f64,
+            bytes_per_parameter: total_bytes as f64 / parameters.max(1) as f64,
         })
-    }
-
-    fn model_vocab_hidden(&self) -> usize {
-        let c = &self.model.files.config;
-        c.usize("vocab_size").unwrap_or(0) * c.usize("hidden_size").unwrap_or(0)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -554,7 +559,21 @@ impl Progress {
     }
 
     fn step(&mut self, what: &str) {
-        self.line(&format!("[{}/{}] {} · {what}{}", self.finished + 1, self.total, self.case, self.eta()));
+        let bar = if self.tty { self.bar() } else { String::new() };
+        self.line(&format!(
+            "{bar}[{}/{}] {} · {what}{}",
+            self.finished + 1,
+            self.total,
+            self.case,
+            self.eta()
+        ));
+    }
+
+    /// `▕████░░░░░░▏ ` with one cell per 5% of the cases finished.
+    fn bar(&self) -> String {
+        const CELLS: usize = 20;
+        let full = CELLS * self.finished / self.total.max(1);
+        format!("▕{}{}▏ ", "█".repeat(full), "░".repeat(CELLS - full))
     }
 
     fn skip(&mut self, id: &str) {

@@ -88,7 +88,7 @@ pub fn markdown(results: &Results) -> String {
 /// The CSV table of every case (full precision numbers, empty cells for missing values).
 pub fn csv(results: &Results) -> Result<String> {
     let mut writer = csv::Writer::from_writer(Vec::new());
-    let to_err = |e: csv::Error| Error::Workload(format!("cannot render csv: {e}"));
+    let to_err = |e: csv::Error| Error::Render(format!("cannot render csv: {e}"));
     writer.write_record(COLUMNS.iter().map(|c| c.header)).map_err(to_err)?;
     for case in &results.cases {
         let cells = COLUMNS.iter().map(|col| match (col.value)(case) {
@@ -99,7 +99,7 @@ pub fn csv(results: &Results) -> Result<String> {
         });
         writer.write_record(cells).map_err(to_err)?;
     }
-    let bytes = writer.into_inner().map_err(|e| Error::Workload(format!("cannot render csv: {e}")))?;
+    let bytes = writer.into_inner().map_err(|e| Error::Render(format!("cannot render csv: {e}")))?;
     Ok(String::from_utf8(bytes).expect("csv of utf-8 cells is utf-8"))
 }
 

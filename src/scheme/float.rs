@@ -114,6 +114,7 @@ impl Linear for FloatLinear {
             dtype: self.storage.dtype(),
             shape: vec![self.rows, self.cols],
             bytes: self.storage.encode(&self.weight),
+            represents: self.rows * self.cols,
         }];
         if let Some(bias) = &self.bias {
             out.push(StoredTensor::f32(format!("{name}.bias"), TensorRole::Biases, vec![self.rows], bias));

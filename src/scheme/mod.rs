@@ -82,13 +82,17 @@ pub struct StoredTensor {
     pub shape: Vec<usize>,
     /// Little-endian bytes.
     pub bytes: Vec<u8>,
+    /// Logical weights this tensor holds the values of (the `rows × cols` of a linear
+    /// layer's packed weights; 0 for scales, norms and everything else): the denominator
+    /// of bits per weight, whatever the packing.
+    pub represents: usize,
 }
 
 impl StoredTensor {
     /// An f32 tensor.
     pub fn f32(name: impl Into<String>, role: TensorRole, shape: Vec<usize>, data: &[f32]) -> Self {
         let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        StoredTensor { name: name.into(), role, dtype: Dtype::F32, shape, bytes }
+        StoredTensor { name: name.into(), role, dtype: Dtype::F32, shape, bytes, represents: 0 }
     }
 }
 

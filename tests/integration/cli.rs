@@ -57,23 +57,40 @@ fn run_writes_results_and_resume_does_no_work() {
     assert!(!resumed.stderr.contains("reference pass"), "resume must not recompute the reference");
     let again = read_json(&out.join("results.json"));
     assert_eq!(again["cases"], results["cases"], "resumed cases must be the earlier ones, unchanged");
+
+    // A filtered resume keeps the cases it does not select.
+    let filtered =
+        bench(&[&args[..], &["--resume", "--filter", "fp16"]].concat(), dir.path(), &shared_cache());
+    assert_eq!(filtered.code, 0, "{}", filtered.stderr);
+    assert_eq!(filtered.stderr.matches("skipped").count(), 1, "{}", filtered.stderr);
+    assert_eq!(read_json(&out.join("results.json"))["cases"], results["cases"]);
 }
 
 #[test]
-fn filter_runs_only_matching_cases() {
+fn filter_runs_only_matching_cases_and_quantize_head_moves_the_head() {
     let dir = tempfile::tempdir().unwrap();
-    let suite = write_small_suite(dir.path(), "[fp32, bf16]");
+    let schemes = "[fp32, bf16, {name: bf16, label: bf16-head, quantize_head: true}]";
+    let suite = write_small_suite(dir.path(), schemes);
     let out = dir.path().join("out");
-    let run = bench(
-        &["run", suite.to_str().unwrap(), "--out", out.to_str().unwrap(), "--filter", "*/bf16"],
-        dir.path(),
-        &shared_cache(),
-    );
+    let args = ["run", suite.to_str().unwrap(), "--out", out.to_str().unwrap(), "--filter", "*/bf16*"];
+    let run = bench(&args, dir.path(), &shared_cache());
     assert_eq!(run.code, 0, "{}", run.stderr);
     let results = read_json(&out.join("results.json"));
-    let ids: Vec<&str> =
-        results["cases"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["tiny/bf16"]);
+    let cases = results["cases"].as_array().unwrap();
+    let ids: Vec<&str> = cases.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["tiny/bf16", "tiny/bf16-head"]);
+    let (plain, head) = (&cases[0]["memory"], &cases[1]["memory"]);
+    let head_weights = 512 * 256; // vocab × hidden of the built-in model
+    let count = |m: &serde_json::Value, k: &str| m[k].as_u64().unwrap();
+    let role = |m: &serde_json::Value, r: &str| m["bytes_by_role"][r].as_u64().unwrap();
+    assert_eq!(count(head, "quantized_weights"), count(plain, "quantized_weights") + head_weights);
+    assert_eq!(role(plain, "unquantized") - role(head, "unquantized"), 4 * head_weights);
+    assert_eq!(role(head, "packed_weights") - role(plain, "packed_weights"), 2 * head_weights);
+    assert_eq!(head["bits_per_weight"], 16.0);
+    assert_eq!(
+        results["models"][0]["parameters"],
+        count(plain, "quantized_weights") + 2 * head_weights + 9 * 256
+    );
 }
 
 #[test]

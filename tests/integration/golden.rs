@@ -135,6 +135,7 @@ fn f16_storage_unprefixed_names_and_int_tensors_load() {
                 dtype: Dtype::F16,
                 shape: entry.shape.clone(),
                 bytes: data.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+                represents: 0,
             }
         })
         .collect();
@@ -145,6 +146,7 @@ fn f16_storage_unprefixed_names_and_int_tensors_load() {
         dtype: Dtype::I64,
         shape: vec![128],
         bytes: positions,
+        represents: 0,
     });
     weights::save(&dir.path().join("model.safetensors"), &tensors, Default::default()).unwrap();
     check_dir(dir.path(), "llama-tiny-tied as f16");
