@@ -6,12 +6,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 use crate::error::{Error, Result};
+use crate::measure::embedding;
 use crate::measure::METRICS;
 use crate::model::generate::greedy;
-use crate::model::{self, builtin, ModelFiles, QuantizeFactory, ARCHS};
+use crate::model::{self, builtin, Model, ModelFiles, QuantizeFactory, ARCHS};
 use crate::report::table;
 use crate::runner::{self, RunOptions};
-use crate::scheme::{self, FloatStorage, SCHEMES};
+use crate::scheme::{self, FloatStorage, SchemeInfo, SCHEMES};
 use crate::suite::Plan;
 use crate::tensor;
 
@@ -75,6 +76,8 @@ pub enum Command {
     },
     /// Greedy continuation of prompts with one scheme, with prefill and per-token times.
     Generate(GenerateArgs),
+    /// Sentence embeddings from an encoder (BERT, MiniLM) with one scheme.
+    Embed(EmbedArgs),
     /// Write a built-in model (config.json, model.safetensors, tokenizer.json) into a folder.
     Builtin {
         /// Built-in model name (see `bench list builtins`).
@@ -123,6 +126,26 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
+/// Arguments of `bench embed`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["sentence", "sentences"])))]
+pub struct EmbedArgs {
+    /// Model directory or builtin:NAME.
+    pub model: String,
+    /// Scheme to apply (default fp32).
+    #[arg(long, default_value = "fp32")]
+    pub scheme: String,
+    /// One sentence.
+    #[arg(long)]
+    pub sentence: Option<String>,
+    /// A file with one sentence per line.
+    #[arg(long)]
+    pub sentences: Option<PathBuf>,
+    /// Print JSON: ids and the full embedding of every sentence.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// Run a parsed command line; returns the exit code.
 pub fn execute(cli: Cli) -> Result<i32> {
     match cli.command {
@@ -152,6 +175,7 @@ pub fn execute(cli: Cli) -> Result<i32> {
         Command::Inspect { model, json } => inspect(&model, json)?,
         Command::List { what, markdown } => print!("{}", list(what, markdown)),
         Command::Generate(args) => generate(&args)?,
+        Command::Embed(args) => embed(&args)?,
         Command::Builtin { name, dir } => {
             builtin::write_to(&name, &dir)?;
             println!("wrote builtin:{name} to {}", dir.display());
@@ -238,11 +262,19 @@ pub fn list(what: ListWhat, markdown: bool) -> String {
                 .collect(),
         ),
         ListWhat::Archs => (
-            vec!["arch", "model_type", "quantized layers", "summary"],
+            vec!["arch", "kind", "model_type", "quantized layers", "summary"],
             ARCHS
                 .iter()
                 .map(|a| {
-                    vec![a.name.into(), a.model_types.join(", "), a.quantizable.into(), a.summary.into()]
+                    let kind =
+                        serde_json::to_value(a.kind).expect("serialises").as_str().unwrap_or("").to_string();
+                    vec![
+                        a.name.into(),
+                        kind,
+                        a.model_types.join(", "),
+                        a.quantizable.into(),
+                        a.summary.into(),
+                    ]
                 })
                 .collect(),
         ),
@@ -272,25 +304,39 @@ pub fn list(what: ListWhat, markdown: bool) -> String {
     out
 }
 
-fn generate(args: &GenerateArgs) -> Result<()> {
-    let prompts: Vec<String> = match (&args.prompt, &args.prompts) {
-        (Some(p), _) => vec![p.clone()],
+/// The inputs of `generate` or `embed`: one given on the command line, or the non-empty
+/// lines of a file.
+fn read_inputs(single: &Option<String>, file: &Option<PathBuf>) -> Result<Vec<String>> {
+    let inputs: Vec<String> = match (single, file) {
+        (Some(text), _) => vec![text.clone()],
         (None, Some(file)) => std::fs::read_to_string(file)
-            .map_err(|e| Error::io("cannot read prompts", file, e))?
+            .map_err(|e| Error::io("cannot read", file, e))?
             .lines()
             .filter(|l| !l.trim().is_empty())
             .map(String::from)
             .collect(),
-        (None, None) => unreachable!("clap requires --prompt or --prompts"),
+        (None, None) => unreachable!("clap requires one of the two"),
     };
-    if prompts.is_empty() {
-        return Err(Error::Workload("no prompts: the prompts file has no non-empty line".into()));
+    if inputs.is_empty() {
+        return Err(Error::Workload("no input: the file has no non-empty line".into()));
     }
-    let info = scheme::lookup(&args.scheme)?;
+    Ok(inputs)
+}
+
+/// Open `spec` and build it with scheme `name` (default parameters).
+fn build_with_scheme(spec: &str, name: &str) -> Result<(ModelFiles, Model, &'static SchemeInfo)> {
+    let info = scheme::lookup(name)?;
     let scheme = (info.build)(&Default::default())?;
-    let files = open_model(&args.model)?;
+    let files = open_model(spec)?;
     let model =
         files.build(&mut QuantizeFactory::new(&files.store, FloatStorage::F32, scheme.as_ref(), false))?;
+    Ok((files, model, info))
+}
+
+fn generate(args: &GenerateArgs) -> Result<()> {
+    let prompts = read_inputs(&args.prompt, &args.prompts)?;
+    let (files, model, info) = build_with_scheme(&args.model, &args.scheme)?;
+    let model = model.causal("bench generate")?;
     let tokenizer = &files.tokenizer;
     let mut records = Vec::new();
     for prompt in &prompts {
@@ -298,7 +344,7 @@ fn generate(args: &GenerateArgs) -> Result<()> {
         if ids.is_empty() {
             return Err(Error::Workload(format!("prompt {prompt:?} has no tokens")));
         }
-        let timed = greedy(model.as_ref(), &ids, args.max_new_tokens, false)?;
+        let timed = greedy(model, &ids, args.max_new_tokens, false)?;
         let text = tokenizer.decode(&timed.ids)?;
         let step_ms = crate::measure::latency::Stats::of(&timed.step_s).map(|s| s.median * 1e3);
         if !args.json {
@@ -313,7 +359,7 @@ fn generate(args: &GenerateArgs) -> Result<()> {
             );
             continue;
         }
-        let with_logits = greedy(model.as_ref(), &ids, args.max_new_tokens, true)?;
+        let with_logits = greedy(model, &ids, args.max_new_tokens, true)?;
         let top = |logits: &[f32]| -> Result<Vec<serde_json::Value>> {
             logits.chunks_exact(model.vocab_size()).map(|row| top_k(row, args.top_k, tokenizer)).collect()
         };
@@ -330,6 +376,40 @@ fn generate(args: &GenerateArgs) -> Result<()> {
     }
     if args.json {
         let doc = json!({"model": args.model, "scheme": info.name, "top_k": args.top_k, "prompts": records});
+        println!("{}", serde_json::to_string_pretty(&doc).expect("json serialises"));
+    }
+    Ok(())
+}
+
+fn embed(args: &EmbedArgs) -> Result<()> {
+    let sentences = read_inputs(&args.sentence, &args.sentences)?;
+    let (files, model, info) = build_with_scheme(&args.model, &args.scheme)?;
+    let encoder = model.encoder("bench embed")?;
+    let mut records = Vec::new();
+    for sentence in &sentences {
+        let ids = files.tokenizer.encode_with_special(sentence)?;
+        let start = std::time::Instant::now();
+        let outputs = embedding::encode_all(encoder, std::slice::from_ref(&ids), files.pad_id(), 1)?;
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        let vector = &outputs.embeddings[0];
+        if args.json {
+            records
+                .push(json!({"sentence": sentence, "input_ids": ids, "encode_ms": ms, "embedding": vector}));
+            continue;
+        }
+        let head: Vec<String> = vector.iter().take(8).map(|v| format!("{v:+.5}")).collect();
+        println!("{sentence}");
+        println!(
+            "  [{} tokens, {:.2} ms, dim {}, scheme {}] {} …",
+            ids.len(),
+            ms,
+            vector.len(),
+            info.name,
+            head.join(" ")
+        );
+    }
+    if args.json {
+        let doc = json!({"model": args.model, "scheme": info.name, "sentences": records});
         println!("{}", serde_json::to_string_pretty(&doc).expect("json serialises"));
     }
     Ok(())

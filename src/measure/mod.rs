@@ -2,6 +2,7 @@
 //! its direction and its noise tolerance. Reports and comparisons read this table.
 
 pub mod divergence;
+pub mod embedding;
 pub mod latency;
 
 use serde::Serialize;
@@ -162,6 +163,24 @@ pub static METRICS: &[MetricInfo] = &[
     ),
     metric("ppl", Divergence, "", false, MeanOverTokens, 0.005, "perplexity of the evaluation text"),
     metric("ppl_ratio", Divergence, "", false, Ratio, 0.005, "perplexity over the reference's perplexity"),
+    metric(
+        "embedding_cosine",
+        Divergence,
+        "",
+        true,
+        MeanOverTokens,
+        0.0001,
+        "encoders: cosine between quantized and reference sentence embeddings (mean and min)",
+    ),
+    metric(
+        "hidden_nmse",
+        Divergence,
+        "",
+        false,
+        MeanOverTokens,
+        0.01,
+        "encoders: squared error of last hidden states over their squared norm",
+    ),
     metric(
         "first_divergent_token",
         Generation,

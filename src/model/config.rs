@@ -71,6 +71,18 @@ impl ConfigJson {
         }
     }
 
+    /// The first of `keys` that is present, as a required positive integer (configs name
+    /// some sizes differently across versions, e.g. BLOOM's `n_embed` / `hidden_size`).
+    pub fn usize_first(&self, keys: &[&str]) -> Result<usize> {
+        match keys.iter().find(|k| self.get(k).is_some()) {
+            Some(key) => self.usize(key),
+            None => {
+                Err(self
+                    .error(format!("key `{}` is missing, expected a positive integer", keys.join("` or `"))))
+            }
+        }
+    }
+
     /// An optional number.
     pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.get(key) {

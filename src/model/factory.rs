@@ -9,13 +9,41 @@ use super::weights::WeightStore;
 /// Canonical name of an untied output head.
 pub const HEAD: &str = "lm_head";
 
+/// One linear layer an architecture asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearSpec<'a> {
+    /// Name; the weight is `{name}.weight`, the bias `{name}.bias`.
+    pub name: &'a str,
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// Whether the layer has a bias.
+    pub bias: bool,
+    /// The checkpoint stores the weight as `[in, out]` (GPT-2's Conv1D); it is transposed
+    /// on load, and saved quantized models always hold `[out, in]`.
+    pub stored_in_out: bool,
+}
+
+impl<'a> LinearSpec<'a> {
+    /// A layer `name` with a `[rows, cols]` weight and an optional bias.
+    pub fn new(name: &'a str, rows: usize, cols: usize, bias: bool) -> Self {
+        LinearSpec { name, rows, cols, bias, stored_in_out: false }
+    }
+
+    /// The same layer, stored `[in, out]` in the checkpoint.
+    pub fn stored_in_out(self) -> Self {
+        LinearSpec { stored_in_out: true, ..self }
+    }
+}
+
 /// Supplies an architecture's tensors and linear layers while it is built.
 pub trait WeightFactory {
     /// A full-precision tensor (embedding, norm) of `shape`.
     fn dense(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
     /// The linear layer `name` (`[rows, cols]` weight at `{name}.weight`), in the scheme's
     /// representation.
-    fn linear(&mut self, name: &str, rows: usize, cols: usize, bias: bool) -> Result<Box<dyn Linear>>;
+    fn linear(&mut self, spec: LinearSpec) -> Result<Box<dyn Linear>>;
     /// The output head. `tied_to` names the embedding when the head shares it. `None`
     /// means: use the embedding matrix as is (tied and not quantized).
     fn head(&mut self, tied_to: Option<&str>, rows: usize, cols: usize) -> Result<Option<Box<dyn Linear>>>;
@@ -59,9 +87,15 @@ impl WeightFactory for QuantizeFactory<'_> {
         self.read(name, shape)
     }
 
-    fn linear(&mut self, name: &str, rows: usize, cols: usize, bias: bool) -> Result<Box<dyn Linear>> {
-        let data = self.read(&format!("{name}.weight"), &[rows, cols])?;
-        let bias = self.bias(name, rows, bias)?;
+    fn linear(&mut self, spec: LinearSpec) -> Result<Box<dyn Linear>> {
+        let LinearSpec { name, rows, cols, .. } = spec;
+        let weight = format!("{name}.weight");
+        let data = if spec.stored_in_out {
+            transpose(&self.read(&weight, &[cols, rows])?, cols, rows)
+        } else {
+            self.read(&weight, &[rows, cols])?
+        };
+        let bias = self.bias(name, rows, spec.bias)?;
         self.scheme.quantize(DenseWeight { name: name.to_string(), rows, cols, data }, bias)
     }
 
@@ -103,9 +137,9 @@ impl WeightFactory for ReloadFactory<'_> {
         self.store.f32(name, shape)
     }
 
-    fn linear(&mut self, name: &str, rows: usize, cols: usize, bias: bool) -> Result<Box<dyn Linear>> {
-        let bias = self.bias(name, rows, bias)?;
-        self.scheme.load(name, rows, cols, bias, self.store)
+    fn linear(&mut self, spec: LinearSpec) -> Result<Box<dyn Linear>> {
+        let bias = self.bias(spec.name, spec.rows, spec.bias)?;
+        self.scheme.load(spec.name, spec.rows, spec.cols, bias, self.store)
     }
 
     fn head(&mut self, tied_to: Option<&str>, rows: usize, cols: usize) -> Result<Option<Box<dyn Linear>>> {
@@ -119,6 +153,17 @@ impl WeightFactory for ReloadFactory<'_> {
         let weight = DenseWeight { name: HEAD.to_string(), rows, cols, data };
         Ok(Some(Box::new(FloatLinear::unquantized(weight, None))))
     }
+}
+
+/// `[rows, cols]` row-major → `[cols, rows]` row-major.
+fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = data[r * cols + c];
+        }
+    }
+    out
 }
 
 impl StoredSource for WeightStore {

@@ -3,18 +3,34 @@
 
 use std::collections::BTreeSet;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::scheme::{Linear, StoredTensor, TensorRole};
-use crate::tensor::attention::{AttentionShape, KvCache};
+use crate::tensor::attention::{AttentionShape, KvCache, Masking};
 use crate::tensor::{self, Rope};
 
-use super::{ArchInfo, CausalLm, ConfigJson, Logits, TensorKind, TensorSpec, WeightFactory};
+use super::decoder;
+use super::{
+    ArchInfo, ArchKind, CausalLm, ConfigJson, LinearSpec, Logits, Model, TensorKind, TensorSpec,
+    WeightFactory,
+};
 
 /// The table row for Llama.
 pub const ARCH: ArchInfo = ArchInfo {
     name: "llama",
     model_types: &["llama"],
+    kind: ArchKind::Causal,
     summary: "Llama / SmolLM2 / Mistral-style decoder: RMSNorm, RoPE, GQA, SwiGLU",
+    quantizable: "q/k/v/o_proj, gate/up/down_proj (lm_head with quantize_head)",
+    tensors: tensor_specs,
+    build,
+};
+
+/// The table row for Qwen2: the Llama path with biases on q, k and v.
+pub const QWEN2: ArchInfo = ArchInfo {
+    name: "qwen2",
+    model_types: &["qwen2"],
+    kind: ArchKind::Causal,
+    summary: "Qwen2 / DeepSeek-R1-Distill-Qwen decoder: Llama with q/k/v biases",
     quantizable: "q/k/v/o_proj, gate/up/down_proj (lm_head with quantize_head)",
     tensors: tensor_specs,
     build,
@@ -39,8 +55,10 @@ pub struct LlamaConfig {
     pub rope_theta: f64,
     /// Output head shares the embedding matrix.
     pub tied: bool,
-    /// Biases on q/k/v/o (`attention_bias`).
-    pub attention_bias: bool,
+    /// Biases on q, k and v (Qwen2 always; Llama with `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on o (Llama with `attention_bias`).
+    pub o_bias: bool,
 }
 
 impl LlamaConfig {
@@ -70,6 +88,16 @@ impl LlamaConfig {
                 }
             }
         }
+        let qwen2 = config.str("model_type") == Some("qwen2");
+        if qwen2 && config.bool_or("use_sliding_window", false)? {
+            let found = serde_json::json!(true);
+            return Err(config.unsupported(
+                "use_sliding_window",
+                &found,
+                "false (sliding-window attention is not implemented)",
+            ));
+        }
+        let attention_bias = config.bool_or("attention_bias", false)?;
         Ok(LlamaConfig {
             vocab: config.usize("vocab_size")?,
             hidden,
@@ -79,7 +107,8 @@ impl LlamaConfig {
             eps: config.f64_or("rms_norm_eps", 1e-6)? as f32,
             rope_theta: config.f64_first(&["rope_theta", "rope_parameters.rope_theta"], 10000.0)?,
             tied: config.bool_or("tie_word_embeddings", false)?,
-            attention_bias: config.bool_or("attention_bias", false)?,
+            qkv_bias: qwen2 || attention_bias,
+            o_bias: attention_bias,
         })
     }
 
@@ -94,13 +123,13 @@ impl LlamaConfig {
     /// (name, rows, cols, bias) of every linear layer of block `i`.
     fn block_linears(&self, i: usize) -> Vec<(String, usize, usize, bool)> {
         let p = format!("model.layers.{i}");
-        let (h, q, kv, m, b) =
-            (self.hidden, self.q_width(), self.kv_width(), self.intermediate, self.attention_bias);
+        let (h, q, kv, m) = (self.hidden, self.q_width(), self.kv_width(), self.intermediate);
+        let (b, ob) = (self.qkv_bias, self.o_bias);
         vec![
             (format!("{p}.self_attn.q_proj"), q, h, b),
             (format!("{p}.self_attn.k_proj"), kv, h, b),
             (format!("{p}.self_attn.v_proj"), kv, h, b),
-            (format!("{p}.self_attn.o_proj"), h, q, b),
+            (format!("{p}.self_attn.o_proj"), h, q, ob),
             (format!("{p}.mlp.gate_proj"), m, h, false),
             (format!("{p}.mlp.up_proj"), m, h, false),
             (format!("{p}.mlp.down_proj"), h, m, false),
@@ -151,7 +180,7 @@ pub struct Llama {
     rope: Rope,
 }
 
-fn build(config: &ConfigJson, factory: &mut dyn WeightFactory) -> Result<Box<dyn CausalLm>> {
+fn build(config: &ConfigJson, factory: &mut dyn WeightFactory) -> Result<Model> {
     let c = LlamaConfig::parse(config)?;
     let embed = factory.dense(EMBED, &[c.vocab, c.hidden])?;
     let mut blocks = Vec::with_capacity(c.layers);
@@ -162,36 +191,23 @@ fn build(config: &ConfigJson, factory: &mut dyn WeightFactory) -> Result<Box<dyn
         let linears = c
             .block_linears(i)
             .into_iter()
-            .map(|(name, rows, cols, bias)| Ok((name.clone(), factory.linear(&name, rows, cols, bias)?)))
+            .map(|(name, rows, cols, bias)| {
+                let layer = factory.linear(LinearSpec::new(&name, rows, cols, bias))?;
+                Ok((name, layer))
+            })
             .collect::<Result<_>>()?;
         blocks.push(Block { attn_norm, mlp_norm, linears });
     }
     let final_norm = factory.dense(FINAL_NORM, &[c.hidden])?;
     let head = factory.head(c.tied.then_some(EMBED), c.vocab, c.hidden)?;
     let rope = Rope::new(c.attention.head_dim, c.rope_theta);
-    Ok(Box::new(Llama { config: c, embed, blocks, final_norm, head, rope }))
+    Ok(Model::Causal(Box::new(Llama { config: c, embed, blocks, final_norm, head, rope })))
 }
 
 impl Llama {
     /// The parsed hyper-parameters.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
-    }
-
-    fn embed_tokens(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let h = self.config.hidden;
-        let mut out = Vec::with_capacity(tokens.len() * h);
-        for &t in tokens {
-            let t = t as usize;
-            if t >= self.config.vocab {
-                return Err(Error::Workload(format!(
-                    "token id {t} is outside the model's vocabulary of {}",
-                    self.config.vocab
-                )));
-            }
-            out.extend_from_slice(&self.embed[t * h..(t + 1) * h]);
-        }
-        Ok(out)
     }
 
     /// Rotate every head of `x` (`[batch, seq, heads · head_dim]`) for its position.
@@ -207,11 +223,7 @@ impl Llama {
         let c = &self.config;
         let block = &self.blocks[index];
         let layer = |i: usize| block.linears[i].1.as_ref();
-        let run = |l: &dyn Linear, x: &[f32]| {
-            let mut out = vec![0.0; rows * l.out_features()];
-            l.forward(x, rows, &mut out);
-            out
-        };
+        let run = |l: &dyn Linear, x: &[f32]| decoder::run_linear(l, x, rows);
 
         let mut x = hidden.to_vec();
         tensor::rms_norm_rows(&mut x, &block.attn_norm, c.eps);
@@ -223,7 +235,7 @@ impl Llama {
         self.rotate(&mut k, c.attention.kv_heads, seq, start);
         cache.append(index, &k, &v, seq);
         let mut attn = vec![0.0; q.len()];
-        cache.attend(index, &q, seq, &mut attn);
+        cache.attend(index, &q, seq, Masking::CAUSAL, &mut attn);
         tensor::add_in_place(hidden, &run(layer(3), &attn));
 
         let mut x = hidden.to_vec();
@@ -244,30 +256,15 @@ impl CausalLm for Llama {
     }
 
     fn forward(&self, tokens: &[u32], batch: usize, cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>> {
-        if batch == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(batch) || cache.batch() != batch {
-            return Err(Error::Workload(format!(
-                "{} tokens cannot form a batch of {batch} equal sequences for a cache of {}",
-                tokens.len(),
-                cache.batch()
-            )));
-        }
-        let (rows, seq, h) = (tokens.len(), tokens.len() / batch, self.config.hidden);
-        let mut hidden = self.embed_tokens(tokens)?;
+        let (rows, seq) = decoder::check_batch(tokens, batch, cache)?;
+        let mut hidden = decoder::embed_rows(&self.embed, self.config.vocab, tokens)?;
         for i in 0..self.blocks.len() {
             self.block(i, &mut hidden, rows, seq, cache);
         }
         cache.advance(seq);
-        if logits == Logits::Last {
-            hidden = hidden.chunks_exact(seq * h).flat_map(|s| s[(seq - 1) * h..].to_vec()).collect();
-        }
-        let out_rows = hidden.len() / h;
+        let mut hidden = decoder::select_rows(hidden, seq, self.config.hidden, logits);
         tensor::rms_norm_rows(&mut hidden, &self.final_norm, self.config.eps);
-        let mut out = vec![0.0; out_rows * self.config.vocab];
-        match &self.head {
-            Some(head) => head.forward(&hidden, out_rows, &mut out),
-            None => tensor::matmul_nt(&hidden, out_rows, h, &self.embed, self.config.vocab, &mut out),
-        }
-        Ok(out)
+        Ok(decoder::head_logits(&hidden, self.head.as_deref(), &self.embed, self.config.vocab))
     }
 
     fn export(&self) -> Vec<StoredTensor> {

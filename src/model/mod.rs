@@ -1,11 +1,16 @@
 //! Models: loading checkpoints and tokenizers, the architecture registry, and the
 //! weight factories that put a scheme's linear layers into an architecture.
 
+pub mod bert;
+pub mod bloom;
 pub mod builtin;
 pub mod config;
+mod decoder;
 mod factory;
 pub mod generate;
+pub mod gpt2;
 pub mod llama;
+mod norm;
 pub mod tokenizer;
 pub mod weights;
 
@@ -18,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::scheme::StoredTensor;
 use crate::tensor::attention::KvCache;
 pub use config::ConfigJson;
-pub use factory::{QuantizeFactory, ReloadFactory, WeightFactory};
+pub use factory::{LinearSpec, QuantizeFactory, ReloadFactory, WeightFactory};
 use tokenizer::TextTokenizer;
 use weights::WeightStore;
 
@@ -43,6 +48,78 @@ pub trait CausalLm: Send + Sync {
     fn export(&self) -> Vec<StoredTensor>;
     /// The kernel paths its layers run.
     fn kernels(&self) -> BTreeSet<&'static str>;
+}
+
+/// A bidirectional encoder (BERT): hidden states for every position, pooled into
+/// sentence embeddings by the caller.
+pub trait Encoder: Send + Sync {
+    /// Width of the hidden states.
+    fn hidden_size(&self) -> usize;
+    /// Longest sequence the position embeddings cover.
+    fn max_positions(&self) -> usize;
+    /// Last hidden states `[batch, seq, hidden]` of `tokens` (`[batch, seq]`), where `mask`
+    /// (`[batch, seq]`) is 1 for real tokens and 0 for padding.
+    fn encode(&self, tokens: &[u32], mask: &[u8], batch: usize) -> Result<Vec<f32>>;
+    /// Every tensor of the model as stored.
+    fn export(&self) -> Vec<StoredTensor>;
+    /// The kernel paths its layers run.
+    fn kernels(&self) -> BTreeSet<&'static str>;
+}
+
+/// A built model of either kind.
+pub enum Model {
+    /// A decoder: next-token logits, a KV cache, generation.
+    Causal(Box<dyn CausalLm>),
+    /// An encoder: hidden states and sentence embeddings.
+    Encoder(Box<dyn Encoder>),
+}
+
+impl Model {
+    /// Every tensor of the model as stored.
+    pub fn export(&self) -> Vec<StoredTensor> {
+        match self {
+            Model::Causal(m) => m.export(),
+            Model::Encoder(m) => m.export(),
+        }
+    }
+
+    /// The kernel paths its layers run.
+    pub fn kernels(&self) -> BTreeSet<&'static str> {
+        match self {
+            Model::Causal(m) => m.kernels(),
+            Model::Encoder(m) => m.kernels(),
+        }
+    }
+
+    /// The decoder, or an error naming what was asked of an encoder.
+    pub fn causal(&self, for_what: &str) -> Result<&dyn CausalLm> {
+        match self {
+            Model::Causal(m) => Ok(m.as_ref()),
+            Model::Encoder(_) => Err(Error::Workload(format!(
+                "{for_what} needs a causal language model; this model is an encoder (use `bench embed`)"
+            ))),
+        }
+    }
+
+    /// The encoder, or an error naming what was asked of a decoder.
+    pub fn encoder(&self, for_what: &str) -> Result<&dyn Encoder> {
+        match self {
+            Model::Encoder(m) => Ok(m.as_ref()),
+            Model::Causal(_) => Err(Error::Workload(format!(
+                "{for_what} needs an encoder; this model is a causal language model (use `bench generate`)"
+            ))),
+        }
+    }
+}
+
+/// Whether an architecture is a decoder or an encoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArchKind {
+    /// Next-token prediction.
+    Causal,
+    /// Bidirectional encoding.
+    Encoder,
 }
 
 /// What a tensor of an architecture is.
@@ -75,6 +152,8 @@ pub struct ArchInfo {
     pub name: &'static str,
     /// `model_type` values of config.json that select it.
     pub model_types: &'static [&'static str],
+    /// Decoder or encoder.
+    pub kind: ArchKind,
     /// One line for `bench list`.
     pub summary: &'static str,
     /// Which tensors schemes quantize, for the list and the docs.
@@ -82,11 +161,11 @@ pub struct ArchInfo {
     /// Every tensor the config implies.
     pub tensors: fn(&ConfigJson) -> Result<Vec<TensorSpec>>,
     /// Build the model, taking each tensor from the factory.
-    pub build: fn(&ConfigJson, &mut dyn WeightFactory) -> Result<Box<dyn CausalLm>>,
+    pub build: fn(&ConfigJson, &mut dyn WeightFactory) -> Result<Model>,
 }
 
 /// Every architecture the harness runs.
-pub static ARCHS: &[ArchInfo] = &[llama::ARCH];
+pub static ARCHS: &[ArchInfo] = &[llama::ARCH, llama::QWEN2, bloom::ARCH, gpt2::ARCH, bert::ARCH];
 
 /// The architecture whose `model_type` is `model_type`.
 pub fn arch_for(config: &ConfigJson) -> Result<&'static ArchInfo> {
@@ -200,8 +279,13 @@ impl ModelFiles {
         Ok(specs)
     }
 
+    /// The padding token id (`pad_token_id` of config.json, else 0).
+    pub fn pad_id(&self) -> u32 {
+        self.config.get("pad_token_id").and_then(|v| v.as_u64()).unwrap_or(0) as u32
+    }
+
     /// Build the model through `factory`.
-    pub fn build(&self, factory: &mut dyn WeightFactory) -> Result<Box<dyn CausalLm>> {
+    pub fn build(&self, factory: &mut dyn WeightFactory) -> Result<Model> {
         (self.arch.build)(&self.config, factory)
     }
 

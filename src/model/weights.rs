@@ -13,9 +13,9 @@ use safetensors::SafeTensors;
 use crate::error::{Error, Result};
 use crate::scheme::StoredTensor;
 
-/// Prefixes that exporters put in front of tensor names (`model.`, `transformer.`);
+/// Prefixes that exporters put in front of tensor names (`model.`, `transformer.`, `bert.`);
 /// lookups try the name with and without them.
-const NAME_PREFIXES: &[&str] = &["model.", "transformer.", ""];
+const NAME_PREFIXES: &[&str] = &["model.", "transformer.", "bert.", ""];
 
 /// One memory-mapped safetensors file with its parsed header.
 struct MappedFile {

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::measure::divergence::Divergence;
+use crate::measure::embedding::EmbeddingDivergence;
 use crate::measure::latency::Stats;
 
 /// Bumped on any incompatible change of this schema.
@@ -148,8 +149,10 @@ pub struct CaseResult {
     pub disk: Option<Disk>,
     /// Timings.
     pub latency: Option<Latency>,
-    /// Divergence from the reference.
+    /// Divergence of next-token distributions from the reference (decoders).
     pub divergence: Option<Divergence>,
+    /// Divergence of embeddings and hidden states from the reference (encoders).
+    pub embedding: Option<EmbeddingDivergence>,
     /// Greedy continuations.
     pub generation: Option<Vec<Generation>>,
     /// Things the reader should know (noisy timings, ...).
@@ -189,16 +192,16 @@ pub struct Latency {
     pub quantize_s: f64,
     /// Load of the saved file, seconds.
     pub load_s: Option<f64>,
-    /// Prefill samples, milliseconds.
+    /// Prefill samples (for encoders: one encoder pass), milliseconds.
     pub prefill_ms: Vec<f64>,
     /// Prefill statistics.
     pub prefill: Stats,
-    /// Decode step samples (all steps of all repeats), milliseconds.
+    /// Decode step samples (all steps of all repeats), milliseconds; empty for encoders.
     pub decode_ms: Vec<f64>,
-    /// Decode step statistics.
-    pub decode: Stats,
-    /// Tokens per second across the batch, from the median step.
-    pub decode_tokens_per_s: f64,
+    /// Decode step statistics (decoders).
+    pub decode: Option<Stats>,
+    /// Tokens per second across the batch, from the median step (decoders).
+    pub decode_tokens_per_s: Option<f64>,
     /// Sequences per run.
     pub batch_size: usize,
     /// Prompt tokens per sequence.

@@ -40,9 +40,12 @@ const COLUMNS: &[Column] = &[
     },
     Column {
         header: "decode ms/step",
-        value: |c| opt(c.latency.as_ref(), |l| Cell::Num(l.decode.median, 3)),
+        value: |c| opt(c.latency.as_ref().and_then(|l| l.decode.as_ref()), |d| Cell::Num(d.median, 3)),
     },
-    Column { header: "tok/s", value: |c| opt(c.latency.as_ref(), |l| Cell::Num(l.decode_tokens_per_s, 1)) },
+    Column {
+        header: "tok/s",
+        value: |c| opt(c.latency.as_ref().and_then(|l| l.decode_tokens_per_s), |t| Cell::Num(t, 1)),
+    },
     Column { header: "KLD mean", value: |c| opt(c.divergence.as_ref(), |d| Cell::Num(d.kld_mean, 6)) },
     Column {
         header: "same top-1 %",
@@ -51,6 +54,8 @@ const COLUMNS: &[Column] = &[
     Column { header: "PPL ref", value: |c| opt(c.divergence.as_ref(), |d| Cell::Num(d.ppl_reference, 3)) },
     Column { header: "PPL", value: |c| opt(c.divergence.as_ref(), |d| Cell::Num(d.ppl, 3)) },
     Column { header: "PPL ratio", value: |c| opt(c.divergence.as_ref(), |d| Cell::Num(d.ppl_ratio, 4)) },
+    Column { header: "emb cos min", value: |c| opt(c.embedding.as_ref(), |e| Cell::Num(e.cosine_min, 6)) },
+    Column { header: "hidden NMSE", value: |c| opt(c.embedding.as_ref(), |e| Cell::Num(e.hidden_nmse, 8)) },
     Column {
         header: "first diff tok",
         value: |c| {

@@ -14,6 +14,22 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
+/// Which keys each query sees, beyond the plain scaled dot product.
+#[derive(Debug, Clone, Copy)]
+pub struct Masking<'a> {
+    /// Query `t` sees keys `0..=start + t` only (decoders); otherwise every key (encoders).
+    pub causal: bool,
+    /// ALiBi: `slope[h] · key_position` added to head `h`'s scores (BLOOM).
+    pub alibi: Option<&'a [f32]>,
+    /// `[batch, keys]`, 0 for padding keys that no query may see (padded encoder batches).
+    pub key_mask: Option<&'a [u8]>,
+}
+
+impl Masking<'_> {
+    /// Causal, no bias, no padding: Llama, Qwen2, GPT-2.
+    pub const CAUSAL: Masking<'static> = Masking { causal: true, alibi: None, key_mask: None };
+}
+
 /// Keys and values of every layer for a batch of sequences that advance together.
 #[derive(Debug, Clone)]
 pub struct KvCache {
@@ -80,10 +96,10 @@ impl KvCache {
         }
     }
 
-    /// Causal attention of `seq` new queries `q` (`[batch, seq, heads · head_dim]`, already
+    /// Attention of `seq` new queries `q` (`[batch, seq, heads · head_dim]`, already
     /// rotated) against everything cached for `layer` (the new positions included), into
     /// `out` (same layout as `q`). Query `t` sits at position `self.len + t`.
-    pub fn attend(&self, layer: usize, q: &[f32], seq: usize, out: &mut [f32]) {
+    pub fn attend(&self, layer: usize, q: &[f32], seq: usize, masking: Masking, out: &mut [f32]) {
         let AttentionShape { heads, kv_heads, head_dim } = self.shape;
         let group = heads / kv_heads;
         let scale = 1.0 / (head_dim as f32).sqrt();
@@ -91,7 +107,8 @@ impl KvCache {
         let row_width = heads * head_dim;
         let attend_row = |(row, out_row): (usize, &mut [f32])| {
             let (b, t) = (row / seq, row % seq);
-            let visible = start + t + 1;
+            let visible = if masking.causal { start + t + 1 } else { start + seq };
+            let keys_total = start + seq;
             let mut scores = vec![0.0f32; visible];
             for h in 0..heads {
                 let kv = b * kv_heads + h / group;
@@ -101,6 +118,14 @@ impl KvCache {
                 for (p, s) in scores.iter_mut().enumerate() {
                     let kp = &keys[p * head_dim..][..head_dim];
                     *s = qh.iter().zip(kp).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    if let Some(slopes) = masking.alibi {
+                        *s += slopes[h] * p as f32;
+                    }
+                    // The most negative float, as transformers uses: a fully padded row
+                    // then stays finite (uniform) instead of turning into NaN.
+                    if masking.key_mask.is_some_and(|m| m[b * keys_total + p] == 0) {
+                        *s = f32::MIN;
+                    }
                 }
                 super::softmax_in_place(&mut scores);
                 let oh = &mut out_row[h * head_dim..][..head_dim];
@@ -140,7 +165,7 @@ mod tests {
         let mut full = KvCache::new(1, batch, shape, seq);
         full.append(0, &k, &v, seq);
         let mut out_full = vec![f32::NAN; q.len()];
-        full.attend(0, &q, seq, &mut out_full);
+        full.attend(0, &q, seq, Masking::CAUSAL, &mut out_full);
 
         let mut step = KvCache::new(1, batch, shape, seq);
         for t in 0..seq {
@@ -149,7 +174,7 @@ mod tests {
             };
             step.append(0, &pick(&k, kv_width), &pick(&v, kv_width), 1);
             let mut out = vec![f32::NAN; batch * width];
-            step.attend(0, &pick(&q, width), 1, &mut out);
+            step.attend(0, &pick(&q, width), 1, Masking::CAUSAL, &mut out);
             step.advance(1);
             for b in 0..batch {
                 let expect = &out_full[(b * seq + t) * width..][..width];

@@ -86,6 +86,53 @@ pub fn rms_norm_rows(x: &mut [f32], weight: &[f32], eps: f32) {
     }
 }
 
+/// LayerNorm of every row of `x` (`rows × weight.len()`), in place:
+/// `(x − mean) / sqrt(var + eps) · weight + bias`, statistics in f64.
+pub fn layer_norm_rows(x: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
+    let dim = weight.len();
+    for row in x.chunks_exact_mut(dim) {
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / dim as f64;
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / dim as f64;
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        for ((v, w), b) in row.iter_mut().zip(weight).zip(bias) {
+            *v = ((*v as f64 - mean) * inv) as f32 * w + b;
+        }
+    }
+}
+
+/// GELU, tanh approximation (GPT-2's `gelu_new`, BLOOM's `bloom_gelu_forward`), in place.
+pub fn gelu_tanh_in_place(x: &mut [f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for v in x.iter_mut() {
+        let u = *v;
+        *v = 0.5 * u * (1.0 + (SQRT_2_OVER_PI * (u + 0.044715 * u * u * u)).tanh());
+    }
+}
+
+/// GELU with the exact error function (BERT's `gelu`), in place.
+pub fn gelu_erf_in_place(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        let u = *v as f64;
+        *v = (0.5 * u * (1.0 + libm::erf(u / std::f64::consts::SQRT_2))) as f32;
+    }
+}
+
+/// ALiBi slopes for `heads` attention heads, as BLOOM defines them: a geometric sequence
+/// for the largest power of two ≤ `heads`, then every other slope of the next power's
+/// sequence for the remaining heads.
+pub fn alibi_slopes(heads: usize) -> Vec<f32> {
+    let closest = 1usize << (usize::BITS - 1 - heads.leading_zeros());
+    let base = |n: usize| 2f64.powf(-(2f64.powf(-((n as f64).log2() - 3.0))));
+    let first = base(closest);
+    let mut slopes: Vec<f32> = (1..=closest).map(|i| first.powi(i as i32) as f32).collect();
+    if closest != heads {
+        let extra = base(2 * closest);
+        let remaining = (heads - closest).min(closest);
+        slopes.extend((0..remaining).map(|i| extra.powi((2 * i + 1) as i32) as f32));
+    }
+    slopes
+}
+
 /// Softmax of one row, in place, numerically stable.
 pub fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -245,6 +292,42 @@ mod tests {
             let rms = (row.iter().map(|v| v * v).sum::<f32>() / 16.0).sqrt();
             assert!((rms - 1.0).abs() < 1e-5, "rms {rms}");
         }
+    }
+
+    #[test]
+    fn layer_norm_centres_and_scales() {
+        let mut x = random(2 * 8, 6);
+        layer_norm_rows(&mut x, &[2.0; 8], &[0.5; 8], 0.0);
+        for row in x.chunks(8) {
+            let mean = row.iter().sum::<f32>() / 8.0;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 8.0;
+            assert!((mean - 0.5).abs() < 1e-5 && (var - 4.0).abs() < 1e-4, "mean {mean} var {var}");
+        }
+    }
+
+    #[test]
+    fn gelu_forms_agree_with_known_values() {
+        let mut exact = vec![-3.0, -1.0, 0.0, 0.5, 2.0];
+        let mut approx = exact.clone();
+        gelu_erf_in_place(&mut exact);
+        gelu_tanh_in_place(&mut approx);
+        // torch.nn.functional.gelu of the same inputs.
+        let torch = [-0.0040496, -0.1586553, 0.0, 0.3457312, 1.9544997];
+        for ((e, a), t) in exact.iter().zip(&approx).zip(torch) {
+            assert!((e - t).abs() < 1e-6, "erf form {e} vs {t}");
+            assert!((a - t).abs() < 1e-3, "tanh form {a} vs {t}");
+        }
+    }
+
+    #[test]
+    fn alibi_slopes_match_bloom_for_powers_of_two_and_others() {
+        let eight = alibi_slopes(8);
+        let expect: Vec<f32> = (1..=8).map(|i| 0.5f32.powi(i)).collect();
+        assert_eq!(eight, expect);
+        // 6 heads: 4 from the 4-head sequence (2^-2i), then 2^-1 and 2^-3 from the 8-head one.
+        let six = alibi_slopes(6);
+        let expect = [0.25, 0.0625, 0.015625, 0.00390625, 0.5, 0.125];
+        assert_eq!(six, expect);
     }
 
     #[test]

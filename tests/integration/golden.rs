@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use quantbench::model::weights::{self, WeightStore};
-use quantbench::model::{CausalLm, Logits, ModelFiles, QuantizeFactory};
+use quantbench::model::{Logits, Model, ModelFiles, QuantizeFactory};
 use quantbench::scheme::{self, FloatStorage, StoredTensor, TensorRole};
 use quantbench::tensor::{argmax, relative_l2};
 use safetensors::{Dtype, SafeTensors};
@@ -39,7 +39,7 @@ impl Golden {
     }
 }
 
-fn build(files: &ModelFiles) -> Box<dyn CausalLm> {
+fn build(files: &ModelFiles) -> Model {
     let fp32 = (scheme::lookup("fp32").unwrap().build)(&Default::default()).unwrap();
     files.build(&mut QuantizeFactory::new(&files.store, FloatStorage::F32, fp32.as_ref(), false)).unwrap()
 }
@@ -57,7 +57,8 @@ fn check_fixture(folder: &str) {
 
 fn check_dir(dir: &Path, folder: &str) {
     let files = ModelFiles::open(dir).unwrap();
-    let model = build(&files);
+    let built = build(&files);
+    let model = built.causal("the golden test").unwrap();
     let golden = Golden::load(dir);
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();

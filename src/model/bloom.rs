@@ -1,0 +1,229 @@
+//! The BLOOM architecture: embedding LayerNorm, ALiBi attention biases, a fused
+//! `query_key_value` with per-head interleaved q/k/v, tanh GELU, a tied head.
+
+use std::collections::BTreeSet;
+
+use crate::error::Result;
+use crate::scheme::{Linear, StoredTensor, TensorRole};
+use crate::tensor;
+use crate::tensor::attention::{AttentionShape, KvCache, Masking};
+
+use super::decoder;
+use super::norm::Norm;
+use super::{
+    ArchInfo, ArchKind, CausalLm, ConfigJson, LinearSpec, Logits, Model, TensorKind, TensorSpec,
+    WeightFactory,
+};
+
+/// The table row for BLOOM.
+pub const ARCH: ArchInfo = ArchInfo {
+    name: "bloom",
+    model_types: &["bloom"],
+    kind: ArchKind::Causal,
+    summary: "BLOOM decoder: ALiBi, fused per-head q/k/v, LayerNorm, tanh GELU, tied head",
+    quantizable: "query_key_value, dense, dense_h_to_4h, dense_4h_to_h (tied head with quantize_head)",
+    tensors: tensor_specs,
+    build,
+};
+
+const EMBED: &str = "word_embeddings.weight";
+const EMBED_NORM: &str = "word_embeddings_layernorm";
+const FINAL_NORM: &str = "ln_f";
+
+#[derive(Debug, Clone)]
+struct BloomConfig {
+    vocab: usize,
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    eps: f32,
+}
+
+impl BloomConfig {
+    fn parse(config: &ConfigJson) -> Result<Self> {
+        let hidden = config.usize_first(&["hidden_size", "n_embed"])?;
+        let heads = config.usize_first(&["n_head", "num_attention_heads"])?;
+        if hidden % heads != 0 {
+            let found = serde_json::json!(heads);
+            return Err(config.unsupported(
+                "n_head",
+                &found,
+                &format!("a divisor of hidden_size ({hidden})"),
+            ));
+        }
+        if config.bool_or("apply_residual_connection_post_layernorm", false)? {
+            let found = serde_json::json!(true);
+            return Err(config.unsupported("apply_residual_connection_post_layernorm", &found, "false"));
+        }
+        Ok(BloomConfig {
+            vocab: config.usize("vocab_size")?,
+            hidden,
+            layers: config.usize_first(&["n_layer", "num_hidden_layers"])?,
+            heads,
+            eps: config.f64_or("layer_norm_epsilon", 1e-5)? as f32,
+        })
+    }
+
+    fn linears(&self, i: usize) -> Vec<(String, usize, usize)> {
+        let (p, h) = (format!("h.{i}"), self.hidden);
+        vec![
+            (format!("{p}.self_attention.query_key_value"), 3 * h, h),
+            (format!("{p}.self_attention.dense"), h, h),
+            (format!("{p}.mlp.dense_h_to_4h"), 4 * h, h),
+            (format!("{p}.mlp.dense_4h_to_h"), h, 4 * h),
+        ]
+    }
+
+    fn norms(&self, i: usize) -> [String; 2] {
+        [format!("h.{i}.input_layernorm"), format!("h.{i}.post_attention_layernorm")]
+    }
+}
+
+fn tensor_specs(config: &ConfigJson) -> Result<Vec<TensorSpec>> {
+    let c = BloomConfig::parse(config)?;
+    let mut specs =
+        vec![TensorSpec { name: EMBED.into(), shape: vec![c.vocab, c.hidden], kind: TensorKind::Dense }];
+    specs.extend(Norm::specs(EMBED_NORM, c.hidden));
+    for i in 0..c.layers {
+        for norm in c.norms(i) {
+            specs.extend(Norm::specs(&norm, c.hidden));
+        }
+        for (name, rows, cols) in c.linears(i) {
+            specs.push(TensorSpec {
+                name: format!("{name}.weight"),
+                shape: vec![rows, cols],
+                kind: TensorKind::Linear,
+            });
+            specs.push(TensorSpec {
+                name: format!("{name}.bias"),
+                shape: vec![rows],
+                kind: TensorKind::Bias,
+            });
+        }
+    }
+    specs.extend(Norm::specs(FINAL_NORM, c.hidden));
+    Ok(specs)
+}
+
+struct Block {
+    attn_norm: Norm,
+    mlp_norm: Norm,
+    /// query_key_value, dense, dense_h_to_4h, dense_4h_to_h.
+    linears: Vec<(String, Box<dyn Linear>)>,
+}
+
+/// A built BLOOM model.
+pub struct Bloom {
+    config: BloomConfig,
+    embed: Vec<f32>,
+    embed_norm: Norm,
+    blocks: Vec<Block>,
+    final_norm: Norm,
+    head: Option<Box<dyn Linear>>,
+    slopes: Vec<f32>,
+}
+
+fn build(config: &ConfigJson, factory: &mut dyn WeightFactory) -> Result<Model> {
+    let c = BloomConfig::parse(config)?;
+    let h = c.hidden;
+    let embed = factory.dense(EMBED, &[c.vocab, h])?;
+    let embed_norm = Norm::load(factory, EMBED_NORM, h)?;
+    let mut blocks = Vec::with_capacity(c.layers);
+    for i in 0..c.layers {
+        let [attn, mlp] = c.norms(i);
+        let (attn_norm, mlp_norm) = (Norm::load(factory, &attn, h)?, Norm::load(factory, &mlp, h)?);
+        let linears = c
+            .linears(i)
+            .into_iter()
+            .map(|(name, rows, cols)| {
+                Ok((name.clone(), factory.linear(LinearSpec::new(&name, rows, cols, true))?))
+            })
+            .collect::<Result<_>>()?;
+        blocks.push(Block { attn_norm, mlp_norm, linears });
+    }
+    let final_norm = Norm::load(factory, FINAL_NORM, h)?;
+    let head = factory.head(Some(EMBED), c.vocab, h)?;
+    let slopes = tensor::alibi_slopes(c.heads);
+    Ok(Model::Causal(Box::new(Bloom { config: c, embed, embed_norm, blocks, final_norm, head, slopes })))
+}
+
+impl Bloom {
+    fn block(&self, index: usize, hidden: &mut [f32], rows: usize, seq: usize, cache: &mut KvCache) {
+        let c = &self.config;
+        let block = &self.blocks[index];
+        let run = |i: usize, x: &[f32]| decoder::run_linear(block.linears[i].1.as_ref(), x, rows);
+        let mut x = hidden.to_vec();
+        block.attn_norm.apply(&mut x, c.eps);
+        let fused = run(0, &x);
+        // Per token the fused output is [head 0: q, k, v | head 1: q, k, v | ...].
+        let hd = c.hidden / c.heads;
+        let (mut q, mut k, mut v) = (Vec::with_capacity(rows * c.hidden), Vec::new(), Vec::new());
+        k.reserve(rows * c.hidden);
+        v.reserve(rows * c.hidden);
+        for head in fused.chunks_exact(3 * hd) {
+            q.extend_from_slice(&head[..hd]);
+            k.extend_from_slice(&head[hd..2 * hd]);
+            v.extend_from_slice(&head[2 * hd..]);
+        }
+        cache.append(index, &k, &v, seq);
+        let mut context = vec![0.0; q.len()];
+        let masking = Masking { causal: true, alibi: Some(&self.slopes), key_mask: None };
+        cache.attend(index, &q, seq, masking, &mut context);
+        tensor::add_in_place(hidden, &run(1, &context));
+
+        let mut x = hidden.to_vec();
+        block.mlp_norm.apply(&mut x, c.eps);
+        let mut inner = run(2, &x);
+        tensor::gelu_tanh_in_place(&mut inner);
+        tensor::add_in_place(hidden, &run(3, &inner));
+    }
+}
+
+impl CausalLm for Bloom {
+    fn vocab_size(&self) -> usize {
+        self.config.vocab
+    }
+
+    fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
+        let c = &self.config;
+        let shape = AttentionShape { heads: c.heads, kv_heads: c.heads, head_dim: c.hidden / c.heads };
+        KvCache::new(c.layers, batch, shape, capacity)
+    }
+
+    fn forward(&self, tokens: &[u32], batch: usize, cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>> {
+        let (rows, seq) = decoder::check_batch(tokens, batch, cache)?;
+        let mut hidden = decoder::embed_rows(&self.embed, self.config.vocab, tokens)?;
+        self.embed_norm.apply(&mut hidden, self.config.eps);
+        for i in 0..self.blocks.len() {
+            self.block(i, &mut hidden, rows, seq, cache);
+        }
+        cache.advance(seq);
+        let mut hidden = decoder::select_rows(hidden, seq, self.config.hidden, logits);
+        self.final_norm.apply(&mut hidden, self.config.eps);
+        Ok(decoder::head_logits(&hidden, self.head.as_deref(), &self.embed, self.config.vocab))
+    }
+
+    fn export(&self) -> Vec<StoredTensor> {
+        let c = &self.config;
+        let mut out =
+            vec![StoredTensor::f32(EMBED, TensorRole::Unquantized, vec![c.vocab, c.hidden], &self.embed)];
+        self.embed_norm.export(&mut out);
+        for block in &self.blocks {
+            block.attn_norm.export(&mut out);
+            block.mlp_norm.export(&mut out);
+            for (name, linear) in &block.linears {
+                out.extend(linear.export(name));
+            }
+        }
+        self.final_norm.export(&mut out);
+        if let Some(head) = &self.head {
+            out.extend(head.export(super::factory::HEAD));
+        }
+        out
+    }
+
+    fn kernels(&self) -> BTreeSet<&'static str> {
+        let blocks = self.blocks.iter().flat_map(|b| b.linears.iter().map(|(_, l)| l.kernel()));
+        blocks.chain(self.head.iter().map(|h| h.kernel())).collect()
+    }
+}

@@ -1,0 +1,271 @@
+//! The GPT-2 architecture: learned position embeddings, Conv1D weights stored
+//! `[in, out]`, a fused `c_attn` (all q, then all k, then all v), tied head.
+
+use std::collections::BTreeSet;
+
+use crate::error::{Error, Result};
+use crate::scheme::{Linear, StoredTensor, TensorRole};
+use crate::tensor;
+use crate::tensor::attention::{AttentionShape, KvCache, Masking};
+
+use super::decoder;
+use super::norm::Norm;
+use super::{
+    ArchInfo, ArchKind, CausalLm, ConfigJson, LinearSpec, Logits, Model, TensorKind, TensorSpec,
+    WeightFactory,
+};
+
+/// The table row for GPT-2.
+pub const ARCH: ArchInfo = ArchInfo {
+    name: "gpt2",
+    model_types: &["gpt2"],
+    kind: ArchKind::Causal,
+    summary: "GPT-2 decoder: learned positions, Conv1D [in, out] weights, fused c_attn, tied head",
+    quantizable: "c_attn, attn.c_proj, c_fc, mlp.c_proj (tied head with quantize_head)",
+    tensors: tensor_specs,
+    build,
+};
+
+const EMBED: &str = "wte.weight";
+const POSITIONS: &str = "wpe.weight";
+const FINAL_NORM: &str = "ln_f";
+
+#[derive(Debug, Clone)]
+struct Gpt2Config {
+    vocab: usize,
+    hidden: usize,
+    inner: usize,
+    layers: usize,
+    heads: usize,
+    positions: usize,
+    eps: f32,
+    /// `gelu_new`/`gelu_pytorch_tanh` (tanh form) or `gelu` (erf form).
+    tanh_gelu: bool,
+}
+
+impl Gpt2Config {
+    fn parse(config: &ConfigJson) -> Result<Self> {
+        let hidden = config.usize_first(&["n_embd", "hidden_size"])?;
+        let heads = config.usize_first(&["n_head", "num_attention_heads"])?;
+        if hidden % heads != 0 {
+            let found = serde_json::json!(heads);
+            return Err(config.unsupported("n_head", &found, &format!("a divisor of n_embd ({hidden})")));
+        }
+        let tanh_gelu = match config.str("activation_function").unwrap_or("gelu_new") {
+            "gelu_new" | "gelu_pytorch_tanh" => true,
+            "gelu" => false,
+            _ => {
+                let found = config.get("activation_function").cloned().unwrap_or_default();
+                return Err(config.unsupported(
+                    "activation_function",
+                    &found,
+                    "gelu_new, gelu_pytorch_tanh or gelu",
+                ));
+            }
+        };
+        for (key, supported) in [
+            ("scale_attn_weights", true),
+            ("scale_attn_by_inverse_layer_idx", false),
+            ("reorder_and_upcast_attn", false),
+        ] {
+            if config.bool_or(key, supported)? != supported {
+                let found = serde_json::json!(!supported);
+                return Err(config.unsupported(key, &found, &supported.to_string()));
+            }
+        }
+        Ok(Gpt2Config {
+            vocab: config.usize("vocab_size")?,
+            hidden,
+            inner: config.usize_or("n_inner", 4 * hidden)?,
+            layers: config.usize_first(&["n_layer", "num_hidden_layers"])?,
+            heads,
+            positions: config.usize_first(&["n_positions", "max_position_embeddings"])?,
+            eps: config.f64_or("layer_norm_epsilon", 1e-5)? as f32,
+            tanh_gelu,
+        })
+    }
+
+    /// (name, out features, in features) of block `i`'s layers; the checkpoint stores
+    /// each weight as `[in, out]`.
+    fn linears(&self, i: usize) -> Vec<(String, usize, usize)> {
+        let (p, h, m) = (format!("h.{i}"), self.hidden, self.inner);
+        vec![
+            (format!("{p}.attn.c_attn"), 3 * h, h),
+            (format!("{p}.attn.c_proj"), h, h),
+            (format!("{p}.mlp.c_fc"), m, h),
+            (format!("{p}.mlp.c_proj"), h, m),
+        ]
+    }
+
+    fn norms(&self, i: usize) -> [String; 2] {
+        [format!("h.{i}.ln_1"), format!("h.{i}.ln_2")]
+    }
+}
+
+fn tensor_specs(config: &ConfigJson) -> Result<Vec<TensorSpec>> {
+    let c = Gpt2Config::parse(config)?;
+    let dense =
+        |name: &str, shape: Vec<usize>| TensorSpec { name: name.into(), shape, kind: TensorKind::Dense };
+    let mut specs =
+        vec![dense(EMBED, vec![c.vocab, c.hidden]), dense(POSITIONS, vec![c.positions, c.hidden])];
+    for i in 0..c.layers {
+        for norm in c.norms(i) {
+            specs.extend(Norm::specs(&norm, c.hidden));
+        }
+        for (name, rows, cols) in c.linears(i) {
+            specs.push(TensorSpec {
+                name: format!("{name}.weight"),
+                shape: vec![cols, rows],
+                kind: TensorKind::Linear,
+            });
+            specs.push(TensorSpec {
+                name: format!("{name}.bias"),
+                shape: vec![rows],
+                kind: TensorKind::Bias,
+            });
+        }
+    }
+    specs.extend(Norm::specs(FINAL_NORM, c.hidden));
+    Ok(specs)
+}
+
+struct Block {
+    attn_norm: Norm,
+    mlp_norm: Norm,
+    /// c_attn, attn.c_proj, c_fc, mlp.c_proj.
+    linears: Vec<(String, Box<dyn Linear>)>,
+}
+
+/// A built GPT-2 model.
+pub struct Gpt2 {
+    config: Gpt2Config,
+    embed: Vec<f32>,
+    positions: Vec<f32>,
+    blocks: Vec<Block>,
+    final_norm: Norm,
+    head: Option<Box<dyn Linear>>,
+}
+
+fn build(config: &ConfigJson, factory: &mut dyn WeightFactory) -> Result<Model> {
+    let c = Gpt2Config::parse(config)?;
+    let h = c.hidden;
+    let embed = factory.dense(EMBED, &[c.vocab, h])?;
+    let positions = factory.dense(POSITIONS, &[c.positions, h])?;
+    let mut blocks = Vec::with_capacity(c.layers);
+    for i in 0..c.layers {
+        let [attn, mlp] = c.norms(i);
+        let (attn_norm, mlp_norm) = (Norm::load(factory, &attn, h)?, Norm::load(factory, &mlp, h)?);
+        let linears = c
+            .linears(i)
+            .into_iter()
+            .map(|(name, rows, cols)| {
+                let layer = factory.linear(LinearSpec::new(&name, rows, cols, true).stored_in_out())?;
+                Ok((name, layer))
+            })
+            .collect::<Result<_>>()?;
+        blocks.push(Block { attn_norm, mlp_norm, linears });
+    }
+    let final_norm = Norm::load(factory, FINAL_NORM, h)?;
+    let head = factory.head(Some(EMBED), c.vocab, h)?;
+    Ok(Model::Causal(Box::new(Gpt2 { config: c, embed, positions, blocks, final_norm, head })))
+}
+
+impl Gpt2 {
+    fn block(&self, index: usize, hidden: &mut [f32], rows: usize, seq: usize, cache: &mut KvCache) {
+        let c = &self.config;
+        let block = &self.blocks[index];
+        let run = |i: usize, x: &[f32]| decoder::run_linear(block.linears[i].1.as_ref(), x, rows);
+        let mut x = hidden.to_vec();
+        block.attn_norm.apply(&mut x, c.eps);
+        let fused = run(0, &x);
+        // Per token: [q (all heads) | k | v].
+        let h = c.hidden;
+        let (mut q, mut k, mut v) =
+            (Vec::with_capacity(rows * h), Vec::with_capacity(rows * h), Vec::with_capacity(rows * h));
+        for token in fused.chunks_exact(3 * h) {
+            q.extend_from_slice(&token[..h]);
+            k.extend_from_slice(&token[h..2 * h]);
+            v.extend_from_slice(&token[2 * h..]);
+        }
+        cache.append(index, &k, &v, seq);
+        let mut context = vec![0.0; q.len()];
+        cache.attend(index, &q, seq, Masking::CAUSAL, &mut context);
+        tensor::add_in_place(hidden, &run(1, &context));
+
+        let mut x = hidden.to_vec();
+        block.mlp_norm.apply(&mut x, c.eps);
+        let mut inner = run(2, &x);
+        if c.tanh_gelu {
+            tensor::gelu_tanh_in_place(&mut inner);
+        } else {
+            tensor::gelu_erf_in_place(&mut inner);
+        }
+        tensor::add_in_place(hidden, &run(3, &inner));
+    }
+}
+
+impl CausalLm for Gpt2 {
+    fn vocab_size(&self) -> usize {
+        self.config.vocab
+    }
+
+    fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
+        let c = &self.config;
+        let shape = AttentionShape { heads: c.heads, kv_heads: c.heads, head_dim: c.hidden / c.heads };
+        KvCache::new(c.layers, batch, shape, capacity)
+    }
+
+    fn forward(&self, tokens: &[u32], batch: usize, cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>> {
+        let (rows, seq) = decoder::check_batch(tokens, batch, cache)?;
+        let (start, h) = (cache.len(), self.config.hidden);
+        if start + seq > self.config.positions {
+            return Err(Error::Workload(format!(
+                "position {} is beyond GPT-2's {} learned positions (n_positions)",
+                start + seq - 1,
+                self.config.positions
+            )));
+        }
+        let mut hidden = decoder::embed_rows(&self.embed, self.config.vocab, tokens)?;
+        for (row, x) in hidden.chunks_exact_mut(h).enumerate() {
+            let pos = start + row % seq;
+            tensor::add_in_place(x, &self.positions[pos * h..(pos + 1) * h]);
+        }
+        for i in 0..self.blocks.len() {
+            self.block(i, &mut hidden, rows, seq, cache);
+        }
+        cache.advance(seq);
+        let mut hidden = decoder::select_rows(hidden, seq, h, logits);
+        self.final_norm.apply(&mut hidden, self.config.eps);
+        Ok(decoder::head_logits(&hidden, self.head.as_deref(), &self.embed, self.config.vocab))
+    }
+
+    fn export(&self) -> Vec<StoredTensor> {
+        let c = &self.config;
+        let mut out = vec![
+            StoredTensor::f32(EMBED, TensorRole::Unquantized, vec![c.vocab, c.hidden], &self.embed),
+            StoredTensor::f32(
+                POSITIONS,
+                TensorRole::Unquantized,
+                vec![c.positions, c.hidden],
+                &self.positions,
+            ),
+        ];
+        for block in &self.blocks {
+            block.attn_norm.export(&mut out);
+            block.mlp_norm.export(&mut out);
+            for (name, linear) in &block.linears {
+                out.extend(linear.export(name));
+            }
+        }
+        self.final_norm.export(&mut out);
+        if let Some(head) = &self.head {
+            out.extend(head.export(super::factory::HEAD));
+        }
+        out
+    }
+
+    fn kernels(&self) -> BTreeSet<&'static str> {
+        let blocks = self.blocks.iter().flat_map(|b| b.linears.iter().map(|(_, l)| l.kernel()));
+        blocks.chain(self.head.iter().map(|h| h.kernel())).collect()
+    }
+}

@@ -1,0 +1,424 @@
+//! One model's cases: the reference outputs (computed once), then per scheme the
+//! quantized model and every measurement the plan asks for.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::measure::divergence::{self, Reference};
+use crate::measure::embedding::{self, EncoderOutputs};
+use crate::measure::latency::Stats;
+use crate::measure::MetricGroup;
+use crate::model::generate::greedy;
+use crate::model::weights::WeightStore;
+use crate::model::{CausalLm, Encoder, Logits, Model, QuantizeFactory, ReloadFactory};
+use crate::report::results::{CaseResult, Disk, Generation, Latency, Memory};
+use crate::scheme::{self, Scheme, StoredTensor, TensorRole};
+use crate::suite::{Plan, PlannedModel, PlannedScheme};
+use crate::tensor;
+
+use super::progress::Progress;
+
+/// The coefficient of variation above which timings are called noisy.
+const NOISY_CV: f64 = 0.05;
+
+/// Most sentences an encoder is scored on when the suite sets no `max_chunks`.
+const DEFAULT_SENTENCES: usize = 64;
+
+/// The reference model's outputs, by kind.
+enum References {
+    Causal {
+        eval_tokens: Vec<u32>,
+        prompt_ids: Vec<Vec<u32>>,
+        logprobs: Option<Reference>,
+        generations: Vec<Vec<u32>>,
+    },
+    Encoder {
+        sentences: Vec<Vec<u32>>,
+        outputs: Option<EncoderOutputs>,
+    },
+}
+
+/// Everything shared by the cases of one model.
+pub struct ModelRunner<'p> {
+    plan: &'p Plan,
+    model: &'p PlannedModel,
+    references: References,
+}
+
+/// Where a case's files go and whether they stay.
+pub struct CaseOutput<'a> {
+    /// The run's output folder.
+    pub dir: &'a Path,
+    /// Keep the saved quantized model.
+    pub keep_models: bool,
+}
+
+impl<'p> ModelRunner<'p> {
+    /// Build the reference model (the checkpoint at the model's dtype) and record its
+    /// outputs on the workload.
+    pub fn new(plan: &'p Plan, model: &'p PlannedModel) -> Result<Self> {
+        let fp32 = (scheme::lookup("fp32")?.build)(&Default::default())?;
+        let files = &model.files;
+        let reference =
+            files.build(&mut QuantizeFactory::new(&files.store, model.dtype, fp32.as_ref(), false))?;
+        let metrics = &plan.metrics;
+        let tokenizer = &files.tokenizer;
+        let references = match &reference {
+            Model::Causal(lm) => {
+                let eval_tokens = tokenizer.encode(&plan.workload.eval_text)?;
+                let prompt_ids =
+                    plan.workload.prompts.iter().map(|p| tokenizer.encode(p)).collect::<Result<Vec<_>>>()?;
+                let logprobs = if metrics.contains(&MetricGroup::Divergence) {
+                    let chunks =
+                        divergence::chunks(&eval_tokens, plan.workload.context, plan.workload.max_chunks);
+                    Some(divergence::reference(lm.as_ref(), &chunks)?)
+                } else {
+                    None
+                };
+                let generations = if metrics.contains(&MetricGroup::Generation) {
+                    let gen = |ids: &Vec<u32>| {
+                        greedy(lm.as_ref(), ids, plan.workload.gen_len, false).map(|g| g.ids)
+                    };
+                    prompt_ids.iter().map(gen).collect::<Result<_>>()?
+                } else {
+                    Vec::new()
+                };
+                References::Causal { eval_tokens, prompt_ids, logprobs, generations }
+            }
+            Model::Encoder(encoder) => {
+                let sentences = encoder_sentences(plan, model, encoder.as_ref())?;
+                let outputs = if metrics.contains(&MetricGroup::Divergence) {
+                    Some(embedding::encode_all(
+                        encoder.as_ref(),
+                        &sentences,
+                        model.files.pad_id(),
+                        embedding::GROUP,
+                    )?)
+                } else {
+                    None
+                };
+                References::Encoder { sentences, outputs }
+            }
+        };
+        Ok(ModelRunner { plan, model, references })
+    }
+
+    /// Quantize with `planned` and measure everything the plan asks for.
+    pub fn run_case(
+        &self,
+        planned: &PlannedScheme,
+        id: &str,
+        spec: String,
+        output: &CaseOutput,
+        progress: &mut Progress,
+    ) -> Result<CaseResult> {
+        let started = Instant::now();
+        let metrics = &self.plan.metrics;
+        let scheme = (planned.info.build)(&planned.params)?;
+        let quantize_head = planned.params.bool("quantize_head", false);
+        progress.step("quantize");
+        let t = Instant::now();
+        let files = &self.model.files;
+        let model = files.build(&mut QuantizeFactory::new(
+            &files.store,
+            self.model.dtype,
+            scheme.as_ref(),
+            quantize_head,
+        ))?;
+        let quantize_s = t.elapsed().as_secs_f64();
+
+        let exported = model.export();
+        let memory = self.memory(&exported)?;
+        let (disk, load_s) = if metrics.contains(&MetricGroup::Disk) {
+            progress.step("save and reload");
+            let (disk, seconds) =
+                self.disk(&model, &exported, planned, scheme.as_ref(), id, output, &memory)?;
+            (Some(disk), Some(seconds))
+        } else {
+            (None, None)
+        };
+        drop(exported);
+        let mut warnings = Vec::new();
+        let latency = if metrics.contains(&MetricGroup::Latency) {
+            progress.step("latency");
+            Some(self.latency(&model, quantize_s, load_s, &mut warnings)?)
+        } else {
+            None
+        };
+        let (mut divergence, mut embedding, mut generation) = (None, None, None);
+        match (&self.references, &model) {
+            (References::Causal { eval_tokens, logprobs, .. }, Model::Causal(lm)) => {
+                if let Some(reference) = logprobs {
+                    progress.step("divergence");
+                    let w = &self.plan.workload;
+                    let chunks = divergence::chunks(eval_tokens, w.context, w.max_chunks);
+                    divergence = Some(divergence::measure(lm.as_ref(), &chunks, reference)?);
+                }
+                if metrics.contains(&MetricGroup::Generation) {
+                    progress.step("generation");
+                    generation = Some(self.generation(lm.as_ref())?);
+                }
+            }
+            (References::Encoder { sentences, outputs: Some(reference) }, Model::Encoder(encoder)) => {
+                progress.step("divergence");
+                let outputs =
+                    embedding::encode_all(encoder.as_ref(), sentences, files.pad_id(), embedding::GROUP)?;
+                embedding = Some(embedding::compare(reference, &outputs));
+            }
+            _ => {}
+        }
+        Ok(CaseResult {
+            id: id.to_string(),
+            model: self.model.name.clone(),
+            scheme: planned.info.name.to_string(),
+            label: planned.label.clone(),
+            params: planned.params.0.clone(),
+            device: self.plan.device.to_string(),
+            kernels: model.kernels().into_iter().map(String::from).collect(),
+            spec_sha256: spec,
+            git_revision: crate::report::results::git_revision().to_string(),
+            elapsed_s: started.elapsed().as_secs_f64(),
+            memory: metrics.contains(&MetricGroup::Memory).then_some(memory),
+            disk,
+            latency,
+            divergence,
+            embedding,
+            generation,
+            warnings,
+        })
+    }
+
+    fn memory(&self, exported: &[StoredTensor]) -> Result<Memory> {
+        let parameters = self.model.files.summary()?.parameters;
+        let mut by_role: BTreeMap<String, u64> =
+            TensorRole::ALL.iter().map(|r| (r.name().to_string(), 0)).collect();
+        let (mut weight_bytes, mut quantized_weights) = (0u64, 0u64);
+        for t in exported {
+            *by_role.get_mut(t.role.name()).expect("every role listed") += t.bytes.len() as u64;
+            if t.role.is_weight_representation() {
+                weight_bytes += t.bytes.len() as u64;
+                quantized_weights += t.represents as u64;
+            }
+        }
+        let total_bytes: u64 = by_role.values().sum();
+        Ok(Memory {
+            bytes_by_role: by_role,
+            total_bytes,
+            quantized_weights,
+            bits_per_weight: 8.0 * weight_bytes as f64 / quantized_weights.max(1) as f64,
+            bytes_per_parameter: total_bytes as f64 / parameters.max(1) as f64,
+        })
+    }
+
+    /// Outputs that must be bit-identical between a model and its saved-and-reloaded copy:
+    /// the logits of the first evaluation chunk, or the hidden states of the first sentences.
+    fn probe(&self, model: &Model) -> Result<Vec<f32>> {
+        match (&self.references, model) {
+            (References::Causal { eval_tokens, .. }, Model::Causal(lm)) => {
+                let probe = &eval_tokens[..self.plan.workload.context.min(eval_tokens.len())];
+                lm.forward(probe, 1, &mut lm.new_cache(1, probe.len()), Logits::All)
+            }
+            (References::Encoder { sentences, .. }, Model::Encoder(encoder)) => {
+                let first = &sentences[..sentences.len().min(embedding::GROUP)];
+                let outputs = embedding::encode_all(
+                    encoder.as_ref(),
+                    first,
+                    self.model.files.pad_id(),
+                    embedding::GROUP,
+                )?;
+                Ok(outputs.hidden.concat())
+            }
+            _ => Err(Error::Workload("the reloaded model is of another kind than the reference".into())),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn disk(
+        &self,
+        model: &Model,
+        exported: &[StoredTensor],
+        planned: &PlannedScheme,
+        scheme: &dyn Scheme,
+        id: &str,
+        output: &CaseOutput,
+        memory: &Memory,
+    ) -> Result<(Disk, f64)> {
+        let dir = output.dir.join("models");
+        let path = dir.join(format!("{}.safetensors", id.replace('/', "__")));
+        let metadata = BTreeMap::from([
+            ("quantbench.format_version".to_string(), "1".to_string()),
+            ("quantbench.scheme".to_string(), planned.info.name.to_string()),
+            (
+                "quantbench.params".to_string(),
+                serde_json::to_string(&planned.params).expect("params serialise"),
+            ),
+            ("quantbench.arch".to_string(), self.model.files.arch.name.to_string()),
+        ]);
+        let bytes = crate::model::weights::save(&path, exported, metadata)?;
+        let t = Instant::now();
+        let store = WeightStore::open_files(std::slice::from_ref(&path))?;
+        let quantize_head = planned.params.bool("quantize_head", false);
+        let reloaded = self.model.files.build(&mut ReloadFactory::new(&store, scheme, quantize_head))?;
+        let load_s = t.elapsed().as_secs_f64();
+        let (a, b) = (self.probe(model)?, self.probe(&reloaded)?);
+        let identical = a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+        drop((reloaded, store));
+        if !output.keep_models {
+            std::fs::remove_file(&path).map_err(|e| Error::io("cannot remove", &path, e))?;
+            let _ = std::fs::remove_dir(&dir);
+        }
+        if !identical {
+            let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            return Err(Error::Case {
+                case: id.to_string(),
+                message: format!(
+                    "the model reloaded from {} differs from the original (max |Δ| {diff})",
+                    path.display()
+                ),
+            });
+        }
+        let disk = Disk {
+            bytes,
+            bytes_over_memory: bytes as f64 / memory.total_bytes as f64,
+            reload_identical: true,
+        };
+        Ok((disk, load_s))
+    }
+
+    /// Latency input: the workload's prompts (or sentences) tokenized, concatenated and
+    /// cycled to `prompt_len` tokens, each sequence of the batch starting elsewhere.
+    fn latency_tokens(&self) -> Vec<u32> {
+        let all: Vec<u32> = match &self.references {
+            References::Causal { prompt_ids, .. } => prompt_ids.concat(),
+            References::Encoder { sentences, .. } => sentences.concat(),
+        };
+        let w = &self.plan.workload;
+        let n = all.len();
+        (0..w.batch_size)
+            .flat_map(|b| (0..w.prompt_len).map(move |i| (b * 7 + i) % n))
+            .map(|i| all[i])
+            .collect()
+    }
+
+    fn latency(
+        &self,
+        model: &Model,
+        quantize_s: f64,
+        load_s: Option<f64>,
+        warnings: &mut Vec<String>,
+    ) -> Result<Latency> {
+        let w = &self.plan.workload;
+        let tokens = self.latency_tokens();
+        let (mut prefill_ms, mut decode_ms) = (Vec::new(), Vec::new());
+        for run in 0..self.plan.warmup + self.plan.repeats {
+            let (prefill, steps) = match model {
+                Model::Causal(lm) => time_generation(lm.as_ref(), &tokens, w.batch_size, w.gen_len)?,
+                Model::Encoder(encoder) => {
+                    (time_encoding(encoder.as_ref(), &tokens, w.batch_size)?, Vec::new())
+                }
+            };
+            if run >= self.plan.warmup {
+                prefill_ms.push(prefill);
+                decode_ms.extend(steps);
+            }
+        }
+        let prefill = Stats::of(&prefill_ms).expect("repeats ≥ 1");
+        let decode = Stats::of(&decode_ms);
+        for (name, stats) in [("prefill", Some(&prefill)), ("decode", decode.as_ref())] {
+            if let Some(stats) = stats.filter(|s| s.cv() > NOISY_CV) {
+                warnings.push(format!(
+                    "{name} timings vary by {:.1}% (coefficient of variation over {} samples); \
+                     close other programs, raise `repeats`, or raise `warmup` if the first runs are slow",
+                    100.0 * stats.cv(),
+                    stats.n
+                ));
+            }
+        }
+        Ok(Latency {
+            quantize_s,
+            load_s,
+            decode_tokens_per_s: decode.as_ref().map(|d| w.batch_size as f64 * 1e3 / d.median),
+            prefill_ms,
+            prefill,
+            decode_ms,
+            decode,
+            batch_size: w.batch_size,
+            prompt_len: w.prompt_len,
+            gen_len: if matches!(model, Model::Causal(_)) { w.gen_len } else { 0 },
+        })
+    }
+
+    fn generation(&self, model: &dyn CausalLm) -> Result<Vec<Generation>> {
+        let References::Causal { prompt_ids, generations, .. } = &self.references else {
+            return Ok(Vec::new());
+        };
+        let tokenizer = &self.model.files.tokenizer;
+        prompt_ids
+            .iter()
+            .zip(generations)
+            .zip(&self.plan.workload.prompts)
+            .map(|((ids, reference), prompt)| {
+                let ids = greedy(model, ids, self.plan.workload.gen_len, false)?.ids;
+                Ok(Generation {
+                    prompt: prompt.clone(),
+                    text: tokenizer.decode(&ids)?,
+                    reference_text: tokenizer.decode(reference)?,
+                    first_divergent_token: ids.iter().zip(reference).position(|(a, b)| a != b),
+                    ids,
+                    reference_ids: reference.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// One timed generation run: prefill milliseconds and each decode step's milliseconds.
+fn time_generation(lm: &dyn CausalLm, tokens: &[u32], batch: usize, steps: usize) -> Result<(f64, Vec<f64>)> {
+    let vocab = lm.vocab_size();
+    let mut cache = lm.new_cache(batch, tokens.len() / batch + steps);
+    let t = Instant::now();
+    let mut logits = lm.forward(tokens, batch, &mut cache, Logits::Last)?;
+    let prefill = t.elapsed().as_secs_f64() * 1e3;
+    let mut step_ms = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let next: Vec<u32> = logits.chunks_exact(vocab).map(|row| tensor::argmax(row) as u32).collect();
+        let t = Instant::now();
+        logits = lm.forward(&next, batch, &mut cache, Logits::Last)?;
+        step_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok((prefill, step_ms))
+}
+
+/// One timed encoder pass over `batch` unpadded sequences, milliseconds.
+fn time_encoding(encoder: &dyn Encoder, tokens: &[u32], batch: usize) -> Result<f64> {
+    let mask = vec![1u8; tokens.len()];
+    let t = Instant::now();
+    encoder.encode(tokens, &mask, batch)?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// An encoder's workload: the prompts, then the evaluation text's sentences (at most
+/// `max_chunks`, default 64), tokenized with special tokens and cut to `context` and to
+/// the model's positions.
+fn encoder_sentences(plan: &Plan, model: &PlannedModel, encoder: &dyn Encoder) -> Result<Vec<Vec<u32>>> {
+    let w = &plan.workload;
+    let limit = w.context.min(encoder.max_positions());
+    let texts = embedding::split_sentences(&w.eval_text);
+    let eval = texts.iter().take(w.max_chunks.unwrap_or(DEFAULT_SENTENCES));
+    w.prompts
+        .iter()
+        .chain(eval)
+        .map(|text| {
+            let mut ids = model.files.tokenizer.encode_with_special(text)?;
+            if ids.len() > limit {
+                // Keep the closing special token, as tokenizers' truncation does.
+                let last = *ids.last().expect("non-empty");
+                ids.truncate(limit - 1);
+                ids.push(last);
+            }
+            Ok(ids)
+        })
+        .collect()
+}

@@ -1,0 +1,220 @@
+//! The runner: a validated [`Plan`] becomes cases (model × scheme), each measured and
+//! appended to results.json as soon as it finishes.
+
+mod case;
+mod progress;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Result, ResultExt};
+use crate::report::results::{
+    CaseResult, ModelRecord, Provenance, Results, SuiteRecord, WorkloadRecord, SCHEMA_VERSION,
+};
+use crate::report::table;
+use crate::scheme::FloatStorage;
+use crate::suite::plan::{sha256_file, sha256_hex};
+use crate::suite::{Plan, PlannedModel, PlannedScheme};
+
+use case::{CaseOutput, ModelRunner};
+use progress::Progress;
+
+/// Command-line choices that shape a run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Output folder (default: the suite's `output`).
+    pub out: Option<PathBuf>,
+    /// Keep finished cases of an earlier run and skip them.
+    pub resume: bool,
+    /// Run only cases whose id (`model/label`) matches (`*` wildcards, else substring).
+    pub filter: Option<String>,
+    /// Keep the saved quantized models under `OUT/models/`.
+    pub keep_models: bool,
+}
+
+/// Run the plan. Returns the results, also written to `OUT/results.json` after every case.
+pub fn run(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> {
+    let out = options.out.clone().unwrap_or_else(|| plan.output.clone());
+    let results_path = out.join("results.json");
+    let previous = previous_cases(&results_path, options.resume)?;
+    if !options.resume && results_path.is_file() {
+        eprintln!("note: replacing {} (pass --resume to keep its finished cases)", results_path.display());
+    }
+    let workload = workload_record(plan);
+    let mut progress = Progress::new(count_selected(plan, options));
+    let mut results = Results {
+        schema_version: SCHEMA_VERSION,
+        suite: SuiteRecord {
+            name: plan.name.clone(),
+            path: plan.suite_path.display().to_string(),
+            sha256: plan.suite_hash.clone(),
+            text: plan.suite_text.clone(),
+        },
+        provenance: Provenance::collect(),
+        workload,
+        models: Vec::new(),
+        cases: Vec::new(),
+    };
+    for model in &plan.models {
+        let ids: Vec<String> = plan.schemes.iter().map(|s| format!("{}/{}", model.name, s.label)).collect();
+        let wanted = |id: &String| selected(id, options.filter.as_deref()) || previous.contains_key(id);
+        if !ids.iter().any(wanted) {
+            continue;
+        }
+        progress.note(&format!("{}: hashing model files", model.name));
+        let record = model_record(model, &plan.workload)?;
+        // The model's record goes in first, so results written after each case are whole.
+        results.models.push(record.clone());
+        let mut runner: Option<ModelRunner> = None;
+        for (planned, id) in plan.schemes.iter().zip(ids) {
+            let spec = case_spec_hash(plan, &record, &results.workload, planned);
+            let chosen = selected(&id, options.filter.as_deref());
+            // With --resume, finished cases stay in the results whether or not the filter
+            // selects them; a filtered run must not drop earlier work.
+            if let Some(done) = previous.get(&id).filter(|c| c.spec_sha256 == spec) {
+                if chosen {
+                    progress.skip(&id);
+                }
+                results.cases.push(done.clone());
+                continue;
+            }
+            if !chosen {
+                continue;
+            }
+            if runner.is_none() {
+                progress.note(&format!("{}: reference pass", model.name));
+                runner =
+                    Some(ModelRunner::new(plan, model).with_context(|| format!("model {}", model.name))?);
+            }
+            let runner = runner.as_ref().expect("set above");
+            progress.start(&id);
+            let output = CaseOutput { dir: &out, keep_models: options.keep_models };
+            let case = runner
+                .run_case(planned, &id, spec, &output, &mut progress)
+                .with_context(|| format!("case {id}"))?;
+            results.cases.push(case);
+            progress.finish(&id);
+            results.write(&results_path)?;
+        }
+    }
+    results.write(&results_path)?;
+    table::write_tables(&results, &out)?;
+    progress.done();
+    Ok((out, results))
+}
+
+fn previous_cases(path: &Path, resume: bool) -> Result<BTreeMap<String, CaseResult>> {
+    if !resume || !path.is_file() {
+        return Ok(BTreeMap::new());
+    }
+    let previous = Results::read(path).with_context(|| "--resume needs the earlier results.json".into())?;
+    Ok(previous.cases.into_iter().map(|c| (c.id.clone(), c)).collect())
+}
+
+fn count_selected(plan: &Plan, options: &RunOptions) -> usize {
+    plan.case_ids().iter().filter(|id| selected(id, options.filter.as_deref())).count()
+}
+
+/// Whether case `id` passes the filter: a pattern with `*` must match the whole id, one
+/// without is a substring.
+pub fn selected(id: &str, filter: Option<&str>) -> bool {
+    let Some(pattern) = filter else { return true };
+    if !pattern.contains('*') {
+        return id.contains(pattern);
+    }
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !id.starts_with(first) || !id[first.len()..].ends_with(last) || id.len() < first.len() + last.len() {
+        return false;
+    }
+    let mut rest = &id[first.len()..id.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+fn workload_record(plan: &Plan) -> WorkloadRecord {
+    let w = &plan.workload;
+    let mut record = WorkloadRecord {
+        prompts: w.prompts.clone(),
+        eval_source: w.eval_source.clone(),
+        eval_sha256: sha256_hex(w.eval_text.as_bytes()),
+        prompt_len: w.prompt_len,
+        gen_len: w.gen_len,
+        batch_size: w.batch_size,
+        context: w.context,
+        max_chunks: w.max_chunks,
+        repeats: plan.repeats,
+        warmup: plan.warmup,
+        seed: plan.seed,
+        sha256: String::new(),
+    };
+    record.sha256 = sha256_hex(serde_json::to_string(&record).expect("record serialises").as_bytes());
+    record
+}
+
+fn model_record(model: &PlannedModel, workload: &crate::suite::Workload) -> Result<ModelRecord> {
+    let files = &model.files;
+    let summary = files.summary()?;
+    let config_path = files.config.path();
+    let mut model_hash = Vec::new();
+    for path in std::iter::once(config_path).chain(files.store.paths()) {
+        model_hash.extend(sha256_file(path)?.into_bytes());
+    }
+    let tokenizer_sha256 = sha256_file(files.tokenizer.path())?;
+    Ok(ModelRecord {
+        name: model.name.clone(),
+        path: model.spec.clone(),
+        arch: summary.arch,
+        dtype: storage_name(model.dtype).into(),
+        parameters: summary.parameters,
+        linear_parameters: summary.linear_parameters,
+        model_sha256: sha256_hex(&model_hash),
+        tokenizer_sha256,
+        eval_tokens: files.tokenizer.encode(&workload.eval_text)?.len(),
+    })
+}
+
+fn storage_name(s: FloatStorage) -> &'static str {
+    match s {
+        FloatStorage::F32 => "f32",
+        FloatStorage::F16 => "f16",
+        FloatStorage::BF16 => "bf16",
+    }
+}
+
+fn case_spec_hash(
+    plan: &Plan,
+    model: &ModelRecord,
+    workload: &WorkloadRecord,
+    scheme: &PlannedScheme,
+) -> String {
+    let metrics: Vec<&str> = plan.metrics.iter().map(|m| m.name()).collect();
+    let spec = serde_json::json!({
+        "model": model.model_sha256, "tokenizer": model.tokenizer_sha256, "dtype": model.dtype,
+        "scheme": scheme.info.name, "params": scheme.params, "workload": workload.sha256,
+        "metrics": metrics, "device": plan.device,
+    });
+    sha256_hex(spec.to_string().as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_matches_substrings_and_globs() {
+        assert!(selected("tiny/fp16", None));
+        assert!(selected("tiny/fp16", Some("fp16")));
+        assert!(!selected("tiny/fp16", Some("bf16")));
+        assert!(selected("tiny/fp16", Some("tiny/*")));
+        assert!(selected("tiny/fp16", Some("*16")));
+        assert!(selected("tiny/fp16", Some("t*/f*6")));
+        assert!(!selected("tiny/fp16", Some("*/bf*")));
+        assert!(!selected("ab", Some("ab*ab")));
+    }
+}
