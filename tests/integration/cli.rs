@@ -93,6 +93,54 @@ fn filter_runs_only_matching_cases_and_quantize_head_moves_the_head() {
     );
 }
 
+/// Every architecture of the zoo runs through the runner: decoders with next-token
+/// divergence, the encoder with embedding divergence and no decode timings.
+#[test]
+fn run_covers_every_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(root().join("suites/data/eval.txt"), dir.path().join("eval.txt")).unwrap();
+    let models: String = ["bloom-tiny", "gpt2-tiny", "qwen2-tiny", "bert-tiny"]
+        .iter()
+        .map(|m| format!("  - name: {m}\n    path: {}\n", fixture(m).display()))
+        .collect();
+    let suite = format!(
+        "name: zoo\nmodels:\n{models}schemes: [fp32, bf16]\n\
+         workload:\n  prompts: [\"The cat sat.\"]\n  eval_text: eval.txt\n  prompt_len: 8\n  gen_len: 3\n  \
+         context: 32\n  max_chunks: 2\nrepeats: 1\nwarmup: 0\n"
+    );
+    std::fs::write(dir.path().join("zoo.yaml"), suite).unwrap();
+    let out = dir.path().join("out");
+    let run = bench(&["run", "zoo.yaml", "--out", out.to_str().unwrap()], dir.path(), &shared_cache());
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let results = read_json(&out.join("results.json"));
+    let archs: Vec<&str> =
+        results["models"].as_array().unwrap().iter().map(|m| m["arch"].as_str().unwrap()).collect();
+    assert_eq!(archs, ["bloom", "gpt2", "qwen2", "bert"]);
+    for case in results["cases"].as_array().unwrap() {
+        let id = case["id"].as_str().unwrap();
+        assert_eq!(case["disk"]["reload_identical"], true, "{id}");
+        let exact = case["label"] == "fp32";
+        if id.starts_with("bert") {
+            let e = &case["embedding"];
+            assert!(case["divergence"].is_null() && case["generation"].is_null(), "{id}");
+            assert!(case["latency"]["decode"].is_null(), "{id}: an encoder has no decode steps");
+            let cos = e["cosine_min"].as_f64().unwrap();
+            if exact {
+                assert_eq!((cos, e["hidden_nmse"].as_f64().unwrap()), (1.0, 0.0), "{id}");
+            } else {
+                assert!(cos < 1.0 && cos > 0.999, "{id}: cosine {cos}");
+            }
+            // One prompt, then evaluation sentences up to max_chunks.
+            assert_eq!(e["sentences"], 3, "{id}");
+        } else {
+            let kld = case["divergence"]["kld_mean"].as_f64().unwrap();
+            assert!(if exact { kld == 0.0 } else { kld > 0.0 && kld < 1e-3 }, "{id}: KLD {kld}");
+            assert_eq!(case["generation"].as_array().unwrap().len(), 1, "{id}");
+            assert_eq!(case["latency"]["decode_ms"].as_array().unwrap().len(), 3, "{id}");
+        }
+    }
+}
+
 #[test]
 fn generate_json_lists_ids_text_and_top_k_per_position() {
     let dir = tempfile::tempdir().unwrap();
@@ -150,6 +198,36 @@ fn generate_json_lists_ids_text_and_top_k_per_position() {
     assert!(text.stdout.starts_with("Hello"), "{}", text.stdout);
     assert_eq!(text.stdout.matches("prefill").count(), 2, "one line per non-empty prompt:\n{}", text.stdout);
     assert!(text.stdout.contains("over 2 steps, scheme bf16"), "{}", text.stdout);
+}
+
+#[test]
+fn embed_prints_the_reference_embedding_and_generate_refuses_an_encoder() {
+    let model = fixture("bert-tiny");
+    let run = bench(
+        &["embed", model.to_str().unwrap(), "--sentence", "The cat sat.", "--json"],
+        &root(),
+        &shared_cache(),
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let doc: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let got: Vec<f64> =
+        doc["sentences"][0]["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let golden = std::fs::read(model.join("golden.safetensors")).unwrap();
+    let golden = safetensors::SafeTensors::deserialize(&golden).unwrap();
+    let expect: Vec<f64> = golden.tensor("batch.sentence_embedding").unwrap().data()[..64 * 4]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+        .collect();
+    let cos: f64 = got.iter().zip(&expect).map(|(a, b)| a * b).sum();
+    assert!(cos > 0.99999, "cosine with transformers' embedding {cos}");
+
+    let refused = bench(&["generate", model.to_str().unwrap(), "--prompt", "hi"], &root(), &shared_cache());
+    assert_eq!(refused.code, 1);
+    assert!(
+        refused.stderr.contains("needs a causal language model") && refused.stderr.contains("bench embed"),
+        "{}",
+        refused.stderr
+    );
 }
 
 #[test]

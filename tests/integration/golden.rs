@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use quantbench::measure::embedding::mean_pool_normalized;
 use quantbench::model::weights::{self, WeightStore};
 use quantbench::model::{Logits, Model, ModelFiles, QuantizeFactory};
 use quantbench::scheme::{self, FloatStorage, StoredTensor, TensorRole};
@@ -107,6 +108,64 @@ fn check_dir(dir: &Path, folder: &str) {
 #[test]
 fn llama_untied_gqa_sharded_matches_transformers() {
     check_fixture("llama-tiny");
+}
+
+/// BLOOM: ALiBi with 6 heads (not a power of two), fused per-head q/k/v, tied head.
+#[test]
+fn bloom_matches_transformers() {
+    check_fixture("bloom-tiny");
+}
+
+/// GPT-2: learned positions, Conv1D `[in, out]` weights, fused c_attn, tied head.
+#[test]
+fn gpt2_matches_transformers() {
+    check_fixture("gpt2-tiny");
+}
+
+/// Qwen2: the Llama path with q/k/v biases, GQA, rope theta 1e6.
+#[test]
+fn qwen2_matches_transformers() {
+    check_fixture("qwen2-tiny");
+}
+
+/// BERT: each sentence alone, a right-padded batch with its attention mask (every
+/// position, padding rows included), and the mean-pooled normalised embeddings.
+#[test]
+fn bert_matches_transformers_alone_and_in_a_padded_batch() {
+    let dir = fixture("bert-tiny");
+    let files = ModelFiles::open(&dir).unwrap();
+    let built = build(&files);
+    let encoder = built.encoder("the golden test").unwrap();
+    let golden = Golden::load(&dir);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let mut worst = 0.0f64;
+    for sentence in json["sentences"].as_array().unwrap() {
+        let s = sentence["name"].as_str().unwrap();
+        let ids = golden.ids(&format!("{s}.input_ids"));
+        let text = sentence["text"].as_str().unwrap();
+        assert_eq!(files.tokenizer.encode_with_special(text).unwrap(), ids, "bert {s}: tokenization");
+        let hidden = encoder.encode(&ids, &vec![1; ids.len()], 1).unwrap();
+        check(
+            &format!("bert {s} alone"),
+            &hidden,
+            &golden.f32(&format!("{s}.last_hidden_state")),
+            &mut worst,
+        );
+    }
+    let ids = golden.ids("batch.input_ids");
+    let mask: Vec<u8> = golden.ids("batch.attention_mask").iter().map(|&m| m as u8).collect();
+    let hidden = encoder.encode(&ids, &mask, 3).unwrap();
+    check("bert padded batch", &hidden, &golden.f32("batch.last_hidden_state"), &mut worst);
+    let (seq, h) = (ids.len() / 3, encoder.hidden_size());
+    let pooled: Vec<f32> = (0..3)
+        .flat_map(|b| {
+            let real = mask[b * seq..(b + 1) * seq].iter().filter(|&&m| m == 1).count();
+            mean_pool_normalized(&hidden[b * seq * h..(b * seq + real) * h], h)
+        })
+        .collect();
+    check("bert sentence embeddings", &pooled, &golden.f32("batch.sentence_embedding"), &mut worst);
+    println!("bert-tiny: worst relative L2 against transformers {worst:.2e} (budget {GOLDEN_REL_L2:e})");
 }
 
 /// Tied head, multi-head attention, bf16 weights in one file, rope theta 500000.
