@@ -146,3 +146,28 @@ fn a_bad_second_model_stops_the_run_before_any_work() {
     let run = validate_fails(dir.path(), &suite);
     assert_mentions(&run, &["model broken", "missing-dir"]);
 }
+
+#[test]
+fn unsupported_architecture_is_named_with_the_supported_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_copy(dir.path());
+    let config_path = model.join("config.json");
+    let config = std::fs::read_to_string(&config_path)
+        .unwrap()
+        .replace("\"model_type\": \"llama\"", "\"model_type\": \"mamba\"");
+    std::fs::write(&config_path, config).unwrap();
+    let run = validate_fails(dir.path(), &suite_text("model", ""));
+    assert_mentions(&run, &["config.json", "`model_type` is \"mamba\"", "llama", "bloom", "bert"]);
+}
+
+#[test]
+fn tokenizer_larger_than_the_embedding_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_copy(dir.path());
+    // The built-in model's tokenizer has 512 tokens; this model embeds 320.
+    let builtin = dir.path().join("builtin");
+    quantbench::model::builtin::write_to("tiny-llama", &builtin).unwrap();
+    std::fs::copy(builtin.join("tokenizer.json"), model.join("tokenizer.json")).unwrap();
+    let run = validate_fails(dir.path(), &suite_text("model", ""));
+    assert_mentions(&run, &["tokenizer.json", "512 tokens", "vocab_size 320"]);
+}
