@@ -387,7 +387,8 @@ fn embed(args: &EmbedArgs) -> Result<()> {
     let encoder = model.encoder("bench embed")?;
     let mut records = Vec::new();
     for sentence in &sentences {
-        let ids = files.tokenizer.encode_with_special(sentence)?;
+        let mut ids = files.tokenizer.encode_with_special(sentence)?;
+        embedding::truncate_keeping_last(&mut ids, encoder.max_positions());
         let start = std::time::Instant::now();
         let outputs = embedding::encode_all(encoder, std::slice::from_ref(&ids), files.pad_id(), 1)?;
         let ms = start.elapsed().as_secs_f64() * 1e3;

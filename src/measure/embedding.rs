@@ -49,6 +49,16 @@ pub fn encode_all(
     Ok(out)
 }
 
+/// Cut `ids` to at most `limit` tokens, keeping the last one (the closing special token,
+/// as the tokenizers' own truncation does).
+pub fn truncate_keeping_last(ids: &mut Vec<u32>, limit: usize) {
+    if ids.len() > limit && limit > 0 {
+        let last = *ids.last().expect("longer than limit > 0");
+        ids.truncate(limit - 1);
+        ids.push(last);
+    }
+}
+
 /// Mean of the rows of `hidden` (`[len, width]`), scaled to unit length.
 pub fn mean_pool_normalized(hidden: &[f32], width: usize) -> Vec<f32> {
     let rows = (hidden.len() / width).max(1) as f64;

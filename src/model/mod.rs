@@ -9,6 +9,7 @@ mod decoder;
 mod factory;
 pub mod generate;
 pub mod gpt2;
+pub mod hub;
 pub mod llama;
 mod norm;
 pub mod tokenizer;
@@ -321,13 +322,16 @@ impl ModelFiles {
 }
 
 /// Resolve a suite's or command line's model path: a built-in name (`builtin:NAME`) is
-/// generated into the cache on first use; anything else is a directory.
+/// generated into the cache on first use; an existing path is used as is; `org/name`
+/// that is no path is a Hugging Face hub model (see [`hub`]).
 pub fn resolve_model_path(spec: &str, base: &Path) -> Result<PathBuf> {
-    match spec.strip_prefix("builtin:") {
-        Some(name) => builtin::ensure(name),
-        None => {
-            let path = Path::new(spec);
-            Ok(if path.is_absolute() { path.to_path_buf() } else { base.join(path) })
-        }
+    if let Some(name) = spec.strip_prefix("builtin:") {
+        return builtin::ensure(name);
     }
+    let path = Path::new(spec);
+    let path = if path.is_absolute() { path.to_path_buf() } else { base.join(path) };
+    if !path.exists() && hub::looks_like_repo(spec) {
+        return hub::resolve(spec);
+    }
+    Ok(path)
 }

@@ -21,7 +21,14 @@ impl TextTokenizer {
                 hint: "expected tokenizer.json beside config.json (a Hugging Face fast tokenizer)".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(path)
+        let mut inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer { path: path.to_path_buf(), message: e.to_string() })?;
+        // Some tokenizer.json files pad every input to a fixed length (MiniLM's pads to
+        // 128) or truncate it; the harness pads and masks batches itself and cuts inputs
+        // explicitly, so both are turned off here.
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
             .map_err(|e| Error::Tokenizer { path: path.to_path_buf(), message: e.to_string() })?;
         Ok(TextTokenizer { path: path.to_path_buf(), inner })
     }

@@ -412,12 +412,7 @@ fn encoder_sentences(plan: &Plan, model: &PlannedModel, encoder: &dyn Encoder) -
         .chain(eval)
         .map(|text| {
             let mut ids = model.files.tokenizer.encode_with_special(text)?;
-            if ids.len() > limit {
-                // Keep the closing special token, as tokenizers' truncation does.
-                let last = *ids.last().expect("non-empty");
-                ids.truncate(limit - 1);
-                ids.push(last);
-            }
+            embedding::truncate_keeping_last(&mut ids, limit);
             Ok(ids)
         })
         .collect()

@@ -238,17 +238,24 @@ fn inspect_reports_architecture_parameters_and_dtypes() {
     assert!(run.stdout.contains("BF16 ×"), "{}", run.stdout);
 }
 
+/// Every committed suite validates, except that hub models absent from the cache give the
+/// offline error naming the cache (tests never reach the hub).
 #[test]
 fn validate_accepts_the_committed_suites() {
+    crate::support::real_models(&[]);
     let suites: Vec<_> = std::fs::read_dir(root().join("suites"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
-    assert!(!suites.is_empty());
+    assert!(suites.len() >= 4);
     for suite in suites {
-        let suite = suite.display();
-        let run = bench(&["validate", &suite.to_string()], &root(), &shared_cache());
+        let suite = suite.display().to_string();
+        let run = bench(&["validate", &suite], &root(), &shared_cache());
+        if run.code != 0 && run.stderr.contains("not in the Hugging Face cache") {
+            println!("{suite}: hub models not cached, validation stopped as expected");
+            continue;
+        }
         assert_eq!(run.code, 0, "{suite}: {}", run.stderr);
         assert!(run.stdout.contains("ok"), "{}", run.stdout);
     }

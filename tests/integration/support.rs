@@ -27,6 +27,8 @@ pub fn bench(args: &[&str], cwd: &Path, cache: &Path) -> Run {
         .args(args)
         .current_dir(cwd)
         .env("QUANTBENCH_CACHE", cache)
+        // Tests never reach the network: hub models must come from the cache.
+        .env("HF_HUB_OFFLINE", "1")
         .output()
         .expect("bench starts");
     let run = Run {
@@ -61,4 +63,22 @@ pub fn write_small_suite(dir: &Path, schemes: &str) -> PathBuf {
     let path = dir.join("small.yaml");
     std::fs::write(&path, suite).unwrap();
     path
+}
+
+/// The folder of fetched real models (`scripts/fetch_models.sh`), or `None` with a printed
+/// reason when the download is impossible here. Any other failure (a hash mismatch) fails.
+pub fn real_models(names: &[&str]) -> Option<PathBuf> {
+    let out = std::process::Command::new(root().join("scripts/fetch_models.sh"))
+        .args(names)
+        .output()
+        .expect("scripts/fetch_models.sh starts");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match out.status.code() {
+        Some(0) => Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())),
+        Some(3) => {
+            println!("skipped: real models {names:?} cannot be downloaded here: {}", stderr.trim());
+            None
+        }
+        _ => panic!("scripts/fetch_models.sh {names:?} failed:\n{stderr}"),
+    }
 }
