@@ -8,6 +8,7 @@ pub mod config;
 mod decoder;
 mod factory;
 pub mod generate;
+pub mod gguf;
 pub mod gpt2;
 pub mod hub;
 pub mod llama;
@@ -216,13 +217,16 @@ impl ModelFiles {
     /// Open the model directory `dir` and check every tensor the config implies against
     /// the checkpoint (names, shapes, float types), without reading tensor data.
     pub fn open(dir: &Path) -> Result<Self> {
+        if dir.is_file() && dir.extension().is_some_and(|e| e == "gguf") {
+            return Self::open_gguf(dir);
+        }
         if !dir.is_dir() {
             return Err(Error::ModelMissing {
                 what: "directory",
                 path: dir.to_path_buf(),
                 hint: format!(
                     "expected a Hugging Face model directory (config.json, model.safetensors, \
-                     tokenizer.json) or a built-in model ({})",
+                     tokenizer.json), a .gguf file, or a built-in model ({})",
                     builtin::names().join(", ")
                 ),
             });
@@ -244,6 +248,18 @@ impl ModelFiles {
         Ok(files)
     }
 
+    /// Open a GGUF file: config, tokenizer and tensors all come from it.
+    fn open_gguf(path: &Path) -> Result<Self> {
+        let gguf = gguf::GgufFile::open(path)?;
+        let config = ConfigJson::from_value(path.to_path_buf(), gguf.hf_config()?);
+        let arch = arch_for(&config)?;
+        let tokenizer = TextTokenizer::from_text(&gguf.tokenizer_json()?.to_string(), path)?;
+        let store = WeightStore::open_gguf(gguf);
+        let files = ModelFiles { dir: path.to_path_buf(), config, arch, store, tokenizer };
+        files.check_tensors()?;
+        Ok(files)
+    }
+
     /// The tensors the architecture expects, each checked against the checkpoint.
     pub fn check_tensors(&self) -> Result<Vec<TensorSpec>> {
         let specs = (self.arch.tensors)(&self.config)?;
@@ -260,10 +276,10 @@ impl ModelFiles {
                     ),
                 });
             }
-            if !weights::is_float(entry.dtype) {
+            if !entry.stored.is_computable() {
                 return Err(Error::Tensor {
                     name: spec.name.clone(),
-                    message: format!("dtype {:?}, expected F32, F16 or BF16", entry.dtype),
+                    message: format!("dtype {}, expected F32, F16 or BF16", entry.stored.name()),
                 });
             }
         }
@@ -303,9 +319,9 @@ impl ModelFiles {
             if spec.kind == TensorKind::Linear {
                 linear_parameters += count;
             }
-            *dtypes.entry(format!("{:?}", entry.dtype)).or_default() += 1;
+            *dtypes.entry(entry.stored.name()).or_default() += 1;
             let kind = format!("{:?}", spec.kind).to_lowercase();
-            *bytes.entry(kind).or_default() += count * entry.dtype.bitsize() / 8;
+            *bytes.entry(kind).or_default() += entry.bytes as usize;
         }
         let used: BTreeSet<&str> = specs.iter().filter_map(|s| self.store.resolve(&s.name)).collect();
         let skipped = self.store.names().filter(|n| !used.contains(n)).map(String::from).collect();

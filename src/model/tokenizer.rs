@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 pub struct TextTokenizer {
     path: PathBuf,
     inner: tokenizers::Tokenizer,
+    fingerprint: String,
 }
 
 impl TextTokenizer {
@@ -21,16 +22,28 @@ impl TextTokenizer {
                 hint: "expected tokenizer.json beside config.json (a Hugging Face fast tokenizer)".into(),
             });
         }
-        let mut inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::Tokenizer { path: path.to_path_buf(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
+        Self::from_text(&text, path)
+    }
+
+    /// A tokenizer from tokenizer.json text; `origin` names where it came from (a GGUF
+    /// file's vocabulary, say) in messages.
+    pub fn from_text(text: &str, origin: &Path) -> Result<Self> {
+        let error = |message: String| Error::Tokenizer { path: origin.to_path_buf(), message };
+        let mut inner: tokenizers::Tokenizer =
+            text.parse().map_err(|e: tokenizers::Error| error(e.to_string()))?;
         // Some tokenizer.json files pad every input to a fixed length (MiniLM's pads to
         // 128) or truncate it; the harness pads and masks batches itself and cuts inputs
         // explicitly, so both are turned off here.
         inner.with_padding(None);
-        inner
-            .with_truncation(None)
-            .map_err(|e| Error::Tokenizer { path: path.to_path_buf(), message: e.to_string() })?;
-        Ok(TextTokenizer { path: path.to_path_buf(), inner })
+        inner.with_truncation(None).map_err(|e| error(e.to_string()))?;
+        let fingerprint = crate::suite::plan::sha256_hex(text.as_bytes());
+        Ok(TextTokenizer { path: origin.to_path_buf(), inner, fingerprint })
+    }
+
+    /// sha256 of the tokenizer.json text it was built from.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     /// The file it came from.

@@ -1,5 +1,5 @@
-//! Memory-mapped safetensors checkpoints, single-file or sharded, read tensor by tensor
-//! and converted to f32 on demand.
+//! Memory-mapped checkpoints (safetensors, single-file or sharded; or one GGUF file), read
+//! tensor by tensor and converted to f32 on demand.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -10,6 +10,7 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata, SafeTensorError, TensorInfo};
 use safetensors::SafeTensors;
 
+use super::gguf::{GgmlType, GgufFile};
 use crate::error::{Error, Result};
 use crate::scheme::StoredTensor;
 
@@ -25,20 +26,60 @@ struct MappedFile {
     metadata: Metadata,
 }
 
+/// The element type of a stored tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredType {
+    /// A safetensors dtype.
+    Safetensors(Dtype),
+    /// A ggml type of a GGUF file (block-quantized types included).
+    Ggml(GgmlType),
+}
+
+impl StoredType {
+    /// The type's name as its format spells it (`F32`, `BF16`, `Q4_1`).
+    pub fn name(self) -> String {
+        match self {
+            StoredType::Safetensors(d) => format!("{d:?}"),
+            StoredType::Ggml(g) => g.name().to_string(),
+        }
+    }
+
+    /// Whether the harness can turn it into f32 weights.
+    pub fn is_computable(self) -> bool {
+        match self {
+            StoredType::Safetensors(d) => is_float(d),
+            // GGUF files with other types are refused when opened.
+            StoredType::Ggml(_) => true,
+        }
+    }
+}
+
 /// Where one tensor lives.
 #[derive(Debug, Clone)]
 pub struct TensorEntry {
-    file: usize,
+    location: Location,
     /// Element type as stored.
-    pub dtype: Dtype,
-    /// Shape as stored.
+    pub stored: StoredType,
+    /// Shape as stored (Hugging Face order: `[rows, cols]`).
     pub shape: Vec<usize>,
-    offsets: (usize, usize),
+    /// Bytes as stored.
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+enum Location {
+    Safetensors { file: usize, offsets: (usize, usize) },
+    Gguf { name: String },
+}
+
+enum Backing {
+    Safetensors(Vec<MappedFile>),
+    Gguf(Box<GgufFile>),
 }
 
 /// Every tensor of a checkpoint, by name, across its shards.
 pub struct WeightStore {
-    files: Vec<MappedFile>,
+    backing: Backing,
     index: BTreeMap<String, TensorEntry>,
 }
 
@@ -72,7 +113,12 @@ impl WeightStore {
             let mapped = map_file(path)?;
             for (name, info) in mapped.metadata.tensors() {
                 let TensorInfo { dtype, shape, data_offsets } = info.clone();
-                let entry = TensorEntry { file: file_no, dtype, shape, offsets: data_offsets };
+                let entry = TensorEntry {
+                    location: Location::Safetensors { file: file_no, offsets: data_offsets },
+                    stored: StoredType::Safetensors(dtype),
+                    bytes: (data_offsets.1 - data_offsets.0) as u64,
+                    shape,
+                };
                 if index.insert(name.clone(), entry).is_some() {
                     return Err(Error::ModelFormat {
                         path: path.clone(),
@@ -82,7 +128,26 @@ impl WeightStore {
             }
             files.push(mapped);
         }
-        Ok(WeightStore { files, index })
+        Ok(WeightStore { backing: Backing::Safetensors(files), index })
+    }
+
+    /// Open a GGUF file: its tensors under their Hugging Face names (others under their
+    /// GGUF names, which no architecture asks for), dequantized on access.
+    pub fn open_gguf(gguf: GgufFile) -> Self {
+        let index = gguf
+            .tensors()
+            .into_iter()
+            .map(|t| {
+                let entry = TensorEntry {
+                    location: Location::Gguf { name: t.name.clone() },
+                    stored: StoredType::Ggml(t.ggml_type),
+                    shape: t.shape.clone(),
+                    bytes: t.bytes,
+                };
+                (t.hf_name.unwrap_or(t.name), entry)
+            })
+            .collect();
+        WeightStore { backing: Backing::Gguf(Box::new(gguf)), index }
     }
 
     /// All tensor names, sorted.
@@ -118,8 +183,7 @@ impl WeightStore {
         Ok(&self.index[stored])
     }
 
-    /// The stored bytes of `name`, checked against `expected_shape`.
-    fn bytes(&self, name: &str, expected_shape: &[usize]) -> Result<(&TensorEntry, &[u8])> {
+    fn checked_entry(&self, name: &str, expected_shape: &[usize]) -> Result<&TensorEntry> {
         let entry = self.entry(name)?;
         if entry.shape != expected_shape {
             return Err(Error::Tensor {
@@ -130,29 +194,53 @@ impl WeightStore {
                 ),
             });
         }
-        let file = &self.files[entry.file];
-        let start = file.data_start + entry.offsets.0;
-        Ok((entry, &file.mmap[start..file.data_start + entry.offsets.1]))
+        Ok(entry)
     }
 
-    /// The stored dtype and bytes of `name`, checked against `expected_shape`.
+    /// The stored dtype and bytes of `name` (safetensors only: saved quantized models),
+    /// checked against `expected_shape`.
     pub fn raw(&self, name: &str, expected_shape: &[usize]) -> Result<(Dtype, Vec<u8>)> {
-        let (entry, bytes) = self.bytes(name, expected_shape)?;
-        Ok((entry.dtype, bytes.to_vec()))
+        let entry = self.checked_entry(name, expected_shape)?;
+        match (&self.backing, &entry.location, entry.stored) {
+            (
+                Backing::Safetensors(files),
+                Location::Safetensors { file, offsets },
+                StoredType::Safetensors(d),
+            ) => {
+                let f = &files[*file];
+                Ok((d, f.mmap[f.data_start + offsets.0..f.data_start + offsets.1].to_vec()))
+            }
+            _ => Err(Error::Tensor {
+                name: name.to_string(),
+                message: "is in a GGUF file; saved quantized models are safetensors".into(),
+            }),
+        }
     }
 
     /// The tensor `name` converted to f32, checked against `expected_shape`.
     pub fn f32(&self, name: &str, expected_shape: &[usize]) -> Result<Vec<f32>> {
-        let (entry, bytes) = self.bytes(name, expected_shape)?;
-        to_f32(bytes, entry.dtype).ok_or_else(|| Error::Tensor {
-            name: name.to_string(),
-            message: format!("dtype {:?} is not a float type, expected F32, F16 or BF16", entry.dtype),
-        })
+        let entry = self.checked_entry(name, expected_shape)?;
+        match (&self.backing, &entry.location) {
+            (Backing::Safetensors(files), Location::Safetensors { file, offsets }) => {
+                let f = &files[*file];
+                let bytes = &f.mmap[f.data_start + offsets.0..f.data_start + offsets.1];
+                let StoredType::Safetensors(dtype) = entry.stored else { unreachable!("safetensors entry") };
+                to_f32(bytes, dtype).ok_or_else(|| Error::Tensor {
+                    name: name.to_string(),
+                    message: format!("dtype {dtype:?} is not a float type, expected F32, F16 or BF16"),
+                })
+            }
+            (Backing::Gguf(gguf), Location::Gguf { name }) => gguf.dequantize(name),
+            _ => unreachable!("entries always point into their own store's backing"),
+        }
     }
 
     /// The paths of the mapped files.
     pub fn paths(&self) -> Vec<&Path> {
-        self.files.iter().map(|f| f.path.as_path()).collect()
+        match &self.backing {
+            Backing::Safetensors(files) => files.iter().map(|f| f.path.as_path()).collect(),
+            Backing::Gguf(gguf) => vec![gguf.path()],
+        }
     }
 }
 

@@ -160,12 +160,15 @@ fn workload_record(plan: &Plan) -> WorkloadRecord {
 fn model_record(model: &PlannedModel, workload: &crate::suite::Workload) -> Result<ModelRecord> {
     let files = &model.files;
     let summary = files.summary()?;
-    let config_path = files.config.path();
+    // A GGUF file is its own config: hash each distinct file once.
+    let mut paths = vec![files.config.path()];
+    paths.extend(files.store.paths());
+    paths.dedup();
     let mut model_hash = Vec::new();
-    for path in std::iter::once(config_path).chain(files.store.paths()) {
+    for path in paths {
         model_hash.extend(sha256_file(path)?.into_bytes());
     }
-    let tokenizer_sha256 = sha256_file(files.tokenizer.path())?;
+    let tokenizer_sha256 = files.tokenizer.fingerprint().to_string();
     Ok(ModelRecord {
         name: model.name.clone(),
         path: model.spec.clone(),

@@ -171,3 +171,33 @@ fn tokenizer_larger_than_the_embedding_is_refused() {
     let run = validate_fails(dir.path(), &suite_text("model", ""));
     assert_mentions(&run, &["tokenizer.json", "512 tokens", "vocab_size 320"]);
 }
+
+/// A minimal GGUF v3 file: no metadata, one 2-D tensor of ggml type `type_id`.
+fn gguf_with_tensor_type(type_id: u32) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend(b"GGUF");
+    b.extend(3u32.to_le_bytes());
+    b.extend(1u64.to_le_bytes()); // tensors
+    b.extend(0u64.to_le_bytes()); // metadata entries
+    let name = b"blk.0.attn_q.weight";
+    b.extend((name.len() as u64).to_le_bytes());
+    b.extend(name);
+    b.extend(2u32.to_le_bytes());
+    b.extend(256u64.to_le_bytes());
+    b.extend(4u64.to_le_bytes());
+    b.extend(type_id.to_le_bytes());
+    b.extend(0u64.to_le_bytes()); // offset in the data section
+    while b.len() % 32 != 0 {
+        b.push(0);
+    }
+    b.extend(vec![0u8; 4096]);
+    b
+}
+
+#[test]
+fn gguf_with_an_unknown_tensor_type_names_tensor_and_type() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("m.gguf"), gguf_with_tensor_type(14)).unwrap();
+    let run = validate_fails(dir.path(), &suite_text("m.gguf", ""));
+    assert_mentions(&run, &["m.gguf", "blk.0.attn_q.weight", "Q6_K (type 14)", "Q4_1"]);
+}

