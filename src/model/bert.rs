@@ -1,8 +1,6 @@
 //! The BERT encoder (all-MiniLM-L6-v2 is one): token + position + type embeddings,
 //! post-LayerNorm blocks, bidirectional attention with a padding mask.
 
-use std::collections::BTreeSet;
-
 use crate::error::{Error, Result};
 use crate::scheme::{Linear, StoredTensor, TensorRole};
 use crate::tensor;
@@ -257,7 +255,7 @@ impl Encoder for Bert {
         out
     }
 
-    fn kernels(&self) -> BTreeSet<&'static str> {
-        self.layers.iter().flat_map(|l| l.linears.iter().map(|(_, x)| x.kernel())).collect()
+    fn linears(&self) -> Vec<(&str, &dyn Linear)> {
+        self.layers.iter().flat_map(|l| l.linears.iter().map(|(n, x)| (n.as_str(), x.as_ref()))).collect()
     }
 }

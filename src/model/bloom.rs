@@ -1,8 +1,6 @@
 //! The BLOOM architecture: embedding LayerNorm, ALiBi attention biases, a fused
 //! `query_key_value` with per-head interleaved q/k/v, tanh GELU, a tied head.
 
-use std::collections::BTreeSet;
-
 use crate::error::Result;
 use crate::scheme::{Linear, StoredTensor, TensorRole};
 use crate::tensor;
@@ -222,8 +220,8 @@ impl CausalLm for Bloom {
         out
     }
 
-    fn kernels(&self) -> BTreeSet<&'static str> {
-        let blocks = self.blocks.iter().flat_map(|b| b.linears.iter().map(|(_, l)| l.kernel()));
-        blocks.chain(self.head.iter().map(|h| h.kernel())).collect()
+    fn linears(&self) -> Vec<(&str, &dyn Linear)> {
+        let blocks = self.blocks.iter().flat_map(|b| b.linears.iter().map(|(n, l)| (n.as_str(), l.as_ref())));
+        blocks.chain(self.head.iter().map(|h| (super::factory::HEAD, h.as_ref()))).collect()
     }
 }

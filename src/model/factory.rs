@@ -96,7 +96,7 @@ impl WeightFactory for QuantizeFactory<'_> {
             self.read(&weight, &[rows, cols])?
         };
         let bias = self.bias(name, rows, spec.bias)?;
-        self.scheme.quantize(DenseWeight { name: name.to_string(), rows, cols, data }, bias)
+        self.scheme.quantize(DenseWeight { name: name.to_string(), rows, cols, data }, bias, None)
     }
 
     fn head(&mut self, tied_to: Option<&str>, rows: usize, cols: usize) -> Result<Option<Box<dyn Linear>>> {
@@ -107,7 +107,7 @@ impl WeightFactory for QuantizeFactory<'_> {
         let data = self.read(&source, &[rows, cols])?;
         let weight = DenseWeight { name: HEAD.to_string(), rows, cols, data };
         Ok(Some(if self.quantize_head {
-            self.scheme.quantize(weight, None)?
+            self.scheme.quantize(weight, None, None)?
         } else {
             Box::new(FloatLinear::unquantized(weight, None))
         }))

@@ -1,8 +1,6 @@
 //! The GPT-2 architecture: learned position embeddings, Conv1D weights stored
 //! `[in, out]`, a fused `c_attn` (all q, then all k, then all v), tied head.
 
-use std::collections::BTreeSet;
-
 use crate::error::{Error, Result};
 use crate::scheme::{Linear, StoredTensor, TensorRole};
 use crate::tensor;
@@ -264,8 +262,8 @@ impl CausalLm for Gpt2 {
         out
     }
 
-    fn kernels(&self) -> BTreeSet<&'static str> {
-        let blocks = self.blocks.iter().flat_map(|b| b.linears.iter().map(|(_, l)| l.kernel()));
-        blocks.chain(self.head.iter().map(|h| h.kernel())).collect()
+    fn linears(&self) -> Vec<(&str, &dyn Linear)> {
+        let blocks = self.blocks.iter().flat_map(|b| b.linears.iter().map(|(n, l)| (n.as_str(), l.as_ref())));
+        blocks.chain(self.head.iter().map(|h| (super::factory::HEAD, h.as_ref()))).collect()
     }
 }

@@ -1,8 +1,6 @@
 //! The Llama architecture (RMSNorm, rotary embeddings, grouped-query attention, SwiGLU,
 //! tied or untied head), written once against the linear-layer boundary.
 
-use std::collections::BTreeSet;
-
 use crate::error::Result;
 use crate::scheme::{Linear, StoredTensor, TensorRole};
 use crate::tensor::attention::{AttentionShape, KvCache, Masking};
@@ -288,8 +286,8 @@ impl CausalLm for Llama {
         out
     }
 
-    fn kernels(&self) -> BTreeSet<&'static str> {
-        let blocks = self.blocks.iter().flat_map(|b| b.linears.iter().map(|(_, l)| l.kernel()));
-        blocks.chain(self.head.iter().map(|h| h.kernel())).collect()
+    fn linears(&self) -> Vec<(&str, &dyn Linear)> {
+        let blocks = self.blocks.iter().flat_map(|b| b.linears.iter().map(|(n, l)| (n.as_str(), l.as_ref())));
+        blocks.chain(self.head.iter().map(|h| (super::factory::HEAD, h.as_ref()))).collect()
     }
 }

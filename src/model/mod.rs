@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::scheme::StoredTensor;
+use crate::scheme::{Linear, StoredTensor};
 use crate::tensor::attention::KvCache;
 pub use config::ConfigJson;
 pub use factory::{LinearSpec, QuantizeFactory, ReloadFactory, WeightFactory};
@@ -48,8 +48,8 @@ pub trait CausalLm: Send + Sync {
     fn forward(&self, tokens: &[u32], batch: usize, cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>>;
     /// Every tensor of the model as stored (for the byte account and for saving).
     fn export(&self) -> Vec<StoredTensor>;
-    /// The kernel paths its layers run.
-    fn kernels(&self) -> BTreeSet<&'static str>;
+    /// Every linear layer with its name, the output head included when it is one.
+    fn linears(&self) -> Vec<(&str, &dyn Linear)>;
 }
 
 /// A bidirectional encoder (BERT): hidden states for every position, pooled into
@@ -64,8 +64,8 @@ pub trait Encoder: Send + Sync {
     fn encode(&self, tokens: &[u32], mask: &[u8], batch: usize) -> Result<Vec<f32>>;
     /// Every tensor of the model as stored.
     fn export(&self) -> Vec<StoredTensor>;
-    /// The kernel paths its layers run.
-    fn kernels(&self) -> BTreeSet<&'static str>;
+    /// Every linear layer with its name.
+    fn linears(&self) -> Vec<(&str, &dyn Linear)>;
 }
 
 /// A built model of either kind.
@@ -85,12 +85,17 @@ impl Model {
         }
     }
 
+    /// Every linear layer with its name.
+    pub fn linears(&self) -> Vec<(&str, &dyn Linear)> {
+        match self {
+            Model::Causal(m) => m.linears(),
+            Model::Encoder(m) => m.linears(),
+        }
+    }
+
     /// The kernel paths its layers run.
     pub fn kernels(&self) -> BTreeSet<&'static str> {
-        match self {
-            Model::Causal(m) => m.kernels(),
-            Model::Encoder(m) => m.kernels(),
-        }
+        self.linears().into_iter().map(|(_, l)| l.kernel()).collect()
     }
 
     /// The decoder, or an error naming what was asked of an encoder.

@@ -5,8 +5,8 @@ use half::{bf16, f16};
 use safetensors::tensor::Dtype;
 
 use super::{
-    DenseWeight, DeviceSupport, Linear, Scheme, SchemeInfo, SchemeParams, StoredSource, StoredTensor,
-    TensorRole,
+    Calibration, DenseWeight, DeviceSupport, Linear, Scheme, SchemeInfo, SchemeParams, StoredSource,
+    StoredTensor, TensorRole,
 };
 use crate::error::Result;
 
@@ -126,7 +126,12 @@ impl Linear for FloatLinear {
 struct FloatScheme(FloatStorage);
 
 impl Scheme for FloatScheme {
-    fn quantize(&self, weight: DenseWeight, bias: Option<Vec<f32>>) -> Result<Box<dyn Linear>> {
+    fn quantize(
+        &self,
+        weight: DenseWeight,
+        bias: Option<Vec<f32>>,
+        _: Option<Calibration>,
+    ) -> Result<Box<dyn Linear>> {
         Ok(Box::new(FloatLinear::new(weight, bias, self.0)))
     }
 

@@ -109,6 +109,22 @@ pub trait Linear: Send + Sync {
     fn kernel(&self) -> &'static str;
     /// The tensors that represent this layer, named under `name`.
     fn export(&self, name: &str) -> Vec<StoredTensor>;
+    /// What the layer observed while running, since it was built: e.g. LLM.int8()'s
+    /// `outlier_column_fraction`. Empty for most schemes.
+    fn stats(&self) -> Vec<(&'static str, f64)> {
+        Vec::new()
+    }
+}
+
+/// Inputs a layer saw when the full-precision model ran on the calibration data:
+/// `rows × cols` values, one row per token (a sample of at most the suite's
+/// `calibration.samples` tokens).
+#[derive(Debug, Clone, Copy)]
+pub struct Calibration<'a> {
+    /// Row-major `[rows, cols]`.
+    pub inputs: &'a [f32],
+    /// Number of rows.
+    pub rows: usize,
 }
 
 /// A weight handed to a scheme: row-major `[out_features, in_features]` f32.
@@ -134,8 +150,14 @@ pub trait StoredSource {
 
 /// A configured scheme: turns full-precision weights into linear layers and back.
 pub trait Scheme: Send + Sync {
-    /// Quantize one layer.
-    fn quantize(&self, weight: DenseWeight, bias: Option<Vec<f32>>) -> Result<Box<dyn Linear>>;
+    /// Quantize one layer. `calibration` is given to schemes whose registry row says they
+    /// need calibration (and only to them).
+    fn quantize(
+        &self,
+        weight: DenseWeight,
+        bias: Option<Vec<f32>>,
+        calibration: Option<Calibration>,
+    ) -> Result<Box<dyn Linear>>;
     /// Rebuild a layer from what [`Linear::export`] wrote under `name`.
     fn load(
         &self,
@@ -156,6 +178,8 @@ pub enum ParamKind {
     Integer,
     /// Free text.
     Text,
+    /// Any number.
+    Number,
 }
 
 impl ParamKind {
@@ -164,6 +188,7 @@ impl ParamKind {
             ParamKind::Bool => "a boolean",
             ParamKind::Integer => "a non-negative integer",
             ParamKind::Text => "a string",
+            ParamKind::Number => "a number",
         }
     }
 
@@ -172,6 +197,7 @@ impl ParamKind {
             ParamKind::Bool => value.is_boolean(),
             ParamKind::Integer => value.is_u64(),
             ParamKind::Text => value.is_string(),
+            ParamKind::Number => value.is_number(),
         }
     }
 }
@@ -213,6 +239,16 @@ impl SchemeParams {
     /// A boolean parameter, or its default.
     pub fn bool(&self, name: &str, default: bool) -> bool {
         self.0.get(name).and_then(|v| v.as_bool()).unwrap_or(default)
+    }
+
+    /// An integer parameter, or its default.
+    pub fn integer(&self, name: &str, default: u64) -> u64 {
+        self.0.get(name).and_then(|v| v.as_u64()).unwrap_or(default)
+    }
+
+    /// A number parameter, or its default.
+    pub fn number(&self, name: &str, default: f64) -> f64 {
+        self.0.get(name).and_then(|v| v.as_f64()).unwrap_or(default)
     }
 
     /// A text parameter, if given.
@@ -345,7 +381,7 @@ mod tests {
         let x = crate::tensor::SeededRng::new(4).normal_vec(2 * 7, 1.0);
         for info in SCHEMES {
             let scheme = (info.build)(&SchemeParams::default()).unwrap();
-            let layer = scheme.quantize(weight.clone(), Some(vec![0.5; 5])).unwrap();
+            let layer = scheme.quantize(weight.clone(), Some(vec![0.5; 5]), calibration(info)).unwrap();
             let exported = layer.export("layer");
             let source = MapSource(exported.iter().map(|t| (t.name.clone(), t.clone())).collect());
             let reloaded = scheme.load("layer", 5, 7, Some(vec![0.5; 5]), &source).unwrap();
@@ -354,6 +390,13 @@ mod tests {
             reloaded.forward(&x, 2, &mut b);
             assert_eq!(a, b, "scheme {}", info.name);
         }
+    }
+
+    /// Calibration inputs for the schemes that need them: 16 rows of 7 normal values.
+    fn calibration(info: &SchemeInfo) -> Option<Calibration<'static>> {
+        static INPUTS: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+        let inputs = INPUTS.get_or_init(|| crate::tensor::SeededRng::new(5).normal_vec(16 * 7, 1.0));
+        info.needs_calibration.then_some(Calibration { inputs, rows: 16 })
     }
 
     /// Test double for [`StoredSource`] over exported tensors.
