@@ -1,8 +1,8 @@
 //! Weight factories: where an architecture gets each tensor and linear layer from, either
 //! quantizing a full-precision checkpoint with a scheme or reloading a saved quantized model.
 
-use crate::error::Result;
-use crate::scheme::{DenseWeight, FloatLinear, FloatStorage, Linear, Scheme, StoredSource};
+use crate::error::{Error, Result};
+use crate::scheme::{Calibration, DenseWeight, FloatLinear, FloatStorage, Linear, Scheme, StoredSource};
 
 use super::weights::WeightStore;
 
@@ -49,12 +49,16 @@ pub trait WeightFactory {
     fn head(&mut self, tied_to: Option<&str>, rows: usize, cols: usize) -> Result<Option<Box<dyn Linear>>>;
 }
 
+/// Each linear layer's calibration inputs, by layer name.
+pub type CalibrationLookup<'a> = &'a dyn Fn(&str) -> Option<Calibration<'a>>;
+
 /// Builds a model from a full-precision checkpoint, quantizing its linear layers.
 pub struct QuantizeFactory<'a> {
     store: &'a WeightStore,
     precision: FloatStorage,
     scheme: &'a dyn Scheme,
     quantize_head: bool,
+    calibration: Option<CalibrationLookup<'a>>,
 }
 
 impl<'a> QuantizeFactory<'a> {
@@ -66,7 +70,22 @@ impl<'a> QuantizeFactory<'a> {
         scheme: &'a dyn Scheme,
         quantize_head: bool,
     ) -> Self {
-        QuantizeFactory { store, precision, scheme, quantize_head }
+        QuantizeFactory { store, precision, scheme, quantize_head, calibration: None }
+    }
+
+    /// Give each quantized layer its calibration inputs (for schemes that need them); a
+    /// layer without recorded inputs is then an error.
+    pub fn with_calibration(self, lookup: CalibrationLookup<'a>) -> Self {
+        QuantizeFactory { calibration: Some(lookup), ..self }
+    }
+
+    fn calibration_of(&self, name: &str) -> Result<Option<Calibration<'a>>> {
+        match self.calibration {
+            None => Ok(None),
+            Some(lookup) => lookup(name).map(Some).ok_or_else(|| {
+                Error::Workload(format!("no calibration inputs were recorded for layer {name}"))
+            }),
+        }
     }
 
     fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
@@ -96,7 +115,8 @@ impl WeightFactory for QuantizeFactory<'_> {
             self.read(&weight, &[rows, cols])?
         };
         let bias = self.bias(name, rows, spec.bias)?;
-        self.scheme.quantize(DenseWeight { name: name.to_string(), rows, cols, data }, bias, None)
+        let calibration = self.calibration_of(name)?;
+        self.scheme.quantize(DenseWeight { name: name.to_string(), rows, cols, data }, bias, calibration)
     }
 
     fn head(&mut self, tied_to: Option<&str>, rows: usize, cols: usize) -> Result<Option<Box<dyn Linear>>> {
@@ -107,7 +127,7 @@ impl WeightFactory for QuantizeFactory<'_> {
         let data = self.read(&source, &[rows, cols])?;
         let weight = DenseWeight { name: HEAD.to_string(), rows, cols, data };
         Ok(Some(if self.quantize_head {
-            self.scheme.quantize(weight, None, None)?
+            self.scheme.quantize(weight, None, self.calibration_of(HEAD)?)?
         } else {
             Box::new(FloatLinear::unquantized(weight, None))
         }))

@@ -93,7 +93,20 @@ pub struct WorkloadRecord {
     pub warmup: usize,
     /// Seed.
     pub seed: u64,
+    /// Calibration data, when a scheme needed it.
+    pub calibration: Option<CalibrationRecord>,
     /// sha256 over all of the above (keys the reference).
+    pub sha256: String,
+}
+
+/// The calibration data of a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CalibrationRecord {
+    /// Text file as named in the suite.
+    pub source: String,
+    /// Token rows recorded per layer (at most).
+    pub samples: usize,
+    /// sha256 of the sample count and the text.
     pub sha256: String,
 }
 
@@ -155,6 +168,13 @@ pub struct CaseResult {
     pub embedding: Option<EmbeddingDivergence>,
     /// Greedy continuations.
     pub generation: Option<Vec<Generation>>,
+    /// What layers observed while running (LLM.int8()'s outlier column fraction, a
+    /// pruned layer's sparsity, QAT tuning errors), by layer, for layers that report any.
+    pub layer_stats: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Each of those statistics averaged over the layers that report it.
+    pub stats_mean: BTreeMap<String, f64>,
+    /// Calibration token rows each layer saw (calibrated schemes).
+    pub calibration_rows: Option<usize>,
     /// Things the reader should know (noisy timings, ...).
     pub warnings: Vec<String>,
 }

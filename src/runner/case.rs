@@ -18,6 +18,7 @@ use crate::scheme::{self, Scheme, StoredTensor, TensorRole};
 use crate::suite::{Plan, PlannedModel, PlannedScheme};
 use crate::tensor;
 
+use super::calibrate::{self, LayerInputs};
 use super::progress::Progress;
 
 /// The coefficient of variation above which timings are called noisy.
@@ -45,6 +46,8 @@ pub struct ModelRunner<'p> {
     plan: &'p Plan,
     model: &'p PlannedModel,
     references: References,
+    /// Each layer's inputs on the calibration text, when a scheme needs them.
+    calibration: Option<LayerInputs>,
 }
 
 /// Where a case's files go and whether they stay.
@@ -102,7 +105,13 @@ impl<'p> ModelRunner<'p> {
                 References::Encoder { sentences, outputs }
             }
         };
-        Ok(ModelRunner { plan, model, references })
+        let calibration = match &plan.calibration {
+            Some(data) if plan.schemes.iter().any(|s| s.info.needs_calibration) => {
+                Some(calibrate::record(files, model.dtype, data, plan.workload.context)?)
+            }
+            _ => None,
+        };
+        Ok(ModelRunner { plan, model, references, calibration })
     }
 
     /// Quantize with `planned` and measure everything the plan asks for.
@@ -121,12 +130,14 @@ impl<'p> ModelRunner<'p> {
         progress.step("quantize");
         let t = Instant::now();
         let files = &self.model.files;
-        let model = files.build(&mut QuantizeFactory::new(
-            &files.store,
-            self.model.dtype,
-            scheme.as_ref(),
-            quantize_head,
-        ))?;
+        let lookup = |name: &str| self.calibration.as_ref().and_then(|c| c.get(name));
+        let mut factory =
+            QuantizeFactory::new(&files.store, self.model.dtype, scheme.as_ref(), quantize_head);
+        let calibrated = planned.info.needs_calibration;
+        if calibrated {
+            factory = factory.with_calibration(&lookup);
+        }
+        let model = files.build(&mut factory)?;
         let quantize_s = t.elapsed().as_secs_f64();
 
         let exported = model.export();
@@ -169,6 +180,7 @@ impl<'p> ModelRunner<'p> {
             }
             _ => {}
         }
+        let (layer_stats, stats_mean) = layer_stats(&model);
         Ok(CaseResult {
             id: id.to_string(),
             model: self.model.name.clone(),
@@ -186,6 +198,13 @@ impl<'p> ModelRunner<'p> {
             divergence,
             embedding,
             generation,
+            layer_stats,
+            stats_mean,
+            calibration_rows: if calibrated {
+                self.calibration.as_ref().map(LayerInputs::rows)
+            } else {
+                None
+            },
             warnings,
         })
     }
@@ -372,6 +391,26 @@ impl<'p> ModelRunner<'p> {
             })
             .collect()
     }
+}
+
+/// Statistics the layers report, by layer, and each averaged over the layers reporting it.
+fn layer_stats(model: &Model) -> (BTreeMap<String, BTreeMap<String, f64>>, BTreeMap<String, f64>) {
+    let mut by_layer = BTreeMap::new();
+    let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    for (name, layer) in model.linears() {
+        let stats = layer.stats();
+        if stats.is_empty() {
+            continue;
+        }
+        for (key, value) in &stats {
+            let entry = sums.entry(key.to_string()).or_default();
+            entry.0 += value;
+            entry.1 += 1;
+        }
+        by_layer.insert(name.to_string(), stats.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+    }
+    let means = sums.into_iter().map(|(k, (sum, n))| (k, sum / n as f64)).collect();
+    (by_layer, means)
 }
 
 /// One timed generation run: prefill milliseconds and each decode step's milliseconds.

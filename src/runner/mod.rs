@@ -1,6 +1,7 @@
 //! The runner: a validated [`Plan`] becomes cases (model × scheme), each measured and
 //! appended to results.json as soon as it finishes.
 
+mod calibrate;
 mod case;
 mod progress;
 
@@ -9,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Result, ResultExt};
 use crate::report::results::{
-    CaseResult, ModelRecord, Provenance, Results, SuiteRecord, WorkloadRecord, SCHEMA_VERSION,
+    CalibrationRecord, CaseResult, ModelRecord, Provenance, Results, SuiteRecord, WorkloadRecord,
+    SCHEMA_VERSION,
 };
 use crate::report::table;
 use crate::scheme::FloatStorage;
@@ -151,6 +153,11 @@ fn workload_record(plan: &Plan) -> WorkloadRecord {
         repeats: plan.repeats,
         warmup: plan.warmup,
         seed: plan.seed,
+        calibration: plan.calibration.as_ref().map(|c| CalibrationRecord {
+            source: c.source.clone(),
+            samples: c.samples,
+            sha256: c.sha256.clone(),
+        }),
         sha256: String::new(),
     };
     record.sha256 = sha256_hex(serde_json::to_string(&record).expect("record serialises").as_bytes());

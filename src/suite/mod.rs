@@ -13,7 +13,7 @@ use serde_saphyr::Spanned;
 
 use crate::error::{Error, Result};
 
-pub use plan::{Plan, PlannedModel, PlannedScheme, Workload};
+pub use plan::{CalibrationData, Plan, PlannedModel, PlannedScheme, Workload};
 
 /// A suite as written in YAML.
 #[derive(Debug, Deserialize)]
@@ -37,6 +37,9 @@ pub struct SuiteFile {
     /// `cpu`, `cuda` or `auto`.
     #[serde(default)]
     pub device: Option<Spanned<String>>,
+    /// Calibration data for schemes that need it (int8-static, qat-sim).
+    #[serde(default)]
+    pub calibration: Option<CalibrationSpec>,
     /// Timed repetitions per case.
     #[serde(default = "default_repeats")]
     pub repeats: Spanned<u32>,
@@ -113,6 +116,22 @@ impl<'de> Deserialize<'de> for SchemeEntry {
         }
         deserializer.deserialize_any(EntryVisitor)
     }
+}
+
+/// Calibration data: a text run through the full-precision model to record each linear
+/// layer's inputs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationSpec {
+    /// Text file, relative to the suite file.
+    pub text: Spanned<String>,
+    /// Token rows recorded per layer.
+    #[serde(default = "default_samples")]
+    pub samples: Spanned<usize>,
+}
+
+fn default_samples() -> Spanned<usize> {
+    defaulted(256)
 }
 
 /// What each case runs.

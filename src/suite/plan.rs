@@ -32,6 +32,8 @@ pub struct Plan {
     pub schemes: Vec<PlannedScheme>,
     /// The workload.
     pub workload: Workload,
+    /// Calibration data, when a scheme needs it.
+    pub calibration: Option<CalibrationData>,
     /// Metric groups to measure.
     pub metrics: BTreeSet<MetricGroup>,
     /// The device (only `cpu` in this build).
@@ -89,6 +91,19 @@ pub struct Workload {
     pub max_chunks: Option<usize>,
 }
 
+/// Calibration text and how many token rows to record per layer.
+#[derive(Debug, Clone)]
+pub struct CalibrationData {
+    /// The text.
+    pub text: String,
+    /// Where it came from, as written in the suite.
+    pub source: String,
+    /// Token rows recorded per layer.
+    pub samples: usize,
+    /// sha256 of the text and the sample count.
+    pub sha256: String,
+}
+
 /// Prompts used when a suite names none.
 const DEFAULT_PROMPTS: &[&str] = &["Hello, how are you?", "1.1+2.3=?"];
 
@@ -116,6 +131,7 @@ impl Plan {
         let schemes = check.schemes(&suite.schemes)?;
         let workload = check.workload(&suite.workload, base)?;
         let models = check.models(&suite.models, base, &workload)?;
+        let calibration = check.calibration(suite.calibration.as_ref(), base, &schemes)?;
         let metrics = check.metrics(suite.metrics.as_deref())?;
         let device = check.device(suite.device.as_ref())?;
         if suite.repeats.value == 0 {
@@ -131,6 +147,7 @@ impl Plan {
             models,
             schemes,
             workload,
+            calibration,
             metrics,
             device,
             repeats: suite.repeats.value as usize,
@@ -292,6 +309,38 @@ impl Checker<'_> {
             out.push(PlannedModel { name, spec: entry.path.value.clone(), dtype, files });
         }
         Ok(out)
+    }
+
+    fn calibration(
+        &self,
+        spec: Option<&super::CalibrationSpec>,
+        base: &Path,
+        schemes: &[PlannedScheme],
+    ) -> Result<Option<CalibrationData>> {
+        let needing: Vec<&str> =
+            schemes.iter().filter(|s| s.info.needs_calibration).map(|s| s.label.as_str()).collect();
+        let Some(spec) = spec else {
+            if needing.is_empty() {
+                return Ok(None);
+            }
+            return Err(self.at(
+                0,
+                format!(
+                    "schemes {} need calibration data: add `calibration: {{text: FILE, samples: N}}` \
+                     (a text file relative to the suite, and the token rows recorded per layer)",
+                    needing.join(", ")
+                ),
+            ));
+        };
+        let path = base.join(&spec.text.value);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| self.value(&spec.text, format!("calibration.text {}: {e}", path.display())))?;
+        if spec.samples.value == 0 {
+            return Err(self.value(&spec.samples, "calibration.samples is 0, expected at least 1".into()));
+        }
+        let samples = spec.samples.value;
+        let sha256 = sha256_hex(format!("{samples}\n{text}").as_bytes());
+        Ok(Some(CalibrationData { text, source: spec.text.value.clone(), samples, sha256 }))
     }
 
     fn metrics(&self, names: Option<&[Spanned<String>]>) -> Result<BTreeSet<MetricGroup>> {
