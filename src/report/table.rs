@@ -119,6 +119,15 @@ pub fn write_tables(results: &Results, dir: &std::path::Path) -> Result<()> {
         results.provenance.started_at
     ));
     md.push_str(&markdown(results));
+    for case in results.cases.iter().filter(|c| !c.stats_mean.is_empty()) {
+        let stats: Vec<String> = case.stats_mean.iter().map(|(k, v)| format!("{k} {v:.6}")).collect();
+        md.push_str(&format!(
+            "\n- {}: {} (mean over the {} layers that report them)",
+            case.id,
+            stats.join(", "),
+            case.layer_stats.len()
+        ));
+    }
     for case in &results.cases {
         for w in &case.warnings {
             md.push_str(&format!("\n- warning ({}): {w}", case.id));
