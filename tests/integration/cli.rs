@@ -66,6 +66,33 @@ fn run_writes_results_and_resume_does_no_work() {
     assert_eq!(read_json(&out.join("results.json"))["cases"], results["cases"]);
 }
 
+/// The quick start covers every scheme in the registry, and every case of it runs end to
+/// end: measured, saved, reloaded bit-identically.
+#[test]
+fn quickstart_runs_every_registered_scheme() {
+    let text = std::fs::read_to_string(root().join("suites/quickstart.yaml")).unwrap();
+    let suite = quantbench::suite::parse(&text, std::path::Path::new("quickstart.yaml")).unwrap();
+    let in_suite: Vec<&str> = suite.schemes.iter().map(|s| s.value.name.as_str()).collect();
+    for scheme in quantbench::scheme::SCHEMES {
+        assert!(in_suite.contains(&scheme.name), "suites/quickstart.yaml lacks scheme {}", scheme.name);
+    }
+    let out = tempfile::tempdir().unwrap();
+    let run = bench(
+        &["run", "suites/quickstart.yaml", "--out", out.path().to_str().unwrap()],
+        &root(),
+        &shared_cache(),
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let results = read_json(&out.path().join("results.json"));
+    let cases = results["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), in_suite.len());
+    for case in cases {
+        assert_eq!(case["disk"]["reload_identical"], true, "{}", case["id"]);
+        let kld = case["divergence"]["kld_mean"].as_f64().unwrap();
+        assert!(kld.is_finite() && kld >= 0.0, "{}: KLD {kld}", case["id"]);
+    }
+}
+
 #[test]
 fn filter_runs_only_matching_cases_and_quantize_head_moves_the_head() {
     let dir = tempfile::tempdir().unwrap();
