@@ -5,6 +5,11 @@
 //! `bench list schemes`, error hints and the README table all read this table.
 
 mod float;
+mod int4_block;
+mod kmeans;
+mod nf4;
+pub mod packed4;
+mod prune;
 
 use std::collections::BTreeMap;
 
@@ -288,7 +293,16 @@ pub struct SchemeInfo {
 }
 
 /// Every scheme the harness knows, in the order `bench list` shows them.
-pub static SCHEMES: &[SchemeInfo] = &[float::FP32, float::FP16, float::BF16];
+pub static SCHEMES: &[SchemeInfo] = &[
+    float::FP32,
+    float::FP16,
+    float::BF16,
+    int4_block::INT4_BLOCK,
+    nf4::NF4,
+    nf4::FP4,
+    prune::PRUNE,
+    kmeans::KMEANS,
+];
 
 /// The table row of `name`, or an error listing the known names.
 pub fn lookup(name: &str) -> Result<&'static SchemeInfo> {

@@ -1,0 +1,404 @@
+//! The 4-bit block format shared by `int4-block`, `nf4`, `fp4` and 16-cluster `kmeans`:
+//! codes packed two per byte (first value in the high nibble) over the flattened weight,
+//! blocks of consecutive values each with its own scale (and optional offset), and the
+//! kernels that multiply by it: a fused dequantize-in-register GEMV for decode and
+//! dequantize-then-GEMM for prefill.
+//!
+//! A weight value is `table[code] * scale[block] + offset[block]`. The 16-entry `table`
+//! is what differs between schemes (signed integers for int4, the NF4/FP4 code books,
+//! k-means centroids); blocks run over the flattened `[rows, cols]` weight, so a block
+//! may span two rows and a row may start in the middle of a block or a byte.
+
+use rayon::prelude::*;
+
+/// Above this many activation rows, `forward` dequantizes row panels and runs the f32
+/// GEMM instead of the fused GEMV. Measured by `benches/int4_gemv.rs` on the 2-core
+/// AMD EPYC (AVX2) this crate is developed on, 4096×4096 int4-block weight:
+/// fused 1: 4.9 ms, 4: 9.6 ms, 16: 36 ms; dequantize+GEMM 1: 38 ms, 4: 38 ms,
+/// 16: 41 ms, 64: 58 ms — the two meet between 16 and 64 rows, close to 16.
+pub const GEMV_MAX_ROWS: usize = 16;
+
+/// Values dequantized per panel on the prefill path (4 MiB of f32): bounds the
+/// temporary so a prefill never holds a full f32 copy of the weight.
+const PANEL_VALUES: usize = 1 << 20;
+
+/// Output rows per parallel task of the fused GEMV.
+const ROWS_PER_TASK: usize = 16;
+
+/// A `[rows, cols]` weight in the shared 4-bit block format.
+#[derive(Debug, Clone)]
+pub struct Packed4 {
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// Values per block over the flattened weight (≥ 1).
+    pub block: usize,
+    /// `ceil(rows·cols / 2)` bytes, value `i` in the high nibble of byte `i/2` when `i`
+    /// is even, the low nibble when odd; an odd count ends with a zero low nibble.
+    pub bytes: Vec<u8>,
+    /// The value of each 4-bit code before scaling.
+    pub table: [f32; 16],
+    /// One scale per block.
+    pub scales: Vec<f32>,
+    /// One offset per block (asymmetric formats), added after scaling.
+    pub offsets: Option<Vec<f32>>,
+}
+
+/// Pack 4-bit codes two per byte, the first in the high nibble; an odd count is padded
+/// with a zero nibble. Codes above 15 keep their low nibble.
+pub fn pack_nibbles(codes: &[u8]) -> Vec<u8> {
+    codes.chunks(2).map(|p| (p[0] & 0x0F) << 4 | p.get(1).map_or(0, |c| c & 0x0F)).collect()
+}
+
+/// Code `i` of nibble-packed `bytes`.
+#[inline(always)]
+pub fn nibble(bytes: &[u8], i: usize) -> u8 {
+    let b = bytes[i / 2];
+    if i % 2 == 0 {
+        b >> 4
+    } else {
+        b & 0x0F
+    }
+}
+
+/// Number of blocks of `block` values covering `n` values.
+pub fn block_count(n: usize, block: usize) -> usize {
+    n.div_ceil(block)
+}
+
+impl Packed4 {
+    /// Weight value `i` of the flattened matrix.
+    #[inline(always)]
+    pub fn value(&self, i: usize) -> f32 {
+        let b = i / self.block;
+        let v = self.table[nibble(&self.bytes, i) as usize] * self.scales[b];
+        match &self.offsets {
+            Some(o) => v + o[b],
+            None => v,
+        }
+    }
+
+    /// Dequantize flattened values `start..start + out.len()` into `out`.
+    pub fn dequantize_range(&self, start: usize, out: &mut [f32]) {
+        for (k, v) in out.iter_mut().enumerate() {
+            *v = self.value(start + k);
+        }
+    }
+
+    /// The whole weight as f32 (tests and reference paths).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        self.dequantize_range(0, &mut out);
+        out
+    }
+
+    /// The kernels `matmul` runs on this CPU: the fused GEMV path chosen at run time for
+    /// decode, dequantized panels through the f32 GEMM for prefill.
+    pub fn kernel(&self) -> &'static str {
+        if has_avx2() {
+            "fused-gemv-avx2 (m<=16) / dequant-f32-gemm"
+        } else {
+            "fused-gemv-scalar (m<=16) / dequant-f32-gemm"
+        }
+    }
+
+    /// `out[m, rows] = x[m, cols] · Wᵀ` (no bias): fused GEMV up to [`GEMV_MAX_ROWS`]
+    /// activation rows, dequantized panels through the f32 GEMM above.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), m * self.cols, "packed4 matmul: input is not [m, cols]");
+        assert_eq!(out.len(), m * self.rows, "packed4 matmul: output is not [m, rows]");
+        if m > GEMV_MAX_ROWS {
+            self.dequant_gemm(x, m, out);
+        } else {
+            self.gemv(x, m, out, has_avx2());
+        }
+    }
+
+    /// Dequantize panels of output rows and multiply each with the f32 GEMM (the prefill
+    /// path; public so the benchmark can time it at any row count).
+    pub fn dequant_gemm(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        let (rows, cols) = (self.rows, self.cols);
+        let panel_rows = (PANEL_VALUES / cols.max(1)).clamp(1, rows.max(1));
+        let mut panel = vec![0.0f32; panel_rows * cols];
+        let mut product = vec![0.0f32; m * panel_rows];
+        for r0 in (0..rows).step_by(panel_rows) {
+            let n = panel_rows.min(rows - r0);
+            let panel = &mut panel[..n * cols];
+            panel.par_chunks_mut(cols.max(1)).enumerate().for_each(|(r, dst)| {
+                self.dequantize_range((r0 + r) * cols, dst);
+            });
+            let product = &mut product[..m * n];
+            crate::tensor::matmul_nt(x, m, cols, panel, n, product);
+            for i in 0..m {
+                out[i * rows + r0..i * rows + r0 + n].copy_from_slice(&product[i * n..(i + 1) * n]);
+            }
+        }
+    }
+
+    /// The fused GEMV over all output rows, in parallel tasks of [`ROWS_PER_TASK`] rows;
+    /// `avx2` selects the SIMD path (the caller checked the CPU has it).
+    pub fn gemv(&self, x: &[f32], m: usize, out: &mut [f32], avx2: bool) {
+        let rows = self.rows;
+        let tasks: Vec<Vec<f32>> = (0..rows.div_ceil(ROWS_PER_TASK))
+            .into_par_iter()
+            .map(|t| {
+                let r0 = t * ROWS_PER_TASK;
+                let n = ROWS_PER_TASK.min(rows - r0);
+                let mut local = vec![0.0f32; n * m];
+                for r in 0..n {
+                    for i in 0..m {
+                        let xr = &x[i * self.cols..(i + 1) * self.cols];
+                        local[r * m + i] = self.row_dot(r0 + r, xr, avx2);
+                    }
+                }
+                local
+            })
+            .collect();
+        for (t, local) in tasks.iter().enumerate() {
+            let r0 = t * ROWS_PER_TASK;
+            for (r, vals) in local.chunks_exact(m.max(1)).enumerate() {
+                for (i, v) in vals.iter().enumerate() {
+                    out[i * rows + r0 + r] = *v;
+                }
+            }
+        }
+    }
+
+    /// Dot product of weight row `r` with `x` (`cols` values), block piece by piece.
+    fn row_dot(&self, r: usize, x: &[f32], avx2: bool) -> f32 {
+        let start = r * self.cols;
+        let end = start + self.cols;
+        let mut sum = 0.0f32;
+        let mut a = start;
+        while a < end {
+            let b = a / self.block;
+            let e = ((b + 1) * self.block).min(end);
+            let xs = &x[a - start..e - start];
+            let (dot, xsum) = if avx2 {
+                // SAFETY: `avx2` is only true when the CPU was checked to have AVX2 and FMA.
+                unsafe { piece_avx2(&self.bytes, a, xs, &self.table, self.offsets.is_some()) }
+            } else {
+                piece_scalar(&self.bytes, a, xs, &self.table, self.offsets.is_some())
+            };
+            sum += dot * self.scales[b];
+            if let Some(o) = &self.offsets {
+                sum += xsum * o[b];
+            }
+            a = e;
+        }
+        sum
+    }
+}
+
+/// Whether the fused GEMV's SIMD path can run here.
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Within one block: `(Σ table[code(a+k)]·x[k], Σ x[k])` (the second only when
+/// `want_xsum`, for the block's offset). Scalar reference for [`piece_avx2`].
+fn piece_scalar(bytes: &[u8], a: usize, x: &[f32], table: &[f32; 16], want_xsum: bool) -> (f32, f32) {
+    let mut dot = 0.0f32;
+    let mut xsum = 0.0f32;
+    for (k, &xv) in x.iter().enumerate() {
+        dot += table[nibble(bytes, a + k) as usize] * xv;
+        if want_xsum {
+            xsum += xv;
+        }
+    }
+    (dot, xsum)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn piece_avx2(bytes: &[u8], a: usize, x: &[f32], table: &[f32; 16], want_xsum: bool) -> (f32, f32) {
+    piece_scalar(bytes, a, x, table, want_xsum)
+}
+
+/// AVX2 version of [`piece_scalar`]: 16 codes (8 bytes) per step, split into nibbles in
+/// order, looked up in the 16-entry table with two 8-lane permutes, multiplied into x.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn piece_avx2(bytes: &[u8], a: usize, x: &[f32], table: &[f32; 16], want_xsum: bool) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let mut k = 0;
+    let mut dot = 0.0f32;
+    let mut xsum = 0.0f32;
+    // A piece that starts on a low nibble takes its first value alone, so the vector
+    // loop starts on a byte boundary.
+    if a % 2 == 1 && n > 0 {
+        dot += table[nibble(bytes, a) as usize] * x[0];
+        xsum += x[0];
+        k = 1;
+    }
+    let lut_lo = _mm256_loadu_ps(table.as_ptr());
+    let lut_hi = _mm256_loadu_ps(table.as_ptr().add(8));
+    let mask = _mm_set1_epi8(0x0F);
+    let mut acc0 = _mm256_setzero_ps();
+    let mut acc1 = _mm256_setzero_ps();
+    let mut xacc = _mm256_setzero_ps();
+    while k + 16 <= n {
+        // SAFETY: values a+k .. a+k+16 are in the weight, so bytes (a+k)/2 .. +8 exist
+        // ((a+k) is even here) and x[k..k+16] is in bounds by the loop condition.
+        let byte_at = (a + k) / 2;
+        debug_assert!(byte_at + 8 <= bytes.len());
+        let raw = _mm_loadl_epi64(bytes.as_ptr().add(byte_at) as *const __m128i);
+        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+        let lo = _mm_and_si128(raw, mask);
+        // [hi0, lo0, hi1, lo1, ...]: the values in flattened order.
+        let codes = _mm_unpacklo_epi8(hi, lo);
+        let c0 = _mm256_cvtepu8_epi32(codes);
+        let c1 = _mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8));
+        let w0 = lookup(lut_lo, lut_hi, c0);
+        let w1 = lookup(lut_lo, lut_hi, c1);
+        let x0 = _mm256_loadu_ps(x.as_ptr().add(k));
+        let x1 = _mm256_loadu_ps(x.as_ptr().add(k + 8));
+        acc0 = _mm256_fmadd_ps(w0, x0, acc0);
+        acc1 = _mm256_fmadd_ps(w1, x1, acc1);
+        if want_xsum {
+            xacc = _mm256_add_ps(xacc, _mm256_add_ps(x0, x1));
+        }
+        k += 16;
+    }
+    dot += hsum(_mm256_add_ps(acc0, acc1));
+    if want_xsum {
+        xsum += hsum(xacc);
+    }
+    let (tail_dot, tail_xsum) = piece_scalar(bytes, a + k, &x[k..], table, want_xsum);
+    (dot + tail_dot, xsum + tail_xsum)
+}
+
+/// `table[codes]` for 8 codes in 0..16: each half of the table by a lane permute, the
+/// half chosen by bit 3 of the code (moved to the sign bit for the blend).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn lookup(
+    lut_lo: std::arch::x86_64::__m256,
+    lut_hi: std::arch::x86_64::__m256,
+    codes: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let lo = _mm256_permutevar8x32_ps(lut_lo, codes);
+    let hi = _mm256_permutevar8x32_ps(lut_hi, codes);
+    let select = _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28));
+    _mm256_blendv_ps(lo, hi, select)
+}
+
+/// Sum of the 8 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// Shared test helpers for the 4-bit schemes.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::tensor::SeededRng;
+
+    /// Fused GEMV against dequantize + f64 reference GEMM: f32 accumulation over
+    /// `cols` terms in a different order, relative L2 of the output.
+    pub const GEMV_REL_L2_BUDGET: f64 = 1e-5;
+
+    /// Check both GEMV paths (and the panel path) of `p` against the reference.
+    pub fn check_kernels(p: &Packed4, seed: u64) {
+        for m in [1, 3, GEMV_MAX_ROWS + 1] {
+            let x = SeededRng::new(seed).normal_vec(m * p.cols, 1.0);
+            let reference = crate::tensor::matmul_nt_reference(&x, m, p.cols, &p.dequantize(), p.rows);
+            let mut scalar = vec![f32::NAN; m * p.rows];
+            p.gemv(&x, m, &mut scalar, false);
+            let err = crate::tensor::relative_l2(&scalar, &reference);
+            assert!(err <= GEMV_REL_L2_BUDGET, "scalar gemv {}x{} m={m}: {err}", p.rows, p.cols);
+            if has_avx2() {
+                let mut simd = vec![f32::NAN; m * p.rows];
+                p.gemv(&x, m, &mut simd, true);
+                let err = crate::tensor::relative_l2(&simd, &scalar);
+                assert!(err <= GEMV_REL_L2_BUDGET, "avx2 vs scalar {}x{} m={m}: {err}", p.rows, p.cols);
+            }
+            let mut auto = vec![f32::NAN; m * p.rows];
+            p.matmul(&x, m, &mut auto);
+            let err = crate::tensor::relative_l2(&auto, &reference);
+            assert!(err <= GEMV_REL_L2_BUDGET, "matmul {}x{} m={m}: {err}", p.rows, p.cols);
+        }
+    }
+
+    /// A random packed weight with random codes, scales and (optionally) offsets.
+    pub fn random(rows: usize, cols: usize, block: usize, offsets: bool, seed: u64) -> Packed4 {
+        let mut rng = SeededRng::new(seed);
+        let n = rows * cols;
+        let codes: Vec<u8> = (0..n).map(|_| (rng.next_u64() % 16) as u8).collect();
+        let nb = block_count(n, block);
+        let mut table = [0.0f32; 16];
+        table.iter_mut().for_each(|t| *t = rng.normal() as f32);
+        Packed4 {
+            rows,
+            cols,
+            block,
+            bytes: pack_nibbles(&codes),
+            table,
+            scales: rng.normal_vec(nb, 1.0),
+            offsets: offsets.then(|| rng.normal_vec(nb, 1.0)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+
+    #[test]
+    fn packing_puts_the_first_value_in_the_high_nibble_and_pads_odd_counts() {
+        assert_eq!(pack_nibbles(&[1, 2, 3, 4, 5]), vec![0x12, 0x34, 0x50]);
+        let bytes = pack_nibbles(&[0xA, 0xB, 0xC]);
+        assert_eq!((nibble(&bytes, 0), nibble(&bytes, 1), nibble(&bytes, 2)), (0xA, 0xB, 0xC));
+    }
+
+    #[test]
+    fn kernels_agree_on_odd_shapes_and_blocks_spanning_rows() {
+        // Odd column counts make rows start on a low nibble; blocks that do not divide
+        // the row make blocks span rows and rows start mid-block.
+        let shapes =
+            [(1, 1, 128), (3, 5, 4), (7, 33, 16), (5, 127, 128), (9, 300, 128), (33, 129, 64), (4, 64, 200)];
+        for (seed, &(rows, cols, block)) in shapes.iter().enumerate() {
+            for offsets in [false, true] {
+                check_kernels(&random(rows, cols, block, offsets, seed as u64), 100 + seed as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn a_block_spanning_two_rows_uses_one_scale() {
+        // 2 rows of 3 with block 4: block 0 = row 0 + the first value of row 1.
+        let mut table = [0.0f32; 16];
+        table.iter_mut().enumerate().for_each(|(i, t)| *t = i as f32);
+        let p = Packed4 {
+            rows: 2,
+            cols: 3,
+            block: 4,
+            bytes: pack_nibbles(&[1, 2, 3, 4, 5, 6]),
+            table,
+            scales: vec![10.0, 100.0],
+            offsets: None,
+        };
+        assert_eq!(p.dequantize(), vec![10.0, 20.0, 30.0, 40.0, 500.0, 600.0]);
+        let mut out = vec![0.0; 2];
+        p.gemv(&[1.0, 1.0, 1.0], 1, &mut out, has_avx2());
+        assert_eq!(out, vec![60.0, 1140.0]);
+    }
+}
