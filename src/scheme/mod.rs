@@ -5,6 +5,9 @@
 //! `bench list schemes`, error hints and the README table all read this table.
 
 mod float;
+pub mod int8_dynamic;
+pub mod int8_gemm;
+pub mod int8_outlier;
 
 use std::collections::BTreeMap;
 
@@ -288,7 +291,13 @@ pub struct SchemeInfo {
 }
 
 /// Every scheme the harness knows, in the order `bench list` shows them.
-pub static SCHEMES: &[SchemeInfo] = &[float::FP32, float::FP16, float::BF16];
+pub static SCHEMES: &[SchemeInfo] = &[
+    float::FP32,
+    float::FP16,
+    float::BF16,
+    int8_dynamic::INT8_DYNAMIC,
+    int8_outlier::INT8_OUTLIER,
+];
 
 /// The table row of `name`, or an error listing the known names.
 pub fn lookup(name: &str) -> Result<&'static SchemeInfo> {
