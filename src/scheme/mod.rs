@@ -6,6 +6,9 @@
 
 mod float;
 mod int4_block;
+pub mod int8_dynamic;
+pub mod int8_gemm;
+pub mod int8_outlier;
 mod kmeans;
 mod nf4;
 pub mod packed4;
@@ -297,6 +300,8 @@ pub static SCHEMES: &[SchemeInfo] = &[
     float::FP32,
     float::FP16,
     float::BF16,
+    int8_dynamic::INT8_DYNAMIC,
+    int8_outlier::INT8_OUTLIER,
     int4_block::INT4_BLOCK,
     nf4::NF4,
     nf4::FP4,

@@ -1,0 +1,310 @@
+//! int8×int8→int32 matrix products `c[m, n] = a[m, k] · w[n, k]ᵀ` for the integer
+//! schemes: a scalar reference and an AVX2 path chosen at run time, multi-threaded with
+//! rayon over blocks of weight rows.
+//!
+//! Both paths accumulate in i32 with wrapping addition, so they agree bit for bit on
+//! every input, including −128 and sums past i32 (which need k > 131072 and cannot occur
+//! in the layers we run: |a·w| ≤ 16384).
+//!
+//! The AVX2 path widens both operands to i16 and multiplies with `vpmaddwd`
+//! (`_mm256_madd_epi16`: i16×i16 products summed in pairs into i32). A pair sum is at most
+//! 2·128·128 = 32768, which i32 holds, so nothing saturates. The faster `vpmaddubsw`
+//! (`_mm256_maddubs_epi16`, u8×i8 summed in pairs into a *saturating* i16) is not used:
+//! with signed activations it needs the sign trick (|a| × sign(w, a)), which breaks on
+//! −128 (its negation does not fit i8), and a pair such as 128·128 + 128·128 = 32768
+//! saturates to 32767. It is exact only for 7-bit activations (fbgemm's `reduce_range`);
+//! a machine with AVX-512 VNNI (`vpdpbusd`, u8×i8 into i32 without the i16 step) or
+//! AVX-VNNI-INT8 (`vpdpbssd`, i8×i8) would be the place for a faster exact kernel.
+
+use rayon::prelude::*;
+
+/// Products below this many multiply-adds run on one thread: waking the pool costs more
+/// than it saves (the same threshold as the f32 GEMM in `crate::tensor`).
+const SERIAL_MACS: usize = 256 * 1024;
+
+/// Weight rows (output columns) per rayon task: 64 rows of k = 576 int8 values are 36 KiB,
+/// a block that stays in L2 while every activation row streams past it.
+const ROWS_PER_TASK: usize = 64;
+
+/// The kernel path [`gemm_i8`] takes on this machine: `int8-avx2` or `int8-scalar`.
+pub fn kernel_name() -> &'static str {
+    if avx2_available() {
+        "int8-avx2"
+    } else {
+        "int8-scalar"
+    }
+}
+
+fn avx2_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Scalar reference: `out[i·n + j] = Σ_kk a[i·k + kk] · w[j·k + kk]`, wrapping i32 sums.
+pub fn gemm_i8_reference(a: &[i8], m: usize, k: usize, w: &[i8], n: usize, out: &mut [i32]) {
+    check_shapes(a, m, k, w, n, out);
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = dot_scalar(&a[i * k..(i + 1) * k], &w[j * k..(j + 1) * k]);
+        }
+    }
+}
+
+fn dot_scalar(a: &[i8], w: &[i8]) -> i32 {
+    a.iter().zip(w).fold(0i32, |acc, (&x, &y)| acc.wrapping_add(x as i32 * y as i32))
+}
+
+fn check_shapes(a: &[i8], m: usize, k: usize, w: &[i8], n: usize, out: &[i32]) {
+    assert_eq!(a.len(), m * k, "gemm_i8: lhs is not [m, k]");
+    assert_eq!(w.len(), n * k, "gemm_i8: weight is not [n, k]");
+    assert_eq!(out.len(), m * n, "gemm_i8: output is not [m, n]");
+}
+
+/// `out[m, n] = a[m, k] · w[n, k]ᵀ` in i32, on the fastest path this CPU has; bit-exact
+/// with [`gemm_i8_reference`].
+pub fn gemm_i8(a: &[i8], m: usize, k: usize, w: &[i8], n: usize, out: &mut [i32]) {
+    check_shapes(a, m, k, w, n, out);
+    if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2_available() {
+        let a16 = avx2::widen_rows(a, m, k);
+        run_blocks(m, n, k, out, |rows, out_ptr| {
+            // SAFETY: AVX2 was detected above; `run_blocks` hands each task a disjoint
+            // range of output columns and a pointer to the [m, n] output.
+            unsafe { avx2::gemm_block(&a16, m, k, w, n, rows, out_ptr) }
+        });
+        return;
+    }
+    run_blocks(m, n, k, out, |rows, out_ptr| {
+        for i in 0..m {
+            for j in rows.clone() {
+                let v = dot_scalar(&a[i * k..(i + 1) * k], &w[j * k..(j + 1) * k]);
+                // SAFETY: (i, j) lies inside the [m, n] output and column j belongs to
+                // this task alone.
+                unsafe { out_ptr.0.add(i * n + j).write(v) };
+            }
+        }
+    });
+}
+
+/// The output pointer shared by the tasks, each writing its own columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut i32);
+// SAFETY: tasks write disjoint columns of the output (see `run_blocks`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Split the weight rows (output columns) into tasks and run `task(rows, out)` on each,
+/// in parallel when the product is large enough to pay for it.
+fn run_blocks<F>(m: usize, n: usize, k: usize, out: &mut [i32], task: F)
+where
+    F: Fn(std::ops::Range<usize>, OutPtr) + Sync,
+{
+    let ptr = OutPtr(out.as_mut_ptr());
+    let threads = crate::tensor::threads();
+    if m * n * k < SERIAL_MACS || threads == 1 {
+        task(0..n, ptr);
+        return;
+    }
+    // Small n (decode on a narrow layer) still needs a few tasks per thread.
+    let per_task = ROWS_PER_TASK.min(n.div_ceil(threads * 4)).max(4);
+    let blocks: Vec<_> = (0..n).step_by(per_task).map(|s| s..(s + per_task).min(n)).collect();
+    blocks.into_par_iter().for_each(|rows| task(rows, ptr));
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! The AVX2 kernel: register blocks of up to 3 activation rows × 4 weight rows.
+
+    use std::arch::x86_64::*;
+
+    use super::OutPtr;
+
+    /// Activation rows are widened to i16 once per product and padded to a multiple of
+    /// 16 with zeros, so the inner loop loads whole vectors.
+    pub(super) fn widen_rows(a: &[i8], m: usize, k: usize) -> Widened {
+        let stride = k.div_ceil(16) * 16;
+        let mut data = vec![0i16; m * stride];
+        if stride == 0 {
+            return Widened { data, stride };
+        }
+        for (dst, src) in data.chunks_exact_mut(stride).zip(a.chunks_exact(k)) {
+            dst[..k].iter_mut().zip(src).for_each(|(d, &s)| *d = s as i16);
+        }
+        Widened { data, stride }
+    }
+
+    /// Activations as i16, `stride` values per row.
+    pub(super) struct Widened {
+        data: Vec<i16>,
+        stride: usize,
+    }
+
+    /// Every activation row against weight rows `rows`, written into `out` ([m, n]).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `out` must point to `m·n` i32 and no other thread may
+    /// write columns `rows`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn gemm_block(
+        a: &Widened,
+        m: usize,
+        k: usize,
+        w: &[i8],
+        n: usize,
+        rows: std::ops::Range<usize>,
+        out: OutPtr,
+    ) {
+        let mut i = 0;
+        while i < m {
+            let mr = (m - i).min(3);
+            let mut j = rows.start;
+            while j < rows.end {
+                let nr = (rows.end - j).min(4);
+                match (mr, nr) {
+                    (3, 4) => tile::<3, 4>(a, i, k, w, j, n, out),
+                    (2, 4) => tile::<2, 4>(a, i, k, w, j, n, out),
+                    (1, 4) => tile::<1, 4>(a, i, k, w, j, n, out),
+                    (3, 3) => tile::<3, 3>(a, i, k, w, j, n, out),
+                    (2, 3) => tile::<2, 3>(a, i, k, w, j, n, out),
+                    (1, 3) => tile::<1, 3>(a, i, k, w, j, n, out),
+                    (3, 2) => tile::<3, 2>(a, i, k, w, j, n, out),
+                    (2, 2) => tile::<2, 2>(a, i, k, w, j, n, out),
+                    (1, 2) => tile::<1, 2>(a, i, k, w, j, n, out),
+                    (3, _) => tile::<3, 1>(a, i, k, w, j, n, out),
+                    (2, _) => tile::<2, 1>(a, i, k, w, j, n, out),
+                    _ => tile::<1, 1>(a, i, k, w, j, n, out),
+                }
+                j += nr;
+            }
+            i += mr;
+        }
+    }
+
+    /// One MR×NR tile of the output: activation rows `i..i+MR`, weight rows `j..j+NR`.
+    #[target_feature(enable = "avx2")]
+    unsafe fn tile<const MR: usize, const NR: usize>(
+        a: &Widened,
+        i: usize,
+        k: usize,
+        w: &[i8],
+        j: usize,
+        n: usize,
+        out: OutPtr,
+    ) {
+        let mut acc = [[_mm256_setzero_si256(); NR]; MR];
+        let full = k / 16;
+        let wrow = |r: usize| w.as_ptr().add((j + r) * k);
+        let arow = |r: usize| a.data.as_ptr().add((i + r) * a.stride);
+        for c in 0..full {
+            let mut wv = [_mm256_setzero_si256(); NR];
+            for (r, v) in wv.iter_mut().enumerate() {
+                *v = _mm256_cvtepi8_epi16(_mm_loadu_si128(wrow(r).add(c * 16) as *const __m128i));
+            }
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let av = _mm256_loadu_si256(arow(r).add(c * 16) as *const __m256i);
+                for (acc_rc, wv_c) in acc_r.iter_mut().zip(&wv) {
+                    *acc_rc = _mm256_add_epi32(*acc_rc, _mm256_madd_epi16(av, *wv_c));
+                }
+            }
+        }
+        let tail = k - full * 16;
+        if tail > 0 {
+            // The weight rows are not padded: copy their last values into a zeroed
+            // buffer (the activations are padded with zeros already).
+            let mut wv = [_mm256_setzero_si256(); NR];
+            for (r, v) in wv.iter_mut().enumerate() {
+                let mut buf = [0i8; 16];
+                std::ptr::copy_nonoverlapping(wrow(r).add(full * 16), buf.as_mut_ptr(), tail);
+                *v = _mm256_cvtepi8_epi16(_mm_loadu_si128(buf.as_ptr() as *const __m128i));
+            }
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let av = _mm256_loadu_si256(arow(r).add(full * 16) as *const __m256i);
+                for (acc_rc, wv_c) in acc_r.iter_mut().zip(&wv) {
+                    *acc_rc = _mm256_add_epi32(*acc_rc, _mm256_madd_epi16(av, *wv_c));
+                }
+            }
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            for (c, v) in acc_r.iter().enumerate() {
+                out.0.add((i + r) * n + j + c).write(hsum(*v));
+            }
+        }
+    }
+
+    /// Sum of the eight i32 lanes (wrapping, like the scalar reference).
+    #[target_feature(enable = "avx2")]
+    unsafe fn hsum(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        _mm_cvtsi128_si32(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::SeededRng;
+
+    fn random_i8(rng: &mut SeededRng, len: usize) -> Vec<i8> {
+        (0..len).map(|_| (rng.next_u64() & 0xff) as u8 as i8).collect()
+    }
+
+    fn both(a: &[i8], m: usize, k: usize, w: &[i8], n: usize) -> (Vec<i32>, Vec<i32>) {
+        let (mut fast, mut reference) = (vec![7; m * n], vec![7; m * n]);
+        gemm_i8(a, m, k, w, n, &mut fast);
+        gemm_i8_reference(a, m, k, w, n, &mut reference);
+        (fast, reference)
+    }
+
+    #[test]
+    fn fast_path_matches_the_reference_on_random_odd_shapes() {
+        let mut rng = SeededRng::new(11);
+        let shapes = [(1, 1, 1), (1, 17, 5), (3, 15, 4), (5, 33, 7), (7, 100, 13), (2, 576, 9), (64, 300, 70)];
+        for &(m, k, n) in &shapes {
+            let (a, w) = (random_i8(&mut rng, m * k), random_i8(&mut rng, n * k));
+            let (fast, reference) = both(&a, m, k, &w, n);
+            assert_eq!(fast, reference, "m={m} k={k} n={n}");
+        }
+    }
+
+    /// −128·−128 pairs are where `vpmaddubsw` saturates and the sign trick overflows.
+    #[test]
+    fn extreme_values_are_exact() {
+        for &(m, k, n) in &[(3, 64, 5), (1, 31, 4), (4, 1000, 3)] {
+            for (av, wv) in [(-128i8, -128i8), (-128, 127), (127, 127), (127, -128)] {
+                let (a, w) = (vec![av; m * k], vec![wv; n * k]);
+                let (fast, reference) = both(&a, m, k, &w, n);
+                assert_eq!(fast, reference);
+                assert_eq!(reference[0], av as i32 * wv as i32 * k as i32);
+            }
+        }
+    }
+
+    /// Large enough to be split into parallel tasks.
+    #[test]
+    fn parallel_blocks_cover_every_output() {
+        let mut rng = SeededRng::new(12);
+        let (m, k, n) = (9, 515, 131);
+        let (a, w) = (random_i8(&mut rng, m * k), random_i8(&mut rng, n * k));
+        assert!(m * n * k >= SERIAL_MACS);
+        let (fast, reference) = both(&a, m, k, &w, n);
+        assert_eq!(fast, reference);
+    }
+
+    #[test]
+    fn empty_inner_dimension_gives_zeros() {
+        let (fast, reference) = both(&[], 2, 0, &[], 3);
+        assert_eq!(fast, vec![0; 6]);
+        assert_eq!(reference, vec![0; 6]);
+    }
+}
