@@ -5,6 +5,8 @@
 //! `bench list schemes`, error hints and the README table all read this table.
 
 mod float;
+mod int8_static;
+pub mod observer;
 
 use std::collections::BTreeMap;
 
@@ -288,7 +290,7 @@ pub struct SchemeInfo {
 }
 
 /// Every scheme the harness knows, in the order `bench list` shows them.
-pub static SCHEMES: &[SchemeInfo] = &[float::FP32, float::FP16, float::BF16];
+pub static SCHEMES: &[SchemeInfo] = &[float::FP32, float::FP16, float::BF16, int8_static::INT8_STATIC];
 
 /// The table row of `name`, or an error listing the known names.
 pub fn lookup(name: &str) -> Result<&'static SchemeInfo> {
