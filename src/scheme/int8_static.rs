@@ -213,7 +213,12 @@ impl CalibratedInt8 {
         vec![
             weight,
             StoredTensor::f32(format!("{name}.scale"), TensorRole::Scales, vec![rows], &self.weights.scales),
-            StoredTensor::f32(format!("{name}.input_scale"), TensorRole::Scales, vec![1], &[self.input.scale]),
+            StoredTensor::f32(
+                format!("{name}.input_scale"),
+                TensorRole::Scales,
+                vec![1],
+                &[self.input.scale],
+            ),
             zero_point,
         ]
     }
@@ -235,7 +240,10 @@ impl CalibratedInt8 {
 fn raw_of(source: &dyn StoredSource, name: &str, shape: &[usize], dtype: Dtype) -> Result<Vec<u8>> {
     let (found, bytes) = source.raw(name, shape)?;
     if found != dtype {
-        return Err(Error::Tensor { name: name.to_string(), message: format!("dtype {found:?}, expected {dtype:?}") });
+        return Err(Error::Tensor {
+            name: name.to_string(),
+            message: format!("dtype {found:?}, expected {dtype:?}"),
+        });
     }
     Ok(bytes)
 }
@@ -253,22 +261,31 @@ pub struct StaticInt8Linear {
 }
 
 impl StaticInt8Linear {
-    fn new(rows: usize, cols: usize, params: CalibratedInt8, bias: Option<Vec<f32>>, kernel: DotKernel) -> Self {
+    fn new(
+        rows: usize,
+        cols: usize,
+        params: CalibratedInt8,
+        bias: Option<Vec<f32>>,
+        kernel: DotKernel,
+    ) -> Self {
         let sums = row_sums(&params.weights.codes, cols);
         let out_scales = params.weights.scales.iter().map(|&s| params.input.scale * s).collect();
         StaticInt8Linear { rows, cols, params, sums, out_scales, bias, kernel }
-    }
-
-    /// The fixed input parameters.
-    pub fn input_params(&self) -> AffineU8 {
-        self.params.input
     }
 
     /// The corrected i32 accumulators `[m, rows]` of input `x` (`[m, cols]`).
     fn accumulators(&self, x: &[f32], m: usize) -> Vec<i32> {
         let qx: Vec<u8> = x.iter().map(|&v| self.params.input.quantize(v)).collect();
         let zp = self.params.input.zero_point;
-        zero_point_corrected_product(self.kernel, &qx, m, self.cols, &self.params.weights.codes, &self.sums, zp)
+        zero_point_corrected_product(
+            self.kernel,
+            &qx,
+            m,
+            self.cols,
+            &self.params.weights.codes,
+            &self.sums,
+            zp,
+        )
     }
 }
 
@@ -307,7 +324,9 @@ impl Linear for StaticInt8Linear {
 pub(super) fn missing_calibration(scheme: &str, layer: &str) -> Error {
     Error::Scheme {
         scheme: scheme.to_string(),
-        message: format!("layer `{layer}` got no calibration inputs, expected the inputs it saw on calibration text"),
+        message: format!(
+            "layer `{layer}` got no calibration inputs, expected the inputs it saw on calibration text"
+        ),
     }
 }
 
@@ -321,7 +340,10 @@ pub(super) fn checked_calibration<'a>(
     if weight.cols > MAX_COLS {
         return Err(Error::Scheme {
             scheme: scheme.to_string(),
-            message: format!("weight `{}` has {} inputs, expected at most {MAX_COLS}", weight.name, weight.cols),
+            message: format!(
+                "weight `{}` has {} inputs, expected at most {MAX_COLS}",
+                weight.name, weight.cols
+            ),
         });
     }
     check_weight(scheme, &weight.name, &weight.data)?;
@@ -377,12 +399,18 @@ pub(super) const INT8_STATIC: SchemeInfo = SchemeInfo {
 };
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::observer::DEFAULT_PERCENTILE;
     use super::*;
     use crate::tensor::SeededRng;
 
-    fn layer(weight: &[f32], rows: usize, cols: usize, calib: &[f32], observer: Observer) -> StaticInt8Linear {
+    fn layer(
+        weight: &[f32],
+        rows: usize,
+        cols: usize,
+        calib: &[f32],
+        observer: Observer,
+    ) -> StaticInt8Linear {
         let params = CalibratedInt8 {
             weights: ChannelInt8::quantize(weight, cols),
             input: observer.qparams(calib, cols),
@@ -406,7 +434,7 @@ mod tests {
         let w = [1.27, -0.635, 0.0, 0.0];
         let l = layer(&w, 2, 2, &[-1.0, 3.0], Observer::MinMax);
         assert_eq!(l.params.weights.codes, vec![127, -64, 0, 0]);
-        assert_eq!(l.input_params(), AffineU8 { scale: 4.0 / 255.0, zero_point: 64 });
+        assert_eq!(l.params.input, AffineU8 { scale: 4.0 / 255.0, zero_point: 64 });
         assert_eq!(l.sums, vec![63, 0]);
         // x = [0, 1]: qx = [64, round(63.75) + 64 = 128]; acc = 64·127 + 128·(−64) = −64;
         // corrected: −64 − 64·63 = −4096 = Σ (qx − zp)·w = 0·127 + 64·(−64).
@@ -427,7 +455,7 @@ mod tests {
         let mut y = vec![0.0; m * n];
         l.forward(&x, m, &mut y);
         let exact = crate::tensor::matmul_nt_reference(&x, m, k, &w, n);
-        let sx = l.input_params().scale;
+        let sx = l.params.input.scale;
         for r in 0..m {
             for o in 0..n {
                 let sw = l.params.weights.scales[o];
@@ -446,7 +474,8 @@ mod tests {
         let mut out = vec![0; m * n];
         for r in 0..m {
             for o in 0..n {
-                let s: f64 = (0..k).map(|j| (qx[r * k + j] as f64 - zp as f64) * codes[o * k + j] as f64).sum();
+                let s: f64 =
+                    (0..k).map(|j| (qx[r * k + j] as f64 - zp as f64) * codes[o * k + j] as f64).sum();
                 out[r * n + o] = s as i32;
             }
         }
@@ -457,7 +486,9 @@ mod tests {
     fn zero_point_correction_is_exact_for_every_kernel() {
         let mut rng = SeededRng::new(9);
         let kernels = [DotKernel::Scalar, DotKernel::detect()];
-        for &(m, k, n) in &[(1, 1, 1), (3, 15, 7), (2, 16, 5), (4, 33, 17), (7, 100, 3), (1, 517, 40), (64, 64, 70)] {
+        for &(m, k, n) in
+            &[(1, 1, 1), (3, 15, 7), (2, 16, 5), (4, 33, 17), (7, 100, 3), (1, 517, 40), (64, 64, 70)]
+        {
             let qx: Vec<u8> = (0..m * k).map(|_| (rng.next_u64() % 256) as u8).collect();
             let codes: Vec<i8> = (0..n * k).map(|_| (rng.next_u64() % 256) as u8 as i8).collect();
             let zp = (rng.next_u64() % 256) as i32;
@@ -482,7 +513,8 @@ mod tests {
         let mut rng = SeededRng::new(21);
         let qx: Vec<u8> = (0..m * k).map(|_| (rng.next_u64() % 256) as u8).collect();
         let codes: Vec<i8> = (0..n * k).map(|_| (rng.next_u64() % 256) as u8 as i8).collect();
-        let got = zero_point_corrected_product(DotKernel::detect(), &qx, m, k, &codes, &row_sums(&codes, k), 77);
+        let got =
+            zero_point_corrected_product(DotKernel::detect(), &qx, m, k, &codes, &row_sums(&codes, k), 77);
         assert_eq!(got, reference(&qx, m, k, &codes, n, 77));
     }
 
@@ -491,7 +523,10 @@ mod tests {
         let scheme = build(&SchemeParams::default()).unwrap();
         let weight = DenseWeight { name: "l.w".into(), rows: 2, cols: 3, data: vec![0.1; 6] };
         let err = scheme.quantize(weight.clone(), None, None).err().unwrap().to_string();
-        assert!(err.contains("int8-static") && err.contains("`l.w`") && err.contains("no calibration"), "{err}");
+        assert!(
+            err.contains("int8-static") && err.contains("`l.w`") && err.contains("no calibration"),
+            "{err}"
+        );
         let calibration = Some(Calibration { inputs: &[1.0; 5], rows: 2 });
         let err = scheme.quantize(weight.clone(), None, calibration).err().unwrap().to_string();
         assert!(err.contains("hold 5 values for 2 rows"), "{err}");
@@ -502,7 +537,8 @@ mod tests {
 
     #[test]
     fn every_observer_reloads_bit_identically() {
-        let w = DenseWeight { name: "w".into(), rows: 6, cols: 11, data: SeededRng::new(3).normal_vec(66, 1.0) };
+        let w =
+            DenseWeight { name: "w".into(), rows: 6, cols: 11, data: SeededRng::new(3).normal_vec(66, 1.0) };
         let calib = SeededRng::new(4).normal_vec(40 * 11, 2.0);
         let x = SeededRng::new(5).normal_vec(3 * 11, 3.0); // partly outside the range
         for observer in ["minmax", "moving-average", "percentile", "mse"] {

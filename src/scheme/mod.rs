@@ -7,6 +7,7 @@
 mod float;
 mod int8_static;
 pub mod observer;
+mod qat_sim;
 
 use std::collections::BTreeMap;
 
@@ -290,7 +291,8 @@ pub struct SchemeInfo {
 }
 
 /// Every scheme the harness knows, in the order `bench list` shows them.
-pub static SCHEMES: &[SchemeInfo] = &[float::FP32, float::FP16, float::BF16, int8_static::INT8_STATIC];
+pub static SCHEMES: &[SchemeInfo] =
+    &[float::FP32, float::FP16, float::BF16, int8_static::INT8_STATIC, qat_sim::QAT_SIM];
 
 /// The table row of `name`, or an error listing the known names.
 pub fn lookup(name: &str) -> Result<&'static SchemeInfo> {

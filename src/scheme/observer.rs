@@ -149,13 +149,18 @@ impl Observer {
             "percentile" => {
                 let p = percentile.unwrap_or(DEFAULT_PERCENTILE);
                 if !(p > 0.0 && p <= 100.0) {
-                    return Err(error(format!("parameter `percentile` is {p}, expected a number in (0, 100]")));
+                    return Err(error(format!(
+                        "parameter `percentile` is {p}, expected a number in (0, 100]"
+                    )));
                 }
                 Ok(Observer::Percentile(p))
             }
             other => {
                 let names: Vec<_> = OBSERVERS.iter().map(|o| o.name).collect();
-                Err(error(format!("parameter `observer` is `{other}`, expected one of: {}", names.join(", "))))
+                Err(error(format!(
+                    "parameter `observer` is `{other}`, expected one of: {}",
+                    names.join(", ")
+                )))
             }
         }
     }
@@ -382,7 +387,10 @@ mod tests {
         // All zeros: the scale is eps.
         assert_eq!(AffineU8::from_range(0.0, 0.0), AffineU8 { scale: f32::EPSILON, zero_point: 0 });
         // Nothing observed: torch's (1, 0).
-        assert_eq!(AffineU8::from_range(f32::INFINITY, f32::NEG_INFINITY), AffineU8 { scale: 1.0, zero_point: 0 });
+        assert_eq!(
+            AffineU8::from_range(f32::INFINITY, f32::NEG_INFINITY),
+            AffineU8 { scale: 1.0, zero_point: 0 }
+        );
         // Ties round to even: scale 1 exactly, −min/scale = 127.5 → 128 and 0.5 → 0.
         assert_eq!(AffineU8::from_range(-127.5, 127.5), AffineU8 { scale: 1.0, zero_point: 128 });
         assert_eq!(AffineU8::from_range(-0.5, 254.5), AffineU8 { scale: 1.0, zero_point: 0 });
@@ -447,7 +455,10 @@ mod tests {
         // Position 0.995 · 100 = 99.5: halfway between 99 and 1000.
         assert_eq!(abs_percentile(&x, 99.5), Some(549.5));
         assert_eq!(Observer::Percentile(99.0).range(&x, 1), (0.0, 99.0));
-        assert_eq!(Observer::Percentile(99.0).qparams(&x, 1), AffineU8 { scale: 99.0 / 255.0, zero_point: 0 });
+        assert_eq!(
+            Observer::Percentile(99.0).qparams(&x, 1),
+            AffineU8 { scale: 99.0 / 255.0, zero_point: 0 }
+        );
         // Negative outliers are clipped by |x| too; the lopsided minimum stays.
         let y: Vec<f32> = x.iter().map(|v| -v * 0.5).chain([3.0]).collect();
         let (lo, hi) = Observer::Percentile(99.0).range(&y, 1);
@@ -467,7 +478,10 @@ mod tests {
         assert!(mse < minmax, "mse {mse} vs minmax {minmax}");
         // Without outliers it still never loses.
         let y = SeededRng::new(8).normal_vec(4000, 1.0);
-        assert!(fake_quant_mse(&y, &Observer::Mse.qparams(&y, 1)) <= fake_quant_mse(&y, &Observer::MinMax.qparams(&y, 1)));
+        assert!(
+            fake_quant_mse(&y, &Observer::Mse.qparams(&y, 1))
+                <= fake_quant_mse(&y, &Observer::MinMax.qparams(&y, 1))
+        );
         // The chosen range is one of the grid's.
         let (lo, hi) = Observer::Mse.range(&x, 1);
         let k = (hi / 60.0 * MSE_GRID as f32).round();
@@ -481,12 +495,17 @@ mod tests {
         assert_eq!(Observer::from_params("s", &p).unwrap(), Observer::Percentile(99.99));
         let p = params(&[("observer", "percentile".into()), ("percentile", 99.0.into())]);
         assert_eq!(Observer::from_params("s", &p).unwrap(), Observer::Percentile(99.0));
-        let err = Observer::from_params("s", &params(&[("observer", "histogram".into())])).unwrap_err().to_string();
-        assert!(err.contains("`histogram`") && err.contains("minmax, moving-average, percentile, mse"), "{err}");
+        let err =
+            Observer::from_params("s", &params(&[("observer", "histogram".into())])).unwrap_err().to_string();
+        assert!(
+            err.contains("`histogram`") && err.contains("minmax, moving-average, percentile, mse"),
+            "{err}"
+        );
         let p = params(&[("observer", "percentile".into()), ("percentile", 0.into())]);
         let err = Observer::from_params("s", &p).unwrap_err().to_string();
         assert!(err.contains("`percentile` is 0") && err.contains("(0, 100]"), "{err}");
-        let err = Observer::from_params("s", &params(&[("percentile", 99.0.into())])).unwrap_err().to_string();
+        let err =
+            Observer::from_params("s", &params(&[("percentile", 99.0.into())])).unwrap_err().to_string();
         assert!(err.contains("observer is `minmax`"), "{err}");
     }
 
