@@ -489,6 +489,14 @@ mod tests {
     }
 
     #[test]
+    fn every_observer_in_the_table_is_accepted() {
+        for info in OBSERVERS {
+            let p = params(&[("observer", info.name.into())]);
+            assert!(Observer::from_params("s", &p).is_ok(), "{}", info.name);
+        }
+    }
+
+    #[test]
     fn observer_parameters_are_validated() {
         assert_eq!(Observer::from_params("s", &params(&[])).unwrap(), Observer::MinMax);
         let p = params(&[("observer", "percentile".into())]);
