@@ -9,10 +9,13 @@ mod int4_block;
 pub mod int8_dynamic;
 pub mod int8_gemm;
 pub mod int8_outlier;
+mod int8_static;
 mod kmeans;
 mod nf4;
+pub mod observer;
 pub mod packed4;
 mod prune;
+mod qat_sim;
 
 use std::collections::BTreeMap;
 
@@ -301,7 +304,9 @@ pub static SCHEMES: &[SchemeInfo] = &[
     float::FP16,
     float::BF16,
     int8_dynamic::INT8_DYNAMIC,
+    int8_static::INT8_STATIC,
     int8_outlier::INT8_OUTLIER,
+    qat_sim::QAT_SIM,
     int4_block::INT4_BLOCK,
     nf4::NF4,
     nf4::FP4,
