@@ -79,7 +79,9 @@ pub(super) fn quantize_weight_rows(weight: &DenseWeight) -> Result<(Vec<i8>, Vec
     }
     let mut q = vec![0i8; weight.data.len()];
     let mut scales = Vec::with_capacity(weight.rows);
-    for (row, qrow) in weight.data.chunks_exact(weight.cols.max(1)).zip(q.chunks_exact_mut(weight.cols.max(1))) {
+    for (row, qrow) in
+        weight.data.chunks_exact(weight.cols.max(1)).zip(q.chunks_exact_mut(weight.cols.max(1)))
+    {
         let scale = symmetric_scale(absmax(row));
         quantize_symmetric(row, scale, qrow);
         scales.push(scale);
@@ -90,7 +92,12 @@ pub(super) fn quantize_weight_rows(weight: &DenseWeight) -> Result<(Vec<i8>, Vec
 
 /// Activations `x[rows, cols]` quantized symmetric per row (or with one scale for all
 /// when `per_tensor`): the int8 values and one scale per row.
-pub(super) fn quantize_activations(x: &[f32], rows: usize, cols: usize, per_tensor: bool) -> (Vec<i8>, Vec<f32>) {
+pub(super) fn quantize_activations(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    per_tensor: bool,
+) -> (Vec<i8>, Vec<f32>) {
     let mut q = vec![0i8; rows * cols];
     if cols == 0 {
         return (q, vec![1.0; rows]);
@@ -107,9 +114,16 @@ pub(super) fn quantize_activations(x: &[f32], rows: usize, cols: usize, per_tens
 }
 
 /// `out[i, j] = acc[i, j] · (row_scale[i] · col_scale[j]) + bias[j]`.
-pub(super) fn rescale(acc: &[i32], row_scales: &[f32], col_scales: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+pub(super) fn rescale(
+    acc: &[i32],
+    row_scales: &[f32],
+    col_scales: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     let n = col_scales.len();
-    for ((orow, arow), &sx) in out.chunks_exact_mut(n.max(1)).zip(acc.chunks_exact(n.max(1))).zip(row_scales) {
+    for ((orow, arow), &sx) in out.chunks_exact_mut(n.max(1)).zip(acc.chunks_exact(n.max(1))).zip(row_scales)
+    {
         for (j, (o, &a)) in orow.iter_mut().zip(arow).enumerate() {
             *o = a as f32 * (sx * col_scales[j]) + bias.map_or(0.0, |b| b[j]);
         }
@@ -170,7 +184,8 @@ pub fn torch_activation_params(min: f32, max: f32) -> TorchActivationParams {
 /// signed differences `q − zp` (in −127..=127) the integer product needs.
 pub fn torch_quantize_activations(x: &[f32]) -> (Vec<i8>, TorchActivationParams) {
     let (min, max) = x.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-    let params = if x.is_empty() { torch_activation_params(0.0, 0.0) } else { torch_activation_params(min, max) };
+    let params =
+        if x.is_empty() { torch_activation_params(0.0, 0.0) } else { torch_activation_params(min, max) };
     let inverse = 1.0f32 / params.scale;
     let zp = params.zero_point as f32;
     let q = x
@@ -312,7 +327,10 @@ pub(super) fn load_i8_weight(
     if dtype != Dtype::I8 || bytes.len() != rows * cols {
         return Err(Error::Scheme {
             scheme: scheme.to_string(),
-            message: format!("`{weight_name}` is {dtype:?} with {} bytes, expected I8 [{rows}, {cols}]", bytes.len()),
+            message: format!(
+                "`{weight_name}` is {dtype:?} with {} bytes, expected I8 [{rows}, {cols}]",
+                bytes.len()
+            ),
         });
     }
     let scales = source.f32(&format!("{name}.scale"), &[scale_count])?;
@@ -341,7 +359,8 @@ impl Scheme for Int8DynamicScheme {
     ) -> Result<Box<dyn Linear>> {
         let scale_count = if self.0.torch_compat { rows.min(1) } else { rows };
         let (weight, stored) = load_i8_weight(NAME, name, rows, cols, scale_count, source)?;
-        let scales = if self.0.torch_compat { vec![stored.first().copied().unwrap_or(1.0); rows] } else { stored };
+        let scales =
+            if self.0.torch_compat { vec![stored.first().copied().unwrap_or(1.0); rows] } else { stored };
         Ok(Box::new(Int8DynamicLinear { rows, cols, weight, scales, bias, options: self.0 }))
     }
 }
@@ -377,7 +396,8 @@ pub(super) const INT8_DYNAMIC: SchemeInfo = SchemeInfo {
             name: "torch_compat",
             kind: ParamKind::Bool,
             default: "false",
-            help: "reproduce torch quantize_dynamic on x86: per-tensor weights, 7-bit affine uint8 activations",
+            help:
+                "reproduce torch quantize_dynamic on x86: per-tensor weights, 7-bit affine uint8 activations",
         },
     ],
     build,
@@ -412,15 +432,17 @@ mod tests {
     #[test]
     fn forward_equals_the_float_formula_on_the_integer_values() {
         let (rows, cols, n) = (3, 37, 5);
-        let layer = Int8DynamicLinear::new(dense(n, cols, 2), Some(vec![0.25; n]), Int8DynamicOptions::default())
-            .unwrap();
+        let layer =
+            Int8DynamicLinear::new(dense(n, cols, 2), Some(vec![0.25; n]), Int8DynamicOptions::default())
+                .unwrap();
         let x = SeededRng::new(3).normal_vec(rows * cols, 1.0);
         let mut out = vec![0.0; rows * n];
         layer.forward(&x, rows, &mut out);
         let (q, sx) = quantize_activations(&x, rows, cols, false);
         for i in 0..rows {
             for j in 0..n {
-                let acc: i32 = (0..cols).map(|c| q[i * cols + c] as i32 * layer.weight[j * cols + c] as i32).sum();
+                let acc: i32 =
+                    (0..cols).map(|c| q[i * cols + c] as i32 * layer.weight[j * cols + c] as i32).sum();
                 assert_eq!(out[i * n + j], acc as f32 * (sx[i] * layer.scales[j]) + 0.25);
             }
         }
@@ -444,8 +466,9 @@ mod tests {
 
     #[test]
     fn zero_input_row_gives_the_bias() {
-        let layer = Int8DynamicLinear::new(dense(2, 3, 4), Some(vec![1.5, -0.5]), Int8DynamicOptions::default())
-            .unwrap();
+        let layer =
+            Int8DynamicLinear::new(dense(2, 3, 4), Some(vec![1.5, -0.5]), Int8DynamicOptions::default())
+                .unwrap();
         let mut out = vec![9.0; 2];
         layer.forward(&[0.0; 3], 1, &mut out);
         assert_eq!(out, vec![1.5, -0.5]);

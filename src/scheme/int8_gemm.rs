@@ -269,7 +269,8 @@ mod tests {
     #[test]
     fn fast_path_matches_the_reference_on_random_odd_shapes() {
         let mut rng = SeededRng::new(11);
-        let shapes = [(1, 1, 1), (1, 17, 5), (3, 15, 4), (5, 33, 7), (7, 100, 13), (2, 576, 9), (64, 300, 70)];
+        let shapes =
+            [(1, 1, 1), (1, 17, 5), (3, 15, 4), (5, 33, 7), (7, 100, 13), (2, 576, 9), (64, 300, 70)];
         for &(m, k, n) in &shapes {
             let (a, w) = (random_i8(&mut rng, m * k), random_i8(&mut rng, n * k));
             let (fast, reference) = both(&a, m, k, &w, n);

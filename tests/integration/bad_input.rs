@@ -201,3 +201,23 @@ fn gguf_with_an_unknown_tensor_type_names_tensor_and_type() {
     let run = validate_fails(dir.path(), &suite_text("m.gguf", ""));
     assert_mentions(&run, &["m.gguf", "blk.0.attn_q.weight", "Q6_K (type 14)", "Q4_1"]);
 }
+
+#[test]
+fn calibrated_scheme_without_calibration_data_names_the_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = suite_text("builtin:tiny-llama", "").replace("[fp32]", "[fp32, int8-static, qat-sim]");
+    let run = validate_fails(dir.path(), &suite);
+    assert_mentions(
+        &run,
+        &["int8-static, qat-sim need calibration data", "calibration: {text: FILE, samples: N}"],
+    );
+}
+
+#[test]
+fn unknown_observer_lists_the_known_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = suite_text("builtin:tiny-llama", "calibration:\n  text: eval.txt\n")
+        .replace("[fp32]", "\n  - name: int8-static\n    observer: histogram\n");
+    let run = validate_fails(dir.path(), &suite);
+    assert_mentions(&run, &["int8-static", "histogram", "minmax", "moving-average", "percentile", "mse"]);
+}
