@@ -231,6 +231,9 @@ fn zero_point_corrected_product(
     zp: i32,
 ) -> Vec<i32> {
     let n = sums.len();
+    if m == 0 || n == 0 {
+        return vec![0; m * n];
+    }
     let inputs = Inputs::new(kernel, qx, k);
     // Output-major blocks: each task keeps a few weight rows hot and runs every input row.
     let mut by_output = vec![0i32; n * m];
@@ -243,9 +246,6 @@ fn zero_point_corrected_product(
             acc_o.iter_mut().for_each(|acc| *acc = acc.wrapping_sub(correction));
         }
     };
-    if m == 0 || n == 0 {
-        return Vec::new();
-    }
     let chunk = OUTPUT_BLOCK * m;
     if m * n * k < SERIAL_MACS {
         by_output.chunks_mut(chunk).enumerate().for_each(block);
