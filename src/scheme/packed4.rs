@@ -139,18 +139,15 @@ impl Packed4 {
     /// The fused GEMV over all output rows, in parallel tasks of [`ROWS_PER_TASK`] rows;
     /// `avx2` selects the SIMD path (the caller checked the CPU has it).
     pub fn gemv(&self, x: &[f32], m: usize, out: &mut [f32], avx2: bool) {
-        let rows = self.rows;
+        let (rows, cols) = (self.rows, self.cols);
         let tasks: Vec<Vec<f32>> = (0..rows.div_ceil(ROWS_PER_TASK))
             .into_par_iter()
             .map(|t| {
                 let r0 = t * ROWS_PER_TASK;
                 let n = ROWS_PER_TASK.min(rows - r0);
                 let mut local = vec![0.0f32; n * m];
-                for r in 0..n {
-                    for i in 0..m {
-                        let xr = &x[i * self.cols..(i + 1) * self.cols];
-                        local[r * m + i] = self.row_dot(r0 + r, xr, avx2);
-                    }
+                for (r, dst) in local.chunks_exact_mut(m.max(1)).enumerate() {
+                    self.row_dots(r0 + r, x, dst, avx2);
                 }
                 local
             })
@@ -163,10 +160,37 @@ impl Packed4 {
                 }
             }
         }
+        debug_assert_eq!(x.len(), out.len() / rows.max(1) * cols);
     }
 
-    /// Dot product of weight row `r` with `x` (`cols` values), block piece by piece.
-    fn row_dot(&self, r: usize, x: &[f32], avx2: bool) -> f32 {
+    /// `dst[i] = x[i] · W[r]` for every activation row `i` (`dst.len()` rows of `x`).
+    fn row_dots(&self, r: usize, x: &[f32], dst: &mut [f32], avx2: bool) {
+        let cols = self.cols;
+        let mut i = 0;
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // Four activation rows share each decoded weight vector; the rest go one by one.
+            while i + 4 <= dst.len() {
+                let xs: [&[f32]; 4] = std::array::from_fn(|k| &x[(i + k) * cols..(i + k + 1) * cols]);
+                // SAFETY: `avx2` is only true when the CPU was checked to have AVX2 and FMA.
+                let d = unsafe { row_dot_avx2::<4>(self, r, xs) };
+                dst[i..i + 4].copy_from_slice(&d);
+                i += 4;
+            }
+            while i < dst.len() {
+                // SAFETY: as above.
+                dst[i] = unsafe { row_dot_avx2::<1>(self, r, [&x[i * cols..(i + 1) * cols]]) }[0];
+                i += 1;
+            }
+        }
+        for (k, d) in dst.iter_mut().enumerate().skip(i) {
+            *d = self.row_dot(r, &x[k * cols..(k + 1) * cols]);
+        }
+    }
+
+    /// Dot product of weight row `r` with `x` (`cols` values), block piece by piece: the
+    /// scalar reference of the fused GEMV.
+    fn row_dot(&self, r: usize, x: &[f32]) -> f32 {
         let start = r * self.cols;
         let end = start + self.cols;
         let mut sum = 0.0f32;
@@ -174,13 +198,8 @@ impl Packed4 {
         while a < end {
             let b = a / self.block;
             let e = ((b + 1) * self.block).min(end);
-            let xs = &x[a - start..e - start];
-            let (dot, xsum) = if avx2 {
-                // SAFETY: `avx2` is only true when the CPU was checked to have AVX2 and FMA.
-                unsafe { piece_avx2(&self.bytes, a, xs, &self.table, self.offsets.is_some()) }
-            } else {
-                piece_scalar(&self.bytes, a, xs, &self.table, self.offsets.is_some())
-            };
+            let (dot, xsum) =
+                piece_scalar(&self.bytes, a, &x[a - start..e - start], &self.table, self.offsets.is_some());
             sum += dot * self.scales[b];
             if let Some(o) = &self.offsets {
                 sum += xsum * o[b];
@@ -204,7 +223,7 @@ pub fn has_avx2() -> bool {
 }
 
 /// Within one block: `(Σ table[code(a+k)]·x[k], Σ x[k])` (the second only when
-/// `want_xsum`, for the block's offset). Scalar reference for [`piece_avx2`].
+/// `want_xsum`, for the block's offset).
 fn piece_scalar(bytes: &[u8], a: usize, x: &[f32], table: &[f32; 16], want_xsum: bool) -> (f32, f32) {
     let mut dot = 0.0f32;
     let mut xsum = 0.0f32;
@@ -217,63 +236,80 @@ fn piece_scalar(bytes: &[u8], a: usize, x: &[f32], table: &[f32; 16], want_xsum:
     (dot, xsum)
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn piece_avx2(bytes: &[u8], a: usize, x: &[f32], table: &[f32; 16], want_xsum: bool) -> (f32, f32) {
-    piece_scalar(bytes, a, x, table, want_xsum)
-}
-
-/// AVX2 version of [`piece_scalar`]: 16 codes (8 bytes) per step, split into nibbles in
-/// order, looked up in the 16-entry table with two 8-lane permutes, multiplied into x.
+/// AVX2 version of [`Packed4::row_dot`] for `M` activation rows at once: 16 codes
+/// (8 bytes) per step, split into nibbles in order, looked up in the 16-entry table with
+/// two 8-lane permutes, multiplied into each activation row. Each block's products
+/// accumulate in vectors and are scaled once at the block's end; only a piece starting on
+/// a low nibble (odd flattened index) and the last `< 16` values of a piece go through
+/// scalar code.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn piece_avx2(bytes: &[u8], a: usize, x: &[f32], table: &[f32; 16], want_xsum: bool) -> (f32, f32) {
+unsafe fn row_dot_avx2<const M: usize>(p: &Packed4, r: usize, x: [&[f32]; M]) -> [f32; M] {
     use std::arch::x86_64::*;
-    let n = x.len();
-    let mut k = 0;
-    let mut dot = 0.0f32;
-    let mut xsum = 0.0f32;
-    // A piece that starts on a low nibble takes its first value alone, so the vector
-    // loop starts on a byte boundary.
-    if a % 2 == 1 && n > 0 {
-        dot += table[nibble(bytes, a) as usize] * x[0];
-        xsum += x[0];
-        k = 1;
-    }
-    let lut_lo = _mm256_loadu_ps(table.as_ptr());
-    let lut_hi = _mm256_loadu_ps(table.as_ptr().add(8));
+    let start = r * p.cols;
+    let end = start + p.cols;
+    let bytes = &p.bytes;
+    let lut_lo = _mm256_loadu_ps(p.table.as_ptr());
+    let lut_hi = _mm256_loadu_ps(p.table.as_ptr().add(8));
     let mask = _mm_set1_epi8(0x0F);
-    let mut acc0 = _mm256_setzero_ps();
-    let mut acc1 = _mm256_setzero_ps();
-    let mut xacc = _mm256_setzero_ps();
-    while k + 16 <= n {
-        // SAFETY: values a+k .. a+k+16 are in the weight, so bytes (a+k)/2 .. +8 exist
-        // ((a+k) is even here) and x[k..k+16] is in bounds by the loop condition.
-        let byte_at = (a + k) / 2;
-        debug_assert!(byte_at + 8 <= bytes.len());
-        let raw = _mm_loadl_epi64(bytes.as_ptr().add(byte_at) as *const __m128i);
-        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-        let lo = _mm_and_si128(raw, mask);
-        // [hi0, lo0, hi1, lo1, ...]: the values in flattened order.
-        let codes = _mm_unpacklo_epi8(hi, lo);
-        let c0 = _mm256_cvtepu8_epi32(codes);
-        let c1 = _mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8));
-        let w0 = lookup(lut_lo, lut_hi, c0);
-        let w1 = lookup(lut_lo, lut_hi, c1);
-        let x0 = _mm256_loadu_ps(x.as_ptr().add(k));
-        let x1 = _mm256_loadu_ps(x.as_ptr().add(k + 8));
-        acc0 = _mm256_fmadd_ps(w0, x0, acc0);
-        acc1 = _mm256_fmadd_ps(w1, x1, acc1);
-        if want_xsum {
-            xacc = _mm256_add_ps(xacc, _mm256_add_ps(x0, x1));
+    let mut total = [_mm256_setzero_ps(); M];
+    let mut scalar = [0.0f32; M];
+    let mut a = start;
+    while a < end {
+        let b = a / p.block;
+        let e = ((b + 1) * p.block).min(end);
+        let scale = p.scales[b];
+        let offset = p.offsets.as_ref().map(|o| o[b]);
+        let mut k = a - start;
+        let stop = e - start;
+        if a % 2 == 1 {
+            // A piece starting on a low nibble takes its first value alone, so the vector
+            // loop starts on a byte boundary.
+            let w = p.table[nibble(bytes, a) as usize];
+            for i in 0..M {
+                scalar[i] += w * scale * x[i][k] + offset.map_or(0.0, |o| o * x[i][k]);
+            }
+            k += 1;
         }
-        k += 16;
+        let mut acc = [_mm256_setzero_ps(); M];
+        let mut xacc = [_mm256_setzero_ps(); M];
+        while k + 16 <= stop {
+            // SAFETY: flattened values start+k .. start+k+16 lie in the weight and
+            // start+k is even here, so bytes (start+k)/2 .. +8 exist; x[i][k..k+16] is
+            // in bounds because k + 16 <= stop <= cols.
+            let byte_at = (start + k) / 2;
+            debug_assert!(byte_at + 8 <= bytes.len());
+            let raw = _mm_loadl_epi64(bytes.as_ptr().add(byte_at) as *const __m128i);
+            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+            let lo = _mm_and_si128(raw, mask);
+            // [hi0, lo0, hi1, lo1, ...]: the values in flattened order.
+            let codes = _mm_unpacklo_epi8(hi, lo);
+            let w0 = lookup(lut_lo, lut_hi, _mm256_cvtepu8_epi32(codes));
+            let w1 = lookup(lut_lo, lut_hi, _mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)));
+            for i in 0..M {
+                let x0 = _mm256_loadu_ps(x[i].as_ptr().add(k));
+                let x1 = _mm256_loadu_ps(x[i].as_ptr().add(k + 8));
+                acc[i] = _mm256_fmadd_ps(w1, x1, _mm256_fmadd_ps(w0, x0, acc[i]));
+                if offset.is_some() {
+                    xacc[i] = _mm256_add_ps(xacc[i], _mm256_add_ps(x0, x1));
+                }
+            }
+            k += 16;
+        }
+        let vscale = _mm256_set1_ps(scale);
+        for i in 0..M {
+            total[i] = _mm256_fmadd_ps(acc[i], vscale, total[i]);
+            if let Some(o) = offset {
+                total[i] = _mm256_fmadd_ps(xacc[i], _mm256_set1_ps(o), total[i]);
+            }
+        }
+        for i in 0..M {
+            let (dot, xsum) = piece_scalar(bytes, start + k, &x[i][k..stop], &p.table, offset.is_some());
+            scalar[i] += dot * scale + offset.map_or(0.0, |o| o * xsum);
+        }
+        a = e;
     }
-    dot += hsum(_mm256_add_ps(acc0, acc1));
-    if want_xsum {
-        xsum += hsum(xacc);
-    }
-    let (tail_dot, tail_xsum) = piece_scalar(bytes, a + k, &x[k..], table, want_xsum);
-    (dot + tail_dot, xsum + tail_xsum)
+    std::array::from_fn(|i| hsum(total[i]) + scalar[i])
 }
 
 /// `table[codes]` for 8 codes in 0..16: each half of the table by a lane permute, the
@@ -317,7 +353,7 @@ pub(crate) mod testing {
 
     /// Check both GEMV paths (and the panel path) of `p` against the reference.
     pub fn check_kernels(p: &Packed4, seed: u64) {
-        for m in [1, 3, GEMV_MAX_ROWS + 1] {
+        for m in [1, 3, 5, GEMV_MAX_ROWS + 1] {
             let x = SeededRng::new(seed).normal_vec(m * p.cols, 1.0);
             let reference = crate::tensor::matmul_nt_reference(&x, m, p.cols, &p.dequantize(), p.rows);
             let mut scalar = vec![f32::NAN; m * p.rows];
