@@ -55,7 +55,7 @@ pub fn pack_nibbles(codes: &[u8]) -> Vec<u8> {
 #[inline(always)]
 pub fn nibble(bytes: &[u8], i: usize) -> u8 {
     let b = bytes[i / 2];
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         b >> 4
     } else {
         b & 0x0F
@@ -136,7 +136,7 @@ impl Packed4 {
         }
     }
 
-    /// The fused GEMV over all output rows, in parallel tasks of [`ROWS_PER_TASK`] rows;
+    /// The fused GEMV over all output rows, in parallel tasks of 16 rows;
     /// `avx2` selects the SIMD path (the caller checked the CPU has it).
     pub fn gemv(&self, x: &[f32], m: usize, out: &mut [f32], avx2: bool) {
         let (rows, cols) = (self.rows, self.cols);
@@ -169,23 +169,37 @@ impl Packed4 {
         let mut i = 0;
         #[cfg(target_arch = "x86_64")]
         if avx2 {
-            // Four activation rows share each decoded weight vector; the rest go one by one.
-            while i + 4 <= dst.len() {
-                let xs: [&[f32]; 4] = std::array::from_fn(|k| &x[(i + k) * cols..(i + k + 1) * cols]);
-                // SAFETY: `avx2` is only true when the CPU was checked to have AVX2 and FMA.
-                let d = unsafe { row_dot_avx2::<4>(self, r, xs) };
-                dst[i..i + 4].copy_from_slice(&d);
-                i += 4;
-            }
-            while i < dst.len() {
-                // SAFETY: as above.
-                dst[i] = unsafe { row_dot_avx2::<1>(self, r, [&x[i * cols..(i + 1) * cols]]) }[0];
-                i += 1;
+            match decode_mode(&self.table) {
+                DECODE_SIGNED => i = self.row_dots_avx2::<DECODE_SIGNED>(r, x, dst),
+                DECODE_UNSIGNED => i = self.row_dots_avx2::<DECODE_UNSIGNED>(r, x, dst),
+                _ => i = self.row_dots_avx2::<DECODE_TABLE>(r, x, dst),
             }
         }
         for (k, d) in dst.iter_mut().enumerate().skip(i) {
             *d = self.row_dot(r, &x[k * cols..(k + 1) * cols]);
         }
+    }
+
+    /// The AVX2 part of [`Self::row_dots`]: every activation row, returning how many were
+    /// done (all of them). Only called when the CPU has AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    fn row_dots_avx2<const D: u8>(&self, r: usize, x: &[f32], dst: &mut [f32]) -> usize {
+        let cols = self.cols;
+        let mut i = 0;
+        // Four activation rows share each decoded weight vector; the rest go one by one.
+        while i + 4 <= dst.len() {
+            let xs: [&[f32]; 4] = std::array::from_fn(|k| &x[(i + k) * cols..(i + k + 1) * cols]);
+            // SAFETY: only called when the CPU was checked to have AVX2 and FMA.
+            let d = unsafe { row_dot_avx2::<4, D>(self, r, xs) };
+            dst[i..i + 4].copy_from_slice(&d);
+            i += 4;
+        }
+        while i < dst.len() {
+            // SAFETY: as above.
+            dst[i] = unsafe { row_dot_avx2::<1, D>(self, r, [&x[i * cols..(i + 1) * cols]]) }[0];
+            i += 1;
+        }
+        i
     }
 
     /// Dot product of weight row `r` with `x` (`cols` values), block piece by piece: the
@@ -244,7 +258,7 @@ fn piece_scalar(bytes: &[u8], a: usize, x: &[f32], table: &[f32; 16], want_xsum:
 /// scalar code.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_dot_avx2<const M: usize>(p: &Packed4, r: usize, x: [&[f32]; M]) -> [f32; M] {
+unsafe fn row_dot_avx2<const M: usize, const D: u8>(p: &Packed4, r: usize, x: [&[f32]; M]) -> [f32; M] {
     use std::arch::x86_64::*;
     let start = r * p.cols;
     let end = start + p.cols;
@@ -271,31 +285,63 @@ unsafe fn row_dot_avx2<const M: usize>(p: &Packed4, r: usize, x: [&[f32]; M]) ->
             }
             k += 1;
         }
-        let mut acc = [_mm256_setzero_ps(); M];
+        let mut acc = [[_mm256_setzero_ps(); 4]; M];
         let mut xacc = [_mm256_setzero_ps(); M];
+        // 32 values (16 bytes) per step into four independent accumulators per row, so
+        // the FMA latency chain does not bound the loop.
+        while k + 32 <= stop {
+            // SAFETY: flattened values start+k .. start+k+32 lie in the weight and
+            // start+k is even here, so bytes (start+k)/2 .. +16 exist; x[i][k..k+32] is
+            // in bounds because k + 32 <= stop <= cols.
+            let byte_at = (start + k) / 2;
+            debug_assert!(byte_at + 16 <= bytes.len());
+            let raw = _mm_loadu_si128(bytes.as_ptr().add(byte_at) as *const __m128i);
+            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+            let lo = _mm_and_si128(raw, mask);
+            // [hi0, lo0, hi1, lo1, ...]: the values in flattened order.
+            let (w0, w1) = decode16::<D>(_mm_unpacklo_epi8(hi, lo), lut_lo, lut_hi);
+            let (w2, w3) = decode16::<D>(_mm_unpackhi_epi8(hi, lo), lut_lo, lut_hi);
+            for i in 0..M {
+                let xp = x[i].as_ptr().add(k);
+                let (x0, x1, x2, x3) = (
+                    _mm256_loadu_ps(xp),
+                    _mm256_loadu_ps(xp.add(8)),
+                    _mm256_loadu_ps(xp.add(16)),
+                    _mm256_loadu_ps(xp.add(24)),
+                );
+                acc[i][0] = _mm256_fmadd_ps(w0, x0, acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(w1, x1, acc[i][1]);
+                acc[i][2] = _mm256_fmadd_ps(w2, x2, acc[i][2]);
+                acc[i][3] = _mm256_fmadd_ps(w3, x3, acc[i][3]);
+                if offset.is_some() {
+                    xacc[i] =
+                        _mm256_add_ps(xacc[i], _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3)));
+                }
+            }
+            k += 32;
+        }
         while k + 16 <= stop {
-            // SAFETY: flattened values start+k .. start+k+16 lie in the weight and
-            // start+k is even here, so bytes (start+k)/2 .. +8 exist; x[i][k..k+16] is
-            // in bounds because k + 16 <= stop <= cols.
+            // SAFETY: as above, for 16 values (8 bytes).
             let byte_at = (start + k) / 2;
             debug_assert!(byte_at + 8 <= bytes.len());
             let raw = _mm_loadl_epi64(bytes.as_ptr().add(byte_at) as *const __m128i);
             let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
             let lo = _mm_and_si128(raw, mask);
-            // [hi0, lo0, hi1, lo1, ...]: the values in flattened order.
-            let codes = _mm_unpacklo_epi8(hi, lo);
-            let w0 = lookup(lut_lo, lut_hi, _mm256_cvtepu8_epi32(codes));
-            let w1 = lookup(lut_lo, lut_hi, _mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)));
+            let (w0, w1) = decode16::<D>(_mm_unpacklo_epi8(hi, lo), lut_lo, lut_hi);
             for i in 0..M {
                 let x0 = _mm256_loadu_ps(x[i].as_ptr().add(k));
                 let x1 = _mm256_loadu_ps(x[i].as_ptr().add(k + 8));
-                acc[i] = _mm256_fmadd_ps(w1, x1, _mm256_fmadd_ps(w0, x0, acc[i]));
+                acc[i][0] = _mm256_fmadd_ps(w0, x0, acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(w1, x1, acc[i][1]);
                 if offset.is_some() {
                     xacc[i] = _mm256_add_ps(xacc[i], _mm256_add_ps(x0, x1));
                 }
             }
             k += 16;
         }
+        let acc: [__m256; M] = std::array::from_fn(|i| {
+            _mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]), _mm256_add_ps(acc[i][2], acc[i][3]))
+        });
         let vscale = _mm256_set1_ps(scale);
         for i in 0..M {
             total[i] = _mm256_fmadd_ps(acc[i], vscale, total[i]);
@@ -310,6 +356,55 @@ unsafe fn row_dot_avx2<const M: usize>(p: &Packed4, r: usize, x: [&[f32]; M]) ->
         a = e;
     }
     std::array::from_fn(|i| hsum(total[i]) + scalar[i])
+}
+
+/// How the fused GEMV turns codes into values.
+const DECODE_TABLE: u8 = 0;
+/// The table is `(u + 8) % 16 - 8` (int4-block symmetric): a sign extension.
+const DECODE_SIGNED: u8 = 1;
+/// The table is `u` (int4-block asymmetric): a zero extension.
+const DECODE_UNSIGNED: u8 = 2;
+
+/// The cheapest exact decoding of `table`: integer conversion for the two integer
+/// tables, a lookup otherwise.
+fn decode_mode(table: &[f32; 16]) -> u8 {
+    if table.iter().enumerate().all(|(u, &v)| v == ((u as i32 + 8) % 16 - 8) as f32) {
+        DECODE_SIGNED
+    } else if table.iter().enumerate().all(|(u, &v)| v == u as f32) {
+        DECODE_UNSIGNED
+    } else {
+        DECODE_TABLE
+    }
+}
+
+/// The values of 16 codes (one per byte of `codes`, in order) as two 8-lane vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn decode16<const D: u8>(
+    codes: std::arch::x86_64::__m128i,
+    lut_lo: std::arch::x86_64::__m256,
+    lut_hi: std::arch::x86_64::__m256,
+) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+    use std::arch::x86_64::*;
+    let upper = _mm_srli_si128(codes, 8);
+    match D {
+        DECODE_SIGNED => {
+            let eight = _mm_set1_epi8(8);
+            let s = _mm_sub_epi8(_mm_xor_si128(codes, eight), eight);
+            (
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s)),
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s, 8))),
+            )
+        }
+        DECODE_UNSIGNED => {
+            (_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(upper)))
+        }
+        _ => (
+            lookup(lut_lo, lut_hi, _mm256_cvtepu8_epi32(codes)),
+            lookup(lut_lo, lut_hi, _mm256_cvtepu8_epi32(upper)),
+        ),
+    }
 }
 
 /// `table[codes]` for 8 codes in 0..16: each half of the table by a lane permute, the
