@@ -12,11 +12,14 @@
 use rayon::prelude::*;
 
 /// Above this many activation rows, `forward` dequantizes row panels and runs the f32
-/// GEMM instead of the fused GEMV. Measured by `benches/int4_gemv.rs` on the 2-core
-/// AMD EPYC (AVX2) this crate is developed on, 4096×4096 int4-block weight:
-/// fused 1: 4.9 ms, 4: 9.6 ms, 16: 36 ms; dequantize+GEMM 1: 38 ms, 4: 38 ms,
-/// 16: 41 ms, 64: 58 ms — the two meet between 16 and 64 rows, close to 16.
-pub const GEMV_MAX_ROWS: usize = 16;
+/// GEMM instead of the fused GEMV. Measured by `benches/int4_gemv.rs` (criterion medians,
+/// 4096×4096 int4-block weight, 8 matrices rotated) on the 2-core AMD EPYC (Zen 3, AVX2)
+/// this crate is developed on, while other builds shared the machine (load ≈ 6):
+/// fused m=1: 4.5 ms, 4: 8.6 ms, 16: 34 ms, 64: 145 ms; dequantize+GEMM m=1: 46 ms,
+/// 4: 66 ms, 16: 77 ms, 64: 132 ms. Fused costs ≈ 2.2 ms per row, dequantize+GEMM
+/// ≈ 60 ms + 1.1 ms per row: they meet near 50 rows; 32 keeps the fused path where it
+/// clearly wins.
+pub const GEMV_MAX_ROWS: usize = 32;
 
 /// Values dequantized per panel on the prefill path (4 MiB of f32): bounds the
 /// temporary so a prefill never holds a full f32 copy of the weight.
@@ -97,9 +100,9 @@ impl Packed4 {
     /// decode, dequantized panels through the f32 GEMM for prefill.
     pub fn kernel(&self) -> &'static str {
         if has_avx2() {
-            "fused-gemv-avx2 (m<=16) / dequant-f32-gemm"
+            "fused-gemv-avx2 (m<=32) / dequant-f32-gemm"
         } else {
-            "fused-gemv-scalar (m<=16) / dequant-f32-gemm"
+            "fused-gemv-scalar (m<=32) / dequant-f32-gemm"
         }
     }
 
