@@ -399,7 +399,7 @@ mod tests {
     fn packing_round_trips_at_every_width() {
         for k in [2usize, 3, 16, 17, 200, 256, 1000] {
             let bits = index_bits(k);
-            assert_eq!(1u64 << bits >= k as u64 && (1u64 << (bits - 1)) < k as u64, true, "k {k}");
+            assert!(1u64 << bits >= k as u64 && (1u64 << (bits - 1)) < k as u64, "k {k}");
             let mut rng = SeededRng::new(k as u64);
             let idx: Vec<u16> = (0..77).map(|_| (rng.next_u64() % k as u64) as u16).collect();
             let bytes = pack_bits(&idx, bits);

@@ -35,6 +35,9 @@ use super::{
 use crate::error::Result;
 
 /// bitsandbytes' NF4 code values, in code order.
+// The digits are bitsandbytes' as published (f64 prints of the f32 values), kept verbatim
+// so they can be compared with the source.
+#[allow(clippy::excessive_precision)]
 pub const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.6961928009986877,

@@ -12,11 +12,14 @@
 use rayon::prelude::*;
 
 /// Above this many activation rows, `forward` dequantizes row panels and runs the f32
-/// GEMM instead of the fused GEMV. Measured by `benches/int4_gemv.rs` on the 2-core
-/// AMD EPYC (AVX2) this crate is developed on, 4096×4096 int4-block weight:
-/// fused 1: 4.9 ms, 4: 9.6 ms, 16: 36 ms; dequantize+GEMM 1: 38 ms, 4: 38 ms,
-/// 16: 41 ms, 64: 58 ms — the two meet between 16 and 64 rows, close to 16.
-pub const GEMV_MAX_ROWS: usize = 16;
+/// GEMM instead of the fused GEMV. Measured by `benches/int4_gemv.rs` (criterion medians,
+/// 4096×4096 int4-block weight, 8 matrices rotated) on the 2-core AMD EPYC (Zen 3, AVX2)
+/// this crate is developed on, while other builds shared the machine (load ≈ 6):
+/// fused m=1: 4.5 ms, 4: 8.6 ms, 16: 34 ms, 64: 145 ms; dequantize+GEMM m=1: 46 ms,
+/// 4: 66 ms, 16: 77 ms, 64: 132 ms. Fused costs ≈ 2.2 ms per row, dequantize+GEMM
+/// ≈ 60 ms + 1.1 ms per row: they meet near 50 rows; 32 keeps the fused path where it
+/// clearly wins.
+pub const GEMV_MAX_ROWS: usize = 32;
 
 /// Values dequantized per panel on the prefill path (4 MiB of f32): bounds the
 /// temporary so a prefill never holds a full f32 copy of the weight.
@@ -55,7 +58,7 @@ pub fn pack_nibbles(codes: &[u8]) -> Vec<u8> {
 #[inline(always)]
 pub fn nibble(bytes: &[u8], i: usize) -> u8 {
     let b = bytes[i / 2];
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         b >> 4
     } else {
         b & 0x0F
@@ -97,9 +100,9 @@ impl Packed4 {
     /// decode, dequantized panels through the f32 GEMM for prefill.
     pub fn kernel(&self) -> &'static str {
         if has_avx2() {
-            "fused-gemv-avx2 (m<=16) / dequant-f32-gemm"
+            "fused-gemv-avx2 (m<=32) / dequant-f32-gemm"
         } else {
-            "fused-gemv-scalar (m<=16) / dequant-f32-gemm"
+            "fused-gemv-scalar (m<=32) / dequant-f32-gemm"
         }
     }
 
@@ -136,21 +139,18 @@ impl Packed4 {
         }
     }
 
-    /// The fused GEMV over all output rows, in parallel tasks of [`ROWS_PER_TASK`] rows;
+    /// The fused GEMV over all output rows, in parallel tasks of 16 rows;
     /// `avx2` selects the SIMD path (the caller checked the CPU has it).
     pub fn gemv(&self, x: &[f32], m: usize, out: &mut [f32], avx2: bool) {
-        let rows = self.rows;
+        let (rows, cols) = (self.rows, self.cols);
         let tasks: Vec<Vec<f32>> = (0..rows.div_ceil(ROWS_PER_TASK))
             .into_par_iter()
             .map(|t| {
                 let r0 = t * ROWS_PER_TASK;
                 let n = ROWS_PER_TASK.min(rows - r0);
                 let mut local = vec![0.0f32; n * m];
-                for r in 0..n {
-                    for i in 0..m {
-                        let xr = &x[i * self.cols..(i + 1) * self.cols];
-                        local[r * m + i] = self.row_dot(r0 + r, xr, avx2);
-                    }
+                for (r, dst) in local.chunks_exact_mut(m.max(1)).enumerate() {
+                    self.row_dots(r0 + r, x, dst, avx2);
                 }
                 local
             })
@@ -163,10 +163,51 @@ impl Packed4 {
                 }
             }
         }
+        debug_assert_eq!(x.len(), out.len() / rows.max(1) * cols);
     }
 
-    /// Dot product of weight row `r` with `x` (`cols` values), block piece by piece.
-    fn row_dot(&self, r: usize, x: &[f32], avx2: bool) -> f32 {
+    /// `dst[i] = x[i] · W[r]` for every activation row `i` (`dst.len()` rows of `x`).
+    fn row_dots(&self, r: usize, x: &[f32], dst: &mut [f32], avx2: bool) {
+        let cols = self.cols;
+        let mut i = 0;
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            match decode_mode(&self.table) {
+                DECODE_SIGNED => i = self.row_dots_avx2::<DECODE_SIGNED>(r, x, dst),
+                DECODE_UNSIGNED => i = self.row_dots_avx2::<DECODE_UNSIGNED>(r, x, dst),
+                _ => i = self.row_dots_avx2::<DECODE_TABLE>(r, x, dst),
+            }
+        }
+        for (k, d) in dst.iter_mut().enumerate().skip(i) {
+            *d = self.row_dot(r, &x[k * cols..(k + 1) * cols]);
+        }
+    }
+
+    /// The AVX2 part of [`Self::row_dots`]: every activation row, returning how many were
+    /// done (all of them). Only called when the CPU has AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    fn row_dots_avx2<const D: u8>(&self, r: usize, x: &[f32], dst: &mut [f32]) -> usize {
+        let cols = self.cols;
+        let mut i = 0;
+        // Four activation rows share each decoded weight vector; the rest go one by one.
+        while i + 4 <= dst.len() {
+            let xs: [&[f32]; 4] = std::array::from_fn(|k| &x[(i + k) * cols..(i + k + 1) * cols]);
+            // SAFETY: only called when the CPU was checked to have AVX2 and FMA.
+            let d = unsafe { row_dot_avx2::<4, D>(self, r, xs) };
+            dst[i..i + 4].copy_from_slice(&d);
+            i += 4;
+        }
+        while i < dst.len() {
+            // SAFETY: as above.
+            dst[i] = unsafe { row_dot_avx2::<1, D>(self, r, [&x[i * cols..(i + 1) * cols]]) }[0];
+            i += 1;
+        }
+        i
+    }
+
+    /// Dot product of weight row `r` with `x` (`cols` values), block piece by piece: the
+    /// scalar reference of the fused GEMV.
+    fn row_dot(&self, r: usize, x: &[f32]) -> f32 {
         let start = r * self.cols;
         let end = start + self.cols;
         let mut sum = 0.0f32;
@@ -174,13 +215,8 @@ impl Packed4 {
         while a < end {
             let b = a / self.block;
             let e = ((b + 1) * self.block).min(end);
-            let xs = &x[a - start..e - start];
-            let (dot, xsum) = if avx2 {
-                // SAFETY: `avx2` is only true when the CPU was checked to have AVX2 and FMA.
-                unsafe { piece_avx2(&self.bytes, a, xs, &self.table, self.offsets.is_some()) }
-            } else {
-                piece_scalar(&self.bytes, a, xs, &self.table, self.offsets.is_some())
-            };
+            let (dot, xsum) =
+                piece_scalar(&self.bytes, a, &x[a - start..e - start], &self.table, self.offsets.is_some());
             sum += dot * self.scales[b];
             if let Some(o) = &self.offsets {
                 sum += xsum * o[b];
@@ -204,7 +240,7 @@ pub fn has_avx2() -> bool {
 }
 
 /// Within one block: `(Σ table[code(a+k)]·x[k], Σ x[k])` (the second only when
-/// `want_xsum`, for the block's offset). Scalar reference for [`piece_avx2`].
+/// `want_xsum`, for the block's offset).
 fn piece_scalar(bytes: &[u8], a: usize, x: &[f32], table: &[f32; 16], want_xsum: bool) -> (f32, f32) {
     let mut dot = 0.0f32;
     let mut xsum = 0.0f32;
@@ -217,63 +253,161 @@ fn piece_scalar(bytes: &[u8], a: usize, x: &[f32], table: &[f32; 16], want_xsum:
     (dot, xsum)
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn piece_avx2(bytes: &[u8], a: usize, x: &[f32], table: &[f32; 16], want_xsum: bool) -> (f32, f32) {
-    piece_scalar(bytes, a, x, table, want_xsum)
-}
-
-/// AVX2 version of [`piece_scalar`]: 16 codes (8 bytes) per step, split into nibbles in
-/// order, looked up in the 16-entry table with two 8-lane permutes, multiplied into x.
+/// AVX2 version of [`Packed4::row_dot`] for `M` activation rows at once: 16 codes
+/// (8 bytes) per step, split into nibbles in order, looked up in the 16-entry table with
+/// two 8-lane permutes, multiplied into each activation row. Each block's products
+/// accumulate in vectors and are scaled once at the block's end; only a piece starting on
+/// a low nibble (odd flattened index) and the last `< 16` values of a piece go through
+/// scalar code.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn piece_avx2(bytes: &[u8], a: usize, x: &[f32], table: &[f32; 16], want_xsum: bool) -> (f32, f32) {
+unsafe fn row_dot_avx2<const M: usize, const D: u8>(p: &Packed4, r: usize, x: [&[f32]; M]) -> [f32; M] {
     use std::arch::x86_64::*;
-    let n = x.len();
-    let mut k = 0;
-    let mut dot = 0.0f32;
-    let mut xsum = 0.0f32;
-    // A piece that starts on a low nibble takes its first value alone, so the vector
-    // loop starts on a byte boundary.
-    if a % 2 == 1 && n > 0 {
-        dot += table[nibble(bytes, a) as usize] * x[0];
-        xsum += x[0];
-        k = 1;
-    }
-    let lut_lo = _mm256_loadu_ps(table.as_ptr());
-    let lut_hi = _mm256_loadu_ps(table.as_ptr().add(8));
+    let start = r * p.cols;
+    let end = start + p.cols;
+    let bytes = &p.bytes;
+    let lut_lo = _mm256_loadu_ps(p.table.as_ptr());
+    let lut_hi = _mm256_loadu_ps(p.table.as_ptr().add(8));
     let mask = _mm_set1_epi8(0x0F);
-    let mut acc0 = _mm256_setzero_ps();
-    let mut acc1 = _mm256_setzero_ps();
-    let mut xacc = _mm256_setzero_ps();
-    while k + 16 <= n {
-        // SAFETY: values a+k .. a+k+16 are in the weight, so bytes (a+k)/2 .. +8 exist
-        // ((a+k) is even here) and x[k..k+16] is in bounds by the loop condition.
-        let byte_at = (a + k) / 2;
-        debug_assert!(byte_at + 8 <= bytes.len());
-        let raw = _mm_loadl_epi64(bytes.as_ptr().add(byte_at) as *const __m128i);
-        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-        let lo = _mm_and_si128(raw, mask);
-        // [hi0, lo0, hi1, lo1, ...]: the values in flattened order.
-        let codes = _mm_unpacklo_epi8(hi, lo);
-        let c0 = _mm256_cvtepu8_epi32(codes);
-        let c1 = _mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8));
-        let w0 = lookup(lut_lo, lut_hi, c0);
-        let w1 = lookup(lut_lo, lut_hi, c1);
-        let x0 = _mm256_loadu_ps(x.as_ptr().add(k));
-        let x1 = _mm256_loadu_ps(x.as_ptr().add(k + 8));
-        acc0 = _mm256_fmadd_ps(w0, x0, acc0);
-        acc1 = _mm256_fmadd_ps(w1, x1, acc1);
-        if want_xsum {
-            xacc = _mm256_add_ps(xacc, _mm256_add_ps(x0, x1));
+    let mut total = [_mm256_setzero_ps(); M];
+    let mut scalar = [0.0f32; M];
+    let mut a = start;
+    while a < end {
+        let b = a / p.block;
+        let e = ((b + 1) * p.block).min(end);
+        let scale = p.scales[b];
+        let offset = p.offsets.as_ref().map(|o| o[b]);
+        let mut k = a - start;
+        let stop = e - start;
+        if a % 2 == 1 {
+            // A piece starting on a low nibble takes its first value alone, so the vector
+            // loop starts on a byte boundary.
+            let w = p.table[nibble(bytes, a) as usize];
+            for i in 0..M {
+                scalar[i] += w * scale * x[i][k] + offset.map_or(0.0, |o| o * x[i][k]);
+            }
+            k += 1;
         }
-        k += 16;
+        let mut acc = [[_mm256_setzero_ps(); 4]; M];
+        let mut xacc = [_mm256_setzero_ps(); M];
+        // 32 values (16 bytes) per step into four independent accumulators per row, so
+        // the FMA latency chain does not bound the loop.
+        while k + 32 <= stop {
+            // SAFETY: flattened values start+k .. start+k+32 lie in the weight and
+            // start+k is even here, so bytes (start+k)/2 .. +16 exist; x[i][k..k+32] is
+            // in bounds because k + 32 <= stop <= cols.
+            let byte_at = (start + k) / 2;
+            debug_assert!(byte_at + 16 <= bytes.len());
+            let raw = _mm_loadu_si128(bytes.as_ptr().add(byte_at) as *const __m128i);
+            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+            let lo = _mm_and_si128(raw, mask);
+            // [hi0, lo0, hi1, lo1, ...]: the values in flattened order.
+            let (w0, w1) = decode16::<D>(_mm_unpacklo_epi8(hi, lo), lut_lo, lut_hi);
+            let (w2, w3) = decode16::<D>(_mm_unpackhi_epi8(hi, lo), lut_lo, lut_hi);
+            for i in 0..M {
+                let xp = x[i].as_ptr().add(k);
+                let (x0, x1, x2, x3) = (
+                    _mm256_loadu_ps(xp),
+                    _mm256_loadu_ps(xp.add(8)),
+                    _mm256_loadu_ps(xp.add(16)),
+                    _mm256_loadu_ps(xp.add(24)),
+                );
+                acc[i][0] = _mm256_fmadd_ps(w0, x0, acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(w1, x1, acc[i][1]);
+                acc[i][2] = _mm256_fmadd_ps(w2, x2, acc[i][2]);
+                acc[i][3] = _mm256_fmadd_ps(w3, x3, acc[i][3]);
+                if offset.is_some() {
+                    xacc[i] =
+                        _mm256_add_ps(xacc[i], _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3)));
+                }
+            }
+            k += 32;
+        }
+        while k + 16 <= stop {
+            // SAFETY: as above, for 16 values (8 bytes).
+            let byte_at = (start + k) / 2;
+            debug_assert!(byte_at + 8 <= bytes.len());
+            let raw = _mm_loadl_epi64(bytes.as_ptr().add(byte_at) as *const __m128i);
+            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+            let lo = _mm_and_si128(raw, mask);
+            let (w0, w1) = decode16::<D>(_mm_unpacklo_epi8(hi, lo), lut_lo, lut_hi);
+            for i in 0..M {
+                let x0 = _mm256_loadu_ps(x[i].as_ptr().add(k));
+                let x1 = _mm256_loadu_ps(x[i].as_ptr().add(k + 8));
+                acc[i][0] = _mm256_fmadd_ps(w0, x0, acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(w1, x1, acc[i][1]);
+                if offset.is_some() {
+                    xacc[i] = _mm256_add_ps(xacc[i], _mm256_add_ps(x0, x1));
+                }
+            }
+            k += 16;
+        }
+        let acc: [__m256; M] = std::array::from_fn(|i| {
+            _mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]), _mm256_add_ps(acc[i][2], acc[i][3]))
+        });
+        let vscale = _mm256_set1_ps(scale);
+        for i in 0..M {
+            total[i] = _mm256_fmadd_ps(acc[i], vscale, total[i]);
+            if let Some(o) = offset {
+                total[i] = _mm256_fmadd_ps(xacc[i], _mm256_set1_ps(o), total[i]);
+            }
+        }
+        for i in 0..M {
+            let (dot, xsum) = piece_scalar(bytes, start + k, &x[i][k..stop], &p.table, offset.is_some());
+            scalar[i] += dot * scale + offset.map_or(0.0, |o| o * xsum);
+        }
+        a = e;
     }
-    dot += hsum(_mm256_add_ps(acc0, acc1));
-    if want_xsum {
-        xsum += hsum(xacc);
+    std::array::from_fn(|i| hsum(total[i]) + scalar[i])
+}
+
+/// How the fused GEMV turns codes into values.
+const DECODE_TABLE: u8 = 0;
+/// The table is `(u + 8) % 16 - 8` (int4-block symmetric): a sign extension.
+const DECODE_SIGNED: u8 = 1;
+/// The table is `u` (int4-block asymmetric): a zero extension.
+const DECODE_UNSIGNED: u8 = 2;
+
+/// The cheapest exact decoding of `table`: integer conversion for the two integer
+/// tables, a lookup otherwise.
+fn decode_mode(table: &[f32; 16]) -> u8 {
+    if table.iter().enumerate().all(|(u, &v)| v == ((u as i32 + 8) % 16 - 8) as f32) {
+        DECODE_SIGNED
+    } else if table.iter().enumerate().all(|(u, &v)| v == u as f32) {
+        DECODE_UNSIGNED
+    } else {
+        DECODE_TABLE
     }
-    let (tail_dot, tail_xsum) = piece_scalar(bytes, a + k, &x[k..], table, want_xsum);
-    (dot + tail_dot, xsum + tail_xsum)
+}
+
+/// The values of 16 codes (one per byte of `codes`, in order) as two 8-lane vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn decode16<const D: u8>(
+    codes: std::arch::x86_64::__m128i,
+    lut_lo: std::arch::x86_64::__m256,
+    lut_hi: std::arch::x86_64::__m256,
+) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+    use std::arch::x86_64::*;
+    let upper = _mm_srli_si128(codes, 8);
+    match D {
+        DECODE_SIGNED => {
+            let eight = _mm_set1_epi8(8);
+            let s = _mm_sub_epi8(_mm_xor_si128(codes, eight), eight);
+            (
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s)),
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s, 8))),
+            )
+        }
+        DECODE_UNSIGNED => {
+            (_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(upper)))
+        }
+        _ => (
+            lookup(lut_lo, lut_hi, _mm256_cvtepu8_epi32(codes)),
+            lookup(lut_lo, lut_hi, _mm256_cvtepu8_epi32(upper)),
+        ),
+    }
 }
 
 /// `table[codes]` for 8 codes in 0..16: each half of the table by a lane permute, the
@@ -317,7 +451,7 @@ pub(crate) mod testing {
 
     /// Check both GEMV paths (and the panel path) of `p` against the reference.
     pub fn check_kernels(p: &Packed4, seed: u64) {
-        for m in [1, 3, GEMV_MAX_ROWS + 1] {
+        for m in [1, 3, 5, GEMV_MAX_ROWS + 1] {
             let x = SeededRng::new(seed).normal_vec(m * p.cols, 1.0);
             let reference = crate::tensor::matmul_nt_reference(&x, m, p.cols, &p.dequantize(), p.rows);
             let mut scalar = vec![f32::NAN; m * p.rows];

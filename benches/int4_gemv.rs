@@ -1,0 +1,145 @@
+//! Fused int4-block GEMV against measured memory bandwidth, and the fused GEMV against
+//! dequantize-then-GEMM at several activation row counts (the prefill crossover).
+//!
+//! The weights are larger than L2 and rotate over enough matrices that their total
+//! exceeds the L3 cache, so every GEMV streams its weights from memory. Bandwidth is a
+//! multi-threaded sum over a 1 GiB buffer, measured in the same run.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use quantbench::scheme::packed4::{block_count, has_avx2, pack_nibbles, Packed4};
+use quantbench::tensor::SeededRng;
+use rayon::prelude::*;
+
+/// The int4-block symmetric code table: nibble `u` means `(u + 8) % 16 - 8`.
+const SIGNED: [f32; 16] = [0., 1., 2., 3., 4., 5., 6., 7., -8., -7., -6., -5., -4., -3., -2., -1.];
+
+/// The article's block size.
+const BLOCK: usize = 128;
+
+/// Bytes streamed for the bandwidth reference.
+const BANDWIDTH_BYTES: usize = 1 << 30;
+
+/// Rotated matrices: enough that their packed bytes exceed the L3 cache (32 MiB here).
+fn matrix_count(rows: usize, cols: usize) -> usize {
+    let l3 = 32usize << 20;
+    (2 * l3).div_ceil(rows * cols / 2).max(2)
+}
+
+fn random_packed(rows: usize, cols: usize, seed: u64) -> Packed4 {
+    let mut rng = SeededRng::new(seed);
+    let n = rows * cols;
+    let codes: Vec<u8> = (0..n).map(|_| (rng.next_u64() & 15) as u8).collect();
+    let scales = (0..block_count(n, BLOCK)).map(|_| 0.01 + rng.uniform() as f32).collect();
+    Packed4 { rows, cols, block: BLOCK, bytes: pack_nibbles(&codes), table: SIGNED, scales, offsets: None }
+}
+
+/// Bytes one GEMV reads from the weight: packed codes and the in-memory f32 scales.
+fn weight_bytes(p: &Packed4) -> u64 {
+    (p.bytes.len() + 4 * p.scales.len()) as u64
+}
+
+fn sum_u64(buf: &[u64]) -> u64 {
+    buf.par_chunks(1 << 16)
+        .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+        .reduce(|| 0, u64::wrapping_add)
+}
+
+/// Median seconds of `f` over `reps` runs after one warm-up.
+fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[reps / 2]
+}
+
+fn bandwidth(c: &mut Criterion) {
+    let buf: Vec<u64> = (0..BANDWIDTH_BYTES / 8).map(|i| i as u64).collect();
+    let mut g = c.benchmark_group("memory");
+    g.throughput(Throughput::Bytes(BANDWIDTH_BYTES as u64)).sample_size(10);
+    g.bench_function("sum-1GiB", |b| b.iter(|| black_box(sum_u64(&buf))));
+    g.finish();
+    let secs = median_secs(5, || {
+        black_box(sum_u64(&buf));
+    });
+    let mem = BANDWIDTH_BYTES as f64 / secs / 1e9;
+    drop(buf);
+    println!(
+        "summary: memory bandwidth (sum over 1 GiB, {} threads): {mem:.2} GB/s",
+        rayon::current_num_threads()
+    );
+    for (rows, cols) in [(4096, 4096), (2048, 8192)] {
+        let count = matrix_count(rows, cols);
+        let mats: Vec<Packed4> = (0..count).map(|s| random_packed(rows, cols, s as u64)).collect();
+        let x = SeededRng::new(99).normal_vec(cols, 1.0);
+        let mut out = vec![0.0f32; rows];
+        let mut next = 0;
+        let secs = median_secs(30, || {
+            mats[next % count].gemv(&x, 1, &mut out, has_avx2());
+            next += 1;
+        });
+        let gbs = weight_bytes(&mats[0]) as f64 / secs / 1e9;
+        println!(
+            "summary: fused int4 GEMV {rows}x{cols} ({count} matrices rotated): {:.3} ms, {gbs:.2} GB/s = {:.0}% of memory bandwidth",
+            secs * 1e3,
+            100.0 * gbs / mem
+        );
+    }
+}
+
+fn fused_gemv(c: &mut Criterion) {
+    let avx2 = has_avx2();
+    for (rows, cols) in [(4096, 4096), (2048, 8192)] {
+        let count = matrix_count(rows, cols);
+        let mats: Vec<Packed4> = (0..count).map(|s| random_packed(rows, cols, s as u64)).collect();
+        let x = SeededRng::new(7).normal_vec(cols, 1.0);
+        let mut out = vec![0.0f32; rows];
+        let mut g = c.benchmark_group("int4-gemv-m1");
+        g.throughput(Throughput::Bytes(weight_bytes(&mats[0])));
+        let mut next = 0;
+        g.bench_function(format!("{rows}x{cols}-{}", if avx2 { "avx2" } else { "scalar" }), |b| {
+            b.iter(|| {
+                mats[next % count].gemv(black_box(&x), 1, &mut out, avx2);
+                next += 1;
+            })
+        });
+        g.finish();
+    }
+}
+
+fn crossover(c: &mut Criterion) {
+    let (rows, cols) = (4096, 4096);
+    let count = matrix_count(rows, cols);
+    let mats: Vec<Packed4> = (0..count).map(|s| random_packed(rows, cols, s as u64)).collect();
+    let mut g = c.benchmark_group("int4-crossover-4096x4096");
+    g.sample_size(10).measurement_time(Duration::from_secs(3));
+    for m in [1usize, 4, 16, 64] {
+        let x = SeededRng::new(m as u64).normal_vec(m * cols, 1.0);
+        let mut out = vec![0.0f32; m * rows];
+        let mut next = 0;
+        g.bench_with_input(BenchmarkId::new("fused", m), &m, |b, &m| {
+            b.iter(|| {
+                mats[next % count].gemv(&x, m, &mut out, has_avx2());
+                next += 1;
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("dequant-gemm", m), &m, |b, &m| {
+            b.iter(|| {
+                mats[next % count].dequant_gemm(&x, m, &mut out);
+                next += 1;
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bandwidth, fused_gemv, crossover);
+criterion_main!(benches);
