@@ -107,7 +107,17 @@ impl Int8OutlierLinear {
             (_, OutlierDtype::Bf16) => "int8-scalar+bf16-outliers",
         };
         let observed = Mutex::new((0.0, 0));
-        Int8OutlierLinear { rows, cols, weight, scales, bias, threshold: config.threshold, dtype: config.dtype, kernel, observed }
+        Int8OutlierLinear {
+            rows,
+            cols,
+            weight,
+            scales,
+            bias,
+            threshold: config.threshold,
+            dtype: config.dtype,
+            kernel,
+            observed,
+        }
     }
 
     /// `out += x[:, outliers] · W[:, outliers]ᵀ` in 16-bit inputs, f32 accumulation.
@@ -163,7 +173,7 @@ impl Linear for Int8OutlierLinear {
         // over the whole weight without gathering the inlier columns.
         let mut acc = vec![0i32; rows * self.rows];
         gemm_i8(&q, rows, self.cols, &self.weight, self.rows, &mut acc);
-        rescale(&acc, &row_scales, &self.scales, self.bias.as_deref(), out);
+        rescale(&acc, &row_scales, &self.scales, self.bias.as_deref(), false, out);
         if !outliers.is_empty() {
             self.add_outlier_product(x, rows, &outliers, out);
         }
@@ -261,7 +271,8 @@ pub fn build(params: &SchemeParams) -> Result<Box<dyn Scheme>> {
 
 pub(super) const INT8_OUTLIER: SchemeInfo = SchemeInfo {
     name: NAME,
-    summary: "LLM.int8(): int8 weights per output row (+ one f32 scale per row), int8 activations per token; \
+    summary:
+        "LLM.int8(): int8 weights per output row (+ one f32 scale per row), int8 activations per token; \
               input columns with |x| > threshold go through a 16-bit product",
     bits_per_weight: 8.0,
     block_size: None,
@@ -315,7 +326,9 @@ mod tests {
     fn input_without_outliers_equals_the_int8_computation() {
         let (rows, cols, n) = (3, 21, 6);
         let ours = layer(n, cols, 6.0, OutlierDtype::F16);
-        let dynamic = Int8DynamicLinear::new(weight(n, cols), Some(vec![0.1; n]), Int8DynamicOptions::default()).unwrap();
+        let dynamic =
+            Int8DynamicLinear::new(weight(n, cols), Some(vec![0.1; n]), Int8DynamicOptions::default())
+                .unwrap();
         let x = SeededRng::new(22).normal_vec(rows * cols, 1.0);
         assert!(x.iter().all(|v| v.abs() <= 6.0));
         let (mut a, mut b) = (vec![0.0; rows * n], vec![0.0; rows * n]);
@@ -346,7 +359,8 @@ mod tests {
             // Row 0 holds no large value, but column 5 is an outlier for the whole batch.
             let x16 = f16::from_f32(x[i * cols + 5]).to_f32();
             for j in 0..n {
-                let acc: i32 = (0..cols).map(|c| q[i * cols + c] as i32 * ours.weight[j * cols + c] as i32).sum();
+                let acc: i32 =
+                    (0..cols).map(|c| q[i * cols + c] as i32 * ours.weight[j * cols + c] as i32).sum();
                 let w16 = f16::from_f32(ours.weight[j * cols + 5] as f32 * ours.scales[j]).to_f32();
                 let expected = acc as f32 * (sx[i] * ours.scales[j]) + 0.1 + x16 * w16;
                 assert_eq!(out[i * n + j], expected, "({i}, {j})");

@@ -291,13 +291,8 @@ pub struct SchemeInfo {
 }
 
 /// Every scheme the harness knows, in the order `bench list` shows them.
-pub static SCHEMES: &[SchemeInfo] = &[
-    float::FP32,
-    float::FP16,
-    float::BF16,
-    int8_dynamic::INT8_DYNAMIC,
-    int8_outlier::INT8_OUTLIER,
-];
+pub static SCHEMES: &[SchemeInfo] =
+    &[float::FP32, float::FP16, float::BF16, int8_dynamic::INT8_DYNAMIC, int8_outlier::INT8_OUTLIER];
 
 /// The table row of `name`, or an error listing the known names.
 pub fn lookup(name: &str) -> Result<&'static SchemeInfo> {
