@@ -273,7 +273,7 @@ pub(super) const INT8_OUTLIER: SchemeInfo = SchemeInfo {
     name: NAME,
     summary:
         "LLM.int8(): int8 weights per output row (+ one f32 scale per row), int8 activations per token; \
-              input columns with |x| > threshold go through a 16-bit product",
+              input columns holding a magnitude above the threshold go through a 16-bit product",
     bits_per_weight: 8.0,
     block_size: None,
     needs_calibration: false,
