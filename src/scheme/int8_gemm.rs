@@ -15,12 +15,21 @@
 //! saturates to 32767. It is exact only for 7-bit activations (fbgemm's `reduce_range`);
 //! a machine with AVX-512 VNNI (`vpdpbusd`, u8×i8 into i32 without the i16 step) or
 //! AVX-VNNI-INT8 (`vpdpbssd`, i8×i8) would be the place for a faster exact kernel.
+//!
+//! Where the time goes: per 16 multiply-adds the kernel issues one `vpmaddwd`, one
+//! `vpaddd` to accumulate and a share of the `vpmovsxbw` weight widening (one per 16
+//! weights, reused by two activation rows): about 2.5 vector instructions, the same as
+//! two f32 FMAs (8 lanes each). So when the product is compute-bound (prefill, m ≥ 64)
+//! int8 can only win by its smaller cache traffic (measured 1.0–2.0× the f32 `gemm`
+//! crate on this 2-core AVX2 machine), and when it is bound by reading the weights
+//! (decode, m = 1) it wins by reading a quarter of the bytes (measured 2.5–7×).
 
 use rayon::prelude::*;
 
 /// Products below this many multiply-adds run on one thread: waking the pool costs more
-/// than it saves (the same threshold as the f32 GEMM in `crate::tensor`).
-const SERIAL_MACS: usize = 256 * 1024;
+/// than it saves. Measured here (2 cores, benches/int8_gemm.rs): a 576×576 decode step
+/// (332k multiply-adds) takes 8 µs on one thread and 35 µs split over rayon.
+const SERIAL_MACS: usize = 1024 * 1024;
 
 /// Weight rows (output columns) per rayon task: 64 rows of k = 576 int8 values are 36 KiB,
 /// a block that stays in L2 while every activation row streams past it.
@@ -122,7 +131,9 @@ where
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    //! The AVX2 kernel: register blocks of up to 3 activation rows × 4 weight rows.
+    //! The AVX2 kernel: register blocks of up to 2 activation rows × 4 weight rows (8
+    //! accumulators, 4 widened weight vectors and one activation vector: 13 of the 16
+    //! ymm registers; a 3×4 block needs 17 and spills).
 
     use std::arch::x86_64::*;
 
@@ -165,21 +176,17 @@ mod avx2 {
     ) {
         let mut i = 0;
         while i < m {
-            let mr = (m - i).min(3);
+            let mr = (m - i).min(2);
             let mut j = rows.start;
             while j < rows.end {
                 let nr = (rows.end - j).min(4);
                 match (mr, nr) {
-                    (3, 4) => tile::<3, 4>(a, i, k, w, j, n, out),
                     (2, 4) => tile::<2, 4>(a, i, k, w, j, n, out),
                     (1, 4) => tile::<1, 4>(a, i, k, w, j, n, out),
-                    (3, 3) => tile::<3, 3>(a, i, k, w, j, n, out),
                     (2, 3) => tile::<2, 3>(a, i, k, w, j, n, out),
                     (1, 3) => tile::<1, 3>(a, i, k, w, j, n, out),
-                    (3, 2) => tile::<3, 2>(a, i, k, w, j, n, out),
                     (2, 2) => tile::<2, 2>(a, i, k, w, j, n, out),
                     (1, 2) => tile::<1, 2>(a, i, k, w, j, n, out),
-                    (3, _) => tile::<3, 1>(a, i, k, w, j, n, out),
                     (2, _) => tile::<2, 1>(a, i, k, w, j, n, out),
                     _ => tile::<1, 1>(a, i, k, w, j, n, out),
                 }
@@ -295,7 +302,7 @@ mod tests {
     #[test]
     fn parallel_blocks_cover_every_output() {
         let mut rng = SeededRng::new(12);
-        let (m, k, n) = (9, 515, 131);
+        let (m, k, n) = (17, 515, 131);
         let (a, w) = (random_i8(&mut rng, m * k), random_i8(&mut rng, n * k));
         assert!(m * n * k >= SERIAL_MACS);
         let (fast, reference) = both(&a, m, k, &w, n);

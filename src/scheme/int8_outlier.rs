@@ -173,7 +173,7 @@ impl Linear for Int8OutlierLinear {
         // over the whole weight without gathering the inlier columns.
         let mut acc = vec![0i32; rows * self.rows];
         gemm_i8(&q, rows, self.cols, &self.weight, self.rows, &mut acc);
-        rescale(&acc, &row_scales, &self.scales, self.bias.as_deref(), out);
+        rescale(&acc, &row_scales, &self.scales, self.bias.as_deref(), false, out);
         if !outliers.is_empty() {
             self.add_outlier_product(x, rows, &outliers, out);
         }
@@ -273,7 +273,7 @@ pub(super) const INT8_OUTLIER: SchemeInfo = SchemeInfo {
     name: NAME,
     summary:
         "LLM.int8(): int8 weights per output row (+ one f32 scale per row), int8 activations per token; \
-              input columns with |x| > threshold go through a 16-bit product",
+              input columns holding a magnitude above the threshold go through a 16-bit product",
     bits_per_weight: 8.0,
     block_size: None,
     needs_calibration: false,

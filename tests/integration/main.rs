@@ -6,3 +6,4 @@ mod cli;
 mod golden;
 mod real;
 mod support;
+mod torch_dynamic;
