@@ -101,8 +101,7 @@ fn tensor_specs(config: &ConfigJson) -> Result<Vec<TensorSpec>> {
     specs.extend(Norm::specs(EMBED_NORM, h));
     for i in 0..c.layers {
         for (name, rows, cols) in c.linears(i) {
-            specs.push(spec(format!("{name}.weight"), vec![rows, cols], TensorKind::Linear));
-            specs.push(spec(format!("{name}.bias"), vec![rows], TensorKind::Bias));
+            specs.extend(TensorSpec::linear(&name, [rows, cols], rows, true));
         }
         for norm in c.norms(i) {
             specs.extend(Norm::specs(&norm, h));

@@ -87,16 +87,7 @@ fn tensor_specs(config: &ConfigJson) -> Result<Vec<TensorSpec>> {
             specs.extend(Norm::specs(&norm, c.hidden));
         }
         for (name, rows, cols) in c.linears(i) {
-            specs.push(TensorSpec {
-                name: format!("{name}.weight"),
-                shape: vec![rows, cols],
-                kind: TensorKind::Linear,
-            });
-            specs.push(TensorSpec {
-                name: format!("{name}.bias"),
-                shape: vec![rows],
-                kind: TensorKind::Bias,
-            });
+            specs.extend(TensorSpec::linear(&name, [rows, cols], rows, true));
         }
     }
     specs.extend(Norm::specs(FINAL_NORM, c.hidden));

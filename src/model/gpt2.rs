@@ -111,16 +111,8 @@ fn tensor_specs(config: &ConfigJson) -> Result<Vec<TensorSpec>> {
             specs.extend(Norm::specs(&norm, c.hidden));
         }
         for (name, rows, cols) in c.linears(i) {
-            specs.push(TensorSpec {
-                name: format!("{name}.weight"),
-                shape: vec![cols, rows],
-                kind: TensorKind::Linear,
-            });
-            specs.push(TensorSpec {
-                name: format!("{name}.bias"),
-                shape: vec![rows],
-                kind: TensorKind::Bias,
-            });
+            // Conv1D: stored [in, out].
+            specs.extend(TensorSpec::linear(&name, [cols, rows], rows, true));
         }
     }
     specs.extend(Norm::specs(FINAL_NORM, c.hidden));

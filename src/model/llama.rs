@@ -147,10 +147,7 @@ fn tensor_specs(config: &ConfigJson) -> Result<Vec<TensorSpec>> {
         specs.push(spec(format!("{p}.input_layernorm.weight"), vec![c.hidden], TensorKind::Dense));
         specs.push(spec(format!("{p}.post_attention_layernorm.weight"), vec![c.hidden], TensorKind::Dense));
         for (name, rows, cols, bias) in c.block_linears(i) {
-            specs.push(spec(format!("{name}.weight"), vec![rows, cols], TensorKind::Linear));
-            if bias {
-                specs.push(spec(format!("{name}.bias"), vec![rows], TensorKind::Bias));
-            }
+            specs.extend(TensorSpec::linear(&name, [rows, cols], rows, bias));
         }
     }
     specs.push(spec(FINAL_NORM.into(), vec![c.hidden], TensorKind::Dense));

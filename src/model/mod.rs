@@ -153,6 +153,24 @@ pub struct TensorSpec {
     pub kind: TensorKind,
 }
 
+impl TensorSpec {
+    /// The tensors of linear layer `name`: its weight as the checkpoint stores it
+    /// (`stored_shape`), and its bias of `rows` values when it has one.
+    pub fn linear(name: &str, stored_shape: [usize; 2], rows: usize, bias: bool) -> Vec<TensorSpec> {
+        let weight = TensorSpec {
+            name: format!("{name}.weight"),
+            shape: stored_shape.to_vec(),
+            kind: TensorKind::Linear,
+        };
+        let bias = bias.then(|| TensorSpec {
+            name: format!("{name}.bias"),
+            shape: vec![rows],
+            kind: TensorKind::Bias,
+        });
+        std::iter::once(weight).chain(bias).collect()
+    }
+}
+
 /// One row of the architecture table.
 pub struct ArchInfo {
     /// Name in `bench list archs`.
