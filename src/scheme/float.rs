@@ -96,9 +96,7 @@ impl Linear for FloatLinear {
 
     fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) {
         crate::tensor::matmul_nt(x, rows, self.cols, &self.weight, self.rows, out);
-        if let Some(bias) = &self.bias {
-            out.chunks_exact_mut(self.rows).for_each(|row| crate::tensor::add_in_place(row, bias));
-        }
+        super::add_bias(out, self.bias.as_deref());
     }
 
     fn kernel(&self) -> &'static str {
@@ -116,9 +114,7 @@ impl Linear for FloatLinear {
             bytes: self.storage.encode(&self.weight),
             represents: self.rows * self.cols,
         }];
-        if let Some(bias) = &self.bias {
-            out.push(StoredTensor::f32(format!("{name}.bias"), TensorRole::Biases, vec![self.rows], bias));
-        }
+        out.extend(super::bias_tensor(name, self.bias.as_deref()));
         out
     }
 }

@@ -176,7 +176,7 @@ impl Linear for Int4Linear {
 
     fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) {
         self.packed.matmul(x, rows, out);
-        add_bias(out, self.bias.as_deref(), self.packed.rows);
+        super::add_bias(out, self.bias.as_deref());
     }
 
     fn kernel(&self) -> &'static str {
@@ -192,7 +192,7 @@ impl Linear for Int4Linear {
         if let Some(minima) = &self.minima {
             out.push(bf16_tensor(format!("{name}.zero_point"), TensorRole::ZeroPoints, minima));
         }
-        push_bias(&mut out, name, self.bias.as_deref());
+        out.extend(super::bias_tensor(name, self.bias.as_deref()));
         out
     }
 }
@@ -213,20 +213,6 @@ pub(super) fn packed_weights(name: &str, p: &Packed4) -> StoredTensor {
 fn bf16_tensor(name: String, role: TensorRole, values: &[bf16]) -> StoredTensor {
     let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     StoredTensor { name, role, dtype: Dtype::BF16, shape: vec![values.len()], bytes, represents: 0 }
-}
-
-/// Append `{name}.bias` (f32, role biases) when there is one.
-pub(super) fn push_bias(out: &mut Vec<StoredTensor>, name: &str, bias: Option<&[f32]>) {
-    if let Some(bias) = bias {
-        out.push(StoredTensor::f32(format!("{name}.bias"), TensorRole::Biases, vec![bias.len()], bias));
-    }
-}
-
-/// Add `bias` to every output row of `out` (`[rows, n]`).
-pub(super) fn add_bias(out: &mut [f32], bias: Option<&[f32]>, n: usize) {
-    if let Some(bias) = bias {
-        out.chunks_exact_mut(n).for_each(|row| crate::tensor::add_in_place(row, bias));
-    }
 }
 
 /// Read a tensor of the expected dtype, or say which dtype was found.

@@ -314,9 +314,7 @@ impl Linear for Int8DynamicLinear {
             },
             StoredTensor::f32(format!("{name}.scale"), TensorRole::Scales, vec![scales.len()], scales),
         ];
-        if let Some(bias) = &self.bias {
-            out.push(StoredTensor::f32(format!("{name}.bias"), TensorRole::Biases, vec![self.rows], bias));
-        }
+        out.extend(super::bias_tensor(name, self.bias.as_deref()));
         out
     }
 }

@@ -394,9 +394,7 @@ impl Linear for StaticInt8Linear {
 
     fn export(&self, name: &str) -> Vec<StoredTensor> {
         let mut out = self.params.export(name, self.rows, self.cols);
-        if let Some(bias) = &self.bias {
-            out.push(StoredTensor::f32(format!("{name}.bias"), TensorRole::Biases, vec![self.rows], bias));
-        }
+        out.extend(super::bias_tensor(name, self.bias.as_deref()));
         out
     }
 }

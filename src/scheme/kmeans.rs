@@ -17,7 +17,7 @@
 
 use safetensors::tensor::Dtype;
 
-use super::int4_block::{add_bias, push_bias, read_raw};
+use super::int4_block::read_raw;
 use super::packed4::Packed4;
 use super::{
     Calibration, DenseWeight, DeviceSupport, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo, SchemeParams,
@@ -228,7 +228,7 @@ impl Linear for KMeansLinear {
             Some(p) => p.matmul(x, rows, out),
             None => crate::tensor::matmul_nt(x, rows, self.cols, &self.dequantize(), self.rows, out),
         }
-        add_bias(out, self.bias.as_deref(), self.rows);
+        super::add_bias(out, self.bias.as_deref());
     }
 
     fn kernel(&self) -> &'static str {
@@ -255,7 +255,7 @@ impl Linear for KMeansLinear {
                 &self.codebook,
             ),
         ];
-        push_bias(&mut out, name, self.bias.as_deref());
+        out.extend(super::bias_tensor(name, self.bias.as_deref()));
         out
     }
 }

@@ -107,6 +107,18 @@ impl StoredTensor {
     }
 }
 
+/// `{name}.bias` as every scheme stores it (f32, role `Biases`), when the layer has a bias.
+pub(crate) fn bias_tensor(name: &str, bias: Option<&[f32]>) -> Option<StoredTensor> {
+    bias.map(|b| StoredTensor::f32(format!("{name}.bias"), TensorRole::Biases, vec![b.len()], b))
+}
+
+/// Add `bias` to every row of `out` (`[rows, bias.len()]`).
+pub(crate) fn add_bias(out: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(bias) = bias {
+        out.chunks_exact_mut(bias.len()).for_each(|row| crate::tensor::add_in_place(row, bias));
+    }
+}
+
 /// A linear layer `y = x·Wᵀ + b` in some scheme's representation: the only place where
 /// schemes and architectures meet.
 pub trait Linear: Send + Sync {

@@ -26,7 +26,7 @@
 
 use safetensors::tensor::Dtype;
 
-use super::int4_block::{add_bias, block_size, packed_weights, push_bias, read_raw};
+use super::int4_block::{block_size, packed_weights, read_raw};
 use super::packed4::{block_count, pack_nibbles, Packed4};
 use super::{
     Calibration, DenseWeight, DeviceSupport, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo, SchemeParams,
@@ -270,7 +270,7 @@ impl Linear for CodeBookLinear {
 
     fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) {
         self.packed.matmul(x, rows, out);
-        add_bias(out, self.bias.as_deref(), self.packed.rows);
+        super::add_bias(out, self.bias.as_deref());
     }
 
     fn kernel(&self) -> &'static str {
@@ -302,7 +302,7 @@ impl Linear for CodeBookLinear {
                 ));
             }
         }
-        push_bias(&mut out, name, self.bias.as_deref());
+        out.extend(super::bias_tensor(name, self.bias.as_deref()));
         out
     }
 }

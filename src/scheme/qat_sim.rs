@@ -16,7 +16,7 @@ use super::int8_static::{checked_calibration, CalibratedInt8, OBSERVER_PARAMS};
 use super::observer::{AffineU8, ChannelInt8, Observer, I8_MAX, I8_MIN, U8_MAX, U8_MIN};
 use super::{
     Calibration, DenseWeight, DeviceSupport, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo, SchemeParams,
-    StoredSource, StoredTensor, TensorRole,
+    StoredSource, StoredTensor,
 };
 use crate::error::{Error, Result};
 use crate::tensor::matmul_nt;
@@ -103,9 +103,7 @@ impl Linear for QatLinear {
     fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) {
         let fake_x: Vec<f32> = x.iter().map(|&v| self.params.input.fake(v)).collect();
         matmul_nt(&fake_x, rows, self.cols, &self.fake_weight, self.rows, out);
-        if let Some(bias) = &self.bias {
-            out.chunks_exact_mut(self.rows).for_each(|row| crate::tensor::add_in_place(row, bias));
-        }
+        super::add_bias(out, self.bias.as_deref());
     }
 
     fn kernel(&self) -> &'static str {
@@ -114,9 +112,7 @@ impl Linear for QatLinear {
 
     fn export(&self, name: &str) -> Vec<StoredTensor> {
         let mut out = self.params.export(name, self.rows, self.cols);
-        if let Some(bias) = &self.bias {
-            out.push(StoredTensor::f32(format!("{name}.bias"), TensorRole::Biases, vec![self.rows], bias));
-        }
+        out.extend(super::bias_tensor(name, self.bias.as_deref()));
         out
     }
 
@@ -167,7 +163,7 @@ impl<'a> Tuning<'a> {
     fn new(weight: &'a [f32], n: usize, k: usize, x: &'a [f32], m: usize, bias: Option<&'a [f32]>) -> Self {
         let mut target = vec![0.0; m * n];
         matmul_nt(x, m, k, weight, n, &mut target);
-        add_bias(&mut target, bias, n);
+        super::add_bias(&mut target, bias);
         let target_power = mean_square(&target);
         Tuning { weight, n, k, x, m, bias, target, target_power }
     }
@@ -182,7 +178,7 @@ impl<'a> Tuning<'a> {
     fn output(&self, ops: &FakeOperands) -> Vec<f32> {
         let mut y = vec![0.0; self.m * self.n];
         matmul_nt(&ops.x, self.m, self.k, &ops.w, self.n, &mut y);
-        add_bias(&mut y, self.bias, self.n);
+        super::add_bias(&mut y, self.bias);
         y
     }
 
@@ -223,12 +219,6 @@ impl<'a> Tuning<'a> {
             .map(|(&g, &x)| (g * lsq_scale_grad(x, input.scale, qn_x, qp_x)) as f64)
             .sum::<f64>();
         (self.nmse(mse), d_w_scales, d_x_scale as f32)
-    }
-}
-
-fn add_bias(y: &mut [f32], bias: Option<&[f32]>, n: usize) {
-    if let Some(b) = bias {
-        y.chunks_exact_mut(n).for_each(|row| crate::tensor::add_in_place(row, b));
     }
 }
 
@@ -534,7 +524,7 @@ mod tests {
         let stored = layer.export("q");
         let initial = ChannelInt8::quantize(&weight.data, k);
         let scales = stored.iter().find(|t| t.name == "q.scale").unwrap();
-        assert_ne!(scales.bytes, StoredTensor::f32("", TensorRole::Scales, vec![n], &initial.scales).bytes);
+        assert_ne!(scales.bytes, StoredTensor::f32("", crate::scheme::TensorRole::Scales, vec![n], &initial.scales).bytes);
         let source = super::super::int8_static::tests::TestSource(
             stored.iter().map(|t| (t.name.clone(), t.clone())).collect(),
         );
