@@ -524,7 +524,10 @@ mod tests {
         let stored = layer.export("q");
         let initial = ChannelInt8::quantize(&weight.data, k);
         let scales = stored.iter().find(|t| t.name == "q.scale").unwrap();
-        assert_ne!(scales.bytes, StoredTensor::f32("", crate::scheme::TensorRole::Scales, vec![n], &initial.scales).bytes);
+        assert_ne!(
+            scales.bytes,
+            StoredTensor::f32("", crate::scheme::TensorRole::Scales, vec![n], &initial.scales).bytes
+        );
         let source = super::super::int8_static::tests::TestSource(
             stored.iter().map(|t| (t.name.clone(), t.clone())).collect(),
         );
