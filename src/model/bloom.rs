@@ -6,12 +6,9 @@ use crate::scheme::{Linear, StoredTensor, TensorRole};
 use crate::tensor;
 use crate::tensor::attention::{AttentionShape, KvCache, Masking};
 
-use super::decoder;
+use super::decoder::{self, FusedBlock, FusedBlockOps};
 use super::norm::Norm;
-use super::{
-    ArchInfo, ArchKind, CausalLm, ConfigJson, LinearSpec, Logits, Model, TensorKind, TensorSpec,
-    WeightFactory,
-};
+use super::{ArchInfo, ArchKind, CausalLm, ConfigJson, Logits, Model, TensorKind, TensorSpec, WeightFactory};
 
 /// The table row for BLOOM.
 pub const ARCH: ArchInfo = ArchInfo {
@@ -94,19 +91,12 @@ fn tensor_specs(config: &ConfigJson) -> Result<Vec<TensorSpec>> {
     Ok(specs)
 }
 
-struct Block {
-    attn_norm: Norm,
-    mlp_norm: Norm,
-    /// query_key_value, dense, dense_h_to_4h, dense_4h_to_h.
-    linears: Vec<(String, Box<dyn Linear>)>,
-}
-
 /// A built BLOOM model.
 pub struct Bloom {
     config: BloomConfig,
     embed: Vec<f32>,
     embed_norm: Norm,
-    blocks: Vec<Block>,
+    blocks: Vec<FusedBlock>,
     final_norm: Norm,
     head: Option<Box<dyn Linear>>,
     slopes: Vec<f32>,
@@ -117,19 +107,9 @@ fn build(config: &ConfigJson, factory: &mut dyn WeightFactory) -> Result<Model> 
     let h = c.hidden;
     let embed = factory.dense(EMBED, &[c.vocab, h])?;
     let embed_norm = Norm::load(factory, EMBED_NORM, h)?;
-    let mut blocks = Vec::with_capacity(c.layers);
-    for i in 0..c.layers {
-        let [attn, mlp] = c.norms(i);
-        let (attn_norm, mlp_norm) = (Norm::load(factory, &attn, h)?, Norm::load(factory, &mlp, h)?);
-        let linears = c
-            .linears(i)
-            .into_iter()
-            .map(|(name, rows, cols)| {
-                Ok((name.clone(), factory.linear(LinearSpec::new(&name, rows, cols, true))?))
-            })
-            .collect::<Result<_>>()?;
-        blocks.push(Block { attn_norm, mlp_norm, linears });
-    }
+    let blocks = (0..c.layers)
+        .map(|i| FusedBlock::load(factory, c.norms(i), h, c.linears(i), false))
+        .collect::<Result<_>>()?;
     let final_norm = Norm::load(factory, FINAL_NORM, h)?;
     let head = factory.head(Some(EMBED), c.vocab, h)?;
     let slopes = tensor::alibi_slopes(c.heads);
@@ -137,34 +117,14 @@ fn build(config: &ConfigJson, factory: &mut dyn WeightFactory) -> Result<Model> 
 }
 
 impl Bloom {
-    fn block(&self, index: usize, hidden: &mut [f32], rows: usize, seq: usize, cache: &mut KvCache) {
-        let c = &self.config;
-        let block = &self.blocks[index];
-        let run = |i: usize, x: &[f32]| decoder::run_linear(block.linears[i].1.as_ref(), x, rows);
-        let mut x = hidden.to_vec();
-        block.attn_norm.apply(&mut x, c.eps);
-        let fused = run(0, &x);
-        // Per token the fused output is [head 0: q, k, v | head 1: q, k, v | ...].
-        let hd = c.hidden / c.heads;
-        let (mut q, mut k, mut v) = (Vec::with_capacity(rows * c.hidden), Vec::new(), Vec::new());
-        k.reserve(rows * c.hidden);
-        v.reserve(rows * c.hidden);
-        for head in fused.chunks_exact(3 * hd) {
-            q.extend_from_slice(&head[..hd]);
-            k.extend_from_slice(&head[hd..2 * hd]);
-            v.extend_from_slice(&head[2 * hd..]);
+    fn ops(&self) -> FusedBlockOps<'_> {
+        FusedBlockOps {
+            eps: self.config.eps,
+            // Per token the fused output is [head 0: q, k, v | head 1: q, k, v | ...].
+            qkv_run: self.config.hidden / self.config.heads,
+            masking: Masking { causal: true, alibi: Some(&self.slopes), key_mask: None },
+            gelu: tensor::gelu_tanh_in_place,
         }
-        cache.append(index, &k, &v, seq);
-        let mut context = vec![0.0; q.len()];
-        let masking = Masking { causal: true, alibi: Some(&self.slopes), key_mask: None };
-        cache.attend(index, &q, seq, masking, &mut context);
-        tensor::add_in_place(hidden, &run(1, &context));
-
-        let mut x = hidden.to_vec();
-        block.mlp_norm.apply(&mut x, c.eps);
-        let mut inner = run(2, &x);
-        tensor::gelu_tanh_in_place(&mut inner);
-        tensor::add_in_place(hidden, &run(3, &inner));
     }
 }
 
@@ -183,8 +143,9 @@ impl CausalLm for Bloom {
         let (rows, seq) = decoder::check_batch(tokens, batch, cache)?;
         let mut hidden = decoder::embed_rows(&self.embed, self.config.vocab, tokens)?;
         self.embed_norm.apply(&mut hidden, self.config.eps);
-        for i in 0..self.blocks.len() {
-            self.block(i, &mut hidden, rows, seq, cache);
+        let ops = self.ops();
+        for (i, block) in self.blocks.iter().enumerate() {
+            block.forward(i, &mut hidden, rows, seq, cache, &ops);
         }
         cache.advance(seq);
         let mut hidden = decoder::select_rows(hidden, seq, self.config.hidden, logits);
@@ -198,11 +159,7 @@ impl CausalLm for Bloom {
             vec![StoredTensor::f32(EMBED, TensorRole::Unquantized, vec![c.vocab, c.hidden], &self.embed)];
         self.embed_norm.export(&mut out);
         for block in &self.blocks {
-            block.attn_norm.export(&mut out);
-            block.mlp_norm.export(&mut out);
-            for (name, linear) in &block.linears {
-                out.extend(linear.export(name));
-            }
+            block.export(&mut out);
         }
         self.final_norm.export(&mut out);
         if let Some(head) = &self.head {
@@ -212,7 +169,7 @@ impl CausalLm for Bloom {
     }
 
     fn linears(&self) -> Vec<(&str, &dyn Linear)> {
-        let blocks = self.blocks.iter().flat_map(|b| b.linears.iter().map(|(n, l)| (n.as_str(), l.as_ref())));
+        let blocks = self.blocks.iter().flat_map(FusedBlock::linears);
         blocks.chain(self.head.iter().map(|h| (super::factory::HEAD, h.as_ref()))).collect()
     }
 }

@@ -1,11 +1,14 @@
 //! Pieces every decoder's forward pass shares: batch checks, embedding lookup, picking the
-//! rows whose logits are wanted, and the output head (its own layer or the tied embedding).
+//! rows whose logits are wanted, the output head (its own layer or the tied embedding), and
+//! the fused-q/k/v LayerNorm block of BLOOM and GPT-2.
 
 use crate::error::{Error, Result};
-use crate::scheme::Linear;
-use crate::tensor::{self, attention::KvCache};
+use crate::scheme::{Linear, StoredTensor};
+use crate::tensor;
+use crate::tensor::attention::{KvCache, Masking};
 
-use super::Logits;
+use super::norm::Norm;
+use super::{LinearSpec, Logits, WeightFactory};
 
 /// Check that `tokens` form `batch` equal sequences matching `cache`; returns
 /// `(rows, seq)`.
@@ -64,4 +67,99 @@ pub fn run_linear(layer: &dyn Linear, x: &[f32], rows: usize) -> Vec<f32> {
     let mut out = vec![0.0; rows * layer.out_features()];
     layer.forward(x, rows, &mut out);
     out
+}
+
+/// What differs between the pre-LayerNorm, fused-q/k/v blocks of BLOOM and GPT-2.
+pub struct FusedBlockOps<'a> {
+    /// LayerNorm epsilon.
+    pub eps: f32,
+    /// Width of each q, k and v run in the fused output: one head (BLOOM's per-head
+    /// interleave) or the whole hidden size (GPT-2's `[q | k | v]`).
+    pub qkv_run: usize,
+    /// Causal masking, with ALiBi for BLOOM.
+    pub masking: Masking<'a>,
+    /// The activation between the two MLP layers.
+    pub gelu: fn(&mut [f32]),
+}
+
+/// A decoder block `h += attn(LN(h)); h += mlp(LN(h))` whose attention input is one fused
+/// q/k/v layer: BLOOM's and GPT-2's.
+pub struct FusedBlock {
+    attn_norm: Norm,
+    mlp_norm: Norm,
+    /// Fused q/k/v, attention output, MLP up, MLP down.
+    linears: Vec<(String, Box<dyn Linear>)>,
+}
+
+impl FusedBlock {
+    /// Load the block's norms (`[attention, mlp]`) and its four linear layers
+    /// (`(name, out, in)`, with biases; `stored_in_out` for GPT-2's Conv1D).
+    pub fn load(
+        factory: &mut dyn WeightFactory,
+        norms: [String; 2],
+        hidden: usize,
+        linears: Vec<(String, usize, usize)>,
+        stored_in_out: bool,
+    ) -> Result<Self> {
+        let [attn, mlp] = norms;
+        let (attn_norm, mlp_norm) = (Norm::load(factory, &attn, hidden)?, Norm::load(factory, &mlp, hidden)?);
+        let linears = linears
+            .into_iter()
+            .map(|(name, rows, cols)| {
+                let spec = LinearSpec::new(&name, rows, cols, true);
+                let layer = factory.linear(if stored_in_out { spec.stored_in_out() } else { spec })?;
+                Ok((name, layer))
+            })
+            .collect::<Result<_>>()?;
+        Ok(FusedBlock { attn_norm, mlp_norm, linears })
+    }
+
+    /// Run block `index` on `hidden` (`[rows, width]`, `seq` new positions per sequence).
+    pub fn forward(
+        &self,
+        index: usize,
+        hidden: &mut [f32],
+        rows: usize,
+        seq: usize,
+        cache: &mut KvCache,
+        ops: &FusedBlockOps,
+    ) {
+        let run = |i: usize, x: &[f32]| run_linear(self.linears[i].1.as_ref(), x, rows);
+        let mut x = hidden.to_vec();
+        self.attn_norm.apply(&mut x, ops.eps);
+        let fused = run(0, &x);
+        let third = fused.len() / 3;
+        let (mut q, mut k, mut v) =
+            (Vec::with_capacity(third), Vec::with_capacity(third), Vec::with_capacity(third));
+        let w = ops.qkv_run;
+        for group in fused.chunks_exact(3 * w) {
+            q.extend_from_slice(&group[..w]);
+            k.extend_from_slice(&group[w..2 * w]);
+            v.extend_from_slice(&group[2 * w..]);
+        }
+        cache.append(index, &k, &v, seq);
+        let mut context = vec![0.0; q.len()];
+        cache.attend(index, &q, seq, ops.masking, &mut context);
+        tensor::add_in_place(hidden, &run(1, &context));
+
+        let mut x = hidden.to_vec();
+        self.mlp_norm.apply(&mut x, ops.eps);
+        let mut inner = run(2, &x);
+        (ops.gelu)(&mut inner);
+        tensor::add_in_place(hidden, &run(3, &inner));
+    }
+
+    /// Append the block's tensors for saving.
+    pub fn export(&self, out: &mut Vec<StoredTensor>) {
+        self.attn_norm.export(out);
+        self.mlp_norm.export(out);
+        for (name, linear) in &self.linears {
+            out.extend(linear.export(name));
+        }
+    }
+
+    /// The block's linear layers with their names.
+    pub fn linears(&self) -> impl Iterator<Item = (&str, &dyn Linear)> {
+        self.linears.iter().map(|(n, l)| (n.as_str(), l.as_ref()))
+    }
 }

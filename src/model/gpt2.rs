@@ -6,12 +6,9 @@ use crate::scheme::{Linear, StoredTensor, TensorRole};
 use crate::tensor;
 use crate::tensor::attention::{AttentionShape, KvCache, Masking};
 
-use super::decoder;
+use super::decoder::{self, FusedBlock, FusedBlockOps};
 use super::norm::Norm;
-use super::{
-    ArchInfo, ArchKind, CausalLm, ConfigJson, LinearSpec, Logits, Model, TensorKind, TensorSpec,
-    WeightFactory,
-};
+use super::{ArchInfo, ArchKind, CausalLm, ConfigJson, Logits, Model, TensorKind, TensorSpec, WeightFactory};
 
 /// The table row for GPT-2.
 pub const ARCH: ArchInfo = ArchInfo {
@@ -119,19 +116,12 @@ fn tensor_specs(config: &ConfigJson) -> Result<Vec<TensorSpec>> {
     Ok(specs)
 }
 
-struct Block {
-    attn_norm: Norm,
-    mlp_norm: Norm,
-    /// c_attn, attn.c_proj, c_fc, mlp.c_proj.
-    linears: Vec<(String, Box<dyn Linear>)>,
-}
-
 /// A built GPT-2 model.
 pub struct Gpt2 {
     config: Gpt2Config,
     embed: Vec<f32>,
     positions: Vec<f32>,
-    blocks: Vec<Block>,
+    blocks: Vec<FusedBlock>,
     final_norm: Norm,
     head: Option<Box<dyn Linear>>,
 }
@@ -141,56 +131,24 @@ fn build(config: &ConfigJson, factory: &mut dyn WeightFactory) -> Result<Model> 
     let h = c.hidden;
     let embed = factory.dense(EMBED, &[c.vocab, h])?;
     let positions = factory.dense(POSITIONS, &[c.positions, h])?;
-    let mut blocks = Vec::with_capacity(c.layers);
-    for i in 0..c.layers {
-        let [attn, mlp] = c.norms(i);
-        let (attn_norm, mlp_norm) = (Norm::load(factory, &attn, h)?, Norm::load(factory, &mlp, h)?);
-        let linears = c
-            .linears(i)
-            .into_iter()
-            .map(|(name, rows, cols)| {
-                let layer = factory.linear(LinearSpec::new(&name, rows, cols, true).stored_in_out())?;
-                Ok((name, layer))
-            })
-            .collect::<Result<_>>()?;
-        blocks.push(Block { attn_norm, mlp_norm, linears });
-    }
+    // Conv1D: every weight is stored [in, out].
+    let blocks = (0..c.layers)
+        .map(|i| FusedBlock::load(factory, c.norms(i), h, c.linears(i), true))
+        .collect::<Result<_>>()?;
     let final_norm = Norm::load(factory, FINAL_NORM, h)?;
     let head = factory.head(Some(EMBED), c.vocab, h)?;
     Ok(Model::Causal(Box::new(Gpt2 { config: c, embed, positions, blocks, final_norm, head })))
 }
 
 impl Gpt2 {
-    fn block(&self, index: usize, hidden: &mut [f32], rows: usize, seq: usize, cache: &mut KvCache) {
-        let c = &self.config;
-        let block = &self.blocks[index];
-        let run = |i: usize, x: &[f32]| decoder::run_linear(block.linears[i].1.as_ref(), x, rows);
-        let mut x = hidden.to_vec();
-        block.attn_norm.apply(&mut x, c.eps);
-        let fused = run(0, &x);
-        // Per token: [q (all heads) | k | v].
-        let h = c.hidden;
-        let (mut q, mut k, mut v) =
-            (Vec::with_capacity(rows * h), Vec::with_capacity(rows * h), Vec::with_capacity(rows * h));
-        for token in fused.chunks_exact(3 * h) {
-            q.extend_from_slice(&token[..h]);
-            k.extend_from_slice(&token[h..2 * h]);
-            v.extend_from_slice(&token[2 * h..]);
+    fn ops(&self) -> FusedBlockOps<'static> {
+        FusedBlockOps {
+            eps: self.config.eps,
+            // Per token: [q (all heads) | k | v].
+            qkv_run: self.config.hidden,
+            masking: Masking::CAUSAL,
+            gelu: if self.config.tanh_gelu { tensor::gelu_tanh_in_place } else { tensor::gelu_erf_in_place },
         }
-        cache.append(index, &k, &v, seq);
-        let mut context = vec![0.0; q.len()];
-        cache.attend(index, &q, seq, Masking::CAUSAL, &mut context);
-        tensor::add_in_place(hidden, &run(1, &context));
-
-        let mut x = hidden.to_vec();
-        block.mlp_norm.apply(&mut x, c.eps);
-        let mut inner = run(2, &x);
-        if c.tanh_gelu {
-            tensor::gelu_tanh_in_place(&mut inner);
-        } else {
-            tensor::gelu_erf_in_place(&mut inner);
-        }
-        tensor::add_in_place(hidden, &run(3, &inner));
     }
 }
 
@@ -220,8 +178,9 @@ impl CausalLm for Gpt2 {
             let pos = start + row % seq;
             tensor::add_in_place(x, &self.positions[pos * h..(pos + 1) * h]);
         }
-        for i in 0..self.blocks.len() {
-            self.block(i, &mut hidden, rows, seq, cache);
+        let ops = self.ops();
+        for (i, block) in self.blocks.iter().enumerate() {
+            block.forward(i, &mut hidden, rows, seq, cache, &ops);
         }
         cache.advance(seq);
         let mut hidden = decoder::select_rows(hidden, seq, h, logits);
@@ -241,11 +200,7 @@ impl CausalLm for Gpt2 {
             ),
         ];
         for block in &self.blocks {
-            block.attn_norm.export(&mut out);
-            block.mlp_norm.export(&mut out);
-            for (name, linear) in &block.linears {
-                out.extend(linear.export(name));
-            }
+            block.export(&mut out);
         }
         self.final_norm.export(&mut out);
         if let Some(head) = &self.head {
@@ -255,7 +210,7 @@ impl CausalLm for Gpt2 {
     }
 
     fn linears(&self) -> Vec<(&str, &dyn Linear)> {
-        let blocks = self.blocks.iter().flat_map(|b| b.linears.iter().map(|(n, l)| (n.as_str(), l.as_ref())));
+        let blocks = self.blocks.iter().flat_map(FusedBlock::linears);
         blocks.chain(self.head.iter().map(|h| (super::factory::HEAD, h.as_ref()))).collect()
     }
 }
