@@ -1,12 +1,29 @@
 //! Divergence of a model's next-token distributions from the reference's on the same
 //! tokens, scored the way llama.cpp's perplexity tool scores: the evaluation text is cut
 //! into chunks of `context` tokens and only the second half of each chunk is scored.
+//!
+//! The reference keeps, per scored position, the log-probability of the true next token,
+//! its own top-1, and either its top-k log-probabilities (default) or the whole
+//! distribution. With top-k, the part of KL(P‖Q) carried by P's tail (the tokens outside
+//! its top k, mass T) is not known exactly: the reported KLD takes the tail as one bin,
+//! `T·ln(T/Q_T)`, which is a lower bound of the tail's share (log-sum inequality), and
+//! the per-position gap to the largest share the tail could carry (every tail probability
+//! is at most the k-th largest, p_k, so the worst case puts p_k on each of the tokens Q
+//! makes least likely) is reported as the truncation bound: exact KLD ∈ [KLD, KLD + bound].
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::{CausalLm, Logits};
 use crate::tensor;
+
+use super::latency::percentile;
+
+/// Fewest scored tokens whose statistics are reported.
+pub const MIN_SCORED_TOKENS: usize = 100;
+
+/// Positions whose full reference logits are kept for the logits cosine and NMSE.
+pub const PROBE_POSITIONS: usize = 8;
 
 /// Chunks of the evaluation tokens: consecutive, non-overlapping, `context` long.
 pub fn chunks(tokens: &[u32], context: usize, max_chunks: Option<usize>) -> Vec<&[u32]> {
@@ -19,15 +36,45 @@ pub fn first_scored(context: usize) -> usize {
     context / 2
 }
 
-/// Log-probabilities of the reference at every scored position, with the tokens that
-/// actually followed.
-#[derive(Debug, Clone)]
+/// Scored positions of `chunks`.
+pub fn scored_count(chunks: &[&[u32]]) -> usize {
+    chunks.iter().map(|c| c.len() - 1 - first_scored(c.len())).sum()
+}
+
+/// What the reference keeps of each scored position's distribution.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Kept {
+    /// The `k` most likely tokens and their log-probabilities, `[scored, k]`, most likely
+    /// first.
+    TopK {
+        /// Tokens kept per position.
+        k: usize,
+        /// Token ids.
+        ids: Vec<u32>,
+        /// Their natural-log probabilities.
+        logprobs: Vec<f32>,
+    },
+    /// Every token's log-probability, `[scored, vocab]`.
+    Full(Vec<f32>),
+}
+
+/// The reference's outputs at every scored position.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Reference {
-    vocab: usize,
-    /// `[scored, vocab]` natural-log probabilities.
-    logprobs: Vec<f32>,
+    /// Vocabulary size.
+    pub vocab: usize,
     /// The true next token of each scored position.
-    targets: Vec<u32>,
+    pub targets: Vec<u32>,
+    /// The reference's log-probability of that token.
+    pub target_logprobs: Vec<f32>,
+    /// The reference's most likely token.
+    pub top1: Vec<u32>,
+    /// The distributions, truncated or whole.
+    pub kept: Kept,
+    /// Scored positions whose raw logits are kept (evenly spread).
+    pub probe_index: Vec<u32>,
+    /// Their logits, `[probe, vocab]`.
+    pub probe_logits: Vec<f32>,
 }
 
 impl Reference {
@@ -40,38 +87,197 @@ impl Reference {
     pub fn is_empty(&self) -> bool {
         self.targets.is_empty()
     }
+
+    /// `Some(k)` for a top-k reference, `None` for a full one.
+    pub fn top_k(&self) -> Option<usize> {
+        match self.kept {
+            Kept::TopK { k, .. } => Some(k),
+            Kept::Full(_) => None,
+        }
+    }
 }
 
-/// Run `model` over every chunk and call `score(position_logits, target)` for each scored
-/// position, in order.
+/// Run `model` over every chunk and call `score(index, position_logits, target)` for each
+/// scored position, in order.
 fn for_each_scored(
     model: &dyn CausalLm,
     chunks: &[&[u32]],
-    mut score: impl FnMut(&[f32], u32),
+    mut score: impl FnMut(usize, &[f32], u32),
 ) -> Result<()> {
     let vocab = model.vocab_size();
+    let mut index = 0;
     for chunk in chunks {
         let mut cache = model.new_cache(1, chunk.len());
         let logits = model.forward(chunk, 1, &mut cache, Logits::All)?;
         for pos in first_scored(chunk.len())..chunk.len() - 1 {
-            score(&logits[pos * vocab..(pos + 1) * vocab], chunk[pos + 1]);
+            score(index, &logits[pos * vocab..(pos + 1) * vocab], chunk[pos + 1]);
+            index += 1;
         }
     }
     Ok(())
 }
 
-/// The reference pass: log-probabilities at every scored position.
-pub fn reference(model: &dyn CausalLm, chunks: &[&[u32]]) -> Result<Reference> {
+/// Evenly spread probe positions among `scored`.
+fn probe_positions(scored: usize) -> Vec<u32> {
+    let n = PROBE_POSITIONS.min(scored);
+    (0..n).map(|i| (i * scored / n) as u32).collect()
+}
+
+/// Indices of the `k` largest values of `row`, largest first (ties: lower index first).
+fn top_indices(row: &[f64], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..row.len()).collect();
+    let by_value = |a: &usize, b: &usize| row[*b].total_cmp(&row[*a]).then(a.cmp(b));
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k, by_value);
+        idx.truncate(k);
+    }
+    idx.sort_by(by_value);
+    idx
+}
+
+/// The reference pass: what [`measure`] needs of every scored position. `top_k: None`
+/// keeps the whole distribution.
+pub fn reference(model: &dyn CausalLm, chunks: &[&[u32]], top_k: Option<usize>) -> Result<Reference> {
     let vocab = model.vocab_size();
-    let mut logprobs = Vec::new();
-    let mut targets = Vec::new();
+    let scored = scored_count(chunks);
+    let probe_index = probe_positions(scored);
+    let k = top_k.map(|k| k.min(vocab));
+    let (mut targets, mut target_logprobs, mut top1) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ids, mut kept, mut probe_logits) = (Vec::new(), Vec::new(), Vec::new());
     let mut row = Vec::new();
-    for_each_scored(model, chunks, |logits, target| {
+    for_each_scored(model, chunks, |i, logits, target| {
         tensor::log_softmax(logits, &mut row);
-        logprobs.extend(row.iter().map(|&v| v as f32));
         targets.push(target);
+        target_logprobs.push(row[target as usize] as f32);
+        top1.push(tensor::argmax(logits) as u32);
+        match k {
+            Some(k) => {
+                for j in top_indices(&row, k) {
+                    ids.push(j as u32);
+                    kept.push(row[j] as f32);
+                }
+            }
+            None => kept.extend(row.iter().map(|&v| v as f32)),
+        }
+        if probe_index.contains(&(i as u32)) {
+            probe_logits.extend_from_slice(logits);
+        }
     })?;
-    Ok(Reference { vocab, logprobs, targets })
+    let kept = match k {
+        Some(k) => Kept::TopK { k, ids, logprobs: kept },
+        None => Kept::Full(kept),
+    };
+    Ok(Reference { vocab, targets, target_logprobs, top1, kept, probe_index, probe_logits })
+}
+
+/// A value with its standard error.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Estimate {
+    /// The value.
+    pub value: f64,
+    /// Its standard error.
+    pub std_error: f64,
+}
+
+/// Percentiles of a per-token quantity, llama.cpp's set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Percentiles {
+    /// Largest value.
+    pub max: f64,
+    /// 99.9th percentile.
+    pub p99_9: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// Median.
+    pub median: f64,
+    /// 10th percentile.
+    pub p10: f64,
+    /// 5th percentile.
+    pub p5: f64,
+    /// 1st percentile.
+    pub p1: f64,
+    /// 0.1th percentile.
+    pub p0_1: f64,
+    /// Smallest value.
+    pub min: f64,
+}
+
+impl Percentiles {
+    /// Percentiles of `values` (linear interpolation between order statistics).
+    pub fn of(values: &[f64]) -> Percentiles {
+        let mut sorted = values.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let q = |p: f64| percentile(&sorted, p);
+        Percentiles {
+            max: sorted[sorted.len() - 1],
+            p99_9: q(0.999),
+            p99: q(0.99),
+            p95: q(0.95),
+            p90: q(0.90),
+            median: q(0.5),
+            p10: q(0.10),
+            p5: q(0.05),
+            p1: q(0.01),
+            p0_1: q(0.001),
+            min: sorted[0],
+        }
+    }
+}
+
+/// Mean, spread and percentiles of a per-token quantity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    /// Mean.
+    pub mean: f64,
+    /// Standard error of the mean.
+    pub std_error: f64,
+    /// Sample standard deviation.
+    pub std_dev: f64,
+    /// Percentiles.
+    pub percentiles: Percentiles,
+}
+
+/// The change in probability of the correct token, model minus reference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeltaP {
+    /// Mean, percentiles and spread.
+    pub spread: Spread,
+    /// Root mean square.
+    pub rms: Estimate,
+}
+
+/// Every divergence statistic of one model against the reference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DivergenceStats {
+    /// KL(reference ‖ model) per token, nats.
+    pub kld: Spread,
+    /// Mean gap between the reported KLD and the largest it could be given the top-k
+    /// truncation of the reference (0 for a full reference).
+    pub kld_truncation_bound: f64,
+    /// Δp of the correct token.
+    pub delta_p: DeltaP,
+    /// Fraction of positions where both pick the same most likely token, binomial error.
+    pub same_top1: Estimate,
+    /// Perplexity of the reference.
+    pub ppl_reference: Estimate,
+    /// Perplexity of this model.
+    pub ppl: Estimate,
+    /// `ppl / ppl_reference`, error from the paired per-token values.
+    pub ppl_ratio: Estimate,
+    /// `ln(ppl / ppl_reference)`, error from the paired per-token values.
+    pub ln_ppl_ratio: Estimate,
+    /// Pearson correlation of the per-token negative log-likelihoods.
+    pub nll_correlation: f64,
+    /// Mean cosine of the logit vectors at the probe positions.
+    pub logits_cosine: f64,
+    /// Mean ‖model − reference‖² / ‖reference‖² of the logits at the probe positions.
+    pub logits_nmse: f64,
+    /// Probe positions behind the cosine and NMSE.
+    pub probe_positions: usize,
 }
 
 /// Divergence of one model from the reference.
@@ -79,20 +285,27 @@ pub fn reference(model: &dyn CausalLm, chunks: &[&[u32]]) -> Result<Reference> {
 pub struct Divergence {
     /// Positions scored.
     pub tokens_scored: usize,
-    /// Mean KL(reference ‖ model), nats.
-    pub kld_mean: f64,
-    /// Standard deviation of the per-position KL.
-    pub kld_std_dev: f64,
-    /// Largest per-position KL.
-    pub kld_max: f64,
-    /// Fraction of positions with the same most likely token.
-    pub same_top1: f64,
-    /// Perplexity of the reference on the evaluation text.
-    pub ppl_reference: f64,
-    /// Perplexity of this model.
-    pub ppl: f64,
-    /// `ppl / ppl_reference`.
-    pub ppl_ratio: f64,
+    /// Tokens the reference kept per position (`None`: the whole vocabulary).
+    pub reference_top_k: Option<usize>,
+    /// Why the statistics are withheld, when they are.
+    pub withheld: Option<String>,
+    /// The statistics (absent when withheld).
+    pub stats: Option<DivergenceStats>,
+}
+
+/// What one scored position contributes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TokenScore {
+    /// KL(reference ‖ model) as reported (the lower bound under truncation).
+    pub kl: f64,
+    /// The largest the KL could be (equal to `kl` for a full reference).
+    pub kl_upper: f64,
+    /// Negative log-likelihood of the true token under the reference.
+    pub nll_reference: f64,
+    /// Negative log-likelihood of the true token under the model.
+    pub nll: f64,
+    /// Both pick the same most likely token.
+    pub same_top1: bool,
 }
 
 /// Score `model` against `reference` on the same chunks.
@@ -104,54 +317,235 @@ pub fn measure(model: &dyn CausalLm, chunks: &[&[u32]], reference: &Reference) -
             reference.vocab
         )));
     }
-    let vocab = reference.vocab;
-    let (mut i, mut kl_sum, mut kl_sq, mut kl_max, mut same) = (0usize, 0.0f64, 0.0f64, 0.0f64, 0usize);
-    let (mut nll_ref, mut nll) = (0.0f64, 0.0f64);
+    let mut scores = Vec::with_capacity(reference.len());
+    let (mut cosines, mut nmses) = (Vec::new(), Vec::new());
+    let mut mismatch = None;
     let mut row = Vec::new();
-    for_each_scored(model, chunks, |logits, target| {
-        let ref_row = &reference.logprobs[i * vocab..(i + 1) * vocab];
-        debug_assert_eq!(reference.targets[i], target, "chunks differ from the reference's");
+    let mut scratch = TailScratch::default();
+    for_each_scored(model, chunks, |i, logits, target| {
+        if i >= reference.len() || reference.targets[i] != target {
+            mismatch.get_or_insert(i);
+            return;
+        }
         tensor::log_softmax(logits, &mut row);
         // The reference is stored as f32; round this side the same way, so a model
         // identical to the reference scores exactly zero.
         row.iter_mut().for_each(|q| *q = *q as f32 as f64);
-        let kl: f64 = ref_row
-            .iter()
-            .zip(&row)
-            .map(|(&p, &q)| {
-                let p = p as f64;
-                p.exp() * (p - q)
-            })
-            .sum::<f64>()
-            .max(0.0);
-        kl_sum += kl;
-        kl_sq += kl * kl;
-        kl_max = kl_max.max(kl);
-        same += (tensor::argmax(ref_row) == tensor::argmax(logits)) as usize;
-        nll_ref -= ref_row[target as usize] as f64;
-        nll -= row[target as usize];
-        i += 1;
+        scores.push(score_position(reference, i, &row, tensor::argmax(logits) as u32, &mut scratch));
+        if let Some(p) = reference.probe_index.iter().position(|&x| x as usize == i) {
+            let r = &reference.probe_logits[p * reference.vocab..(p + 1) * reference.vocab];
+            cosines.push(cosine(r, logits));
+            nmses.push(nmse(r, logits));
+        }
     })?;
-    if i != reference.len() {
+    if let Some(i) = mismatch.or((scores.len() != reference.len()).then_some(scores.len())) {
         return Err(Error::Workload(format!(
-            "scored {i} positions, the reference scored {}",
+            "the evaluation tokens differ from the reference's at scored position {i} \
+             ({} positions scored, the reference has {})",
+            scores.len(),
             reference.len()
         )));
     }
-    let n = i.max(1) as f64;
-    let mean = kl_sum / n;
-    let var = if i > 1 { (kl_sq - n * mean * mean).max(0.0) / (n - 1.0) } else { 0.0 };
-    let (ppl_reference, ppl) = ((nll_ref / n).exp(), (nll / n).exp());
-    Ok(Divergence {
-        tokens_scored: i,
-        kld_mean: mean,
-        kld_std_dev: var.sqrt(),
-        kld_max: kl_max,
-        same_top1: same as f64 / n,
-        ppl_reference,
-        ppl,
-        ppl_ratio: ppl / ppl_reference,
-    })
+    Ok(summarize(&scores, &cosines, &nmses, reference.top_k()))
+}
+
+/// Reusable buffers for the tail bound.
+#[derive(Default)]
+struct TailScratch {
+    in_top: Vec<bool>,
+    tail_q: Vec<f64>,
+}
+
+/// The score of scored position `i`, given the model's log-probabilities `q` (rounded
+/// to f32) and its most likely token.
+fn score_position(
+    reference: &Reference,
+    i: usize,
+    q: &[f64],
+    top1: u32,
+    scratch: &mut TailScratch,
+) -> TokenScore {
+    let target = reference.targets[i] as usize;
+    let (kl, kl_upper) = match &reference.kept {
+        Kept::Full(all) => {
+            let p = &all[i * reference.vocab..(i + 1) * reference.vocab];
+            let kl =
+                p.iter().zip(q).map(|(&lp, &lq)| (lp as f64).exp() * (lp as f64 - lq)).sum::<f64>().max(0.0);
+            (kl, kl)
+        }
+        Kept::TopK { k, ids, logprobs } => {
+            let range = i * k..(i + 1) * k;
+            truncated_kl(&ids[range.clone()], &logprobs[range], q, scratch)
+        }
+    };
+    TokenScore {
+        kl,
+        kl_upper,
+        nll_reference: -(reference.target_logprobs[i] as f64),
+        nll: -q[target],
+        same_top1: reference.top1[i] == top1,
+    }
+}
+
+/// KL(P‖Q) bounds when only P's top entries (`ids`, `logprobs`, most likely first) are
+/// known and Q (`q`, log-probabilities over the whole vocabulary) is known exactly.
+fn truncated_kl(ids: &[u32], logprobs: &[f32], q: &[f64], scratch: &mut TailScratch) -> (f64, f64) {
+    let head: f64 =
+        ids.iter().zip(logprobs).map(|(&j, &lp)| (lp as f64).exp() * (lp as f64 - q[j as usize])).sum();
+    let p_top: f64 = logprobs.iter().map(|&lp| (lp as f64).exp()).sum();
+    let tail = (1.0 - p_top).max(0.0);
+    if tail <= 0.0 || ids.len() == q.len() {
+        return (head.max(0.0), head.max(0.0));
+    }
+    scratch.in_top.clear();
+    scratch.in_top.resize(q.len(), false);
+    ids.iter().for_each(|&j| scratch.in_top[j as usize] = true);
+    scratch.tail_q.clear();
+    scratch.tail_q.extend(q.iter().zip(&scratch.in_top).filter(|(_, &top)| !top).map(|(&lq, _)| lq.exp()));
+    let q_tail: f64 = scratch.tail_q.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+    let lower = head + tail * (tail / q_tail).ln();
+    let cap = (*logprobs.last().expect("k ≥ 1") as f64).exp();
+    let upper = head + worst_tail_share(tail, cap, &mut scratch.tail_q);
+    (lower.max(0.0), upper.max(lower).max(0.0))
+}
+
+/// The largest Σ pᵢ·ln(pᵢ/qᵢ) over tail distributions with Σ pᵢ = `tail` and every
+/// pᵢ ≤ `cap`: the objective is convex, so the maximum sits at a vertex, which gives `cap`
+/// to the tokens with the smallest qᵢ and the remainder to the next one.
+fn worst_tail_share(tail: f64, cap: f64, tail_q: &mut [f64]) -> f64 {
+    let full = ((tail / cap).floor() as usize).min(tail_q.len());
+    let take = (full + 1).min(tail_q.len());
+    if take < tail_q.len() {
+        tail_q.select_nth_unstable_by(take, f64::total_cmp);
+    }
+    let smallest = &mut tail_q[..take];
+    smallest.sort_by(f64::total_cmp);
+    let term = |p: f64, q: f64| if p > 0.0 { p * (p / q.max(f64::MIN_POSITIVE)).ln() } else { 0.0 };
+    let mut total: f64 = smallest[..full].iter().map(|&q| term(cap, q)).sum();
+    if full < take {
+        total += term(tail - full as f64 * cap, smallest[full]);
+    }
+    total
+}
+
+/// Cosine of two logit vectors (exactly 1 for identical ones).
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    if a == b {
+        return 1.0;
+    }
+    let (mut dot, mut na, mut nb) = (0.0f64, 0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (x as f64, y as f64);
+        dot += x * y;
+        na += x * x;
+        nb += y * y;
+    }
+    dot / (na.sqrt() * nb.sqrt()).max(f64::MIN_POSITIVE)
+}
+
+/// ‖b − a‖² / ‖a‖², with `a` the reference.
+pub fn nmse(reference: &[f32], b: &[f32]) -> f64 {
+    let (mut err, mut norm) = (0.0f64, 0.0f64);
+    for (&x, &y) in reference.iter().zip(b) {
+        err += (y as f64 - x as f64).powi(2);
+        norm += (x as f64).powi(2);
+    }
+    err / norm.max(f64::MIN_POSITIVE)
+}
+
+/// Mean and its standard error as llama.cpp computes it: √((⟨x²⟩ − ⟨x⟩²)/(n − 1)).
+fn mean_with_error(values: &[f64]) -> Estimate {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let mean_sq = values.iter().map(|x| x * x).sum::<f64>() / n;
+    let std_error =
+        if values.len() > 1 { ((mean_sq - mean * mean).max(0.0) / (n - 1.0)).sqrt() } else { 0.0 };
+    Estimate { value: mean, std_error }
+}
+
+/// Mean, errors and percentiles of `values`.
+pub fn spread(values: &[f64]) -> Spread {
+    let n = values.len() as f64;
+    let mean = mean_with_error(values);
+    let var = if values.len() > 1 {
+        values.iter().map(|x| (x - mean.value).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    Spread {
+        mean: mean.value,
+        std_error: mean.std_error,
+        std_dev: var.sqrt(),
+        percentiles: Percentiles::of(values),
+    }
+}
+
+/// Pearson correlation (0 when either side is constant).
+fn correlation(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len() as f64;
+    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+    let (mut cov, mut va, mut vb) = (0.0, 0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        cov += (x - ma) * (y - mb);
+        va += (x - ma).powi(2);
+        vb += (y - mb).powi(2);
+    }
+    if va == 0.0 || vb == 0.0 {
+        0.0
+    } else {
+        cov / (va * vb).sqrt()
+    }
+}
+
+/// Exponentiate a mean log with its error (first-order propagation).
+fn exp_estimate(log: Estimate) -> Estimate {
+    let value = log.value.exp();
+    Estimate { value, std_error: value * log.std_error }
+}
+
+/// The statistics of per-token scores, or why they are withheld.
+pub fn summarize(scores: &[TokenScore], cosines: &[f64], nmses: &[f64], top_k: Option<usize>) -> Divergence {
+    let n = scores.len();
+    let mut divergence = Divergence { tokens_scored: n, reference_top_k: top_k, withheld: None, stats: None };
+    if n < MIN_SCORED_TOKENS {
+        divergence.withheld = Some(format!(
+            "only {n} tokens were scored and divergence statistics need at least {MIN_SCORED_TOKENS}; \
+             lengthen `eval_text`, raise `context` or `max_chunks`"
+        ));
+        return divergence;
+    }
+    let column = |f: fn(&TokenScore) -> f64| scores.iter().map(f).collect::<Vec<f64>>();
+    let (kl, kl_upper) = (column(|s| s.kl), column(|s| s.kl_upper));
+    let (nll_ref, nll) = (column(|s| s.nll_reference), column(|s| s.nll));
+    let delta_p: Vec<f64> = scores.iter().map(|s| (-s.nll).exp() - (-s.nll_reference).exp()).collect();
+    let log_ratio: Vec<f64> = nll.iter().zip(&nll_ref).map(|(a, b)| a - b).collect();
+    let same = scores.iter().filter(|s| s.same_top1).count() as f64 / n as f64;
+    let squares = mean_with_error(&delta_p.iter().map(|d| d * d).collect::<Vec<_>>());
+    let rms = squares.value.sqrt();
+    let ln_ppl_ratio = mean_with_error(&log_ratio);
+    let mean = |v: &[f64]| if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 };
+    divergence.stats = Some(DivergenceStats {
+        kld: spread(&kl),
+        kld_truncation_bound: kl_upper.iter().zip(&kl).map(|(u, l)| u - l).sum::<f64>() / n as f64,
+        delta_p: DeltaP {
+            spread: spread(&delta_p),
+            // δ√x = δx / (2√x).
+            rms: Estimate {
+                value: rms,
+                std_error: if rms > 0.0 { squares.std_error / (2.0 * rms) } else { 0.0 },
+            },
+        },
+        same_top1: Estimate { value: same, std_error: (same * (1.0 - same) / (n as f64 - 1.0)).sqrt() },
+        ppl_reference: exp_estimate(mean_with_error(&nll_ref)),
+        ppl: exp_estimate(mean_with_error(&nll)),
+        ppl_ratio: exp_estimate(ln_ppl_ratio),
+        ln_ppl_ratio,
+        nll_correlation: correlation(&nll, &nll_ref),
+        logits_cosine: mean(cosines),
+        logits_nmse: mean(nmses),
+        probe_positions: cosines.len(),
+    });
+    divergence
 }
 
 #[cfg(test)]
@@ -165,5 +559,114 @@ mod tests {
         assert_eq!(chunks(&tokens, 4, Some(1)).len(), 1);
         assert_eq!(chunks(&tokens, 11, None).len(), 0);
         assert_eq!(first_scored(128), 64);
+        assert_eq!(scored_count(&chunks(&tokens, 4, None)), 2);
+    }
+
+    fn log(p: &[f64]) -> Vec<f64> {
+        p.iter().map(|x| x.ln()).collect()
+    }
+
+    #[test]
+    fn truncated_kl_is_exact_without_a_tail_and_brackets_the_exact_value_with_one() {
+        let p: [f64; 4] = [0.5, 0.3, 0.15, 0.05];
+        let q = [0.4, 0.4, 0.1, 0.1];
+        // By hand: Σ p ln(p/q).
+        let exact: f64 = p.iter().zip(&q).map(|(a, b)| a * (a / b).ln()).sum();
+        assert!((exact - 0.051_429_56).abs() < 1e-6, "{exact}");
+        let mut scratch = TailScratch::default();
+        let lp: Vec<f32> = p.iter().map(|x| x.ln() as f32).collect();
+        let (lo, hi) = truncated_kl(&[0, 1, 2, 3], &lp, &log(&q), &mut scratch);
+        assert!((lo - exact).abs() < 1e-6 && lo == hi);
+        // Keep two: tail T = 0.2 against Q_T = 0.2, so the lower bound is the head alone:
+        // 0.5 ln(0.5/0.4) + 0.3 ln(0.3/0.4) + 0.2 ln(0.2/0.2).
+        let (lo, hi) = truncated_kl(&[0, 1], &lp[..2], &log(&q), &mut scratch);
+        let head = 0.5 * (0.5f64 / 0.4).ln() + 0.3 * (0.3f64 / 0.4).ln();
+        assert!((lo - head).abs() < 1e-6, "{lo} vs {head}");
+        // Worst tail under p ≤ 0.3: all 0.2 on one of the q = 0.1 tokens: 0.2 ln 2.
+        assert!((hi - (head + 0.2 * 2f64.ln())).abs() < 1e-6, "{hi}");
+        assert!(lo <= exact + 1e-9 && exact <= hi + 1e-9);
+    }
+
+    #[test]
+    fn worst_tail_fills_the_least_likely_tokens_first() {
+        // T = 0.25, cap 0.1: 0.1 on q = 0.01 and 0.02, the remaining 0.05 on q = 0.05.
+        let mut q = vec![0.2, 0.05, 0.01, 0.3, 0.02];
+        let got = worst_tail_share(0.25, 0.1, &mut q);
+        let want = 0.1 * (0.1f64 / 0.01).ln() + 0.1 * (0.1f64 / 0.02).ln() + 0.05 * (0.05f64 / 0.05).ln();
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+    }
+
+    /// Hand-computed statistics of 100 scored tokens: 50 with KL 0 and 50 with KL 0.2,
+    /// the model 10% less sure of the true token on the second half.
+    #[test]
+    fn statistics_of_hand_computed_scores() {
+        let p_ref: f64 = 0.5;
+        let scores: Vec<TokenScore> = (0..100)
+            .map(|i| {
+                let worse = i >= 50;
+                let kl = if worse { 0.2 } else { 0.0 };
+                let p: f64 = if worse { 0.45 } else { 0.5 };
+                TokenScore {
+                    kl,
+                    kl_upper: kl,
+                    nll_reference: -p_ref.ln(),
+                    nll: -p.ln(),
+                    same_top1: i % 4 != 0,
+                }
+            })
+            .collect();
+        let d = summarize(&scores, &[1.0, 0.5], &[0.0, 0.25], Some(64));
+        let s = d.stats.expect("100 tokens are enough");
+        // KL: mean 0.1, ⟨x²⟩ = 0.02, SE = √((0.02 − 0.01)/99), σ = √(100·0.01/99).
+        assert!((s.kld.mean - 0.1).abs() < 1e-12);
+        assert!((s.kld.std_error - (0.01f64 / 99.0).sqrt()).abs() < 1e-12);
+        assert!((s.kld.std_dev - (1.0f64 / 99.0).sqrt()).abs() < 1e-12);
+        assert_eq!((s.kld.percentiles.max, s.kld.percentiles.min), (0.2, 0.0));
+        // The 50th percentile sits between the 49th (0) and 50th (0.2) order statistics.
+        assert!((s.kld.percentiles.median - 0.1).abs() < 1e-12);
+        assert!((s.kld.percentiles.p90 - 0.2).abs() < 1e-12);
+        // Δp: 0 on half, −0.05 on the other half: mean −0.025, RMS √(0.00125).
+        assert!((s.delta_p.spread.mean + 0.025).abs() < 1e-12);
+        assert!((s.delta_p.rms.value - 0.00125f64.sqrt()).abs() < 1e-12);
+        // SE of the mean square: values 0 and 0.0025 → √((0.0025²/2 − 0.00125²)/99).
+        let se_sq = ((0.0025f64.powi(2) / 2.0 - 0.00125f64.powi(2)) / 99.0).sqrt();
+        assert!((s.delta_p.rms.std_error - se_sq / (2.0 * 0.00125f64.sqrt())).abs() < 1e-12);
+        // Same top-1: 75 of 100, SE √(0.75·0.25/99).
+        assert!((s.same_top1.value - 0.75).abs() < 1e-12);
+        assert!((s.same_top1.std_error - (0.75f64 * 0.25 / 99.0).sqrt()).abs() < 1e-12);
+        // PPL: reference exactly 2; ln ratio = ½ ln(0.5/0.45), SE from the paired values.
+        assert!((s.ppl_reference.value - 2.0).abs() < 1e-12 && s.ppl_reference.std_error == 0.0);
+        let half = (0.5f64 / 0.45).ln();
+        assert!((s.ln_ppl_ratio.value - half / 2.0).abs() < 1e-12);
+        let se = ((half * half / 2.0 - half * half / 4.0) / 99.0).sqrt();
+        assert!((s.ln_ppl_ratio.std_error - se).abs() < 1e-12);
+        assert!((s.ppl_ratio.value - (half / 2.0).exp()).abs() < 1e-12);
+        assert!((s.ppl_ratio.std_error - (half / 2.0).exp() * se).abs() < 1e-12);
+        assert!((s.ppl.value - 2.0 * (half / 2.0).exp()).abs() < 1e-12);
+        // The reference's NLL is constant: no correlation to speak of.
+        assert!(s.nll_correlation.abs() < 1e-9, "{}", s.nll_correlation);
+        assert_eq!((s.logits_cosine, s.logits_nmse, s.probe_positions), (0.75, 0.125, 2));
+        assert_eq!(s.kld_truncation_bound, 0.0);
+    }
+
+    #[test]
+    fn fewer_than_100_tokens_withhold_the_statistics_with_a_reason() {
+        let d = summarize(&vec![TokenScore::default(); 99], &[], &[], None);
+        assert!(d.stats.is_none());
+        assert!(d.withheld.as_deref().unwrap().contains("only 99 tokens"), "{:?}", d.withheld);
+    }
+
+    #[test]
+    fn cosine_and_nmse_of_known_vectors() {
+        assert_eq!(cosine(&[1.0, 2.0], &[1.0, 2.0]), 1.0);
+        assert!((cosine(&[1.0, 0.0], &[1.0, 1.0]) - 0.5f64.sqrt()).abs() < 1e-12);
+        assert_eq!(nmse(&[3.0, 4.0], &[3.0, 4.0]), 0.0);
+        assert!((nmse(&[3.0, 4.0], &[3.0, 3.0]) - 1.0 / 25.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn top_indices_pick_the_largest_in_order() {
+        assert_eq!(top_indices(&[0.1, 0.5, 0.3, 0.5], 3), vec![1, 3, 2]);
+        assert_eq!(top_indices(&[0.1, 0.5], 5), vec![1, 0]);
     }
 }

@@ -4,6 +4,8 @@
 pub mod divergence;
 pub mod embedding;
 pub mod latency;
+pub mod memory;
+pub mod reference_cache;
 
 use serde::Serialize;
 
@@ -105,6 +107,15 @@ pub static METRICS: &[MetricInfo] = &[
         0.0,
         "bits per quantized linear weight, scales and zero points included",
     ),
+    metric(
+        "peak_rss_bytes",
+        Memory,
+        "B",
+        false,
+        Exact,
+        0.05,
+        "peak resident set size of the process during the case (the high-water mark is reset per case)",
+    ),
     metric("disk_bytes", Disk, "B", false, Exact, 0.0, "size of the saved safetensors file"),
     metric(
         "quantize_s",
@@ -160,6 +171,42 @@ pub static METRICS: &[MetricInfo] = &[
         MeanOverTokens,
         0.005,
         "fraction of positions whose most likely token is unchanged",
+    ),
+    metric(
+        "kld_p99",
+        Divergence,
+        "nat",
+        false,
+        MeanOverTokens,
+        0.02,
+        "99th percentile of the per-token KL divergence",
+    ),
+    metric(
+        "delta_p_rms",
+        Divergence,
+        "",
+        false,
+        MeanOverTokens,
+        0.01,
+        "root mean square change in probability of the correct token",
+    ),
+    metric(
+        "logits_cosine",
+        Divergence,
+        "",
+        true,
+        MeanOverTokens,
+        0.0001,
+        "cosine of quantized and reference logit vectors at the probe positions",
+    ),
+    metric(
+        "worst_layer_sqnr_db",
+        Divergence,
+        "dB",
+        true,
+        Exact,
+        0.01,
+        "lowest SQNR of any quantized linear layer's output on the reference's inputs",
     ),
     metric("ppl", Divergence, "", false, MeanOverTokens, 0.005, "perplexity of the evaluation text"),
     metric("ppl_ratio", Divergence, "", false, Ratio, 0.005, "perplexity over the reference's perplexity"),

@@ -11,7 +11,7 @@ use crate::measure::embedding::EmbeddingDivergence;
 use crate::measure::latency::Stats;
 
 /// Bumped on any incompatible change of this schema.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The whole results file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,6 +93,10 @@ pub struct WorkloadRecord {
     pub warmup: usize,
     /// Seed.
     pub seed: u64,
+    /// Tokens the reference keeps per scored position (`None`: the whole vocabulary).
+    pub reference_top_k: Option<usize>,
+    /// Rows of the batch-invariance probe (`None`: not run).
+    pub batch_invariance: Option<usize>,
     /// Calibration data, when a scheme needed it.
     pub calibration: Option<CalibrationRecord>,
     /// sha256 over all of the above (keys the reference).
@@ -131,6 +135,28 @@ pub struct ModelRecord {
     pub tokenizer_sha256: String,
     /// Evaluation text length in this model's tokens.
     pub eval_tokens: usize,
+    /// The model whose outputs this model's cases are judged against (itself unless the
+    /// suite names another with `reference:`).
+    pub reference: String,
+    /// The stored reference outputs, when divergence is measured.
+    pub reference_cache: Option<ReferenceCacheRecord>,
+}
+
+/// The stored reference pass of one model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReferenceCacheRecord {
+    /// File, under the run's output folder.
+    pub path: String,
+    /// Its size.
+    pub bytes: u64,
+    /// Tokens kept per scored position (`None`: the whole vocabulary).
+    pub top_k: Option<usize>,
+    /// Scored positions.
+    pub tokens_scored: usize,
+    /// Whether this run read it from an earlier run instead of computing it.
+    pub reused: bool,
+    /// What llama.cpp's `--kl-divergence-base` file would take for the same tokens.
+    pub llama_cpp_bytes: u64,
 }
 
 /// Everything measured for one model × scheme.
@@ -168,6 +194,11 @@ pub struct CaseResult {
     pub embedding: Option<EmbeddingDivergence>,
     /// Greedy continuations.
     pub generation: Option<Vec<Generation>>,
+    /// SQNR and cosine of every quantized linear layer's output and every block's hidden
+    /// state against the reference's.
+    pub layers: Vec<LayerDivergence>,
+    /// The same prompt alone and inside a batch (when the suite asks).
+    pub batch_invariance: Option<BatchInvariance>,
     /// What layers observed while running (LLM.int8()'s outlier column fraction, a
     /// pruned layer's sparsity, QAT tuning errors), by layer, for layers that report any.
     pub layer_stats: BTreeMap<String, BTreeMap<String, f64>>,
@@ -192,6 +223,75 @@ pub struct Memory {
     pub bits_per_weight: f64,
     /// Bytes per model parameter, everything included.
     pub bytes_per_parameter: f64,
+    /// Resident set size when the case started (the reference model and the process
+    /// itself), bytes.
+    pub rss_start_bytes: Option<u64>,
+    /// Peak resident set size during the case, bytes (the kernel's high-water mark, reset
+    /// when the case starts).
+    pub peak_rss_bytes: Option<u64>,
+    /// Peak device memory during the case, bytes (GPU cases).
+    pub peak_device_bytes: Option<u64>,
+}
+
+/// One layer's output against the reference's on the same input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerDivergence {
+    /// Layer name (`layers.3.mlp.down_proj`) or block (`block.3`).
+    pub name: String,
+    /// `linear` (the layer fed the reference's own input) or `block` (the hidden state
+    /// after the block, errors of earlier blocks included).
+    pub kind: String,
+    /// 20·log10(‖y‖ / ‖y − y_q‖), dB; infinite (written `"inf"`) for identical outputs.
+    #[serde(with = "f64_or_inf")]
+    pub sqnr_db: f64,
+    /// Cosine of the two outputs.
+    pub cosine: f64,
+}
+
+/// The same prompt run alone and as one row of a batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchInvariance {
+    /// Rows in the batch.
+    pub batch_size: usize,
+    /// Positions compared.
+    pub positions: usize,
+    /// Largest |Δ logit|.
+    pub max_abs_logit_diff: f64,
+    /// Mean KL(alone ‖ batched) over the positions.
+    pub kld_mean: f64,
+}
+
+/// Serde for an `f64` that may be infinite: JSON has no infinity, so it is written as the
+/// string `"inf"` (or `"-inf"`).
+pub mod f64_or_inf {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Write `value`, infinities as strings.
+    pub fn serialize<S: Serializer>(value: &f64, s: S) -> Result<S::Ok, S::Error> {
+        match *value {
+            v if v == f64::INFINITY => s.serialize_str("inf"),
+            v if v == f64::NEG_INFINITY => s.serialize_str("-inf"),
+            v => s.serialize_f64(v),
+        }
+    }
+
+    /// Read a number or `"inf"`/`"-inf"`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Number(f64),
+            Text(String),
+        }
+        match Repr::deserialize(d)? {
+            Repr::Number(v) => Ok(v),
+            Repr::Text(t) if t == "inf" => Ok(f64::INFINITY),
+            Repr::Text(t) if t == "-inf" => Ok(f64::NEG_INFINITY),
+            Repr::Text(t) => {
+                Err(serde::de::Error::custom(format!("expected a number or \"inf\", found {t:?}")))
+            }
+        }
+    }
 }
 
 /// The saved quantized model.
@@ -356,5 +456,19 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_795_523_696), "2026-11-24T12:34:56Z");
+    }
+
+    #[test]
+    fn infinite_sqnr_round_trips_as_a_string() {
+        let layer =
+            LayerDivergence { name: "a".into(), kind: "linear".into(), sqnr_db: f64::INFINITY, cosine: 1.0 };
+        let text = serde_json::to_string(&layer).unwrap();
+        assert!(text.contains("\"sqnr_db\":\"inf\""), "{text}");
+        assert_eq!(serde_json::from_str::<LayerDivergence>(&text).unwrap(), layer);
+        let finite = LayerDivergence { sqnr_db: 31.5, ..layer };
+        assert_eq!(
+            serde_json::from_str::<LayerDivergence>(&serde_json::to_string(&finite).unwrap()).unwrap(),
+            finite
+        );
     }
 }

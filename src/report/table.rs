@@ -1,8 +1,9 @@
 //! The results table (one row per model × scheme) as Markdown and CSV, from one column
 //! list so the two never disagree.
 
-use super::results::{CaseResult, Results};
+use super::results::{CaseResult, LayerDivergence, Results};
 use crate::error::{Error, Result};
+use crate::measure::divergence::DivergenceStats;
 
 /// One cell's value.
 enum Cell {
@@ -22,6 +23,25 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 fn opt<T>(v: Option<T>, f: impl FnOnce(T) -> Cell) -> Cell {
     v.map_or(Cell::Missing, f)
+}
+
+/// A case's divergence statistics, when measured and not withheld.
+fn stats(c: &CaseResult) -> Option<&DivergenceStats> {
+    c.divergence.as_ref().and_then(|d| d.stats.as_ref())
+}
+
+/// The quantized linear layer with the lowest SQNR.
+pub fn worst_layer(c: &CaseResult) -> Option<&LayerDivergence> {
+    c.layers.iter().filter(|l| l.kind == "linear").min_by(|a, b| a.sqnr_db.total_cmp(&b.sqnr_db))
+}
+
+/// SQNR as printed: `inf` for identical outputs.
+pub fn format_db(db: f64) -> String {
+    if db.is_infinite() {
+        "inf".into()
+    } else {
+        format!("{db:.1}")
+    }
 }
 
 const COLUMNS: &[Column] = &[
@@ -46,14 +66,21 @@ const COLUMNS: &[Column] = &[
         header: "tok/s",
         value: |c| opt(c.latency.as_ref().and_then(|l| l.decode_tokens_per_s), |t| Cell::Num(t, 1)),
     },
-    Column { header: "KLD mean", value: |c| opt(c.divergence.as_ref(), |d| Cell::Num(d.kld_mean, 6)) },
     Column {
-        header: "same top-1 %",
-        value: |c| opt(c.divergence.as_ref(), |d| Cell::Num(100.0 * d.same_top1, 2)),
+        header: "peak RSS MiB",
+        value: |c| opt(c.memory.as_ref().and_then(|m| m.peak_rss_bytes), |b| Cell::Num(b as f64 / MIB, 1)),
     },
-    Column { header: "PPL ref", value: |c| opt(c.divergence.as_ref(), |d| Cell::Num(d.ppl_reference, 3)) },
-    Column { header: "PPL", value: |c| opt(c.divergence.as_ref(), |d| Cell::Num(d.ppl, 3)) },
-    Column { header: "PPL ratio", value: |c| opt(c.divergence.as_ref(), |d| Cell::Num(d.ppl_ratio, 4)) },
+    Column { header: "KLD mean", value: |c| opt(stats(c), |d| Cell::Num(d.kld.mean, 6)) },
+    Column { header: "KLD p99", value: |c| opt(stats(c), |d| Cell::Num(d.kld.percentiles.p99, 6)) },
+    Column { header: "same top-1 %", value: |c| opt(stats(c), |d| Cell::Num(100.0 * d.same_top1.value, 2)) },
+    Column { header: "Δp RMS %", value: |c| opt(stats(c), |d| Cell::Num(100.0 * d.delta_p.rms.value, 3)) },
+    Column { header: "PPL ref", value: |c| opt(stats(c), |d| Cell::Num(d.ppl_reference.value, 3)) },
+    Column { header: "PPL", value: |c| opt(stats(c), |d| Cell::Num(d.ppl.value, 3)) },
+    Column { header: "PPL ratio", value: |c| opt(stats(c), |d| Cell::Num(d.ppl_ratio.value, 4)) },
+    Column {
+        header: "worst layer SQNR dB",
+        value: |c| opt(worst_layer(c), |l| Cell::Text(format!("{} ({})", format_db(l.sqnr_db), l.name))),
+    },
     Column { header: "emb cos min", value: |c| opt(c.embedding.as_ref(), |e| Cell::Num(e.cosine_min, 6)) },
     Column { header: "hidden NMSE", value: |c| opt(c.embedding.as_ref(), |e| Cell::Num(e.hidden_nmse, 8)) },
     Column {

@@ -8,21 +8,20 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::measure::divergence::{self, Reference};
 use crate::measure::embedding::{self, EncoderOutputs};
-use crate::measure::latency::Stats;
+use crate::measure::latency::{self, Clock, Stats, WallClock};
+use crate::measure::memory::RssWindow;
+use crate::measure::reference_cache::{self, CacheKey};
 use crate::measure::MetricGroup;
 use crate::model::generate::greedy;
 use crate::model::weights::WeightStore;
 use crate::model::{CausalLm, Encoder, Logits, Model, QuantizeFactory, ReloadFactory};
-use crate::report::results::{CaseResult, Disk, Generation, Latency, Memory};
+use crate::report::results::{CaseResult, Disk, Generation, Latency, Memory, ReferenceCacheRecord};
 use crate::scheme::{self, Scheme, StoredTensor, TensorRole};
 use crate::suite::{Plan, PlannedModel, PlannedScheme};
 use crate::tensor;
 
 use super::calibrate::{self, LayerInputs};
 use super::progress::Progress;
-
-/// The coefficient of variation above which timings are called noisy.
-const NOISY_CV: f64 = 0.05;
 
 /// Most sentences an encoder is scored on when the suite sets no `max_chunks`.
 const DEFAULT_SENTENCES: usize = 64;
@@ -48,6 +47,8 @@ pub struct ModelRunner<'p> {
     references: References,
     /// Each layer's inputs on the calibration text, when a scheme needs them.
     calibration: Option<LayerInputs>,
+    /// The stored reference pass, when divergence is measured.
+    pub reference_cache: Option<ReferenceCacheRecord>,
 }
 
 /// Where a case's files go and whether they stay.
@@ -59,24 +60,26 @@ pub struct CaseOutput<'a> {
 }
 
 impl<'p> ModelRunner<'p> {
-    /// Build the reference model (the checkpoint at the model's dtype) and record its
-    /// outputs on the workload.
-    pub fn new(plan: &'p Plan, model: &'p PlannedModel) -> Result<Self> {
-        let fp32 = (scheme::lookup("fp32")?.build)(&Default::default())?;
-        let files = &model.files;
-        let reference =
-            files.build(&mut QuantizeFactory::new(&files.store, model.dtype, fp32.as_ref(), false))?;
+    /// Build the reference model (the checkpoint at the model's dtype, or the model the
+    /// suite names as `reference:`) and record its outputs on the workload; the
+    /// divergence reference is read from `out/references/` when an earlier run stored it.
+    pub fn new(plan: &'p Plan, index: usize, out: &Path) -> Result<Self> {
+        let model = &plan.models[index];
+        let judge_model = &plan.models[model.reference.unwrap_or(index)];
+        let judge = full_precision(judge_model)?;
         let metrics = &plan.metrics;
-        let tokenizer = &files.tokenizer;
-        let references = match &reference {
+        let tokenizer = &model.files.tokenizer;
+        let mut reference_cache = None;
+        let references = match &judge {
             Model::Causal(lm) => {
                 let eval_tokens = tokenizer.encode(&plan.workload.eval_text)?;
                 let prompt_ids =
                     plan.workload.prompts.iter().map(|p| tokenizer.encode(p)).collect::<Result<Vec<_>>>()?;
                 let logprobs = if metrics.contains(&MetricGroup::Divergence) {
-                    let chunks =
-                        divergence::chunks(&eval_tokens, plan.workload.context, plan.workload.max_chunks);
-                    Some(divergence::reference(lm.as_ref(), &chunks)?)
+                    let (reference, record) =
+                        cached_reference(plan, judge_model, lm.as_ref(), &eval_tokens, out)?;
+                    reference_cache = Some(record);
+                    Some(reference)
                 } else {
                     None
                 };
@@ -107,11 +110,11 @@ impl<'p> ModelRunner<'p> {
         };
         let calibration = match &plan.calibration {
             Some(data) if plan.schemes.iter().any(|s| s.info.needs_calibration) => {
-                Some(calibrate::record(files, model.dtype, data, plan.workload.context)?)
+                Some(calibrate::record(&model.files, model.dtype, data, plan.workload.context)?)
             }
             _ => None,
         };
-        Ok(ModelRunner { plan, model, references, calibration })
+        Ok(ModelRunner { plan, model, references, calibration, reference_cache })
     }
 
     /// Quantize with `planned` and measure everything the plan asks for.
@@ -124,6 +127,7 @@ impl<'p> ModelRunner<'p> {
         progress: &mut Progress,
     ) -> Result<CaseResult> {
         let started = Instant::now();
+        let rss = RssWindow::open();
         let metrics = &self.plan.metrics;
         let scheme = (planned.info.build)(&planned.params)?;
         let quantize_head = planned.params.bool("quantize_head", false);
@@ -141,7 +145,7 @@ impl<'p> ModelRunner<'p> {
         let quantize_s = t.elapsed().as_secs_f64();
 
         let exported = model.export();
-        let memory = self.memory(&exported)?;
+        let mut memory = self.memory(&exported)?;
         let (disk, load_s) = if metrics.contains(&MetricGroup::Disk) {
             progress.step("save and reload");
             let (disk, seconds) =
@@ -181,6 +185,10 @@ impl<'p> ModelRunner<'p> {
             _ => {}
         }
         let (layer_stats, stats_mean) = layer_stats(&model);
+        let kernels = model.kernels().into_iter().map(String::from).collect();
+        drop(model);
+        memory.rss_start_bytes = rss.map(|w| w.start);
+        memory.peak_rss_bytes = rss.and_then(|w| w.peak());
         Ok(CaseResult {
             id: id.to_string(),
             model: self.model.name.clone(),
@@ -188,7 +196,7 @@ impl<'p> ModelRunner<'p> {
             label: planned.label.clone(),
             params: planned.params.0.clone(),
             device: self.plan.device.to_string(),
-            kernels: model.kernels().into_iter().map(String::from).collect(),
+            kernels,
             spec_sha256: spec,
             git_revision: crate::report::results::git_revision().to_string(),
             elapsed_s: started.elapsed().as_secs_f64(),
@@ -198,6 +206,8 @@ impl<'p> ModelRunner<'p> {
             divergence,
             embedding,
             generation,
+            layers: Vec::new(),
+            batch_invariance: None,
             layer_stats,
             stats_mean,
             calibration_rows: if calibrated {
@@ -228,6 +238,9 @@ impl<'p> ModelRunner<'p> {
             quantized_weights,
             bits_per_weight: 8.0 * weight_bytes as f64 / quantized_weights.max(1) as f64,
             bytes_per_parameter: total_bytes as f64 / parameters.max(1) as f64,
+            rss_start_bytes: None,
+            peak_rss_bytes: None,
+            peak_device_bytes: None,
         })
     }
 
@@ -330,31 +343,12 @@ impl<'p> ModelRunner<'p> {
     ) -> Result<Latency> {
         let w = &self.plan.workload;
         let tokens = self.latency_tokens();
-        let (mut prefill_ms, mut decode_ms) = (Vec::new(), Vec::new());
-        for run in 0..self.plan.warmup + self.plan.repeats {
-            let (prefill, steps) = match model {
-                Model::Causal(lm) => time_generation(lm.as_ref(), &tokens, w.batch_size, w.gen_len)?,
-                Model::Encoder(encoder) => {
-                    (time_encoding(encoder.as_ref(), &tokens, w.batch_size)?, Vec::new())
-                }
-            };
-            if run >= self.plan.warmup {
-                prefill_ms.push(prefill);
-                decode_ms.extend(steps);
-            }
-        }
+        let timings =
+            time_runs(model, &tokens, w, self.plan.warmup, self.plan.repeats, &mut WallClock::default())?;
+        warnings.extend(timings.warnings);
+        let (prefill_ms, decode_ms) = (timings.prefill_ms, timings.decode_ms);
         let prefill = Stats::of(&prefill_ms).expect("repeats ≥ 1");
         let decode = Stats::of(&decode_ms);
-        for (name, stats) in [("prefill", Some(&prefill)), ("decode", decode.as_ref())] {
-            if let Some(stats) = stats.filter(|s| s.cv() > NOISY_CV) {
-                warnings.push(format!(
-                    "{name} timings vary by {:.1}% (coefficient of variation over {} samples); \
-                     close other programs, raise `repeats`, or raise `warmup` if the first runs are slow",
-                    100.0 * stats.cv(),
-                    stats.n
-                ));
-            }
-        }
         Ok(Latency {
             quantize_s,
             load_s,
@@ -413,29 +407,137 @@ fn layer_stats(model: &Model) -> (BTreeMap<String, BTreeMap<String, f64>>, BTree
     (by_layer, means)
 }
 
+/// Timing samples of the measured runs (warm-up runs dropped) and what is wrong with them.
+struct Timings {
+    prefill_ms: Vec<f64>,
+    decode_ms: Vec<f64>,
+    warnings: Vec<String>,
+}
+
+/// `warmup` untimed then `repeats` timed runs of `model` on `tokens`, read off `clock`.
+fn time_runs(
+    model: &Model,
+    tokens: &[u32],
+    w: &crate::suite::Workload,
+    warmup: usize,
+    repeats: usize,
+    clock: &mut dyn Clock,
+) -> Result<Timings> {
+    let (mut prefill_ms, mut decode_ms, mut first_decode) = (Vec::new(), Vec::new(), None);
+    for run in 0..warmup + repeats {
+        let (prefill, steps) = match model {
+            Model::Causal(lm) => time_generation(lm.as_ref(), tokens, w.batch_size, w.gen_len, clock)?,
+            Model::Encoder(encoder) => {
+                (time_encoding(encoder.as_ref(), tokens, w.batch_size, clock)?, Vec::new())
+            }
+        };
+        if run >= warmup {
+            prefill_ms.push(prefill);
+            if run == warmup && !steps.is_empty() {
+                first_decode = Some(steps.iter().sum::<f64>() / steps.len() as f64);
+            }
+            decode_ms.extend(steps);
+        }
+    }
+    let mut warnings = latency::warnings("prefill", &prefill_ms, prefill_ms.first().copied());
+    // The first run's decode steps are judged by their mean against the per-run means.
+    let run_means: Vec<f64> =
+        decode_ms.chunks(w.gen_len.max(1)).map(|c| c.iter().sum::<f64>() / c.len() as f64).collect();
+    let mut decode_warnings = latency::warnings("decode", &decode_ms, None);
+    if let Some(first) = first_decode {
+        decode_warnings.extend(
+            latency::warnings("decode", &run_means, Some(first))
+                .into_iter()
+                .filter(|w| w.contains("outlier")),
+        );
+    }
+    warnings.extend(decode_warnings);
+    Ok(Timings { prefill_ms, decode_ms, warnings })
+}
+
 /// One timed generation run: prefill milliseconds and each decode step's milliseconds.
-fn time_generation(lm: &dyn CausalLm, tokens: &[u32], batch: usize, steps: usize) -> Result<(f64, Vec<f64>)> {
+fn time_generation(
+    lm: &dyn CausalLm,
+    tokens: &[u32],
+    batch: usize,
+    steps: usize,
+    clock: &mut dyn Clock,
+) -> Result<(f64, Vec<f64>)> {
     let vocab = lm.vocab_size();
     let mut cache = lm.new_cache(batch, tokens.len() / batch + steps);
-    let t = Instant::now();
+    let t = clock.now_ms();
     let mut logits = lm.forward(tokens, batch, &mut cache, Logits::Last)?;
-    let prefill = t.elapsed().as_secs_f64() * 1e3;
+    let prefill = clock.now_ms() - t;
     let mut step_ms = Vec::with_capacity(steps);
     for _ in 0..steps {
         let next: Vec<u32> = logits.chunks_exact(vocab).map(|row| tensor::argmax(row) as u32).collect();
-        let t = Instant::now();
+        let t = clock.now_ms();
         logits = lm.forward(&next, batch, &mut cache, Logits::Last)?;
-        step_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        step_ms.push(clock.now_ms() - t);
     }
     Ok((prefill, step_ms))
 }
 
 /// One timed encoder pass over `batch` unpadded sequences, milliseconds.
-fn time_encoding(encoder: &dyn Encoder, tokens: &[u32], batch: usize) -> Result<f64> {
+fn time_encoding(encoder: &dyn Encoder, tokens: &[u32], batch: usize, clock: &mut dyn Clock) -> Result<f64> {
     let mask = vec![1u8; tokens.len()];
-    let t = Instant::now();
+    let t = clock.now_ms();
     encoder.encode(tokens, &mask, batch)?;
-    Ok(t.elapsed().as_secs_f64() * 1e3)
+    Ok(clock.now_ms() - t)
+}
+
+/// The model at its reference precision with no quantization.
+fn full_precision(model: &PlannedModel) -> Result<Model> {
+    let fp32 = (scheme::lookup("fp32")?.build)(&Default::default())?;
+    let files = &model.files;
+    files.build(&mut QuantizeFactory::new(&files.store, model.dtype, fp32.as_ref(), false))
+}
+
+/// The divergence reference of `judge` on this run's evaluation tokens: read from
+/// `out/references/NAME.qbref` when an earlier run stored it for the same model,
+/// tokenizer and workload, else computed and stored there.
+fn cached_reference(
+    plan: &Plan,
+    judge: &PlannedModel,
+    lm: &dyn CausalLm,
+    eval_tokens: &[u32],
+    out: &Path,
+) -> Result<(Reference, ReferenceCacheRecord)> {
+    let w = &plan.workload;
+    let key = CacheKey {
+        model_sha256: super::model_sha256(judge)?,
+        dtype: super::storage_name(judge.dtype).to_string(),
+        tokenizer_sha256: judge.files.tokenizer.fingerprint().to_string(),
+        eval_sha256: crate::suite::plan::sha256_hex(w.eval_text.as_bytes()),
+        context: w.context,
+        max_chunks: w.max_chunks,
+        top_k: w.reference_top_k,
+    };
+    let path = out.join("references").join(format!("{}.qbref", judge.name));
+    let chunks = divergence::chunks(eval_tokens, w.context, w.max_chunks);
+    let (reference, reused) = match reference_cache::read(&path, &key)? {
+        Some(reference) => (reference, true),
+        None => (divergence::reference(lm, &chunks, w.reference_top_k)?, false),
+    };
+    let bytes = if reused {
+        std::fs::metadata(&path).map_err(|e| Error::io("cannot stat", &path, e))?.len()
+    } else {
+        reference_cache::write(&path, &key, &reference)?
+    };
+    let record = ReferenceCacheRecord {
+        path: path.display().to_string(),
+        bytes,
+        top_k: reference.top_k(),
+        tokens_scored: reference.len(),
+        reused,
+        llama_cpp_bytes: reference_cache::llama_cpp_bytes(
+            reference.vocab,
+            w.context,
+            chunks.len(),
+            reference.len(),
+        ),
+    };
+    Ok((reference, record))
 }
 
 /// An encoder's workload: the prompts, then the evaluation text's sentences (at most

@@ -57,14 +57,14 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> {
         models: Vec::new(),
         cases: Vec::new(),
     };
-    for model in &plan.models {
+    for (index, model) in plan.models.iter().enumerate() {
         let ids: Vec<String> = plan.schemes.iter().map(|s| format!("{}/{}", model.name, s.label)).collect();
         let wanted = |id: &String| selected(id, options.filter.as_deref()) || previous.contains_key(id);
         if !ids.iter().any(wanted) {
             continue;
         }
         progress.note(&format!("{}: hashing model files", model.name));
-        let record = model_record(model, &plan.workload)?;
+        let record = model_record(plan, model)?;
         // The model's record goes in first, so results written after each case are whole.
         results.models.push(record.clone());
         let mut runner: Option<ModelRunner> = None;
@@ -85,8 +85,11 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> {
             }
             if runner.is_none() {
                 progress.note(&format!("{}: reference pass", model.name));
-                runner =
-                    Some(ModelRunner::new(plan, model).with_context(|| format!("model {}", model.name))?);
+                let built =
+                    ModelRunner::new(plan, index, &out).with_context(|| format!("model {}", model.name))?;
+                results.models.last_mut().expect("pushed above").reference_cache =
+                    built.reference_cache.clone();
+                runner = Some(built);
             }
             let runner = runner.as_ref().expect("set above");
             progress.start(&id);
@@ -153,6 +156,8 @@ fn workload_record(plan: &Plan) -> WorkloadRecord {
         repeats: plan.repeats,
         warmup: plan.warmup,
         seed: plan.seed,
+        reference_top_k: w.reference_top_k,
+        batch_invariance: w.batch_invariance,
         calibration: plan.calibration.as_ref().map(|c| CalibrationRecord {
             source: c.source.clone(),
             samples: c.samples,
@@ -164,9 +169,9 @@ fn workload_record(plan: &Plan) -> WorkloadRecord {
     record
 }
 
-fn model_record(model: &PlannedModel, workload: &crate::suite::Workload) -> Result<ModelRecord> {
+/// sha256 over a model's config and weight files.
+pub(crate) fn model_sha256(model: &PlannedModel) -> Result<String> {
     let files = &model.files;
-    let summary = files.summary()?;
     // A GGUF file is its own config: hash each distinct file once.
     let mut paths = vec![files.config.path()];
     paths.extend(files.store.paths());
@@ -175,6 +180,12 @@ fn model_record(model: &PlannedModel, workload: &crate::suite::Workload) -> Resu
     for path in paths {
         model_hash.extend(sha256_file(path)?.into_bytes());
     }
+    Ok(sha256_hex(&model_hash))
+}
+
+fn model_record(plan: &Plan, model: &PlannedModel) -> Result<ModelRecord> {
+    let (files, workload) = (&model.files, &plan.workload);
+    let summary = files.summary()?;
     let tokenizer_sha256 = files.tokenizer.fingerprint().to_string();
     Ok(ModelRecord {
         name: model.name.clone(),
@@ -183,13 +194,15 @@ fn model_record(model: &PlannedModel, workload: &crate::suite::Workload) -> Resu
         dtype: storage_name(model.dtype).into(),
         parameters: summary.parameters,
         linear_parameters: summary.linear_parameters,
-        model_sha256: sha256_hex(&model_hash),
+        model_sha256: model_sha256(model)?,
         tokenizer_sha256,
         eval_tokens: files.tokenizer.encode(&workload.eval_text)?.len(),
+        reference: model.reference.map_or_else(|| model.name.clone(), |j| plan.models[j].name.clone()),
+        reference_cache: None,
     })
 }
 
-fn storage_name(s: FloatStorage) -> &'static str {
+pub(crate) fn storage_name(s: FloatStorage) -> &'static str {
     match s {
         FloatStorage::F32 => "f32",
         FloatStorage::F16 => "f16",
@@ -207,7 +220,7 @@ fn case_spec_hash(
     let spec = serde_json::json!({
         "model": model.model_sha256, "tokenizer": model.tokenizer_sha256, "dtype": model.dtype,
         "scheme": scheme.info.name, "params": scheme.params, "workload": workload.sha256,
-        "metrics": metrics, "device": plan.device,
+        "metrics": metrics, "device": plan.device, "reference": model.reference,
     });
     sha256_hex(spec.to_string().as_bytes())
 }

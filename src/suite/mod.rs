@@ -78,6 +78,11 @@ pub struct ModelEntry {
     /// Precision of the reference model: `f32` (default), `f16` or `bf16`.
     #[serde(default)]
     pub dtype: Option<Spanned<String>>,
+    /// Another model of the suite whose full-precision outputs this model's cases are
+    /// judged against (a distilled student against its teacher); it must share the
+    /// tokenizer.
+    #[serde(default)]
+    pub reference: Option<Spanned<String>>,
 }
 
 /// One scheme of a suite: a bare name, or a map with `name` and parameters.
@@ -159,6 +164,12 @@ pub struct WorkloadSpec {
     /// At most this many evaluation chunks (all if absent).
     #[serde(default)]
     pub max_chunks: Option<usize>,
+    /// Tokens the reference keeps per scored position: a count (default 64) or `full`.
+    #[serde(default)]
+    pub reference_top_k: Option<Spanned<serde_json::Value>>,
+    /// Run the batch-invariance probe with batches of this many rows (at least 2).
+    #[serde(default)]
+    pub batch_invariance: Option<Spanned<usize>>,
 }
 
 impl Default for WorkloadSpec {
@@ -171,6 +182,8 @@ impl Default for WorkloadSpec {
             batch_size: default_batch(),
             context: default_context(),
             max_chunks: None,
+            reference_top_k: None,
+            batch_invariance: None,
         }
     }
 }

@@ -58,6 +58,9 @@ pub struct PlannedModel {
     pub dtype: FloatStorage,
     /// The opened model.
     pub files: ModelFiles,
+    /// Index (in the plan's models) of the model whose outputs are the reference, when it
+    /// is another one.
+    pub reference: Option<usize>,
 }
 
 /// A scheme of the plan.
@@ -89,7 +92,14 @@ pub struct Workload {
     pub context: usize,
     /// Cap on evaluation chunks.
     pub max_chunks: Option<usize>,
+    /// Tokens the reference keeps per scored position (`None`: the whole vocabulary).
+    pub reference_top_k: Option<usize>,
+    /// Rows of the batch-invariance probe, when it runs.
+    pub batch_invariance: Option<usize>,
 }
+
+/// Tokens the reference keeps per scored position unless the suite says otherwise.
+pub const DEFAULT_REFERENCE_TOP_K: usize = 64;
 
 /// Calibration text and how many token rows to record per layer.
 #[derive(Debug, Clone)]
@@ -262,7 +272,31 @@ impl Checker<'_> {
             batch_size: self.positive(&spec.batch_size, "batch_size")?,
             context,
             max_chunks: spec.max_chunks,
+            reference_top_k: self.top_k(spec.reference_top_k.as_ref())?,
+            batch_invariance: match &spec.batch_invariance {
+                Some(rows) if rows.value < 2 => {
+                    return Err(self.value(
+                        rows,
+                        format!("workload.batch_invariance is {}, expected at least 2 rows", rows.value),
+                    ))
+                }
+                other => other.as_ref().map(|r| r.value),
+            },
         })
+    }
+
+    fn top_k(&self, spec: Option<&Spanned<serde_json::Value>>) -> Result<Option<usize>> {
+        let Some(spec) = spec else { return Ok(Some(DEFAULT_REFERENCE_TOP_K)) };
+        match &spec.value {
+            serde_json::Value::String(s) if s == "full" => Ok(None),
+            serde_json::Value::Number(n) if n.as_u64().is_some_and(|k| k >= 1) => {
+                Ok(Some(n.as_u64().expect("checked") as usize))
+            }
+            other => Err(self.value(
+                spec,
+                format!("workload.reference_top_k is {other}, expected a count of at least 1 or `full`"),
+            )),
+        }
     }
 
     fn models(
@@ -306,9 +340,52 @@ impl Checker<'_> {
                     ),
                 ));
             }
-            out.push(PlannedModel { name, spec: entry.path.value.clone(), dtype, files });
+            out.push(PlannedModel { name, spec: entry.path.value.clone(), dtype, files, reference: None });
+        }
+        for (i, entry) in entries.iter().enumerate() {
+            if let Some(other) = &entry.reference {
+                out[i].reference = Some(self.reference(other, i, &out)?);
+            }
         }
         Ok(out)
+    }
+
+    /// Resolve model `i`'s `reference:` to another model with the same tokenizer.
+    fn reference(&self, name: &Spanned<String>, i: usize, models: &[PlannedModel]) -> Result<usize> {
+        let this = &models[i];
+        let Some(j) = models.iter().position(|m| m.name == name.value) else {
+            let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+            return Err(self.value(
+                name,
+                format!(
+                    "model {}: reference `{}` is not a model of this suite, expected one of: {}",
+                    this.name,
+                    name.value,
+                    names.join(", ")
+                ),
+            ));
+        };
+        if j == i {
+            return Err(self.value(
+                name,
+                format!("model {}: reference names the model itself; leave it out for that", this.name),
+            ));
+        }
+        let other = &models[j];
+        if other.files.tokenizer.fingerprint() != this.files.tokenizer.fingerprint() {
+            return Err(self.value(
+                name,
+                format!(
+                    "model {}: its tokenizer differs from reference {}'s (sha256 {} vs {}); divergence \
+                     needs both to read the same tokens",
+                    this.name,
+                    other.name,
+                    this.files.tokenizer.fingerprint(),
+                    other.files.tokenizer.fingerprint()
+                ),
+            ));
+        }
+        Ok(j)
     }
 
     fn calibration(

@@ -20,7 +20,7 @@ fn run_writes_results_and_resume_does_no_work() {
         assert!(out.join(file).is_file(), "{file} missing");
     }
     let results = read_json(&out.join("results.json"));
-    assert_eq!(results["schema_version"], 1);
+    assert_eq!(results["schema_version"], 2);
     assert!(results["suite"]["text"].as_str().unwrap().contains("name: small"));
     assert_eq!(results["models"][0]["arch"], "llama");
     let cases = results["cases"].as_array().unwrap();
@@ -28,15 +28,15 @@ fn run_writes_results_and_resume_does_no_work() {
 
     let case = |label: &str| cases.iter().find(|c| c["label"] == label).unwrap();
     let fp32 = case("fp32");
-    assert_eq!(fp32["divergence"]["kld_mean"], 0.0, "fp32 is the reference itself");
-    assert_eq!(fp32["divergence"]["same_top1"], 1.0);
+    assert_eq!(fp32["divergence"]["stats"]["kld"]["mean"], 0.0, "fp32 is the reference itself");
+    assert_eq!(fp32["divergence"]["stats"]["same_top1"]["value"], 1.0);
     assert_eq!(fp32["memory"]["bits_per_weight"], 32.0);
     let fp16 = case("fp16");
-    let kld = fp16["divergence"]["kld_mean"].as_f64().unwrap();
+    let kld = fp16["divergence"]["stats"]["kld"]["mean"].as_f64().unwrap();
     assert!(kld > 0.0 && kld < 1e-3, "fp16 KLD {kld}");
     assert_eq!(fp16["memory"]["bits_per_weight"], 16.0);
-    // 3 chunks of 32 tokens, positions 16..31 scored in each.
-    assert_eq!(fp16["divergence"]["tokens_scored"], 45);
+    // 7 chunks of 32 tokens, positions 16..31 scored in each.
+    assert_eq!(fp16["divergence"]["tokens_scored"], 105);
     for c in cases {
         let disk = c["disk"]["bytes_over_memory"].as_f64().unwrap();
         assert!((1.0..1.01).contains(&disk), "{}: disk/memory {disk}", c["id"]);
@@ -88,7 +88,7 @@ fn quickstart_runs_every_registered_scheme() {
     assert_eq!(cases.len(), in_suite.len());
     for case in cases {
         assert_eq!(case["disk"]["reload_identical"], true, "{}", case["id"]);
-        let kld = case["divergence"]["kld_mean"].as_f64().unwrap();
+        let kld = case["divergence"]["stats"]["kld"]["mean"].as_f64().unwrap();
         assert!(kld.is_finite() && kld >= 0.0, "{}: KLD {kld}", case["id"]);
     }
 }
@@ -133,7 +133,7 @@ fn run_covers_every_architecture() {
     let suite = format!(
         "name: zoo\nmodels:\n{models}schemes: [fp32, bf16]\n\
          workload:\n  prompts: [\"The cat sat.\"]\n  eval_text: eval.txt\n  prompt_len: 8\n  gen_len: 3\n  \
-         context: 32\n  max_chunks: 2\nrepeats: 1\nwarmup: 0\n"
+         context: 32\n  max_chunks: 7\nrepeats: 1\nwarmup: 0\n"
     );
     std::fs::write(dir.path().join("zoo.yaml"), suite).unwrap();
     let out = dir.path().join("out");
@@ -160,7 +160,7 @@ fn run_covers_every_architecture() {
             // One prompt, then evaluation sentences up to max_chunks.
             assert_eq!(e["sentences"], 3, "{id}");
         } else {
-            let kld = case["divergence"]["kld_mean"].as_f64().unwrap();
+            let kld = case["divergence"]["stats"]["kld"]["mean"].as_f64().unwrap();
             assert!(if exact { kld == 0.0 } else { kld > 0.0 && kld < 1e-3 }, "{id}: KLD {kld}");
             assert_eq!(case["generation"].as_array().unwrap().len(), 1, "{id}");
             assert_eq!(case["latency"]["decode_ms"].as_array().unwrap().len(), 3, "{id}");

@@ -140,8 +140,8 @@ fn run_committed_suite(name: &str, models: &[&str]) -> Option<serde_json::Value>
 fn smollm2_suite_runs_on_cpu() {
     let Some(results) = run_committed_suite("smollm2", &["smollm2"]) else { return };
     let cases = results["cases"].as_array().unwrap();
-    assert_eq!(cases[0]["divergence"]["kld_mean"], 0.0);
-    let bf16 = cases[2]["divergence"]["kld_mean"].as_f64().unwrap();
+    assert_eq!(cases[0]["divergence"]["stats"]["kld"]["mean"], 0.0);
+    let bf16 = cases[2]["divergence"]["stats"]["kld"]["mean"].as_f64().unwrap();
     assert!(bf16 > 0.0 && bf16 < 0.05, "bf16 KLD {bf16}");
     assert_eq!(results["models"][0]["arch"], "llama");
 }

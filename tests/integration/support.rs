@@ -57,7 +57,7 @@ pub fn write_small_suite(dir: &Path, schemes: &str) -> PathBuf {
          models:\n  - name: tiny\n    path: builtin:tiny-llama\n\
          schemes: {schemes}\n\
          workload:\n  prompts: [\"Hello, how are you?\", \"1.1+2.3=?\"]\n  eval_text: eval.txt\n  \
-         prompt_len: 8\n  gen_len: 4\n  context: 32\n  max_chunks: 3\n\
+         prompt_len: 8\n  gen_len: 4\n  context: 32\n  max_chunks: 7\n\
          repeats: 2\nwarmup: 1\n"
     );
     let path = dir.join("small.yaml");
