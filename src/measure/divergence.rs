@@ -22,9 +22,6 @@ use super::latency::percentile;
 /// Fewest scored tokens whose statistics are reported.
 pub const MIN_SCORED_TOKENS: usize = 100;
 
-/// Positions whose full reference logits are kept for the logits cosine and NMSE.
-pub const PROBE_POSITIONS: usize = 8;
-
 /// Chunks of the evaluation tokens: consecutive, non-overlapping, `context` long.
 pub fn chunks(tokens: &[u32], context: usize, max_chunks: Option<usize>) -> Vec<&[u32]> {
     let n = tokens.len() / context;
@@ -71,10 +68,9 @@ pub struct Reference {
     pub top1: Vec<u32>,
     /// The distributions, truncated or whole.
     pub kept: Kept,
-    /// Scored positions whose raw logits are kept (evenly spread).
-    pub probe_index: Vec<u32>,
-    /// Their logits, `[probe, vocab]`.
-    pub probe_logits: Vec<f32>,
+    /// Each position's log-normaliser (logsumexp of the logits): a kept log-probability
+    /// plus it gives back the logit, for the logits cosine and NMSE.
+    pub log_norms: Vec<f32>,
 }
 
 impl Reference {
@@ -117,12 +113,6 @@ fn for_each_scored(
     Ok(())
 }
 
-/// Evenly spread probe positions among `scored`.
-fn probe_positions(scored: usize) -> Vec<u32> {
-    let n = PROBE_POSITIONS.min(scored);
-    (0..n).map(|i| (i * scored / n) as u32).collect()
-}
-
 /// Indices of the `k` largest values of `row`, largest first (ties: lower index first).
 fn top_indices(row: &[f64], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..row.len()).collect();
@@ -139,14 +129,13 @@ fn top_indices(row: &[f64], k: usize) -> Vec<usize> {
 /// keeps the whole distribution.
 pub fn reference(model: &dyn CausalLm, chunks: &[&[u32]], top_k: Option<usize>) -> Result<Reference> {
     let vocab = model.vocab_size();
-    let scored = scored_count(chunks);
-    let probe_index = probe_positions(scored);
     let k = top_k.map(|k| k.min(vocab));
     let (mut targets, mut target_logprobs, mut top1) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut ids, mut kept, mut probe_logits) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ids, mut kept, mut log_norms) = (Vec::new(), Vec::new(), Vec::new());
     let mut row = Vec::new();
-    for_each_scored(model, chunks, |i, logits, target| {
+    for_each_scored(model, chunks, |_, logits, target| {
         tensor::log_softmax(logits, &mut row);
+        log_norms.push(log_norm(logits, &row));
         targets.push(target);
         target_logprobs.push(row[target as usize] as f32);
         top1.push(tensor::argmax(logits) as u32);
@@ -159,15 +148,17 @@ pub fn reference(model: &dyn CausalLm, chunks: &[&[u32]], top_k: Option<usize>) 
             }
             None => kept.extend(row.iter().map(|&v| v as f32)),
         }
-        if probe_index.contains(&(i as u32)) {
-            probe_logits.extend_from_slice(logits);
-        }
     })?;
     let kept = match k {
         Some(k) => Kept::TopK { k, ids, logprobs: kept },
         None => Kept::Full(kept),
     };
-    Ok(Reference { vocab, targets, target_logprobs, top1, kept, probe_index, probe_logits })
+    Ok(Reference { vocab, targets, target_logprobs, top1, kept, log_norms })
+}
+
+/// The log-normaliser behind `logprobs = log_softmax(logits)`, rounded to f32 as stored.
+fn log_norm(logits: &[f32], logprobs: &[f64]) -> f32 {
+    (logits[0] as f64 - logprobs[0]) as f32
 }
 
 /// A value with its standard error.
@@ -272,12 +263,11 @@ pub struct DivergenceStats {
     pub ln_ppl_ratio: Estimate,
     /// Pearson correlation of the per-token negative log-likelihoods.
     pub nll_correlation: f64,
-    /// Mean cosine of the logit vectors at the probe positions.
+    /// Mean over positions of the cosine of the two logit vectors, restricted to the
+    /// tokens the reference kept (all of them with a full reference).
     pub logits_cosine: f64,
-    /// Mean ‖model − reference‖² / ‖reference‖² of the logits at the probe positions.
+    /// Mean over positions of ‖model − reference‖² / ‖reference‖² of those logits.
     pub logits_nmse: f64,
-    /// Probe positions behind the cosine and NMSE.
-    pub probe_positions: usize,
 }
 
 /// Divergence of one model from the reference.
@@ -328,15 +318,14 @@ pub fn measure(model: &dyn CausalLm, chunks: &[&[u32]], reference: &Reference) -
             return;
         }
         tensor::log_softmax(logits, &mut row);
+        let norm = log_norm(logits, &row);
         // The reference is stored as f32; round this side the same way, so a model
         // identical to the reference scores exactly zero.
         row.iter_mut().for_each(|q| *q = *q as f32 as f64);
         scores.push(score_position(reference, i, &row, tensor::argmax(logits) as u32, &mut scratch));
-        if let Some(p) = reference.probe_index.iter().position(|&x| x as usize == i) {
-            let r = &reference.probe_logits[p * reference.vocab..(p + 1) * reference.vocab];
-            cosines.push(cosine(r, logits));
-            nmses.push(nmse(r, logits));
-        }
+        let (r, q) = kept_logits(reference, i, &row, norm);
+        cosines.push(cosine(&r, &q));
+        nmses.push(nmse(&r, &q));
     })?;
     if let Some(i) = mismatch.or((scores.len() != reference.len()).then_some(scores.len())) {
         return Err(Error::Workload(format!(
@@ -347,6 +336,27 @@ pub fn measure(model: &dyn CausalLm, chunks: &[&[u32]], reference: &Reference) -
         )));
     }
     Ok(summarize(&scores, &cosines, &nmses, reference.top_k()))
+}
+
+/// The logits of the tokens the reference kept at position `i`, rebuilt the same way on
+/// both sides (f32 log-probability plus f32 log-normaliser), so identical models give
+/// identical vectors: the reference's and the model's (from its rounded log-probabilities
+/// `q` and normaliser `norm`).
+fn kept_logits(reference: &Reference, i: usize, q: &[f64], norm: f32) -> (Vec<f32>, Vec<f32>) {
+    let ref_norm = reference.log_norms[i];
+    let logit = |lp: f64, norm: f32| (lp + norm as f64) as f32;
+    match &reference.kept {
+        Kept::TopK { k, ids, logprobs } => ids[i * k..(i + 1) * k]
+            .iter()
+            .zip(&logprobs[i * k..(i + 1) * k])
+            .map(|(&j, &lp)| (logit(lp as f64, ref_norm), logit(q[j as usize], norm)))
+            .unzip(),
+        Kept::Full(all) => all[i * reference.vocab..(i + 1) * reference.vocab]
+            .iter()
+            .zip(q)
+            .map(|(&lp, &lq)| (logit(lp as f64, ref_norm), logit(lq, norm)))
+            .unzip(),
+    }
 }
 
 /// Reusable buffers for the tail bound.
@@ -402,7 +412,9 @@ fn truncated_kl(ids: &[u32], logprobs: &[f32], q: &[f64], scratch: &mut TailScra
     ids.iter().for_each(|&j| scratch.in_top[j as usize] = true);
     scratch.tail_q.clear();
     scratch.tail_q.extend(q.iter().zip(&scratch.in_top).filter(|(_, &top)| !top).map(|(&lq, _)| lq.exp()));
-    let q_tail: f64 = scratch.tail_q.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+    // Both tails by the same formula, so a model identical to the reference scores 0.
+    let q_top: f64 = ids.iter().map(|&j| q[j as usize].exp()).sum();
+    let q_tail = (1.0 - q_top).max(f64::MIN_POSITIVE);
     let lower = head + tail * (tail / q_tail).ln();
     let cap = (*logprobs.last().expect("k ≥ 1") as f64).exp();
     let upper = head + worst_tail_share(tail, cap, &mut scratch.tail_q);
@@ -443,6 +455,21 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (na.sqrt() * nb.sqrt()).max(f64::MIN_POSITIVE)
 }
 
+/// Signal-to-quantization-noise ratio of `b` against the reference `a`, dB:
+/// 10·log10(‖a‖² / ‖a − b‖²); `+inf` when they are equal.
+pub fn sqnr_db(reference: &[f32], b: &[f32]) -> f64 {
+    let (mut err, mut norm) = (0.0f64, 0.0f64);
+    for (&x, &y) in reference.iter().zip(b) {
+        err += (y as f64 - x as f64).powi(2);
+        norm += (x as f64).powi(2);
+    }
+    if err == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (norm / err).log10()
+    }
+}
+
 /// ‖b − a‖² / ‖a‖², with `a` the reference.
 pub fn nmse(reference: &[f32], b: &[f32]) -> f64 {
     let (mut err, mut norm) = (0.0f64, 0.0f64);
@@ -480,8 +507,11 @@ pub fn spread(values: &[f64]) -> Spread {
     }
 }
 
-/// Pearson correlation (0 when either side is constant).
+/// Pearson correlation (exactly 1 for identical values, 0 when either side is constant).
 fn correlation(a: &[f64], b: &[f64]) -> f64 {
+    if a == b && a.iter().any(|x| *x != a[0]) {
+        return 1.0;
+    }
     let n = a.len() as f64;
     let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
     let (mut cov, mut va, mut vb) = (0.0, 0.0, 0.0);
@@ -543,7 +573,6 @@ pub fn summarize(scores: &[TokenScore], cosines: &[f64], nmses: &[f64], top_k: O
         nll_correlation: correlation(&nll, &nll_ref),
         logits_cosine: mean(cosines),
         logits_nmse: mean(nmses),
-        probe_positions: cosines.len(),
     });
     divergence
 }
@@ -645,7 +674,7 @@ mod tests {
         assert!((s.ppl.value - 2.0 * (half / 2.0).exp()).abs() < 1e-12);
         // The reference's NLL is constant: no correlation to speak of.
         assert!(s.nll_correlation.abs() < 1e-9, "{}", s.nll_correlation);
-        assert_eq!((s.logits_cosine, s.logits_nmse, s.probe_positions), (0.75, 0.125, 2));
+        assert_eq!((s.logits_cosine, s.logits_nmse), (0.75, 0.125));
         assert_eq!(s.kld_truncation_bound, 0.0);
     }
 
@@ -662,6 +691,13 @@ mod tests {
         assert!((cosine(&[1.0, 0.0], &[1.0, 1.0]) - 0.5f64.sqrt()).abs() < 1e-12);
         assert_eq!(nmse(&[3.0, 4.0], &[3.0, 4.0]), 0.0);
         assert!((nmse(&[3.0, 4.0], &[3.0, 3.0]) - 1.0 / 25.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn sqnr_of_known_vectors_and_of_identical_ones() {
+        assert_eq!(sqnr_db(&[1.0, 2.0], &[1.0, 2.0]), f64::INFINITY);
+        // ‖a‖² = 100, ‖a − b‖² = 1: 20 dB.
+        assert!((sqnr_db(&[6.0, 8.0], &[6.0, 9.0]) - 20.0).abs() < 1e-12);
     }
 
     #[test]

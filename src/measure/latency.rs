@@ -132,8 +132,10 @@ pub fn bootstrap_median_ci(samples: &[f64], level: f64) -> [f64; 2] {
     [percentile(&medians, tail), percentile(&medians, 1.0 - tail)]
 }
 
-/// Modified z-score of `value` against `samples`: 0.6745·(value − median) / MAD.
-/// `None` when the median absolute deviation is zero (all samples but a few identical).
+/// Modified z-score of `value` against `samples`: 0.6745·(value − median) / MAD. When more
+/// than half the samples are equal the MAD is zero, and the mean absolute deviation
+/// stands in for it, scaled to match a normal's spread: (value − median) / (1.2533·MeanAD).
+/// `None` when every sample is the same.
 pub fn modified_z(samples: &[f64], value: f64) -> Option<f64> {
     let mut sorted = samples.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -141,7 +143,11 @@ pub fn modified_z(samples: &[f64], value: f64) -> Option<f64> {
     let mut deviations: Vec<f64> = sorted.iter().map(|x| (x - median).abs()).collect();
     deviations.sort_by(f64::total_cmp);
     let mad = percentile(&deviations, 0.5);
-    (mad > 0.0).then(|| 0.6745 * (value - median) / mad)
+    if mad > 0.0 {
+        return Some(0.6745 * (value - median) / mad);
+    }
+    let mean_ad = deviations.iter().sum::<f64>() / deviations.len() as f64;
+    (mean_ad > 0.0).then(|| (value - median) / (1.2533 * mean_ad))
 }
 
 /// Warnings about the timings of `what` (`prefill`, `decode`), each saying what to change:
@@ -206,6 +212,8 @@ mod tests {
         // Median 3, absolute deviations 2, 1, 0, 1, 2 → MAD 1; z(10) = 0.6745 · 7.
         assert!((modified_z(&[1.0, 2.0, 3.0, 4.0, 5.0], 10.0).unwrap() - 4.7215).abs() < 1e-12);
         assert_eq!(modified_z(&[2.0, 2.0, 2.0], 5.0), None);
+        // MAD 0, mean absolute deviation 1/4: z(4) = 2 / (1.2533 / 4).
+        assert!((modified_z(&[2.0, 2.0, 2.0, 3.0], 4.0).unwrap() - 8.0 / 1.2533).abs() < 1e-12);
     }
 
     #[test]

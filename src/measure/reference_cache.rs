@@ -4,9 +4,9 @@
 //!
 //! Layout: the magic `QBREF\0\0\x01`, a little-endian u64 header length, a JSON header
 //! ([`CacheKey`] and the array lengths), then little-endian arrays: targets (u32), their
-//! reference log-probabilities (f32), the reference's top-1 (u32), the kept distributions
-//! (top-k: ids u32 then log-probabilities f32; full: f32 per vocabulary entry), the probe
-//! positions (u32) and their logits (f32).
+//! reference log-probabilities (f32), the reference's top-1 (u32), the log-normalisers
+//! (f32), then the kept distributions (top-k: ids u32 then log-probabilities f32; full: f32
+//! per vocabulary entry).
 
 use std::path::Path;
 
@@ -42,7 +42,6 @@ struct Header {
     key: CacheKey,
     vocab: usize,
     positions: usize,
-    probes: usize,
 }
 
 /// Bytes llama.cpp's `--kl-divergence-base` file takes for the same evaluation: its
@@ -58,12 +57,7 @@ pub fn llama_cpp_bytes(vocab: usize, context: usize, chunks: usize, scored: usiz
 
 /// Write `reference` with its key, atomically. Returns the file size.
 pub fn write(path: &Path, key: &CacheKey, reference: &Reference) -> Result<u64> {
-    let header = Header {
-        key: key.clone(),
-        vocab: reference.vocab,
-        positions: reference.len(),
-        probes: reference.probe_index.len(),
-    };
+    let header = Header { key: key.clone(), vocab: reference.vocab, positions: reference.len() };
     let header = serde_json::to_vec(&header).expect("header serialises");
     let mut out = Vec::new();
     out.extend_from_slice(MAGIC);
@@ -72,6 +66,7 @@ pub fn write(path: &Path, key: &CacheKey, reference: &Reference) -> Result<u64> 
     put_u32(&mut out, &reference.targets);
     put_f32(&mut out, &reference.target_logprobs);
     put_u32(&mut out, &reference.top1);
+    put_f32(&mut out, &reference.log_norms);
     match &reference.kept {
         Kept::TopK { ids, logprobs, .. } => {
             put_u32(&mut out, ids);
@@ -79,8 +74,6 @@ pub fn write(path: &Path, key: &CacheKey, reference: &Reference) -> Result<u64> 
         }
         Kept::Full(all) => put_f32(&mut out, all),
     }
-    put_u32(&mut out, &reference.probe_index);
-    put_f32(&mut out, &reference.probe_logits);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
     }
@@ -112,6 +105,7 @@ pub fn read(path: &Path, expected: &CacheKey) -> Result<Option<Reference>> {
     let targets = reader.u32s(n);
     let target_logprobs = reader.f32s(n);
     let top1 = reader.u32s(n);
+    let log_norms = reader.f32s(n);
     let kept = match expected.top_k {
         Some(k) => {
             let k = k.min(header.vocab);
@@ -122,29 +116,12 @@ pub fn read(path: &Path, expected: &CacheKey) -> Result<Option<Reference>> {
         }
         None => reader.f32s(n * header.vocab).map(Kept::Full),
     };
-    let probe_index = reader.u32s(header.probes);
-    let probe_logits = reader.f32s(header.probes * header.vocab);
-    let (
-        Some(targets),
-        Some(target_logprobs),
-        Some(top1),
-        Some(kept),
-        Some(probe_index),
-        Some(probe_logits),
-        true,
-    ) = (targets, target_logprobs, top1, kept, probe_index, probe_logits, reader.bytes.is_empty())
+    let (Some(targets), Some(target_logprobs), Some(top1), Some(log_norms), Some(kept), true) =
+        (targets, target_logprobs, top1, log_norms, kept, reader.bytes.is_empty())
     else {
         return Err(bad("truncated or oversized: the arrays do not match the header; delete it".into()));
     };
-    Ok(Some(Reference {
-        vocab: header.vocab,
-        targets,
-        target_logprobs,
-        top1,
-        kept,
-        probe_index,
-        probe_logits,
-    }))
+    Ok(Some(Reference { vocab: header.vocab, targets, target_logprobs, top1, kept, log_norms }))
 }
 
 /// The first field of `found` that differs from `expected`, as a message.
@@ -232,8 +209,7 @@ mod tests {
             } else {
                 Kept::Full(vec![-2.0, -1.0, -0.5, -1.5, -0.2, -3.0])
             },
-            probe_index: vec![1],
-            probe_logits: vec![0.1, 0.7, -0.3],
+            log_norms: vec![0.25, -1.5],
         }
     }
 

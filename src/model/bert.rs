@@ -207,7 +207,13 @@ impl Encoder for Bert {
         self.config.max_positions
     }
 
-    fn encode(&self, tokens: &[u32], mask: &[u8], batch: usize) -> Result<Vec<f32>> {
+    fn encode_observed(
+        &self,
+        tokens: &[u32],
+        mask: &[u8],
+        batch: usize,
+        observe: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<Vec<f32>> {
         if batch == 0
             || tokens.is_empty()
             || !tokens.len().is_multiple_of(batch)
@@ -229,6 +235,7 @@ impl Encoder for Bert {
         let mut hidden = self.embed(tokens, seq)?;
         for i in 0..self.layers.len() {
             self.layer(i, &mut hidden, tokens.len(), seq, mask);
+            observe(i, &hidden);
         }
         Ok(hidden)
     }

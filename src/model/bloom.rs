@@ -139,13 +139,21 @@ impl CausalLm for Bloom {
         KvCache::new(c.layers, batch, shape, capacity)
     }
 
-    fn forward(&self, tokens: &[u32], batch: usize, cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>> {
+    fn forward_observed(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+        logits: Logits,
+        observe: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<Vec<f32>> {
         let (rows, seq) = decoder::check_batch(tokens, batch, cache)?;
         let mut hidden = decoder::embed_rows(&self.embed, self.config.vocab, tokens)?;
         self.embed_norm.apply(&mut hidden, self.config.eps);
         let ops = self.ops();
         for (i, block) in self.blocks.iter().enumerate() {
             block.forward(i, &mut hidden, rows, seq, cache, &ops);
+            observe(i, &hidden);
         }
         cache.advance(seq);
         let mut hidden = decoder::select_rows(hidden, seq, self.config.hidden, logits);

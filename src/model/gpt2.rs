@@ -163,7 +163,14 @@ impl CausalLm for Gpt2 {
         KvCache::new(c.layers, batch, shape, capacity)
     }
 
-    fn forward(&self, tokens: &[u32], batch: usize, cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>> {
+    fn forward_observed(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+        logits: Logits,
+        observe: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<Vec<f32>> {
         let (rows, seq) = decoder::check_batch(tokens, batch, cache)?;
         let (start, h) = (cache.len(), self.config.hidden);
         if start + seq > self.config.positions {
@@ -181,6 +188,7 @@ impl CausalLm for Gpt2 {
         let ops = self.ops();
         for (i, block) in self.blocks.iter().enumerate() {
             block.forward(i, &mut hidden, rows, seq, cache, &ops);
+            observe(i, &hidden);
         }
         cache.advance(seq);
         let mut hidden = decoder::select_rows(hidden, seq, h, logits);

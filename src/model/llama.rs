@@ -250,11 +250,19 @@ impl CausalLm for Llama {
         KvCache::new(self.config.layers, batch, self.config.attention, capacity)
     }
 
-    fn forward(&self, tokens: &[u32], batch: usize, cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>> {
+    fn forward_observed(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+        logits: Logits,
+        observe: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<Vec<f32>> {
         let (rows, seq) = decoder::check_batch(tokens, batch, cache)?;
         let mut hidden = decoder::embed_rows(&self.embed, self.config.vocab, tokens)?;
         for i in 0..self.blocks.len() {
             self.block(i, &mut hidden, rows, seq, cache);
+            observe(i, &hidden);
         }
         cache.advance(seq);
         let mut hidden = decoder::select_rows(hidden, seq, self.config.hidden, logits);

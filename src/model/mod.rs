@@ -45,7 +45,19 @@ pub trait CausalLm: Send + Sync {
     /// An empty key/value cache for `batch` sequences of up to `capacity` positions.
     fn new_cache(&self, batch: usize, capacity: usize) -> KvCache;
     /// Run `tokens` (`[batch, seq]`, row-major) after what `cache` holds; returns logits.
-    fn forward(&self, tokens: &[u32], batch: usize, cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>>;
+    fn forward(&self, tokens: &[u32], batch: usize, cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>> {
+        self.forward_observed(tokens, batch, cache, logits, &mut |_, _| {})
+    }
+    /// [`CausalLm::forward`], calling `observe(block, hidden)` with the hidden states
+    /// (`[batch·seq, hidden]`) after each block.
+    fn forward_observed(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+        logits: Logits,
+        observe: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<Vec<f32>>;
     /// Every tensor of the model as stored (for the byte account and for saving).
     fn export(&self) -> Vec<StoredTensor>;
     /// Every linear layer with its name, the output head included when it is one.
@@ -61,7 +73,17 @@ pub trait Encoder: Send + Sync {
     fn max_positions(&self) -> usize;
     /// Last hidden states `[batch, seq, hidden]` of `tokens` (`[batch, seq]`), where `mask`
     /// (`[batch, seq]`) is 1 for real tokens and 0 for padding.
-    fn encode(&self, tokens: &[u32], mask: &[u8], batch: usize) -> Result<Vec<f32>>;
+    fn encode(&self, tokens: &[u32], mask: &[u8], batch: usize) -> Result<Vec<f32>> {
+        self.encode_observed(tokens, mask, batch, &mut |_, _| {})
+    }
+    /// [`Encoder::encode`], calling `observe(layer, hidden)` after each layer.
+    fn encode_observed(
+        &self,
+        tokens: &[u32],
+        mask: &[u8],
+        batch: usize,
+        observe: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<Vec<f32>>;
     /// Every tensor of the model as stored.
     fn export(&self) -> Vec<StoredTensor>;
     /// Every linear layer with its name.

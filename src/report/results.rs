@@ -64,6 +64,8 @@ pub struct Provenance {
     pub threads: usize,
     /// GPU names (empty: none used).
     pub gpus: Vec<String>,
+    /// GPU driver version, when a GPU was used.
+    pub gpu_driver: Option<String>,
     /// Start of the run, UTC, RFC 3339.
     pub started_at: String,
 }
@@ -255,10 +257,10 @@ pub struct BatchInvariance {
     pub batch_size: usize,
     /// Positions compared.
     pub positions: usize,
-    /// Largest |Δ logit|.
-    pub max_abs_logit_diff: f64,
-    /// Mean KL(alone ‖ batched) over the positions.
-    pub kld_mean: f64,
+    /// Largest |Δ| of the outputs (logits; an encoder's hidden states).
+    pub max_abs_diff: f64,
+    /// Mean KL(alone ‖ batched) of the next-token distributions (decoders).
+    pub kld_mean: Option<f64>,
 }
 
 /// Serde for an `f64` that may be infinite: JSON has no infinity, so it is written as the
@@ -392,6 +394,7 @@ impl Provenance {
             cpu_features: cpu_features(),
             threads: rayon::current_num_threads(),
             gpus: Vec::new(),
+            gpu_driver: None,
             started_at: rfc3339_now(),
         }
     }

@@ -13,16 +13,23 @@ use crate::scheme::{
 };
 use crate::suite::CalibrationData;
 
-/// Each layer's recorded inputs, row-major `[rows, in_features]`, by layer name.
+/// Each layer's recorded inputs, row-major `[rows, in_features]`, by layer name, and
+/// when asked the outputs those rows gave.
 #[derive(Debug, Default)]
 pub struct LayerInputs {
     inputs: BTreeMap<String, (usize, Vec<f32>)>,
+    outputs: BTreeMap<String, Vec<f32>>,
 }
 
 impl LayerInputs {
     /// The recorded inputs of layer `name`.
     pub fn get(&self, name: &str) -> Option<Calibration<'_>> {
         self.inputs.get(name).map(|(cols, data)| Calibration { inputs: data, rows: data.len() / cols })
+    }
+
+    /// The outputs layer `name` gave for its recorded inputs (probe recordings only).
+    pub fn outputs(&self, name: &str) -> Option<&[f32]> {
+        self.outputs.get(name).map(Vec::as_slice)
     }
 
     /// Rows recorded per layer (the same for every layer).
@@ -33,11 +40,13 @@ impl LayerInputs {
 
 type Shared = Arc<Mutex<LayerInputs>>;
 
-/// A full-precision layer that keeps the first `limit` input rows it sees.
+/// A full-precision layer that keeps the first `limit` input rows it sees (and, for a
+/// probe, the outputs of those rows).
 struct Recorder {
     name: String,
     inner: FloatLinear,
     limit: usize,
+    keep_outputs: bool,
     store: Shared,
 }
 
@@ -58,6 +67,11 @@ impl Linear for Recorder {
         data.extend_from_slice(&x[..room * cols]);
         drop(store);
         self.inner.forward(x, rows, out);
+        if self.keep_outputs && room > 0 {
+            let mut store = self.store.lock().expect("recorder lock is never poisoned: no panics inside");
+            let kept = store.outputs.entry(self.name.clone()).or_default();
+            kept.extend_from_slice(&out[..room * self.out_features()]);
+        }
     }
 
     fn kernel(&self) -> &'static str {
@@ -72,6 +86,7 @@ impl Linear for Recorder {
 /// The scheme that builds [`Recorder`]s.
 struct Recording {
     limit: usize,
+    keep_outputs: bool,
     store: Shared,
 }
 
@@ -84,7 +99,8 @@ impl Scheme for Recording {
     ) -> Result<Box<dyn Linear>> {
         let name = weight.name.clone();
         let inner = FloatLinear::new(weight, bias, FloatStorage::F32);
-        Ok(Box::new(Recorder { name, inner, limit: self.limit, store: self.store.clone() }))
+        let (limit, keep_outputs, store) = (self.limit, self.keep_outputs, self.store.clone());
+        Ok(Box::new(Recorder { name, inner, limit, keep_outputs, store }))
     }
 
     fn load(
@@ -112,7 +128,7 @@ pub fn record(
     context: usize,
 ) -> Result<LayerInputs> {
     let store: Shared = Arc::default();
-    let recording = Recording { limit: data.samples, store: store.clone() };
+    let recording = Recording { limit: data.samples, keep_outputs: false, store: store.clone() };
     // The head records too, for schemes asked to quantize it.
     let model = files.build(&mut QuantizeFactory::new(&files.store, dtype, &recording, true))?;
     let tokenizer = &files.tokenizer;
@@ -148,6 +164,47 @@ pub fn record(
         return Err(Error::Workload(format!("calibration text {} has no tokens", data.source)));
     }
     Ok(inputs)
+}
+
+/// The reference's side of the per-layer comparison: every linear layer's inputs and
+/// outputs, and every block's hidden states, for one sequence `tokens` (a decoder's
+/// evaluation tokens, or one encoder sentence with its special tokens).
+pub struct LayerProbe {
+    /// The sequence.
+    pub tokens: Vec<u32>,
+    /// Each linear layer's inputs and outputs on it.
+    pub linears: LayerInputs,
+    /// Hidden states after each block, `[tokens, hidden]`.
+    pub blocks: Vec<Vec<f32>>,
+}
+
+/// Record a [`LayerProbe`] of the model at `dtype` on `tokens`.
+pub fn record_probe(files: &ModelFiles, dtype: FloatStorage, tokens: Vec<u32>) -> Result<LayerProbe> {
+    let store: Shared = Arc::default();
+    let recording = Recording { limit: tokens.len(), keep_outputs: true, store: store.clone() };
+    // The head records too, for cases that quantize it.
+    let model = files.build(&mut QuantizeFactory::new(&files.store, dtype, &recording, true))?;
+    let blocks = block_states(&model, &tokens)?;
+    drop(model);
+    let linears =
+        std::mem::take(&mut *store.lock().expect("recorder lock is never poisoned: no panics inside"));
+    Ok(LayerProbe { tokens, linears, blocks })
+}
+
+/// Hidden states after each block of `model` on one sequence.
+pub fn block_states(model: &Model, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+    let mut blocks = Vec::new();
+    let mut keep = |_: usize, hidden: &[f32]| blocks.push(hidden.to_vec());
+    match model {
+        Model::Causal(lm) => {
+            // All positions, so the head sees (and a probe records) every row.
+            lm.forward_observed(tokens, 1, &mut lm.new_cache(1, tokens.len()), Logits::All, &mut keep)?;
+        }
+        Model::Encoder(encoder) => {
+            encoder.encode_observed(tokens, &vec![1; tokens.len()], 1, &mut keep)?;
+        }
+    }
+    Ok(blocks)
 }
 
 #[cfg(test)]

@@ -15,12 +15,14 @@ use crate::measure::MetricGroup;
 use crate::model::generate::greedy;
 use crate::model::weights::WeightStore;
 use crate::model::{CausalLm, Encoder, Logits, Model, QuantizeFactory, ReloadFactory};
-use crate::report::results::{CaseResult, Disk, Generation, Latency, Memory, ReferenceCacheRecord};
+use crate::report::results::{
+    BatchInvariance, CaseResult, Disk, Generation, Latency, LayerDivergence, Memory, ReferenceCacheRecord,
+};
 use crate::scheme::{self, Scheme, StoredTensor, TensorRole};
 use crate::suite::{Plan, PlannedModel, PlannedScheme};
 use crate::tensor;
 
-use super::calibrate::{self, LayerInputs};
+use super::calibrate::{self, LayerInputs, LayerProbe};
 use super::progress::Progress;
 
 /// Most sentences an encoder is scored on when the suite sets no `max_chunks`.
@@ -49,7 +51,17 @@ pub struct ModelRunner<'p> {
     calibration: Option<LayerInputs>,
     /// The stored reference pass, when divergence is measured.
     pub reference_cache: Option<ReferenceCacheRecord>,
+    /// The full-precision layers' inputs, outputs and block states on one sequence, when
+    /// divergence is measured.
+    layer_probe: Option<LayerProbe>,
 }
+
+/// How far the saved file's size may stray from the in-memory byte account (header,
+/// metadata and alignment) before the case warns.
+const DISK_AGREEMENT: f64 = 0.005;
+
+/// Most tokens of the sequence the per-layer comparison runs on.
+const LAYER_PROBE_TOKENS: usize = 64;
 
 /// Where a case's files go and whether they stay.
 pub struct CaseOutput<'a> {
@@ -114,7 +126,18 @@ impl<'p> ModelRunner<'p> {
             }
             _ => None,
         };
-        Ok(ModelRunner { plan, model, references, calibration, reference_cache })
+        let layer_probe = if metrics.contains(&MetricGroup::Divergence) {
+            let tokens = match &references {
+                References::Causal { eval_tokens, .. } => eval_tokens
+                    [..eval_tokens.len().min(plan.workload.context.min(LAYER_PROBE_TOKENS))]
+                    .to_vec(),
+                References::Encoder { sentences, .. } => sentences.first().cloned().unwrap_or_default(),
+            };
+            Some(calibrate::record_probe(&model.files, model.dtype, tokens)?)
+        } else {
+            None
+        };
+        Ok(ModelRunner { plan, model, references, calibration, reference_cache, layer_probe })
     }
 
     /// Quantize with `planned` and measure everything the plan asks for.
@@ -156,6 +179,14 @@ impl<'p> ModelRunner<'p> {
         };
         drop(exported);
         let mut warnings = Vec::new();
+        if let Some(d) = disk.as_ref().filter(|d| (d.bytes_over_memory - 1.0).abs() > DISK_AGREEMENT) {
+            warnings.push(format!(
+                "the saved file is {:.2}% off the in-memory byte account (allowed {:.1}%): a tensor is \
+                 stored in a form the account does not count; report it",
+                100.0 * (d.bytes_over_memory - 1.0),
+                100.0 * DISK_AGREEMENT
+            ));
+        }
         let latency = if metrics.contains(&MetricGroup::Latency) {
             progress.step("latency");
             Some(self.latency(&model, quantize_s, load_s, &mut warnings)?)
@@ -185,6 +216,21 @@ impl<'p> ModelRunner<'p> {
             _ => {}
         }
         let (layer_stats, stats_mean) = layer_stats(&model);
+        // After the layer statistics: the probe's extra forward passes must not count.
+        let layers = match &self.layer_probe {
+            Some(probe) => {
+                progress.step("layers");
+                layer_divergence(probe, &model)?
+            }
+            None => Vec::new(),
+        };
+        let batch_invariance = match self.plan.workload.batch_invariance {
+            Some(rows) => {
+                progress.step("batch invariance");
+                Some(self.batch_invariance(&model, rows)?)
+            }
+            None => None,
+        };
         let kernels = model.kernels().into_iter().map(String::from).collect();
         drop(model);
         memory.rss_start_bytes = rss.map(|w| w.start);
@@ -206,8 +252,8 @@ impl<'p> ModelRunner<'p> {
             divergence,
             embedding,
             generation,
-            layers: Vec::new(),
-            batch_invariance: None,
+            layers,
+            batch_invariance,
             layer_stats,
             stats_mean,
             calibration_rows: if calibrated {
@@ -363,6 +409,58 @@ impl<'p> ModelRunner<'p> {
         })
     }
 
+    /// The first prompt alone, then as the first row of a batch of `rows` whose other rows
+    /// are evaluation text of the same length; the outputs of the first row compared.
+    fn batch_invariance(&self, model: &Model, rows: usize) -> Result<BatchInvariance> {
+        let (first, others): (&[u32], Vec<u32>) = match &self.references {
+            References::Causal { prompt_ids, eval_tokens, .. } => (&prompt_ids[0], eval_tokens.clone()),
+            References::Encoder { sentences, .. } => (&sentences[0], sentences[1..].concat()),
+        };
+        let len = first.len();
+        if others.len() < len {
+            return Err(Error::Workload(format!(
+                "the batch-invariance probe needs {len} tokens of other text per row, the workload has {}",
+                others.len()
+            )));
+        }
+        let mut batch = first.to_vec();
+        for r in 1..rows {
+            let start = (r * 13) % (others.len() - len + 1);
+            batch.extend_from_slice(&others[start..start + len]);
+        }
+        let (alone, batched) = match model {
+            Model::Causal(lm) => {
+                let run =
+                    |tokens: &[u32], n: usize| lm.forward(tokens, n, &mut lm.new_cache(n, len), Logits::All);
+                (run(first, 1)?, run(&batch, rows)?)
+            }
+            Model::Encoder(encoder) => (
+                encoder.encode(first, &vec![1; len], 1)?,
+                encoder.encode(&batch, &vec![1; batch.len()], rows)?,
+            ),
+        };
+        let batched = &batched[..alone.len()];
+        let max_abs_diff = alone.iter().zip(batched).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+        let kld_mean = match model {
+            Model::Causal(lm) => {
+                let vocab = lm.vocab_size();
+                let (mut p, mut q) = (Vec::new(), Vec::new());
+                let total: f64 = alone
+                    .chunks_exact(vocab)
+                    .zip(batched.chunks_exact(vocab))
+                    .map(|(a, b)| {
+                        tensor::log_softmax(a, &mut p);
+                        tensor::log_softmax(b, &mut q);
+                        p.iter().zip(&q).map(|(lp, lq)| lp.exp() * (lp - lq)).sum::<f64>().max(0.0)
+                    })
+                    .sum();
+                Some(total / len as f64)
+            }
+            Model::Encoder(_) => None,
+        };
+        Ok(BatchInvariance { batch_size: rows, positions: len, max_abs_diff, kld_mean })
+    }
+
     fn generation(&self, model: &dyn CausalLm) -> Result<Vec<Generation>> {
         let References::Causal { prompt_ids, generations, .. } = &self.references else {
             return Ok(Vec::new());
@@ -385,6 +483,31 @@ impl<'p> ModelRunner<'p> {
             })
             .collect()
     }
+}
+
+/// Every linear layer's output on the reference's recorded input, and every block's
+/// hidden state, against the reference's.
+fn layer_divergence(probe: &LayerProbe, model: &Model) -> Result<Vec<LayerDivergence>> {
+    let compare = |name: String, kind: &str, reference: &[f32], got: &[f32]| LayerDivergence {
+        name,
+        kind: kind.to_string(),
+        sqnr_db: divergence::sqnr_db(reference, got),
+        cosine: divergence::cosine(reference, got),
+    };
+    let mut out = Vec::new();
+    for (name, layer) in model.linears() {
+        let (Some(input), Some(reference)) = (probe.linears.get(name), probe.linears.outputs(name)) else {
+            continue;
+        };
+        let mut got = vec![0.0; input.rows * layer.out_features()];
+        layer.forward(input.inputs, input.rows, &mut got);
+        out.push(compare(name.to_string(), "linear", reference, &got));
+    }
+    let blocks = calibrate::block_states(model, &probe.tokens)?;
+    for (i, (reference, got)) in probe.blocks.iter().zip(&blocks).enumerate() {
+        out.push(compare(format!("block.{i}"), "block", reference, got));
+    }
+    Ok(out)
 }
 
 /// Statistics the layers report, by layer, and each averaged over the layers reporting it.
@@ -557,4 +680,110 @@ fn encoder_sentences(plan: &Plan, model: &PlannedModel, encoder: &dyn Encoder) -
             Ok(ids)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheme::Linear;
+    use crate::tensor::attention::{AttentionShape, KvCache};
+
+    /// A decoder that does no work: the scripted clock alone decides the timings.
+    struct Instant3;
+
+    impl CausalLm for Instant3 {
+        fn vocab_size(&self) -> usize {
+            3
+        }
+        fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
+            KvCache::new(1, batch, AttentionShape { heads: 1, kv_heads: 1, head_dim: 1 }, capacity)
+        }
+        fn forward_observed(
+            &self,
+            tokens: &[u32],
+            batch: usize,
+            _: &mut KvCache,
+            _: Logits,
+            _: &mut dyn FnMut(usize, &[f32]),
+        ) -> Result<Vec<f32>> {
+            Ok(vec![0.0; 3 * batch.min(tokens.len())])
+        }
+        fn export(&self) -> Vec<StoredTensor> {
+            Vec::new()
+        }
+        fn linears(&self) -> Vec<(&str, &dyn Linear)> {
+            Vec::new()
+        }
+    }
+
+    /// A clock whose successive intervals come from a script, cycled.
+    struct Scripted {
+        now: f64,
+        reads: usize,
+        intervals: Vec<f64>,
+    }
+
+    impl Clock for Scripted {
+        fn now_ms(&mut self) -> f64 {
+            // Reads come in start/stop pairs; every stop adds the next scripted interval.
+            if self.reads % 2 == 1 {
+                self.now += self.intervals[(self.reads / 2) % self.intervals.len()];
+            }
+            self.reads += 1;
+            self.now
+        }
+    }
+
+    fn workload() -> crate::suite::Workload {
+        crate::suite::Workload {
+            prompts: vec![],
+            eval_text: String::new(),
+            eval_source: String::new(),
+            prompt_len: 4,
+            gen_len: 3,
+            batch_size: 1,
+            context: 8,
+            max_chunks: None,
+            reference_top_k: None,
+            batch_invariance: None,
+        }
+    }
+
+    fn timings(intervals: Vec<f64>) -> Timings {
+        let model = Model::Causal(Box::new(Instant3));
+        let mut clock = Scripted { now: 0.0, reads: 0, intervals };
+        time_runs(&model, &[1, 2, 3, 4], &workload(), 1, 6, &mut clock).unwrap()
+    }
+
+    #[test]
+    fn a_steady_scripted_clock_gives_no_warning() {
+        // Each run: prefill then three decode steps.
+        let t = timings(vec![20.0, 5.0, 5.0, 5.0, 20.2, 5.02, 4.98, 5.0, 19.9, 5.01, 5.0, 4.99]);
+        assert_eq!(t.prefill_ms.len(), 6, "warm-up dropped");
+        assert_eq!(t.decode_ms.len(), 18);
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+    }
+
+    #[test]
+    fn a_noisy_scripted_clock_warns_and_says_what_to_change() {
+        let t = timings(vec![20.0, 5.0, 9.0, 3.0, 31.0, 7.0, 4.0, 6.5, 14.0, 5.0, 2.5, 8.0]);
+        let text = t.warnings.join("\n");
+        assert!(text.contains("prefill timings vary") && text.contains("decode timings vary"), "{text}");
+        assert!(text.contains("raise `repeats`"), "{text}");
+    }
+
+    #[test]
+    fn a_slow_first_measured_run_is_called_an_outlier() {
+        // 28 intervals: warm-up (4), then a slow first measured run, then five steady ones.
+        let mut script = vec![20.0, 5.0, 5.0, 5.0, 26.0, 7.0, 7.0, 7.0];
+        for i in 0..5 {
+            let wobble = 0.01 * i as f64;
+            script.extend([20.0 + wobble, 5.0 + wobble, 5.0, 5.0 - wobble]);
+        }
+        let t = timings(script);
+        let text = t.warnings.join("\n");
+        assert!(text.contains("first measured prefill run is an outlier"), "{text}");
+        assert!(text.contains("first measured decode run is an outlier"), "{text}");
+        assert!(text.contains("raise `warmup`"), "{text}");
+    }
 }

@@ -39,7 +39,7 @@ fn run_writes_results_and_resume_does_no_work() {
     assert_eq!(fp16["divergence"]["tokens_scored"], 105);
     for c in cases {
         let disk = c["disk"]["bytes_over_memory"].as_f64().unwrap();
-        assert!((1.0..1.01).contains(&disk), "{}: disk/memory {disk}", c["id"]);
+        assert!((1.0..1.005).contains(&disk), "{}: disk/memory {disk} beyond 0.5%", c["id"]);
         assert_eq!(c["disk"]["reload_identical"], true);
         assert_eq!(c["latency"]["prefill_ms"].as_array().unwrap().len(), 2, "repeats");
         assert_eq!(c["latency"]["decode_ms"].as_array().unwrap().len(), 2 * 4, "repeats × gen_len");
@@ -158,7 +158,7 @@ fn run_covers_every_architecture() {
                 assert!(cos < 1.0 && cos > 0.999, "{id}: cosine {cos}");
             }
             // One prompt, then evaluation sentences up to max_chunks.
-            assert_eq!(e["sentences"], 3, "{id}");
+            assert_eq!(e["sentences"], 8, "{id}");
         } else {
             let kld = case["divergence"]["stats"]["kld"]["mean"].as_f64().unwrap();
             assert!(if exact { kld == 0.0 } else { kld > 0.0 && kld < 1e-3 }, "{id}: KLD {kld}");

@@ -4,6 +4,7 @@
 mod bad_input;
 mod cli;
 mod golden;
+mod measure;
 mod real;
 mod support;
 mod torch_dynamic;

@@ -154,3 +154,45 @@ fn minilm_suite_runs_on_cpu() {
     let bf16 = cases[2]["embedding"]["cosine_min"].as_f64().unwrap();
     assert!(bf16 > 0.99 && bf16 < 1.0, "bf16 cosine {bf16}");
 }
+
+/// The top-64 reference cache of SmolLM2 on 4096 tokens: under 1% of llama.cpp's file for
+/// the same tokens, and its int8-dynamic KLD within the reported bound of the exact one.
+#[test]
+fn smollm2_top_k_reference_is_small_and_bounds_the_exact_kld() {
+    let Some(_) = real_models(&["smollm2"]) else { return };
+    let root = crate::support::root();
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root.join("suites/smollm2-kld.yaml"))
+        .unwrap()
+        .replace("../.cache", &root.join(".cache").display().to_string())
+        .replace("data/eval-long.txt", &root.join("suites/data/eval-long.txt").display().to_string());
+    let run = |name: &str, text: &str| {
+        let suite = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&suite, text).unwrap();
+        let out = dir.path().join(name);
+        let args = ["run", suite.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        let run = crate::support::bench(&args, dir.path(), &crate::support::shared_cache());
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        let results: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+        results
+    };
+    let top_k = run("top-k", &text);
+    let full = run("full", &text.replace("reference_top_k: 64", "reference_top_k: full"));
+    let cache = &top_k["models"][0]["reference_cache"];
+    assert_eq!(cache["tokens_scored"], 8 * 255);
+    let (bytes, llama) = (cache["bytes"].as_f64().unwrap(), cache["llama_cpp_bytes"].as_f64().unwrap());
+    assert!(bytes < 0.01 * llama, "top-k cache {bytes} B against llama.cpp's {llama} B");
+    let stats = |r: &serde_json::Value| r["cases"][0]["divergence"]["stats"].clone();
+    let (approx, exact) = (stats(&top_k), stats(&full));
+    let (kld, exact_kld) = (approx["kld"]["mean"].as_f64().unwrap(), exact["kld"]["mean"].as_f64().unwrap());
+    let bound = approx["kld_truncation_bound"].as_f64().unwrap();
+    eprintln!("smollm2 int8-dynamic KLD: top-64 {kld} (+{bound}), exact {exact_kld}; cache {bytes} B, llama.cpp {llama} B");
+    assert!(
+        kld <= exact_kld + 1e-12 && exact_kld <= kld + bound + 1e-12,
+        "{kld} ≤ {exact_kld} ≤ {kld} + {bound}"
+    );
+    assert_eq!(exact["kld_truncation_bound"], 0.0);
+    assert_eq!(approx["same_top1"], exact["same_top1"]);
+    assert_eq!(approx["ppl_ratio"], exact["ppl_ratio"]);
+}
