@@ -15,9 +15,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::{CausalLm, Logits};
-use crate::tensor;
+use crate::tensor::{self, SeededRng};
 
 use super::latency::percentile;
+
+/// Tail tokens a top-k reference samples per position (see [`Kept::TopK`]).
+pub const TAIL_SAMPLES: usize = 32;
 
 /// Fewest scored tokens whose statistics are reported.
 pub const MIN_SCORED_TOKENS: usize = 100;
@@ -50,6 +53,11 @@ pub enum Kept {
         ids: Vec<u32>,
         /// Their natural-log probabilities.
         logprobs: Vec<f32>,
+        /// Tail tokens drawn per position ([`TAIL_SAMPLES`]), `[scored, samples]`: a
+        /// systematic sample of the tail in proportion to its probabilities.
+        tail_ids: Vec<u32>,
+        /// Their natural-log probabilities.
+        tail_logprobs: Vec<f32>,
     },
     /// Every token's log-probability, `[scored, vocab]`.
     Full(Vec<f32>),
@@ -132,8 +140,9 @@ pub fn reference(model: &dyn CausalLm, chunks: &[&[u32]], top_k: Option<usize>) 
     let k = top_k.map(|k| k.min(vocab));
     let (mut targets, mut target_logprobs, mut top1) = (Vec::new(), Vec::new(), Vec::new());
     let (mut ids, mut kept, mut log_norms) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut tail_ids, mut tail_logprobs) = (Vec::new(), Vec::new());
     let mut row = Vec::new();
-    for_each_scored(model, chunks, |_, logits, target| {
+    for_each_scored(model, chunks, |i, logits, target| {
         tensor::log_softmax(logits, &mut row);
         log_norms.push(log_norm(logits, &row));
         targets.push(target);
@@ -141,19 +150,52 @@ pub fn reference(model: &dyn CausalLm, chunks: &[&[u32]], top_k: Option<usize>) 
         top1.push(tensor::argmax(logits) as u32);
         match k {
             Some(k) => {
-                for j in top_indices(&row, k) {
+                let top = top_indices(&row, k);
+                for &j in &top {
                     ids.push(j as u32);
                     kept.push(row[j] as f32);
+                }
+                for j in sample_tail(&row, &top, i as u64) {
+                    tail_ids.push(j as u32);
+                    tail_logprobs.push(row[j] as f32);
                 }
             }
             None => kept.extend(row.iter().map(|&v| v as f32)),
         }
     })?;
     let kept = match k {
-        Some(k) => Kept::TopK { k, ids, logprobs: kept },
+        Some(k) => Kept::TopK { k, ids, logprobs: kept, tail_ids, tail_logprobs },
         None => Kept::Full(kept),
     };
     Ok(Reference { vocab, targets, target_logprobs, top1, kept, log_norms })
+}
+
+/// [`TAIL_SAMPLES`] tokens outside `top`, drawn by systematic sampling in proportion to
+/// their probabilities (`logprobs`), with a random start seeded by the position: every tail
+/// token is drawn with probability proportional to its mass, so the mean of any function
+/// over the draws estimates its tail average without bias. An empty tail repeats the last
+/// kept token, which is never read (its tail weight is 0).
+fn sample_tail(logprobs: &[f64], top: &[usize], position: u64) -> Vec<usize> {
+    let mut in_top = vec![false; logprobs.len()];
+    top.iter().for_each(|&j| in_top[j] = true);
+    let tail: f64 = logprobs.iter().zip(&in_top).filter(|(_, &t)| !t).map(|(lp, _)| lp.exp()).sum();
+    let fallback = *top.last().expect("k ≥ 1");
+    if tail <= 0.0 {
+        return vec![fallback; TAIL_SAMPLES];
+    }
+    let start = SeededRng::new(position).uniform();
+    let mut targets = (0..TAIL_SAMPLES).map(|s| (s as f64 + start) / TAIL_SAMPLES as f64 * tail).peekable();
+    let (mut drawn, mut cumulative, mut last) = (Vec::with_capacity(TAIL_SAMPLES), 0.0, fallback);
+    for (j, lp) in logprobs.iter().enumerate().filter(|(j, _)| !in_top[*j]) {
+        cumulative += lp.exp();
+        last = j;
+        while targets.next_if(|&t| t < cumulative).is_some() {
+            drawn.push(j);
+        }
+    }
+    // Rounding can leave the last target a hair beyond the cumulative sum.
+    drawn.resize(TAIL_SAMPLES, last);
+    drawn
 }
 
 /// The log-normaliser behind `logprobs = log_softmax(logits)`, rounded to f32 as stored.
@@ -246,9 +288,12 @@ pub struct DeltaP {
 pub struct DivergenceStats {
     /// KL(reference ‖ model) per token, nats.
     pub kld: Spread,
-    /// Mean gap between the reported KLD and the largest it could be given the top-k
-    /// truncation of the reference (0 for a full reference).
+    /// Mean width of the interval the KLD must lie in given what a top-k reference kept
+    /// (the tail taken as one bin below, the worst-placed tail above); 0 for a full
+    /// reference.
     pub kld_truncation_bound: f64,
+    /// Standard error the tail sampling adds to the mean KLD (0 for a full reference).
+    pub kld_sampling_std_error: f64,
     /// Δp of the correct token.
     pub delta_p: DeltaP,
     /// Fraction of positions where both pick the same most likely token, binomial error.
@@ -286,10 +331,15 @@ pub struct Divergence {
 /// What one scored position contributes.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct TokenScore {
-    /// KL(reference ‖ model) as reported (the lower bound under truncation).
+    /// KL(reference ‖ model) as reported (exact for a full reference, else the top-k part
+    /// plus the sampled tail's estimate, kept within the bounds).
     pub kl: f64,
-    /// The largest the KL could be (equal to `kl` for a full reference).
+    /// The smallest the KL could be given what the reference kept.
+    pub kl_lower: f64,
+    /// The largest the KL could be.
     pub kl_upper: f64,
+    /// Variance of the tail estimate inside `kl` (0 for a full reference).
+    pub kl_variance: f64,
     /// Negative log-likelihood of the true token under the reference.
     pub nll_reference: f64,
     /// Negative log-likelihood of the true token under the model.
@@ -346,7 +396,7 @@ fn kept_logits(reference: &Reference, i: usize, q: &[f64], norm: f32) -> (Vec<f3
     let ref_norm = reference.log_norms[i];
     let logit = |lp: f64, norm: f32| (lp + norm as f64) as f32;
     match &reference.kept {
-        Kept::TopK { k, ids, logprobs } => ids[i * k..(i + 1) * k]
+        Kept::TopK { k, ids, logprobs, .. } => ids[i * k..(i + 1) * k]
             .iter()
             .zip(&logprobs[i * k..(i + 1) * k])
             .map(|(&j, &lp)| (logit(lp as f64, ref_norm), logit(q[j as usize], norm)))
@@ -376,36 +426,64 @@ fn score_position(
     scratch: &mut TailScratch,
 ) -> TokenScore {
     let target = reference.targets[i] as usize;
-    let (kl, kl_upper) = match &reference.kept {
+    let kl = match &reference.kept {
         Kept::Full(all) => {
             let p = &all[i * reference.vocab..(i + 1) * reference.vocab];
             let kl =
                 p.iter().zip(q).map(|(&lp, &lq)| (lp as f64).exp() * (lp as f64 - lq)).sum::<f64>().max(0.0);
-            (kl, kl)
+            TruncatedKl { estimate: kl, lower: kl, upper: kl, variance: 0.0 }
         }
-        Kept::TopK { k, ids, logprobs } => {
-            let range = i * k..(i + 1) * k;
-            truncated_kl(&ids[range.clone()], &logprobs[range], q, scratch)
+        Kept::TopK { k, ids, logprobs, tail_ids, tail_logprobs } => {
+            let (top, tail) = (i * k..(i + 1) * k, i * TAIL_SAMPLES..(i + 1) * TAIL_SAMPLES);
+            let sample = TailSample { ids: &tail_ids[tail.clone()], logprobs: &tail_logprobs[tail] };
+            truncated_kl(&ids[top.clone()], &logprobs[top], &sample, q, scratch)
         }
     };
     TokenScore {
-        kl,
-        kl_upper,
+        kl: kl.estimate,
+        kl_lower: kl.lower,
+        kl_upper: kl.upper,
+        kl_variance: kl.variance,
         nll_reference: -(reference.target_logprobs[i] as f64),
         nll: -q[target],
         same_top1: reference.top1[i] == top1,
     }
 }
 
-/// KL(P‖Q) bounds when only P's top entries (`ids`, `logprobs`, most likely first) are
-/// known and Q (`q`, log-probabilities over the whole vocabulary) is known exactly.
-fn truncated_kl(ids: &[u32], logprobs: &[f32], q: &[f64], scratch: &mut TailScratch) -> (f64, f64) {
+/// Tail tokens a top-k reference drew for one position, with their log-probabilities.
+struct TailSample<'a> {
+    ids: &'a [u32],
+    logprobs: &'a [f32],
+}
+
+/// KL(P‖Q) of one position from a truncated P: an estimate, rigorous bounds, and the
+/// variance of the estimate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct TruncatedKl {
+    estimate: f64,
+    lower: f64,
+    upper: f64,
+    variance: f64,
+}
+
+/// KL(P‖Q) when only P's top entries (`ids`, `logprobs`, most likely first) and a sample
+/// of its tail are known, and Q (`q`, log-probabilities over the whole vocabulary) is known
+/// exactly. The tail's share Σ pᵢ·ln(pᵢ/qᵢ) is T·E[ln(p/q)] over tail tokens drawn in
+/// proportion to p, estimated by the sample mean; the bounds hold whatever the tail is.
+fn truncated_kl(
+    ids: &[u32],
+    logprobs: &[f32],
+    sample: &TailSample,
+    q: &[f64],
+    scratch: &mut TailScratch,
+) -> TruncatedKl {
     let head: f64 =
         ids.iter().zip(logprobs).map(|(&j, &lp)| (lp as f64).exp() * (lp as f64 - q[j as usize])).sum();
     let p_top: f64 = logprobs.iter().map(|&lp| (lp as f64).exp()).sum();
     let tail = (1.0 - p_top).max(0.0);
     if tail <= 0.0 || ids.len() == q.len() {
-        return (head.max(0.0), head.max(0.0));
+        let kl = head.max(0.0);
+        return TruncatedKl { estimate: kl, lower: kl, upper: kl, variance: 0.0 };
     }
     scratch.in_top.clear();
     scratch.in_top.resize(q.len(), false);
@@ -415,10 +493,16 @@ fn truncated_kl(ids: &[u32], logprobs: &[f32], q: &[f64], scratch: &mut TailScra
     // Both tails by the same formula, so a model identical to the reference scores 0.
     let q_top: f64 = ids.iter().map(|&j| q[j as usize].exp()).sum();
     let q_tail = (1.0 - q_top).max(f64::MIN_POSITIVE);
-    let lower = head + tail * (tail / q_tail).ln();
+    let lower = (head + tail * (tail / q_tail).ln()).max(0.0);
     let cap = (*logprobs.last().expect("k ≥ 1") as f64).exp();
-    let upper = head + worst_tail_share(tail, cap, &mut scratch.tail_q);
-    (lower.max(0.0), upper.max(lower).max(0.0))
+    let upper = (head + worst_tail_share(tail, cap, &mut scratch.tail_q)).max(lower);
+    let ratios: Vec<f64> =
+        sample.ids.iter().zip(sample.logprobs).map(|(&j, &lp)| lp as f64 - q[j as usize]).collect();
+    let n = ratios.len() as f64;
+    let mean = ratios.iter().sum::<f64>() / n;
+    let var = ratios.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    let estimate = (head + tail * mean).clamp(lower, upper);
+    TruncatedKl { estimate, lower, upper, variance: tail * tail * var / n }
 }
 
 /// The largest Σ pᵢ·ln(pᵢ/qᵢ) over tail distributions with Σ pᵢ = `tail` and every
@@ -545,7 +629,7 @@ pub fn summarize(scores: &[TokenScore], cosines: &[f64], nmses: &[f64], top_k: O
         return divergence;
     }
     let column = |f: fn(&TokenScore) -> f64| scores.iter().map(f).collect::<Vec<f64>>();
-    let (kl, kl_upper) = (column(|s| s.kl), column(|s| s.kl_upper));
+    let (kl, kl_lower, kl_upper) = (column(|s| s.kl), column(|s| s.kl_lower), column(|s| s.kl_upper));
     let (nll_ref, nll) = (column(|s| s.nll_reference), column(|s| s.nll));
     let delta_p: Vec<f64> = scores.iter().map(|s| (-s.nll).exp() - (-s.nll_reference).exp()).collect();
     let log_ratio: Vec<f64> = nll.iter().zip(&nll_ref).map(|(a, b)| a - b).collect();
@@ -556,7 +640,8 @@ pub fn summarize(scores: &[TokenScore], cosines: &[f64], nmses: &[f64], top_k: O
     let mean = |v: &[f64]| if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 };
     divergence.stats = Some(DivergenceStats {
         kld: spread(&kl),
-        kld_truncation_bound: kl_upper.iter().zip(&kl).map(|(u, l)| u - l).sum::<f64>() / n as f64,
+        kld_truncation_bound: kl_upper.iter().zip(&kl_lower).map(|(u, l)| u - l).sum::<f64>() / n as f64,
+        kld_sampling_std_error: scores.iter().map(|s| s.kl_variance).sum::<f64>().sqrt() / n as f64,
         delta_p: DeltaP {
             spread: spread(&delta_p),
             // δ√x = δx / (2√x).
@@ -604,16 +689,46 @@ mod tests {
         assert!((exact - 0.051_429_56).abs() < 1e-6, "{exact}");
         let mut scratch = TailScratch::default();
         let lp: Vec<f32> = p.iter().map(|x| x.ln() as f32).collect();
-        let (lo, hi) = truncated_kl(&[0, 1, 2, 3], &lp, &log(&q), &mut scratch);
-        assert!((lo - exact).abs() < 1e-6 && lo == hi);
+        let none = TailSample { ids: &[], logprobs: &[] };
+        let all = truncated_kl(&[0, 1, 2, 3], &lp, &none, &log(&q), &mut scratch);
+        assert!((all.estimate - exact).abs() < 1e-6 && all.lower == all.upper && all.variance == 0.0);
         // Keep two: tail T = 0.2 against Q_T = 0.2, so the lower bound is the head alone:
         // 0.5 ln(0.5/0.4) + 0.3 ln(0.3/0.4) + 0.2 ln(0.2/0.2).
-        let (lo, hi) = truncated_kl(&[0, 1], &lp[..2], &log(&q), &mut scratch);
         let head = 0.5 * (0.5f64 / 0.4).ln() + 0.3 * (0.3f64 / 0.4).ln();
-        assert!((lo - head).abs() < 1e-6, "{lo} vs {head}");
+        // Tail draws in proportion to p (0.15 : 0.05 = 3 : 1): ln(1.5) three times, ln(0.5) once,
+        // whose mean times T is exactly the tail's share, 0.15 ln 1.5 + 0.05 ln 0.5.
+        let sample = TailSample { ids: &[2, 2, 2, 3], logprobs: &[lp[2], lp[2], lp[2], lp[3]] };
+        let two = truncated_kl(&[0, 1], &lp[..2], &sample, &log(&q), &mut scratch);
+        assert!((two.lower - head).abs() < 1e-6, "{two:?} vs {head}");
         // Worst tail under p ≤ 0.3: all 0.2 on one of the q = 0.1 tokens: 0.2 ln 2.
-        assert!((hi - (head + 0.2 * 2f64.ln())).abs() < 1e-6, "{hi}");
-        assert!(lo <= exact + 1e-9 && exact <= hi + 1e-9);
+        assert!((two.upper - (head + 0.2 * 2f64.ln())).abs() < 1e-6, "{two:?}");
+        assert!((two.estimate - exact).abs() < 1e-6, "{two:?} vs {exact}");
+        // Sample variance of {ln 1.5 ×3, ln 0.5}: T² · s² / 4.
+        let r = [1.5f64.ln(), 1.5f64.ln(), 1.5f64.ln(), 0.5f64.ln()];
+        let m = r.iter().sum::<f64>() / 4.0;
+        let s2 = r.iter().map(|x| (x - m).powi(2)).sum::<f64>() / 3.0;
+        assert!((two.variance - 0.04 * s2 / 4.0).abs() < 1e-9, "{two:?}");
+    }
+
+    #[test]
+    fn the_tail_sample_draws_tokens_in_proportion_to_their_probability() {
+        // Top token 0; tail tokens 1..=4 with probabilities 0.4, 0.2, 0.1, 0.1 (tail 0.8).
+        let p = [0.2f64, 0.4, 0.2, 0.1, 0.1];
+        let lp: Vec<f64> = p.iter().map(|x| x.ln()).collect();
+        let mut counts = [0usize; 5];
+        for position in 0..200 {
+            let drawn = sample_tail(&lp, &[0], position);
+            assert_eq!(drawn.len(), TAIL_SAMPLES);
+            drawn.iter().for_each(|&j| counts[j] += 1);
+        }
+        let total = (200 * TAIL_SAMPLES) as f64;
+        assert_eq!(counts[0], 0, "kept tokens are never drawn");
+        for (j, want) in [(1, 0.5), (2, 0.25), (3, 0.125), (4, 0.125)] {
+            let got = counts[j] as f64 / total;
+            // Systematic sampling hits each share to within one draw per position.
+            assert!((got - want).abs() < 1.0 / TAIL_SAMPLES as f64, "token {j}: {got} vs {want}");
+        }
+        assert_eq!(sample_tail(&[0.0, f64::NEG_INFINITY], &[0], 3), vec![0; TAIL_SAMPLES], "empty tail");
     }
 
     #[test]
@@ -637,7 +752,9 @@ mod tests {
                 let p: f64 = if worse { 0.45 } else { 0.5 };
                 TokenScore {
                     kl,
+                    kl_lower: kl,
                     kl_upper: kl,
+                    kl_variance: 0.0,
                     nll_reference: -p_ref.ln(),
                     nll: -p.ln(),
                     same_top1: i % 4 != 0,
@@ -675,7 +792,7 @@ mod tests {
         // The reference's NLL is constant: no correlation to speak of.
         assert!(s.nll_correlation.abs() < 1e-9, "{}", s.nll_correlation);
         assert_eq!((s.logits_cosine, s.logits_nmse), (0.75, 0.125));
-        assert_eq!(s.kld_truncation_bound, 0.0);
+        assert_eq!((s.kld_truncation_bound, s.kld_sampling_std_error), (0.0, 0.0));
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! Layout: the magic `QBREF\0\0\x01`, a little-endian u64 header length, a JSON header
 //! ([`CacheKey`] and the array lengths), then little-endian arrays: targets (u32), their
 //! reference log-probabilities (f32), the reference's top-1 (u32), the log-normalisers
-//! (f32), then the kept distributions (top-k: ids u32 then log-probabilities f32; full: f32
-//! per vocabulary entry).
+//! (f32), then the kept distributions (top-k: ids u32 and log-probabilities f32, then the
+//! sampled tail tokens likewise; full: f32 per vocabulary entry).
 
 use std::path::Path;
 
@@ -14,9 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-use super::divergence::{Kept, Reference};
+use super::divergence::{Kept, Reference, TAIL_SAMPLES};
 
-const MAGIC: &[u8; 8] = b"QBREF\0\0\x01";
+const MAGIC: &[u8; 8] = b"QBREF\0\0\x02";
 
 /// What a stored reference was computed from; all of it must match to reuse it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,9 +68,11 @@ pub fn write(path: &Path, key: &CacheKey, reference: &Reference) -> Result<u64> 
     put_u32(&mut out, &reference.top1);
     put_f32(&mut out, &reference.log_norms);
     match &reference.kept {
-        Kept::TopK { ids, logprobs, .. } => {
+        Kept::TopK { ids, logprobs, tail_ids, tail_logprobs, .. } => {
             put_u32(&mut out, ids);
             put_f32(&mut out, logprobs);
+            put_u32(&mut out, tail_ids);
+            put_f32(&mut out, tail_logprobs);
         }
         Kept::Full(all) => put_f32(&mut out, all),
     }
@@ -109,8 +111,11 @@ pub fn read(path: &Path, expected: &CacheKey) -> Result<Option<Reference>> {
     let kept = match expected.top_k {
         Some(k) => {
             let k = k.min(header.vocab);
-            match (reader.u32s(n * k), reader.f32s(n * k)) {
-                (Some(ids), Some(logprobs)) => Some(Kept::TopK { k, ids, logprobs }),
+            let s = TAIL_SAMPLES;
+            match (reader.u32s(n * k), reader.f32s(n * k), reader.u32s(n * s), reader.f32s(n * s)) {
+                (Some(ids), Some(logprobs), Some(tail_ids), Some(tail_logprobs)) => {
+                    Some(Kept::TopK { k, ids, logprobs, tail_ids, tail_logprobs })
+                }
                 _ => None,
             }
         }
@@ -205,7 +210,13 @@ mod tests {
             target_logprobs: vec![-0.5, -1.5],
             top1: vec![2, 1],
             kept: if top_k {
-                Kept::TopK { k: 2, ids: vec![2, 1, 1, 0], logprobs: vec![-0.5, -1.0, -0.2, -1.5] }
+                Kept::TopK {
+                    k: 2,
+                    ids: vec![2, 1, 1, 0],
+                    logprobs: vec![-0.5, -1.0, -0.2, -1.5],
+                    tail_ids: (0..2 * TAIL_SAMPLES as u32).map(|i| i % 3).collect(),
+                    tail_logprobs: (0..2 * TAIL_SAMPLES).map(|i| -(i as f32)).collect(),
+                }
             } else {
                 Kept::Full(vec![-2.0, -1.0, -0.5, -1.5, -0.2, -3.0])
             },
