@@ -6,7 +6,7 @@
 use std::error::Error as StdError;
 use std::sync::OnceLock;
 
-use plotters::coord::ranged1d::SegmentValue;
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -100,7 +100,7 @@ pub fn size(kind: ChartKind, results: &Results) -> (u32, u32) {
     match kind {
         ChartKind::Tradeoff => (1000, 640),
         ChartKind::Latency | ChartKind::Memory => (1000, 140 + 26 * rows),
-        ChartKind::LayerSqnr => (1000, 170 + 24 * rows),
+        ChartKind::LayerSqnr => (1100, 190 + 30 * rows),
     }
 }
 
@@ -220,19 +220,56 @@ where
     Ok(())
 }
 
+/// Drop trailing zeros of a decimal mantissa: `2.50` → `2.5`, `1.0e-4` → `1e-4`.
+fn trim_zeros(text: String) -> String {
+    let (mantissa, exponent) = match text.split_once('e') {
+        Some((m, e)) => (m.to_string(), format!("e{e}")),
+        None => (text, String::new()),
+    };
+    let mantissa =
+        if mantissa.contains('.') { mantissa.trim_end_matches('0').trim_end_matches('.').to_string() } else { mantissa };
+    mantissa + &exponent
+}
+
 /// Short significant-digit formatting for axis labels and annotations.
 fn short(v: f64) -> String {
+    let a = v.abs();
     if v == 0.0 {
         "0".into()
-    } else if v.abs() >= 100.0 {
+    } else if a >= 100.0 {
         format!("{v:.0}")
-    } else if v.abs() >= 1.0 {
-        format!("{v:.2}")
-    } else if v.abs() >= 1e-3 {
-        format!("{v:.4}")
+    } else if a >= 1.0 {
+        trim_zeros(format!("{v:.2}"))
+    } else if a >= 1e-3 {
+        trim_zeros(format!("{v:.4}"))
     } else {
-        format!("{v:.1e}")
+        trim_zeros(format!("{v:.1e}"))
     }
+}
+
+/// Category labels at the left of a chart, one per row (`rows[0]` on top), right-aligned
+/// against the y axis. The chart's y coordinate of row `i` is `n - 1 - i`.
+fn row_labels<DB: DrawingBackend, X: Ranged<ValueType = f64>>(
+    root: &DrawingArea<DB, Shift>,
+    chart: &ChartContext<DB, Cartesian2d<X, RangedCoordf64>>,
+    x_left: f64,
+    rows: &[String],
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    let n = rows.len();
+    let style = font(13).pos(Pos::new(HPos::Right, VPos::Center));
+    for (i, label) in rows.iter().enumerate() {
+        let (px, py) = chart.backend_coord(&(x_left, (n - 1 - i) as f64));
+        root.draw(&Text::new(label.clone(), (px - 8, py), style.clone()))?;
+    }
+    Ok(())
+}
+
+/// Room for the longest of `labels` at 13 px, in pixels.
+fn label_room(labels: &[String]) -> u32 {
+    labels.iter().map(|s| s.chars().count()).max().unwrap_or(4).clamp(4, 32) as u32 * 8 + 16
 }
 
 // ---- (a) trade-off ------------------------------------------------------------------
@@ -435,55 +472,43 @@ fn bars<DB: DrawingBackend>(
 where
     DB::ErrorType: 'static,
 {
-    let n = names.len() as i32;
+    let n = names.len();
     let max = values.iter().flatten().map(|(m, ci)| m.max(ci[1])).filter(|v| v.is_finite()).fold(0.0, f64::max);
-    let x_max = if max > 0.0 { max * 1.18 } else { 1.0 };
-    let label_width = if with_labels {
-        names.iter().map(|s| s.chars().count()).max().unwrap_or(4).clamp(4, 28) as u32 * 8 + 10
-    } else {
-        12
-    };
+    let x_max = if max > 0.0 { max * 1.2 } else { 1.0 };
     let mut chart = ChartBuilder::on(area)
         .margin(10)
         .x_label_area_size(40)
-        .y_label_area_size(label_width)
-        .build_cartesian_2d(0.0..x_max, (0..n).into_segmented())?;
-    let row = |i: i32| n - 1 - i;
-    let label_of = |v: &SegmentValue<i32>| match v {
-        SegmentValue::CenterOf(y) if with_labels && (0..n).contains(y) => names[(n - 1 - y) as usize].clone(),
-        _ => String::new(),
-    };
+        .y_label_area_size(if with_labels { label_room(names) } else { 12 })
+        .build_cartesian_2d(0.0..x_max, -0.5..(n as f64 - 0.5))?;
     chart
         .configure_mesh()
         .disable_y_mesh()
+        .y_labels(0)
         .x_desc(x_desc)
         .x_labels(6)
-        .y_labels(names.len())
         .x_label_formatter(&|v| short(*v))
-        .y_label_formatter(&label_of)
         .label_style(font(13))
         .axis_desc_style(font(14))
         .light_line_style(RGBColor(235, 235, 235))
         .draw()?;
+    if with_labels {
+        row_labels(root, &chart, 0.0, names)?;
+    }
+    let whisker = BLACK.stroke_width(2);
     for (i, value) in values.iter().enumerate() {
-        let y = row(i as i32);
+        let y = (n - 1 - i) as f64;
         let Some((median, ci)) = value else { continue };
-        let mut bar = Rectangle::new(
-            [(0.0, SegmentValue::Exact(y)), (*median, SegmentValue::Exact(y + 1))],
-            colour.mix(0.75).filled(),
-        );
-        bar.set_margin(4, 4, 0, 0);
-        chart.draw_series(std::iter::once(bar))?;
+        chart.draw_series(std::iter::once(Rectangle::new(
+            [(0.0, y - 0.32), (*median, y + 0.32)],
+            colour.mix(0.8).filled(),
+        )))?;
         let (lo, hi) = (ci[0].min(*median), ci[1].max(*median));
-        let centre = SegmentValue::CenterOf(y);
-        let whisker = BLACK.stroke_width(2);
-        chart.draw_series(std::iter::once(PathElement::new(vec![(lo, centre.clone()), (hi, centre)], whisker)))?;
+        chart.draw_series(std::iter::once(PathElement::new(vec![(lo, y), (hi, y)], whisker)))?;
         for end in [lo, hi] {
-            let (px, py) = chart.backend_coord(&(end, SegmentValue::CenterOf(y)));
-            root.draw(&PathElement::new(vec![(px, py - 6), (px, py + 6)], whisker))?;
+            chart.draw_series(std::iter::once(PathElement::new(vec![(end, y - 0.18), (end, y + 0.18)], whisker)))?;
         }
-        let (px, py) = chart.backend_coord(&(hi, SegmentValue::CenterOf(y)));
-        root.draw(&Text::new(short(*median), (px + 6, py - 7), font(12)))?;
+        let (px, py) = chart.backend_coord(&(hi, y));
+        root.draw(&Text::new(short(*median), (px + 6, py), font(12).pos(Pos::new(HPos::Left, VPos::Center))))?;
     }
     Ok(())
 }
@@ -512,81 +537,61 @@ where
     }
     let mut roles: Vec<&str> = Vec::new();
     for c in &cases {
-        for role in c.memory.as_ref().map(|m| m.bytes_by_role.keys()).into_iter().flatten() {
+        let stored = c.memory.as_ref().map(|m| m.bytes_by_role.iter()).into_iter().flatten();
+        for (role, _) in stored.filter(|(_, bytes)| **bytes > 0) {
             if !roles.contains(&role.as_str()) {
                 roles.push(role);
             }
         }
     }
     let max_total = cases.iter().filter_map(|c| c.memory.as_ref()).map(|m| m.total_bytes).max().unwrap_or(0);
-    let (unit, scale) = if max_total as f64 >= 1024.0 * 1024.0 {
-        ("MiB", 1024.0 * 1024.0)
-    } else {
-        ("KiB", 1024.0)
-    };
+    let (unit, scale) = if max_total as f64 >= 1024.0 * 1024.0 { ("MiB", 1024.0 * 1024.0) } else { ("KiB", 1024.0) };
     let names: Vec<String> = cases.iter().map(|c| case_name(results, c)).collect();
-    let n = cases.len() as i32;
-    let label_width = names.iter().map(|s| s.chars().count()).max().unwrap_or(4).clamp(4, 28) as u32 * 8 + 10;
-    let x_max = (max_total as f64 / scale) * 1.15 + f64::EPSILON;
-    let mut chart = ChartBuilder::on(root)
+    let n = cases.len();
+    let (w, _) = root.dim_in_pixel();
+    let (plot, legend) = root.split_horizontally(w as i32 - 170);
+    // Room on the right of the longest bar for its total.
+    let x_max = (max_total as f64 / scale).max(f64::MIN_POSITIVE) * 1.4;
+    let mut chart = ChartBuilder::on(&plot)
         .caption("Bytes by tensor role", font(22))
         .margin(12)
         .x_label_area_size(40)
-        .y_label_area_size(label_width)
-        .build_cartesian_2d(0.0..x_max, (0..n).into_segmented())?;
-    let label_of = |v: &SegmentValue<i32>| match v {
-        SegmentValue::CenterOf(y) if (0..n).contains(y) => names[(n - 1 - y) as usize].clone(),
-        _ => String::new(),
-    };
+        .y_label_area_size(label_room(&names))
+        .build_cartesian_2d(0.0..x_max, -0.5..(n as f64 - 0.5))?;
     chart
         .configure_mesh()
         .disable_y_mesh()
+        .y_labels(0)
         .x_desc(format!("{unit} stored"))
-        .y_labels(names.len())
         .x_label_formatter(&|v| short(*v))
-        .y_label_formatter(&label_of)
         .label_style(font(13))
         .axis_desc_style(font(14))
         .light_line_style(RGBColor(235, 235, 235))
         .draw()?;
-    let mut start = vec![0.0; cases.len()];
+    row_labels(root, &chart, 0.0, &names)?;
+    let mut end = vec![0.0; n];
     for (r, role) in roles.iter().enumerate() {
         let colour = ROLE_COLOURS[r % ROLE_COLOURS.len()];
-        let mut segments = Vec::new();
         for (i, c) in cases.iter().enumerate() {
             let bytes = c.memory.as_ref().and_then(|m| m.bytes_by_role.get(*role)).copied().unwrap_or(0);
             if bytes == 0 {
                 continue;
             }
-            let y = n - 1 - i as i32;
-            let end = start[i] + bytes as f64 / scale;
-            let mut bar = Rectangle::new(
-                [(start[i], SegmentValue::Exact(y)), (end, SegmentValue::Exact(y + 1))],
-                colour.filled(),
-            );
-            bar.set_margin(4, 4, 0, 0);
-            segments.push(bar);
-            start[i] = end;
+            let y = (n - 1 - i) as f64;
+            let start = end[i];
+            end[i] += bytes as f64 / scale;
+            chart.draw_series(std::iter::once(Rectangle::new([(start, y - 0.32), (end[i], y + 0.32)], colour.filled())))?;
         }
-        chart
-            .draw_series(segments)?
-            .label(role.replace('_', " "))
-            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], colour.filled()));
+        let y = 40 + 22 * r as i32;
+        legend.draw(&Rectangle::new([(8, y - 7), (22, y + 7)], colour.filled()))?;
+        legend.draw(&Text::new(role.replace('_', " "), (28, y), font(13).pos(Pos::new(HPos::Left, VPos::Center))))?;
     }
     for (i, c) in cases.iter().enumerate() {
         let Some(m) = c.memory.as_ref() else { continue };
-        let y = n - 1 - i as i32;
-        let (px, py) = chart.backend_coord(&(start[i], SegmentValue::CenterOf(y)));
+        let (px, py) = chart.backend_coord(&(end[i], (n - 1 - i) as f64));
         let text = format!("{} {unit} · {:.2} bits/weight", short(m.total_bytes as f64 / scale), m.bits_per_weight);
-        root.draw(&Text::new(text, (px + 6, py - 7), font(12)))?;
+        root.draw(&Text::new(text, (px + 6, py), font(12).pos(Pos::new(HPos::Left, VPos::Center))))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font(font(13))
-        .background_style(WHITE.mix(0.9))
-        .border_style(RGBColor(180, 180, 180))
-        .draw()?;
     Ok(())
 }
 
@@ -635,68 +640,70 @@ where
     let hi = finite.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let (lo, hi) = if lo.is_finite() { (lo, hi.max(lo + 1e-9)) } else { (0.0, 1.0) };
     let names: Vec<String> = cases.iter().map(|c| case_name(results, c)).collect();
-    let (ncols, nrows) = (layers.len() as i32, cases.len() as i32);
+    let (ncols, nrows) = (layers.len(), cases.len());
 
     let (w, _) = root.dim_in_pixel();
     let (plot, legend) = root.split_horizontally(w as i32 - 130);
-    let label_width = names.iter().map(|s| s.chars().count()).max().unwrap_or(4).clamp(4, 28) as u32 * 8 + 10;
     let what = if kind == "linear" { "quantized linear layers" } else { "blocks (hidden state after the block)" };
     let mut chart = ChartBuilder::on(&plot)
         .caption(format!("{title}: {what}"), font(20))
         .margin(12)
-        .x_label_area_size(44)
-        .y_label_area_size(label_width)
-        .build_cartesian_2d((0..ncols).into_segmented(), (0..nrows).into_segmented())?;
-    let layer_names: Vec<String> = layers.iter().map(|l| short_layer(l)).collect();
-    let x_label = |v: &SegmentValue<i32>| match v {
-        SegmentValue::CenterOf(x) if (0..ncols).contains(x) => layer_names[*x as usize].clone(),
-        _ => String::new(),
-    };
-    let y_label = |v: &SegmentValue<i32>| match v {
-        SegmentValue::CenterOf(y) if (0..nrows).contains(y) => names[(nrows - 1 - y) as usize].clone(),
-        _ => String::new(),
-    };
+        .margin_right(150)
+        .x_label_area_size(48)
+        .y_label_area_size(label_room(&names))
+        .build_cartesian_2d(0.0..ncols as f64, -0.5..(nrows as f64 - 0.5))?;
     chart
         .configure_mesh()
         .disable_mesh()
+        .x_labels(0)
+        .y_labels(0)
         .x_desc(format!("{} {what}, in model order", layers.len()))
-        .x_labels(8)
-        .y_labels(names.len())
-        .x_label_formatter(&x_label)
-        .y_label_formatter(&y_label)
-        .label_style(font(12))
         .axis_desc_style(font(14))
         .draw()?;
-    let cell = |x: i32, y: i32| [(SegmentValue::Exact(x), SegmentValue::Exact(y)), (SegmentValue::Exact(x + 1), SegmentValue::Exact(y + 1))];
+    row_labels(root, &chart, 0.0, &names)?;
+    // Column labels: as many as fit without overlapping.
+    let short_names: Vec<String> = layers.iter().map(|l| short_layer(l)).collect();
+    let (x0, _) = chart.backend_coord(&(0.0, 0.0));
+    let (x1, y_axis) = chart.backend_coord(&(ncols as f64, -0.5));
+    let widest = short_names.iter().map(|s| s.chars().count()).max().unwrap_or(1) as i32 * 7 + 10;
+    let fit = (((x1 - x0) / widest).max(1)) as usize;
+    let step = ncols.div_ceil(fit).max(1);
+    for j in (0..ncols).step_by(step) {
+        let (px, _) = chart.backend_coord(&(j as f64 + 0.5, 0.0));
+        let style = font(12).pos(Pos::new(HPos::Center, VPos::Top));
+        root.draw(&Text::new(short_names[j].clone(), (px, y_axis + 5), style))?;
+    }
+    let cell = |x: usize, y: usize| [(x as f64, y as f64 - 0.5), (x as f64 + 1.0, y as f64 + 0.5)];
     for (i, c) in cases.iter().enumerate() {
-        let y = nrows - 1 - i as i32;
-        let mut worst: Option<(i32, f64)> = None;
+        let y = nrows - 1 - i;
+        let mut worst: Option<(usize, f64)> = None;
         let mut rects = Vec::new();
         for l in c.layers.iter().filter(|l| l.kind == kind) {
             let Some(x) = layers.iter().position(|n| *n == l.name) else { continue };
-            let colour = if l.sqnr_db.is_finite() {
-                viridis((l.sqnr_db - lo) / (hi - lo))
-            } else {
-                RGBColor(215, 215, 215)
-            };
-            rects.push(Rectangle::new(cell(x as i32, y), colour.filled()));
+            let colour =
+                if l.sqnr_db.is_finite() { viridis((l.sqnr_db - lo) / (hi - lo)) } else { RGBColor(215, 215, 215) };
+            rects.push(Rectangle::new(cell(x, y), colour.filled()));
             if l.sqnr_db.is_finite() && worst.is_none_or(|(_, w)| l.sqnr_db < w) {
-                worst = Some((x as i32, l.sqnr_db));
+                worst = Some((x, l.sqnr_db));
             }
         }
         chart.draw_series(rects)?;
         if let Some((x, db)) = worst {
             chart.draw_series(std::iter::once(Rectangle::new(cell(x, y), RGBColor(230, 30, 30).stroke_width(3))))?;
-            let (px, py) = chart.backend_coord(&(SegmentValue::Exact(x + 1), SegmentValue::CenterOf(y)));
-            let text = format!("{} dB", format_db(db));
-            plot.draw(&Text::new(text, (px + 3, py - 7), font(12).color(&RGBColor(200, 20, 20))))?;
+            let (px, py) = chart.backend_coord(&(ncols as f64, y as f64));
+            let text = format!("min {} dB ({})", format_db(db), short_names[x]);
+            let style = font(12).color(&RGBColor(200, 20, 20)).pos(Pos::new(HPos::Left, VPos::Center));
+            plot.draw(&Text::new(text, (px + 6, py), style))?;
         }
     }
-    colour_bar(&legend, (14, 80), 200, "SQNR dB", (format!("{lo:.1}"), format!("{hi:.1}")))?;
-    legend.draw(&Rectangle::new([(14, 320), (32, 338)], RGBColor(215, 215, 215).filled()))?;
-    legend.draw(&Text::new("identical", (38, 322), font(13)))?;
-    legend.draw(&Rectangle::new([(14, 350), (32, 368)], RGBColor(230, 30, 30).stroke_width(3)))?;
-    legend.draw(&Text::new("worst", (38, 352), font(13)))?;
+    let (_, h) = legend.dim_in_pixel();
+    let bar = (h as i32 - 150).clamp(40, 220);
+    colour_bar(&legend, (14, 60), bar, "SQNR dB", (format!("{lo:.1}"), format!("{hi:.1}")))?;
+    let y = 60 + bar + 18;
+    legend.draw(&Rectangle::new([(14, y), (32, y + 16)], RGBColor(215, 215, 215).filled()))?;
+    legend.draw(&Text::new("identical (∞)", (38, y + 1), font(13)))?;
+    legend.draw(&Rectangle::new([(14, y + 26), (32, y + 42)], RGBColor(230, 30, 30).stroke_width(3)))?;
+    legend.draw(&Text::new("worst layer", (38, y + 27), font(13)))?;
     Ok(())
 }
 
@@ -717,6 +724,16 @@ mod tests {
         assert_eq!(viridis(1.0), RGBColor(253, 231, 37));
         assert_eq!(viridis(f64::NAN), RGBColor(68, 1, 84));
         assert_eq!(viridis(7.0), RGBColor(253, 231, 37));
+    }
+
+    #[test]
+    fn short_numbers_drop_trailing_zeros() {
+        assert_eq!(short(0.5), "0.5");
+        assert_eq!(short(2.0), "2");
+        assert_eq!(short(1e-4), "1e-4");
+        assert_eq!(short(5.67e-7), "5.7e-7");
+        assert_eq!(short(0.0123), "0.0123");
+        assert_eq!(short(2614.2), "2614");
     }
 
     #[test]

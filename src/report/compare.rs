@@ -504,16 +504,17 @@ pub fn markdown(c: &Comparison) -> String {
         c.threshold_source
     ));
     md.push_str(&format!("**Verdict: {}.**\n", c.headline()));
-    for note in &c.notes {
-        md.push_str(&format!("\n- note: {note}"));
-    }
+    let mut notes: Vec<String> = c.notes.iter().map(|n| format!("- note: {n}")).collect();
     if !c.only_baseline.is_empty() {
-        md.push_str(&format!("\n- only in the baseline: {}", c.only_baseline.join(", ")));
+        notes.push(format!("- only in the baseline: {}", c.only_baseline.join(", ")));
     }
     if !c.only_new.is_empty() {
-        md.push_str(&format!("\n- only in the new run: {}", c.only_new.join(", ")));
+        notes.push(format!("- only in the new run: {}", c.only_new.join(", ")));
     }
-    md.push_str("\n\n## Changes\n\n");
+    if !notes.is_empty() {
+        md.push_str(&format!("\n{}\n", notes.join("\n")));
+    }
+    md.push_str("\n## Changes\n\n");
     let changed = changed(c);
     if changed.is_empty() {
         md.push_str("None: every metric is within noise or tolerance.\n");

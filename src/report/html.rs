@@ -49,11 +49,11 @@ table.sortable th:hover { background:#e2e7ef; }
 th[data-dir="asc"]::after { content:" \25B2"; font-size:11px; }
 th[data-dir="desc"]::after { content:" \25BC"; font-size:11px; }
 tbody tr:hover { background:#f3f6fb; }
-.cards { display:grid; grid-template-columns:repeat(auto-fill, minmax(300px, 1fr)); gap:14px; }
+.cards { display:grid; grid-template-columns:repeat(auto-fill, minmax(360px, 1fr)); gap:14px; }
 .card { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:14px 16px; }
 .card dl { display:grid; grid-template-columns:auto 1fr; gap:2px 12px; margin:8px 0 0; }
-.card dt { color:var(--muted); }
-.card dd { margin:0; text-align:right; font-variant-numeric:tabular-nums; }
+.card dt { color:var(--muted); white-space:nowrap; }
+.card dd { margin:0; text-align:right; font-variant-numeric:tabular-nums; overflow-wrap:anywhere; }
 .tag { display:inline-block; font-size:12px; padding:1px 7px; border-radius:10px; background:#e8eef8;
        color:#2c4f86; margin-right:4px; }
 .warn { color:#8a5300; font-size:13px; margin-top:8px; }

@@ -13,6 +13,8 @@ pub enum Cell {
     Text(String),
     /// A number and the decimals Markdown shows.
     Num(f64, usize),
+    /// A number shown with three significant digits (scientific below 0.001).
+    Sig(f64),
     /// A count.
     Int(u64),
     /// Not measured.
@@ -25,6 +27,7 @@ impl Cell {
         match self {
             Cell::Text(t) => t.clone(),
             Cell::Num(v, d) => format!("{v:.d$}"),
+            Cell::Sig(v) => significant(*v),
             Cell::Int(v) => v.to_string(),
             Cell::Missing => "–".into(),
         }
@@ -34,7 +37,7 @@ impl Cell {
     fn csv(&self) -> String {
         match self {
             Cell::Text(t) => t.clone(),
-            Cell::Num(v, _) => v.to_string(),
+            Cell::Num(v, _) | Cell::Sig(v) => v.to_string(),
             Cell::Int(v) => v.to_string(),
             Cell::Missing => String::new(),
         }
@@ -43,10 +46,23 @@ impl Cell {
     /// The number a sortable table orders by (`None` for text and missing cells).
     pub fn number(&self) -> Option<f64> {
         match self {
-            Cell::Num(v, _) => Some(*v),
+            Cell::Num(v, _) | Cell::Sig(v) => Some(*v),
             Cell::Int(v) => Some(*v as f64),
             Cell::Text(_) | Cell::Missing => None,
         }
+    }
+}
+
+/// `v` with three significant digits: `0.136`, `0.00567`, `5.67e-7`, `0`.
+pub fn significant(v: f64) -> String {
+    let a = v.abs();
+    if v == 0.0 || !v.is_finite() {
+        format!("{v}")
+    } else if a < 1e-3 {
+        format!("{v:.2e}")
+    } else {
+        let decimals = (2 - a.log10().floor() as i32).max(0) as usize;
+        format!("{v:.decimals$}")
     }
 }
 
@@ -110,8 +126,8 @@ pub const COLUMNS: &[Column] = &[
         header: "peak RSS MiB",
         value: |c| opt(c.memory.as_ref().and_then(|m| m.peak_rss_bytes), |b| Cell::Num(b as f64 / MIB, 1)),
     },
-    Column { header: "KLD mean", value: |c| opt(stats(c), |d| Cell::Num(d.kld.mean, 6)) },
-    Column { header: "KLD p99", value: |c| opt(stats(c), |d| Cell::Num(d.kld.percentiles.p99, 6)) },
+    Column { header: "KLD mean", value: |c| opt(stats(c), |d| Cell::Sig(d.kld.mean)) },
+    Column { header: "KLD p99", value: |c| opt(stats(c), |d| Cell::Sig(d.kld.percentiles.p99)) },
     Column { header: "same top-1 %", value: |c| opt(stats(c), |d| Cell::Num(100.0 * d.same_top1.value, 2)) },
     Column { header: "Δp RMS %", value: |c| opt(stats(c), |d| Cell::Num(100.0 * d.delta_p.rms.value, 3)) },
     Column { header: "PPL ref", value: |c| opt(stats(c), |d| Cell::Num(d.ppl_reference.value, 3)) },
@@ -256,4 +272,28 @@ pub fn write_tables(results: &Results, dir: &std::path::Path) -> Result<()> {
     md.push('\n');
     super::write_atomic(&dir.join("results.md"), md.as_bytes())?;
     super::write_atomic(&dir.join("results.csv"), csv(results)?.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_columns_exist_and_headers_are_unique() {
+        assert_eq!(columns(SUMMARY_COLUMNS).len(), SUMMARY_COLUMNS.len());
+        let mut headers: Vec<&str> = COLUMNS.iter().map(|c| c.header).collect();
+        headers.sort();
+        headers.dedup();
+        assert_eq!(headers.len(), COLUMNS.len());
+    }
+
+    #[test]
+    fn significant_digits() {
+        assert_eq!(significant(0.136287), "0.136");
+        assert_eq!(significant(0.005669), "0.00567");
+        assert_eq!(significant(5.669e-7), "5.67e-7");
+        assert_eq!(significant(12.345), "12.3");
+        assert_eq!(significant(0.0), "0");
+        assert_eq!(Cell::Sig(2.5).number(), Some(2.5));
+    }
 }
