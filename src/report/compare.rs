@@ -123,7 +123,8 @@ fn extractor(metric: &str) -> Option<&'static Extractor> {
 }
 
 /// Whether a metric depends on the machine (timings, resident memory): across different
-/// machines its verdict is shown but does not fail the comparison.
+/// machines its verdict is shown but does not fail the comparison. Timings without repeated
+/// samples (quantize, load) never fail it: one sample has no noise estimate.
 fn machine_dependent(metric: &MetricInfo) -> bool {
     metric.group == MetricGroup::Latency || metric.name == "peak_rss_bytes"
 }
@@ -169,8 +170,9 @@ pub struct Row {
     pub threshold: f64,
     /// The verdict.
     pub verdict: Verdict,
-    /// Whether a regression here fails the comparison (not for timings across machines).
-    pub gating: bool,
+    /// Why a regression here does not fail the comparison (a timing from another machine,
+    /// or one without repeated samples); `None`: it does.
+    pub not_gating: Option<&'static str>,
 }
 
 /// Where one side of the comparison came from.
@@ -224,7 +226,7 @@ pub struct Comparison {
 impl Comparison {
     /// Regressions that fail the comparison.
     pub fn regressions(&self) -> usize {
-        self.rows.iter().filter(|r| r.verdict == Verdict::Regressed && r.gating).count()
+        self.rows.iter().filter(|r| r.verdict == Verdict::Regressed && r.not_gating.is_none()).count()
     }
 
     fn count(&self, verdict: Verdict) -> usize {
@@ -235,12 +237,11 @@ impl Comparison {
     pub fn headline(&self) -> String {
         let regressed = self.count(Verdict::Regressed);
         let gating = self.regressions();
-        let lead = if gating > 0 {
-            format!("{gating} regressed")
-        } else if regressed > 0 {
-            format!("no gating regression ({regressed} regressed on machine-dependent metrics across machines)")
-        } else {
-            "no regression".to_string()
+        let lead = match (gating, regressed - gating) {
+            (0, 0) => "no regression".to_string(),
+            (0, loose) => format!("no gating regression ({loose} timings regressed without gating)"),
+            (g, 0) => format!("{g} regressed"),
+            (g, loose) => format!("{g} regressed (and {loose} timings without gating)"),
         };
         format!(
             "{lead}, {} improved, {} within noise ({} comparisons)",
@@ -301,7 +302,7 @@ pub fn compare(
             if b.is_nan() || n.is_nan() {
                 continue;
             }
-            let gating = same_machine || !machine_dependent(metric);
+            let across_machines = (!same_machine && machine_dependent(metric)).then_some("other machine");
             let samples = ((ex.samples)(base), (ex.samples)(case));
             let row = match samples {
                 (Some(sb), Some(sn)) if sb.len() >= 2 && sn.len() >= 2 => {
@@ -315,7 +316,7 @@ pub fn compare(
                         interval: Some(interval),
                         threshold: noise_threshold,
                         verdict: interval_verdict(interval, noise_threshold, metric.higher_is_better),
-                        gating,
+                        not_gating: across_machines,
                     }
                 }
                 _ => Row {
@@ -327,7 +328,9 @@ pub fn compare(
                     interval: None,
                     threshold: metric.tolerance,
                     verdict: tolerance_verdict(b, n, metric.tolerance, metric.higher_is_better),
-                    gating,
+                    // One timing has no noise estimate: it is shown, never gating.
+                    not_gating: across_machines
+                        .or((metric.group == MetricGroup::Latency).then_some("single sample")),
                 },
             };
             rows.push(row);
@@ -454,9 +457,9 @@ fn format_interval(row: &Row) -> String {
 }
 
 fn verdict_text(row: &Row) -> String {
-    match (row.verdict, row.gating) {
-        (Verdict::Regressed, true) => "**regressed**".into(),
-        (Verdict::Regressed, false) => "regressed (not gating: other machine)".into(),
+    match (row.verdict, row.not_gating) {
+        (Verdict::Regressed, None) => "**regressed**".into(),
+        (Verdict::Regressed, Some(why)) => format!("regressed (not gating: {why})"),
         (v, _) => v.name().into(),
     }
 }

@@ -5,5 +5,6 @@ mod bad_input;
 mod cli;
 mod golden;
 mod real;
+mod report;
 mod support;
 mod torch_dynamic;
