@@ -181,14 +181,24 @@ pub struct EmbedArgs {
 /// Run a parsed command line; returns the exit code.
 pub fn execute(cli: Cli) -> Result<i32> {
     match cli.command {
-        Command::Run { suite, out, resume, filter, keep_models, save_baseline, baseline, fail_on_regression } => {
+        Command::Run {
+            suite,
+            out,
+            resume,
+            filter,
+            keep_models,
+            save_baseline,
+            baseline,
+            fail_on_regression,
+        } => {
             let plan = Plan::load(&suite)?;
             let baselines = Path::new(baseline::BASELINES_DIR);
             // Check names before the work, not after it.
             if let Some(name) = &save_baseline {
                 baseline::dir(baselines, name)?;
             }
-            let baseline_path = baseline.as_deref().map(|name| baseline::path(baselines, name)).transpose()?;
+            let baseline_path =
+                baseline.as_deref().map(|name| baseline::path(baselines, name)).transpose()?;
             let options = RunOptions { out, resume, filter, keep_models };
             let (dir, results) = runner::run(&plan, &options)?;
             report::render(&results, &dir)?;
@@ -198,7 +208,11 @@ pub fn execute(cli: Cli) -> Result<i32> {
                     eprintln!("warning: {}: {w}", case.id);
                 }
             }
-            eprintln!("wrote {} and {}", dir.join("results.json").display(), dir.join("index.html").display());
+            eprintln!(
+                "wrote {} and {}",
+                dir.join("results.json").display(),
+                dir.join("index.html").display()
+            );
             if let Some(name) = &save_baseline {
                 let path = baseline::save(baselines, name, &results)?;
                 eprintln!("saved baseline {name} to {}", path.display());
@@ -231,9 +245,14 @@ pub fn execute(cli: Cli) -> Result<i32> {
             let base = Results::read(&base_path)?;
             let results = Results::read(&new_path)?;
             let dir = out.unwrap_or_else(|| {
-                new_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
+                new_path
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."))
+                    .to_path_buf()
             });
-            let regressions = write_comparison(&base, &base_path, &results, &new_path, noise_threshold, &dir)?;
+            let regressions =
+                write_comparison(&base, &base_path, &results, &new_path, noise_threshold, &dir)?;
             if fail_on_regression && regressions > 0 {
                 return Ok(EXIT_REGRESSION);
             }

@@ -100,6 +100,8 @@ pub fn size(kind: ChartKind, results: &Results) -> (u32, u32) {
     match kind {
         ChartKind::Tradeoff => (1000, 640),
         ChartKind::Latency | ChartKind::Memory => (1000, 140 + 26 * rows),
+        // Without per-layer data the chart is only its message.
+        ChartKind::LayerSqnr if results.cases.iter().all(|c| c.layers.is_empty()) => (1100, 120),
         ChartKind::LayerSqnr => (1100, 190 + 30 * rows),
     }
 }
@@ -226,8 +228,11 @@ fn trim_zeros(text: String) -> String {
         Some((m, e)) => (m.to_string(), format!("e{e}")),
         None => (text, String::new()),
     };
-    let mantissa =
-        if mantissa.contains('.') { mantissa.trim_end_matches('0').trim_end_matches('.').to_string() } else { mantissa };
+    let mantissa = if mantissa.contains('.') {
+        mantissa.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        mantissa
+    };
     mantissa + &exponent
 }
 
@@ -372,12 +377,10 @@ where
         }
         chart.draw_series(std::iter::once(PathElement::new(path, RGBColor(200, 60, 60).stroke_width(2))))?;
     }
-    chart.draw_series(points.iter().map(|p| {
-        Circle::new((p.x, y_of(p.kld)), 7, ShapeStyle::from(&colour(p)).filled())
-    }))?;
     chart.draw_series(
-        points.iter().map(|p| Circle::new((p.x, y_of(p.kld)), 7, BLACK.stroke_width(1))),
+        points.iter().map(|p| Circle::new((p.x, y_of(p.kld)), 7, ShapeStyle::from(&colour(p)).filled())),
     )?;
+    chart.draw_series(points.iter().map(|p| Circle::new((p.x, y_of(p.kld)), 7, BLACK.stroke_width(1))))?;
 
     // Labels: try a few places around each point and keep the first that overlaps no
     // earlier label and no point.
@@ -388,9 +391,8 @@ where
             (x - 7, y - 7, x + 7, y + 7)
         })
         .collect();
-    let overlaps = |a: &(i32, i32, i32, i32), b: &(i32, i32, i32, i32)| {
-        a.0 < b.2 && b.0 < a.2 && a.1 < b.3 && b.1 < a.3
-    };
+    let overlaps =
+        |a: &(i32, i32, i32, i32), b: &(i32, i32, i32, i32)| a.0 < b.2 && b.0 < a.2 && a.1 < b.3 && b.1 < a.3;
     for p in &points {
         let (x, y) = chart.backend_coord(&(p.x, y_of(p.kld)));
         let text = if p.kld == 0.0 { format!("{} (KLD 0)", p.name) } else { p.name.clone() };
@@ -436,10 +438,8 @@ where
         return empty(root, "Latency", "no case measured latency");
     }
     let names: Vec<String> = cases.iter().map(|c| case_name(results, c)).collect();
-    let prefill: Vec<Option<(f64, [f64; 2])>> = cases
-        .iter()
-        .map(|c| c.latency.as_ref().map(|l| (l.prefill.median, l.prefill.median_ci95)))
-        .collect();
+    let prefill: Vec<Option<(f64, [f64; 2])>> =
+        cases.iter().map(|c| c.latency.as_ref().map(|l| (l.prefill.median, l.prefill.median_ci95))).collect();
     let decode: Vec<Option<(f64, [f64; 2])>> = cases
         .iter()
         .map(|c| c.latency.as_ref().and_then(|l| l.decode.as_ref()).map(|d| (d.median, d.median_ci95)))
@@ -473,7 +473,8 @@ where
     DB::ErrorType: 'static,
 {
     let n = names.len();
-    let max = values.iter().flatten().map(|(m, ci)| m.max(ci[1])).filter(|v| v.is_finite()).fold(0.0, f64::max);
+    let max =
+        values.iter().flatten().map(|(m, ci)| m.max(ci[1])).filter(|v| v.is_finite()).fold(0.0, f64::max);
     let x_max = if max > 0.0 { max * 1.2 } else { 1.0 };
     let mut chart = ChartBuilder::on(area)
         .margin(10)
@@ -505,10 +506,17 @@ where
         let (lo, hi) = (ci[0].min(*median), ci[1].max(*median));
         chart.draw_series(std::iter::once(PathElement::new(vec![(lo, y), (hi, y)], whisker)))?;
         for end in [lo, hi] {
-            chart.draw_series(std::iter::once(PathElement::new(vec![(end, y - 0.18), (end, y + 0.18)], whisker)))?;
+            chart.draw_series(std::iter::once(PathElement::new(
+                vec![(end, y - 0.18), (end, y + 0.18)],
+                whisker,
+            )))?;
         }
         let (px, py) = chart.backend_coord(&(hi, y));
-        root.draw(&Text::new(short(*median), (px + 6, py), font(12).pos(Pos::new(HPos::Left, VPos::Center))))?;
+        root.draw(&Text::new(
+            short(*median),
+            (px + 6, py),
+            font(12).pos(Pos::new(HPos::Left, VPos::Center)),
+        ))?;
     }
     Ok(())
 }
@@ -545,7 +553,8 @@ where
         }
     }
     let max_total = cases.iter().filter_map(|c| c.memory.as_ref()).map(|m| m.total_bytes).max().unwrap_or(0);
-    let (unit, scale) = if max_total as f64 >= 1024.0 * 1024.0 { ("MiB", 1024.0 * 1024.0) } else { ("KiB", 1024.0) };
+    let (unit, scale) =
+        if max_total as f64 >= 1024.0 * 1024.0 { ("MiB", 1024.0 * 1024.0) } else { ("KiB", 1024.0) };
     let names: Vec<String> = cases.iter().map(|c| case_name(results, c)).collect();
     let n = cases.len();
     let (w, _) = root.dim_in_pixel();
@@ -580,16 +589,24 @@ where
             let y = (n - 1 - i) as f64;
             let start = end[i];
             end[i] += bytes as f64 / scale;
-            chart.draw_series(std::iter::once(Rectangle::new([(start, y - 0.32), (end[i], y + 0.32)], colour.filled())))?;
+            chart.draw_series(std::iter::once(Rectangle::new(
+                [(start, y - 0.32), (end[i], y + 0.32)],
+                colour.filled(),
+            )))?;
         }
         let y = 40 + 22 * r as i32;
         legend.draw(&Rectangle::new([(8, y - 7), (22, y + 7)], colour.filled()))?;
-        legend.draw(&Text::new(role.replace('_', " "), (28, y), font(13).pos(Pos::new(HPos::Left, VPos::Center))))?;
+        legend.draw(&Text::new(
+            role.replace('_', " "),
+            (28, y),
+            font(13).pos(Pos::new(HPos::Left, VPos::Center)),
+        ))?;
     }
     for (i, c) in cases.iter().enumerate() {
         let Some(m) = c.memory.as_ref() else { continue };
         let (px, py) = chart.backend_coord(&(end[i], (n - 1 - i) as f64));
-        let text = format!("{} {unit} · {:.2} bits/weight", short(m.total_bytes as f64 / scale), m.bits_per_weight);
+        let text =
+            format!("{} {unit} · {:.2} bits/weight", short(m.total_bytes as f64 / scale), m.bits_per_weight);
         root.draw(&Text::new(text, (px + 6, py), font(12).pos(Pos::new(HPos::Left, VPos::Center))))?;
     }
     Ok(())
@@ -644,7 +661,8 @@ where
 
     let (w, _) = root.dim_in_pixel();
     let (plot, legend) = root.split_horizontally(w as i32 - 130);
-    let what = if kind == "linear" { "quantized linear layers" } else { "blocks (hidden state after the block)" };
+    let what =
+        if kind == "linear" { "quantized linear layers" } else { "blocks (hidden state after the block)" };
     let mut chart = ChartBuilder::on(&plot)
         .caption(format!("{title}: {what}"), font(20))
         .margin(12)
@@ -680,8 +698,11 @@ where
         let mut rects = Vec::new();
         for l in c.layers.iter().filter(|l| l.kind == kind) {
             let Some(x) = layers.iter().position(|n| *n == l.name) else { continue };
-            let colour =
-                if l.sqnr_db.is_finite() { viridis((l.sqnr_db - lo) / (hi - lo)) } else { RGBColor(215, 215, 215) };
+            let colour = if l.sqnr_db.is_finite() {
+                viridis((l.sqnr_db - lo) / (hi - lo))
+            } else {
+                RGBColor(215, 215, 215)
+            };
             rects.push(Rectangle::new(cell(x, y), colour.filled()));
             if l.sqnr_db.is_finite() && worst.is_none_or(|(_, w)| l.sqnr_db < w) {
                 worst = Some((x, l.sqnr_db));
@@ -689,7 +710,10 @@ where
         }
         chart.draw_series(rects)?;
         if let Some((x, db)) = worst {
-            chart.draw_series(std::iter::once(Rectangle::new(cell(x, y), RGBColor(230, 30, 30).stroke_width(3))))?;
+            chart.draw_series(std::iter::once(Rectangle::new(
+                cell(x, y),
+                RGBColor(230, 30, 30).stroke_width(3),
+            )))?;
             let (px, py) = chart.backend_coord(&(ncols as f64, y as f64));
             let text = format!("min {} dB ({})", format_db(db), short_names[x]);
             let style = font(12).color(&RGBColor(200, 20, 20)).pos(Pos::new(HPos::Left, VPos::Center));

@@ -57,8 +57,16 @@ const EXTRACTORS: &[Extractor] = &[
         value: |c| c.memory.as_ref().and_then(|m| m.peak_rss_bytes).map(|b| b as f64),
         samples: no_samples,
     },
-    Extractor { metric: "disk_bytes", value: |c| c.disk.as_ref().map(|d| d.bytes as f64), samples: no_samples },
-    Extractor { metric: "quantize_s", value: |c| c.latency.as_ref().map(|l| l.quantize_s), samples: no_samples },
+    Extractor {
+        metric: "disk_bytes",
+        value: |c| c.disk.as_ref().map(|d| d.bytes as f64),
+        samples: no_samples,
+    },
+    Extractor {
+        metric: "quantize_s",
+        value: |c| c.latency.as_ref().map(|l| l.quantize_s),
+        samples: no_samples,
+    },
     Extractor { metric: "load_s", value: |c| c.latency.as_ref().and_then(|l| l.load_s), samples: no_samples },
     Extractor {
         metric: "prefill_ms",
@@ -81,7 +89,11 @@ const EXTRACTORS: &[Extractor] = &[
         },
     },
     Extractor { metric: "kld_mean", value: |c| table::stats(c).map(|s| s.kld.mean), samples: no_samples },
-    Extractor { metric: "same_top1", value: |c| table::stats(c).map(|s| s.same_top1.value), samples: no_samples },
+    Extractor {
+        metric: "same_top1",
+        value: |c| table::stats(c).map(|s| s.same_top1.value),
+        samples: no_samples,
+    },
     Extractor {
         metric: "kld_p99",
         value: |c| table::stats(c).map(|s| s.kld.percentiles.p99),
@@ -92,20 +104,32 @@ const EXTRACTORS: &[Extractor] = &[
         value: |c| table::stats(c).map(|s| s.delta_p.rms.value),
         samples: no_samples,
     },
-    Extractor { metric: "logits_cosine", value: |c| table::stats(c).map(|s| s.logits_cosine), samples: no_samples },
+    Extractor {
+        metric: "logits_cosine",
+        value: |c| table::stats(c).map(|s| s.logits_cosine),
+        samples: no_samples,
+    },
     Extractor {
         metric: "worst_layer_sqnr_db",
         value: |c| table::worst_layer(c).map(|l| l.sqnr_db),
         samples: no_samples,
     },
     Extractor { metric: "ppl", value: |c| table::stats(c).map(|s| s.ppl.value), samples: no_samples },
-    Extractor { metric: "ppl_ratio", value: |c| table::stats(c).map(|s| s.ppl_ratio.value), samples: no_samples },
+    Extractor {
+        metric: "ppl_ratio",
+        value: |c| table::stats(c).map(|s| s.ppl_ratio.value),
+        samples: no_samples,
+    },
     Extractor {
         metric: "embedding_cosine",
         value: |c| c.embedding.as_ref().map(|e| e.cosine_mean),
         samples: no_samples,
     },
-    Extractor { metric: "hidden_nmse", value: |c| c.embedding.as_ref().map(|e| e.hidden_nmse), samples: no_samples },
+    Extractor {
+        metric: "hidden_nmse",
+        value: |c| c.embedding.as_ref().map(|e| e.hidden_nmse),
+        samples: no_samples,
+    },
     Extractor {
         metric: "first_divergent_token",
         // Identical continuations count as diverging after their last token.
@@ -336,8 +360,12 @@ pub fn compare(
             rows.push(row);
         }
     }
-    let only_baseline =
-        baseline.cases.iter().filter(|c| !new.cases.iter().any(|n| n.id == c.id)).map(|c| c.id.clone()).collect();
+    let only_baseline = baseline
+        .cases
+        .iter()
+        .filter(|c| !new.cases.iter().any(|n| n.id == c.id))
+        .map(|c| c.id.clone())
+        .collect();
     Comparison {
         suite: new.suite.name.clone(),
         baseline: Side::of(baseline, baseline_path),
@@ -367,7 +395,7 @@ pub fn relative_change(baseline: f64, new: f64) -> f64 {
 }
 
 /// Percentile-bootstrap 95% interval of median(new) / median(baseline) − 1: both sample
-/// vectors are resampled with replacement, independently, [`RESAMPLES`] times.
+/// vectors are resampled with replacement, independently, 2000 times.
 pub fn bootstrap_relative_change(baseline: &[f64], new: &[f64]) -> [f64; 2] {
     let mut rng = SeededRng::new(SEED);
     let mut median_of_resample = |samples: &[f64], buf: &mut Vec<f64>| {
@@ -393,7 +421,8 @@ pub fn bootstrap_relative_change(baseline: &[f64], new: &[f64]) -> [f64; 2] {
 /// improved when it is wholly better, else within noise.
 pub fn interval_verdict(interval: [f64; 2], threshold: f64, higher_is_better: bool) -> Verdict {
     let [lo, hi] = interval;
-    let (worse, better) = if higher_is_better { (hi < -threshold, lo > threshold) } else { (lo > threshold, hi < -threshold) };
+    let (worse, better) =
+        if higher_is_better { (hi < -threshold, lo > threshold) } else { (lo > threshold, hi < -threshold) };
     if worse {
         Verdict::Regressed
     } else if better {
@@ -575,8 +604,10 @@ pub fn html(c: &Comparison) -> String {
         100.0 * c.noise_threshold,
         escape(&c.threshold_source)
     ));
-    body.push_str("<div class=\"scroll\"><table><thead><tr><th class=\"text\"></th><th class=\"text\">baseline</th>\
-                   <th class=\"text\">new</th></tr></thead><tbody>\n");
+    body.push_str(
+        "<div class=\"scroll\"><table><thead><tr><th class=\"text\"></th><th class=\"text\">baseline</th>\
+                   <th class=\"text\">new</th></tr></thead><tbody>\n",
+    );
     for (k, b, n) in [
         ("results", &c.baseline.path, &c.new.path),
         ("revision", &c.baseline.revision, &c.new.revision),

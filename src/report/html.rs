@@ -128,8 +128,13 @@ pub fn table(cases: &[&CaseResult], columns: &[&Column]) -> String {
             };
             // A worst-layer cell sorts by its dB value, not its text.
             let sort = match (col.header, &cell) {
-                ("worst layer SQNR dB", _) => table::worst_layer(case)
-                    .map_or(String::new(), |l| if l.sqnr_db.is_finite() { l.sqnr_db.to_string() } else { "1e308".into() }),
+                ("worst layer SQNR dB", _) => table::worst_layer(case).map_or(String::new(), |l| {
+                    if l.sqnr_db.is_finite() {
+                        l.sqnr_db.to_string()
+                    } else {
+                        "1e308".into()
+                    }
+                }),
                 _ => sort,
             };
             let class = if col.header == "worst layer SQNR dB" { "" } else { class };
@@ -203,7 +208,10 @@ fn provenance(results: &Results) -> String {
         ("threads".into(), p.threads.to_string()),
         ("GPUs".into(), if p.gpus.is_empty() { "none".into() } else { p.gpus.join(", ") }),
         ("started".into(), p.started_at.clone()),
-        ("suite".into(), format!("{} ({}), sha256 {}", results.suite.name, results.suite.path, results.suite.sha256)),
+        (
+            "suite".into(),
+            format!("{} ({}), sha256 {}", results.suite.name, results.suite.path, results.suite.sha256),
+        ),
         ("evaluation text".into(), format!("{}, sha256 {}", w.eval_source, w.eval_sha256)),
         (
             "workload".into(),
@@ -300,8 +308,9 @@ pub fn index(results: &Results, svgs: &[String]) -> String {
     body.push_str(&provenance(results));
     body.push_str("</section>\n");
     let mut header = vec![provenance_line(results)];
-    if let Some(d) = results.suite.text.lines().find_map(|l| l.strip_prefix("description:")) {
-        header.insert(0, d.trim().to_string());
+    let suite = crate::suite::parse(&results.suite.text, std::path::Path::new(&results.suite.path)).ok();
+    if let Some(description) = suite.and_then(|s| s.description) {
+        header.insert(0, description);
     }
     page(
         &format!("{} — quantbench report", results.suite.name),

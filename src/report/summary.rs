@@ -37,11 +37,7 @@ pub fn markdown(results: &Results) -> String {
         if let Some(m) = results.models.iter().find(|m| m.name == model) {
             md.push_str(&format!(
                 "{}, {} parameters, reference {} ({}), {} evaluation tokens.\n\n",
-                m.arch,
-                m.parameters,
-                m.reference,
-                m.dtype,
-                m.eval_tokens
+                m.arch, m.parameters, m.reference, m.dtype, m.eval_tokens
             ));
         }
         let present = table::present_columns(&columns, &cases);
@@ -67,8 +63,6 @@ pub fn markdown(results: &Results) -> String {
         md.push_str(&warnings.join("\n"));
         md.push('\n');
     }
-    md.push_str(
-        "\nAll columns: results.md and results.csv; charts and one card per scheme: index.html.\n",
-    );
+    md.push_str("\nAll columns: results.md and results.csv; charts and one card per scheme: index.html.\n");
     md
 }

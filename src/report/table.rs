@@ -175,11 +175,7 @@ pub fn columns(headers: &[&str]) -> Vec<&'static Column> {
 /// `columns` without those every one of `cases` leaves missing (an encoder has no KLD, a
 /// decoder no embedding cosine).
 pub fn present_columns<'a>(columns: &[&'a Column], cases: &[&CaseResult]) -> Vec<&'a Column> {
-    columns
-        .iter()
-        .copied()
-        .filter(|col| cases.iter().any(|c| (col.value)(c) != Cell::Missing))
-        .collect()
+    columns.iter().copied().filter(|col| cases.iter().any(|c| (col.value)(c) != Cell::Missing)).collect()
 }
 
 /// A Markdown table of `cases` over `columns` (text columns left-aligned: the first one and

@@ -151,7 +151,10 @@ impl Plan {
             if !(t.value > 0.0 && t.value < 1.0) {
                 return Err(check.value(
                     t,
-                    format!("noise_threshold is {}, expected a fraction between 0 and 1 (0.02 = 2%)", t.value),
+                    format!(
+                        "noise_threshold is {}, expected a fraction between 0 and 1 (0.02 = 2%)",
+                        t.value
+                    ),
                 ));
             }
         }

@@ -109,7 +109,9 @@ fn index_html_is_self_contained() {
     assert_eq!(bench(&["report", "run"], dir.path(), &shared_cache()).code, 0);
     let html = read(&run.join("index.html"));
     assert!(html.starts_with("<!DOCTYPE html>"));
-    for forbidden in ["src=\"http", "href=\"http", "url(http", "@import", "<link", "<script src", "<img src=\"http"] {
+    for forbidden in
+        ["src=\"http", "href=\"http", "url(http", "@import", "<link", "<script src", "<img src=\"http"]
+    {
         assert!(!html.contains(forbidden), "index.html refers outside itself: {forbidden}");
     }
     assert_eq!(html.matches("<svg").count(), CHARTS.len(), "every chart inline");
@@ -124,7 +126,8 @@ fn compare_gives_regressed_within_noise_and_exit_2() {
     let dir = fixture("report");
     let out_dir = tempfile::tempdir().unwrap();
     let out = out_dir.path().to_str().unwrap();
-    let run = bench(&["compare", "baseline", "new", "--out", out, "--fail-on-regression"], &dir, &shared_cache());
+    let run =
+        bench(&["compare", "baseline", "new", "--out", out, "--fail-on-regression"], &dir, &shared_cache());
     assert_eq!(run.code, 2, "a regression with --fail-on-regression exits 2:\n{}", run.stderr);
     let md = read(&out_dir.path().join("compare.md"));
     assert_golden("compare.md", &md);
@@ -145,7 +148,11 @@ fn compare_gives_regressed_within_noise_and_exit_2() {
 
     let plain = bench(&["compare", "baseline", "new", "--out", out], &dir, &shared_cache());
     assert_eq!(plain.code, 0, "without the flag a regression is reported, not an error");
-    let same = bench(&["compare", "baseline", "baseline", "--out", out, "--fail-on-regression"], &dir, &shared_cache());
+    let same = bench(
+        &["compare", "baseline", "baseline", "--out", out, "--fail-on-regression"],
+        &dir,
+        &shared_cache(),
+    );
     assert_eq!(same.code, 0, "{}", same.stderr);
     assert!(read(&out_dir.path().join("compare.md")).contains("**Verdict: no regression"));
 }
@@ -160,16 +167,27 @@ fn a_noise_threshold_above_the_change_hides_it() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     let md = read(&out_dir.path().join("compare.md"));
     assert!(md.contains("±20.00% (--noise-threshold)"), "{md}");
-    assert!(md.contains("| tiny/int8-dynamic | prefill_ms |") && md.contains("**Verdict: 1 regressed"), "{md}");
+    assert!(
+        md.contains("| tiny/int8-dynamic | prefill_ms |") && md.contains("**Verdict: 1 regressed"),
+        "{md}"
+    );
     let bad = bench(&["compare", "baseline", "new", "--noise-threshold", "2"], &dir, &shared_cache());
     assert_eq!(bad.code, 1);
-    assert!(bad.stderr.contains("--noise-threshold is 2, expected a fraction between 0 and 1"), "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("--noise-threshold is 2, expected a fraction between 0 and 1"),
+        "{}",
+        bad.stderr
+    );
 }
 
 #[test]
 fn wrong_schema_version_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let text = read(&fixture("report/baseline/results.json")).replacen("\"schema_version\": 2", "\"schema_version\": 1", 1);
+    let text = read(&fixture("report/baseline/results.json")).replacen(
+        "\"schema_version\": 2",
+        "\"schema_version\": 1",
+        1,
+    );
     std::fs::write(dir.path().join("results.json"), text).unwrap();
     for args in [vec!["report", "."], vec!["compare", "results.json", "results.json"]] {
         let run = bench(&args, dir.path(), &shared_cache());
@@ -205,7 +223,10 @@ fn run_saves_a_baseline_and_compares_with_it() {
 
     let missing = bench(&["run", suite, "--baseline", "nope"], dir.path(), &shared_cache());
     assert_eq!(missing.code, 1);
-    assert!(missing.stderr.contains("baseline `nope` not found") && missing.stderr.contains("--save-baseline nope"));
+    assert!(
+        missing.stderr.contains("baseline `nope` not found")
+            && missing.stderr.contains("--save-baseline nope")
+    );
     assert!(!missing.stderr.contains("reference pass"), "a missing baseline is found before any work");
     let bad = bench(&["run", suite, "--save-baseline", "../x"], dir.path(), &shared_cache());
     assert_eq!(bad.code, 1);
@@ -220,7 +241,11 @@ fn suite_noise_threshold_is_checked() {
     std::fs::write(&suite, text).unwrap();
     let run = bench(&["validate", suite.to_str().unwrap()], dir.path(), &shared_cache());
     assert_eq!(run.code, 1);
-    assert!(run.stderr.contains("noise_threshold is 5, expected a fraction between 0 and 1"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("noise_threshold is 5, expected a fraction between 0 and 1"),
+        "{}",
+        run.stderr
+    );
     assert!(run.stderr.contains("line 15"), "{}", run.stderr);
 }
 
@@ -276,12 +301,18 @@ fn nightly_workflow_has_the_github_actions_schema() {
     }
     assert!(uses.iter().any(|(u, _)| u.starts_with("actions/checkout@")));
     assert!(
-        runs.iter().any(|r| r.contains("suites/nightly.yaml") && r.contains("--baseline nightly") && r.contains("--fail-on-regression")),
+        runs.iter().any(|r| r.contains("suites/nightly.yaml")
+            && r.contains("--baseline nightly")
+            && r.contains("--fail-on-regression")),
         "no step runs the nightly suite against the baseline: {runs:?}"
     );
     assert!(runs.iter().any(|r| r.contains("summary.md") && r.contains("$GITHUB_STEP_SUMMARY")));
-    let (_, with) = uses.iter().find(|(u, _)| u.starts_with("actions/upload-artifact@")).expect("artifact upload");
+    let (_, with) =
+        uses.iter().find(|(u, _)| u.starts_with("actions/upload-artifact@")).expect("artifact upload");
     let path = with.as_ref().and_then(|w| w["path"].as_str()).expect("upload-artifact with.path");
     let output = read(&root().join("suites/nightly.yaml"));
-    assert!(output.contains(&format!("output: {}", path.trim_end_matches('/'))), "artifact path {path} is not the suite output");
+    assert!(
+        output.contains(&format!("output: {}", path.trim_end_matches('/'))),
+        "artifact path {path} is not the suite output"
+    );
 }
