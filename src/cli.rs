@@ -10,7 +10,7 @@ use crate::measure::embedding;
 use crate::measure::METRICS;
 use crate::model::generate::greedy;
 use crate::model::{self, builtin, Model, ModelFiles, QuantizeFactory, ARCHS};
-use crate::report::table;
+use crate::report::{self, baseline, compare, table, Results};
 use crate::runner::{self, RunOptions};
 use crate::scheme::{self, FloatStorage, SchemeInfo, SCHEMES};
 use crate::suite::Plan;
@@ -20,7 +20,8 @@ use crate::tensor;
 pub const EXIT_OK: i32 = 0;
 /// Exit code for an error.
 pub const EXIT_ERROR: i32 = 1;
-/// Exit code for a regression found by `compare` (reserved).
+/// Exit code for a regression found by `compare` (or `run --baseline`) with
+/// `--fail-on-regression`.
 pub const EXIT_REGRESSION: i32 = 2;
 
 /// What a quantization scheme costs and buys: memory, disk, latency and divergence from
@@ -52,6 +53,37 @@ pub enum Command {
         /// Keep each saved quantized model under OUT/models/.
         #[arg(long)]
         keep_models: bool,
+        /// Also store the results as baseline NAME under reports/baselines/NAME/.
+        #[arg(long, value_name = "NAME")]
+        save_baseline: Option<String>,
+        /// Compare the results with baseline NAME (reports/baselines/NAME/) at the end.
+        #[arg(long, value_name = "NAME")]
+        baseline: Option<String>,
+        /// With --baseline: exit with 2 when a metric regressed.
+        #[arg(long, requires = "baseline")]
+        fail_on_regression: bool,
+    },
+    /// Render results.md, results.csv, summary.md, the charts and index.html from results.json.
+    Report {
+        /// A run's output folder, or its results.json.
+        run_dir: PathBuf,
+    },
+    /// Compare two runs: per case and metric, improved, regressed or within noise.
+    Compare {
+        /// The baseline: a run folder or a results.json.
+        baseline: PathBuf,
+        /// The new run: a run folder or a results.json.
+        new: PathBuf,
+        /// Exit with 2 when a metric regressed.
+        #[arg(long)]
+        fail_on_regression: bool,
+        /// Relative change of a median timing treated as noise (default: the new suite's
+        /// `noise_threshold`, else 0.02).
+        #[arg(long, value_name = "FRACTION")]
+        noise_threshold: Option<f64>,
+        /// Folder for compare.md and compare.html (default: the new run's folder).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Check a suite (paths, names, parameters, models) without running it.
     Validate {
@@ -149,8 +181,24 @@ pub struct EmbedArgs {
 /// Run a parsed command line; returns the exit code.
 pub fn execute(cli: Cli) -> Result<i32> {
     match cli.command {
-        Command::Run { suite, out, resume, filter, keep_models } => {
+        Command::Run {
+            suite,
+            out,
+            resume,
+            filter,
+            keep_models,
+            save_baseline,
+            baseline,
+            fail_on_regression,
+        } => {
             let plan = Plan::load(&suite)?;
+            let baselines = Path::new(baseline::BASELINES_DIR);
+            // Check names before the work, not after it.
+            if let Some(name) = &save_baseline {
+                baseline::dir(baselines, name)?;
+            }
+            let baseline_path =
+                baseline.as_deref().map(|name| baseline::path(baselines, name)).transpose()?;
             let options = RunOptions { out, resume, filter, keep_models };
             let (dir, results) = runner::run(&plan, &options)?;
             println!("{}", table::markdown(&results));
@@ -159,7 +207,54 @@ pub fn execute(cli: Cli) -> Result<i32> {
                     eprintln!("warning: {}: {w}", case.id);
                 }
             }
-            eprintln!("wrote {}", dir.join("results.json").display());
+            eprintln!(
+                "wrote {} and {}",
+                dir.join("results.json").display(),
+                dir.join("index.html").display()
+            );
+            if let Some(name) = &save_baseline {
+                let path = baseline::save(baselines, name, &results)?;
+                eprintln!("saved baseline {name} to {}", path.display());
+            }
+            if let Some(base_path) = baseline_path {
+                let base = Results::read(&base_path)?;
+                let new_path = dir.join("results.json");
+                let regressions = write_comparison(&base, &base_path, &results, &new_path, None, &dir)?;
+                if fail_on_regression && regressions > 0 {
+                    return Ok(EXIT_REGRESSION);
+                }
+            }
+        }
+        Command::Report { run_dir } => {
+            let path = report::results_path(&run_dir);
+            let results = Results::read(&path)?;
+            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let written = report::render(&results, dir)?;
+            for file in written {
+                eprintln!("wrote {}", file.display());
+            }
+        }
+        Command::Compare { baseline, new, fail_on_regression, noise_threshold, out } => {
+            if let Some(t) = noise_threshold.filter(|t| !(*t > 0.0 && *t < 1.0)) {
+                return Err(Error::Render(format!(
+                    "--noise-threshold is {t}, expected a fraction between 0 and 1 (0.02 = 2%)"
+                )));
+            }
+            let (base_path, new_path) = (report::results_path(&baseline), report::results_path(&new));
+            let base = Results::read(&base_path)?;
+            let results = Results::read(&new_path)?;
+            let dir = out.unwrap_or_else(|| {
+                new_path
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."))
+                    .to_path_buf()
+            });
+            let regressions =
+                write_comparison(&base, &base_path, &results, &new_path, noise_threshold, &dir)?;
+            if fail_on_regression && regressions > 0 {
+                return Ok(EXIT_REGRESSION);
+            }
         }
         Command::Validate { suite } => {
             let plan = Plan::load(&suite)?;
@@ -182,6 +277,25 @@ pub fn execute(cli: Cli) -> Result<i32> {
         }
     }
     Ok(EXIT_OK)
+}
+
+/// Compare, write compare.md and compare.html into `dir`, print compare.md; returns the
+/// number of regressions that fail the comparison.
+fn write_comparison(
+    base: &Results,
+    base_path: &Path,
+    new: &Results,
+    new_path: &Path,
+    threshold: Option<f64>,
+    dir: &Path,
+) -> Result<usize> {
+    let comparison = compare::compare(base, base_path, new, new_path, threshold);
+    let md = compare::markdown(&comparison);
+    report::write_atomic(&dir.join("compare.md"), md.as_bytes())?;
+    report::write_atomic(&dir.join("compare.html"), compare::html(&comparison).as_bytes())?;
+    println!("{md}");
+    eprintln!("{}: {}", dir.join("compare.md").display(), comparison.headline());
+    Ok(comparison.regressions())
 }
 
 fn open_model(spec: &str) -> Result<ModelFiles> {

@@ -1,22 +1,77 @@
-//! The results table (one row per model × scheme) as Markdown and CSV, from one column
-//! list so the two never disagree.
+//! The results tables (one row per model × scheme) as Markdown, CSV and sortable HTML,
+//! all from one column list so they never disagree. `summary.md` and the HTML report pick
+//! their columns from the same list by header.
 
 use super::results::{CaseResult, LayerDivergence, Results};
 use crate::error::{Error, Result};
 use crate::measure::divergence::DivergenceStats;
 
 /// One cell's value.
-enum Cell {
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cell {
+    /// Free text.
     Text(String),
     /// A number and the decimals Markdown shows.
     Num(f64, usize),
+    /// A number shown with three significant digits (scientific below 0.001).
+    Sig(f64),
+    /// A count.
     Int(u64),
+    /// Not measured.
     Missing,
 }
 
-struct Column {
-    header: &'static str,
-    value: fn(&CaseResult) -> Cell,
+impl Cell {
+    /// As printed in Markdown and HTML (`–` when missing).
+    pub fn display(&self) -> String {
+        match self {
+            Cell::Text(t) => t.clone(),
+            Cell::Num(v, d) => format!("{v:.d$}"),
+            Cell::Sig(v) => significant(*v),
+            Cell::Int(v) => v.to_string(),
+            Cell::Missing => "–".into(),
+        }
+    }
+
+    /// As written in CSV: full precision, empty when missing.
+    fn csv(&self) -> String {
+        match self {
+            Cell::Text(t) => t.clone(),
+            Cell::Num(v, _) | Cell::Sig(v) => v.to_string(),
+            Cell::Int(v) => v.to_string(),
+            Cell::Missing => String::new(),
+        }
+    }
+
+    /// The number a sortable table orders by (`None` for text and missing cells).
+    pub fn number(&self) -> Option<f64> {
+        match self {
+            Cell::Num(v, _) | Cell::Sig(v) => Some(*v),
+            Cell::Int(v) => Some(*v as f64),
+            Cell::Text(_) | Cell::Missing => None,
+        }
+    }
+}
+
+/// `v` with three significant digits: `0.136`, `0.00567`, `5.67e-7`, `0`.
+pub fn significant(v: f64) -> String {
+    let a = v.abs();
+    if v == 0.0 || !v.is_finite() {
+        format!("{v}")
+    } else if a < 1e-3 {
+        format!("{v:.2e}")
+    } else {
+        let decimals = (2 - a.log10().floor() as i32).max(0) as usize;
+        format!("{v:.decimals$}")
+    }
+}
+
+/// One column: its header and how a case fills it.
+pub struct Column {
+    /// Header, unique across [`COLUMNS`].
+    pub header: &'static str,
+    /// The cell of a case.
+    pub value: fn(&CaseResult) -> Cell,
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -26,7 +81,7 @@ fn opt<T>(v: Option<T>, f: impl FnOnce(T) -> Cell) -> Cell {
 }
 
 /// A case's divergence statistics, when measured and not withheld.
-fn stats(c: &CaseResult) -> Option<&DivergenceStats> {
+pub fn stats(c: &CaseResult) -> Option<&DivergenceStats> {
     c.divergence.as_ref().and_then(|d| d.stats.as_ref())
 }
 
@@ -44,7 +99,8 @@ pub fn format_db(db: f64) -> String {
     }
 }
 
-const COLUMNS: &[Column] = &[
+/// Every column of results.md and results.csv, in order.
+pub const COLUMNS: &[Column] = &[
     Column { header: "model", value: |c| Cell::Text(c.model.clone()) },
     Column { header: "scheme", value: |c| Cell::Text(c.label.clone()) },
     Column { header: "bits/weight", value: |c| opt(c.memory.as_ref(), |m| Cell::Num(m.bits_per_weight, 2)) },
@@ -70,8 +126,8 @@ const COLUMNS: &[Column] = &[
         header: "peak RSS MiB",
         value: |c| opt(c.memory.as_ref().and_then(|m| m.peak_rss_bytes), |b| Cell::Num(b as f64 / MIB, 1)),
     },
-    Column { header: "KLD mean", value: |c| opt(stats(c), |d| Cell::Num(d.kld.mean, 6)) },
-    Column { header: "KLD p99", value: |c| opt(stats(c), |d| Cell::Num(d.kld.percentiles.p99, 6)) },
+    Column { header: "KLD mean", value: |c| opt(stats(c), |d| Cell::Sig(d.kld.mean)) },
+    Column { header: "KLD p99", value: |c| opt(stats(c), |d| Cell::Sig(d.kld.percentiles.p99)) },
     Column { header: "same top-1 %", value: |c| opt(stats(c), |d| Cell::Num(100.0 * d.same_top1.value, 2)) },
     Column { header: "Δp RMS %", value: |c| opt(stats(c), |d| Cell::Num(100.0 * d.delta_p.rms.value, 3)) },
     Column { header: "PPL ref", value: |c| opt(stats(c), |d| Cell::Num(d.ppl_reference.value, 3)) },
@@ -94,27 +150,82 @@ const COLUMNS: &[Column] = &[
     },
 ];
 
-/// The Markdown table of every case.
-pub fn markdown(results: &Results) -> String {
+/// The columns of `summary.md` and the HTML report's tables, by header in [`COLUMNS`].
+pub const SUMMARY_COLUMNS: &[&str] = &[
+    "scheme",
+    "bits/weight",
+    "weights MiB",
+    "disk MiB",
+    "prefill ms",
+    "tok/s",
+    "peak RSS MiB",
+    "KLD mean",
+    "same top-1 %",
+    "PPL ratio",
+    "worst layer SQNR dB",
+    "emb cos min",
+];
+
+/// The columns named by `headers`, in that order (unknown headers are skipped; a unit test
+/// keeps [`SUMMARY_COLUMNS`] in step with [`COLUMNS`]).
+pub fn columns(headers: &[&str]) -> Vec<&'static Column> {
+    headers.iter().filter_map(|h| COLUMNS.iter().find(|c| c.header == *h)).collect()
+}
+
+/// `columns` without those every one of `cases` leaves missing (an encoder has no KLD, a
+/// decoder no embedding cosine).
+pub fn present_columns<'a>(columns: &[&'a Column], cases: &[&CaseResult]) -> Vec<&'a Column> {
+    columns.iter().copied().filter(|col| cases.iter().any(|c| (col.value)(c) != Cell::Missing)).collect()
+}
+
+/// A Markdown table of `cases` over `columns` (text columns left-aligned: the first one and
+/// any whose cells are all text).
+pub fn markdown_table(cases: &[&CaseResult], columns: &[&Column]) -> String {
     let mut out = String::new();
-    let headers: Vec<&str> = COLUMNS.iter().map(|c| c.header).collect();
+    let headers: Vec<&str> = columns.iter().map(|c| c.header).collect();
     out.push_str(&format!("| {} |\n", headers.join(" | ")));
-    let aligns: Vec<&str> =
-        COLUMNS.iter().enumerate().map(|(i, _)| if i < 2 { "---" } else { "---:" }).collect();
+    let aligns: Vec<&str> = columns
+        .iter()
+        .map(|col| {
+            let textual = cases.iter().all(|c| matches!((col.value)(c), Cell::Text(_) | Cell::Missing));
+            if textual && col.header != "worst layer SQNR dB" {
+                "---"
+            } else {
+                "---:"
+            }
+        })
+        .collect();
     out.push_str(&format!("|{}|\n", aligns.join("|")));
-    for case in &results.cases {
-        let cells: Vec<String> = COLUMNS
-            .iter()
-            .map(|col| match (col.value)(case) {
-                Cell::Text(t) => t.replace('|', "\\|"),
-                Cell::Num(v, d) => format!("{v:.d$}"),
-                Cell::Int(v) => v.to_string(),
-                Cell::Missing => "–".into(),
-            })
-            .collect();
+    for case in cases {
+        let cells: Vec<String> =
+            columns.iter().map(|col| (col.value)(case).display().replace('|', "\\|")).collect();
         out.push_str(&format!("| {} |\n", cells.join(" | ")));
     }
     out
+}
+
+/// The Markdown table of every case over every column.
+pub fn markdown(results: &Results) -> String {
+    let all: Vec<&Column> = COLUMNS.iter().collect();
+    markdown_table(&results.cases.iter().collect::<Vec<_>>(), &all)
+}
+
+/// The cases of each model, models in results order (cases of unlisted models last).
+pub fn cases_by_model(results: &Results) -> Vec<(String, Vec<&CaseResult>)> {
+    let mut names: Vec<String> = results.models.iter().map(|m| m.name.clone()).collect();
+    for case in &results.cases {
+        if !names.contains(&case.model) {
+            names.push(case.model.clone());
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            let cases = results.cases.iter().filter(|c| c.model == name).collect();
+            (name, cases)
+        })
+        .filter(|(_, cases): &(String, Vec<&CaseResult>)| !cases.is_empty())
+        .collect()
 }
 
 /// The CSV table of every case (full precision numbers, empty cells for missing values).
@@ -123,16 +234,10 @@ pub fn csv(results: &Results) -> Result<String> {
     let to_err = |e: csv::Error| Error::Render(format!("cannot render csv: {e}"));
     writer.write_record(COLUMNS.iter().map(|c| c.header)).map_err(to_err)?;
     for case in &results.cases {
-        let cells = COLUMNS.iter().map(|col| match (col.value)(case) {
-            Cell::Text(t) => t,
-            Cell::Num(v, _) => v.to_string(),
-            Cell::Int(v) => v.to_string(),
-            Cell::Missing => String::new(),
-        });
-        writer.write_record(cells).map_err(to_err)?;
+        writer.write_record(COLUMNS.iter().map(|col| (col.value)(case).csv())).map_err(to_err)?;
     }
     let bytes = writer.into_inner().map_err(|e| Error::Render(format!("cannot render csv: {e}")))?;
-    Ok(String::from_utf8(bytes).expect("csv of utf-8 cells is utf-8"))
+    String::from_utf8(bytes).map_err(|e| Error::Render(format!("cannot render csv: {e}")))
 }
 
 /// Write results.md and results.csv beside results.json in `dir`.
@@ -163,4 +268,28 @@ pub fn write_tables(results: &Results, dir: &std::path::Path) -> Result<()> {
     md.push('\n');
     super::write_atomic(&dir.join("results.md"), md.as_bytes())?;
     super::write_atomic(&dir.join("results.csv"), csv(results)?.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_columns_exist_and_headers_are_unique() {
+        assert_eq!(columns(SUMMARY_COLUMNS).len(), SUMMARY_COLUMNS.len());
+        let mut headers: Vec<&str> = COLUMNS.iter().map(|c| c.header).collect();
+        headers.sort();
+        headers.dedup();
+        assert_eq!(headers.len(), COLUMNS.len());
+    }
+
+    #[test]
+    fn significant_digits() {
+        assert_eq!(significant(0.136287), "0.136");
+        assert_eq!(significant(0.005669), "0.00567");
+        assert_eq!(significant(5.669e-7), "5.67e-7");
+        assert_eq!(significant(12.345), "12.3");
+        assert_eq!(significant(0.0), "0");
+        assert_eq!(Cell::Sig(2.5).number(), Some(2.5));
+    }
 }

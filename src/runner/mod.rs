@@ -13,7 +13,6 @@ use crate::report::results::{
     CalibrationRecord, CaseResult, ModelRecord, Provenance, Results, SuiteRecord, WorkloadRecord,
     SCHEMA_VERSION,
 };
-use crate::report::table;
 use crate::scheme::FloatStorage;
 use crate::suite::plan::{sha256_file, sha256_hex};
 use crate::suite::{Plan, PlannedModel, PlannedScheme};
@@ -103,7 +102,8 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> {
         }
     }
     results.write(&results_path)?;
-    table::write_tables(&results, &out)?;
+    // Tables, summary, charts and the HTML page, all from the results just written.
+    crate::report::render(&results, &out)?;
     progress.done();
     Ok((out, results))
 }

@@ -52,6 +52,10 @@ pub struct SuiteFile {
     /// Output folder, relative to the working directory.
     #[serde(default)]
     pub output: Option<String>,
+    /// Relative change of a median timing that `bench compare` treats as noise (default
+    /// 0.02): a timing regresses only when its whole 95% interval lies beyond it.
+    #[serde(default)]
+    pub noise_threshold: Option<Spanned<f64>>,
 }
 
 /// A default value, which has no place in the file.
@@ -267,6 +271,13 @@ mod tests {
         assert!(err.contains("prompt_length"), "{err}");
         assert!(err.contains("prompt_len"), "allowed keys missing: {err}");
         assert!(err.contains("line 7"), "line missing: {err}");
+    }
+
+    #[test]
+    fn noise_threshold_is_optional() {
+        assert!(parse(MINIMAL, Path::new("s.yaml")).unwrap().noise_threshold.is_none());
+        let s = parse(&format!("{MINIMAL}noise_threshold: 0.05\n"), Path::new("s.yaml")).unwrap();
+        assert_eq!(s.noise_threshold.map(|t| t.value), Some(0.05));
     }
 
     #[test]

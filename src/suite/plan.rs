@@ -147,6 +147,17 @@ impl Plan {
         if suite.repeats.value == 0 {
             return Err(check.value(&suite.repeats, "repeats is 0, expected at least 1".into()));
         }
+        if let Some(t) = &suite.noise_threshold {
+            if !(t.value > 0.0 && t.value < 1.0) {
+                return Err(check.value(
+                    t,
+                    format!(
+                        "noise_threshold is {}, expected a fraction between 0 and 1 (0.02 = 2%)",
+                        t.value
+                    ),
+                ));
+            }
+        }
         let output = PathBuf::from(suite.output.clone().unwrap_or_else(|| format!("reports/{name}")));
         Ok(Plan {
             suite_path: path.to_path_buf(),

@@ -6,5 +6,6 @@ mod cli;
 mod golden;
 mod measure;
 mod real;
+mod report;
 mod support;
 mod torch_dynamic;
