@@ -33,7 +33,7 @@ enum References {
     Causal {
         eval_tokens: Vec<u32>,
         prompt_ids: Vec<Vec<u32>>,
-        logprobs: Option<Reference>,
+        logprobs: Option<Box<Reference>>,
         generations: Vec<Vec<u32>>,
     },
     Encoder {
@@ -91,7 +91,7 @@ impl<'p> ModelRunner<'p> {
                     let (reference, record) =
                         cached_reference(plan, judge_model, lm.as_ref(), &eval_tokens, out)?;
                     reference_cache = Some(record);
-                    Some(reference)
+                    Some(Box::new(reference))
                 } else {
                     None
                 };
