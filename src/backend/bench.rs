@@ -42,8 +42,11 @@ impl Stats {
         let n = s.len();
         let median = if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 };
         let mean = s.iter().sum::<f64>() / n as f64;
-        let stdev =
-            if n > 1 { (s.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt() } else { 0.0 };
+        let stdev = if n > 1 {
+            (s.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
         let rank = ((0.9 * n as f64).ceil() as usize).clamp(1, n);
         Some(Stats { n, min: s[0], median, mean, stdev, p90: s[rank - 1] })
     }

@@ -75,10 +75,14 @@ pub enum DeviceError {
     #[error("device `{0}`, expected one of: cpu, cuda, auto")]
     Unknown(String),
     /// The binary was built without the `cuda` feature.
-    #[error("device `cuda`: this build has no CUDA support (built without the `cuda` cargo feature); use `cpu`")]
+    #[error(
+        "device `cuda`: this build has no CUDA support (built without the `cuda` cargo feature); use `cpu`"
+    )]
     NotBuilt,
     /// No CUDA driver library could be loaded.
-    #[error("device `cuda`: no CUDA driver found ({0}); use `cpu`, or `auto` to use CUDA when it is available")]
+    #[error(
+        "device `cuda`: no CUDA driver found ({0}); use `cpu`, or `auto` to use CUDA when it is available"
+    )]
     NoDriver(String),
     /// The driver loaded but reported no usable device.
     #[error("device `cuda`: the CUDA driver is present but no device is usable ({0}); use `cpu`")]
@@ -128,7 +132,11 @@ pub fn cuda_probe() -> CudaProbe {
 
 /// The device a suite's request resolves to, given what the probe found and whether the
 /// runner can run CUDA cases.
-pub fn resolve_with(request: DeviceRequest, probe: &CudaProbe, runner_runs_cuda: bool) -> Result<Device, DeviceError> {
+pub fn resolve_with(
+    request: DeviceRequest,
+    probe: &CudaProbe,
+    runner_runs_cuda: bool,
+) -> Result<Device, DeviceError> {
     let cuda = match probe {
         CudaProbe::NotBuilt => Err(DeviceError::NotBuilt),
         CudaProbe::NoDriver(why) => Err(DeviceError::NoDriver(why.clone())),

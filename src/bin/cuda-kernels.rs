@@ -35,7 +35,11 @@ fn parse_args() -> Result<Options, String> {
             "--samples" => o.samples = value("--samples")?.parse().map_err(|e| format!("--samples: {e}"))?,
             "--iters" => o.iters = value("--iters")?.parse().map_err(|e| format!("--iters: {e}"))?,
             "--json" => o.json = Some(value("--json")?),
-            other => return Err(format!("unknown argument `{other}`, expected --samples N, --iters N or --json PATH")),
+            other => {
+                return Err(format!(
+                    "unknown argument `{other}`, expected --samples N, --iters N or --json PATH"
+                ))
+            }
         }
     }
     if o.samples == 0 || o.iters == 0 {
@@ -86,9 +90,18 @@ fn run(o: &Options) -> Result<Vec<Row>, CudaError> {
     let l2 = gpu
         .context()
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
-        .map_err(|e| CudaError::Driver { op: "L2 size".into(), message: format!("{e:?}") })? as usize;
+        .map_err(|e| CudaError::Driver { op: "L2 size".into(), message: format!("{e:?}") })?
+        as usize;
     let (free, total) = gpu.memory()?;
-    println!("device: {} (sm_{}{}), L2 {} MiB, memory {} / {} MiB free", gpu.name(), gpu.capability().0, gpu.capability().1, l2 >> 20, free >> 20, total >> 20);
+    println!(
+        "device: {} (sm_{}{}), L2 {} MiB, memory {} / {} MiB free",
+        gpu.name(),
+        gpu.capability().0,
+        gpu.capability().1,
+        l2 >> 20,
+        free >> 20,
+        total >> 20
+    );
     let mut rows = Vec::new();
 
     // Peak: device-to-device copy of 1 GiB (read + write counted).
@@ -97,11 +110,16 @@ fn run(o: &Options) -> Result<Vec<Row>, CudaError> {
     let mut dst = gpu.zeros::<u8>(copy_bytes)?;
     let stream = gpu.stream().clone();
     let copy = time(&gpu, o, |_| {
-        stream.memcpy_dtod(&src, &mut dst).map_err(|e| CudaError::Driver { op: "memcpy dtod".into(), message: format!("{e:?}") })
+        stream
+            .memcpy_dtod(&src, &mut dst)
+            .map_err(|e| CudaError::Driver { op: "memcpy dtod".into(), message: format!("{e:?}") })
     })?;
     drop((src, dst));
     let peak_gb_s = bench::gb_per_s(2.0 * copy_bytes as f64, copy.median);
-    println!("peak: device-to-device copy {peak_gb_s:.0} GB/s (median of {} × {} copies of 1 GiB)", o.samples, o.iters);
+    println!(
+        "peak: device-to-device copy {peak_gb_s:.0} GB/s (median of {} × {} copies of 1 GiB)",
+        o.samples, o.iters
+    );
     rows.push(Row {
         kernel: "memcpy dtod".into(),
         shape: Shape { m: 0, n: 0, k: 0 },
@@ -127,7 +145,8 @@ fn run(o: &Options) -> Result<Vec<Row>, CudaError> {
         };
         let bytes = bench::packed4_gemv_bytes(s, 128, true);
         let (count, _) = bench::rotation(bytes as usize, l2, gpu.memory()?.0);
-        let copies: Vec<DevicePacked4> = (0..count).map(|_| DevicePacked4::upload(&gpu, &p)).collect::<Result<_, _>>()?;
+        let copies: Vec<DevicePacked4> =
+            (0..count).map(|_| DevicePacked4::upload(&gpu, &p)).collect::<Result<_, _>>()?;
         let x = gpu.upload(&rng.normal_vec(s.m * s.k, 1.0))?;
         let mut out = gpu.zeros::<f32>(s.m * s.n)?;
         let st = time(&gpu, o, |i| ops::packed4_gemv(&gpu, &copies[i % count], &x, s.m, None, &mut out))?;
@@ -140,7 +159,11 @@ fn run(o: &Options) -> Result<Vec<Row>, CudaError> {
             stats: st,
             gb_s: Some(gb),
             tflop_s: bench::tflop_per_s(s.ops(), st.median),
-            versus: format!("{:.0}% of copy bandwidth ({})", 100.0 * f, if ok { "meets 75%" } else { "below 75%" }),
+            versus: format!(
+                "{:.0}% of copy bandwidth ({})",
+                100.0 * f,
+                if ok { "meets 75%" } else { "below 75%" }
+            ),
         });
 
         // int8 GEMV.
@@ -151,7 +174,9 @@ fn run(o: &Options) -> Result<Vec<Row>, CudaError> {
         let sw = gpu.upload(&vec![0.01f32; s.n])?;
         let qx = gpu.upload(&vec![3i8; s.m * s.k])?;
         let sx = gpu.upload(&vec![0.02f32; s.m])?;
-        let st = time(&gpu, o, |i| ops::gemv_i8(&gpu, &qx, &sx, &ws[i % count], &sw, None, &mut out, (s.m, s.n, s.k)))?;
+        let st = time(&gpu, o, |i| {
+            ops::gemv_i8(&gpu, &qx, &sx, &ws[i % count], &sw, None, &mut out, (s.m, s.n, s.k))
+        })?;
         drop(ws);
         let gb = bench::gb_per_s(bytes, st.median);
         let (f, ok) = bench::verdict(gb, peak_gb_s, bench::GEMV_BANDWIDTH_TARGET);
@@ -161,7 +186,11 @@ fn run(o: &Options) -> Result<Vec<Row>, CudaError> {
             stats: st,
             gb_s: Some(gb),
             tflop_s: bench::tflop_per_s(s.ops(), st.median),
-            versus: format!("{:.0}% of copy bandwidth ({})", 100.0 * f, if ok { "meets 75%" } else { "below 75%" }),
+            versus: format!(
+                "{:.0}% of copy bandwidth ({})",
+                100.0 * f,
+                if ok { "meets 75%" } else { "below 75%" }
+            ),
         });
     }
 
@@ -215,7 +244,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    println!("{:<32} {:>20} {:>10} {:>10} {:>9} {:>9}  versus", "kernel", "m×n×k", "median µs", "σ µs", "GB/s", "TFLOP/s");
+    println!(
+        "{:<32} {:>20} {:>10} {:>10} {:>9} {:>9}  versus",
+        "kernel", "m×n×k", "median µs", "σ µs", "GB/s", "TFLOP/s"
+    );
     for r in &rows {
         let shape = format!("{}×{}×{}", r.shape.m, r.shape.n, r.shape.k);
         let gb = r.gb_s.map_or("-".into(), |g| format!("{g:.0}"));

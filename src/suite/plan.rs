@@ -355,7 +355,8 @@ impl Checker<'_> {
         let Some(spanned) = device else {
             return backend::resolve(DeviceRequest::Auto).map_err(|e| self.at(0, e.to_string()));
         };
-        let request: DeviceRequest = spanned.value.parse().map_err(|e: DeviceError| self.value(spanned, e.to_string()))?;
+        let request: DeviceRequest =
+            spanned.value.parse().map_err(|e: DeviceError| self.value(spanned, e.to_string()))?;
         backend::resolve(request).map_err(|e| self.value(spanned, e.to_string()))
     }
 }

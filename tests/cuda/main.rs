@@ -42,7 +42,9 @@ const GEMM_BF16_L2: f64 = 4e-3;
 /// The device, or `None` after printing why the test is skipped.
 fn gpu() -> Option<Gpu> {
     match cuda_probe() {
-        CudaProbe::Ready { .. } => Some(Gpu::new(0).unwrap_or_else(|e| panic!("a device was found but: {e}"))),
+        CudaProbe::Ready { .. } => {
+            Some(Gpu::new(0).unwrap_or_else(|e| panic!("a device was found but: {e}")))
+        }
         other => {
             eprintln!("skipped: no CUDA device ({other:?})");
             None
@@ -65,7 +67,15 @@ fn max_err(a: &[f32], b: &[f32]) -> f64 {
     let scale = b.iter().fold(1.0f64, |m, v| m.max(v.abs() as f64));
     a.iter()
         .zip(b)
-        .map(|(x, y)| if x.is_nan() || y.is_nan() { f64::INFINITY } else { (*x as f64 - *y as f64).abs() / scale })
+        .map(
+            |(x, y)| {
+                if x.is_nan() || y.is_nan() {
+                    f64::INFINITY
+                } else {
+                    (*x as f64 - *y as f64).abs() / scale
+                }
+            },
+        )
         .fold(0.0, f64::max)
 }
 
@@ -112,7 +122,8 @@ fn every_kernel_compiles_under_nvrtc() {
 fn quantize_rows_cpu(x: &[f32], cols: usize, skip: &[usize]) -> (Vec<i8>, Vec<f32>) {
     let (mut q, mut s) = (Vec::new(), Vec::new());
     for row in x.chunks_exact(cols) {
-        let row: Vec<f32> = row.iter().enumerate().map(|(c, &v)| if skip.contains(&c) { 0.0 } else { v }).collect();
+        let row: Vec<f32> =
+            row.iter().enumerate().map(|(c, &v)| if skip.contains(&c) { 0.0 } else { v }).collect();
         let absmax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let scale = if absmax > 0.0 { absmax / 127.0 } else { 1.0 };
         q.extend(row.iter().map(|&v| (v / scale).round_ties_even().clamp(-127.0, 127.0) as i8));
@@ -139,9 +150,8 @@ fn int8_quantization_gemv_gemm_and_rescale_match_the_cpu_exactly() {
 
         let mut acc_cpu = vec![0i32; m * n];
         gemm_i8_reference(&qx_cpu, m, k, &qw, n, &mut acc_cpu);
-        let want: Vec<f32> = (0..m * n)
-            .map(|e| acc_cpu[e] as f32 * (sx_cpu[e / n] * sw[e % n]) + bias[e % n])
-            .collect();
+        let want: Vec<f32> =
+            (0..m * n).map(|e| acc_cpu[e] as f32 * (sx_cpu[e / n] * sw[e % n]) + bias[e % n]).collect();
         let (wd, swd, bd) = (gpu.upload(&qw).unwrap(), gpu.upload(&sw).unwrap(), gpu.upload(&bias).unwrap());
         let mut out = poisoned(&gpu, m * n);
         ops::gemv_i8(&gpu, &qx, &sx, &wd, &swd, Some(&bd), &mut out, (m, n, k)).unwrap();
@@ -205,7 +215,8 @@ fn llm_int8_split_and_outlier_product_match_the_cpu() {
     assert_eq!(gpu.download(&qx).unwrap(), qx_cpu, "inlier codes");
 
     for bf16 in [false, true] {
-        let round = |v: f32| if bf16 { half::bf16::from_f32(v).to_f32() } else { half::f16::from_f32(v).to_f32() };
+        let round =
+            |v: f32| if bf16 { half::bf16::from_f32(v).to_f32() } else { half::f16::from_f32(v).to_f32() };
         let base = data(rows * n, 7, 1.0);
         let want: Vec<f32> = (0..rows * n)
             .map(|e| {
@@ -246,8 +257,11 @@ fn fake_quantization_matches_the_cpu_formulas() {
     within("fake_quant weights", "EXACT", EXACT, &gpu.download(&out).unwrap(), &want);
 
     let (s, zp) = (0.02f32, 113.0f32);
-    let want: Vec<f32> =
-        x.iter().map(|&v| ((v * (1.0 / s)).round_ties_even() + zp).clamp(0.0, 255.0) - zp).map(|q| q * s).collect();
+    let want: Vec<f32> = x
+        .iter()
+        .map(|&v| ((v * (1.0 / s)).round_ties_even() + zp).clamp(0.0, 255.0) - zp)
+        .map(|q| q * s)
+        .collect();
     let sd = gpu.upload(&[s]).unwrap();
     let mut out = poisoned(&gpu, x.len());
     let acts = FakeQuant { zero_point: zp, qmin: 0.0, qmax: 255.0, reciprocal: true };
@@ -374,10 +388,17 @@ fn norms_activations_softmax_and_rotary_match_the_cpu() {
     for (t, row) in want.chunks_exact_mut(heads * hd).enumerate() {
         row.chunks_exact_mut(hd).for_each(|h| rope.apply(h, positions[t] as usize));
     }
-    let inv_freq: Vec<f32> = (0..hd / 2).map(|i| (1.0 / 10000f64.powf((2 * i) as f64 / hd as f64)) as f32).collect();
+    let inv_freq: Vec<f32> =
+        (0..hd / 2).map(|i| (1.0 / 10000f64.powf((2 * i) as f64 / hd as f64)) as f32).collect();
     let mut qd = gpu.upload(&q).unwrap();
-    ops::rotary(&gpu, &mut qd, &gpu.upload(&positions).unwrap(), &gpu.upload(&inv_freq).unwrap(), (tokens, heads, hd))
-        .unwrap();
+    ops::rotary(
+        &gpu,
+        &mut qd,
+        &gpu.upload(&positions).unwrap(),
+        &gpu.upload(&inv_freq).unwrap(),
+        (tokens, heads, hd),
+    )
+    .unwrap();
     within("rotary", "ROTARY", ROTARY, &gpu.download(&qd).unwrap(), &want);
 }
 
@@ -404,7 +425,8 @@ fn attention_with_a_kv_cache_matches_the_cpu_for_prefill_then_decode() {
     let slopes = tensor::alibi_slopes(heads);
     for alibi in [false, true] {
         let masking = Masking { causal: true, alibi: alibi.then_some(slopes.as_slice()), key_mask: None };
-        let mut cpu = KvCache::new(1, batch, AttentionShape { heads, kv_heads, head_dim: hd }, prefill + steps);
+        let mut cpu =
+            KvCache::new(1, batch, AttentionShape { heads, kv_heads, head_dim: hd }, prefill + steps);
         let mut kc = gpu.zeros::<f32>(shape.len()).unwrap();
         let mut vc = gpu.zeros::<f32>(shape.len()).unwrap();
         let slopes_d = gpu.upload(&slopes).unwrap();
@@ -422,7 +444,8 @@ fn attention_with_a_kv_cache_matches_the_cpu_for_prefill_then_decode() {
             ops::kv_append(&gpu, &gpu.upload(&v).unwrap(), &mut vc, shape, (start, seq)).unwrap();
             let mut out = poisoned(&gpu, q.len());
             let dm = DeviceMasking { causal: true, alibi: alibi.then_some(&slopes_d), key_mask: None };
-            ops::attention(&gpu, &gpu.upload(&q).unwrap(), &kc, &vc, shape, (start, seq), dm, &mut out).unwrap();
+            ops::attention(&gpu, &gpu.upload(&q).unwrap(), &kc, &vc, shape, (start, seq), dm, &mut out)
+                .unwrap();
             let name = format!("attention alibi={alibi} step {step} (seq {seq}, start {start})");
             within(&name, "ATTENTION", ATTENTION, &gpu.download(&out).unwrap(), &want);
             start += seq;
@@ -492,4 +515,52 @@ fn conversions_round_like_the_half_crate() {
     ops::from_half(&gpu, &b, &mut back).unwrap();
     let want: Vec<f32> = x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
     within("bf16 → f32", "EXACT", EXACT, &gpu.download(&back).unwrap(), &want);
+}
+
+// ---- linear layers at the scheme boundary (unverified on hardware) --------------------
+
+/// Relative L2 of the CUDA int8 layer against the CPU `Int8DynamicLinear`: the integer
+/// paths are exact, so only the CPU's own GEMM path could differ (it does not).
+const LINEAR_INT8_L2: f64 = 0.0;
+
+#[test]
+fn cuda_linears_match_the_cpu_layers_for_decode_and_prefill() {
+    use quantbench::backend::cuda::linear::CudaLinear;
+    use quantbench::scheme::int8_dynamic::{Int8DynamicLinear, Int8DynamicOptions};
+    use quantbench::scheme::{DenseWeight, Linear};
+    let Some(gpu) = gpu() else { return };
+    let blas = Blas::new(&gpu).unwrap();
+    for &(n, k) in &[(516usize, 1024usize), (257, 99)] {
+        let w = data(n * k, 80, 0.2);
+        let bias = data(n, 81, 0.1);
+        let cpu = Int8DynamicLinear::new(
+            DenseWeight { name: "w".into(), rows: n, cols: k, data: w },
+            Some(bias.clone()),
+            Int8DynamicOptions::default(),
+        )
+        .unwrap();
+        let layer = CudaLinear::int8(&gpu, (n, k), cpu.weight(), cpu.scales(), Some(&bias)).unwrap();
+        for m in [1usize, 5, 40] {
+            let x = data(m * k, 82 + m as u64, 1.0);
+            let mut want = vec![0.0f32; m * n];
+            cpu.forward(&x, m, &mut want);
+            let mut out = poisoned(&gpu, m * n);
+            let path = layer.forward(&gpu, &blas, &gpu.upload(&x).unwrap(), m, &mut out).unwrap();
+            let name = format!("int8 linear {m}×{n}×{k} via {path}");
+            within_l2(&name, "LINEAR_INT8_L2", LINEAR_INT8_L2, &gpu.download(&out).unwrap(), &want);
+        }
+    }
+    let p = packed(300, 512, 128, 83, true, false);
+    let bias = data(300, 84, 0.1);
+    let layer = CudaLinear::packed4(&gpu, &p, Some(&bias)).unwrap();
+    for m in [1usize, 3, 33] {
+        let x = data(m * 512, 85 + m as u64, 1.0);
+        let mut want = vec![0.0f32; m * 300];
+        p.matmul(&x, m, &mut want);
+        want.chunks_exact_mut(300).for_each(|r| tensor::add_in_place(r, &bias));
+        let mut out = poisoned(&gpu, m * 300);
+        let path = layer.forward(&gpu, &blas, &gpu.upload(&x).unwrap(), m, &mut out).unwrap();
+        let name = format!("packed4 linear m={m} via {path}");
+        within_l2(&name, "PACKED4_GEMV_L2", PACKED4_GEMV_L2, &gpu.download(&out).unwrap(), &want);
+    }
 }

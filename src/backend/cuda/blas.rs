@@ -29,19 +29,32 @@ fn ensure(lib: &CudaLib, present: unsafe fn() -> bool) -> Result<(), CudaError> 
     if opened.is_some() && unsafe { present() } {
         return Ok(());
     }
-    Err(CudaError::Library { lib: lib.name, message: format!("not found: looked for {}", libs::searched(lib)) })
+    Err(CudaError::Library {
+        lib: lib.name,
+        message: format!("not found: looked for {}", libs::searched(lib)),
+    })
 }
 
 /// The shape check shared by the products.
-fn check(op: &'static str, (m, n, k): (usize, usize, usize), lens: [usize; 3]) -> Result<[i32; 3], CudaError> {
+fn check(
+    op: &'static str,
+    (m, n, k): (usize, usize, usize),
+    lens: [usize; 3],
+) -> Result<[i32; 3], CudaError> {
     let [x, w, out] = lens;
     for (what, have, want) in [("x", x, m * k), ("w", w, n * k), ("out", out, m * n)] {
         if have < want {
-            return Err(CudaError::Shape { op, message: format!("{what} holds {have} values, expected at least {want}") });
+            return Err(CudaError::Shape {
+                op,
+                message: format!("{what} holds {have} values, expected at least {want}"),
+            });
         }
     }
     let int = |v: usize| {
-        i32::try_from(v).map_err(|_| CudaError::Shape { op, message: format!("dimension {v}, expected at most {}", i32::MAX) })
+        i32::try_from(v).map_err(|_| CudaError::Shape {
+            op,
+            message: format!("dimension {v}, expected at most {}", i32::MAX),
+        })
     };
     Ok([int(m)?, int(n)?, int(k)?])
 }
@@ -141,7 +154,8 @@ impl Blas {
         ensure(&libs::CUBLASLT, cudarc::cublaslt::sys::is_culib_present)?;
         guard("cublas handles", || {
             let stream = gpu.stream().clone();
-            let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Blas { op: "cublasCreate", message: format!("{e:?}") })?;
+            let blas = CudaBlas::new(stream.clone())
+                .map_err(|e| CudaError::Blas { op: "cublasCreate", message: format!("{e:?}") })?;
             let lt = LtHandle(lt::create_handle().map_err(lt_err("cublasLtCreate"))?);
             let bytes = workspace_bytes(gpu.capability());
             let workspace = stream.alloc_zeros::<u8>(bytes).map_err(driver("cublasLt workspace"))?;
@@ -178,7 +192,8 @@ impl Blas {
         };
         guard(OP, || {
             // SAFETY: the buffers were checked against the shape above.
-            unsafe { self.blas.gemm(cfg, w, x, out) }.map_err(|e| CudaError::Blas { op: OP, message: format!("{e:?}") })
+            unsafe { self.blas.gemm(cfg, w, x, out) }
+                .map_err(|e| CudaError::Blas { op: OP, message: format!("{e:?}") })
         })
     }
 
@@ -205,9 +220,12 @@ impl Blas {
             use lt_sys::cudaDataType_t::{CUDA_R_32I, CUDA_R_8I};
             let (m64, n64, k64) = (m as u64, n as u64, k as u64);
             // Column-major: A = w as k×n (transposed by the op), B = x as k×m, D = n×m.
-            let a = Layout(lt::create_matrix_layout(CUDA_R_8I, k64, n64, k as i64).map_err(lt_err("layout A"))?);
-            let b = Layout(lt::create_matrix_layout(CUDA_R_8I, k64, m64, k as i64).map_err(lt_err("layout B"))?);
-            let d = Layout(lt::create_matrix_layout(CUDA_R_32I, n64, m64, n as i64).map_err(lt_err("layout D"))?);
+            let a =
+                Layout(lt::create_matrix_layout(CUDA_R_8I, k64, n64, k as i64).map_err(lt_err("layout A"))?);
+            let b =
+                Layout(lt::create_matrix_layout(CUDA_R_8I, k64, m64, k as i64).map_err(lt_err("layout B"))?);
+            let d =
+                Layout(lt::create_matrix_layout(CUDA_R_32I, n64, m64, n as i64).map_err(lt_err("layout D"))?);
             let desc = Desc(
                 lt::create_matmul_desc(lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32I, CUDA_R_32I)
                     .map_err(lt_err("matmul desc"))?,
@@ -243,8 +261,9 @@ impl Blas {
                 .map_err(lt_err("workspace size"))?;
             }
             // SAFETY: every descriptor is live and describes the buffers checked above.
-            let heuristic = unsafe { lt::get_matmul_algo_heuristic(self.lt.0, desc.0, a.0, b.0, d.0, d.0, pref.0) }
-                .map_err(lt_err("no cuBLASLt int8 algorithm for this shape"))?;
+            let heuristic =
+                unsafe { lt::get_matmul_algo_heuristic(self.lt.0, desc.0, a.0, b.0, d.0, d.0, pref.0) }
+                    .map_err(lt_err("no cuBLASLt int8 algorithm for this shape"))?;
             let (alpha, beta): (i32, i32) = (1, 0);
             let (wp, _rw) = w.device_ptr(&self.stream);
             let (xp, _rx) = qx.device_ptr(&self.stream);

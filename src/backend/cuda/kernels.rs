@@ -107,7 +107,10 @@ pub fn ensure_nvrtc() -> Result<(), CudaError> {
     if opened.is_some() && unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Ok(());
     }
-    Err(CudaError::Library { lib: "nvrtc", message: format!("not found: looked for {}", libs::searched(&libs::NVRTC)) })
+    Err(CudaError::Library {
+        lib: "nvrtc",
+        message: format!("not found: looked for {}", libs::searched(&libs::NVRTC)),
+    })
 }
 
 /// NVRTC's version (major, minor).
@@ -132,7 +135,8 @@ pub fn nvrtc_version() -> Result<(i32, i32), CudaError> {
 pub fn compile_ptx(file: &KernelFile, arch: &str) -> Result<String, CudaError> {
     ensure_nvrtc()?;
     let src = full_source(file);
-    let opts = CompileOptions { options: options(arch), name: Some(file.name.to_string()), ..Default::default() };
+    let opts =
+        CompileOptions { options: options(arch), name: Some(file.name.to_string()), ..Default::default() };
     let ptx = guard("nvrtc compile", || {
         nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| CudaError::Compile {
             file: file.name,

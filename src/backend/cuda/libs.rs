@@ -61,7 +61,9 @@ pub fn search_dirs() -> Vec<PathBuf> {
     dirs.push("/usr/local/cuda/targets/x86_64-linux/lib".into());
     dirs.push("/usr/local/cuda-13.0/lib64".into());
     if let Some(cache) = quantbench_cache() {
-        dirs.push(cache.join("nvrtc").join(crate::backend::cuda::NVRTC_WHEEL_VERSION).join("nvidia/cu13/lib"));
+        dirs.push(
+            cache.join("nvrtc").join(crate::backend::cuda::NVRTC_WHEEL_VERSION).join("nvidia/cu13/lib"),
+        );
     }
     dirs
 }

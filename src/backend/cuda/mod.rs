@@ -14,13 +14,16 @@
 pub mod blas;
 pub mod kernels;
 pub mod libs;
+pub mod linear;
 pub mod ops;
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
+};
 use cudarc::nvrtc::Ptx;
 
 use super::CudaProbe;
@@ -84,7 +87,9 @@ pub fn driver_present() -> bool {
 /// The first device's name and compute capability, without letting cudarc panic.
 pub fn probe() -> CudaProbe {
     if !driver_present() {
-        return CudaProbe::NoDriver("libcuda.so could not be loaded: no NVIDIA driver on this machine".into());
+        return CudaProbe::NoDriver(
+            "libcuda.so could not be loaded: no NVIDIA driver on this machine".into(),
+        );
     }
     let found = guard("probe", || {
         use cudarc::driver::result;
@@ -97,11 +102,13 @@ pub fn probe() -> CudaProbe {
         let name = result::device::get_name(dev).map_err(driver("cuDeviceGetName"))?;
         use cudarc::driver::sys::CUdevice_attribute as A;
         // SAFETY: `dev` came from cuDeviceGet.
-        let major = unsafe { result::device::get_attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR) }
-            .map_err(driver("cuDeviceGetAttribute"))?;
+        let major =
+            unsafe { result::device::get_attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR) }
+                .map_err(driver("cuDeviceGetAttribute"))?;
         // SAFETY: as above.
-        let minor = unsafe { result::device::get_attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR) }
-            .map_err(driver("cuDeviceGetAttribute"))?;
+        let minor =
+            unsafe { result::device::get_attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR) }
+                .map_err(driver("cuDeviceGetAttribute"))?;
         Ok(Some((name, (major, minor))))
     });
     match found {
@@ -168,7 +175,11 @@ impl Gpu {
 
     /// Kernel `name` of `file`, compiling (or loading cached PTX) and loading the module
     /// on first use.
-    pub fn function(&self, file: &'static kernels::KernelFile, name: &str) -> Result<CudaFunction, CudaError> {
+    pub fn function(
+        &self,
+        file: &'static kernels::KernelFile,
+        name: &str,
+    ) -> Result<CudaFunction, CudaError> {
         let module = {
             let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
             match modules.get(file.name) {
@@ -176,7 +187,9 @@ impl Gpu {
                 None => {
                     let ptx = kernels::cached_ptx(file, &arch_for(self.capability))?;
                     let m = guard("load module", || {
-                        self.ctx.load_module(Ptx::from_src(ptx)).map_err(driver(format!("load kernels/{}", file.name)))
+                        self.ctx
+                            .load_module(Ptx::from_src(ptx))
+                            .map_err(driver(format!("load kernels/{}", file.name)))
                     })?;
                     modules.insert(file.name, m.clone());
                     m
@@ -216,8 +229,10 @@ impl Gpu {
     pub fn time_ms(&self, f: impl FnOnce() -> Result<(), CudaError>) -> Result<f32, CudaError> {
         use cudarc::driver::sys::CUevent_flags;
         let (start, end) = guard("events", || {
-            let s = self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver("create event"))?;
-            let e = self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver("create event"))?;
+            let s =
+                self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver("create event"))?;
+            let e =
+                self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver("create event"))?;
             Ok((s, e))
         })?;
         guard("record event", || start.record(&self.stream).map_err(driver("record event")))?;
@@ -236,7 +251,8 @@ mod tests {
 
     #[test]
     fn guard_turns_a_panic_into_an_error_naming_the_op() {
-        let r: Result<(), CudaError> = guard("probe", || panic!("Unable to dynamically load the \"cuda\" library"));
+        let r: Result<(), CudaError> =
+            guard("probe", || panic!("Unable to dynamically load the \"cuda\" library"));
         let e = r.unwrap_err().to_string();
         assert!(e.starts_with("cuda probe: cudarc panicked: Unable to dynamically load"), "{e}");
     }

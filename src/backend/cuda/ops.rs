@@ -19,27 +19,35 @@ pub const GEMV_MAX_ROWS: usize = 8;
 
 /// `value` as a kernel `int`, or an error naming the op and the dimension.
 fn int(op: &'static str, what: &str, value: usize) -> Result<i32, CudaError> {
-    i32::try_from(value)
-        .map_err(|_| CudaError::Shape { op, message: format!("{what} = {value}, expected at most {}", i32::MAX) })
+    i32::try_from(value).map_err(|_| CudaError::Shape {
+        op,
+        message: format!("{what} = {value}, expected at most {}", i32::MAX),
+    })
 }
 
 /// `value` as a kernel `long`.
 fn long(op: &'static str, what: &str, value: usize) -> Result<i64, CudaError> {
-    i64::try_from(value).map_err(|_| CudaError::Shape { op, message: format!("{what} = {value} does not fit in i64") })
+    i64::try_from(value)
+        .map_err(|_| CudaError::Shape { op, message: format!("{what} = {value} does not fit in i64") })
 }
 
 /// Check that buffer `what` holds at least `want` values.
 fn need(op: &'static str, what: &str, have: usize, want: usize) -> Result<(), CudaError> {
     if have < want {
-        return Err(CudaError::Shape { op, message: format!("{what} holds {have} values, expected at least {want}") });
+        return Err(CudaError::Shape {
+            op,
+            message: format!("{what} holds {have} values, expected at least {want}"),
+        });
     }
     Ok(())
 }
 
 /// One block per row.
 fn per_row(rows: usize) -> Result<LaunchConfig, CudaError> {
-    let grid = u32::try_from(rows.max(1))
-        .map_err(|_| CudaError::Shape { op: "launch", message: format!("{rows} rows, expected at most {}", u32::MAX) })?;
+    let grid = u32::try_from(rows.max(1)).map_err(|_| CudaError::Shape {
+        op: "launch",
+        message: format!("{rows} rows, expected at most {}", u32::MAX),
+    })?;
     Ok(LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 })
 }
 
@@ -52,7 +60,11 @@ fn grid_stride(n: usize) -> LaunchConfig {
 /// One warp per output row, 8 warps a block.
 fn warp_per_row(rows: usize) -> LaunchConfig {
     let warps = THREADS as usize / 32;
-    LaunchConfig { grid_dim: (rows.div_ceil(warps).max(1) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(warps).max(1) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// Load `name` from `file`, let `args` push the arguments, launch.
@@ -297,7 +309,11 @@ pub fn outlier_columns(
     need("compact_mask", "idx", idx.len(), cols)?;
     need("compact_mask", "count", count.len(), 1)?;
     let (r, c) = (int(OP, "rows", rows)?, int(OP, "cols", cols)?);
-    let cfg = LaunchConfig { grid_dim: (cols.div_ceil(256).max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (cols.div_ceil(256).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let mut f = None;
     launch(
         gpu,
@@ -344,7 +360,8 @@ pub fn outlier_product(
     need(OP, "w", w.len(), n * cols)?;
     need(OP, "sw", sw.len(), n)?;
     need(OP, "out", out.len(), rows * n)?;
-    let (r, c, ni, kind) = (int(OP, "rows", rows)?, int(OP, "cols", cols)?, int(OP, "n", n)?, i32::from(bf16));
+    let (r, c, ni, kind) =
+        (int(OP, "rows", rows)?, int(OP, "cols", cols)?, int(OP, "n", n)?, i32::from(bf16));
     let cfg = LaunchConfig {
         grid_dim: ((rows * n).div_ceil(256).max(1) as u32, 1, 1),
         block_dim: (256, 1, 1),
@@ -744,7 +761,12 @@ pub fn add_in_place(gpu: &Gpu, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) -
 }
 
 /// `x[i, j] += bias[j]` over `rows` rows of `bias.len()`.
-pub fn add_bias_rows(gpu: &Gpu, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, rows: usize) -> Result<(), CudaError> {
+pub fn add_bias_rows(
+    gpu: &Gpu,
+    x: &mut CudaSlice<f32>,
+    bias: &CudaSlice<f32>,
+    rows: usize,
+) -> Result<(), CudaError> {
     const OP: &str = "add_bias_rows";
     let n = bias.len();
     need(OP, "x", x.len(), rows * n)?;
@@ -826,7 +848,10 @@ pub fn embedding(
     need(OP, "table", table.len(), vocab * dim)?;
     need(OP, "out", out.len(), tokens_host.len() * dim)?;
     if let Some(&bad) = tokens_host.iter().find(|&&t| t as usize >= vocab) {
-        return Err(CudaError::Shape { op: OP, message: format!("token id {bad}, expected below the vocabulary size {vocab}") });
+        return Err(CudaError::Shape {
+            op: OP,
+            message: format!("token id {bad}, expected below the vocabulary size {vocab}"),
+        });
     }
     let tokens = gpu.upload(tokens_host)?;
     let (n, v, d) = (int(OP, "tokens", tokens_host.len())?, int(OP, "vocab", vocab)?, int(OP, "dim", dim)?);
@@ -936,11 +961,17 @@ pub fn attention(
     const OP: &str = "attention";
     let CacheShape { batch, heads, kv_heads, head_dim, capacity } = shape;
     if kv_heads == 0 || heads % kv_heads != 0 {
-        return Err(CudaError::Shape { op: OP, message: format!("{heads} heads over {kv_heads} kv heads, expected a multiple") });
+        return Err(CudaError::Shape {
+            op: OP,
+            message: format!("{heads} heads over {kv_heads} kv heads, expected a multiple"),
+        });
     }
     let keys = start + seq;
     if keys > capacity {
-        return Err(CudaError::Shape { op: OP, message: format!("{keys} keys past the cache capacity {capacity}") });
+        return Err(CudaError::Shape {
+            op: OP,
+            message: format!("{keys} keys past the cache capacity {capacity}"),
+        });
     }
     need(OP, "q", q.len(), batch * seq * heads * head_dim)?;
     need(OP, "out", out.len(), batch * seq * heads * head_dim)?;
@@ -956,7 +987,9 @@ pub fn attention(
     if shared > 48 * 1024 {
         return Err(CudaError::Shape {
             op: OP,
-            message: format!("{keys} keys need {shared} bytes of shared memory, expected at most 49152 (12288 keys)"),
+            message: format!(
+                "{keys} keys need {shared} bytes of shared memory, expected at most 49152 (12288 keys)"
+            ),
         });
     }
     let v: Vec<i32> = [batch, seq, heads, kv_heads, head_dim, capacity, start]
