@@ -114,7 +114,7 @@ pub enum CudaProbe {
 }
 
 /// Whether the runner can run cases on CUDA. False until the models' forward passes go
-/// through [`cuda`]: until then `auto` stays on the CPU and `cuda` is refused, so a
+/// through `backend::cuda`: until then `auto` stays on the CPU and `cuda` is refused, so a
 /// result is never labelled `cuda` while it ran on the CPU.
 pub const RUNNER_RUNS_CUDA: bool = false;
 

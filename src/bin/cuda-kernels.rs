@@ -130,46 +130,60 @@ fn run(o: &Options) -> Result<Vec<Row>, CudaError> {
     });
 
     let mut rng = SeededRng::new(1);
-    for s in bench::DECODE_SHAPES {
-        // int4-block: signed table, bf16 scales, block 128.
-        let codes: Vec<u8> = (0..s.n * s.k).map(|_| (rng.next_u64() % 16) as u8).collect();
-        let nb = (s.n * s.k).div_ceil(128);
-        let p = Packed4 {
-            rows: s.n,
-            cols: s.k,
-            block: 128,
-            bytes: pack_nibbles(&codes),
-            table: [0., 1., 2., 3., 4., 5., 6., 7., -8., -7., -6., -5., -4., -3., -2., -1.],
-            scales: (0..nb).map(|i| half::bf16::from_f32(0.01 + (i % 7) as f32 * 0.001).to_f32()).collect(),
-            offsets: None,
-        };
-        let bytes = bench::packed4_gemv_bytes(s, 128, true);
-        let (count, _) = bench::rotation(bytes as usize, l2, gpu.memory()?.0);
-        let copies: Vec<DevicePacked4> =
-            (0..count).map(|_| DevicePacked4::upload(&gpu, &p)).collect::<Result<_, _>>()?;
-        let x = gpu.upload(&rng.normal_vec(s.m * s.k, 1.0))?;
-        let mut out = gpu.zeros::<f32>(s.m * s.n)?;
-        let st = time(&gpu, o, |i| ops::packed4_gemv(&gpu, &copies[i % count], &x, s.m, None, &mut out))?;
-        drop(copies);
+    let bandwidth_row = |kernel: String, s: Shape, st: Stats, bytes: f64, beyond_l2: bool| {
         let gb = bench::gb_per_s(bytes, st.median);
         let (f, ok) = bench::verdict(gb, peak_gb_s, bench::GEMV_BANDWIDTH_TARGET);
-        rows.push(Row {
-            kernel: format!("int4-block gemv ({count} copies)"),
+        Row {
+            kernel,
             shape: s,
             stats: st,
             gb_s: Some(gb),
             tflop_s: bench::tflop_per_s(s.ops(), st.median),
             versus: format!(
-                "{:.0}% of copy bandwidth ({})",
+                "{:.0}% of copy bandwidth ({}){}",
                 100.0 * f,
-                if ok { "meets 75%" } else { "below 75%" }
+                if ok { "meets 75%" } else { "below 75%" },
+                if beyond_l2 { "" } else { "; working set not beyond L2: inflated" }
             ),
-        });
+        }
+    };
+    for s in bench::DECODE_SHAPES {
+        // int4-block: signed table, bf16 scales, block 128; nf4-like: the same codes, a
+        // code book and an f32 scale per block of 64.
+        let codes: Vec<u8> = (0..s.n * s.k).map(|_| (rng.next_u64() % 16) as u8).collect();
+        let int4 = Packed4 {
+            rows: s.n,
+            cols: s.k,
+            block: 128,
+            bytes: pack_nibbles(&codes),
+            table: [0., 1., 2., 3., 4., 5., 6., 7., -8., -7., -6., -5., -4., -3., -2., -1.],
+            scales: (0..(s.n * s.k).div_ceil(128))
+                .map(|i| half::bf16::from_f32(0.01 + (i % 7) as f32 * 0.001).to_f32())
+                .collect(),
+            offsets: None,
+        };
+        let nf4 = Packed4 {
+            block: 64,
+            table: int4.table.map(|v| v / 8.0 + 0.01),
+            scales: (0..(s.n * s.k).div_ceil(64)).map(|i| 0.01 + (i % 11) as f32 * 0.0007).collect(),
+            ..int4.clone()
+        };
+        let x = gpu.upload(&rng.normal_vec(s.m * s.k, 1.0))?;
+        let mut out = gpu.zeros::<f32>(s.m * s.n)?;
+        for (label, w, bf16) in [("int4-block", &int4, true), ("nf4", &nf4, false)] {
+            let bytes = bench::packed4_gemv_bytes(s, w.block, bf16);
+            let (count, beyond_l2) = bench::rotation(bytes as usize, l2, gpu.memory()?.0);
+            let copies: Vec<DevicePacked4> =
+                (0..count).map(|_| DevicePacked4::upload(&gpu, w)).collect::<Result<_, _>>()?;
+            let st = time(&gpu, o, |i| ops::packed4_gemv(&gpu, &copies[i % count], &x, s.m, None, &mut out))?;
+            drop(copies);
+            rows.push(bandwidth_row(format!("{label} gemv ({count} copies)"), s, st, bytes, beyond_l2));
+        }
 
         // int8 GEMV.
         let w: Vec<i8> = (0..s.n * s.k).map(|_| (rng.next_u64() % 255) as i8).collect();
         let bytes = bench::int8_gemv_bytes(s);
-        let (count, _) = bench::rotation(bytes as usize, l2, gpu.memory()?.0);
+        let (count, beyond_l2) = bench::rotation(bytes as usize, l2, gpu.memory()?.0);
         let ws: Vec<CudaSlice<i8>> = (0..count).map(|_| gpu.upload(&w)).collect::<Result<_, _>>()?;
         let sw = gpu.upload(&vec![0.01f32; s.n])?;
         let qx = gpu.upload(&vec![3i8; s.m * s.k])?;
@@ -178,20 +192,7 @@ fn run(o: &Options) -> Result<Vec<Row>, CudaError> {
             ops::gemv_i8(&gpu, &qx, &sx, &ws[i % count], &sw, None, &mut out, (s.m, s.n, s.k))
         })?;
         drop(ws);
-        let gb = bench::gb_per_s(bytes, st.median);
-        let (f, ok) = bench::verdict(gb, peak_gb_s, bench::GEMV_BANDWIDTH_TARGET);
-        rows.push(Row {
-            kernel: format!("int8 gemv ({count} copies)"),
-            shape: s,
-            stats: st,
-            gb_s: Some(gb),
-            tflop_s: bench::tflop_per_s(s.ops(), st.median),
-            versus: format!(
-                "{:.0}% of copy bandwidth ({})",
-                100.0 * f,
-                if ok { "meets 75%" } else { "below 75%" }
-            ),
-        });
+        rows.push(bandwidth_row(format!("int8 gemv ({count} copies)"), s, st, bytes, beyond_l2));
     }
 
     for s in bench::PREFILL_SHAPES {

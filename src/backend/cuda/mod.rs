@@ -148,7 +148,14 @@ impl Gpu {
             let ctx = CudaContext::new(ordinal).map_err(driver(format!("context on device {ordinal}")))?;
             let name = ctx.name().map_err(driver("device name"))?;
             let capability = ctx.compute_capability().map_err(driver("compute capability"))?;
-            let stream = ctx.default_stream();
+            // One stream per device and nothing shared across streams: cudarc's per-buffer
+            // event tracking (two events per allocation, waits around launches once a
+            // second stream exists) would only add cost.
+            // SAFETY: called before any buffer exists; this crate uses a single stream.
+            unsafe { ctx.disable_event_tracking() };
+            // A created stream rather than the legacy default one, so a decode step can
+            // later be captured into a CUDA graph.
+            let stream = ctx.new_stream().map_err(driver("create stream"))?;
             Ok(Gpu { ctx, stream, name, capability, modules: Mutex::new(HashMap::new()) })
         })
     }
