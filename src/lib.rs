@@ -5,6 +5,7 @@
 //! the full-precision reference; [`report`] writes results.json and renders tables. See
 //! DESIGN.md in the repository for the data flow.
 
+pub mod backend;
 pub mod cli;
 pub mod error;
 pub mod measure;

@@ -388,7 +388,7 @@ impl Provenance {
             bench_version: env!("CARGO_PKG_VERSION").to_string(),
             git_revision: git_revision().to_string(),
             build_profile: if cfg!(debug_assertions) { "debug" } else { "release" }.to_string(),
-            build_features: Vec::new(),
+            build_features: if cfg!(feature = "cuda") { vec!["cuda".to_string()] } else { Vec::new() },
             target: format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
             cpu: cpu_name(),
             cpu_features: cpu_features(),

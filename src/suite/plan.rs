@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_saphyr::Spanned;
 use sha2::{Digest, Sha256};
 
+use crate::backend::{self, Device, DeviceError, DeviceRequest};
 use crate::error::{Error, Result};
 use crate::measure::{self, MetricGroup};
 use crate::model::{self, ModelFiles};
@@ -36,8 +37,8 @@ pub struct Plan {
     pub calibration: Option<CalibrationData>,
     /// Metric groups to measure.
     pub metrics: BTreeSet<MetricGroup>,
-    /// The device (only `cpu` in this build).
-    pub device: &'static str,
+    /// The device the cases run on (`auto` resolved).
+    pub device: Device,
     /// Timed repetitions.
     pub repeats: usize,
     /// Warm-up runs.
@@ -438,20 +439,13 @@ impl Checker<'_> {
         names.iter().map(|n| measure::resolve_metric(&n.value).map_err(|m| self.value(n, m))).collect()
     }
 
-    fn device(&self, device: Option<&Spanned<String>>) -> Result<&'static str> {
-        match device.map(|d| d.value.as_str()) {
-            None | Some("cpu") | Some("auto") => Ok("cpu"),
-            Some("cuda") => Err(self.value(
-                device.expect("matched Some"),
-                "device `cuda`: this build has no CUDA backend yet (it arrives with the CUDA \
-                 issue); use `cpu`, or `auto` to use CUDA when it is available"
-                    .into(),
-            )),
-            Some(other) => Err(self.value(
-                device.expect("matched Some"),
-                format!("device `{other}`, expected one of: cpu, cuda, auto"),
-            )),
-        }
+    fn device(&self, device: Option<&Spanned<String>>) -> Result<Device> {
+        let Some(spanned) = device else {
+            return backend::resolve(DeviceRequest::Auto).map_err(|e| self.at(0, e.to_string()));
+        };
+        let request: DeviceRequest =
+            spanned.value.parse().map_err(|e: DeviceError| self.value(spanned, e.to_string()))?;
+        backend::resolve(request).map_err(|e| self.value(spanned, e.to_string()))
     }
 }
 

@@ -135,7 +135,21 @@ fn unknown_scheme_parameter_lists_the_allowed_ones() {
 fn cuda_device_is_refused_in_validation() {
     let dir = tempfile::tempdir().unwrap();
     let run = validate_fails(dir.path(), &suite_text("builtin:tiny-llama", "device: cuda\n"));
-    assert_mentions(&run, &["device `cuda`", "cpu"]);
+    // Why depends on the machine; CI has no driver, so there it is "no CUDA driver found".
+    let why = match quantbench::backend::cuda_probe() {
+        quantbench::backend::CudaProbe::NotBuilt => "without the `cuda` cargo feature",
+        quantbench::backend::CudaProbe::NoDriver(_) => "no CUDA driver found",
+        quantbench::backend::CudaProbe::NoDevice(_) => "no device is usable",
+        quantbench::backend::CudaProbe::Ready { .. } => "no CUDA forward pass yet",
+    };
+    assert_mentions(&run, &["line 9", "device `cuda`", why, "use `cpu`"]);
+}
+
+#[test]
+fn an_unknown_device_lists_the_choices() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = validate_fails(dir.path(), &suite_text("builtin:tiny-llama", "device: gpu\n"));
+    assert_mentions(&run, &["device `gpu`, expected one of: cpu, cuda, auto"]);
 }
 
 #[test]

@@ -1,0 +1,202 @@
+// Model ops of the forward passes: norms, activations, rotary embedding, softmax,
+// attention over a key/value cache (causal, ALiBi, key padding), embedding lookup and
+// element-wise adds. CPU references: src/tensor/mod.rs and src/tensor/attention.rs.
+
+// RMSNorm per row of dim values: out = x * (1 / sqrt(mean(x^2) + eps)) * w, the mean
+// accumulated in f64 and then rounded to f32, as tensor::rms_norm_rows. One block per row.
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
+                                    float* __restrict__ out, int rows, int dim, float eps) {
+    __shared__ double scratch[32];
+    int row = blockIdx.x;
+    if (row >= rows) return;
+    const float* xr = x + (long)row * dim;
+    double ss = 0.0;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) ss += (double)xr[c] * (double)xr[c];
+    float mean_sq = (float)(block_sum_f64(ss, scratch) / (double)dim);
+    float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean_sq, eps)));
+    float* o = out + (long)row * dim;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) o[c] = __fmul_rn(__fmul_rn(xr[c], inv), w[c]);
+}
+
+// LayerNorm per row: ((x - mean) / sqrt(var + eps)) * w + b, statistics in f64 (two
+// passes), as tensor::layer_norm_rows. One block per row.
+extern "C" __global__ void layer_norm(const float* __restrict__ x, const float* __restrict__ w,
+                                      const float* __restrict__ b, float* __restrict__ out, int rows, int dim,
+                                      float eps) {
+    __shared__ double scratch[32];
+    int row = blockIdx.x;
+    if (row >= rows) return;
+    const float* xr = x + (long)row * dim;
+    double s = 0.0;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) s += (double)xr[c];
+    double mean = block_sum_f64(s, scratch) / (double)dim;
+    double v = 0.0;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+        double d = (double)xr[c] - mean;
+        v += d * d;
+    }
+    double var = block_sum_f64(v, scratch) / (double)dim;
+    double inv = 1.0 / sqrt(var + (double)eps);
+    float* o = out + (long)row * dim;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x)
+        o[c] = __fadd_rn(__fmul_rn((float)(((double)xr[c] - mean) * inv), w[c]), b[c]);
+}
+
+// GELU, tanh approximation (GPT-2 gelu_new, BLOOM).
+extern "C" __global__ void gelu_tanh(const float* __restrict__ x, float* __restrict__ out, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float u = x[i];
+        out[i] = 0.5f * u * (1.0f + tanhf(0.7978846f * (u + 0.044715f * u * u * u)));
+    }
+}
+
+// GELU with the exact error function (BERT), computed in f64 as the CPU reference.
+extern "C" __global__ void gelu_erf(const float* __restrict__ x, float* __restrict__ out, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        double u = (double)x[i];
+        out[i] = (float)(0.5 * u * (1.0 + erf(u * 0.70710678118654752440)));
+    }
+}
+
+// out = gate * sigmoid(gate) * up (Llama's MLP).
+extern "C" __global__ void silu_mul(const float* __restrict__ gate, const float* __restrict__ up,
+                                    float* __restrict__ out, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+// dst += src.
+extern "C" __global__ void add_in_place(float* __restrict__ dst, const float* __restrict__ src, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        dst[i] += src[i];
+}
+
+// x[i, j] += bias[j] for rows of n.
+extern "C" __global__ void add_bias_rows(float* __restrict__ x, const float* __restrict__ bias, int rows, int n) {
+    long total = (long)rows * n;
+    for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total; e += (long)gridDim.x * blockDim.x)
+        x[e] += bias[e % n];
+}
+
+// Numerically stable softmax of each row of cols values. One block per row.
+extern "C" __global__ void softmax_rows(const float* __restrict__ x, float* __restrict__ out, int rows, int cols) {
+    __shared__ float scratch[32];
+    int row = blockIdx.x;
+    if (row >= rows) return;
+    const float* xr = x + (long)row * cols;
+    float m = NEG_INF;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, xr[c]);
+    m = block_max(m, scratch);
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) s += expf(xr[c] - m);
+    float inv = 1.0f / block_sum(s, scratch);
+    float* o = out + (long)row * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = expf(xr[c] - m) * inv;
+}
+
+// Rotary embedding, "rotate half" layout (Hugging Face Llama), in place on
+// x [tokens, heads * head_dim]: for i < head_dim / 2, angle = pos[token] * inv_freq[i]
+// (f32), (a, b) = (x[i], x[i + half]) -> (a cos - b sin, b cos + a sin).
+extern "C" __global__ void rotary(float* __restrict__ x, const int* __restrict__ positions,
+                                  const float* __restrict__ inv_freq, int tokens, int heads, int head_dim) {
+    int half = head_dim / 2;
+    long total = (long)tokens * heads * half;
+    for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total; e += (long)gridDim.x * blockDim.x) {
+        int i = (int)(e % half);
+        long th = e / half;
+        int t = (int)(th / heads);
+        float* v = x + th * head_dim;
+        float angle = __fmul_rn((float)positions[t], inv_freq[i]);
+        float s, c;
+        sincosf(angle, &s, &c);
+        float a = v[i], b = v[i + half];
+        v[i] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+        v[i + half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+    }
+}
+
+// Embedding lookup: out[t, :] = table[tokens[t], :]; a token >= vocab gives NaN (the
+// host checks tokens before the launch).
+extern "C" __global__ void embedding(const float* __restrict__ table, const u32* __restrict__ tokens,
+                                     float* __restrict__ out, int n_tokens, int vocab, int dim) {
+    long total = (long)n_tokens * dim;
+    for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total; e += (long)gridDim.x * blockDim.x) {
+        int t = (int)(e / dim), d = (int)(e % dim);
+        u32 tok = tokens[t];
+        out[e] = tok < (u32)vocab ? table[(long)tok * dim + d] : __int_as_float(0x7fc00000);
+    }
+}
+
+// Append seq new positions of one layer's keys or values to its cache:
+// src [batch, seq, kv_heads * head_dim] -> cache [batch * kv_heads, capacity, head_dim]
+// at positions start .. start + seq (the host checks start + seq <= capacity).
+extern "C" __global__ void kv_append(const float* __restrict__ src, float* __restrict__ cache, int batch, int seq,
+                                     int kv_heads, int head_dim, int capacity, int start) {
+    long total = (long)batch * seq * kv_heads * head_dim;
+    for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total; e += (long)gridDim.x * blockDim.x) {
+        int d = (int)(e % head_dim);
+        long r = e / head_dim;
+        int h = (int)(r % kv_heads);
+        long bt = r / kv_heads;
+        int t = (int)(bt % seq), b = (int)(bt / seq);
+        cache[(((long)b * kv_heads + h) * capacity + start + t) * head_dim + d] = src[e];
+    }
+}
+
+// Attention of seq queries q [batch, seq, heads * head_dim] at positions start .. start +
+// seq against the cache (the new positions already appended): one block per (query row,
+// head), scores of the keys_total = start + seq keys in dynamic shared memory (4 bytes a
+// key). Causal: query t sees keys 0 ..= start + t. alibi (may be null): slope[h] * key
+// position added. key_mask (may be null) [batch, keys_total]: 0 marks a padding key whose
+// score becomes the most negative float, as transformers. As KvCache::attend.
+extern "C" __global__ void attention(const float* __restrict__ q, const float* __restrict__ k_cache,
+                                     const float* __restrict__ v_cache, float* __restrict__ out, int batch,
+                                     int seq, int heads, int kv_heads, int head_dim, int capacity, int start,
+                                     int causal, const float* __restrict__ alibi, const u8* __restrict__ key_mask,
+                                     float scale) {
+    extern __shared__ float scores[];
+    __shared__ float scratch[32];
+    int row = blockIdx.x, h = blockIdx.y;
+    if (row >= batch * seq || h >= heads) return;
+    int b = row / seq, t = row % seq;
+    int keys_total = start + seq;
+    int visible = causal ? start + t + 1 : keys_total;
+    int kvh = h / (heads / kv_heads);
+    const float* qh = q + ((long)row * heads + h) * head_dim;
+    const float* keys = k_cache + ((long)b * kv_heads + kvh) * capacity * head_dim;
+    const float* values = v_cache + ((long)b * kv_heads + kvh) * capacity * head_dim;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    // Scores: one warp per key.
+    for (int p = warp; p < visible; p += warps) {
+        const float* kp = keys + (long)p * head_dim;
+        float d = 0.0f;
+        for (int c = lane; c < head_dim; c += WARP) d += qh[c] * kp[c];
+        d = warp_sum(d);
+        if (lane == 0) {
+            float s = d * scale;
+            if (alibi) s += alibi[h] * (float)p;
+            if (key_mask && key_mask[(long)b * keys_total + p] == 0) s = -3.40282347e38f;
+            scores[p] = s;
+        }
+    }
+    __syncthreads();
+    float m = NEG_INF;
+    for (int p = threadIdx.x; p < visible; p += blockDim.x) m = fmaxf(m, scores[p]);
+    m = block_max(m, scratch);
+    float sum = 0.0f;
+    for (int p = threadIdx.x; p < visible; p += blockDim.x) {
+        float e = expf(scores[p] - m);
+        scores[p] = e;
+        sum += e;
+    }
+    float inv = 1.0f / block_sum(sum, scratch);
+    __syncthreads();
+    float* oh = out + ((long)row * heads + h) * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float o = 0.0f;
+        for (int p = 0; p < visible; p++) o += scores[p] * inv * values[(long)p * head_dim + d];
+        oh[d] = o;
+    }
+}

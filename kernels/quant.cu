@@ -1,0 +1,212 @@
+// int8 kernels: per-token activation quantization, the decode GEMV, a tiled GEMM for
+// shapes cuBLASLt's int8 path refuses, the f32 rescale of int32 products, LLM.int8's
+// outlier-column split and 16-bit outlier product, and fake quantization (qat-sim).
+// CPU references: src/scheme/int8_dynamic.rs, int8_gemm.rs, int8_outlier.rs, qat_sim.rs.
+
+// Per row of x [rows, cols]: scale = absmax / 127 (1 for a zero row) and
+// q = clamp(rint(x / scale), -127, 127). Columns flagged in `skip` (LLM.int8's outlier
+// columns; may be null) count as zeros. One block per row, blockDim a multiple of 32.
+extern "C" __global__ void quantize_rows_i8(const float* __restrict__ x, const u8* __restrict__ skip,
+                                            i8* __restrict__ q, float* __restrict__ scales, int rows,
+                                            int cols) {
+    __shared__ float scratch[32];
+    int row = blockIdx.x;
+    if (row >= rows) return;
+    const float* xr = x + (long)row * cols;
+    float m = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float v = (skip && skip[c]) ? 0.0f : xr[c];
+        m = fmaxf(m, fabsf(v));
+    }
+    float s = symmetric_scale(block_max(m, scratch));
+    i8* qr = q + (long)row * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float v = (skip && skip[c]) ? 0.0f : xr[c];
+        qr[c] = quantize_i8(v, s);
+    }
+    if (threadIdx.x == 0) scales[row] = s;
+}
+
+// absmax over all n values into *out as f32 bits (non-negative floats order as their
+// bits); *out must start at 0. Grid-stride.
+extern "C" __global__ void absmax_bits(const float* __restrict__ x, long n, u32* __restrict__ out) {
+    __shared__ float scratch[32];
+    float m = 0.0f;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        m = fmaxf(m, fabsf(x[i]));
+    m = block_max(m, scratch);
+    if (threadIdx.x == 0) atomicMax(out, __float_as_uint(m));
+}
+
+// Per-tensor activation quantization: one scale from absmax_bits for every row.
+extern "C" __global__ void quantize_tensor_i8(const float* __restrict__ x, const u32* __restrict__ absmax,
+                                              i8* __restrict__ q, float* __restrict__ scales, int rows,
+                                              int cols) {
+    float s = symmetric_scale(__uint_as_float(*absmax));
+    long n = (long)rows * cols;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        q[i] = quantize_i8(x[i], s);
+        if (i % cols == 0) scales[i / cols] = s;
+    }
+}
+
+// out[i, j] = acc * (sx[i] * sw[j]) + bias[j], each product and the sum rounded once
+// (no fused multiply-add), exactly as int8_dynamic::rescale without torch_compat.
+__device__ __forceinline__ float rescale_one(int acc, float sx, float sw, const float* bias, int j) {
+    float v = __fmul_rn((float)acc, __fmul_rn(sx, sw));
+    return bias ? __fadd_rn(v, bias[j]) : v;
+}
+
+// The decode GEMV: out[i, j] = rescale(sum_k qx[i, k] * w[j, k]) for i < m (m <= 8),
+// one warp per output row j, 8 warps per block. Exact int32 accumulation; 16-byte loads
+// and __dp4a when k is a multiple of 16, bytes otherwise.
+extern "C" __global__ void gemv_i8(const i8* __restrict__ qx, const float* __restrict__ sx,
+                                   const i8* __restrict__ w, const float* __restrict__ sw,
+                                   const float* __restrict__ bias, float* __restrict__ out, int m, int n,
+                                   int k) {
+    int lane = threadIdx.x & 31;
+    int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (j >= n) return;
+    int acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) acc[i] = 0;
+    const i8* wr = w + (long)j * k;
+    if ((k & 15) == 0) {
+        const int4* w4 = (const int4*)wr;
+        int chunks = k >> 4;
+        for (int c = lane; c < chunks; c += WARP) {
+            int4 wv = __ldg(w4 + c);
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                if (i < m) {
+                    int4 xv = __ldg((const int4*)(qx + (long)i * k) + c);
+                    int a = acc[i];
+                    a = __dp4a(wv.x, xv.x, a);
+                    a = __dp4a(wv.y, xv.y, a);
+                    a = __dp4a(wv.z, xv.z, a);
+                    a = __dp4a(wv.w, xv.w, a);
+                    acc[i] = a;
+                }
+            }
+        }
+    } else {
+        for (int c = lane; c < k; c += WARP) {
+            int wv = wr[c];
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                if (i < m) acc[i] += wv * (int)qx[(long)i * k + c];
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        if (i < m) {
+            int t = warp_sum_i32(acc[i]);
+            if (lane == 0) out[(long)i * n + j] = rescale_one(t, sx[i], sw[j], bias, j);
+        }
+    }
+}
+
+// int32 product acc[m, n] = qx[m, k] . w[n, k]^T, 16x16 tiles: the fallback for shapes
+// cuBLASLt's int8 path does not take (k or n not a multiple of 4). blockDim (16, 16).
+extern "C" __global__ void gemm_i8_tiled(const i8* __restrict__ qx, const i8* __restrict__ w,
+                                         int* __restrict__ acc, int m, int n, int k) {
+    __shared__ int xs[16][17];
+    __shared__ int ws[16][17];
+    int tx = threadIdx.x, ty = threadIdx.y;
+    int i = blockIdx.y * 16 + ty, j = blockIdx.x * 16 + tx;
+    int sum = 0;
+    for (int k0 = 0; k0 < k; k0 += 16) {
+        int kx = k0 + tx;
+        xs[ty][tx] = (i < m && kx < k) ? (int)qx[(long)i * k + kx] : 0;
+        int jw = blockIdx.x * 16 + ty;
+        ws[ty][tx] = (jw < n && kx < k) ? (int)w[(long)jw * k + kx] : 0;
+        __syncthreads();
+#pragma unroll
+        for (int t = 0; t < 16; t++) sum += xs[ty][t] * ws[tx][t];
+        __syncthreads();
+    }
+    if (i < m && j < n) acc[(long)i * n + j] = sum;
+}
+
+// out[i, j] = rescale(acc[i, j]) (after cuBLASLt or gemm_i8_tiled). Grid-stride.
+extern "C" __global__ void rescale_i32(const int* __restrict__ acc, const float* __restrict__ sx,
+                                       const float* __restrict__ sw, const float* __restrict__ bias,
+                                       float* __restrict__ out, int m, int n) {
+    long total = (long)m * n;
+    for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total; e += (long)gridDim.x * blockDim.x) {
+        int i = (int)(e / n), j = (int)(e % n);
+        out[e] = rescale_one(acc[e], sx[i], sw[j], bias, j);
+    }
+}
+
+// LLM.int8 split: mask[c] = 1 when some |x[i, c]| > threshold (strictly), else 0.
+// One thread per column.
+extern "C" __global__ void outlier_mask(const float* __restrict__ x, int rows, int cols, float threshold,
+                                        u8* __restrict__ mask) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    u8 flag = 0;
+    for (int i = 0; i < rows; i++) flag |= fabsf(x[(long)i * cols + c]) > threshold;
+    mask[c] = flag;
+}
+
+// The flagged columns in increasing order into idx, their number into *count. One block
+// of 1024 threads; each thread owns a contiguous run of columns.
+extern "C" __global__ void compact_mask(const u8* __restrict__ mask, int cols, int* __restrict__ idx,
+                                        int* __restrict__ count) {
+    __shared__ int offsets[1024];
+    int t = threadIdx.x, nt = blockDim.x;
+    int per = (cols + nt - 1) / nt;
+    int c0 = min(cols, t * per), c1 = min(cols, c0 + per);
+    int local = 0;
+    for (int c = c0; c < c1; c++) local += mask[c] != 0;
+    offsets[t] = local;
+    __syncthreads();
+    // Inclusive scan (Hillis-Steele).
+    for (int d = 1; d < nt; d <<= 1) {
+        int v = t >= d ? offsets[t - d] : 0;
+        __syncthreads();
+        offsets[t] += v;
+        __syncthreads();
+    }
+    int o = offsets[t] - local;
+    for (int c = c0; c < c1; c++)
+        if (mask[c]) idx[o++] = c;
+    if (t == nt - 1) *count = offsets[t];
+}
+
+// out[i, j] += sum over the outlier columns c (in idx order) of round16(x[i, c]) *
+// round16(w[j, c] * sw[j]), summed in f32 in that order, each product and sum rounded
+// once: int8_outlier.rs's add_outlier_product. kind 0 = f16, 1 = bf16. One thread per
+// output element.
+extern "C" __global__ void outlier_product(const float* __restrict__ x, int rows, int cols,
+                                           const int* __restrict__ idx, const int* __restrict__ count,
+                                           const i8* __restrict__ w, const float* __restrict__ sw,
+                                           float* __restrict__ out, int n, int kind) {
+    long e = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    int no = *count;
+    if (e >= (long)rows * n || no == 0) return;
+    int i = (int)(e / n), j = (int)(e % n);
+    float s = sw[j], sum = 0.0f;
+    for (int t = 0; t < no; t++) {
+        int c = idx[t];
+        float a = round16(x[(long)i * cols + c], kind);
+        float b = round16(__fmul_rn((float)w[(long)j * cols + c], s), kind);
+        sum = __fadd_rn(sum, __fmul_rn(a, b));
+    }
+    out[e] = __fadd_rn(out[e], sum);
+}
+
+// Fake quantization: out = s * (clamp(rint(u) + zp, qmin, qmax) - zp) with u = x / s
+// (reciprocal = 0, weights) or x * (1 / s) (reciprocal = 1, uint8 activations), s the
+// scale of the row (per_row = 1, rows of `cols`) or scales[0]. qat_sim.rs / observer.rs.
+extern "C" __global__ void fake_quant(const float* __restrict__ x, float* __restrict__ out, long n, int cols,
+                                      const float* __restrict__ scales, int per_row, float zp, float qmin,
+                                      float qmax, int reciprocal) {
+    for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < n; e += (long)gridDim.x * blockDim.x) {
+        float s = per_row ? scales[e / cols] : scales[0];
+        float u = reciprocal ? __fmul_rn(x[e], __frcp_rn(s)) : __fdiv_rn(x[e], s);
+        float q = fminf(fmaxf(__fadd_rn(rintf(u), zp), qmin), qmax);
+        out[e] = __fmul_rn(__fsub_rn(q, zp), s);
+    }
+}

@@ -1,0 +1,317 @@
+//! Matrix products through NVIDIA's libraries: cuBLAS for f32, f16 and bf16 (f32
+//! accumulation), cuBLASLt for int8 × int8 → int32 (cudarc's safe cuBLASLt API covers
+//! floats only, so the int8 product uses its raw bindings).
+//!
+//! Every product here is `out[m, n] = x[m, k] · w[n, k]ᵀ`, all row-major, as the CPU's
+//! `matmul_nt`. In cuBLAS's column-major terms that is `outᵀ (n×m) = w (k×n)ᵀ · xᵀ (k×m)`:
+//! A = `w` transposed, B = `x` not transposed, which is also the "TN" layout cuBLASLt's
+//! int8 kernels require (with `k` and `n` multiples of 4).
+
+use std::ffi::c_void;
+use std::mem::size_of;
+use std::sync::Arc;
+
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
+use cudarc::cublaslt::{result as lt, sys as lt_sys};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+
+use super::libs::{self, CudaLib};
+use super::{driver, guard, CudaError, Gpu};
+
+/// Make `lib` loadable (by name, else from a known folder) before cudarc touches it.
+fn ensure(lib: &CudaLib, present: unsafe fn() -> bool) -> Result<(), CudaError> {
+    // SAFETY: only tries to open the library by its candidate names.
+    if unsafe { present() } {
+        return Ok(());
+    }
+    let opened = libs::preload(lib).map_err(|e| CudaError::Library { lib: lib.name, message: e })?;
+    // SAFETY: as above.
+    if opened.is_some() && unsafe { present() } {
+        return Ok(());
+    }
+    Err(CudaError::Library {
+        lib: lib.name,
+        message: format!("not found: looked for {}", libs::searched(lib)),
+    })
+}
+
+/// The shape check shared by the products.
+fn check(
+    op: &'static str,
+    (m, n, k): (usize, usize, usize),
+    lens: [usize; 3],
+) -> Result<[i32; 3], CudaError> {
+    let [x, w, out] = lens;
+    for (what, have, want) in [("x", x, m * k), ("w", w, n * k), ("out", out, m * n)] {
+        if have < want {
+            return Err(CudaError::Shape {
+                op,
+                message: format!("{what} holds {have} values, expected at least {want}"),
+            });
+        }
+    }
+    let int = |v: usize| {
+        i32::try_from(v).map_err(|_| CudaError::Shape {
+            op,
+            message: format!("dimension {v}, expected at most {}", i32::MAX),
+        })
+    };
+    Ok([int(m)?, int(n)?, int(k)?])
+}
+
+/// Whether cuBLASLt's int8 path takes this shape: `k` and `n` multiples of 4 (leading
+/// dimensions and the rows of the column-major output).
+pub fn lt_int8_supports(n: usize, k: usize) -> bool {
+    n.is_multiple_of(4) && k.is_multiple_of(4) && n > 0 && k > 0
+}
+
+/// cuBLASLt workspace: 32 MiB on Hopper and later, 4 MiB before (NVIDIA's advice).
+pub fn workspace_bytes(capability: (i32, i32)) -> usize {
+    if capability.0 >= 9 {
+        32 << 20
+    } else {
+        4 << 20
+    }
+}
+
+/// cuBLAS and cuBLASLt handles on a [`Gpu`]'s stream.
+pub struct Blas {
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    lt: LtHandle,
+    workspace: CudaSlice<u8>,
+}
+
+impl std::fmt::Debug for Blas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blas").field("workspace_bytes", &self.workspace.len()).finish()
+    }
+}
+
+/// A cuBLASLt handle, destroyed on drop (errors there are ignored: nothing to do).
+struct LtHandle(lt_sys::cublasLtHandle_t);
+
+impl Drop for LtHandle {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasLtCreate and destroyed once.
+        let _ = unsafe { lt::destroy_handle(self.0) };
+    }
+}
+
+struct Layout(lt_sys::cublasLtMatrixLayout_t);
+
+impl Drop for Layout {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasLtMatrixLayoutCreate and destroyed once.
+        let _ = unsafe { lt::destroy_matrix_layout(self.0) };
+    }
+}
+
+struct Desc(lt_sys::cublasLtMatmulDesc_t);
+
+impl Drop for Desc {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasLtMatmulDescCreate and destroyed once.
+        let _ = unsafe { lt::destroy_matmul_desc(self.0) };
+    }
+}
+
+struct Pref(lt_sys::cublasLtMatmulPreference_t);
+
+impl Drop for Pref {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasLtMatmulPreferenceCreate and destroyed once.
+        let _ = unsafe { lt::destroy_matmul_pref(self.0) };
+    }
+}
+
+fn lt_err(op: &'static str) -> impl Fn(lt::CublasError) -> CudaError {
+    move |e| CudaError::Blas { op, message: format!("{e:?}") }
+}
+
+/// A float type cuBLAS multiplies.
+pub trait BlasFloat: cudarc::driver::DeviceRepr + Copy {
+    /// 1 and 0 in this type (alpha and beta).
+    const ONE_ZERO: (Self, Self);
+}
+
+impl BlasFloat for f32 {
+    const ONE_ZERO: (f32, f32) = (1.0, 0.0);
+}
+
+impl BlasFloat for half::f16 {
+    const ONE_ZERO: (half::f16, half::f16) = (half::f16::ONE, half::f16::ZERO);
+}
+
+impl BlasFloat for half::bf16 {
+    const ONE_ZERO: (half::bf16, half::bf16) = (half::bf16::ONE, half::bf16::ZERO);
+}
+
+impl Blas {
+    /// Handles and a workspace on `gpu`'s stream.
+    pub fn new(gpu: &Gpu) -> Result<Blas, CudaError> {
+        ensure(&libs::CUBLAS, cudarc::cublas::sys::is_culib_present)?;
+        ensure(&libs::CUBLASLT, cudarc::cublaslt::sys::is_culib_present)?;
+        guard("cublas handles", || {
+            let stream = gpu.stream().clone();
+            let blas = CudaBlas::new(stream.clone())
+                .map_err(|e| CudaError::Blas { op: "cublasCreate", message: format!("{e:?}") })?;
+            let lt = LtHandle(lt::create_handle().map_err(lt_err("cublasLtCreate"))?);
+            let bytes = workspace_bytes(gpu.capability());
+            let workspace = stream.alloc_zeros::<u8>(bytes).map_err(driver("cublasLt workspace"))?;
+            Ok(Blas { stream, blas, lt, workspace })
+        })
+    }
+
+    /// `out[m, n] = x[m, k] · w[n, k]ᵀ` with cuBLAS in `T` (f32, f16 or bf16; f32
+    /// accumulation for the 16-bit types).
+    pub fn gemm<T: BlasFloat>(
+        &self,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        out: &mut CudaSlice<T>,
+        dims: (usize, usize, usize),
+    ) -> Result<(), CudaError>
+    where
+        CudaBlas: Gemm<T>,
+    {
+        const OP: &str = "cublas gemm";
+        let [m, n, k] = check(OP, dims, [x.len(), w.len(), out.len()])?;
+        let (alpha, beta) = T::ONE_ZERO;
+        let cfg = GemmConfig {
+            transa: cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T,
+            transb: cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+            m: n,
+            n: m,
+            k,
+            alpha,
+            lda: k,
+            ldb: k,
+            beta,
+            ldc: n,
+        };
+        guard(OP, || {
+            // SAFETY: the buffers were checked against the shape above.
+            unsafe { self.blas.gemm(cfg, w, x, out) }
+                .map_err(|e| CudaError::Blas { op: OP, message: format!("{e:?}") })
+        })
+    }
+
+    /// `acc[m, n] = qx[m, k] · w[n, k]ᵀ` in int32 through cuBLASLt (int8 inputs, int32
+    /// accumulation and output). Needs [`lt_int8_supports`]`(n, k)`; the caller uses
+    /// `ops::gemm_i8_tiled` otherwise.
+    pub fn gemm_i8(
+        &self,
+        qx: &CudaSlice<i8>,
+        w: &CudaSlice<i8>,
+        acc: &mut CudaSlice<i32>,
+        dims: (usize, usize, usize),
+    ) -> Result<(), CudaError> {
+        const OP: &str = "cublasLt int8 gemm";
+        let [_, _, _] = check(OP, dims, [qx.len(), w.len(), acc.len()])?;
+        let (m, n, k) = dims;
+        if !lt_int8_supports(n, k) {
+            return Err(CudaError::Shape {
+                op: OP,
+                message: format!("n = {n} and k = {k}, expected multiples of 4 (cuBLASLt int8 layout rules)"),
+            });
+        }
+        guard(OP, || {
+            use lt_sys::cudaDataType_t::{CUDA_R_32I, CUDA_R_8I};
+            let (m64, n64, k64) = (m as u64, n as u64, k as u64);
+            // Column-major: A = w as k×n (transposed by the op), B = x as k×m, D = n×m.
+            let a =
+                Layout(lt::create_matrix_layout(CUDA_R_8I, k64, n64, k as i64).map_err(lt_err("layout A"))?);
+            let b =
+                Layout(lt::create_matrix_layout(CUDA_R_8I, k64, m64, k as i64).map_err(lt_err("layout B"))?);
+            let d =
+                Layout(lt::create_matrix_layout(CUDA_R_32I, n64, m64, n as i64).map_err(lt_err("layout D"))?);
+            let desc = Desc(
+                lt::create_matmul_desc(lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32I, CUDA_R_32I)
+                    .map_err(lt_err("matmul desc"))?,
+            );
+            let (op_t, op_n): (i32, i32) = (1, 0);
+            // SAFETY: live descriptor; the attribute values are i32 as cuBLASLt expects.
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    desc.0,
+                    lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                    (&op_t) as *const i32 as *const c_void,
+                    size_of::<i32>(),
+                )
+                .map_err(lt_err("transa"))?;
+                lt::set_matmul_desc_attribute(
+                    desc.0,
+                    lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+                    (&op_n) as *const i32 as *const c_void,
+                    size_of::<i32>(),
+                )
+                .map_err(lt_err("transb"))?;
+            }
+            let pref = Pref(lt::create_matmul_pref().map_err(lt_err("preference"))?);
+            let ws = self.workspace.len();
+            // SAFETY: live preference; the value is a usize as documented.
+            unsafe {
+                lt::set_matmul_pref_attribute(
+                    pref.0,
+                    lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    (&ws) as *const usize as *const c_void,
+                    size_of::<usize>(),
+                )
+                .map_err(lt_err("workspace size"))?;
+            }
+            // SAFETY: every descriptor is live and describes the buffers checked above.
+            let heuristic =
+                unsafe { lt::get_matmul_algo_heuristic(self.lt.0, desc.0, a.0, b.0, d.0, d.0, pref.0) }
+                    .map_err(lt_err("no cuBLASLt int8 algorithm for this shape"))?;
+            let (alpha, beta): (i32, i32) = (1, 0);
+            let (wp, _rw) = w.device_ptr(&self.stream);
+            let (xp, _rx) = qx.device_ptr(&self.stream);
+            let (dp, _rd) = acc.device_ptr_mut(&self.stream);
+            let (sp, _rs) = self.workspace.device_ptr(&self.stream);
+            // SAFETY: as above; alpha/beta are i32 for the 32I scale type.
+            unsafe {
+                lt::matmul(
+                    self.lt.0,
+                    desc.0,
+                    (&alpha) as *const i32 as *const c_void,
+                    (&beta) as *const i32 as *const c_void,
+                    wp as *const c_void,
+                    a.0,
+                    xp as *const c_void,
+                    b.0,
+                    dp as *const c_void,
+                    d.0,
+                    dp as *mut c_void,
+                    d.0,
+                    (&heuristic.algo) as *const _,
+                    sp as *mut c_void,
+                    ws,
+                    self.stream.cu_stream() as *mut _,
+                )
+            }
+            .map_err(lt_err("cublasLtMatmul"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn int8_layout_rules_and_workspace_sizes() {
+        assert!(lt_int8_supports(4096, 4096));
+        assert!(!lt_int8_supports(4098, 4096 + 2));
+        assert!(!lt_int8_supports(0, 4));
+        assert_eq!(workspace_bytes((9, 0)), 32 << 20);
+        assert_eq!(workspace_bytes((8, 0)), 4 << 20);
+    }
+
+    #[test]
+    fn shape_checks_name_the_buffer() {
+        let e = check("cublas gemm", (2, 3, 4), [8, 11, 6]).unwrap_err().to_string();
+        assert_eq!(e, "cuda op cublas gemm: w holds 11 values, expected at least 12");
+        assert_eq!(check("x", (2, 3, 4), [8, 12, 6]).unwrap(), [2, 3, 4]);
+    }
+}

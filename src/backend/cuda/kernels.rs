@@ -1,0 +1,253 @@
+//! The kernel sources (`kernels/*.cu`, embedded in the binary so a carried binary needs
+//! no source tree), and their compilation with NVRTC to PTX for one architecture, cached
+//! on disk by the hash of source, options and NVRTC version.
+//!
+//! Each file is compiled as `kernels/common.cuh` followed by the file, with `#line`
+//! markers so NVRTC's messages name the right file and line. No include path is needed.
+
+use std::path::PathBuf;
+
+use cudarc::nvrtc::{self, CompileError, CompileOptions};
+use sha2::{Digest, Sha256};
+
+use super::{guard, libs, CudaError};
+
+/// Helpers prepended to every file.
+pub const COMMON: &str = include_str!("../../../kernels/common.cuh");
+
+/// One `.cu` file and the kernels it defines.
+#[derive(Debug)]
+pub struct KernelFile {
+    /// File name under `kernels/`.
+    pub name: &'static str,
+    /// Its text.
+    pub source: &'static str,
+    /// The `extern "C"` kernels it defines (each must appear in its PTX).
+    pub kernels: &'static [&'static str],
+}
+
+/// int8: activation quantization, GEMV, fallback GEMM, rescale, LLM.int8, fake quant.
+pub const QUANT: KernelFile = KernelFile {
+    name: "quant.cu",
+    source: include_str!("../../../kernels/quant.cu"),
+    kernels: &[
+        "quantize_rows_i8",
+        "absmax_bits",
+        "quantize_tensor_i8",
+        "gemv_i8",
+        "gemm_i8_tiled",
+        "rescale_i32",
+        "outlier_mask",
+        "compact_mask",
+        "outlier_product",
+        "fake_quant",
+    ],
+};
+
+/// The shared 4-bit block format: dequantization and the fused GEMV.
+pub const PACKED4: KernelFile = KernelFile {
+    name: "packed4.cu",
+    source: include_str!("../../../kernels/packed4.cu"),
+    kernels: &["packed4_dequant", "packed4_gemv"],
+};
+
+/// Model ops.
+pub const OPS: KernelFile = KernelFile {
+    name: "ops.cu",
+    source: include_str!("../../../kernels/ops.cu"),
+    kernels: &[
+        "rms_norm",
+        "layer_norm",
+        "gelu_tanh",
+        "gelu_erf",
+        "silu_mul",
+        "add_in_place",
+        "add_bias_rows",
+        "softmax_rows",
+        "rotary",
+        "embedding",
+        "kv_append",
+        "attention",
+    ],
+};
+
+/// f32 ↔ bf16/f16 conversions.
+pub const CAST: KernelFile = KernelFile {
+    name: "cast.cu",
+    source: include_str!("../../../kernels/cast.cu"),
+    kernels: &["f32_to_bf16_kernel", "bf16_to_f32_kernel", "f32_to_f16_kernel", "f16_to_f32_kernel"],
+};
+
+/// Every kernel file (a test checks this list against the `kernels/` folder).
+pub const FILES: [&KernelFile; 4] = [&QUANT, &PACKED4, &OPS, &CAST];
+
+/// The architectures CI compiles every file for (no device needed): A100 and H100/H200.
+pub const CI_ARCHS: [&str; 2] = ["compute_80", "compute_90"];
+
+/// The text NVRTC compiles for `file`.
+pub fn full_source(file: &KernelFile) -> String {
+    format!("#line 1 \"kernels/common.cuh\"\n{COMMON}\n#line 1 \"kernels/{}\"\n{}", file.name, file.source)
+}
+
+/// NVRTC options for a virtual architecture such as `compute_90`.
+pub fn options(arch: &str) -> Vec<String> {
+    vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()]
+}
+
+/// Make NVRTC loadable: by name through the loader path, else from a known folder
+/// (see [`libs`]). Must be called before any other NVRTC call: cudarc panics when the
+/// library is missing.
+pub fn ensure_nvrtc() -> Result<(), CudaError> {
+    // SAFETY: only tries to open the library by its candidate names.
+    if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Ok(());
+    }
+    let opened = libs::preload(&libs::NVRTC).map_err(|e| CudaError::Library { lib: "nvrtc", message: e })?;
+    // SAFETY: as above.
+    if opened.is_some() && unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Ok(());
+    }
+    Err(CudaError::Library {
+        lib: "nvrtc",
+        message: format!("not found: looked for {}", libs::searched(&libs::NVRTC)),
+    })
+}
+
+/// NVRTC's version (major, minor).
+pub fn nvrtc_version() -> Result<(i32, i32), CudaError> {
+    ensure_nvrtc()?;
+    guard("nvrtc version", || {
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: two valid out pointers.
+        let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+        if status != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+            return Err(CudaError::Compile {
+                file: "-",
+                arch: "-".into(),
+                log: format!("nvrtcVersion failed: {status:?}"),
+            });
+        }
+        Ok((major, minor))
+    })
+}
+
+/// Compile `file` to PTX for `arch` (`compute_XY`), without the disk cache.
+pub fn compile_ptx(file: &KernelFile, arch: &str) -> Result<String, CudaError> {
+    ensure_nvrtc()?;
+    let src = full_source(file);
+    let opts =
+        CompileOptions { options: options(arch), name: Some(file.name.to_string()), ..Default::default() };
+    let ptx = guard("nvrtc compile", || {
+        nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| CudaError::Compile {
+            file: file.name,
+            arch: arch.to_string(),
+            log: compile_log(&e),
+        })
+    })?;
+    let text = ptx.to_src();
+    for kernel in file.kernels {
+        if !text.contains(&format!(".entry {kernel}(")) {
+            return Err(CudaError::Compile {
+                file: file.name,
+                arch: arch.to_string(),
+                log: format!("kernel `{kernel}` is listed in kernels.rs but not in the compiled PTX"),
+            });
+        }
+    }
+    Ok(text)
+}
+
+/// NVRTC's log (or the error) as text.
+fn compile_log(e: &CompileError) -> String {
+    match e {
+        CompileError::CompileError { nvrtc, log, .. } => {
+            format!("{nvrtc:?}:\n{}", log.to_string_lossy().trim_end())
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+/// Where compiled PTX is cached: `$QUANTBENCH_CACHE/ptx` (else
+/// `~/.cache/quantbench/ptx`); `None` when no home folder is known.
+fn cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("QUANTBENCH_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("quantbench")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/quantbench")))?;
+    Some(base.join("ptx"))
+}
+
+/// The cache key of `file` compiled for `arch` by NVRTC `version`.
+pub fn cache_key(file: &KernelFile, arch: &str, version: (i32, i32)) -> String {
+    let mut h = Sha256::new();
+    h.update(full_source(file).as_bytes());
+    h.update(options(arch).join(" ").as_bytes());
+    h.update(format!("nvrtc {}.{}", version.0, version.1).as_bytes());
+    let digest = h.finalize();
+    let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    format!("{}-{arch}-{hex}.ptx", file.name.trim_end_matches(".cu"))
+}
+
+/// PTX of `file` for `arch`, from the disk cache when present, else compiled and stored
+/// (a cache that cannot be written is skipped silently: it only saves time).
+pub fn cached_ptx(file: &KernelFile, arch: &str) -> Result<String, CudaError> {
+    let version = nvrtc_version()?;
+    let path = cache_dir().map(|d| d.join(cache_key(file, arch, version)));
+    if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+        return Ok(text);
+    }
+    let text = compile_ptx(file, arch)?;
+    if let Some(p) = &path {
+        if let Some(dir) = p.parent() {
+            let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+            let written = std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&tmp, &text));
+            if written.and_then(|_| std::fs::rename(&tmp, p)).is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_cu_file_in_kernels_is_listed() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .filter(|n| n.ends_with(".cu"))
+            .collect();
+        on_disk.sort();
+        let mut listed: Vec<String> = FILES.iter().map(|f| f.name.to_string()).collect();
+        listed.sort();
+        assert_eq!(on_disk, listed);
+    }
+
+    #[test]
+    fn every_listed_kernel_is_defined_extern_c_in_its_file() {
+        for file in FILES {
+            for k in file.kernels {
+                let decl = format!("__global__ void {k}(");
+                assert!(file.source.contains(&decl), "{}: no `{decl}`", file.name);
+            }
+            let defined = file.source.matches("extern \"C\" __global__ void ").count();
+            assert_eq!(defined, file.kernels.len(), "{}: kernels defined vs listed", file.name);
+        }
+    }
+
+    #[test]
+    fn sources_start_with_line_markers_and_cache_keys_change_with_the_arch() {
+        let s = full_source(&OPS);
+        assert!(s.starts_with("#line 1 \"kernels/common.cuh\""));
+        assert!(s.contains("#line 1 \"kernels/ops.cu\""));
+        let a = cache_key(&OPS, "compute_80", (13, 0));
+        let b = cache_key(&OPS, "compute_90", (13, 0));
+        assert_ne!(a, b);
+        assert!(a.starts_with("ops-compute_80-") && a.ends_with(".ptx"), "{a}");
+        assert_ne!(cache_key(&OPS, "compute_90", (13, 1)), b);
+    }
+}

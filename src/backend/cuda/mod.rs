@@ -1,0 +1,276 @@
+//! The CUDA backend on cudarc (dynamic loading: nothing CUDA is needed to build or to run
+//! the CPU paths): driver probe, one context and stream per [`Gpu`], kernels compiled at
+//! run time with NVRTC for the device's compute capability ([`kernels`]), host wrappers
+//! that launch them ([`ops`]), and cuBLAS / cuBLASLt products ([`blas`]).
+//!
+//! Status: every kernel compiles under NVRTC in CI; the wrappers have not yet run on a
+//! GPU (see `tests/cuda/main.rs` for the comparisons against the CPU references that run
+//! when a device is present).
+//!
+//! cudarc panics instead of returning an error when a library or symbol is missing, so
+//! the driver library is looked up before the first driver call, and calls go through
+//! [`guard`], which turns a panic into [`CudaError::Panic`].
+
+pub mod blas;
+pub mod kernels;
+pub mod libs;
+pub mod linear;
+pub mod ops;
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+
+use super::CudaProbe;
+
+/// The NVRTC wheel `scripts/fetch_nvrtc.sh` installs (CUDA 13.0, the GPU machines').
+pub const NVRTC_WHEEL_VERSION: &str = "13.0.88";
+
+/// What can go wrong on the CUDA path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CudaError {
+    /// `libcuda` could not be loaded.
+    #[error("no CUDA driver found ({0})")]
+    NoDriver(String),
+    /// A CUDA library (NVRTC, cuBLAS, cuBLASLt) could not be loaded.
+    #[error("cuda library {lib}: {message}")]
+    Library { lib: &'static str, message: String },
+    /// A driver call failed.
+    #[error("cuda {op}: {message}")]
+    Driver { op: String, message: String },
+    /// NVRTC rejected a kernel file.
+    #[error("kernel file kernels/{file} does not compile for {arch}:\n{log}")]
+    Compile { file: &'static str, arch: String, log: String },
+    /// A cuBLAS or cuBLASLt call failed.
+    #[error("{op}: {message}")]
+    Blas { op: &'static str, message: String },
+    /// Arguments of an op do not fit together.
+    #[error("cuda op {op}: {message}")]
+    Shape { op: &'static str, message: String },
+    /// cudarc panicked (a missing library or symbol); the message it gave.
+    #[error("cuda {op}: cudarc panicked: {message}")]
+    Panic { op: &'static str, message: String },
+}
+
+/// Run `f`, turning a cudarc panic into [`CudaError::Panic`].
+pub fn guard<T>(op: &'static str, f: impl FnOnce() -> Result<T, CudaError>) -> Result<T, CudaError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "(no message)".into());
+            Err(CudaError::Panic { op, message })
+        }
+    }
+}
+
+/// A driver error as [`CudaError::Driver`].
+pub(crate) fn driver(op: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError {
+    let op = op.into();
+    move |e| CudaError::Driver { op, message: format!("{e:?}") }
+}
+
+/// True when `libcuda` can be loaded (the check cudarc needs before any driver call).
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to open the library by its candidate names.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// The first device's name and compute capability, without letting cudarc panic.
+pub fn probe() -> CudaProbe {
+    if !driver_present() {
+        return CudaProbe::NoDriver(
+            "libcuda.so could not be loaded: no NVIDIA driver on this machine".into(),
+        );
+    }
+    let found = guard("probe", || {
+        use cudarc::driver::result;
+        result::init().map_err(driver("cuInit"))?;
+        let count = result::device::get_count().map_err(driver("cuDeviceGetCount"))?;
+        if count < 1 {
+            return Ok(None);
+        }
+        let dev = result::device::get(0).map_err(driver("cuDeviceGet"))?;
+        let name = result::device::get_name(dev).map_err(driver("cuDeviceGetName"))?;
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        // SAFETY: `dev` came from cuDeviceGet.
+        let major =
+            unsafe { result::device::get_attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR) }
+                .map_err(driver("cuDeviceGetAttribute"))?;
+        // SAFETY: as above.
+        let minor =
+            unsafe { result::device::get_attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR) }
+                .map_err(driver("cuDeviceGetAttribute"))?;
+        Ok(Some((name, (major, minor))))
+    });
+    match found {
+        Ok(Some((name, capability))) => CudaProbe::Ready { name, capability },
+        Ok(None) => CudaProbe::NoDevice("the driver reports 0 devices".into()),
+        Err(e) => CudaProbe::NoDevice(e.to_string()),
+    }
+}
+
+/// The virtual architecture NVRTC compiles for on a device of this capability.
+pub fn arch_for(capability: (i32, i32)) -> String {
+    format!("compute_{}{}", capability.0, capability.1)
+}
+
+/// One CUDA device: its context, a stream, and the kernel modules loaded so far.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    name: String,
+    capability: (i32, i32),
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu").field("name", &self.name).field("capability", &self.capability).finish()
+    }
+}
+
+impl Gpu {
+    /// Device `ordinal`, after checking the driver is there.
+    pub fn new(ordinal: usize) -> Result<Gpu, CudaError> {
+        if !driver_present() {
+            return Err(CudaError::NoDriver("libcuda.so could not be loaded".into()));
+        }
+        guard("context", || {
+            let ctx = CudaContext::new(ordinal).map_err(driver(format!("context on device {ordinal}")))?;
+            let name = ctx.name().map_err(driver("device name"))?;
+            let capability = ctx.compute_capability().map_err(driver("compute capability"))?;
+            // One stream per device and nothing shared across streams: cudarc's per-buffer
+            // event tracking (two events per allocation, waits around launches once a
+            // second stream exists) would only add cost.
+            // SAFETY: called before any buffer exists; this crate uses a single stream.
+            unsafe { ctx.disable_event_tracking() };
+            // A created stream rather than the legacy default one, so a decode step can
+            // later be captured into a CUDA graph.
+            let stream = ctx.new_stream().map_err(driver("create stream"))?;
+            Ok(Gpu { ctx, stream, name, capability, modules: Mutex::new(HashMap::new()) })
+        })
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The device's compute capability.
+    pub fn capability(&self) -> (i32, i32) {
+        self.capability
+    }
+
+    /// The context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream every op of this device runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Kernel `name` of `file`, compiling (or loading cached PTX) and loading the module
+    /// on first use.
+    pub fn function(
+        &self,
+        file: &'static kernels::KernelFile,
+        name: &str,
+    ) -> Result<CudaFunction, CudaError> {
+        let module = {
+            let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+            match modules.get(file.name) {
+                Some(m) => m.clone(),
+                None => {
+                    let ptx = kernels::cached_ptx(file, &arch_for(self.capability))?;
+                    let m = guard("load module", || {
+                        self.ctx
+                            .load_module(Ptx::from_src(ptx))
+                            .map_err(driver(format!("load kernels/{}", file.name)))
+                    })?;
+                    modules.insert(file.name, m.clone());
+                    m
+                }
+            }
+        };
+        guard("load function", || module.load_function(name).map_err(driver(format!("kernel {name}"))))
+    }
+
+    /// A copy of `data` on the device.
+    pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>, CudaError> {
+        guard("upload", || self.stream.clone_htod(data).map_err(driver("copy to device")))
+    }
+
+    /// The device buffer's contents.
+    pub fn download<T: DeviceRepr>(&self, data: &CudaSlice<T>) -> Result<Vec<T>, CudaError> {
+        guard("download", || self.stream.clone_dtoh(data).map_err(driver("copy to host")))
+    }
+
+    /// `len` zeroed elements on the device.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>, CudaError> {
+        guard("alloc", || self.stream.alloc_zeros(len).map_err(driver(format!("allocate {len} elements"))))
+    }
+
+    /// Wait for everything queued on the stream.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        guard("synchronize", || self.stream.synchronize().map_err(driver("synchronize")))
+    }
+
+    /// Free and total device memory in bytes (`cuMemGetInfo`).
+    pub fn memory(&self) -> Result<(usize, usize), CudaError> {
+        guard("memory", || self.ctx.mem_get_info().map_err(driver("cuMemGetInfo")))
+    }
+
+    /// Milliseconds the device spends on `f`'s work, between two events recorded on the
+    /// stream around it.
+    pub fn time_ms(&self, f: impl FnOnce() -> Result<(), CudaError>) -> Result<f32, CudaError> {
+        use cudarc::driver::sys::CUevent_flags;
+        let (start, end) = guard("events", || {
+            let s =
+                self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver("create event"))?;
+            let e =
+                self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver("create event"))?;
+            Ok((s, e))
+        })?;
+        guard("record event", || start.record(&self.stream).map_err(driver("record event")))?;
+        f()?;
+        guard("elapsed", || {
+            end.record(&self.stream).map_err(driver("record event"))?;
+            end.synchronize().map_err(driver("event synchronize"))?;
+            start.elapsed_ms(&end).map_err(driver("event elapsed time"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guard_turns_a_panic_into_an_error_naming_the_op() {
+        let r: Result<(), CudaError> =
+            guard("probe", || panic!("Unable to dynamically load the \"cuda\" library"));
+        let e = r.unwrap_err().to_string();
+        assert!(e.starts_with("cuda probe: cudarc panicked: Unable to dynamically load"), "{e}");
+    }
+
+    #[test]
+    fn probe_without_a_driver_says_so_and_architectures_follow_the_capability() {
+        if !driver_present() {
+            assert!(matches!(probe(), CudaProbe::NoDriver(_)));
+            assert!(Gpu::new(0).unwrap_err().to_string().starts_with("no CUDA driver found"));
+        }
+        assert_eq!(arch_for((9, 0)), "compute_90");
+        assert_eq!(arch_for((8, 6)), "compute_86");
+    }
+}

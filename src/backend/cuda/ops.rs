@@ -1,0 +1,1108 @@
+//! Host wrappers: one function per kernel of `kernels/*.cu`. Each checks that the buffers
+//! hold the values the shape needs (an error naming the op and the buffer, never an
+//! out-of-bounds launch), then launches on the [`Gpu`]'s stream without synchronising.
+//!
+//! Layouts are the CPU paths': row-major `[rows, cols]` f32 activations, weights
+//! `[out_features, in_features]`, outputs `[rows, out_features]`.
+
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
+
+use super::kernels::{KernelFile, CAST, OPS, PACKED4, QUANT};
+use super::{driver, guard, CudaError, Gpu};
+use crate::scheme::packed4::Packed4;
+
+/// Threads per block of the row kernels and grid-stride kernels.
+const THREADS: u32 = 256;
+
+/// Activation rows one GEMV launch takes (`GEMV_MAX_M` / the `acc[8]` of the kernels).
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// `value` as a kernel `int`, or an error naming the op and the dimension.
+fn int(op: &'static str, what: &str, value: usize) -> Result<i32, CudaError> {
+    i32::try_from(value).map_err(|_| CudaError::Shape {
+        op,
+        message: format!("{what} = {value}, expected at most {}", i32::MAX),
+    })
+}
+
+/// `value` as a kernel `long`.
+fn long(op: &'static str, what: &str, value: usize) -> Result<i64, CudaError> {
+    i64::try_from(value)
+        .map_err(|_| CudaError::Shape { op, message: format!("{what} = {value} does not fit in i64") })
+}
+
+/// Check that buffer `what` holds at least `want` values.
+fn need(op: &'static str, what: &str, have: usize, want: usize) -> Result<(), CudaError> {
+    if have < want {
+        return Err(CudaError::Shape {
+            op,
+            message: format!("{what} holds {have} values, expected at least {want}"),
+        });
+    }
+    Ok(())
+}
+
+/// One block per row.
+fn per_row(rows: usize) -> Result<LaunchConfig, CudaError> {
+    let grid = u32::try_from(rows.max(1)).map_err(|_| CudaError::Shape {
+        op: "launch",
+        message: format!("{rows} rows, expected at most {}", u32::MAX),
+    })?;
+    Ok(LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 })
+}
+
+/// Grid-stride launch over `n` elements.
+fn grid_stride(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// One warp per output row, 8 warps a block.
+fn warp_per_row(rows: usize) -> LaunchConfig {
+    let warps = THREADS as usize / 32;
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(warps).max(1) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Load `name` from `file`, let `args` push the arguments, launch.
+fn launch<'a>(
+    gpu: &'a Gpu,
+    file: &'static KernelFile,
+    name: &'static str,
+    cfg: LaunchConfig,
+    args: impl FnOnce(&mut LaunchArgs<'a>),
+    func: &'a mut Option<CudaFunction>,
+) -> Result<(), CudaError> {
+    *func = Some(gpu.function(file, name)?);
+    let f = func.as_ref().ok_or(CudaError::Shape { op: name, message: "kernel not loaded".into() })?;
+    guard(name, move || {
+        let mut b = gpu.stream().launch_builder(f);
+        args(&mut b);
+        // SAFETY: the caller checked every buffer against the shape the kernel reads and
+        // writes, and pushed the arguments in the kernel's order and types.
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(driver(format!("launch {name}")))
+    })
+}
+
+/// A null device pointer for an optional kernel argument.
+static NULL: u64 = 0;
+
+macro_rules! opt_arg {
+    ($b:expr, $opt:expr) => {
+        match $opt {
+            Some(s) => {
+                $b.arg(s);
+            }
+            None => {
+                $b.arg(&NULL);
+            }
+        }
+    };
+}
+
+// ---- int8 ------------------------------------------------------------------------------
+
+/// Per-row (token) symmetric int8 quantization of `x[rows, cols]` into `q` and `scales`;
+/// columns flagged in `skip` (LLM.int8's outliers) count as zeros.
+pub fn quantize_rows_i8(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    skip: Option<&CudaSlice<u8>>,
+    rows: usize,
+    cols: usize,
+    q: &mut CudaSlice<i8>,
+    scales: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    const OP: &str = "quantize_rows_i8";
+    need(OP, "x", x.len(), rows * cols)?;
+    need(OP, "q", q.len(), rows * cols)?;
+    need(OP, "scales", scales.len(), rows)?;
+    if let Some(s) = skip {
+        need(OP, "skip", s.len(), cols)?;
+    }
+    let (r, c) = (int(OP, "rows", rows)?, int(OP, "cols", cols)?);
+    let mut f = None;
+    launch(
+        gpu,
+        &QUANT,
+        OP,
+        per_row(rows)?,
+        |b| {
+            b.arg(x);
+            opt_arg!(b, skip);
+            b.arg(q).arg(scales).arg(&r).arg(&c);
+        },
+        &mut f,
+    )
+}
+
+/// One symmetric int8 scale for all of `x[rows, cols]` (per-tensor activations).
+pub fn quantize_tensor_i8(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    rows: usize,
+    cols: usize,
+    q: &mut CudaSlice<i8>,
+    scales: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    const OP: &str = "quantize_tensor_i8";
+    need(OP, "x", x.len(), rows * cols)?;
+    need(OP, "q", q.len(), rows * cols)?;
+    need(OP, "scales", scales.len(), rows)?;
+    let n = long(OP, "values", rows * cols)?;
+    let (r, c) = (int(OP, "rows", rows)?, int(OP, "cols", cols.max(1))?);
+    let mut absmax = gpu.zeros::<u32>(1)?;
+    let mut f = None;
+    launch(
+        gpu,
+        &QUANT,
+        "absmax_bits",
+        grid_stride(rows * cols),
+        |b| {
+            b.arg(x).arg(&n).arg(&mut absmax);
+        },
+        &mut f,
+    )?;
+    let mut f = None;
+    launch(
+        gpu,
+        &QUANT,
+        OP,
+        grid_stride(rows * cols),
+        |b| {
+            b.arg(x).arg(&absmax).arg(q).arg(scales).arg(&r).arg(&c);
+        },
+        &mut f,
+    )
+}
+
+/// The decode GEMV `out[m, n] = (qx[m, k] · w[n, k]ᵀ) · (sx ⊗ sw) + bias`, in launches
+/// of at most [`GEMV_MAX_ROWS`] activation rows.
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_i8(
+    gpu: &Gpu,
+    qx: &CudaSlice<i8>,
+    sx: &CudaSlice<f32>,
+    w: &CudaSlice<i8>,
+    sw: &CudaSlice<f32>,
+    bias: Option<&CudaSlice<f32>>,
+    out: &mut CudaSlice<f32>,
+    (m, n, k): (usize, usize, usize),
+) -> Result<(), CudaError> {
+    const OP: &str = "gemv_i8";
+    need(OP, "qx", qx.len(), m * k)?;
+    need(OP, "sx", sx.len(), m)?;
+    need(OP, "w", w.len(), n * k)?;
+    need(OP, "sw", sw.len(), n)?;
+    need(OP, "out", out.len(), m * n)?;
+    if let Some(b) = bias {
+        need(OP, "bias", b.len(), n)?;
+    }
+    let (ni, ki) = (int(OP, "n", n)?, int(OP, "k", k)?);
+    for i0 in (0..m).step_by(GEMV_MAX_ROWS) {
+        let rows = GEMV_MAX_ROWS.min(m - i0);
+        let mi = rows as i32;
+        let qv = qx.slice(i0 * k..(i0 + rows) * k);
+        let sv = sx.slice(i0..i0 + rows);
+        let mut ov = out.slice_mut(i0 * n..(i0 + rows) * n);
+        let mut f = None;
+        launch(
+            gpu,
+            &QUANT,
+            OP,
+            warp_per_row(n),
+            |b| {
+                b.arg(&qv).arg(&sv).arg(w).arg(sw);
+                opt_arg!(b, bias);
+                b.arg(&mut ov).arg(&mi).arg(&ni).arg(&ki);
+            },
+            &mut f,
+        )?;
+    }
+    Ok(())
+}
+
+/// `acc[m, n] = qx[m, k] · w[n, k]ᵀ` in int32 with the tiled kernel (shapes cuBLASLt's
+/// int8 path refuses).
+pub fn gemm_i8_tiled(
+    gpu: &Gpu,
+    qx: &CudaSlice<i8>,
+    w: &CudaSlice<i8>,
+    acc: &mut CudaSlice<i32>,
+    (m, n, k): (usize, usize, usize),
+) -> Result<(), CudaError> {
+    const OP: &str = "gemm_i8_tiled";
+    need(OP, "qx", qx.len(), m * k)?;
+    need(OP, "w", w.len(), n * k)?;
+    need(OP, "acc", acc.len(), m * n)?;
+    let (mi, ni, ki) = (int(OP, "m", m)?, int(OP, "n", n)?, int(OP, "k", k)?);
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(16).max(1) as u32, m.div_ceil(16).max(1) as u32, 1),
+        block_dim: (16, 16, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut f = None;
+    launch(
+        gpu,
+        &QUANT,
+        OP,
+        cfg,
+        |b| {
+            b.arg(qx).arg(w).arg(acc).arg(&mi).arg(&ni).arg(&ki);
+        },
+        &mut f,
+    )
+}
+
+/// `out[m, n] = acc · (sx[i] · sw[j]) + bias[j]`, rounded as the CPU's `rescale`.
+pub fn rescale_i32(
+    gpu: &Gpu,
+    acc: &CudaSlice<i32>,
+    sx: &CudaSlice<f32>,
+    sw: &CudaSlice<f32>,
+    bias: Option<&CudaSlice<f32>>,
+    out: &mut CudaSlice<f32>,
+    (m, n): (usize, usize),
+) -> Result<(), CudaError> {
+    const OP: &str = "rescale_i32";
+    need(OP, "acc", acc.len(), m * n)?;
+    need(OP, "sx", sx.len(), m)?;
+    need(OP, "sw", sw.len(), n)?;
+    need(OP, "out", out.len(), m * n)?;
+    if let Some(b) = bias {
+        need(OP, "bias", b.len(), n)?;
+    }
+    let (mi, ni) = (int(OP, "m", m)?, int(OP, "n", n)?);
+    let mut f = None;
+    launch(
+        gpu,
+        &QUANT,
+        OP,
+        grid_stride(m * n),
+        |b| {
+            b.arg(acc).arg(sx).arg(sw);
+            opt_arg!(b, bias);
+            b.arg(out).arg(&mi).arg(&ni);
+        },
+        &mut f,
+    )
+}
+
+/// LLM.int8 split: `mask[c] = 1` where some `|x[i, c]| > threshold`, then the flagged
+/// columns in increasing order into `idx` and their number into `count[0]` (on the
+/// device: nothing waits for the host).
+pub fn outlier_columns(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    (rows, cols): (usize, usize),
+    threshold: f32,
+    mask: &mut CudaSlice<u8>,
+    idx: &mut CudaSlice<i32>,
+    count: &mut CudaSlice<i32>,
+) -> Result<(), CudaError> {
+    const OP: &str = "outlier_mask";
+    need(OP, "x", x.len(), rows * cols)?;
+    need(OP, "mask", mask.len(), cols)?;
+    need("compact_mask", "idx", idx.len(), cols)?;
+    need("compact_mask", "count", count.len(), 1)?;
+    let (r, c) = (int(OP, "rows", rows)?, int(OP, "cols", cols)?);
+    let cfg = LaunchConfig {
+        grid_dim: (cols.div_ceil(256).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut f = None;
+    launch(
+        gpu,
+        &QUANT,
+        OP,
+        cfg,
+        |b| {
+            b.arg(x).arg(&r).arg(&c).arg(&threshold).arg(&mut *mask);
+        },
+        &mut f,
+    )?;
+    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+    let mut f = None;
+    launch(
+        gpu,
+        &QUANT,
+        "compact_mask",
+        one,
+        |b| {
+            b.arg(&*mask).arg(&c).arg(idx).arg(count);
+        },
+        &mut f,
+    )
+}
+
+/// `out[rows, n] += x[:, idx] · dequant(w)[:, idx]ᵀ` in 16-bit inputs (`bf16`: bfloat16,
+/// else f16), f32 sums: LLM.int8's outlier product.
+#[allow(clippy::too_many_arguments)]
+pub fn outlier_product(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    (rows, cols, n): (usize, usize, usize),
+    idx: &CudaSlice<i32>,
+    count: &CudaSlice<i32>,
+    w: &CudaSlice<i8>,
+    sw: &CudaSlice<f32>,
+    bf16: bool,
+    out: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    const OP: &str = "outlier_product";
+    need(OP, "x", x.len(), rows * cols)?;
+    need(OP, "idx", idx.len(), cols)?;
+    need(OP, "count", count.len(), 1)?;
+    need(OP, "w", w.len(), n * cols)?;
+    need(OP, "sw", sw.len(), n)?;
+    need(OP, "out", out.len(), rows * n)?;
+    let (r, c, ni, kind) =
+        (int(OP, "rows", rows)?, int(OP, "cols", cols)?, int(OP, "n", n)?, i32::from(bf16));
+    let cfg = LaunchConfig {
+        grid_dim: ((rows * n).div_ceil(256).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut f = None;
+    launch(
+        gpu,
+        &QUANT,
+        OP,
+        cfg,
+        |b| {
+            b.arg(x).arg(&r).arg(&c).arg(idx).arg(count).arg(w).arg(sw).arg(out).arg(&ni).arg(&kind);
+        },
+        &mut f,
+    )
+}
+
+/// How [`fake_quant`] quantizes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FakeQuant {
+    /// Zero point (0 for symmetric weights).
+    pub zero_point: f32,
+    /// Smallest code.
+    pub qmin: f32,
+    /// Largest code.
+    pub qmax: f32,
+    /// `x · (1/s)` (uint8 activations, as the observer) instead of `x / s` (weights).
+    pub reciprocal: bool,
+}
+
+/// Fake quantization of `x` (rows of `cols`) into `out`: one scale per row when
+/// `scales` holds one per row, else `scales[0]` for all.
+pub fn fake_quant(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    cols: usize,
+    scales: &CudaSlice<f32>,
+    params: FakeQuant,
+    out: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    const OP: &str = "fake_quant";
+    let n = x.len();
+    need(OP, "out", out.len(), n)?;
+    need(OP, "scales", scales.len(), 1)?;
+    let rows = n.checked_div(cols).unwrap_or(0);
+    if cols == 0 || rows * cols != n {
+        return Err(CudaError::Shape { op: OP, message: format!("x holds {n} values, not rows of {cols}") });
+    }
+    let per_row = i32::from(scales.len() >= rows && rows > 1);
+    let (nl, c, recip) = (long(OP, "values", n)?, int(OP, "cols", cols)?, i32::from(params.reciprocal));
+    let mut f = None;
+    launch(
+        gpu,
+        &QUANT,
+        OP,
+        grid_stride(n),
+        |b| {
+            b.arg(x)
+                .arg(out)
+                .arg(&nl)
+                .arg(&c)
+                .arg(scales)
+                .arg(&per_row)
+                .arg(&params.zero_point)
+                .arg(&params.qmin)
+                .arg(&params.qmax)
+                .arg(&recip);
+        },
+        &mut f,
+    )
+}
+
+// ---- 4-bit block format ----------------------------------------------------------------
+
+/// Scales or offsets of a [`DevicePacked4`].
+#[derive(Debug)]
+pub enum Params4 {
+    /// f32 values.
+    F32(CudaSlice<f32>),
+    /// bf16 bits (int4-block's stored scales: half the bytes).
+    Bf16(CudaSlice<u16>),
+}
+
+impl Params4 {
+    fn len(&self) -> usize {
+        match self {
+            Params4::F32(s) => s.len(),
+            Params4::Bf16(s) => s.len(),
+        }
+    }
+}
+
+/// A [`Packed4`] weight resident on the device.
+#[derive(Debug)]
+pub struct DevicePacked4 {
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// Values per block.
+    pub block: usize,
+    /// Nibble-packed codes.
+    pub bytes: CudaSlice<u8>,
+    /// The 16 code values.
+    pub table: CudaSlice<f32>,
+    /// One scale per block.
+    pub scales: Params4,
+    /// One offset per block (asymmetric formats).
+    pub offsets: Option<Params4>,
+}
+
+/// True when every value is a bf16 value (so bf16 storage loses nothing).
+pub fn all_bf16(values: &[f32]) -> bool {
+    values.iter().all(|&v| half::bf16::from_f32(v).to_f32().to_bits() == v.to_bits())
+}
+
+fn bf16_bits(values: &[f32]) -> Vec<u16> {
+    values.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect()
+}
+
+impl DevicePacked4 {
+    /// Upload `p`. Scales and offsets go as bf16 when every one of them is a bf16 value
+    /// (int4-block's are), else as f32.
+    pub fn upload(gpu: &Gpu, p: &Packed4) -> Result<DevicePacked4, CudaError> {
+        const OP: &str = "packed4 upload";
+        let n = p.rows * p.cols;
+        need(OP, "bytes", p.bytes.len(), n.div_ceil(2))?;
+        if p.block == 0 {
+            return Err(CudaError::Shape { op: OP, message: "block is 0, expected at least 1".into() });
+        }
+        need(OP, "scales", p.scales.len(), n.div_ceil(p.block))?;
+        if let Some(o) = &p.offsets {
+            need(OP, "offsets", o.len(), n.div_ceil(p.block))?;
+        }
+        let bf16 = all_bf16(&p.scales) && p.offsets.as_deref().is_none_or(all_bf16);
+        let params = |v: &[f32]| -> Result<Params4, CudaError> {
+            Ok(if bf16 { Params4::Bf16(gpu.upload(&bf16_bits(v))?) } else { Params4::F32(gpu.upload(v)?) })
+        };
+        // A 16-byte load of the GEMV fast path may read up to 15 bytes past the last
+        // value's byte; pad so it stays inside the allocation.
+        let mut bytes = p.bytes.clone();
+        bytes.resize(bytes.len().next_multiple_of(16) + 16, 0);
+        Ok(DevicePacked4 {
+            rows: p.rows,
+            cols: p.cols,
+            block: p.block,
+            bytes: gpu.upload(&bytes)?,
+            table: gpu.upload(&p.table)?,
+            scales: params(&p.scales)?,
+            offsets: p.offsets.as_deref().map(params).transpose()?,
+        })
+    }
+
+    /// Bytes of the weight on the device (codes, scales, offsets; the 64-byte table and
+    /// the padding not counted).
+    pub fn weight_bytes(&self) -> usize {
+        let per = |p: &Params4| match p {
+            Params4::F32(s) => s.len() * 4,
+            Params4::Bf16(s) => s.len() * 2,
+        };
+        (self.rows * self.cols).div_ceil(2) + per(&self.scales) + self.offsets.as_ref().map_or(0, per)
+    }
+
+    /// `"bf16"` or `"f32"`: how scales are stored.
+    pub fn param_type(&self) -> &'static str {
+        match self.scales {
+            Params4::Bf16(_) => "bf16",
+            Params4::F32(_) => "f32",
+        }
+    }
+}
+
+/// Push the scales, offsets and their type flag of `w`.
+fn push_params<'a>(b: &mut LaunchArgs<'a>, w: &'a DevicePacked4, flag: &'a i32) {
+    match &w.scales {
+        Params4::F32(s) => b.arg(s),
+        Params4::Bf16(s) => b.arg(s),
+    };
+    match &w.offsets {
+        Some(Params4::F32(s)) => b.arg(s),
+        Some(Params4::Bf16(s)) => b.arg(s),
+        None => b.arg(&NULL),
+    };
+    b.arg(flag);
+}
+
+/// Dequantize the whole weight into `out_f32` (`[rows, cols]` f32) or `out_bf16` (bf16
+/// bits): exactly one of them.
+pub fn packed4_dequant(
+    gpu: &Gpu,
+    w: &DevicePacked4,
+    out_f32: Option<&mut CudaSlice<f32>>,
+    out_bf16: Option<&mut CudaSlice<half::bf16>>,
+) -> Result<(), CudaError> {
+    const OP: &str = "packed4_dequant";
+    let n = w.rows * w.cols;
+    match (&out_f32, &out_bf16) {
+        (Some(o), None) => need(OP, "out", o.len(), n)?,
+        (None, Some(o)) => need(OP, "out", o.len(), n)?,
+        _ => return Err(CudaError::Shape { op: OP, message: "expected exactly one output buffer".into() }),
+    }
+    need(OP, "scales", w.scales.len(), n.div_ceil(w.block))?;
+    let (nl, block) = (long(OP, "values", n)?, int(OP, "block", w.block)?);
+    let flag = i32::from(matches!(w.scales, Params4::Bf16(_)));
+    let mut f = None;
+    launch(
+        gpu,
+        &PACKED4,
+        OP,
+        grid_stride(n),
+        |b| {
+            b.arg(&w.bytes).arg(&w.table);
+            push_params(b, w, &flag);
+            b.arg(&nl).arg(&block);
+            opt_arg!(b, out_f32);
+            opt_arg!(b, out_bf16);
+        },
+        &mut f,
+    )
+}
+
+/// The fused GEMV `out[m, rows] = x[m, cols] · Wᵀ (+ bias)`, dequantizing in registers,
+/// in launches of at most [`GEMV_MAX_ROWS`] activation rows.
+pub fn packed4_gemv(
+    gpu: &Gpu,
+    w: &DevicePacked4,
+    x: &CudaSlice<f32>,
+    m: usize,
+    bias: Option<&CudaSlice<f32>>,
+    out: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    const OP: &str = "packed4_gemv";
+    need(OP, "x", x.len(), m * w.cols)?;
+    need(OP, "out", out.len(), m * w.rows)?;
+    if let Some(b) = bias {
+        need(OP, "bias", b.len(), w.rows)?;
+    }
+    let (ri, ci, block) = (int(OP, "rows", w.rows)?, int(OP, "cols", w.cols)?, int(OP, "block", w.block)?);
+    let flag = i32::from(matches!(w.scales, Params4::Bf16(_)));
+    for i0 in (0..m).step_by(GEMV_MAX_ROWS) {
+        let rows = GEMV_MAX_ROWS.min(m - i0);
+        let mi = rows as i32;
+        let xv = x.slice(i0 * w.cols..(i0 + rows) * w.cols);
+        let mut ov = out.slice_mut(i0 * w.rows..(i0 + rows) * w.rows);
+        let mut f = None;
+        launch(
+            gpu,
+            &PACKED4,
+            OP,
+            warp_per_row(w.rows),
+            |b| {
+                b.arg(&w.bytes).arg(&w.table);
+                push_params(b, w, &flag);
+                b.arg(&xv);
+                opt_arg!(b, bias);
+                b.arg(&mut ov).arg(&ri).arg(&ci).arg(&block).arg(&mi);
+            },
+            &mut f,
+        )?;
+    }
+    Ok(())
+}
+
+// ---- model ops -------------------------------------------------------------------------
+
+/// RMSNorm of every row of `x` (`rows × weight.len()`) into `out`.
+pub fn rms_norm(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    weight: &CudaSlice<f32>,
+    rows: usize,
+    eps: f32,
+    out: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    const OP: &str = "rms_norm";
+    let dim = weight.len();
+    need(OP, "x", x.len(), rows * dim)?;
+    need(OP, "out", out.len(), rows * dim)?;
+    let (r, d) = (int(OP, "rows", rows)?, int(OP, "dim", dim)?);
+    let mut f = None;
+    launch(
+        gpu,
+        &OPS,
+        OP,
+        per_row(rows)?,
+        |b| {
+            b.arg(x).arg(weight).arg(out).arg(&r).arg(&d).arg(&eps);
+        },
+        &mut f,
+    )
+}
+
+/// LayerNorm of every row of `x` into `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    weight: &CudaSlice<f32>,
+    bias: &CudaSlice<f32>,
+    rows: usize,
+    eps: f32,
+    out: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    const OP: &str = "layer_norm";
+    let dim = weight.len();
+    need(OP, "bias", bias.len(), dim)?;
+    need(OP, "x", x.len(), rows * dim)?;
+    need(OP, "out", out.len(), rows * dim)?;
+    let (r, d) = (int(OP, "rows", rows)?, int(OP, "dim", dim)?);
+    let mut f = None;
+    launch(
+        gpu,
+        &OPS,
+        OP,
+        per_row(rows)?,
+        |b| {
+            b.arg(x).arg(weight).arg(bias).arg(out).arg(&r).arg(&d).arg(&eps);
+        },
+        &mut f,
+    )
+}
+
+/// An element-wise activation of [`unary`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unary {
+    /// GELU, tanh approximation.
+    GeluTanh,
+    /// GELU, exact error function.
+    GeluErf,
+}
+
+/// `out = act(x)` element-wise.
+pub fn unary(gpu: &Gpu, act: Unary, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<(), CudaError> {
+    let op = match act {
+        Unary::GeluTanh => "gelu_tanh",
+        Unary::GeluErf => "gelu_erf",
+    };
+    let n = x.len();
+    need(op, "out", out.len(), n)?;
+    let nl = long(op, "values", n)?;
+    let mut f = None;
+    launch(
+        gpu,
+        &OPS,
+        op,
+        grid_stride(n),
+        |b| {
+            b.arg(x).arg(out).arg(&nl);
+        },
+        &mut f,
+    )
+}
+
+/// `out = silu(gate) · up`.
+pub fn silu_mul(
+    gpu: &Gpu,
+    gate: &CudaSlice<f32>,
+    up: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    const OP: &str = "silu_mul";
+    let n = gate.len();
+    need(OP, "up", up.len(), n)?;
+    need(OP, "out", out.len(), n)?;
+    let nl = long(OP, "values", n)?;
+    let mut f = None;
+    launch(
+        gpu,
+        &OPS,
+        OP,
+        grid_stride(n),
+        |b| {
+            b.arg(gate).arg(up).arg(out).arg(&nl);
+        },
+        &mut f,
+    )
+}
+
+/// `dst += src` (the first `src.len()` values).
+pub fn add_in_place(gpu: &Gpu, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) -> Result<(), CudaError> {
+    const OP: &str = "add_in_place";
+    let n = src.len();
+    need(OP, "dst", dst.len(), n)?;
+    let nl = long(OP, "values", n)?;
+    let mut f = None;
+    launch(
+        gpu,
+        &OPS,
+        OP,
+        grid_stride(n),
+        |b| {
+            b.arg(dst).arg(src).arg(&nl);
+        },
+        &mut f,
+    )
+}
+
+/// `x[i, j] += bias[j]` over `rows` rows of `bias.len()`.
+pub fn add_bias_rows(
+    gpu: &Gpu,
+    x: &mut CudaSlice<f32>,
+    bias: &CudaSlice<f32>,
+    rows: usize,
+) -> Result<(), CudaError> {
+    const OP: &str = "add_bias_rows";
+    let n = bias.len();
+    need(OP, "x", x.len(), rows * n)?;
+    let (r, ni) = (int(OP, "rows", rows)?, int(OP, "n", n)?);
+    let mut f = None;
+    launch(
+        gpu,
+        &OPS,
+        OP,
+        grid_stride(rows * n),
+        |b| {
+            b.arg(x).arg(bias).arg(&r).arg(&ni);
+        },
+        &mut f,
+    )
+}
+
+/// Softmax of each row of `cols` values.
+pub fn softmax_rows(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    (rows, cols): (usize, usize),
+    out: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    const OP: &str = "softmax_rows";
+    need(OP, "x", x.len(), rows * cols)?;
+    need(OP, "out", out.len(), rows * cols)?;
+    let (r, c) = (int(OP, "rows", rows)?, int(OP, "cols", cols)?);
+    let mut f = None;
+    launch(
+        gpu,
+        &OPS,
+        OP,
+        per_row(rows)?,
+        |b| {
+            b.arg(x).arg(out).arg(&r).arg(&c);
+        },
+        &mut f,
+    )
+}
+
+/// Rotary embedding in place on `x[tokens, heads · head_dim]`, token `t` at
+/// `positions[t]`; `inv_freq` holds `head_dim / 2` f32 frequencies (as `tensor::Rope`).
+pub fn rotary(
+    gpu: &Gpu,
+    x: &mut CudaSlice<f32>,
+    positions: &CudaSlice<i32>,
+    inv_freq: &CudaSlice<f32>,
+    (tokens, heads, head_dim): (usize, usize, usize),
+) -> Result<(), CudaError> {
+    const OP: &str = "rotary";
+    need(OP, "x", x.len(), tokens * heads * head_dim)?;
+    need(OP, "positions", positions.len(), tokens)?;
+    need(OP, "inv_freq", inv_freq.len(), head_dim / 2)?;
+    let (t, h, d) = (int(OP, "tokens", tokens)?, int(OP, "heads", heads)?, int(OP, "head_dim", head_dim)?);
+    let mut f = None;
+    launch(
+        gpu,
+        &OPS,
+        OP,
+        grid_stride(tokens * heads * (head_dim / 2)),
+        |b| {
+            b.arg(x).arg(positions).arg(inv_freq).arg(&t).arg(&h).arg(&d);
+        },
+        &mut f,
+    )
+}
+
+/// `out[t] = table[tokens[t]]` (`table` is `[vocab, dim]`); `tokens_host` is checked
+/// against the vocabulary here, before the launch.
+pub fn embedding(
+    gpu: &Gpu,
+    table: &CudaSlice<f32>,
+    (vocab, dim): (usize, usize),
+    tokens_host: &[u32],
+    out: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    const OP: &str = "embedding";
+    need(OP, "table", table.len(), vocab * dim)?;
+    need(OP, "out", out.len(), tokens_host.len() * dim)?;
+    if let Some(&bad) = tokens_host.iter().find(|&&t| t as usize >= vocab) {
+        return Err(CudaError::Shape {
+            op: OP,
+            message: format!("token id {bad}, expected below the vocabulary size {vocab}"),
+        });
+    }
+    let tokens = gpu.upload(tokens_host)?;
+    let (n, v, d) = (int(OP, "tokens", tokens_host.len())?, int(OP, "vocab", vocab)?, int(OP, "dim", dim)?);
+    let mut f = None;
+    launch(
+        gpu,
+        &OPS,
+        OP,
+        grid_stride(tokens_host.len() * dim),
+        |b| {
+            b.arg(table).arg(&tokens).arg(out).arg(&n).arg(&v).arg(&d);
+        },
+        &mut f,
+    )
+}
+
+/// The shape of one layer's key/value cache on the device:
+/// `[batch · kv_heads, capacity, head_dim]` for keys and for values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheShape {
+    /// Sequences.
+    pub batch: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Values per head.
+    pub head_dim: usize,
+    /// Positions the cache holds.
+    pub capacity: usize,
+}
+
+impl CacheShape {
+    /// Values of the key (or value) cache.
+    pub fn len(&self) -> usize {
+        self.batch * self.kv_heads * self.capacity * self.head_dim
+    }
+
+    /// True when the cache holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Append `seq` new positions (`src` is `[batch, seq, kv_heads · head_dim]`) at `start`.
+pub fn kv_append(
+    gpu: &Gpu,
+    src: &CudaSlice<f32>,
+    cache: &mut CudaSlice<f32>,
+    shape: CacheShape,
+    (start, seq): (usize, usize),
+) -> Result<(), CudaError> {
+    const OP: &str = "kv_append";
+    let CacheShape { batch, kv_heads, head_dim, capacity, .. } = shape;
+    need(OP, "src", src.len(), batch * seq * kv_heads * head_dim)?;
+    need(OP, "cache", cache.len(), shape.len())?;
+    if start + seq > capacity {
+        return Err(CudaError::Shape {
+            op: OP,
+            message: format!("positions {start}..{} past the cache capacity {capacity}", start + seq),
+        });
+    }
+    let dims: Vec<i32> = [batch, seq, kv_heads, head_dim, capacity, start]
+        .into_iter()
+        .map(|v| int(OP, "dimension", v))
+        .collect::<Result<_, _>>()?;
+    let mut f = None;
+    launch(
+        gpu,
+        &OPS,
+        OP,
+        grid_stride(batch * seq * kv_heads * head_dim),
+        |b| {
+            b.arg(src).arg(cache);
+            for d in &dims {
+                b.arg(d);
+            }
+        },
+        &mut f,
+    )
+}
+
+/// Masking of [`attention`], as `tensor::attention::Masking`.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceMasking<'a> {
+    /// Query `t` sees keys `0..=start + t` only.
+    pub causal: bool,
+    /// ALiBi slopes, one per head.
+    pub alibi: Option<&'a CudaSlice<f32>>,
+    /// `[batch, start + seq]`, 0 for padding keys.
+    pub key_mask: Option<&'a CudaSlice<u8>>,
+}
+
+/// Attention of `seq` queries (`q` is `[batch, seq, heads · head_dim]`) at positions
+/// `start..start + seq` against the caches (the new positions already appended).
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    gpu: &Gpu,
+    q: &CudaSlice<f32>,
+    k_cache: &CudaSlice<f32>,
+    v_cache: &CudaSlice<f32>,
+    shape: CacheShape,
+    (start, seq): (usize, usize),
+    masking: DeviceMasking,
+    out: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    const OP: &str = "attention";
+    let CacheShape { batch, heads, kv_heads, head_dim, capacity } = shape;
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(CudaError::Shape {
+            op: OP,
+            message: format!("{heads} heads over {kv_heads} kv heads, expected a multiple"),
+        });
+    }
+    let keys = start + seq;
+    if keys > capacity {
+        return Err(CudaError::Shape {
+            op: OP,
+            message: format!("{keys} keys past the cache capacity {capacity}"),
+        });
+    }
+    need(OP, "q", q.len(), batch * seq * heads * head_dim)?;
+    need(OP, "out", out.len(), batch * seq * heads * head_dim)?;
+    need(OP, "k_cache", k_cache.len(), shape.len())?;
+    need(OP, "v_cache", v_cache.len(), shape.len())?;
+    if let Some(a) = masking.alibi {
+        need(OP, "alibi", a.len(), heads)?;
+    }
+    if let Some(m) = masking.key_mask {
+        need(OP, "key_mask", m.len(), batch * keys)?;
+    }
+    let shared = keys * 4;
+    if shared > 48 * 1024 {
+        return Err(CudaError::Shape {
+            op: OP,
+            message: format!(
+                "{keys} keys need {shared} bytes of shared memory, expected at most 49152 (12288 keys)"
+            ),
+        });
+    }
+    let v: Vec<i32> = [batch, seq, heads, kv_heads, head_dim, capacity, start]
+        .into_iter()
+        .map(|v| int(OP, "dimension", v))
+        .collect::<Result<_, _>>()?;
+    let causal = i32::from(masking.causal);
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let cfg = LaunchConfig {
+        grid_dim: ((batch * seq).max(1) as u32, heads.max(1) as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    let mut f = None;
+    launch(
+        gpu,
+        &OPS,
+        OP,
+        cfg,
+        |b| {
+            b.arg(q).arg(k_cache).arg(v_cache).arg(out);
+            for d in &v {
+                b.arg(d);
+            }
+            b.arg(&causal);
+            opt_arg!(b, masking.alibi);
+            opt_arg!(b, masking.key_mask);
+            b.arg(&scale);
+        },
+        &mut f,
+    )
+}
+
+// ---- conversions -----------------------------------------------------------------------
+
+/// A 16-bit float type of the cuBLAS products.
+pub trait Half16: cudarc::driver::DeviceRepr {
+    /// The kernel converting f32 to it.
+    const FROM_F32: &'static str;
+    /// The kernel converting it to f32.
+    const TO_F32: &'static str;
+}
+
+impl Half16 for half::f16 {
+    const FROM_F32: &'static str = "f32_to_f16_kernel";
+    const TO_F32: &'static str = "f16_to_f32_kernel";
+}
+
+impl Half16 for half::bf16 {
+    const FROM_F32: &'static str = "f32_to_bf16_kernel";
+    const TO_F32: &'static str = "bf16_to_f32_kernel";
+}
+
+/// `out = x` rounded to `T` (nearest even).
+pub fn to_half<T: Half16>(gpu: &Gpu, x: &CudaSlice<f32>, out: &mut CudaSlice<T>) -> Result<(), CudaError> {
+    let op = T::FROM_F32;
+    need(op, "out", out.len(), x.len())?;
+    let n = long(op, "values", x.len())?;
+    let mut f = None;
+    launch(
+        gpu,
+        &CAST,
+        op,
+        grid_stride(x.len()),
+        |b| {
+            b.arg(x).arg(out).arg(&n);
+        },
+        &mut f,
+    )
+}
+
+/// `out = x` widened to f32.
+pub fn from_half<T: Half16>(gpu: &Gpu, x: &CudaSlice<T>, out: &mut CudaSlice<f32>) -> Result<(), CudaError> {
+    let op = T::TO_F32;
+    need(op, "out", out.len(), x.len())?;
+    let n = long(op, "values", x.len())?;
+    let mut f = None;
+    launch(
+        gpu,
+        &CAST,
+        op,
+        grid_stride(x.len()),
+        |b| {
+            b.arg(x).arg(out).arg(&n);
+        },
+        &mut f,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launch_shapes_cover_every_element() {
+        assert_eq!(grid_stride(0).grid_dim.0, 1);
+        assert_eq!(grid_stride(257).grid_dim.0, 2);
+        assert_eq!(grid_stride(usize::MAX / 2).grid_dim.0, 1 << 16);
+        assert_eq!(warp_per_row(9).grid_dim.0, 2);
+        assert_eq!(per_row(3).unwrap().grid_dim.0, 3);
+    }
+
+    #[test]
+    fn dimension_and_buffer_checks_name_the_op_and_the_value() {
+        let e = int("gemv_i8", "k", 1 << 40).unwrap_err().to_string();
+        assert!(e.starts_with("cuda op gemv_i8: k = 1099511627776, expected at most"), "{e}");
+        let e = need("rms_norm", "x", 3, 4).unwrap_err().to_string();
+        assert_eq!(e, "cuda op rms_norm: x holds 3 values, expected at least 4");
+    }
+
+    #[test]
+    fn bf16_storage_is_chosen_only_when_lossless() {
+        assert!(all_bf16(&[1.0, 0.5, -3.0, half::bf16::from_f32(0.1).to_f32()]));
+        assert!(!all_bf16(&[0.1]));
+    }
+}

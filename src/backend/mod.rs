@@ -1,0 +1,208 @@
+//! Devices: where a case runs (`device:` in a suite), how `auto` is resolved, and the
+//! CUDA backend (behind the `cuda` cargo feature, loaded dynamically so a build with it
+//! runs on machines without a driver).
+//!
+//! [`resolve`] never calls into the CUDA driver blindly: cudarc panics when `libcuda` is
+//! absent, so the driver library is looked up first ([`cuda_probe`]) and every driver
+//! call after that is wrapped so a panic becomes an error.
+
+pub mod bench;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Where a case runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Device {
+    /// The host CPU (always available).
+    Cpu,
+    /// The first CUDA device.
+    Cuda,
+}
+
+impl Device {
+    /// The name as spelled in suites and results.
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl serde::Serialize for Device {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+/// What a suite asks for with `device:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceRequest {
+    /// `cpu`.
+    Cpu,
+    /// `cuda`: CUDA or an error.
+    Cuda,
+    /// `auto` (the default): CUDA when usable, else the CPU.
+    Auto,
+}
+
+impl FromStr for DeviceRequest {
+    type Err = DeviceError;
+
+    fn from_str(s: &str) -> Result<Self, DeviceError> {
+        match s {
+            "cpu" => Ok(DeviceRequest::Cpu),
+            "cuda" => Ok(DeviceRequest::Cuda),
+            "auto" => Ok(DeviceRequest::Auto),
+            other => Err(DeviceError::Unknown(other.to_string())),
+        }
+    }
+}
+
+/// Why a device cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    /// A `device:` value that is not a device.
+    #[error("device `{0}`, expected one of: cpu, cuda, auto")]
+    Unknown(String),
+    /// The binary was built without the `cuda` feature.
+    #[error(
+        "device `cuda`: this build has no CUDA support (built without the `cuda` cargo feature); use `cpu`"
+    )]
+    NotBuilt,
+    /// No CUDA driver library could be loaded.
+    #[error(
+        "device `cuda`: no CUDA driver found ({0}); use `cpu`, or `auto` to use CUDA when it is available"
+    )]
+    NoDriver(String),
+    /// The driver loaded but reported no usable device.
+    #[error("device `cuda`: the CUDA driver is present but no device is usable ({0}); use `cpu`")]
+    NoDevice(String),
+    /// A device is usable, but the runner cannot run cases on it yet.
+    #[error(
+        "device `cuda`: found {0}, but the runner has no CUDA forward pass yet (the kernels and \
+         host wrappers in src/backend/cuda are not wired into the models); use `cpu`"
+    )]
+    RunnerNotReady(String),
+}
+
+/// What the CUDA probe found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CudaProbe {
+    /// Built without the `cuda` feature.
+    NotBuilt,
+    /// `libcuda` could not be loaded: the reason.
+    NoDriver(String),
+    /// The driver loaded but `cuInit` or the device count failed, or the count is 0.
+    NoDevice(String),
+    /// A device: its name and compute capability.
+    Ready {
+        /// Device 0's name.
+        name: String,
+        /// Compute capability (major, minor).
+        capability: (i32, i32),
+    },
+}
+
+/// Whether the runner can run cases on CUDA. False until the models' forward passes go
+/// through `backend::cuda`: until then `auto` stays on the CPU and `cuda` is refused, so a
+/// result is never labelled `cuda` while it ran on the CPU.
+pub const RUNNER_RUNS_CUDA: bool = false;
+
+/// Look for a usable CUDA device without letting cudarc panic.
+pub fn cuda_probe() -> CudaProbe {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::probe()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        CudaProbe::NotBuilt
+    }
+}
+
+/// The device a suite's request resolves to, given what the probe found and whether the
+/// runner can run CUDA cases.
+pub fn resolve_with(
+    request: DeviceRequest,
+    probe: &CudaProbe,
+    runner_runs_cuda: bool,
+) -> Result<Device, DeviceError> {
+    let cuda = match probe {
+        CudaProbe::NotBuilt => Err(DeviceError::NotBuilt),
+        CudaProbe::NoDriver(why) => Err(DeviceError::NoDriver(why.clone())),
+        CudaProbe::NoDevice(why) => Err(DeviceError::NoDevice(why.clone())),
+        CudaProbe::Ready { name, capability: (major, minor) } if !runner_runs_cuda => {
+            Err(DeviceError::RunnerNotReady(format!("{name} (compute capability {major}.{minor})")))
+        }
+        CudaProbe::Ready { .. } => Ok(Device::Cuda),
+    };
+    match request {
+        DeviceRequest::Cpu => Ok(Device::Cpu),
+        DeviceRequest::Cuda => cuda,
+        DeviceRequest::Auto => Ok(cuda.unwrap_or(Device::Cpu)),
+    }
+}
+
+/// Resolve a `device:` value on this machine (probing CUDA only when it matters).
+pub fn resolve(request: DeviceRequest) -> Result<Device, DeviceError> {
+    if request == DeviceRequest::Cpu {
+        return Ok(Device::Cpu);
+    }
+    resolve_with(request, &cuda_probe(), RUNNER_RUNS_CUDA)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready() -> CudaProbe {
+        CudaProbe::Ready { name: "NVIDIA H100".into(), capability: (9, 0) }
+    }
+
+    #[test]
+    fn requests_parse_and_unknown_names_list_the_choices() {
+        assert_eq!("cpu".parse::<DeviceRequest>(), Ok(DeviceRequest::Cpu));
+        assert_eq!("cuda".parse::<DeviceRequest>(), Ok(DeviceRequest::Cuda));
+        assert_eq!("auto".parse::<DeviceRequest>(), Ok(DeviceRequest::Auto));
+        let err = "gpu".parse::<DeviceRequest>().unwrap_err().to_string();
+        assert_eq!(err, "device `gpu`, expected one of: cpu, cuda, auto");
+    }
+
+    #[test]
+    fn cuda_without_a_driver_fails_and_auto_falls_back_to_the_cpu() {
+        let none = CudaProbe::NoDriver("libcuda.so not loadable".into());
+        let err = resolve_with(DeviceRequest::Cuda, &none, true).unwrap_err().to_string();
+        assert!(err.contains("no CUDA driver found"), "{err}");
+        assert_eq!(resolve_with(DeviceRequest::Auto, &none, true), Ok(Device::Cpu));
+        assert_eq!(resolve_with(DeviceRequest::Cpu, &none, true), Ok(Device::Cpu));
+        let built = resolve_with(DeviceRequest::Cuda, &CudaProbe::NotBuilt, true).unwrap_err();
+        assert!(built.to_string().contains("without the `cuda` cargo feature"), "{built}");
+        let nodev = resolve_with(DeviceRequest::Cuda, &CudaProbe::NoDevice("count 0".into()), true);
+        assert!(nodev.unwrap_err().to_string().contains("no device is usable"));
+    }
+
+    #[test]
+    fn auto_picks_cuda_only_when_the_device_and_the_runner_are_ready() {
+        assert_eq!(resolve_with(DeviceRequest::Auto, &ready(), true), Ok(Device::Cuda));
+        assert_eq!(resolve_with(DeviceRequest::Cuda, &ready(), true), Ok(Device::Cuda));
+        assert_eq!(resolve_with(DeviceRequest::Auto, &ready(), false), Ok(Device::Cpu));
+        let err = resolve_with(DeviceRequest::Cuda, &ready(), false).unwrap_err().to_string();
+        assert!(err.contains("NVIDIA H100 (compute capability 9.0)") && err.contains("no CUDA forward pass"));
+    }
+
+    #[test]
+    fn devices_print_and_serialize_as_their_suite_names() {
+        assert_eq!(Device::Cuda.to_string(), "cuda");
+        assert_eq!(serde_json::to_string(&Device::Cpu).unwrap(), "\"cpu\"");
+    }
+}
