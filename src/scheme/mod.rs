@@ -14,6 +14,7 @@ mod kmeans;
 mod nf4;
 pub mod observer;
 pub mod packed4;
+pub mod packed4_gemv;
 mod prune;
 mod qat_sim;
 
