@@ -53,7 +53,16 @@ fn random_packed(rows: usize, cols: usize, seed: u64) -> Packed4 {
     let n = rows * cols;
     let codes: Vec<u8> = (0..n).map(|_| (rng.next_u64() & 15) as u8).collect();
     let scales = (0..block_count(n, BLOCK)).map(|_| 0.01 + rng.uniform() as f32).collect();
-    Packed4 { rows, cols, block: BLOCK, bytes: pack_nibbles(&codes), table: SIGNED, scales, offsets: None, exact_gemv: false }
+    Packed4 {
+        rows,
+        cols,
+        block: BLOCK,
+        bytes: pack_nibbles(&codes),
+        table: SIGNED,
+        scales,
+        offsets: None,
+        exact_gemv: false,
+    }
 }
 
 /// Bytes one GEMV reads from the weight: packed codes and the in-memory f32 scales.

@@ -45,7 +45,9 @@ fn summary(_: &mut Criterion) {
             let reps = (2_000_000_000 / (m * n * k)).clamp(3, 200);
             let (mut t32, mut t8) = (f64::INFINITY, f64::INFINITY);
             for _ in 0..5 {
-                t32 = t32.min(best_secs(reps, || matmul_nt(black_box(&a32), m, k, black_box(&w32), n, &mut out32)));
+                t32 = t32.min(best_secs(reps, || {
+                    matmul_nt(black_box(&a32), m, k, black_box(&w32), n, &mut out32)
+                }));
                 t8 = t8.min(best_secs(reps, || gemm_i8(black_box(&a8), m, k, black_box(&w8), n, &mut out8)));
             }
             println!(

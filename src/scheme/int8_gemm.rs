@@ -76,8 +76,15 @@ fn avx2_available() -> bool {
     }
 }
 
+/// An activation code the kernels take: `i8` (symmetric schemes) or `u8` (the affine
+/// activations of `int8-static`). Both widen to i16 exactly, and a `vpmaddwd` pair of
+/// them with i8 weights is at most 2·255·128 = 65280 in magnitude.
+pub trait Code: Copy + Sync + Into<i16> + Into<i32> {}
+impl Code for i8 {}
+impl Code for u8 {}
+
 /// Scalar reference: `out[i·n + j] = Σ_kk a[i·k + kk] · w[j·k + kk]`, wrapping i32 sums.
-pub fn gemm_i8_reference(a: &[i8], m: usize, k: usize, w: &[i8], n: usize, out: &mut [i32]) {
+pub fn gemm_i8_reference<T: Code>(a: &[T], m: usize, k: usize, w: &[i8], n: usize, out: &mut [i32]) {
     check_shapes(a, m, k, w, n, out);
     for i in 0..m {
         for j in 0..n {
@@ -86,19 +93,19 @@ pub fn gemm_i8_reference(a: &[i8], m: usize, k: usize, w: &[i8], n: usize, out: 
     }
 }
 
-fn dot_scalar(a: &[i8], w: &[i8]) -> i32 {
-    a.iter().zip(w).fold(0i32, |acc, (&x, &y)| acc.wrapping_add(x as i32 * y as i32))
+fn dot_scalar<T: Code>(a: &[T], w: &[i8]) -> i32 {
+    a.iter().zip(w).fold(0i32, |acc, (&x, &y)| acc.wrapping_add(Into::<i32>::into(x) * y as i32))
 }
 
-fn check_shapes(a: &[i8], m: usize, k: usize, w: &[i8], n: usize, out: &[i32]) {
+fn check_shapes<T>(a: &[T], m: usize, k: usize, w: &[i8], n: usize, out: &[i32]) {
     assert_eq!(a.len(), m * k, "gemm_i8: lhs is not [m, k]");
     assert_eq!(w.len(), n * k, "gemm_i8: weight is not [n, k]");
     assert_eq!(out.len(), m * n, "gemm_i8: output is not [m, n]");
 }
 
 /// `out[m, n] = a[m, k] · w[n, k]ᵀ` in i32, on the fastest path this CPU has; bit-exact
-/// with [`gemm_i8_reference`].
-pub fn gemm_i8(a: &[i8], m: usize, k: usize, w: &[i8], n: usize, out: &mut [i32]) {
+/// with [`gemm_i8_reference`]. `a` is `i8` or `u8`.
+pub fn gemm_i8<T: Code>(a: &[T], m: usize, k: usize, w: &[i8], n: usize, out: &mut [i32]) {
     check_shapes(a, m, k, w, n, out);
     if m == 0 || n == 0 {
         return;
@@ -174,14 +181,14 @@ mod avx2 {
 
     /// Activation rows are widened to i16 once per product and padded to a multiple of
     /// 16 with zeros, so the inner loop loads whole vectors.
-    pub(super) fn widen_rows(a: &[i8], m: usize, k: usize) -> Widened {
+    pub(super) fn widen_rows<T: super::Code>(a: &[T], m: usize, k: usize) -> Widened {
         let stride = k.div_ceil(16) * 16;
         let mut data = vec![0i16; m * stride];
         if stride == 0 {
             return Widened { data, stride };
         }
         for (dst, src) in data.chunks_exact_mut(stride).zip(a.chunks_exact(k)) {
-            dst[..k].iter_mut().zip(src).for_each(|(d, &s)| *d = s as i16);
+            dst[..k].iter_mut().zip(src).for_each(|(d, &s)| *d = s.into());
         }
         Widened { data, stride }
     }

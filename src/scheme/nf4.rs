@@ -467,7 +467,12 @@ mod tests {
         for format in [Format::Nf4, Format::Fp4] {
             let bound = half_max_gap(format.table());
             for seed in 0..10 {
-                let s = CodeBook4 { format, block: [64, 7, 128][seed % 3], double_quant: false, exact_gemv: false };
+                let s = CodeBook4 {
+                    format,
+                    block: [64, 7, 128][seed % 3],
+                    double_quant: false,
+                    exact_gemv: false,
+                };
                 let data = SeededRng::new(seed as u64).normal_vec(3 * 91, 0.5);
                 let (codes, absmax) = s.quantize_codes(&data);
                 let layer = s.layer(3, 91, pack_nibbles(&codes), Scales::Plain(absmax.clone()), None);

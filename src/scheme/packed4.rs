@@ -142,7 +142,8 @@ impl Packed4 {
     pub fn gemv_path(&self) -> Gemv {
         if !has_avx2() {
             Gemv::Scalar
-        } else if self.exact_gemv || !packed4_gemv::shape_fits(self) || FixedTable::new(&self.table).is_none() {
+        } else if self.exact_gemv || !packed4_gemv::shape_fits(self) || FixedTable::new(&self.table).is_none()
+        {
             Gemv::Avx2
         } else {
             Gemv::Avx2Fixed
@@ -197,9 +198,8 @@ impl Packed4 {
         assert_eq!(out.len(), m * self.rows, "packed4 gemv: output is not [m, rows]");
         #[cfg(target_arch = "x86_64")]
         if path == Gemv::Avx2Fixed && has_avx2() && packed4_gemv::shape_fits(self) {
-            let prepared = FixedTable::new(&self.table).and_then(|t| {
-                Activations::new(x, m, self.cols, &t, self.offsets.is_some()).map(|a| (t, a))
-            });
+            let prepared = FixedTable::new(&self.table)
+                .and_then(|t| Activations::new(x, m, self.cols, &t, self.offsets.is_some()).map(|a| (t, a)));
             if let Some((table, acts)) = prepared {
                 self.run_tasks(m, out, |r, dst| self.row_dots_fixed(&table, &acts, r, dst));
                 return;
@@ -583,7 +583,12 @@ pub(crate) mod testing {
         let bound = packed4_gemv::testing::fixed_point_bound(p, x, m);
         for (i, ((&g, &r), &b)) in got.iter().zip(reference).zip(&bound).enumerate() {
             let err = (g as f64 - r as f64).abs();
-            assert!(err <= b, "fixed-point {}x{} m={m} output {i}: |{g} - {r}| = {err} > {b}", p.rows, p.cols);
+            assert!(
+                err <= b,
+                "fixed-point {}x{} m={m} output {i}: |{g} - {r}| = {err} > {b}",
+                p.rows,
+                p.cols
+            );
         }
     }
 
@@ -639,7 +644,15 @@ mod tests {
         // mid-chunk; 688 with block 128 is the built-in model's down projection (rows
         // start at multiples of 16 inside a block); a block larger than the weight is
         // k-means' single block.
-        let shapes = [(3, 16, 16), (5, 48, 32), (6, 80, 48), (7, 688, 128), (4, 576, 128), (9, 16, 128), (2, 32, 1000)];
+        let shapes = [
+            (3, 16, 16),
+            (5, 48, 32),
+            (6, 80, 48),
+            (7, 688, 128),
+            (4, 576, 128),
+            (9, 16, 128),
+            (2, 32, 1000),
+        ];
         for (seed, &(rows, cols, block)) in shapes.iter().enumerate() {
             for offsets in [false, true] {
                 let p = random(rows, cols, block, offsets, 40 + seed as u64);
@@ -656,7 +669,15 @@ mod tests {
         check_kernels(&p, 8);
         // One huge value per chunk next to tiny ones, and all-zero chunks.
         let mut x = vec![0.0f32; 2 * 96];
-        x.iter_mut().enumerate().for_each(|(k, v)| *v = if k % 32 == 5 { 3.0e4 } else if k < 96 { 1e-3 } else { 0.0 });
+        x.iter_mut().enumerate().for_each(|(k, v)| {
+            *v = if k % 32 == 5 {
+                3.0e4
+            } else if k < 96 {
+                1e-3
+            } else {
+                0.0
+            }
+        });
         let reference = crate::tensor::matmul_nt_reference(&x, 2, 96, &p.dequantize(), 5);
         if has_avx2() {
             let fixed = run(&p, &x, 2, Gemv::Avx2Fixed);

@@ -182,7 +182,13 @@ fn quantize_rows(x: &[f32], cols: usize, table: &FixedTable, codes: &mut [i16], 
 /// The CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_rows_avx2(x: &[f32], cols: usize, table: &FixedTable, codes: &mut [i16], scales: &mut [f32]) {
+unsafe fn quantize_rows_avx2(
+    x: &[f32],
+    cols: usize,
+    table: &FixedTable,
+    codes: &mut [i16],
+    scales: &mut [f32],
+) {
     quantize_rows(x, cols, table, codes, scales)
 }
 
@@ -469,7 +475,8 @@ mod tests {
         let acts = Activations::new(&x, 2, 48, &table, true).unwrap();
         for row in 0..2 {
             for k in 0..48 {
-                let chunk = &x[row * 48 + k / CHUNK * CHUNK..(row * 48 + (k / CHUNK + 1) * CHUNK).min(row * 48 + 48)];
+                let chunk =
+                    &x[row * 48 + k / CHUNK * CHUNK..(row * 48 + (k / CHUNK + 1) * CHUNK).min(row * 48 + 48)];
                 let d = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs())) / table.qx;
                 let err = (acts.value(row, k, table.step) - x[row * 48 + k]).abs();
                 assert!(err <= d * (0.5 + 1e-4), "row {row} k {k}: {err} > {d}/2");
