@@ -9,7 +9,7 @@
 //! Two AVX2 kernels, both on i16 operands multiplied with `vpmaddwd` (`_mm256_madd_epi16`:
 //! i16×i16 products summed in pairs into i32; a pair is at most 2·128·128 = 32768, so
 //! nothing saturates and −128 needs no special case):
-//! - from [`PANEL_MIN_ROWS`] activation rows (prefill), `int8_gemm_panel`: weights packed
+//! - from 8 activation rows (prefill), `int8_gemm_panel`: weights packed
 //!   per task into i16 panels of 16 columns, a 4×16 register block fed by broadcast
 //!   activation pairs, no horizontal sums;
 //! - below it (decode), the row-major kernel here: 2 activation rows × 4 weight rows,

@@ -1,8 +1,17 @@
 //! The 4-bit block format shared by `int4-block`, `nf4`, `fp4` and 16-cluster `kmeans`:
 //! codes packed two per byte (first value in the high nibble) over the flattened weight,
 //! blocks of consecutive values each with its own scale (and optional offset), and the
-//! kernels that multiply by it: a fused dequantize-in-register GEMV for decode and
-//! dequantize-then-GEMM for prefill.
+//! kernels that multiply by it: a fused GEMV for decode (no dequantized copy of the
+//! matrix) and dequantize-then-GEMM for prefill.
+//!
+//! The fused GEMV has three paths ([`Gemv`]): the scalar f32 reference; an AVX2 f32 path
+//! that decodes nibbles to f32 and multiplies with FMAs (exact numerics, compute-bound at
+//! a fifth of memory bandwidth); and, by default on AVX2 where the shape allows, the
+//! fixed-point path of [`super::packed4_gemv`] (activations rounded to 16-bit fixed point
+//! per 32 values, integer block dot products; memory-bound). Scheme parameter
+//! `exact_gemv: true` keeps the exact f32 path. Prefill (more than [`GEMV_MAX_ROWS`]
+//! rows) always runs the exact dequantize-then-GEMM, so divergence measured on prefill
+//! chunks does not depend on the GEMV path.
 //!
 //! A weight value is `table[code] * scale[block] + offset[block]`. The 16-entry `table`
 //! is what differs between schemes (signed integers for int4, the NF4/FP4 code books,
@@ -20,7 +29,8 @@ use super::packed4_gemv::{self, Activations, FixedTable};
 /// fused m=1: 4.5 ms, 4: 8.6 ms, 16: 34 ms, 64: 145 ms; dequantize+GEMM m=1: 46 ms,
 /// 4: 66 ms, 16: 77 ms, 64: 132 ms. Fused costs ≈ 2.2 ms per row, dequantize+GEMM
 /// ≈ 60 ms + 1.1 ms per row: they meet near 50 rows; 32 keeps the fused path where it
-/// clearly wins.
+/// clearly wins. (Measured with the f32 fused path; the fixed-point path is faster per
+/// row, which only moves the crossover up, so 32 stays on the safe side.)
 pub const GEMV_MAX_ROWS: usize = 32;
 
 /// Values dequantized per panel on the prefill path (4 MiB of f32): bounds the

@@ -343,7 +343,7 @@ unsafe fn full<const M: usize>(
     acc: &mut [std::arch::x86_64::__m256; M],
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(a % 2 == 0 && a / 2 + 16 <= p.bytes.len());
+    debug_assert!(a.is_multiple_of(2) && a / 2 + 16 <= p.bytes.len());
     let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.bytes.as_ptr().add(a / 2) as *const __m128i));
     let (v0, v1) = decode(lut, raw);
     for (i, acc) in acc.iter_mut().enumerate() {
@@ -378,7 +378,7 @@ unsafe fn half<const M: usize>(
     acc: &mut [std::arch::x86_64::__m256; M],
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(a % 2 == 0 && a / 2 + 8 <= p.bytes.len());
+    debug_assert!(a.is_multiple_of(2) && a / 2 + 8 <= p.bytes.len());
     let raw = _mm256_broadcastsi128_si256(_mm_loadl_epi64(p.bytes.as_ptr().add(a / 2) as *const __m128i));
     let (v0, _) = decode(lut, raw);
     for (i, acc) in acc.iter_mut().enumerate() {
