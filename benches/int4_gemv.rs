@@ -9,12 +9,32 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use quantbench::scheme::packed4::{block_count, has_avx2, pack_nibbles, Packed4};
+use quantbench::scheme::packed4::{block_count, pack_nibbles, Gemv, Packed4};
 use quantbench::tensor::SeededRng;
 use rayon::prelude::*;
 
 /// The int4-block symmetric code table: nibble `u` means `(u + 8) % 16 - 8`.
 const SIGNED: [f32; 16] = [0., 1., 2., 3., 4., 5., 6., 7., -8., -7., -6., -5., -4., -3., -2., -1.];
+
+/// bitsandbytes' NF4 code book (a table that is not integers).
+const NF4: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
 
 /// The article's block size.
 const BLOCK: usize = 128;
@@ -33,7 +53,16 @@ fn random_packed(rows: usize, cols: usize, seed: u64) -> Packed4 {
     let n = rows * cols;
     let codes: Vec<u8> = (0..n).map(|_| (rng.next_u64() & 15) as u8).collect();
     let scales = (0..block_count(n, BLOCK)).map(|_| 0.01 + rng.uniform() as f32).collect();
-    Packed4 { rows, cols, block: BLOCK, bytes: pack_nibbles(&codes), table: SIGNED, scales, offsets: None }
+    Packed4 {
+        rows,
+        cols,
+        block: BLOCK,
+        bytes: pack_nibbles(&codes),
+        table: SIGNED,
+        scales,
+        offsets: None,
+        exact_gemv: false,
+    }
 }
 
 /// Bytes one GEMV reads from the weight: packed codes and the in-memory f32 scales.
@@ -47,18 +76,18 @@ fn sum_u64(buf: &[u64]) -> u64 {
         .reduce(|| 0, u64::wrapping_add)
 }
 
-/// Median seconds of `f` over `reps` runs after one warm-up.
-fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
+/// Fastest seconds of `f` over `reps` runs after one warm-up: the machine is shared
+/// with other builds, and interference only ever adds time, so the minimum is the
+/// figure that repeats (used for the bandwidth reference and the GEMVs alike).
+fn best_secs(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
-    let mut t: Vec<f64> = (0..reps)
+    (0..reps)
         .map(|_| {
             let s = Instant::now();
             f();
             s.elapsed().as_secs_f64()
         })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[reps / 2]
+        .fold(f64::INFINITY, f64::min)
 }
 
 fn bandwidth(c: &mut Criterion) {
@@ -67,7 +96,7 @@ fn bandwidth(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(BANDWIDTH_BYTES as u64)).sample_size(10);
     g.bench_function("sum-1GiB", |b| b.iter(|| black_box(sum_u64(&buf))));
     g.finish();
-    let secs = median_secs(5, || {
+    let secs = best_secs(10, || {
         black_box(sum_u64(&buf));
     });
     let mem = BANDWIDTH_BYTES as f64 / secs / 1e9;
@@ -76,27 +105,36 @@ fn bandwidth(c: &mut Criterion) {
         "summary: memory bandwidth (sum over 1 GiB, {} threads): {mem:.2} GB/s",
         rayon::current_num_threads()
     );
-    for (rows, cols) in [(4096, 4096), (2048, 8192)] {
-        let count = matrix_count(rows, cols);
-        let mats: Vec<Packed4> = (0..count).map(|s| random_packed(rows, cols, s as u64)).collect();
+    // 512×2048 (512 KiB packed) stays in the two L2 caches: the compute ceiling of a path.
+    for (rows, cols, rotate) in [(512, 2048, false), (4096, 4096, true), (2048, 8192, true)] {
+        let count = if rotate { matrix_count(rows, cols) } else { 1 };
+        let mut mats: Vec<Packed4> = (0..count).map(|s| random_packed(rows, cols, s as u64)).collect();
         let x = SeededRng::new(99).normal_vec(cols, 1.0);
         let mut out = vec![0.0f32; rows];
-        let mut next = 0;
-        let secs = median_secs(30, || {
-            mats[next % count].gemv(&x, 1, &mut out, has_avx2());
-            next += 1;
-        });
-        let gbs = weight_bytes(&mats[0]) as f64 / secs / 1e9;
-        println!(
-            "summary: fused int4 GEMV {rows}x{cols} ({count} matrices rotated): {:.3} ms, {gbs:.2} GB/s = {:.0}% of memory bandwidth",
-            secs * 1e3,
-            100.0 * gbs / mem
-        );
+        // The signed int4 table (exact 16-bit codes), then NF4's (13-bit fixed point).
+        for (table, tname) in [(SIGNED, "int4"), (NF4, "nf4")] {
+            mats.iter_mut().for_each(|m| m.table = table);
+            for path in [mats[0].gemv_path(), Gemv::Avx2, Gemv::Scalar] {
+                if (tname == "nf4" || path == Gemv::Scalar) && path != mats[0].gemv_path() {
+                    continue;
+                }
+                let mut next = 0;
+                let secs = best_secs(50, || {
+                    mats[next % count].gemv(&x, 1, &mut out, path);
+                    next += 1;
+                });
+                let gbs = weight_bytes(&mats[0]) as f64 / secs / 1e9;
+                println!(
+                    "summary: fused {tname} GEMV {path:?} {rows}x{cols} ({count} matrices rotated): {:.3} ms, {gbs:.2} GB/s = {:.0}% of memory bandwidth",
+                    secs * 1e3,
+                    100.0 * gbs / mem
+                );
+            }
+        }
     }
 }
 
 fn fused_gemv(c: &mut Criterion) {
-    let avx2 = has_avx2();
     for (rows, cols) in [(4096, 4096), (2048, 8192)] {
         let count = matrix_count(rows, cols);
         let mats: Vec<Packed4> = (0..count).map(|s| random_packed(rows, cols, s as u64)).collect();
@@ -105,9 +143,10 @@ fn fused_gemv(c: &mut Criterion) {
         let mut g = c.benchmark_group("int4-gemv-m1");
         g.throughput(Throughput::Bytes(weight_bytes(&mats[0])));
         let mut next = 0;
-        g.bench_function(format!("{rows}x{cols}-{}", if avx2 { "avx2" } else { "scalar" }), |b| {
+        let path = mats[0].gemv_path();
+        g.bench_function(format!("{rows}x{cols}-{path:?}"), |b| {
             b.iter(|| {
-                mats[next % count].gemv(black_box(&x), 1, &mut out, avx2);
+                mats[next % count].gemv(black_box(&x), 1, &mut out, path);
                 next += 1;
             })
         });
@@ -127,7 +166,7 @@ fn crossover(c: &mut Criterion) {
         let mut next = 0;
         g.bench_with_input(BenchmarkId::new("fused", m), &m, |b, &m| {
             b.iter(|| {
-                mats[next % count].gemv(&x, m, &mut out, has_avx2());
+                mats[next % count].gemv(&x, m, &mut out, mats[0].gemv_path());
                 next += 1;
             })
         });

@@ -21,7 +21,7 @@
 use half::bf16;
 use safetensors::tensor::Dtype;
 
-use super::packed4::{block_count, pack_nibbles, Packed4};
+use super::packed4::{block_count, pack_nibbles, Packed4, EXACT_GEMV_PARAM};
 use super::{
     Calibration, DenseWeight, DeviceSupport, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo, SchemeParams,
     StoredSource, StoredTensor, TensorRole,
@@ -42,6 +42,8 @@ const UNSIGNED_TABLE: [f32; 16] = [0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 
 struct Int4Block {
     block: usize,
     asymmetric: bool,
+    /// Keep the fused GEMV's activations in f32 (see `packed4_gemv`).
+    exact_gemv: bool,
 }
 
 /// Per-block quantization of a flattened weight: the codes and the stored (bf16)
@@ -153,6 +155,7 @@ impl Int4Block {
             table: if minima.is_some() { UNSIGNED_TABLE } else { SIGNED_TABLE },
             scales: scales.iter().map(|s| s.to_f32()).collect(),
             offsets: minima.map(|m| m.iter().map(|v| v.to_f32()).collect()),
+            exact_gemv: self.exact_gemv,
         }
     }
 }
@@ -290,7 +293,11 @@ pub(super) fn block_size(scheme: &str, params: &SchemeParams, default: usize) ->
 
 fn build(params: &SchemeParams) -> Result<Box<dyn Scheme>> {
     let block = block_size("int4-block", params, DEFAULT_BLOCK)?;
-    Ok(Box::new(Int4Block { block, asymmetric: params.bool("asymmetric", false) }))
+    Ok(Box::new(Int4Block {
+        block,
+        asymmetric: params.bool("asymmetric", false),
+        exact_gemv: params.bool(EXACT_GEMV_PARAM.name, false),
+    }))
 }
 
 pub(super) const INT4_BLOCK: SchemeInfo = SchemeInfo {
@@ -315,6 +322,7 @@ pub(super) const INT4_BLOCK: SchemeInfo = SchemeInfo {
             default: "false",
             help: "per-block min/max with codes 0..15 and a bf16 minimum (zero point)",
         },
+        EXACT_GEMV_PARAM,
     ],
     build,
 };
@@ -326,7 +334,7 @@ mod tests {
 
     fn layer(data: Vec<f32>, rows: usize, cols: usize, block: usize, asymmetric: bool) -> Box<dyn Linear> {
         let w = DenseWeight { name: "w".into(), rows, cols, data };
-        Int4Block { block, asymmetric }.quantize(w, None, None).unwrap()
+        Int4Block { block, asymmetric, exact_gemv: false }.quantize(w, None, None).unwrap()
     }
 
     #[test]
@@ -356,7 +364,7 @@ mod tests {
 
     #[test]
     fn dequantization_maps_nibbles_back_to_signed_values() {
-        let p = Int4Block { block: 16, asymmetric: false }.packed(
+        let p = Int4Block { block: 16, asymmetric: false, exact_gemv: false }.packed(
             1,
             16,
             pack_nibbles(&(0..16).collect::<Vec<u8>>()),
@@ -376,7 +384,7 @@ mod tests {
             let mut data = SeededRng::new(seed).normal_vec(rows * cols, 1.0 + seed as f64);
             data.iter_mut().step_by(5).for_each(|v| *v += seed as f32); // shifted blocks
             for asymmetric in [false, true] {
-                let s = Int4Block { block, asymmetric };
+                let s = Int4Block { block, asymmetric, exact_gemv: false };
                 let q = if asymmetric {
                     quantize_asymmetric(&data, block)
                 } else {
@@ -416,7 +424,7 @@ mod tests {
                 } else {
                     quantize_symmetric(&data, block)
                 };
-                let p = Int4Block { block, asymmetric }.packed(
+                let p = Int4Block { block, asymmetric, exact_gemv: false }.packed(
                     rows,
                     cols,
                     pack_nibbles(&q.codes),

@@ -6,25 +6,46 @@
 //! every input, including −128 and sums past i32 (which need k > 131072 and cannot occur
 //! in the layers we run: |a·w| ≤ 16384).
 //!
-//! The AVX2 path widens both operands to i16 and multiplies with `vpmaddwd`
-//! (`_mm256_madd_epi16`: i16×i16 products summed in pairs into i32). A pair sum is at most
-//! 2·128·128 = 32768, which i32 holds, so nothing saturates. The faster `vpmaddubsw`
-//! (`_mm256_maddubs_epi16`, u8×i8 summed in pairs into a *saturating* i16) is not used:
-//! with signed activations it needs the sign trick (|a| × sign(w, a)), which breaks on
-//! −128 (its negation does not fit i8), and a pair such as 128·128 + 128·128 = 32768
-//! saturates to 32767. It is exact only for 7-bit activations (fbgemm's `reduce_range`);
-//! a machine with AVX-512 VNNI (`vpdpbusd`, u8×i8 into i32 without the i16 step) or
-//! AVX-VNNI-INT8 (`vpdpbssd`, i8×i8) would be the place for a faster exact kernel.
+//! Two AVX2 kernels, both on i16 operands multiplied with `vpmaddwd` (`_mm256_madd_epi16`:
+//! i16×i16 products summed in pairs into i32; a pair is at most 2·128·128 = 32768, so
+//! nothing saturates and −128 needs no special case):
+//! - from 8 activation rows (prefill), `int8_gemm_panel`: weights packed
+//!   per task into i16 panels of 16 columns, a 4×16 register block fed by broadcast
+//!   activation pairs, no horizontal sums;
+//! - below it (decode), the row-major kernel here: 2 activation rows × 4 weight rows,
+//!   the weights widened in the loop (`vpmovsxbw`), lanes reduced at the end — it reads
+//!   each weight once, which is what a memory-bound decode step needs.
 //!
-//! Where the time goes: per 16 multiply-adds the kernel issues one `vpmaddwd`, one
-//! `vpaddd` to accumulate and a share of the `vpmovsxbw` weight widening (one per 16
-//! weights, reused by two activation rows): about 2.5 vector instructions, the same as
-//! two f32 FMAs (8 lanes each). So when the product is compute-bound (prefill, m ≥ 64)
-//! int8 can only win by its smaller cache traffic (measured 1.0–2.0× the f32 `gemm`
-//! crate on this 2-core AVX2 machine), and when it is bound by reading the weights
-//! (decode, m = 1) it wins by reading a quarter of the bytes (measured 2.5–7×).
+//! Why not `vpmaddubsw` (u8×i8 summed in pairs into a *saturating* i16, 32 products per
+//! instruction)? It needs an unsigned operand: for signed activations the sign trick
+//! `maddubs(|a|, sign(w, a))`, plus a `vpmaddwd` by ones to widen the i16 pairs to i32.
+//! Measured on this machine's Zen 3 cores (dependency-free loops): `vpmaddwd`,
+//! `vpmaddubsw` and `vpsignb` each issue twice per cycle and share the same two pipes
+//! (alternating `vpmaddwd`/`vpsignb` runs at one pair per cycle, not two). So the sign
+//! trick costs 3 of those pipe slots per 32 products, 21 products per cycle at best, and
+//! `vpmaddwd` on widened operands costs 1 slot per 16, 32 per cycle. Without AVX-512
+//! VNNI (`vpdpbusd`) or AVX-VNNI-INT8 there is no faster exact instruction.
+//!
+//! Where the time goes, per pair of k values in a 4×16 panel block: 2 panel loads,
+//! 4 broadcasts (load ports only), 8 `vpmaddwd` and 8 `vpaddd`: 16 vector ALU
+//! instructions per 128 multiply-adds, 8 per instruction. An f32 FMA also does 8
+//! multiply-adds per instruction, but only two pipes execute FMAs while four execute
+//! integer adds; the integer kernel's ceiling is therefore 32 multiply-adds per cycle
+//! (all four pipes busy, the two multiply pipes saturated) against 16 for f32: 2.0× the
+//! f32 *peak*. The `gemm` crate reaches 70–88% of its peak at these shapes, so 2.5× its
+//! speed would need the int8 kernel at 88–110% of its own ceiling: out of reach on AVX2.
+//! Measured single-threaded (best of N, shared machine): the panel kernel runs at about
+//! 21 multiply-adds per cycle (m = 64 and 512, k = 576), the row-major one at 13–19, the
+//! f32 GEMM at 11.5–14; see `benches/int8_gemm.rs` for the two-thread ratios.
 
 use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+use super::int8_gemm_panel::PANEL_MIN_ROWS;
+
+/// Task boundaries of the panel kernel: whole panels of 16 output columns.
+#[cfg(target_arch = "x86_64")]
+const PANEL_ALIGN: usize = 16;
 
 /// Products below this many multiply-adds run on one thread: waking the pool costs more
 /// than it saves. Measured here (2 cores, benches/int8_gemm.rs): a 576×576 decode step
@@ -55,8 +76,15 @@ fn avx2_available() -> bool {
     }
 }
 
+/// An activation code the kernels take: `i8` (symmetric schemes) or `u8` (the affine
+/// activations of `int8-static`). Both widen to i16 exactly, and a `vpmaddwd` pair of
+/// them with i8 weights is at most 2·255·128 = 65280 in magnitude.
+pub trait Code: Copy + Sync + Into<i16> + Into<i32> {}
+impl Code for i8 {}
+impl Code for u8 {}
+
 /// Scalar reference: `out[i·n + j] = Σ_kk a[i·k + kk] · w[j·k + kk]`, wrapping i32 sums.
-pub fn gemm_i8_reference(a: &[i8], m: usize, k: usize, w: &[i8], n: usize, out: &mut [i32]) {
+pub fn gemm_i8_reference<T: Code>(a: &[T], m: usize, k: usize, w: &[i8], n: usize, out: &mut [i32]) {
     check_shapes(a, m, k, w, n, out);
     for i in 0..m {
         for j in 0..n {
@@ -65,19 +93,19 @@ pub fn gemm_i8_reference(a: &[i8], m: usize, k: usize, w: &[i8], n: usize, out: 
     }
 }
 
-fn dot_scalar(a: &[i8], w: &[i8]) -> i32 {
-    a.iter().zip(w).fold(0i32, |acc, (&x, &y)| acc.wrapping_add(x as i32 * y as i32))
+fn dot_scalar<T: Code>(a: &[T], w: &[i8]) -> i32 {
+    a.iter().zip(w).fold(0i32, |acc, (&x, &y)| acc.wrapping_add(Into::<i32>::into(x) * y as i32))
 }
 
-fn check_shapes(a: &[i8], m: usize, k: usize, w: &[i8], n: usize, out: &[i32]) {
+fn check_shapes<T>(a: &[T], m: usize, k: usize, w: &[i8], n: usize, out: &[i32]) {
     assert_eq!(a.len(), m * k, "gemm_i8: lhs is not [m, k]");
     assert_eq!(w.len(), n * k, "gemm_i8: weight is not [n, k]");
     assert_eq!(out.len(), m * n, "gemm_i8: output is not [m, n]");
 }
 
 /// `out[m, n] = a[m, k] · w[n, k]ᵀ` in i32, on the fastest path this CPU has; bit-exact
-/// with [`gemm_i8_reference`].
-pub fn gemm_i8(a: &[i8], m: usize, k: usize, w: &[i8], n: usize, out: &mut [i32]) {
+/// with [`gemm_i8_reference`]. `a` is `i8` or `u8`.
+pub fn gemm_i8<T: Code>(a: &[T], m: usize, k: usize, w: &[i8], n: usize, out: &mut [i32]) {
     check_shapes(a, m, k, w, n, out);
     if m == 0 || n == 0 {
         return;
@@ -85,14 +113,22 @@ pub fn gemm_i8(a: &[i8], m: usize, k: usize, w: &[i8], n: usize, out: &mut [i32]
     #[cfg(target_arch = "x86_64")]
     if avx2_available() {
         let a16 = avx2::widen_rows(a, m, k);
-        run_blocks(m, n, k, out, |rows, out_ptr| {
-            // SAFETY: AVX2 was detected above; `run_blocks` hands each task a disjoint
-            // range of output columns and a pointer to the [m, n] output.
-            unsafe { avx2::gemm_block(&a16, m, k, w, n, rows, out_ptr) }
-        });
+        if m >= PANEL_MIN_ROWS {
+            run_blocks(m, n, k, PANEL_ALIGN, out, |cols, out_ptr| {
+                // SAFETY: AVX2 was detected above; `a16` holds m rows widened from k
+                // values; `run_blocks` hands each task disjoint output columns.
+                unsafe { super::int8_gemm_panel::gemm_cols(&a16, m, k, w, n, cols, out_ptr) }
+            });
+        } else {
+            run_blocks(m, n, k, 1, out, |rows, out_ptr| {
+                // SAFETY: AVX2 was detected above; `run_blocks` hands each task a disjoint
+                // range of output columns and a pointer to the [m, n] output.
+                unsafe { avx2::gemm_block(&a16, m, k, w, n, rows, out_ptr) }
+            });
+        }
         return;
     }
-    run_blocks(m, n, k, out, |rows, out_ptr| {
+    run_blocks(m, n, k, 1, out, |rows, out_ptr| {
         for i in 0..m {
             for j in rows.clone() {
                 let v = dot_scalar(&a[i * k..(i + 1) * k], &w[j * k..(j + 1) * k]);
@@ -106,14 +142,15 @@ pub fn gemm_i8(a: &[i8], m: usize, k: usize, w: &[i8], n: usize, out: &mut [i32]
 
 /// The output pointer shared by the tasks, each writing its own columns.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut i32);
+pub(super) struct OutPtr(pub(super) *mut i32);
 // SAFETY: tasks write disjoint columns of the output (see `run_blocks`).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 /// Split the weight rows (output columns) into tasks and run `task(rows, out)` on each,
 /// in parallel when the product is large enough to pay for it.
-fn run_blocks<F>(m: usize, n: usize, k: usize, out: &mut [i32], task: F)
+/// Task boundaries are multiples of `align` columns (the panel kernel's panel width).
+fn run_blocks<F>(m: usize, n: usize, k: usize, align: usize, out: &mut [i32], task: F)
 where
     F: Fn(std::ops::Range<usize>, OutPtr) + Sync,
 {
@@ -124,10 +161,13 @@ where
         return;
     }
     // Small n (decode on a narrow layer) still needs a few tasks per thread.
-    let per_task = ROWS_PER_TASK.min(n.div_ceil(threads * 4)).max(4);
+    let per_task = ROWS_PER_TASK.min(n.div_ceil(threads * 4)).max(4).next_multiple_of(align);
     let blocks: Vec<_> = (0..n).step_by(per_task).map(|s| s..(s + per_task).min(n)).collect();
     blocks.into_par_iter().for_each(|rows| task(rows, ptr));
 }
+
+#[cfg(target_arch = "x86_64")]
+pub(super) use avx2::Widened;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
@@ -141,22 +181,29 @@ mod avx2 {
 
     /// Activation rows are widened to i16 once per product and padded to a multiple of
     /// 16 with zeros, so the inner loop loads whole vectors.
-    pub(super) fn widen_rows(a: &[i8], m: usize, k: usize) -> Widened {
+    pub(super) fn widen_rows<T: super::Code>(a: &[T], m: usize, k: usize) -> Widened {
         let stride = k.div_ceil(16) * 16;
         let mut data = vec![0i16; m * stride];
         if stride == 0 {
             return Widened { data, stride };
         }
         for (dst, src) in data.chunks_exact_mut(stride).zip(a.chunks_exact(k)) {
-            dst[..k].iter_mut().zip(src).for_each(|(d, &s)| *d = s as i16);
+            dst[..k].iter_mut().zip(src).for_each(|(d, &s)| *d = s.into());
         }
         Widened { data, stride }
     }
 
     /// Activations as i16, `stride` values per row.
-    pub(super) struct Widened {
+    pub(in crate::scheme) struct Widened {
         data: Vec<i16>,
         stride: usize,
+    }
+
+    impl Widened {
+        /// Row `r` with its zero padding (`stride` values, a multiple of 16).
+        pub(in crate::scheme) fn row(&self, r: usize) -> &[i16] {
+            &self.data[r * self.stride..(r + 1) * self.stride]
+        }
     }
 
     /// Every activation row against weight rows `rows`, written into `out` ([m, n]).
@@ -276,8 +323,21 @@ mod tests {
     #[test]
     fn fast_path_matches_the_reference_on_random_odd_shapes() {
         let mut rng = SeededRng::new(11);
-        let shapes =
-            [(1, 1, 1), (1, 17, 5), (3, 15, 4), (5, 33, 7), (7, 100, 13), (2, 576, 9), (64, 300, 70)];
+        // m ≥ 8 takes the panel kernel: rows not a multiple of its 4-row block, k not a
+        // multiple of its 16-value packing step, n not a multiple of its 16-column panel.
+        let shapes = [
+            (1, 1, 1),
+            (1, 17, 5),
+            (3, 15, 4),
+            (5, 33, 7),
+            (7, 100, 13),
+            (2, 576, 9),
+            (8, 1, 1),
+            (9, 17, 33),
+            (13, 31, 16),
+            (64, 300, 70),
+            (33, 577, 50),
+        ];
         for &(m, k, n) in &shapes {
             let (a, w) = (random_i8(&mut rng, m * k), random_i8(&mut rng, n * k));
             let (fast, reference) = both(&a, m, k, &w, n);
@@ -288,7 +348,7 @@ mod tests {
     /// −128·−128 pairs are where `vpmaddubsw` saturates and the sign trick overflows.
     #[test]
     fn extreme_values_are_exact() {
-        for &(m, k, n) in &[(3, 64, 5), (1, 31, 4), (4, 1000, 3)] {
+        for &(m, k, n) in &[(3, 64, 5), (1, 31, 4), (4, 1000, 3), (9, 33, 17), (13, 1000, 40)] {
             for (av, wv) in [(-128i8, -128i8), (-128, 127), (127, 127), (127, -128)] {
                 let (a, w) = (vec![av; m * k], vec![wv; n * k]);
                 let (fast, reference) = both(&a, m, k, &w, n);

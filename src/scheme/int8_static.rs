@@ -13,9 +13,9 @@
 //! with `Σ_k w[o,k]` precomputed per output row. The products are exact in i32 for up to
 //! [`MAX_COLS`] inputs: `|qx − zp| ≤ 255`, `|w| ≤ 128`.
 
-use rayon::prelude::*;
 use safetensors::tensor::Dtype;
 
+use super::int8_gemm::{gemm_i8, gemm_i8_reference};
 use super::observer::{check_calibration, check_weight, AffineU8, ChannelInt8, Observer};
 use super::{
     Calibration, DenseWeight, DeviceSupport, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo, SchemeParams,
@@ -25,13 +25,6 @@ use crate::error::{Error, Result};
 
 /// The widest layer whose i32 accumulators cannot overflow: `255 · 128 · k < 2³¹`.
 pub const MAX_COLS: usize = 65536;
-
-/// Products below this many multiply-adds run on one thread (as the f32 GEMM does).
-const SERIAL_MACS: usize = 256 * 1024;
-
-/// Output rows per parallel task: their int8 weights stay in cache while every input
-/// row passes.
-const OUTPUT_BLOCK: usize = 16;
 
 const NAME: &str = "int8-static";
 
@@ -56,7 +49,9 @@ pub(super) const OBSERVER_PARAMS: [ParamInfo; 2] = [
 pub(super) enum DotKernel {
     /// Portable loop.
     Scalar,
-    /// AVX2: bytes widened to i16, `vpmaddwd` into i32 (exact, no saturation).
+    /// The shared AVX2 GEMM of [`super::int8_gemm`]: codes widened to i16, `vpmaddwd`
+    /// into i32 (exact: a pair is at most 2·255·128), panels of packed weights for
+    /// prefill.
     Avx2,
 }
 
@@ -76,141 +71,6 @@ impl DotKernel {
             DotKernel::Avx2 => "int8-avx2",
         }
     }
-
-    /// `out[r] = Σ_k qx[r,k]·w[k]` for every input row `r` of `x`.
-    fn dots(self, x: &Inputs, w: &[i8], out: &mut [i32]) {
-        match self {
-            DotKernel::Scalar => {
-                for (r, acc) in out.iter_mut().enumerate() {
-                    *acc = dot_u8_i8_scalar(x.row(r), w);
-                }
-            }
-            // SAFETY: `Avx2` is only chosen when the CPU reports AVX2; `Inputs::new`
-            // widened the rows for it.
-            #[cfg(target_arch = "x86_64")]
-            DotKernel::Avx2 => unsafe { dots_avx2(x, w, out) },
-            #[cfg(not(target_arch = "x86_64"))]
-            DotKernel::Avx2 => DotKernel::Scalar.dots(x, w, out),
-        }
-    }
-}
-
-/// The quantized input rows, plus (for the AVX2 kernel) the same codes widened to i16
-/// once per forward, so the inner loop widens only the weights.
-struct Inputs<'a> {
-    bytes: &'a [u8],
-    wide: Vec<i16>,
-    k: usize,
-}
-
-impl<'a> Inputs<'a> {
-    fn new(kernel: DotKernel, bytes: &'a [u8], k: usize) -> Self {
-        let wide = match kernel {
-            DotKernel::Avx2 => bytes.iter().map(|&v| v as i16).collect(),
-            DotKernel::Scalar => Vec::new(),
-        };
-        Inputs { bytes, wide, k }
-    }
-
-    fn row(&self, r: usize) -> &[u8] {
-        &self.bytes[r * self.k..(r + 1) * self.k]
-    }
-
-    fn wide_row(&self, r: usize) -> &[i16] {
-        &self.wide[r * self.k..(r + 1) * self.k]
-    }
-}
-
-/// Scalar reference: `Σ x[k]·w[k]` in i32 (wrapping, like the vector path; exact up to
-/// [`MAX_COLS`] terms).
-fn dot_u8_i8_scalar(x: &[u8], w: &[i8]) -> i32 {
-    x.iter().zip(w).fold(0i32, |acc, (&a, &b)| acc.wrapping_add(a as i32 * b as i32))
-}
-
-/// The tail of a dot product on widened inputs.
-fn dot_i16_i8_scalar(x: &[i16], w: &[i8]) -> i32 {
-    x.iter().zip(w).fold(0i32, |acc, (&a, &b)| acc.wrapping_add(a as i32 * b as i32))
-}
-
-/// AVX2 dots of one weight row with every input row: four input rows at a time share
-/// each widened weight vector. Products go through `vpmaddwd` (i16 pairs into i32,
-/// exact); `vpmaddubsw` is avoided on purpose: it saturates at i16, and 2·255·127 does
-/// not fit.
-///
-/// # Safety
-/// The CPU must support AVX2, and `x` must hold the widened rows.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dots_avx2(x: &Inputs, w: &[i8], out: &mut [i32]) {
-    let mut r = 0;
-    while r + 4 <= out.len() {
-        let rows = [x.wide_row(r), x.wide_row(r + 1), x.wide_row(r + 2), x.wide_row(r + 3)];
-        out[r..r + 4].copy_from_slice(&dot4_i16_i8_avx2(rows, w));
-        r += 4;
-    }
-    for (i, acc) in out.iter_mut().enumerate().skip(r) {
-        *acc = dot1_i16_i8_avx2(x.wide_row(i), w);
-    }
-}
-
-/// `Σ_k x[k]·w[k]` for one row (the rows left over by the four-row kernel).
-///
-/// # Safety
-/// The CPU must support AVX2; `x` has `w.len()` values.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot1_i16_i8_avx2(x: &[i16], w: &[i8]) -> i32 {
-    use std::arch::x86_64::*;
-    let n = w.len();
-    let mut acc = _mm256_setzero_si256();
-    let mut k = 0;
-    while k + 16 <= n {
-        let wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.as_ptr().add(k) as *const __m128i));
-        let xv = _mm256_loadu_si256(x.as_ptr().add(k) as *const __m256i);
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(xv, wv));
-        k += 16;
-    }
-    hsum_i32(acc).wrapping_add(dot_i16_i8_scalar(&x[k..n], &w[k..n]))
-}
-
-/// The sum of the eight i32 lanes.
-///
-/// # Safety
-/// The CPU must support AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn hsum_i32(v: std::arch::x86_64::__m256i) -> i32 {
-    use std::arch::x86_64::*;
-    let half = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    let half = _mm_hadd_epi32(half, half);
-    let half = _mm_hadd_epi32(half, half);
-    _mm_cvtsi128_si32(half)
-}
-
-/// `Σ_k x_j[k]·w[k]` for four rows `x_j`.
-///
-/// # Safety
-/// The CPU must support AVX2; every `x_j` has `w.len()` values.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot4_i16_i8_avx2(x: [&[i16]; 4], w: &[i8]) -> [i32; 4] {
-    use std::arch::x86_64::*;
-    let n = w.len();
-    let mut acc = [_mm256_setzero_si256(); 4];
-    let mut k = 0;
-    while k + 16 <= n {
-        let wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.as_ptr().add(k) as *const __m128i));
-        for j in 0..4 {
-            let xv = _mm256_loadu_si256(x[j].as_ptr().add(k) as *const __m256i);
-            acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(xv, wv));
-        }
-        k += 16;
-    }
-    let mut sums = [0i32; 4];
-    for j in 0..4 {
-        sums[j] = hsum_i32(acc[j]).wrapping_add(dot_i16_i8_scalar(&x[j][k..n], &w[k..n]));
-    }
-    sums
 }
 
 /// `Σ_k w[o,k]` for each output row: the zero-point correction term.
@@ -231,31 +91,17 @@ fn zero_point_corrected_product(
     zp: i32,
 ) -> Vec<i32> {
     let n = sums.len();
-    if m == 0 || n == 0 {
-        return vec![0; m * n];
-    }
-    let inputs = Inputs::new(kernel, qx, k);
-    // Output-major blocks: each task keeps a few weight rows hot and runs every input row.
-    let mut by_output = vec![0i32; n * m];
-    let block = |(b, chunk): (usize, &mut [i32])| {
-        for (i, acc_o) in chunk.chunks_exact_mut(m.max(1)).enumerate() {
-            let o = b * OUTPUT_BLOCK + i;
-            let w = &codes[o * k..(o + 1) * k];
-            let correction = zp.wrapping_mul(sums[o]);
-            kernel.dots(&inputs, w, acc_o);
-            acc_o.iter_mut().for_each(|acc| *acc = acc.wrapping_sub(correction));
-        }
-    };
-    let chunk = OUTPUT_BLOCK * m;
-    if m * n * k < SERIAL_MACS {
-        by_output.chunks_mut(chunk).enumerate().for_each(block);
-    } else {
-        by_output.par_chunks_mut(chunk).enumerate().for_each(block);
-    }
     let mut acc = vec![0i32; m * n];
-    for (o, col) in by_output.chunks_exact(m).enumerate() {
-        for (r, &v) in col.iter().enumerate() {
-            acc[r * n + o] = v;
+    if m == 0 || n == 0 {
+        return acc;
+    }
+    match kernel {
+        DotKernel::Scalar => gemm_i8_reference(qx, m, k, codes, n, &mut acc),
+        DotKernel::Avx2 => gemm_i8(qx, m, k, codes, n, &mut acc),
+    }
+    for row in acc.chunks_exact_mut(n) {
+        for (v, &s) in row.iter_mut().zip(sums) {
+            *v = v.wrapping_sub(zp.wrapping_mul(s));
         }
     }
     acc

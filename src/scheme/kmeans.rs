@@ -202,6 +202,7 @@ impl KMeansLinear {
                 table,
                 scales: vec![1.0],
                 offsets: None,
+                exact_gemv: false,
             }
         });
         KMeansLinear { rows, cols, bits, bytes, codebook, packed, bias }

@@ -8,12 +8,15 @@ mod float;
 mod int4_block;
 pub mod int8_dynamic;
 pub mod int8_gemm;
+#[cfg(target_arch = "x86_64")]
+mod int8_gemm_panel;
 pub mod int8_outlier;
 mod int8_static;
 mod kmeans;
 mod nf4;
 pub mod observer;
 pub mod packed4;
+pub mod packed4_gemv;
 mod prune;
 mod qat_sim;
 

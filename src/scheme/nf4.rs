@@ -27,7 +27,7 @@
 use safetensors::tensor::Dtype;
 
 use super::int4_block::{block_size, packed_weights, read_raw};
-use super::packed4::{block_count, pack_nibbles, Packed4};
+use super::packed4::{block_count, pack_nibbles, Packed4, EXACT_GEMV_PARAM};
 use super::{
     Calibration, DenseWeight, DeviceSupport, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo, SchemeParams,
     StoredSource, StoredTensor, TensorRole,
@@ -199,6 +199,8 @@ struct CodeBook4 {
     format: Format,
     block: usize,
     double_quant: bool,
+    /// Keep the fused GEMV's activations in f32 (see `packed4_gemv`).
+    exact_gemv: bool,
 }
 
 /// An `nf4` / `fp4` linear layer.
@@ -254,6 +256,7 @@ impl CodeBook4 {
             table: *self.format.table(),
             scales: stored.values(),
             offsets: None,
+            exact_gemv: self.exact_gemv,
         };
         CodeBookLinear { packed, stored, bias }
     }
@@ -345,7 +348,12 @@ impl Scheme for CodeBook4 {
 
 fn build(name: &str, format: Format, params: &SchemeParams) -> Result<Box<dyn Scheme>> {
     let block = block_size(name, params, DEFAULT_BLOCK)?;
-    Ok(Box::new(CodeBook4 { format, block, double_quant: params.bool("double_quant", false) }))
+    Ok(Box::new(CodeBook4 {
+        format,
+        block,
+        double_quant: params.bool("double_quant", false),
+        exact_gemv: params.bool(EXACT_GEMV_PARAM.name, false),
+    }))
 }
 
 fn build_nf4(params: &SchemeParams) -> Result<Box<dyn Scheme>> {
@@ -369,6 +377,7 @@ const PARAMS: &[ParamInfo] = &[
         default: "false",
         help: "quantize the absmax scales to 8 bits in blocks of 256 (bitsandbytes' compress_statistics)",
     },
+    EXACT_GEMV_PARAM,
 ];
 
 /// 4 bits + an f32 absmax per 64 weights (double quantization: 4 + 8/64 + 32/(64·256)).
@@ -458,7 +467,12 @@ mod tests {
         for format in [Format::Nf4, Format::Fp4] {
             let bound = half_max_gap(format.table());
             for seed in 0..10 {
-                let s = CodeBook4 { format, block: [64, 7, 128][seed % 3], double_quant: false };
+                let s = CodeBook4 {
+                    format,
+                    block: [64, 7, 128][seed % 3],
+                    double_quant: false,
+                    exact_gemv: false,
+                };
                 let data = SeededRng::new(seed as u64).normal_vec(3 * 91, 0.5);
                 let (codes, absmax) = s.quantize_codes(&data);
                 let layer = s.layer(3, 91, pack_nibbles(&codes), Scales::Plain(absmax.clone()), None);
@@ -497,7 +511,7 @@ mod tests {
         let n = 256 * 64 * 4;
         let data = SeededRng::new(2).normal_vec(n, 1.0);
         for (dq, expected) in [(false, 4.5), (true, 4.0 + 8.0 / 64.0 + 32.0 / (64.0 * 256.0))] {
-            let s = CodeBook4 { format: Format::Nf4, block: 64, double_quant: dq };
+            let s = CodeBook4 { format: Format::Nf4, block: 64, double_quant: dq, exact_gemv: false };
             let w = DenseWeight { name: "w".into(), rows: 64, cols: n / 64, data: data.clone() };
             let t = s.quantize(w, None, None).unwrap().export("l");
             let bits: usize =
@@ -512,7 +526,7 @@ mod tests {
 
     #[test]
     fn packs_the_first_value_in_the_high_nibble() {
-        let s = CodeBook4 { format: Format::Nf4, block: 64, double_quant: false };
+        let s = CodeBook4 { format: Format::Nf4, block: 64, double_quant: false, exact_gemv: false };
         let w = DenseWeight { name: "w".into(), rows: 1, cols: 3, data: vec![1.0, -1.0, 0.0] };
         let t = s.quantize(w, None, None).unwrap().export("l");
         assert_eq!(t[0].bytes, vec![0xF0, 0x70]);
@@ -522,7 +536,7 @@ mod tests {
     fn fused_kernels_match_the_reference() {
         for (seed, format) in [Format::Nf4, Format::Fp4].into_iter().enumerate() {
             for dq in [false, true] {
-                let s = CodeBook4 { format, block: 64, double_quant: dq };
+                let s = CodeBook4 { format, block: 64, double_quant: dq, exact_gemv: false };
                 let w = DenseWeight {
                     name: "w".into(),
                     rows: 9,

@@ -1,8 +1,17 @@
 //! The 4-bit block format shared by `int4-block`, `nf4`, `fp4` and 16-cluster `kmeans`:
 //! codes packed two per byte (first value in the high nibble) over the flattened weight,
 //! blocks of consecutive values each with its own scale (and optional offset), and the
-//! kernels that multiply by it: a fused dequantize-in-register GEMV for decode and
-//! dequantize-then-GEMM for prefill.
+//! kernels that multiply by it: a fused GEMV for decode (no dequantized copy of the
+//! matrix) and dequantize-then-GEMM for prefill.
+//!
+//! The fused GEMV has three paths ([`Gemv`]): the scalar f32 reference; an AVX2 f32 path
+//! that decodes nibbles to f32 and multiplies with FMAs (exact numerics, compute-bound at
+//! a fifth of memory bandwidth); and, by default on AVX2 where the shape allows, the
+//! fixed-point path of [`super::packed4_gemv`] (activations rounded to 16-bit fixed point
+//! per 32 values, integer block dot products; memory-bound). Scheme parameter
+//! `exact_gemv: true` keeps the exact f32 path. Prefill (more than [`GEMV_MAX_ROWS`]
+//! rows) always runs the exact dequantize-then-GEMM, so divergence measured on prefill
+//! chunks does not depend on the GEMV path.
 //!
 //! A weight value is `table[code] * scale[block] + offset[block]`. The 16-entry `table`
 //! is what differs between schemes (signed integers for int4, the NF4/FP4 code books,
@@ -11,6 +20,8 @@
 
 use rayon::prelude::*;
 
+use super::packed4_gemv::{self, Activations, FixedTable};
+
 /// Above this many activation rows, `forward` dequantizes row panels and runs the f32
 /// GEMM instead of the fused GEMV. Measured by `benches/int4_gemv.rs` (criterion medians,
 /// 4096×4096 int4-block weight, 8 matrices rotated) on the 2-core AMD EPYC (Zen 3, AVX2)
@@ -18,7 +29,8 @@ use rayon::prelude::*;
 /// fused m=1: 4.5 ms, 4: 8.6 ms, 16: 34 ms, 64: 145 ms; dequantize+GEMM m=1: 46 ms,
 /// 4: 66 ms, 16: 77 ms, 64: 132 ms. Fused costs ≈ 2.2 ms per row, dequantize+GEMM
 /// ≈ 60 ms + 1.1 ms per row: they meet near 50 rows; 32 keeps the fused path where it
-/// clearly wins.
+/// clearly wins. (Measured with the f32 fused path; the fixed-point path is faster per
+/// row, which only moves the crossover up, so 32 stays on the safe side.)
 pub const GEMV_MAX_ROWS: usize = 32;
 
 /// Values dequantized per panel on the prefill path (4 MiB of f32): bounds the
@@ -46,7 +58,46 @@ pub struct Packed4 {
     pub scales: Vec<f32>,
     /// One offset per block (asymmetric formats), added after scaling.
     pub offsets: Option<Vec<f32>>,
+    /// Keep the fused GEMV's activations in f32 (the exact path) instead of 16-bit fixed
+    /// point (see [`super::packed4_gemv`]): slower, bit for bit the reference numerics.
+    pub exact_gemv: bool,
 }
+
+/// The fused GEMV paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gemv {
+    /// Exact f32 activations, portable scalar loop (the reference).
+    Scalar,
+    /// Exact f32 activations, nibbles decoded to f32 with AVX2 and multiplied with FMAs.
+    Avx2,
+    /// 16-bit fixed-point activations and exact integer block dot products
+    /// ([`super::packed4_gemv`]), AVX2.
+    Avx2Fixed,
+}
+
+impl Gemv {
+    /// The name reported as the case's kernel.
+    pub fn name(self) -> &'static str {
+        match self {
+            Gemv::Scalar => "fused-gemv-scalar (m<=32) / dequant-f32-gemm",
+            Gemv::Avx2 => "fused-gemv-avx2-f32 (m<=32) / dequant-f32-gemm",
+            Gemv::Avx2Fixed => "fused-gemv-avx2-q15 (m<=32) / dequant-f32-gemm",
+        }
+    }
+}
+
+/// The scheme parameter that keeps the fused GEMV exact ([`Packed4::exact_gemv`]), shared
+/// by `int4-block`, `nf4` and `fp4`.
+pub(super) const EXACT_GEMV_PARAM: super::ParamInfo = super::ParamInfo {
+    name: "exact_gemv",
+    kind: super::ParamKind::Bool,
+    default: "false",
+    help: "decode with f32 activations (exact, slower) instead of 16-bit fixed-point ones",
+};
+
+/// Below this many weight values a GEMV runs on one thread: waking the pool costs more
+/// than reading the weight (a 256×256 layer is 32 KiB, a few microseconds).
+const SERIAL_VALUES: usize = 256 * 1024;
 
 /// Pack 4-bit codes two per byte, the first in the high nibble; an odd count is padded
 /// with a zero nibble. Codes above 15 keep their low nibble.
@@ -96,14 +147,23 @@ impl Packed4 {
         out
     }
 
-    /// The kernels `matmul` runs on this CPU: the fused GEMV path chosen at run time for
-    /// decode, dequantized panels through the f32 GEMM for prefill.
-    pub fn kernel(&self) -> &'static str {
-        if has_avx2() {
-            "fused-gemv-avx2 (m<=32) / dequant-f32-gemm"
+    /// The fused GEMV path [`Self::matmul`] takes on this CPU for this weight (finite
+    /// activations).
+    pub fn gemv_path(&self) -> Gemv {
+        if !has_avx2() {
+            Gemv::Scalar
+        } else if self.exact_gemv || !packed4_gemv::shape_fits(self) || FixedTable::new(&self.table).is_none()
+        {
+            Gemv::Avx2
         } else {
-            "fused-gemv-scalar (m<=32) / dequant-f32-gemm"
+            Gemv::Avx2Fixed
         }
+    }
+
+    /// The kernels `matmul` runs on this CPU: the fused GEMV for decode, dequantized
+    /// panels through the f32 GEMM for prefill.
+    pub fn kernel(&self) -> &'static str {
+        self.gemv_path().name()
     }
 
     /// `out[m, rows] = x[m, cols] · Wᵀ` (no bias): fused GEMV up to [`GEMV_MAX_ROWS`]
@@ -114,7 +174,7 @@ impl Packed4 {
         if m > GEMV_MAX_ROWS {
             self.dequant_gemm(x, m, out);
         } else {
-            self.gemv(x, m, out, has_avx2());
+            self.gemv(x, m, out, self.gemv_path());
         }
     }
 
@@ -139,31 +199,74 @@ impl Packed4 {
         }
     }
 
-    /// The fused GEMV over all output rows, in parallel tasks of 16 rows;
-    /// `avx2` selects the SIMD path (the caller checked the CPU has it).
-    pub fn gemv(&self, x: &[f32], m: usize, out: &mut [f32], avx2: bool) {
-        let (rows, cols) = (self.rows, self.cols);
-        let tasks: Vec<Vec<f32>> = (0..rows.div_ceil(ROWS_PER_TASK))
-            .into_par_iter()
-            .map(|t| {
-                let r0 = t * ROWS_PER_TASK;
-                let n = ROWS_PER_TASK.min(rows - r0);
-                let mut local = vec![0.0f32; n * m];
-                for (r, dst) in local.chunks_exact_mut(m.max(1)).enumerate() {
-                    self.row_dots(r0 + r, x, dst, avx2);
-                }
-                local
-            })
-            .collect();
+    /// The fused GEMV over all output rows, in tasks of 16 rows (parallel for large
+    /// weights). `path` must be one this CPU runs ([`Self::gemv_path`] or a slower one);
+    /// the fixed-point path falls back to the exact one for a shape it does not take or
+    /// non-finite activations.
+    pub fn gemv(&self, x: &[f32], m: usize, out: &mut [f32], path: Gemv) {
+        assert_eq!(x.len(), m * self.cols, "packed4 gemv: input is not [m, cols]");
+        assert_eq!(out.len(), m * self.rows, "packed4 gemv: output is not [m, rows]");
+        #[cfg(target_arch = "x86_64")]
+        if path == Gemv::Avx2Fixed && has_avx2() && packed4_gemv::shape_fits(self) {
+            let prepared = FixedTable::new(&self.table)
+                .and_then(|t| Activations::new(x, m, self.cols, &t, self.offsets.is_some()).map(|a| (t, a)));
+            if let Some((table, acts)) = prepared {
+                self.run_tasks(m, out, |r, dst| self.row_dots_fixed(&table, &acts, r, dst));
+                return;
+            }
+        }
+        let avx2 = path != Gemv::Scalar && has_avx2();
+        self.run_tasks(m, out, |r, dst| self.row_dots(r, x, dst, avx2));
+    }
+
+    /// Run `row(r, dst)` for every weight row `r` (`dst`: its `m` outputs), in tasks of
+    /// [`ROWS_PER_TASK`] rows, and scatter the results into `out` (`[m, rows]`).
+    fn run_tasks(&self, m: usize, out: &mut [f32], row: impl Fn(usize, &mut [f32]) + Sync) {
+        let rows = self.rows;
+        if m == 0 || rows == 0 {
+            return;
+        }
+        let task = |t: usize| {
+            let r0 = t * ROWS_PER_TASK;
+            let n = ROWS_PER_TASK.min(rows - r0);
+            let mut local = vec![0.0f32; n * m];
+            for (r, dst) in local.chunks_exact_mut(m).enumerate() {
+                row(r0 + r, dst);
+            }
+            local
+        };
+        let count = rows.div_ceil(ROWS_PER_TASK);
+        let tasks: Vec<Vec<f32>> = if m * rows * self.cols < SERIAL_VALUES {
+            (0..count).map(task).collect()
+        } else {
+            (0..count).into_par_iter().map(task).collect()
+        };
         for (t, local) in tasks.iter().enumerate() {
             let r0 = t * ROWS_PER_TASK;
-            for (r, vals) in local.chunks_exact(m.max(1)).enumerate() {
+            for (r, vals) in local.chunks_exact(m).enumerate() {
                 for (i, v) in vals.iter().enumerate() {
                     out[i * rows + r0 + r] = *v;
                 }
             }
         }
-        debug_assert_eq!(x.len(), out.len() / rows.max(1) * cols);
+    }
+
+    /// `dst[i] = x[i] · W[r]` on the fixed-point path, four activation rows at a time.
+    #[cfg(target_arch = "x86_64")]
+    fn row_dots_fixed(&self, table: &FixedTable, acts: &Activations, r: usize, dst: &mut [f32]) {
+        let mut i = 0;
+        while i + 4 <= dst.len() {
+            // SAFETY: `gemv` checked AVX2, FMA and `shape_fits`, and built `acts` from
+            // this weight's table with `dst.len()` rows (and sums when it has offsets).
+            let d = unsafe { packed4_gemv::row_dots::<4>(self, table, acts, r, i) };
+            dst[i..i + 4].copy_from_slice(&d);
+            i += 4;
+        }
+        while i < dst.len() {
+            // SAFETY: as above.
+            dst[i] = unsafe { packed4_gemv::row_dots::<1>(self, table, acts, r, i) }[0];
+            i += 1;
+        }
     }
 
     /// `dst[i] = x[i] · W[r]` for every activation row `i` (`dst.len()` rows of `x`).
@@ -445,29 +548,57 @@ pub(crate) mod testing {
     use super::*;
     use crate::tensor::SeededRng;
 
-    /// Fused GEMV against dequantize + f64 reference GEMM: f32 accumulation over
+    /// Exact fused GEMV against dequantize + f64 reference GEMM: f32 accumulation over
     /// `cols` terms in a different order, relative L2 of the output.
     pub const GEMV_REL_L2_BUDGET: f64 = 1e-5;
 
-    /// Check both GEMV paths (and the panel path) of `p` against the reference.
+    /// Check every GEMV path of `p` (and the panel path) against the reference: the
+    /// exact paths within [`GEMV_REL_L2_BUDGET`], the fixed-point path within the bound
+    /// `packed4_gemv::testing::fixed_point_bound` derives from its rounding steps.
     pub fn check_kernels(p: &Packed4, seed: u64) {
         for m in [1, 3, 5, GEMV_MAX_ROWS + 1] {
             let x = SeededRng::new(seed).normal_vec(m * p.cols, 1.0);
             let reference = crate::tensor::matmul_nt_reference(&x, m, p.cols, &p.dequantize(), p.rows);
-            let mut scalar = vec![f32::NAN; m * p.rows];
-            p.gemv(&x, m, &mut scalar, false);
+            let scalar = run(p, &x, m, Gemv::Scalar);
             let err = crate::tensor::relative_l2(&scalar, &reference);
             assert!(err <= GEMV_REL_L2_BUDGET, "scalar gemv {}x{} m={m}: {err}", p.rows, p.cols);
             if has_avx2() {
-                let mut simd = vec![f32::NAN; m * p.rows];
-                p.gemv(&x, m, &mut simd, true);
-                let err = crate::tensor::relative_l2(&simd, &scalar);
+                let err = crate::tensor::relative_l2(&run(p, &x, m, Gemv::Avx2), &scalar);
                 assert!(err <= GEMV_REL_L2_BUDGET, "avx2 vs scalar {}x{} m={m}: {err}", p.rows, p.cols);
+                if packed4_gemv::shape_fits(p) {
+                    let fixed = run(p, &x, m, Gemv::Avx2Fixed);
+                    within_fixed_point_bound(p, &x, m, &fixed, &reference);
+                }
             }
             let mut auto = vec![f32::NAN; m * p.rows];
             p.matmul(&x, m, &mut auto);
-            let err = crate::tensor::relative_l2(&auto, &reference);
-            assert!(err <= GEMV_REL_L2_BUDGET, "matmul {}x{} m={m}: {err}", p.rows, p.cols);
+            if m <= GEMV_MAX_ROWS && p.gemv_path() == Gemv::Avx2Fixed {
+                within_fixed_point_bound(p, &x, m, &auto, &reference);
+            } else {
+                let err = crate::tensor::relative_l2(&auto, &reference);
+                assert!(err <= GEMV_REL_L2_BUDGET, "matmul {}x{} m={m}: {err}", p.rows, p.cols);
+            }
+        }
+    }
+
+    /// `p.gemv` on `path`, into a fresh output.
+    pub fn run(p: &Packed4, x: &[f32], m: usize, path: Gemv) -> Vec<f32> {
+        let mut out = vec![f32::NAN; m * p.rows];
+        p.gemv(x, m, &mut out, path);
+        out
+    }
+
+    /// Every output of the fixed-point path within its bound of the reference.
+    pub fn within_fixed_point_bound(p: &Packed4, x: &[f32], m: usize, got: &[f32], reference: &[f32]) {
+        let bound = packed4_gemv::testing::fixed_point_bound(p, x, m);
+        for (i, ((&g, &r), &b)) in got.iter().zip(reference).zip(&bound).enumerate() {
+            let err = (g as f64 - r as f64).abs();
+            assert!(
+                err <= b,
+                "fixed-point {}x{} m={m} output {i}: |{g} - {r}| = {err} > {b}",
+                p.rows,
+                p.cols
+            );
         }
     }
 
@@ -487,6 +618,7 @@ pub(crate) mod testing {
             table,
             scales: rng.normal_vec(nb, 1.0),
             offsets: offsets.then(|| rng.normal_vec(nb, 1.0)),
+            exact_gemv: false,
         }
     }
 }
@@ -517,6 +649,57 @@ mod tests {
     }
 
     #[test]
+    fn fixed_point_path_stays_within_its_bound_on_every_piece_layout() {
+        // Columns of 16·odd leave a half chunk at each row's end; blocks of 48 start pieces
+        // mid-chunk; 688 with block 128 is the built-in model's down projection (rows
+        // start at multiples of 16 inside a block); a block larger than the weight is
+        // k-means' single block.
+        let shapes = [
+            (3, 16, 16),
+            (5, 48, 32),
+            (6, 80, 48),
+            (7, 688, 128),
+            (4, 576, 128),
+            (9, 16, 128),
+            (2, 32, 1000),
+        ];
+        for (seed, &(rows, cols, block)) in shapes.iter().enumerate() {
+            for offsets in [false, true] {
+                let p = random(rows, cols, block, offsets, 40 + seed as u64);
+                assert!(packed4_gemv::shape_fits(&p), "{rows}x{cols} block {block}");
+                check_kernels(&p, 200 + seed as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn fixed_point_path_handles_integer_tables_extreme_and_non_finite_inputs() {
+        let mut p = random(5, 96, 32, true, 7);
+        p.table = [0., 1., 2., 3., 4., 5., 6., 7., -8., -7., -6., -5., -4., -3., -2., -1.];
+        check_kernels(&p, 8);
+        // One huge value per chunk next to tiny ones, and all-zero chunks.
+        let mut x = vec![0.0f32; 2 * 96];
+        x.iter_mut().enumerate().for_each(|(k, v)| {
+            *v = if k % 32 == 5 {
+                3.0e4
+            } else if k < 96 {
+                1e-3
+            } else {
+                0.0
+            }
+        });
+        let reference = crate::tensor::matmul_nt_reference(&x, 2, 96, &p.dequantize(), 5);
+        if has_avx2() {
+            let fixed = run(&p, &x, 2, Gemv::Avx2Fixed);
+            within_fixed_point_bound(&p, &x, 2, &fixed, &reference);
+            // Non-finite activations take the exact path: the same NaN/inf pattern.
+            x[3] = f32::NAN;
+            let (fixed, exact) = (run(&p, &x, 2, Gemv::Avx2Fixed), run(&p, &x, 2, Gemv::Avx2));
+            assert!(fixed.iter().zip(&exact).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+    }
+
+    #[test]
     fn a_block_spanning_two_rows_uses_one_scale() {
         // 2 rows of 3 with block 4: block 0 = row 0 + the first value of row 1.
         let mut table = [0.0f32; 16];
@@ -529,10 +712,11 @@ mod tests {
             table,
             scales: vec![10.0, 100.0],
             offsets: None,
+            exact_gemv: false,
         };
         assert_eq!(p.dequantize(), vec![10.0, 20.0, 30.0, 40.0, 500.0, 600.0]);
         let mut out = vec![0.0; 2];
-        p.gemv(&[1.0, 1.0, 1.0], 1, &mut out, has_avx2());
+        p.gemv(&[1.0, 1.0, 1.0], 1, &mut out, p.gemv_path());
         assert_eq!(out, vec![60.0, 1140.0]);
     }
 }
