@@ -161,6 +161,8 @@ fn run(o: &Options) -> Result<Vec<Row>, CudaError> {
                 .map(|i| half::bf16::from_f32(0.01 + (i % 7) as f32 * 0.001).to_f32())
                 .collect(),
             offsets: None,
+            // The device kernels keep f32 activations: compare like with like.
+            exact_gemv: true,
         };
         let nf4 = Packed4 {
             block: 64,

@@ -286,7 +286,7 @@ fn packed(rows: usize, cols: usize, block: usize, seed: u64, bf16: bool, offsets
     } else {
         std::array::from_fn(|_| rng.normal() as f32)
     };
-    Packed4 { rows, cols, block, bytes: pack_nibbles(&codes), table, scales, offsets: offs }
+    Packed4 { rows, cols, block, bytes: pack_nibbles(&codes), table, scales, offsets: offs, exact_gemv: true }
 }
 
 #[test]
@@ -309,7 +309,7 @@ fn packed4_dequantization_and_fused_gemv_match_the_reference() {
         for m in [1usize, 3, 9] {
             let x = data(m * cols, 20 + m as u64, 1.0);
             let mut want = vec![0.0f32; m * rows];
-            p.gemv(&x, m, &mut want, false);
+            p.gemv(&x, m, &mut want, quantbench::scheme::packed4::Gemv::Scalar);
             let xd = gpu.upload(&x).unwrap();
             let mut out = poisoned(&gpu, m * rows);
             ops::packed4_gemv(&gpu, &d, &xd, m, None, &mut out).unwrap();
