@@ -72,9 +72,9 @@ fn an_identical_model_scores_exact_zeros_and_infinite_sqnr() {
         assert_eq!(layer["sqnr_db"], "inf", "{layer}");
         assert_eq!(layer["cosine"], 1.0, "{layer}");
     }
-    // int8 layers: finite SQNR of a sensible size; errors grow through the blocks.
+    // int8 layers (the head stays f32): finite SQNR of a sensible size.
     let int8 = case(&results, "int8-dynamic");
-    for layer in int8["layers"].as_array().unwrap() {
+    for layer in int8["layers"].as_array().unwrap().iter().filter(|l| l["name"] != "lm_head") {
         let db = layer["sqnr_db"].as_f64().unwrap_or_else(|| panic!("{layer}"));
         assert!((10.0..60.0).contains(&db), "{layer}");
     }
