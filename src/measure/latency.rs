@@ -165,11 +165,16 @@ pub fn warnings(what: &str, samples: &[f64], first_run: Option<f64>) -> Vec<Stri
             100.0 * NOISY_CV
         ));
     }
-    if let Some(z) = first_run.and_then(|first| modified_z(samples, first)).filter(|z| z.abs() > OUTLIER_Z) {
-        found.push(format!(
+    match first_run.and_then(|first| modified_z(samples, first)) {
+        Some(z) if z > OUTLIER_Z => found.push(format!(
             "the first measured {what} run is an outlier (modified z-score {z:.1}, above {OUTLIER_Z}); \
              raise `warmup` so caches and clocks settle before timing"
-        ));
+        )),
+        Some(z) if z < -OUTLIER_Z => found.push(format!(
+            "the first measured {what} run is an outlier, faster than the rest (modified z-score {z:.1}); \
+             the machine got busier while timing: close other programs and run again"
+        )),
+        _ => {}
     }
     found
 }
@@ -227,5 +232,8 @@ mod tests {
         let slow_first = [13.0, 10.0, 10.1, 9.9, 10.05, 9.95, 10.0, 10.02];
         let found = warnings("prefill", &slow_first, Some(13.0));
         assert!(found.iter().any(|w| w.contains("raise `warmup`")), "{found:?}");
+        let fast_first = [7.0, 10.0, 10.1, 9.9, 10.05, 9.95, 10.0, 10.02];
+        let found = warnings("prefill", &fast_first, Some(7.0));
+        assert!(found.iter().any(|w| w.contains("faster than the rest")), "{found:?}");
     }
 }
