@@ -228,8 +228,9 @@ pub struct Memory {
     /// Resident set size when the case started (the reference model and the process
     /// itself), bytes.
     pub rss_start_bytes: Option<u64>,
-    /// Peak resident set size during the case, bytes (the kernel's high-water mark, reset
-    /// when the case starts).
+    /// Peak resident set size while the case built (quantized) and ran the model for the
+    /// latency runs, bytes: the kernel's high-water mark, reset when the case starts and
+    /// read before the save-and-reload check and the evaluation passes.
     pub peak_rss_bytes: Option<u64>,
     /// Peak device memory during the case, bytes (GPU cases).
     pub peak_device_bytes: Option<u64>,

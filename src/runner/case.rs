@@ -166,6 +166,17 @@ impl<'p> ModelRunner<'p> {
         }
         let model = files.build(&mut factory)?;
         let quantize_s = t.elapsed().as_secs_f64();
+        let mut warnings = Vec::new();
+        // Timing first: the peak resident size is read right after it, so it covers
+        // building (quantizing) and running the model, not the save-and-reload check or
+        // the evaluation passes, which hold extra copies of their own.
+        let mut latency = if metrics.contains(&MetricGroup::Latency) {
+            progress.step("latency");
+            Some(self.latency(&model, quantize_s, &mut warnings)?)
+        } else {
+            None
+        };
+        let peak_rss = rss.and_then(|w| w.peak());
 
         let exported = model.export();
         let mut memory = self.memory(&exported)?;
@@ -178,7 +189,9 @@ impl<'p> ModelRunner<'p> {
             (None, None)
         };
         drop(exported);
-        let mut warnings = Vec::new();
+        if let Some(latency) = latency.as_mut() {
+            latency.load_s = load_s;
+        }
         if let Some(d) = disk.as_ref().filter(|d| (d.bytes_over_memory - 1.0).abs() > DISK_AGREEMENT) {
             warnings.push(format!(
                 "the saved file is {:.2}% off the in-memory byte account (allowed {:.1}%): a tensor is \
@@ -187,12 +200,6 @@ impl<'p> ModelRunner<'p> {
                 100.0 * DISK_AGREEMENT
             ));
         }
-        let latency = if metrics.contains(&MetricGroup::Latency) {
-            progress.step("latency");
-            Some(self.latency(&model, quantize_s, load_s, &mut warnings)?)
-        } else {
-            None
-        };
         let (mut divergence, mut embedding, mut generation) = (None, None, None);
         match (&self.references, &model) {
             (References::Causal { eval_tokens, logprobs, .. }, Model::Causal(lm)) => {
@@ -234,7 +241,7 @@ impl<'p> ModelRunner<'p> {
         let kernels = model.kernels().into_iter().map(String::from).collect();
         drop(model);
         memory.rss_start_bytes = rss.map(|w| w.start);
-        memory.peak_rss_bytes = rss.and_then(|w| w.peak());
+        memory.peak_rss_bytes = peak_rss;
         Ok(CaseResult {
             id: id.to_string(),
             model: self.model.name.clone(),
@@ -380,13 +387,8 @@ impl<'p> ModelRunner<'p> {
             .collect()
     }
 
-    fn latency(
-        &self,
-        model: &Model,
-        quantize_s: f64,
-        load_s: Option<f64>,
-        warnings: &mut Vec<String>,
-    ) -> Result<Latency> {
+    /// Timings; `load_s` is filled in by the save-and-reload check, which runs after.
+    fn latency(&self, model: &Model, quantize_s: f64, warnings: &mut Vec<String>) -> Result<Latency> {
         let w = &self.plan.workload;
         let tokens = self.latency_tokens();
         let timings =
@@ -397,7 +399,7 @@ impl<'p> ModelRunner<'p> {
         let decode = Stats::of(&decode_ms);
         Ok(Latency {
             quantize_s,
-            load_s,
+            load_s: None,
             decode_tokens_per_s: decode.as_ref().map(|d| w.batch_size as f64 * 1e3 / d.median),
             prefill_ms,
             prefill,
