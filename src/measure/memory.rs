@@ -32,6 +32,12 @@ impl RssWindow {
     pub fn peak(&self) -> Option<u64> {
         status_bytes("VmHWM:")
     }
+
+    /// The resident size now, after handing freed heap back to the kernel, bytes.
+    pub fn now(&self) -> Option<u64> {
+        release_free_heap();
+        status_bytes("VmRSS:")
+    }
 }
 
 /// A `kB` field of `/proc/self/status`, in bytes.

@@ -232,6 +232,9 @@ pub struct Memory {
     /// latency runs, bytes: the kernel's high-water mark, reset when the case starts and
     /// read before the save-and-reload check and the evaluation passes.
     pub peak_rss_bytes: Option<u64>,
+    /// Resident set size once the model is built and its staging copies are freed (what
+    /// the quantized model keeps resident, on top of `rss_start_bytes`), bytes.
+    pub built_rss_bytes: Option<u64>,
     /// Peak device memory during the case, bytes (GPU cases).
     pub peak_device_bytes: Option<u64>,
 }

@@ -166,6 +166,8 @@ impl<'p> ModelRunner<'p> {
         }
         let model = files.build(&mut factory)?;
         let quantize_s = t.elapsed().as_secs_f64();
+        // What stays resident once the model is built (the staging copies freed).
+        let built_rss = rss.and_then(|w| w.now());
         let mut warnings = Vec::new();
         // Timing first: the peak resident size is read right after it, so it covers
         // building (quantizing) and running the model, not the save-and-reload check or
@@ -242,6 +244,7 @@ impl<'p> ModelRunner<'p> {
         drop(model);
         memory.rss_start_bytes = rss.map(|w| w.start);
         memory.peak_rss_bytes = peak_rss;
+        memory.built_rss_bytes = built_rss;
         Ok(CaseResult {
             id: id.to_string(),
             model: self.model.name.clone(),
@@ -293,6 +296,7 @@ impl<'p> ModelRunner<'p> {
             bytes_per_parameter: total_bytes as f64 / parameters.max(1) as f64,
             rss_start_bytes: None,
             peak_rss_bytes: None,
+            built_rss_bytes: None,
             peak_device_bytes: None,
         })
     }
