@@ -16,25 +16,8 @@ use rayon::prelude::*;
 /// The int4-block symmetric code table: nibble `u` means `(u + 8) % 16 - 8`.
 const SIGNED: [f32; 16] = [0., 1., 2., 3., 4., 5., 6., 7., -8., -7., -6., -5., -4., -3., -2., -1.];
 
-/// bitsandbytes' NF4 code book (a table that is not integers).
-const NF4: [f32; 16] = [
-    -1.0,
-    -0.696_192_8,
-    -0.525_073_05,
-    -0.394_917_5,
-    -0.284_441_38,
-    -0.184_773_43,
-    -0.091_050_036,
-    0.0,
-    0.079_580_3,
-    0.160_930_2,
-    0.246_112_3,
-    0.337_915_24,
-    0.440_709_83,
-    0.562_617,
-    0.722_956_84,
-    1.0,
-];
+/// bitsandbytes' NF4 code book (a table that is not integers), as the scheme uses it.
+const NF4: [f32; 16] = quantbench::scheme::NF4_CODE;
 
 /// The article's block size.
 const BLOCK: usize = 128;

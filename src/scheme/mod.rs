@@ -14,6 +14,8 @@ pub mod int8_outlier;
 mod int8_static;
 mod kmeans;
 mod nf4;
+
+pub use nf4::NF4_CODE;
 pub mod observer;
 pub mod packed4;
 pub mod packed4_gemv;

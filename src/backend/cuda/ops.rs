@@ -1045,25 +1045,21 @@ impl Half16 for half::bf16 {
 
 /// `out = x` rounded to `T` (nearest even).
 pub fn to_half<T: Half16>(gpu: &Gpu, x: &CudaSlice<f32>, out: &mut CudaSlice<T>) -> Result<(), CudaError> {
-    let op = T::FROM_F32;
-    need(op, "out", out.len(), x.len())?;
-    let n = long(op, "values", x.len())?;
-    let mut f = None;
-    launch(
-        gpu,
-        &CAST,
-        op,
-        grid_stride(x.len()),
-        |b| {
-            b.arg(x).arg(out).arg(&n);
-        },
-        &mut f,
-    )
+    cast(gpu, T::FROM_F32, x, out)
 }
 
 /// `out = x` widened to f32.
 pub fn from_half<T: Half16>(gpu: &Gpu, x: &CudaSlice<T>, out: &mut CudaSlice<f32>) -> Result<(), CudaError> {
-    let op = T::TO_F32;
+    cast(gpu, T::TO_F32, x, out)
+}
+
+/// One element-wise conversion kernel `op` of the cast module over `x` into `out`.
+fn cast<A: cudarc::driver::DeviceRepr, B: cudarc::driver::DeviceRepr>(
+    gpu: &Gpu,
+    op: &'static str,
+    x: &CudaSlice<A>,
+    out: &mut CudaSlice<B>,
+) -> Result<(), CudaError> {
     need(op, "out", out.len(), x.len())?;
     let n = long(op, "values", x.len())?;
     let mut f = None;
