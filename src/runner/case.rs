@@ -75,7 +75,8 @@ impl<'p> ModelRunner<'p> {
     /// Build the reference model (the checkpoint at the model's dtype, or the model the
     /// suite names as `reference:`) and record its outputs on the workload; the
     /// divergence reference is read from `out/references/` when an earlier run stored it.
-    pub fn new(plan: &'p Plan, index: usize, out: &Path) -> Result<Self> {
+    /// `judge_sha256` is the hash of the reference model's files (keys the stored reference).
+    pub fn new(plan: &'p Plan, index: usize, judge_sha256: &str, out: &Path) -> Result<Self> {
         let model = &plan.models[index];
         let judge_model = &plan.models[model.reference.unwrap_or(index)];
         let judge = full_precision(judge_model)?;
@@ -89,7 +90,7 @@ impl<'p> ModelRunner<'p> {
                     plan.workload.prompts.iter().map(|p| tokenizer.encode(p)).collect::<Result<Vec<_>>>()?;
                 let logprobs = if metrics.contains(&MetricGroup::Divergence) {
                     let (reference, record) =
-                        cached_reference(plan, judge_model, lm.as_ref(), &eval_tokens, out)?;
+                        cached_reference(plan, judge_model, judge_sha256, lm.as_ref(), &eval_tokens, out)?;
                     reference_cache = Some(record);
                     Some(Box::new(reference))
                 } else {
@@ -628,13 +629,14 @@ fn full_precision(model: &PlannedModel) -> Result<Model> {
 fn cached_reference(
     plan: &Plan,
     judge: &PlannedModel,
+    judge_sha256: &str,
     lm: &dyn CausalLm,
     eval_tokens: &[u32],
     out: &Path,
 ) -> Result<(Reference, ReferenceCacheRecord)> {
     let w = &plan.workload;
     let key = CacheKey {
-        model_sha256: super::model_sha256(judge)?,
+        model_sha256: judge_sha256.to_string(),
         dtype: super::storage_name(judge.dtype).to_string(),
         tokenizer_sha256: judge.files.tokenizer.fingerprint().to_string(),
         eval_sha256: crate::suite::plan::sha256_hex(w.eval_text.as_bytes()),

@@ -56,6 +56,16 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> {
         models: Vec::new(),
         cases: Vec::new(),
     };
+    // Each model's files are hashed once, even when another model names it as reference.
+    let mut hashes: BTreeMap<usize, String> = BTreeMap::new();
+    let mut hash_of = |i: usize| -> Result<String> {
+        if let Some(h) = hashes.get(&i) {
+            return Ok(h.clone());
+        }
+        let h = model_sha256(&plan.models[i])?;
+        hashes.insert(i, h.clone());
+        Ok(h)
+    };
     for (index, model) in plan.models.iter().enumerate() {
         let ids: Vec<String> = plan.schemes.iter().map(|s| format!("{}/{}", model.name, s.label)).collect();
         let wanted = |id: &String| selected(id, options.filter.as_deref()) || previous.contains_key(id);
@@ -63,7 +73,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> {
             continue;
         }
         progress.note(&format!("{}: hashing model files", model.name));
-        let record = model_record(plan, model)?;
+        let record = model_record(plan, model, hash_of(index)?)?;
         // The model's record goes in first, so results written after each case are whole.
         results.models.push(record.clone());
         let mut runner: Option<ModelRunner> = None;
@@ -84,8 +94,8 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> {
             }
             if runner.is_none() {
                 progress.note(&format!("{}: reference pass", model.name));
-                let built =
-                    ModelRunner::new(plan, index, &out).with_context(|| format!("model {}", model.name))?;
+                let built = ModelRunner::new(plan, index, &hash_of(model.reference.unwrap_or(index))?, &out)
+                    .with_context(|| format!("model {}", model.name))?;
                 results.models.last_mut().expect("pushed above").reference_cache =
                     built.reference_cache.clone();
                 runner = Some(built);
@@ -170,7 +180,7 @@ fn workload_record(plan: &Plan) -> WorkloadRecord {
 }
 
 /// sha256 over a model's config and weight files.
-pub(crate) fn model_sha256(model: &PlannedModel) -> Result<String> {
+fn model_sha256(model: &PlannedModel) -> Result<String> {
     let files = &model.files;
     // A GGUF file is its own config: hash each distinct file once.
     let mut paths = vec![files.config.path()];
@@ -183,7 +193,7 @@ pub(crate) fn model_sha256(model: &PlannedModel) -> Result<String> {
     Ok(sha256_hex(&model_hash))
 }
 
-fn model_record(plan: &Plan, model: &PlannedModel) -> Result<ModelRecord> {
+fn model_record(plan: &Plan, model: &PlannedModel, model_sha256: String) -> Result<ModelRecord> {
     let (files, workload) = (&model.files, &plan.workload);
     let summary = files.summary()?;
     let tokenizer_sha256 = files.tokenizer.fingerprint().to_string();
@@ -194,7 +204,7 @@ fn model_record(plan: &Plan, model: &PlannedModel) -> Result<ModelRecord> {
         dtype: storage_name(model.dtype).into(),
         parameters: summary.parameters,
         linear_parameters: summary.linear_parameters,
-        model_sha256: model_sha256(model)?,
+        model_sha256,
         tokenizer_sha256,
         eval_tokens: files.tokenizer.encode(&workload.eval_text)?.len(),
         reference: model.reference.map_or_else(|| model.name.clone(), |j| plan.models[j].name.clone()),
