@@ -36,11 +36,6 @@ pub fn first_scored(context: usize) -> usize {
     context / 2
 }
 
-/// Scored positions of `chunks`.
-pub fn scored_count(chunks: &[&[u32]]) -> usize {
-    chunks.iter().map(|c| c.len() - 1 - first_scored(c.len())).sum()
-}
-
 /// What the reference keeps of each scored position's distribution.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Kept {
@@ -542,15 +537,9 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 /// Signal-to-quantization-noise ratio of `b` against the reference `a`, dB:
 /// 10·log10(‖a‖² / ‖a − b‖²); `+inf` when they are equal.
 pub fn sqnr_db(reference: &[f32], b: &[f32]) -> f64 {
-    let (mut err, mut norm) = (0.0f64, 0.0f64);
-    for (&x, &y) in reference.iter().zip(b) {
-        err += (y as f64 - x as f64).powi(2);
-        norm += (x as f64).powi(2);
-    }
-    if err == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (norm / err).log10()
+    match nmse(reference, b) {
+        0.0 => f64::INFINITY,
+        e => -10.0 * e.log10(),
     }
 }
 
@@ -673,7 +662,6 @@ mod tests {
         assert_eq!(chunks(&tokens, 4, Some(1)).len(), 1);
         assert_eq!(chunks(&tokens, 11, None).len(), 0);
         assert_eq!(first_scored(128), 64);
-        assert_eq!(scored_count(&chunks(&tokens, 4, None)), 2);
     }
 
     fn log(p: &[f64]) -> Vec<f64> {
