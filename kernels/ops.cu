@@ -200,3 +200,30 @@ extern "C" __global__ void attention(const float* __restrict__ q, const float* _
         oh[d] = o;
     }
 }
+
+// q, k and v from a fused projection whose rows are runs of 3·run values [q | k | v]
+// (run = one head for BLOOM, the whole width for GPT-2): q[r, c] = fused[r, g·3·run + o]
+// with g = c / run and o = c % run, k and v one and two runs further.
+extern "C" __global__ void split_qkv(const float* __restrict__ fused, float* __restrict__ q,
+                                     float* __restrict__ k, float* __restrict__ v, long rows, int width,
+                                     int run) {
+    long n = rows * width;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        long r = i / width;
+        int c = (int)(i % width);
+        long src = r * 3 * (long)width + (long)(c / run) * 3 * run + c % run;
+        q[i] = fused[src];
+        k[i] = fused[src + run];
+        v[i] = fused[src + 2 * run];
+    }
+}
+
+// The last of every `seq` rows of `width` values: out[b, :] = x[b·seq + seq − 1, :].
+extern "C" __global__ void last_rows(const float* __restrict__ x, float* __restrict__ out, int batch, int seq,
+                                     int width) {
+    long n = (long)batch * width;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        long b = i / width;
+        out[i] = x[(b * seq + seq - 1) * width + i % width];
+    }
+}

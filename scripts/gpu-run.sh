@@ -61,7 +61,9 @@ cuda_env() {
       export QUANTBENCH_CUDA_LIB_DIR=${QUANTBENCH_CUDA_LIB_DIR:+$QUANTBENCH_CUDA_LIB_DIR:}$d
     fi
   done
-  export QUANTBENCH_CACHE=${OUT:-/tmp}/cache
+  # Built-in models (bloom-560m-shapes is 2.2 GB) and compiled PTX stay on the machine:
+  # $OUT is for what comes back.
+  export QUANTBENCH_CACHE=/tmp/quantbench-cache
 }
 
 remote_check() {

@@ -49,6 +49,9 @@ pub enum Error {
     /// A workload cannot be run (too few tokens, empty prompt list, ...).
     #[error("workload: {0}")]
     Workload(String),
+    /// The compute device failed (a CUDA call, a kernel launch, device memory).
+    #[error("device {device}: {message}")]
+    Device { device: &'static str, message: String },
     /// A report could not be rendered.
     #[error("report: {0}")]
     Render(String),

@@ -113,10 +113,9 @@ pub enum CudaProbe {
     },
 }
 
-/// Whether the runner can run cases on CUDA. False until the models' forward passes go
-/// through `backend::cuda`: until then `auto` stays on the CPU and `cuda` is refused, so a
-/// result is never labelled `cuda` while it ran on the CPU.
-pub const RUNNER_RUNS_CUDA: bool = false;
+/// Whether the runner can run cases on CUDA: decoders' forward passes go through
+/// `backend::cuda::decoder` when the crate is built with the `cuda` feature.
+pub const RUNNER_RUNS_CUDA: bool = cfg!(feature = "cuda");
 
 /// Look for a usable CUDA device without letting cudarc panic.
 pub fn cuda_probe() -> CudaProbe {
@@ -159,6 +158,102 @@ pub fn resolve(request: DeviceRequest) -> Result<Device, DeviceError> {
         return Ok(Device::Cpu);
     }
     resolve_with(request, &cuda_probe(), RUNNER_RUNS_CUDA)
+}
+
+/// The GPU a CUDA run uses, as its results record it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuRecord {
+    /// Device name and compute capability.
+    pub name: String,
+    /// Driver CUDA version.
+    pub driver: String,
+    /// Measured device-to-device copy bandwidth, GB/s (read and write counted).
+    pub copy_gb_s: f64,
+}
+
+/// Bytes copied per timed copy when measuring the bandwidth of a run's GPU.
+const BANDWIDTH_PROBE_BYTES: usize = 512 << 20;
+
+/// Describe the GPU of a CUDA run, measuring its copy bandwidth on the first call.
+pub fn gpu_record() -> Result<GpuRecord, crate::error::Error> {
+    static RECORD: std::sync::OnceLock<GpuRecord> = std::sync::OnceLock::new();
+    if let Some(r) = RECORD.get() {
+        return Ok(r.clone());
+    }
+    let r = measure_gpu()?;
+    Ok(RECORD.get_or_init(|| r).clone())
+}
+
+fn measure_gpu() -> Result<GpuRecord, crate::error::Error> {
+    #[cfg(feature = "cuda")]
+    {
+        let e = |e: cuda::CudaError| crate::error::Error::Device { device: "cuda", message: e.to_string() };
+        let gpu = cuda::shared_gpu().map_err(e)?;
+        let (major, minor) = gpu.capability();
+        Ok(GpuRecord {
+            name: format!("{} (compute capability {major}.{minor})", gpu.name()),
+            driver: cuda::driver_version().map_err(e)?,
+            copy_gb_s: cuda::copy_bandwidth_gb_s(&gpu, BANDWIDTH_PROBE_BYTES, 20).map_err(e)?,
+        })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = BANDWIDTH_PROBE_BYTES;
+        Err(crate::error::Error::Device { device: "cuda", message: DeviceError::NotBuilt.to_string() })
+    }
+}
+
+/// Put a built `model` on `device`: unchanged for the CPU; on CUDA a decoder's forward
+/// passes move to the GPU (`prefill_rows`: the prefill size whose kernel paths are
+/// recorded next to the decode step's).
+pub fn place(
+    model: crate::model::Model,
+    device: Device,
+    prefill_rows: usize,
+) -> Result<crate::model::Model, crate::error::Error> {
+    use crate::model::Model;
+    match (device, model) {
+        (Device::Cpu, model) => Ok(model),
+        #[cfg(feature = "cuda")]
+        (Device::Cuda, Model::Causal(lm)) => {
+            let e =
+                |e: cuda::CudaError| crate::error::Error::Device { device: "cuda", message: e.to_string() };
+            let gpu = cuda::shared_gpu().map_err(e)?;
+            Ok(Model::Causal(Box::new(cuda::decoder::CudaCausalLm::new(lm, gpu, prefill_rows)?)))
+        }
+        (Device::Cuda, Model::Encoder(_)) => Err(crate::error::Error::Device {
+            device: "cuda",
+            message: "encoders (bert) have no CUDA forward pass yet; run them with `device: cpu`".into(),
+        }),
+        #[cfg(not(feature = "cuda"))]
+        (Device::Cuda, Model::Causal(_)) => {
+            let _ = prefill_rows;
+            Err(crate::error::Error::Device { device: "cuda", message: DeviceError::NotBuilt.to_string() })
+        }
+    }
+}
+
+/// Start a new device-memory high-water mark (CUDA runs; nothing on the CPU).
+pub fn reset_device_peak(device: Device) {
+    #[cfg(feature = "cuda")]
+    if device == Device::Cuda {
+        if let Ok(gpu) = cuda::shared_gpu() {
+            let _ = gpu.reset_peak_pool_bytes();
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+}
+
+/// The device-memory high-water mark since [`reset_device_peak`], bytes (CUDA runs).
+pub fn device_peak_bytes(device: Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if device == Device::Cuda {
+        return cuda::shared_gpu().ok().and_then(|g| g.peak_pool_bytes().ok());
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+    None
 }
 
 #[cfg(test)]

@@ -29,19 +29,30 @@ pub struct BuiltinInfo {
 }
 
 /// Every built-in model.
-pub static BUILTINS: &[BuiltinInfo] = &[BuiltinInfo {
-    name: "tiny-llama",
-    summary: "Llama architecture, 4 layers, hidden 256, GQA 8/4 heads, 512-token BPE; \
+pub static BUILTINS: &[BuiltinInfo] = &[
+    BuiltinInfo {
+        name: "tiny-llama",
+        summary: "Llama architecture, 4 layers, hidden 256, GQA 8/4 heads, 512-token BPE; \
               outlier channels planted in layers 1-3 (3.2M parameters)",
-    config: tiny_llama_config,
-    seed: 20261124,
-    outliers: &[
-        ("model.layers.1.input_layernorm.weight", 7, 14.0),
-        ("model.layers.1.input_layernorm.weight", 100, -11.0),
-        ("model.layers.2.post_attention_layernorm.weight", 50, 16.0),
-        ("model.layers.3.input_layernorm.weight", 211, 12.0),
-    ],
-}];
+        config: tiny_llama_config,
+        seed: 20261124,
+        outliers: &[
+            ("model.layers.1.input_layernorm.weight", 7, 14.0),
+            ("model.layers.1.input_layernorm.weight", 100, -11.0),
+            ("model.layers.2.post_attention_layernorm.weight", 50, 16.0),
+            ("model.layers.3.input_layernorm.weight", 211, 12.0),
+        ],
+    },
+    BuiltinInfo {
+        name: "bloom-560m-shapes",
+        summary: "bigscience/bloom-560m's architecture and shapes (24 layers, hidden 1024, 16 heads, \
+              250880-token vocabulary) with seeded weights, not the trained ones; the 512-token \
+              built-in tokenizer (559M parameters)",
+        config: bloom_560m_shapes_config,
+        seed: 20261125,
+        outliers: &[],
+    },
+];
 
 /// Bump when generation changes, so caches of older versions are not reused.
 const GENERATION_VERSION: u32 = 1;
@@ -70,6 +81,24 @@ fn tiny_llama_config() -> Value {
         "eos_token_id": VOCAB - 1,
         "torch_dtype": "float32",
         "quantbench_builtin": "tiny-llama",
+    })
+}
+
+/// bigscience/bloom-560m's config.json, shapes only: the weights are seeded.
+fn bloom_560m_shapes_config() -> Value {
+    json!({
+        "architectures": ["BloomForCausalLM"],
+        "model_type": "bloom",
+        "vocab_size": 250880,
+        "hidden_size": 1024,
+        "n_layer": 24,
+        "n_head": 16,
+        "layer_norm_epsilon": 1e-5,
+        "apply_residual_connection_post_layernorm": false,
+        "bos_token_id": VOCAB - 2,
+        "eos_token_id": VOCAB - 1,
+        "torch_dtype": "float32",
+        "quantbench_builtin": "bloom-560m-shapes",
     })
 }
 

@@ -8,6 +8,7 @@ use crate::tensor;
 use crate::tensor::attention::{KvCache, Masking};
 
 use super::norm::Norm;
+use super::plan::{BlockPlan, MlpPlan, QkvPlan};
 use super::{LinearSpec, Logits, WeightFactory};
 
 /// Check that `tokens` form `batch` equal sequences matching `cache`; returns
@@ -155,6 +156,18 @@ impl FusedBlock {
         self.mlp_norm.export(out);
         for (name, linear) in &self.linears {
             out.extend(linear.export(name));
+        }
+    }
+
+    /// The block for a device forward pass: `run` and `mlp` as in [`FusedBlockOps`].
+    pub fn plan(&self, run: usize, tanh_gelu: bool) -> BlockPlan<'_> {
+        let layer = |i: usize| self.linears[i].1.as_ref();
+        BlockPlan {
+            attn_norm: self.attn_norm.plan(),
+            qkv: QkvPlan::Fused { layer: layer(0), run },
+            out: layer(1),
+            mlp_norm: self.mlp_norm.plan(),
+            mlp: MlpPlan::Gelu { up: layer(2), down: layer(3), tanh: tanh_gelu },
         }
     }
 

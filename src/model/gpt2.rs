@@ -8,6 +8,7 @@ use crate::tensor::attention::{AttentionShape, KvCache, Masking};
 
 use super::decoder::{self, FusedBlock, FusedBlockOps};
 use super::norm::Norm;
+use super::plan::{DecoderPlan, PositionPlan};
 use super::{ArchInfo, ArchKind, CausalLm, ConfigJson, Logits, Model, TensorKind, TensorSpec, WeightFactory};
 
 /// The table row for GPT-2.
@@ -220,5 +221,21 @@ impl CausalLm for Gpt2 {
     fn linears(&self) -> Vec<(&str, &dyn Linear)> {
         let blocks = self.blocks.iter().flat_map(FusedBlock::linears);
         blocks.chain(self.head.iter().map(|h| (super::factory::HEAD, h.as_ref()))).collect()
+    }
+
+    fn plan(&self) -> Option<DecoderPlan<'_>> {
+        let c = &self.config;
+        Some(DecoderPlan {
+            vocab: c.vocab,
+            hidden: c.hidden,
+            attention: AttentionShape { heads: c.heads, kv_heads: c.heads, head_dim: c.hidden / c.heads },
+            eps: c.eps,
+            embed: &self.embed,
+            embed_norm: None,
+            positions: PositionPlan::Learned { table: &self.positions },
+            blocks: self.blocks.iter().map(|b| b.plan(c.hidden, c.tanh_gelu)).collect(),
+            final_norm: self.final_norm.plan(),
+            head: self.head.as_deref(),
+        })
     }
 }

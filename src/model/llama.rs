@@ -7,6 +7,7 @@ use crate::tensor::attention::{AttentionShape, KvCache, Masking};
 use crate::tensor::{self, Rope};
 
 use super::decoder;
+use super::plan::{BlockPlan, DecoderPlan, MlpPlan, NormPlan, PositionPlan, QkvPlan};
 use super::{
     ArchInfo, ArchKind, CausalLm, ConfigJson, LinearSpec, Logits, Model, TensorKind, TensorSpec,
     WeightFactory,
@@ -294,5 +295,35 @@ impl CausalLm for Llama {
     fn linears(&self) -> Vec<(&str, &dyn Linear)> {
         let blocks = self.blocks.iter().flat_map(|b| b.linears.iter().map(|(n, l)| (n.as_str(), l.as_ref())));
         blocks.chain(self.head.iter().map(|h| (super::factory::HEAD, h.as_ref()))).collect()
+    }
+
+    fn plan(&self) -> Option<DecoderPlan<'_>> {
+        let c = &self.config;
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                let layer = |i: usize| b.linears[i].1.as_ref();
+                BlockPlan {
+                    attn_norm: NormPlan::Rms { weight: &b.attn_norm },
+                    qkv: QkvPlan::Separate { q: layer(0), k: layer(1), v: layer(2) },
+                    out: layer(3),
+                    mlp_norm: NormPlan::Rms { weight: &b.mlp_norm },
+                    mlp: MlpPlan::GatedSilu { gate: layer(4), up: layer(5), down: layer(6) },
+                }
+            })
+            .collect();
+        Some(DecoderPlan {
+            vocab: c.vocab,
+            hidden: c.hidden,
+            attention: c.attention,
+            eps: c.eps,
+            embed: &self.embed,
+            embed_norm: None,
+            positions: PositionPlan::Rotary { inv_freq: self.rope.inv_freq_f32() },
+            blocks,
+            final_norm: NormPlan::Rms { weight: &self.final_norm },
+            head: self.head.as_deref(),
+        })
     }
 }

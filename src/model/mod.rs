@@ -6,6 +6,7 @@ pub mod bloom;
 pub mod builtin;
 pub mod config;
 mod decoder;
+pub use decoder::check_batch;
 mod factory;
 pub mod generate;
 pub mod gguf;
@@ -13,6 +14,7 @@ pub mod gpt2;
 pub mod hub;
 pub mod llama;
 mod norm;
+pub mod plan;
 pub mod tokenizer;
 pub mod weights;
 
@@ -62,6 +64,29 @@ pub trait CausalLm: Send + Sync {
     fn export(&self) -> Vec<StoredTensor>;
     /// Every linear layer with its name, the output head included when it is one.
     fn linears(&self) -> Vec<(&str, &dyn Linear)>;
+    /// The kernel paths its forward passes take (recorded per case).
+    fn kernels(&self) -> BTreeSet<&'static str> {
+        self.linears().into_iter().map(|(_, l)| l.kernel()).collect()
+    }
+    /// What a model running on a device reports about itself (`None` on the CPU).
+    fn device_report(&self) -> Option<DeviceReport> {
+        None
+    }
+    /// The forward pass as a device-neutral description, for backends other than the
+    /// CPU; `None` where the architecture has none yet.
+    fn plan(&self) -> Option<plan::DecoderPlan<'_>> {
+        None
+    }
+}
+
+/// What a model running on a device reports about itself.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceReport {
+    /// Device milliseconds of the last forward pass, from the device's own events.
+    pub last_forward_ms: Option<f64>,
+    /// Bytes of weights a decode step reads: every linear layer's device representation
+    /// and the output head (the tied embedding matrix when the head is tied).
+    pub weight_bytes_per_token: u64,
 }
 
 /// A bidirectional encoder (BERT): hidden states for every position, pooled into
@@ -117,7 +142,10 @@ impl Model {
 
     /// The kernel paths its layers run.
     pub fn kernels(&self) -> BTreeSet<&'static str> {
-        self.linears().into_iter().map(|(_, l)| l.kernel()).collect()
+        match self {
+            Model::Causal(m) => m.kernels(),
+            Model::Encoder(m) => m.linears().into_iter().map(|(_, l)| l.kernel()).collect(),
+        }
     }
 
     /// The decoder, or an error naming what was asked of an encoder.

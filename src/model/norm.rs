@@ -38,6 +38,11 @@ impl Norm {
         tensor::layer_norm_rows(x, &self.weight, &self.bias, eps);
     }
 
+    /// Its parameters for a device forward pass.
+    pub fn plan(&self) -> super::plan::NormPlan<'_> {
+        super::plan::NormPlan::Layer { weight: &self.weight, bias: &self.bias }
+    }
+
     /// Append its tensors for saving.
     pub fn export(&self, out: &mut Vec<StoredTensor>) {
         let n = self.weight.len();

@@ -66,6 +66,9 @@ pub struct Provenance {
     pub gpus: Vec<String>,
     /// GPU driver version, when a GPU was used.
     pub gpu_driver: Option<String>,
+    /// The GPU's measured device-to-device copy bandwidth, GB/s (read and write counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_copy_gb_s: Option<f64>,
     /// Start of the run, UTC, RFC 3339.
     pub started_at: String,
 }
@@ -334,6 +337,36 @@ pub struct Latency {
     pub prompt_len: usize,
     /// Decode steps per run.
     pub gen_len: usize,
+    /// The same runs timed by the device itself (GPU cases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceLatency>,
+}
+
+/// A GPU case's timings from CUDA events around each forward pass (the host timings
+/// also hold the launch overhead and the download of the logits), and the decode step's
+/// weight-bytes floor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceLatency {
+    /// Prefill samples, device milliseconds.
+    pub prefill_ms: Vec<f64>,
+    /// Prefill statistics.
+    pub prefill: Stats,
+    /// Decode step samples, device milliseconds.
+    pub decode_ms: Vec<f64>,
+    /// Decode step statistics.
+    pub decode: Option<Stats>,
+    /// Bytes of weights a decode step reads (linear layers as stored on the device, and
+    /// the output head).
+    pub weight_bytes_per_token: u64,
+    /// The device's measured copy bandwidth, GB/s.
+    pub copy_gb_s: f64,
+    /// The weight-bytes floor of a decode step: `weight_bytes_per_token` read at the
+    /// copy bandwidth, milliseconds.
+    pub floor_ms: f64,
+    /// Tokens per second at that floor, across the batch.
+    pub floor_tokens_per_s: f64,
+    /// Tokens per second from the median device decode step, across the batch.
+    pub decode_tokens_per_s: Option<f64>,
 }
 
 /// One greedy continuation against the reference's.
@@ -399,6 +432,7 @@ impl Provenance {
             threads: rayon::current_num_threads(),
             gpus: Vec::new(),
             gpu_driver: None,
+            gpu_copy_gb_s: None,
             started_at: rfc3339_now(),
         }
     }

@@ -2,7 +2,7 @@
 //! all from one column list so they never disagree. `summary.md` and the HTML report pick
 //! their columns from the same list by header.
 
-use super::results::{CaseResult, LayerDivergence, Results};
+use super::results::{CaseResult, DeviceLatency, LayerDivergence, Results};
 use crate::error::{Error, Result};
 use crate::measure::divergence::DivergenceStats;
 
@@ -85,6 +85,11 @@ pub fn stats(c: &CaseResult) -> Option<&DivergenceStats> {
     c.divergence.as_ref().and_then(|d| d.stats.as_ref())
 }
 
+/// A GPU case's device timings.
+pub fn device(c: &CaseResult) -> Option<&DeviceLatency> {
+    c.latency.as_ref().and_then(|l| l.device.as_ref())
+}
+
 /// The quantized linear layer with the lowest SQNR.
 pub fn worst_layer(c: &CaseResult) -> Option<&LayerDivergence> {
     c.layers.iter().filter(|l| l.kind == "linear").min_by(|a, b| a.sqnr_db.total_cmp(&b.sqnr_db))
@@ -123,6 +128,19 @@ pub const COLUMNS: &[Column] = &[
         value: |c| opt(c.latency.as_ref().and_then(|l| l.decode_tokens_per_s), |t| Cell::Num(t, 1)),
     },
     Column {
+        header: "GPU ms/step",
+        value: |c| opt(device(c).and_then(|d| d.decode.as_ref()), |d| Cell::Num(d.median, 3)),
+    },
+    Column {
+        header: "GPU tok/s",
+        value: |c| opt(device(c).and_then(|d| d.decode_tokens_per_s), |t| Cell::Num(t, 1)),
+    },
+    Column { header: "floor tok/s", value: |c| opt(device(c), |d| Cell::Num(d.floor_tokens_per_s, 1)) },
+    Column {
+        header: "GPU peak MiB",
+        value: |c| opt(c.memory.as_ref().and_then(|m| m.peak_device_bytes), |b| Cell::Num(b as f64 / MIB, 1)),
+    },
+    Column {
         header: "peak RSS MiB",
         value: |c| opt(c.memory.as_ref().and_then(|m| m.peak_rss_bytes), |b| Cell::Num(b as f64 / MIB, 1)),
     },
@@ -158,6 +176,9 @@ pub const SUMMARY_COLUMNS: &[&str] = &[
     "disk MiB",
     "prefill ms",
     "tok/s",
+    "GPU tok/s",
+    "floor tok/s",
+    "GPU peak MiB",
     "peak RSS MiB",
     "KLD mean",
     "same top-1 %",

@@ -16,7 +16,8 @@ use crate::model::generate::greedy;
 use crate::model::weights::WeightStore;
 use crate::model::{CausalLm, Encoder, Logits, Model, QuantizeFactory, ReloadFactory};
 use crate::report::results::{
-    BatchInvariance, CaseResult, Disk, Generation, Latency, LayerDivergence, Memory, ReferenceCacheRecord,
+    BatchInvariance, CaseResult, DeviceLatency, Disk, Generation, Latency, LayerDivergence, Memory,
+    ReferenceCacheRecord,
 };
 use crate::scheme::{self, Scheme, StoredTensor, TensorRole};
 use crate::suite::{Plan, PlannedModel, PlannedScheme};
@@ -141,6 +142,12 @@ impl<'p> ModelRunner<'p> {
         Ok(ModelRunner { plan, model, references, calibration, reference_cache, layer_probe })
     }
 
+    /// A built model on the plan's device.
+    fn place(&self, model: Model) -> Result<Model> {
+        let w = &self.plan.workload;
+        crate::backend::place(model, self.plan.device, w.batch_size * w.prompt_len)
+    }
+
     /// Quantize with `planned` and measure everything the plan asks for.
     pub fn run_case(
         &self,
@@ -165,7 +172,8 @@ impl<'p> ModelRunner<'p> {
         if calibrated {
             factory = factory.with_calibration(&lookup);
         }
-        let model = files.build(&mut factory)?;
+        crate::backend::reset_device_peak(self.plan.device);
+        let model = self.place(files.build(&mut factory)?)?;
         let quantize_s = t.elapsed().as_secs_f64();
         // What stays resident once the model is built (the staging copies freed).
         let built_rss = rss.and_then(|w| w.now());
@@ -180,6 +188,7 @@ impl<'p> ModelRunner<'p> {
             None
         };
         let peak_rss = rss.and_then(|w| w.peak());
+        let peak_device = crate::backend::device_peak_bytes(self.plan.device);
 
         let exported = model.export();
         let mut memory = self.memory(&exported)?;
@@ -246,6 +255,7 @@ impl<'p> ModelRunner<'p> {
         memory.rss_start_bytes = rss.map(|w| w.start);
         memory.peak_rss_bytes = peak_rss;
         memory.built_rss_bytes = built_rss;
+        memory.peak_device_bytes = peak_device;
         Ok(CaseResult {
             id: id.to_string(),
             model: self.model.name.clone(),
@@ -350,7 +360,8 @@ impl<'p> ModelRunner<'p> {
         let t = Instant::now();
         let store = WeightStore::open_files(std::slice::from_ref(&path))?;
         let quantize_head = planned.params.bool("quantize_head", false);
-        let reloaded = self.model.files.build(&mut ReloadFactory::new(&store, scheme, quantize_head))?;
+        let reloaded =
+            self.place(self.model.files.build(&mut ReloadFactory::new(&store, scheme, quantize_head))?)?;
         let load_s = t.elapsed().as_secs_f64();
         let (a, b) = (self.probe(model)?, self.probe(&reloaded)?);
         let identical = a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
@@ -392,6 +403,35 @@ impl<'p> ModelRunner<'p> {
             .collect()
     }
 
+    /// The device's own timings of a GPU case, with the decode step's weight-bytes floor.
+    fn device_latency(
+        &self,
+        model: &Model,
+        prefill_ms: Vec<f64>,
+        decode_ms: Vec<f64>,
+    ) -> Result<Option<DeviceLatency>> {
+        let (Model::Causal(lm), Some(prefill)) = (model, Stats::of(&prefill_ms)) else {
+            return Ok(None);
+        };
+        let Some(report) = lm.device_report() else { return Ok(None) };
+        let copy_gb_s = crate::backend::gpu_record()?.copy_gb_s;
+        let batch = self.plan.workload.batch_size as f64;
+        // A decode step reads each weight once: the floor is that read at copy speed.
+        let floor_ms = report.weight_bytes_per_token as f64 / (copy_gb_s * 1e9) * 1e3;
+        let decode = Stats::of(&decode_ms);
+        Ok(Some(DeviceLatency {
+            prefill_ms,
+            prefill,
+            decode_tokens_per_s: decode.as_ref().map(|d| batch * 1e3 / d.median),
+            decode_ms,
+            decode,
+            weight_bytes_per_token: report.weight_bytes_per_token,
+            copy_gb_s,
+            floor_ms,
+            floor_tokens_per_s: batch * 1e3 / floor_ms,
+        }))
+    }
+
     /// Timings; `load_s` is filled in by the save-and-reload check, which runs after.
     fn latency(&self, model: &Model, quantize_s: f64, warnings: &mut Vec<String>) -> Result<Latency> {
         let w = &self.plan.workload;
@@ -399,10 +439,12 @@ impl<'p> ModelRunner<'p> {
         let timings =
             time_runs(model, &tokens, w, self.plan.warmup, self.plan.repeats, &mut WallClock::default())?;
         warnings.extend(timings.warnings);
+        let device = self.device_latency(model, timings.device_prefill_ms, timings.device_decode_ms)?;
         let (prefill_ms, decode_ms) = (timings.prefill_ms, timings.decode_ms);
         let prefill = Stats::of(&prefill_ms).expect("repeats ≥ 1");
         let decode = Stats::of(&decode_ms);
         Ok(Latency {
+            device,
             quantize_s,
             load_s: None,
             decode_tokens_per_s: decode.as_ref().map(|d| w.batch_size as f64 * 1e3 / d.median),
@@ -541,7 +583,20 @@ fn layer_stats(model: &Model) -> (BTreeMap<String, BTreeMap<String, f64>>, BTree
 struct Timings {
     prefill_ms: Vec<f64>,
     decode_ms: Vec<f64>,
+    /// The same runs timed by the device (GPU models), else empty.
+    device_prefill_ms: Vec<f64>,
+    device_decode_ms: Vec<f64>,
     warnings: Vec<String>,
+}
+
+/// One timed run: host milliseconds of the prefill and of each decode step, and the same
+/// from the device's own events when the model runs on one.
+#[derive(Default)]
+struct RunTimes {
+    prefill: f64,
+    steps: Vec<f64>,
+    device_prefill: Option<f64>,
+    device_steps: Vec<f64>,
 }
 
 /// `warmup` untimed then `repeats` timed runs of `model` on `tokens`, read off `clock`.
@@ -554,19 +609,24 @@ fn time_runs(
     clock: &mut dyn Clock,
 ) -> Result<Timings> {
     let (mut prefill_ms, mut decode_ms, mut first_decode) = (Vec::new(), Vec::new(), None);
+    let (mut device_prefill_ms, mut device_decode_ms) = (Vec::new(), Vec::new());
     for run in 0..warmup + repeats {
-        let (prefill, steps) = match model {
+        let times = match model {
             Model::Causal(lm) => time_generation(lm.as_ref(), tokens, w.batch_size, w.gen_len, clock)?,
-            Model::Encoder(encoder) => {
-                (time_encoding(encoder.as_ref(), tokens, w.batch_size, clock)?, Vec::new())
-            }
+            Model::Encoder(encoder) => RunTimes {
+                prefill: time_encoding(encoder.as_ref(), tokens, w.batch_size, clock)?,
+                ..RunTimes::default()
+            },
         };
         if run >= warmup {
-            prefill_ms.push(prefill);
+            prefill_ms.push(times.prefill);
+            let steps = times.steps;
             if run == warmup && !steps.is_empty() {
                 first_decode = Some(steps.iter().sum::<f64>() / steps.len() as f64);
             }
             decode_ms.extend(steps);
+            device_prefill_ms.extend(times.device_prefill);
+            device_decode_ms.extend(times.device_steps);
         }
     }
     let mut warnings = latency::warnings("prefill", &prefill_ms, prefill_ms.first().copied());
@@ -582,30 +642,32 @@ fn time_runs(
         );
     }
     warnings.extend(decode_warnings);
-    Ok(Timings { prefill_ms, decode_ms, warnings })
+    Ok(Timings { prefill_ms, decode_ms, device_prefill_ms, device_decode_ms, warnings })
 }
 
-/// One timed generation run: prefill milliseconds and each decode step's milliseconds.
+/// One timed generation run: the prefill and each decode step.
 fn time_generation(
     lm: &dyn CausalLm,
     tokens: &[u32],
     batch: usize,
     steps: usize,
     clock: &mut dyn Clock,
-) -> Result<(f64, Vec<f64>)> {
+) -> Result<RunTimes> {
     let vocab = lm.vocab_size();
+    let device_ms = || lm.device_report().and_then(|r| r.last_forward_ms);
     let mut cache = lm.new_cache(batch, tokens.len() / batch + steps);
     let t = clock.now_ms();
     let mut logits = lm.forward(tokens, batch, &mut cache, Logits::Last)?;
-    let prefill = clock.now_ms() - t;
-    let mut step_ms = Vec::with_capacity(steps);
+    let mut times =
+        RunTimes { prefill: clock.now_ms() - t, device_prefill: device_ms(), ..RunTimes::default() };
     for _ in 0..steps {
         let next: Vec<u32> = logits.chunks_exact(vocab).map(|row| tensor::argmax(row) as u32).collect();
         let t = clock.now_ms();
         logits = lm.forward(&next, batch, &mut cache, Logits::Last)?;
-        step_ms.push(clock.now_ms() - t);
+        times.steps.push(clock.now_ms() - t);
+        times.device_steps.extend(device_ms());
     }
-    Ok((prefill, step_ms))
+    Ok(times)
 }
 
 /// One timed encoder pass over `batch` unpadded sequences, milliseconds.

@@ -51,7 +51,7 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> {
             sha256: plan.suite_hash.clone(),
             text: plan.suite_text.clone(),
         },
-        provenance: Provenance::collect(),
+        provenance: provenance(plan)?,
         workload,
         models: Vec::new(),
         cases: Vec::new(),
@@ -233,6 +233,18 @@ fn case_spec_hash(
         "metrics": metrics, "device": plan.device, "reference": model.reference,
     });
     sha256_hex(spec.to_string().as_bytes())
+}
+
+/// This build and machine, with the GPU when the plan runs on one.
+fn provenance(plan: &Plan) -> Result<Provenance> {
+    let mut p = Provenance::collect();
+    if plan.device == crate::backend::Device::Cuda {
+        let gpu = crate::backend::gpu_record()?;
+        p.gpus = vec![gpu.name];
+        p.gpu_driver = Some(gpu.driver);
+        p.gpu_copy_gb_s = Some(gpu.copy_gb_s);
+    }
+    Ok(p)
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ impl Masking<'_> {
 }
 
 /// Keys and values of every layer for a batch of sequences that advance together.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct KvCache {
     batch: usize,
     shape: AttentionShape,
@@ -39,6 +39,17 @@ pub struct KvCache {
     keys: Vec<Vec<Vec<f32>>>,
     values: Vec<Vec<Vec<f32>>>,
     len: usize,
+    /// Keys and values held by a device backend instead (the host vectors stay empty).
+    device: Option<DeviceKv>,
+}
+
+/// A device backend's own key/value storage, carried by a [`KvCache`].
+pub struct DeviceKv(Box<dyn std::any::Any + Send + Sync>);
+
+impl std::fmt::Debug for DeviceKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceKv")
+    }
 }
 
 impl KvCache {
@@ -56,7 +67,23 @@ impl KvCache {
             keys: (0..layers).map(|_| per_layer()).collect(),
             values: (0..layers).map(|_| per_layer()).collect(),
             len: 0,
+            device: None,
         }
+    }
+
+    /// An empty cache for `batch` sequences whose keys and values live in `storage`, a
+    /// device backend's own type (see [`KvCache::device_mut`]).
+    pub fn on_device<T: std::any::Any + Send + Sync>(
+        batch: usize,
+        shape: AttentionShape,
+        storage: T,
+    ) -> Self {
+        KvCache { device: Some(DeviceKv(Box::new(storage))), ..KvCache::new(0, batch, shape, 0) }
+    }
+
+    /// The device storage of a cache made by [`KvCache::on_device`] with a `T`.
+    pub fn device_mut<T: std::any::Any>(&mut self) -> Option<&mut T> {
+        self.device.as_mut().and_then(|d| d.0.downcast_mut())
     }
 
     /// Positions already cached (the position of the next token).

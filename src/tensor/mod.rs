@@ -208,6 +208,11 @@ impl Rope {
         Rope { head_dim, inv_freq }
     }
 
+    /// The inverse frequencies rounded to f32, as [`Rope::apply`] uses them.
+    pub fn inv_freq_f32(&self) -> Vec<f32> {
+        self.inv_freq.iter().map(|&f| f as f32).collect()
+    }
+
     /// Rotate one head vector `x` (`head_dim` values) for position `pos`, in place.
     pub fn apply(&self, x: &mut [f32], pos: usize) {
         let half = self.head_dim / 2;

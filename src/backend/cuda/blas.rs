@@ -91,6 +91,10 @@ impl std::fmt::Debug for Blas {
 /// A cuBLASLt handle, destroyed on drop (errors there are ignored: nothing to do).
 struct LtHandle(lt_sys::cublasLtHandle_t);
 
+// SAFETY: a cuBLASLt handle is not tied to the thread that created it; this crate uses
+// each handle from one thread at a time (a device model keeps its `Blas` behind a lock).
+unsafe impl Send for LtHandle {}
+
 impl Drop for LtHandle {
     fn drop(&mut self) {
         // SAFETY: created by cublasLtCreate and destroyed once.

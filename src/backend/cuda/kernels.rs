@@ -68,6 +68,8 @@ pub const OPS: KernelFile = KernelFile {
         "embedding",
         "kv_append",
         "attention",
+        "split_qkv",
+        "last_rows",
     ],
 };
 

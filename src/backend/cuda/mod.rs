@@ -12,6 +12,7 @@
 //! [`guard`], which turns a panic into [`CudaError::Panic`].
 
 pub mod blas;
+pub mod decoder;
 pub mod kernels;
 pub mod libs;
 pub mod linear;
@@ -231,6 +232,61 @@ impl Gpu {
         guard("memory", || self.ctx.mem_get_info().map_err(driver("cuMemGetInfo")))
     }
 
+    /// The device's stream-ordered memory pool (where cudarc's allocations come from).
+    fn pool(&self) -> Result<cudarc::driver::sys::CUmemoryPool, CudaError> {
+        guard("memory pool", || {
+            let mut pool = std::mem::MaybeUninit::uninit();
+            // SAFETY: writes one pool handle for a valid device.
+            unsafe { cudarc::driver::sys::cuDeviceGetMemPool(pool.as_mut_ptr(), self.ctx.cu_device()) }
+                .result()
+                .map_err(driver("cuDeviceGetMemPool"))?;
+            // SAFETY: initialised by the successful call above.
+            Ok(unsafe { pool.assume_init() })
+        })
+    }
+
+    fn pool_attribute(
+        &self,
+        attr: cudarc::driver::sys::CUmemPool_attribute,
+        set: Option<u64>,
+    ) -> Result<u64, CudaError> {
+        let pool = self.pool()?;
+        guard("memory pool attribute", || {
+            use cudarc::driver::sys::{cuMemPoolGetAttribute, cuMemPoolSetAttribute};
+            let mut value = set.unwrap_or(0);
+            let ptr = (&mut value as *mut u64).cast();
+            // SAFETY: the attributes used here are 64-bit values.
+            let r = unsafe {
+                if set.is_some() {
+                    cuMemPoolSetAttribute(pool, attr, ptr)
+                } else {
+                    cuMemPoolGetAttribute(pool, attr, ptr)
+                }
+            };
+            r.result().map_err(driver("cuMemPoolGet/SetAttribute"))?;
+            Ok(value)
+        })
+    }
+
+    /// Keep freed memory in the pool instead of returning it to the driver at every
+    /// synchronisation, so a forward pass's short-lived buffers cost no new mappings.
+    pub fn keep_pool_memory(&self) -> Result<(), CudaError> {
+        use cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+        self.pool_attribute(CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, Some(u64::MAX)).map(|_| ())
+    }
+
+    /// The pool's high-water mark of memory in use since the last reset, bytes.
+    pub fn peak_pool_bytes(&self) -> Result<u64, CudaError> {
+        use cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        self.pool_attribute(CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)
+    }
+
+    /// Start a new high-water mark (the pool's use now).
+    pub fn reset_peak_pool_bytes(&self) -> Result<(), CudaError> {
+        use cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        self.pool_attribute(CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0)).map(|_| ())
+    }
+
     /// Milliseconds the device spends on `f`'s work, between two events recorded on the
     /// stream around it.
     pub fn time_ms(&self, f: impl FnOnce() -> Result<(), CudaError>) -> Result<f32, CudaError> {
@@ -250,6 +306,46 @@ impl Gpu {
             start.elapsed_ms(&end).map_err(driver("event elapsed time"))
         })
     }
+}
+
+/// The process's one [`Gpu`] on device 0, created on first use: every case of a run
+/// shares its context, stream and loaded kernels.
+pub fn shared_gpu() -> Result<Arc<Gpu>, CudaError> {
+    static GPU: std::sync::OnceLock<Result<Arc<Gpu>, CudaError>> = std::sync::OnceLock::new();
+    GPU.get_or_init(|| {
+        let gpu = Gpu::new(0)?;
+        gpu.keep_pool_memory()?;
+        Ok(Arc::new(gpu))
+    })
+    .clone()
+}
+
+/// The driver's CUDA version as `major.minor` (`cuDriverGetVersion`).
+pub fn driver_version() -> Result<String, CudaError> {
+    guard("driver version", || {
+        let mut v = 0i32;
+        // SAFETY: writes one int.
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }
+            .result()
+            .map_err(driver("cuDriverGetVersion"))?;
+        Ok(format!("{}.{}", v / 1000, (v % 1000) / 10))
+    })
+}
+
+/// Device-to-device copy bandwidth in GB/s, bytes read and written both counted: the
+/// median of `repeats` copies of `bytes`, timed with CUDA events (the roofline the
+/// decode floor and the GEMV targets are measured against).
+pub fn copy_bandwidth_gb_s(gpu: &Gpu, bytes: usize, repeats: usize) -> Result<f64, CudaError> {
+    let src = gpu.zeros::<u8>(bytes)?;
+    let mut dst = gpu.zeros::<u8>(bytes)?;
+    let stream = gpu.stream().clone();
+    let mut copy =
+        || guard("memcpy dtod", || stream.memcpy_dtod(&src, &mut dst).map_err(driver("memcpy dtod")));
+    copy()?;
+    let mut ms = (0..repeats.max(1)).map(|_| gpu.time_ms(&mut copy)).collect::<Result<Vec<f32>, _>>()?;
+    ms.sort_by(f32::total_cmp);
+    let median = f64::from(ms[ms.len() / 2]);
+    Ok(2.0 * bytes as f64 / (median * 1e-3) / 1e9)
 }
 
 #[cfg(test)]

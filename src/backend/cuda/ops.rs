@@ -784,6 +784,63 @@ pub fn add_bias_rows(
     )
 }
 
+/// Split a fused projection `fused` (`[rows, 3 · width]`, runs of `3 · run` values
+/// `[q | k | v]`) into `q`, `k` and `v` (`[rows, width]` each).
+pub fn split_qkv(
+    gpu: &Gpu,
+    fused: &CudaSlice<f32>,
+    (rows, width, run): (usize, usize, usize),
+    q: &mut CudaSlice<f32>,
+    k: &mut CudaSlice<f32>,
+    v: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    const OP: &str = "split_qkv";
+    if run == 0 || width % run != 0 {
+        return Err(CudaError::Shape { op: OP, message: format!("run {run} does not divide width {width}") });
+    }
+    need(OP, "fused", fused.len(), 3 * rows * width)?;
+    for (what, out) in [("q", &*q), ("k", &*k), ("v", &*v)] {
+        need(OP, what, out.len(), rows * width)?;
+    }
+    let (rl, w, r) = (long(OP, "rows", rows)?, int(OP, "width", width)?, int(OP, "run", run)?);
+    let mut f = None;
+    launch(
+        gpu,
+        &OPS,
+        OP,
+        grid_stride(rows * width),
+        |b| {
+            b.arg(fused).arg(q).arg(k).arg(v).arg(&rl).arg(&w).arg(&r);
+        },
+        &mut f,
+    )
+}
+
+/// `out[b] = x[b · seq + seq − 1]` for rows of `width` values: the last position of each
+/// of `batch` sequences.
+pub fn last_rows(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    (batch, seq, width): (usize, usize, usize),
+    out: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    const OP: &str = "last_rows";
+    need(OP, "x", x.len(), batch * seq * width)?;
+    need(OP, "out", out.len(), batch * width)?;
+    let (b, s, w) = (int(OP, "batch", batch)?, int(OP, "seq", seq)?, int(OP, "width", width)?);
+    let mut f = None;
+    launch(
+        gpu,
+        &OPS,
+        OP,
+        grid_stride(batch * width),
+        |a| {
+            a.arg(x).arg(out).arg(&b).arg(&s).arg(&w);
+        },
+        &mut f,
+    )
+}
+
 /// Softmax of each row of `cols` values.
 pub fn softmax_rows(
     gpu: &Gpu,

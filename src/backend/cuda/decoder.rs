@@ -1,0 +1,487 @@
+//! Decoders on the GPU: a built CPU model's [`DecoderPlan`] uploaded once (every linear
+//! layer as its scheme's [`CudaLinear`], norms, embeddings, position tables), and a
+//! forward pass whose activations and key/value cache stay on the device; only the
+//! tokens go up and the logits come back.
+//!
+//! [`CudaCausalLm`] wraps the CPU model it was built from: it runs every forward pass on
+//! the device, and keeps the CPU model for what is not a forward pass (the byte account,
+//! saving, the per-layer comparison, which feeds the CPU layers recorded inputs).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::CudaSlice;
+
+use super::blas::Blas;
+use super::linear::CudaLinear;
+use super::ops::{self, CacheShape, DeviceMasking, Unary};
+use super::{CudaError, Gpu};
+use crate::error::{Error, Result};
+use crate::model::plan::{DecoderPlan, MlpPlan, NormPlan, PositionPlan, QkvPlan};
+use crate::model::{CausalLm, DeviceReport, Logits};
+use crate::scheme::{Linear, StoredTensor};
+use crate::tensor::attention::{AttentionShape, KvCache};
+
+/// The kernel path of the tied, unquantized output head (the f32 embedding matrix).
+const TIED_HEAD_KERNEL: &str = "cuda-cublas-f32-tied-head";
+
+fn device_error(e: CudaError) -> Error {
+    Error::Device { device: "cuda", message: e.to_string() }
+}
+
+/// Who gets each block's hidden states (downloaded), if anyone.
+type Observer<'a> = Option<&'a mut dyn FnMut(usize, &[f32])>;
+
+/// A norm's parameters on the device.
+enum DeviceNorm {
+    Layer { weight: CudaSlice<f32>, bias: CudaSlice<f32> },
+    Rms { weight: CudaSlice<f32> },
+}
+
+impl DeviceNorm {
+    fn upload(gpu: &Gpu, plan: &NormPlan) -> Result<Self, CudaError> {
+        Ok(match plan {
+            NormPlan::Layer { weight, bias } => {
+                DeviceNorm::Layer { weight: gpu.upload(weight)?, bias: gpu.upload(bias)? }
+            }
+            NormPlan::Rms { weight } => DeviceNorm::Rms { weight: gpu.upload(weight)? },
+        })
+    }
+
+    /// The normalised rows of `x` as a new buffer.
+    fn apply(
+        &self,
+        gpu: &Gpu,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        eps: f32,
+    ) -> Result<CudaSlice<f32>, CudaError> {
+        let mut out = gpu.zeros::<f32>(x.len())?;
+        match self {
+            DeviceNorm::Layer { weight, bias } => ops::layer_norm(gpu, x, weight, bias, rows, eps, &mut out)?,
+            DeviceNorm::Rms { weight } => ops::rms_norm(gpu, x, weight, rows, eps, &mut out)?,
+        }
+        Ok(out)
+    }
+}
+
+enum DevicePositions {
+    Rotary { inv_freq: CudaSlice<f32> },
+    Alibi { slopes: CudaSlice<f32> },
+    Learned { table: CudaSlice<f32>, count: usize },
+}
+
+// One per block, built once and never moved on the hot path: boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
+enum DeviceQkv {
+    Fused { layer: CudaLinear, run: usize },
+    Separate { q: CudaLinear, k: CudaLinear, v: CudaLinear },
+}
+
+#[allow(clippy::large_enum_variant)]
+enum DeviceMlp {
+    GatedSilu { gate: CudaLinear, up: CudaLinear, down: CudaLinear },
+    Gelu { up: CudaLinear, down: CudaLinear, act: Unary },
+}
+
+struct DeviceBlock {
+    attn_norm: DeviceNorm,
+    qkv: DeviceQkv,
+    out: CudaLinear,
+    mlp_norm: DeviceNorm,
+    mlp: DeviceMlp,
+}
+
+/// The key/value cache of a [`KvCache`] made by [`CudaCausalLm::new_cache`]: allocated
+/// on the first forward pass (where an allocation failure can be reported).
+struct DeviceCache {
+    shape: CacheShape,
+    layers: Vec<(CudaSlice<f32>, CudaSlice<f32>)>,
+}
+
+/// A decoder resident on the device.
+pub struct CudaDecoder {
+    vocab: usize,
+    hidden: usize,
+    attention: AttentionShape,
+    eps: f32,
+    embed: CudaSlice<f32>,
+    embed_norm: Option<DeviceNorm>,
+    positions: DevicePositions,
+    blocks: Vec<DeviceBlock>,
+    final_norm: DeviceNorm,
+    head: Option<CudaLinear>,
+    weight_bytes: usize,
+}
+
+/// A device linear layer from a CPU one, adding its device bytes to `bytes`.
+fn upload_linear(gpu: &Gpu, layer: &dyn Linear, bytes: &mut usize) -> Result<CudaLinear, CudaError> {
+    // TEMPORARY until CudaLinear::from_linear lands.
+    let _ = (gpu, layer, bytes);
+    Err(CudaError::Shape { op: "upload", message: "pending".into() })
+}
+
+impl CudaDecoder {
+    /// Upload everything `plan` describes.
+    pub fn upload(gpu: &Gpu, plan: &DecoderPlan) -> Result<CudaDecoder, CudaError> {
+        let mut bytes = 0usize;
+        let mut up = |l: &dyn Linear| upload_linear(gpu, l, &mut bytes);
+        let mut blocks = Vec::with_capacity(plan.blocks.len());
+        for b in &plan.blocks {
+            let qkv = match b.qkv {
+                QkvPlan::Fused { layer, run } => DeviceQkv::Fused { layer: up(layer)?, run },
+                QkvPlan::Separate { q, k, v } => DeviceQkv::Separate { q: up(q)?, k: up(k)?, v: up(v)? },
+            };
+            let out = up(b.out)?;
+            let mlp = match b.mlp {
+                MlpPlan::GatedSilu { gate, up: u, down } => {
+                    DeviceMlp::GatedSilu { gate: up(gate)?, up: up(u)?, down: up(down)? }
+                }
+                MlpPlan::Gelu { up: u, down, tanh } => DeviceMlp::Gelu {
+                    up: up(u)?,
+                    down: up(down)?,
+                    act: if tanh { Unary::GeluTanh } else { Unary::GeluErf },
+                },
+            };
+            blocks.push(DeviceBlock {
+                attn_norm: DeviceNorm::upload(gpu, &b.attn_norm)?,
+                qkv,
+                out,
+                mlp_norm: DeviceNorm::upload(gpu, &b.mlp_norm)?,
+                mlp,
+            });
+        }
+        let head = plan.head.map(&mut up).transpose()?;
+        let positions = match &plan.positions {
+            PositionPlan::Rotary { inv_freq } => DevicePositions::Rotary { inv_freq: gpu.upload(inv_freq)? },
+            PositionPlan::Alibi { slopes } => DevicePositions::Alibi { slopes: gpu.upload(slopes)? },
+            PositionPlan::Learned { table } => {
+                DevicePositions::Learned { table: gpu.upload(table)?, count: table.len() / plan.hidden }
+            }
+        };
+        Ok(CudaDecoder {
+            vocab: plan.vocab,
+            hidden: plan.hidden,
+            attention: plan.attention,
+            eps: plan.eps,
+            embed: gpu.upload(plan.embed)?,
+            embed_norm: plan.embed_norm.as_ref().map(|n| DeviceNorm::upload(gpu, n)).transpose()?,
+            positions,
+            blocks,
+            final_norm: DeviceNorm::upload(gpu, &plan.final_norm)?,
+            head,
+            weight_bytes: bytes,
+        })
+    }
+
+    /// Bytes of the linear layers' device representation (the embedding, norms and
+    /// position tables not counted).
+    pub fn linear_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// Every device linear layer.
+    fn linears(&self) -> impl Iterator<Item = &CudaLinear> {
+        self.blocks
+            .iter()
+            .flat_map(|b| {
+                let qkv: Vec<&CudaLinear> = match &b.qkv {
+                    DeviceQkv::Fused { layer, .. } => vec![layer],
+                    DeviceQkv::Separate { q, k, v } => vec![q, k, v],
+                };
+                let mlp: Vec<&CudaLinear> = match &b.mlp {
+                    DeviceMlp::GatedSilu { gate, up, down } => vec![gate, up, down],
+                    DeviceMlp::Gelu { up, down, .. } => vec![up, down],
+                };
+                qkv.into_iter().chain([&b.out]).chain(mlp)
+            })
+            .chain(self.head.iter())
+    }
+
+    /// The kernel paths a decode step (one row per sequence) and a prefill of
+    /// `prefill_rows` rows take.
+    pub fn kernels(&self, prefill_rows: usize) -> BTreeSet<&'static str> {
+        let mut out: BTreeSet<&'static str> =
+            self.linears().flat_map(|l| [l.kernel(1), l.kernel(prefill_rows)]).collect();
+        if self.head.is_none() {
+            out.insert(TIED_HEAD_KERNEL);
+        }
+        out
+    }
+
+    fn cache_shape(&self, batch: usize, capacity: usize) -> CacheShape {
+        let AttentionShape { heads, kv_heads, head_dim } = self.attention;
+        CacheShape { batch, heads, kv_heads, head_dim, capacity }
+    }
+
+    /// Run one linear layer on `rows` rows of `x`.
+    fn linear(
+        gpu: &Gpu,
+        blas: &Blas,
+        layer: &CudaLinear,
+        x: &CudaSlice<f32>,
+        rows: usize,
+    ) -> Result<CudaSlice<f32>, CudaError> {
+        let mut out = gpu.zeros::<f32>(rows * layer.out_features())?;
+        layer.forward(gpu, blas, x, rows, &mut out)?;
+        Ok(out)
+    }
+
+    /// The forward pass of `tokens` (`[batch, seq]`) after the `start` positions `cache`
+    /// holds; `observe` gets each block's hidden states (downloaded) when given.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        gpu: &Gpu,
+        blas: &Blas,
+        tokens: &[u32],
+        batch: usize,
+        start: usize,
+        cache: &mut DeviceCache,
+        logits: Logits,
+        mut observe: Observer,
+    ) -> Result<Vec<f32>, CudaError> {
+        let (rows, seq, h) = (tokens.len(), tokens.len() / batch, self.hidden);
+        let AttentionShape { heads, kv_heads, head_dim } = self.attention;
+        let mut hidden = gpu.zeros::<f32>(rows * h)?;
+        ops::embedding(gpu, &self.embed, (self.vocab, h), tokens, &mut hidden)?;
+        let positions: Vec<u32> = (0..rows).map(|r| (start + r % seq) as u32).collect();
+        let rotary = match &self.positions {
+            DevicePositions::Learned { table, count } => {
+                let mut pos = gpu.zeros::<f32>(rows * h)?;
+                ops::embedding(gpu, table, (*count, h), &positions, &mut pos)?;
+                ops::add_in_place(gpu, &mut hidden, &pos)?;
+                None
+            }
+            DevicePositions::Rotary { inv_freq } => {
+                let p: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+                Some((gpu.upload(&p)?, inv_freq))
+            }
+            DevicePositions::Alibi { .. } => None,
+        };
+        if let Some(norm) = &self.embed_norm {
+            hidden = norm.apply(gpu, &hidden, rows, self.eps)?;
+        }
+        let masking = DeviceMasking {
+            causal: true,
+            alibi: match &self.positions {
+                DevicePositions::Alibi { slopes } => Some(slopes),
+                _ => None,
+            },
+            key_mask: None,
+        };
+        for (i, block) in self.blocks.iter().enumerate() {
+            let x = block.attn_norm.apply(gpu, &hidden, rows, self.eps)?;
+            let (mut q, mut k, v) = match &block.qkv {
+                DeviceQkv::Fused { layer, run } => {
+                    let fused = Self::linear(gpu, blas, layer, &x, rows)?;
+                    let width = heads * head_dim;
+                    let mut parts =
+                        [gpu.zeros::<f32>(rows * width)?, gpu.zeros(rows * width)?, gpu.zeros(rows * width)?];
+                    let [q, k, v] = &mut parts;
+                    ops::split_qkv(gpu, &fused, (rows, width, *run), q, k, v)?;
+                    let [q, k, v] = parts;
+                    (q, k, v)
+                }
+                DeviceQkv::Separate { q, k, v } => (
+                    Self::linear(gpu, blas, q, &x, rows)?,
+                    Self::linear(gpu, blas, k, &x, rows)?,
+                    Self::linear(gpu, blas, v, &x, rows)?,
+                ),
+            };
+            if let Some((pos, inv_freq)) = &rotary {
+                ops::rotary(gpu, &mut q, pos, inv_freq, (rows, heads, head_dim))?;
+                ops::rotary(gpu, &mut k, pos, inv_freq, (rows, kv_heads, head_dim))?;
+            }
+            let (kc, vc) = &mut cache.layers[i];
+            ops::kv_append(gpu, &k, kc, cache.shape, (start, seq))?;
+            ops::kv_append(gpu, &v, vc, cache.shape, (start, seq))?;
+            let mut context = gpu.zeros::<f32>(rows * heads * head_dim)?;
+            ops::attention(gpu, &q, kc, vc, cache.shape, (start, seq), masking, &mut context)?;
+            let attn = Self::linear(gpu, blas, &block.out, &context, rows)?;
+            ops::add_in_place(gpu, &mut hidden, &attn)?;
+
+            let x = block.mlp_norm.apply(gpu, &hidden, rows, self.eps)?;
+            let inner = match &block.mlp {
+                DeviceMlp::GatedSilu { gate, up, .. } => {
+                    let g = Self::linear(gpu, blas, gate, &x, rows)?;
+                    let u = Self::linear(gpu, blas, up, &x, rows)?;
+                    let mut a = gpu.zeros::<f32>(g.len())?;
+                    ops::silu_mul(gpu, &g, &u, &mut a)?;
+                    a
+                }
+                DeviceMlp::Gelu { up, act, .. } => {
+                    let u = Self::linear(gpu, blas, up, &x, rows)?;
+                    let mut a = gpu.zeros::<f32>(u.len())?;
+                    ops::unary(gpu, *act, &u, &mut a)?;
+                    a
+                }
+            };
+            let down = match &block.mlp {
+                DeviceMlp::GatedSilu { down, .. } | DeviceMlp::Gelu { down, .. } => down,
+            };
+            let mlp = Self::linear(gpu, blas, down, &inner, rows)?;
+            ops::add_in_place(gpu, &mut hidden, &mlp)?;
+            if let Some(observe) = observe.as_deref_mut() {
+                observe(i, &gpu.download(&hidden)?);
+            }
+        }
+        let (hidden, out_rows) = match logits {
+            Logits::All => (hidden, rows),
+            Logits::Last => {
+                let mut last = gpu.zeros::<f32>(batch * h)?;
+                ops::last_rows(gpu, &hidden, (batch, seq, h), &mut last)?;
+                (last, batch)
+            }
+        };
+        let x = self.final_norm.apply(gpu, &hidden, out_rows, self.eps)?;
+        let logits = match &self.head {
+            Some(head) => Self::linear(gpu, blas, head, &x, out_rows)?,
+            None => {
+                let mut out = gpu.zeros::<f32>(out_rows * self.vocab)?;
+                blas.gemm(&x, &self.embed, &mut out, (out_rows, self.vocab, h))?;
+                out
+            }
+        };
+        gpu.download(&logits)
+    }
+}
+
+/// What a forward pass needs on the device, behind one lock (one stream).
+struct DeviceState {
+    gpu: Arc<Gpu>,
+    blas: Blas,
+    decoder: CudaDecoder,
+    /// Device milliseconds of the last forward pass (CUDA events around it).
+    last_ms: Option<f64>,
+}
+
+/// A decoder whose forward passes run on the GPU.
+pub struct CudaCausalLm {
+    cpu: Box<dyn CausalLm>,
+    state: Mutex<DeviceState>,
+    /// Rows of the largest prefill the kernels are listed for.
+    prefill_rows: usize,
+}
+
+impl CudaCausalLm {
+    /// Upload `cpu` to `gpu`. `prefill_rows`: the row count whose kernel path is listed
+    /// next to the decode path in [`CausalLm::kernels`].
+    pub fn new(cpu: Box<dyn CausalLm>, gpu: Arc<Gpu>, prefill_rows: usize) -> Result<CudaCausalLm> {
+        let plan = cpu.plan().ok_or_else(|| Error::Device {
+            device: "cuda",
+            message: "this architecture has no CUDA forward pass yet (it describes no decoder plan)".into(),
+        })?;
+        let blas = Blas::new(&gpu).map_err(device_error)?;
+        let decoder = CudaDecoder::upload(&gpu, &plan).map_err(device_error)?;
+        drop(plan);
+        gpu.synchronize().map_err(device_error)?;
+        let state = Mutex::new(DeviceState { gpu, blas, decoder, last_ms: None });
+        Ok(CudaCausalLm { cpu, state, prefill_rows })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, DeviceState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn run(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+        logits: Logits,
+        observe: Observer,
+    ) -> Result<Vec<f32>> {
+        let (_, seq) = crate::model::check_batch(tokens, batch, cache)?;
+        let start = cache.len();
+        let mut state = self.state();
+        let DeviceState { gpu, blas, decoder, last_ms } = &mut *state;
+        let slot = cache.device_mut::<CacheSlot>().ok_or_else(|| Error::Device {
+            device: "cuda",
+            message: "the key/value cache was not made by this model's new_cache".into(),
+        })?;
+        let device_cache = slot.get(gpu, decoder, batch).map_err(device_error)?;
+        let mut out = Ok(Vec::new());
+        let ms = gpu
+            .time_ms(|| {
+                out = decoder.forward(gpu, blas, tokens, batch, start, device_cache, logits, observe);
+                out.as_ref().map(|_| ()).map_err(Clone::clone)
+            })
+            .map_err(device_error)?;
+        *last_ms = Some(f64::from(ms));
+        let out = out.map_err(device_error)?;
+        cache.advance(seq);
+        Ok(out)
+    }
+}
+
+/// The device cache of a [`KvCache`], allocated on first use.
+struct CacheSlot {
+    capacity: usize,
+    cache: Option<DeviceCache>,
+}
+
+impl CacheSlot {
+    fn get(&mut self, gpu: &Gpu, decoder: &CudaDecoder, batch: usize) -> Result<&mut DeviceCache, CudaError> {
+        if self.cache.is_none() {
+            let shape = decoder.cache_shape(batch, self.capacity);
+            let layers = (0..decoder.blocks.len())
+                .map(|_| Ok((gpu.zeros::<f32>(shape.len())?, gpu.zeros::<f32>(shape.len())?)))
+                .collect::<Result<_, CudaError>>()?;
+            self.cache = Some(DeviceCache { shape, layers });
+        }
+        Ok(self.cache.as_mut().expect("allocated above"))
+    }
+}
+
+impl CausalLm for CudaCausalLm {
+    fn vocab_size(&self) -> usize {
+        self.cpu.vocab_size()
+    }
+
+    fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
+        let shape = self.state().decoder.attention;
+        KvCache::on_device(batch, shape, CacheSlot { capacity, cache: None })
+    }
+
+    fn forward(&self, tokens: &[u32], batch: usize, cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>> {
+        self.run(tokens, batch, cache, logits, None)
+    }
+
+    fn forward_observed(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+        logits: Logits,
+        observe: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<Vec<f32>> {
+        self.run(tokens, batch, cache, logits, Some(observe))
+    }
+
+    fn export(&self) -> Vec<StoredTensor> {
+        self.cpu.export()
+    }
+
+    fn linears(&self) -> Vec<(&str, &dyn Linear)> {
+        self.cpu.linears()
+    }
+
+    fn plan(&self) -> Option<DecoderPlan<'_>> {
+        self.cpu.plan()
+    }
+
+    fn kernels(&self) -> BTreeSet<&'static str> {
+        self.state().decoder.kernels(self.prefill_rows)
+    }
+
+    fn device_report(&self) -> Option<DeviceReport> {
+        let state = self.state();
+        let d = &state.decoder;
+        let head = if d.head.is_none() { d.embed.len() * 4 } else { 0 };
+        Some(DeviceReport {
+            last_forward_ms: state.last_ms,
+            weight_bytes_per_token: (d.linear_bytes() + head) as u64,
+        })
+    }
+}
