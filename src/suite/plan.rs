@@ -144,7 +144,7 @@ impl Plan {
         let models = check.models(&suite.models, base, &workload)?;
         let calibration = check.calibration(suite.calibration.as_ref(), base, &schemes)?;
         let metrics = check.metrics(suite.metrics.as_deref())?;
-        let device = check.device(suite.device.as_ref())?;
+        let device = check.device(suite.device.as_ref(), &models)?;
         if suite.repeats.value == 0 {
             return Err(check.value(&suite.repeats, "repeats is 0, expected at least 1".into()));
         }
@@ -439,13 +439,29 @@ impl Checker<'_> {
         names.iter().map(|n| measure::resolve_metric(&n.value).map_err(|m| self.value(n, m))).collect()
     }
 
-    fn device(&self, device: Option<&Spanned<String>>) -> Result<Device> {
+    /// The device the cases run on. Encoders have no CUDA forward pass yet: `auto` stays
+    /// on the CPU for a suite holding one, and `cuda` is refused naming it.
+    fn device(&self, device: Option<&Spanned<String>>, models: &[PlannedModel]) -> Result<Device> {
+        let encoder = models.iter().find(|m| m.files.arch.kind == crate::model::ArchKind::Encoder);
         let Some(spanned) = device else {
-            return backend::resolve(DeviceRequest::Auto).map_err(|e| self.at(0, e.to_string()));
+            let device = backend::resolve(DeviceRequest::Auto).map_err(|e| self.at(0, e.to_string()))?;
+            return Ok(if encoder.is_some() { Device::Cpu } else { device });
         };
         let request: DeviceRequest =
             spanned.value.parse().map_err(|e: DeviceError| self.value(spanned, e.to_string()))?;
-        backend::resolve(request).map_err(|e| self.value(spanned, e.to_string()))
+        let device = backend::resolve(request).map_err(|e| self.value(spanned, e.to_string()))?;
+        match (device, encoder) {
+            (Device::Cuda, Some(m)) if request == DeviceRequest::Cuda => Err(self.value(
+                spanned,
+                format!(
+                    "device `cuda`: model `{}` is an encoder ({}), which has no CUDA forward pass yet; \
+                     use `cpu` or `auto`",
+                    m.name, m.files.arch.name
+                ),
+            )),
+            (Device::Cuda, Some(_)) => Ok(Device::Cpu),
+            _ => Ok(device),
+        }
     }
 }
 

@@ -56,7 +56,7 @@ impl DeviceNorm {
         rows: usize,
         eps: f32,
     ) -> Result<CudaSlice<f32>, CudaError> {
-        let mut out = gpu.zeros::<f32>(x.len())?;
+        let mut out = gpu.uninit::<f32>(x.len())?;
         match self {
             DeviceNorm::Layer { weight, bias } => ops::layer_norm(gpu, x, weight, bias, rows, eps, &mut out)?,
             DeviceNorm::Rms { weight } => ops::rms_norm(gpu, x, weight, rows, eps, &mut out)?,
@@ -222,7 +222,7 @@ impl CudaDecoder {
         x: &CudaSlice<f32>,
         rows: usize,
     ) -> Result<CudaSlice<f32>, CudaError> {
-        let mut out = gpu.zeros::<f32>(rows * layer.out_features())?;
+        let mut out = gpu.uninit::<f32>(rows * layer.out_features())?;
         layer.forward(gpu, blas, x, rows, &mut out)?;
         Ok(out)
     }
@@ -243,12 +243,12 @@ impl CudaDecoder {
     ) -> Result<Vec<f32>, CudaError> {
         let (rows, seq, h) = (tokens.len(), tokens.len() / batch, self.hidden);
         let AttentionShape { heads, kv_heads, head_dim } = self.attention;
-        let mut hidden = gpu.zeros::<f32>(rows * h)?;
+        let mut hidden = gpu.uninit::<f32>(rows * h)?;
         ops::embedding(gpu, &self.embed, (self.vocab, h), tokens, &mut hidden)?;
         let positions: Vec<u32> = (0..rows).map(|r| (start + r % seq) as u32).collect();
         let rotary = match &self.positions {
             DevicePositions::Learned { table, count } => {
-                let mut pos = gpu.zeros::<f32>(rows * h)?;
+                let mut pos = gpu.uninit::<f32>(rows * h)?;
                 ops::embedding(gpu, table, (*count, h), &positions, &mut pos)?;
                 ops::add_in_place(gpu, &mut hidden, &pos)?;
                 None
@@ -277,7 +277,7 @@ impl CudaDecoder {
                     let fused = Self::linear(gpu, blas, layer, &x, rows)?;
                     let width = heads * head_dim;
                     let mut parts =
-                        [gpu.zeros::<f32>(rows * width)?, gpu.zeros(rows * width)?, gpu.zeros(rows * width)?];
+                        [gpu.uninit::<f32>(rows * width)?, gpu.uninit(rows * width)?, gpu.uninit(rows * width)?];
                     let [q, k, v] = &mut parts;
                     ops::split_qkv(gpu, &fused, (rows, width, *run), q, k, v)?;
                     let [q, k, v] = parts;
@@ -296,7 +296,7 @@ impl CudaDecoder {
             let (kc, vc) = &mut cache.layers[i];
             ops::kv_append(gpu, &k, kc, cache.shape, (start, seq))?;
             ops::kv_append(gpu, &v, vc, cache.shape, (start, seq))?;
-            let mut context = gpu.zeros::<f32>(rows * heads * head_dim)?;
+            let mut context = gpu.uninit::<f32>(rows * heads * head_dim)?;
             ops::attention(gpu, &q, kc, vc, cache.shape, (start, seq), masking, &mut context)?;
             let attn = Self::linear(gpu, blas, &block.out, &context, rows)?;
             ops::add_in_place(gpu, &mut hidden, &attn)?;
@@ -306,13 +306,13 @@ impl CudaDecoder {
                 DeviceMlp::GatedSilu { gate, up, .. } => {
                     let g = Self::linear(gpu, blas, gate, &x, rows)?;
                     let u = Self::linear(gpu, blas, up, &x, rows)?;
-                    let mut a = gpu.zeros::<f32>(g.len())?;
+                    let mut a = gpu.uninit::<f32>(g.len())?;
                     ops::silu_mul(gpu, &g, &u, &mut a)?;
                     a
                 }
                 DeviceMlp::Gelu { up, act, .. } => {
                     let u = Self::linear(gpu, blas, up, &x, rows)?;
-                    let mut a = gpu.zeros::<f32>(u.len())?;
+                    let mut a = gpu.uninit::<f32>(u.len())?;
                     ops::unary(gpu, *act, &u, &mut a)?;
                     a
                 }
@@ -329,7 +329,7 @@ impl CudaDecoder {
         let (hidden, out_rows) = match logits {
             Logits::All => (hidden, rows),
             Logits::Last => {
-                let mut last = gpu.zeros::<f32>(batch * h)?;
+                let mut last = gpu.uninit::<f32>(batch * h)?;
                 ops::last_rows(gpu, &hidden, (batch, seq, h), &mut last)?;
                 (last, batch)
             }
@@ -338,7 +338,7 @@ impl CudaDecoder {
         let logits = match &self.head {
             Some(head) => Self::linear(gpu, blas, head, &x, out_rows)?,
             None => {
-                let mut out = gpu.zeros::<f32>(out_rows * self.vocab)?;
+                let mut out = gpu.uninit::<f32>(out_rows * self.vocab)?;
                 blas.gemm(&x, &self.embed, &mut out, (out_rows, self.vocab, h))?;
                 out
             }

@@ -131,6 +131,9 @@ pub struct Gpu {
     name: String,
     capability: (i32, i32),
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// Kernels looked up so far, by file and name: a forward pass launches hundreds, and
+    /// each lookup would otherwise be a driver call.
+    functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -157,7 +160,14 @@ impl Gpu {
             // A created stream rather than the legacy default one, so a decode step can
             // later be captured into a CUDA graph.
             let stream = ctx.new_stream().map_err(driver("create stream"))?;
-            Ok(Gpu { ctx, stream, name, capability, modules: Mutex::new(HashMap::new()) })
+            Ok(Gpu {
+                ctx,
+                stream,
+                name,
+                capability,
+                modules: Mutex::new(HashMap::new()),
+                functions: Mutex::new(HashMap::new()),
+            })
         })
     }
 
@@ -188,6 +198,10 @@ impl Gpu {
         file: &'static kernels::KernelFile,
         name: &str,
     ) -> Result<CudaFunction, CudaError> {
+        let key = (file.name, name.to_string());
+        if let Some(f) = self.functions.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(f.clone());
+        }
         let module = {
             let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
             match modules.get(file.name) {
@@ -204,7 +218,18 @@ impl Gpu {
                 }
             }
         };
-        guard("load function", || module.load_function(name).map_err(driver(format!("kernel {name}"))))
+        let f =
+            guard("load function", || module.load_function(name).map_err(driver(format!("kernel {name}"))))?;
+        self.functions.lock().unwrap_or_else(|e| e.into_inner()).insert(key, f.clone());
+        Ok(f)
+    }
+
+    /// `len` elements on the device, not initialised: for outputs a kernel writes whole
+    /// (saves the memset [`Gpu::zeros`] queues).
+    pub fn uninit<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>, CudaError> {
+        // SAFETY: the caller hands the buffer to a kernel that writes every element before
+        // anything reads it.
+        guard("alloc", || unsafe { self.stream.alloc(len) }.map_err(driver(format!("allocate {len} elements"))))
     }
 
     /// A copy of `data` on the device.
