@@ -5,6 +5,8 @@
 //! NaN (or an impossible code), and print "skipped: no CUDA device" where there is none.
 #![cfg(feature = "cuda")]
 
+mod linears;
+
 use cudarc::driver::CudaSlice;
 use quantbench::backend::cuda::blas::{self, Blas};
 use quantbench::backend::cuda::kernels::{self, CI_ARCHS, FILES};
