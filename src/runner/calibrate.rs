@@ -78,6 +78,10 @@ impl Linear for Recorder {
         "f32-gemm (recording calibration inputs)"
     }
 
+    fn parts(&self) -> crate::scheme::LayerParts<'_> {
+        self.inner.parts()
+    }
+
     fn export(&self, name: &str) -> Vec<StoredTensor> {
         self.inner.export(name)
     }

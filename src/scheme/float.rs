@@ -5,8 +5,8 @@ use half::{bf16, f16};
 use safetensors::tensor::Dtype;
 
 use super::{
-    Calibration, DenseWeight, DeviceSupport, Linear, Scheme, SchemeInfo, SchemeParams, StoredSource,
-    StoredTensor, TensorRole,
+    Calibration, DenseWeight, DeviceSupport, LayerParts, Linear, Scheme, SchemeInfo, SchemeParams,
+    StoredSource, StoredTensor, TensorRole, WeightParts,
 };
 use crate::error::Result;
 
@@ -101,6 +101,14 @@ impl Linear for FloatLinear {
 
     fn kernel(&self) -> &'static str {
         self.storage.kernel()
+    }
+
+    fn parts(&self) -> LayerParts<'_> {
+        let weights = match self.storage {
+            FloatStorage::F32 => WeightParts::Dense { weight: &self.weight, pruned: false },
+            storage => WeightParts::Half { weight: &self.weight, storage },
+        };
+        LayerParts { weights, bias: self.bias.as_deref() }
     }
 
     fn export(&self, name: &str) -> Vec<StoredTensor> {

@@ -23,8 +23,8 @@ use safetensors::tensor::Dtype;
 
 use super::packed4::{block_count, pack_nibbles, Packed4, EXACT_GEMV_PARAM};
 use super::{
-    Calibration, DenseWeight, DeviceSupport, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo, SchemeParams,
-    StoredSource, StoredTensor, TensorRole,
+    Calibration, DenseWeight, DeviceSupport, LayerParts, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo,
+    SchemeParams, StoredSource, StoredTensor, TensorRole, WeightParts,
 };
 use crate::error::{Error, Result};
 
@@ -184,6 +184,10 @@ impl Linear for Int4Linear {
 
     fn kernel(&self) -> &'static str {
         self.packed.kernel()
+    }
+
+    fn parts(&self) -> LayerParts<'_> {
+        LayerParts { weights: WeightParts::Packed4(&self.packed), bias: self.bias.as_deref() }
     }
 
     fn export(&self, name: &str) -> Vec<StoredTensor> {

@@ -43,8 +43,8 @@ use safetensors::tensor::Dtype;
 
 use super::int8_gemm::{gemm_i8, kernel_name};
 use super::{
-    Calibration, DenseWeight, DeviceSupport, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo, SchemeParams,
-    StoredSource, StoredTensor, TensorRole,
+    Calibration, DenseWeight, DeviceSupport, LayerParts, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo,
+    SchemeParams, StoredSource, StoredTensor, TensorRole, WeightParts,
 };
 use crate::error::{Error, Result};
 
@@ -299,6 +299,12 @@ impl Linear for Int8DynamicLinear {
 
     fn kernel(&self) -> &'static str {
         kernel_name()
+    }
+
+    fn parts(&self) -> LayerParts<'_> {
+        let weights =
+            WeightParts::Int8Dynamic { weight: &self.weight, scales: &self.scales, options: self.options };
+        LayerParts { weights, bias: self.bias.as_deref() }
     }
 
     fn export(&self, name: &str) -> Vec<StoredTensor> {

@@ -32,8 +32,8 @@ use half::{bf16, f16};
 use super::int8_dynamic::{load_i8_weight, quantize_activations, quantize_weight_rows, rescale};
 use super::int8_gemm::{gemm_i8, kernel_name};
 use super::{
-    Calibration, DenseWeight, DeviceSupport, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo, SchemeParams,
-    StoredSource, StoredTensor, TensorRole,
+    Calibration, DenseWeight, DeviceSupport, LayerParts, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo,
+    SchemeParams, StoredSource, StoredTensor, TensorRole, WeightParts,
 };
 use crate::error::{Error, Result};
 
@@ -181,6 +181,16 @@ impl Linear for Int8OutlierLinear {
 
     fn kernel(&self) -> &'static str {
         self.kernel
+    }
+
+    fn parts(&self) -> LayerParts<'_> {
+        let weights = WeightParts::Int8Outlier {
+            weight: &self.weight,
+            scales: &self.scales,
+            threshold: self.threshold,
+            dtype: self.dtype,
+        };
+        LayerParts { weights, bias: self.bias.as_deref() }
     }
 
     fn export(&self, name: &str) -> Vec<StoredTensor> {

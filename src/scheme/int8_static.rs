@@ -18,8 +18,8 @@ use safetensors::tensor::Dtype;
 use super::int8_gemm::{gemm_i8, gemm_i8_reference};
 use super::observer::{check_calibration, check_weight, AffineU8, ChannelInt8, Observer};
 use super::{
-    Calibration, DenseWeight, DeviceSupport, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo, SchemeParams,
-    StoredSource, StoredTensor, TensorRole,
+    Calibration, DenseWeight, DeviceSupport, LayerParts, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo,
+    SchemeParams, StoredSource, StoredTensor, TensorRole, WeightParts,
 };
 use crate::error::{Error, Result};
 
@@ -236,6 +236,16 @@ impl Linear for StaticInt8Linear {
 
     fn kernel(&self) -> &'static str {
         self.kernel.name()
+    }
+
+    fn parts(&self) -> LayerParts<'_> {
+        let weights = WeightParts::Int8Static {
+            weight: &self.params.weights.codes,
+            row_sums: &self.sums,
+            out_scales: &self.out_scales,
+            input: self.params.input,
+        };
+        LayerParts { weights, bias: self.bias.as_deref() }
     }
 
     fn export(&self, name: &str) -> Vec<StoredTensor> {

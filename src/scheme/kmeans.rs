@@ -20,8 +20,8 @@ use safetensors::tensor::Dtype;
 use super::int4_block::read_raw;
 use super::packed4::Packed4;
 use super::{
-    Calibration, DenseWeight, DeviceSupport, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo, SchemeParams,
-    StoredSource, StoredTensor, TensorRole,
+    Calibration, DenseWeight, DeviceSupport, LayerParts, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo,
+    SchemeParams, StoredSource, StoredTensor, TensorRole, WeightParts,
 };
 use crate::error::{Error, Result};
 
@@ -237,6 +237,14 @@ impl Linear for KMeansLinear {
             Some(p) => p.kernel(),
             None => "kmeans-dequant/f32-gemm",
         }
+    }
+
+    fn parts(&self) -> LayerParts<'_> {
+        let weights = match &self.packed {
+            Some(p) => WeightParts::Packed4(p),
+            None => WeightParts::Codebook { bits: self.bits, indices: &self.bytes, codebook: &self.codebook },
+        };
+        LayerParts { weights, bias: self.bias.as_deref() }
     }
 
     fn export(&self, name: &str) -> Vec<StoredTensor> {

@@ -19,6 +19,7 @@ pub use nf4::NF4_CODE;
 pub mod observer;
 pub mod packed4;
 pub mod packed4_gemv;
+mod parts;
 mod prune;
 mod qat_sim;
 
@@ -30,6 +31,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 
 pub use float::{FloatLinear, FloatStorage};
+pub use parts::{LayerParts, WeightParts};
 
 /// What a stored tensor is for, in the memory and disk accounts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -137,6 +139,10 @@ pub trait Linear: Send + Sync {
     fn kernel(&self) -> &'static str;
     /// The tensors that represent this layer, named under `name`.
     fn export(&self, name: &str) -> Vec<StoredTensor>;
+    /// The layer's weight representation and bias, borrowed (what a device copy is built
+    /// from). Every layer type implements it: no default, so a new scheme must say what it
+    /// is made of.
+    fn parts(&self) -> LayerParts<'_>;
     /// What the layer observed while running, since it was built: e.g. LLM.int8()'s
     /// `outlier_column_fraction`. Empty for most schemes.
     fn stats(&self) -> Vec<(&'static str, f64)> {

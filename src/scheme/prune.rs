@@ -8,8 +8,8 @@
 
 use super::float::{FloatLinear, FloatStorage};
 use super::{
-    Calibration, DenseWeight, DeviceSupport, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo, SchemeParams,
-    StoredSource, StoredTensor,
+    Calibration, DenseWeight, DeviceSupport, LayerParts, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo,
+    SchemeParams, StoredSource, StoredTensor, WeightParts,
 };
 use crate::error::{Error, Result};
 
@@ -98,6 +98,11 @@ impl Linear for PrunedLinear {
 
     fn export(&self, name: &str) -> Vec<StoredTensor> {
         self.inner.export(name)
+    }
+
+    fn parts(&self) -> LayerParts<'_> {
+        let bias = self.inner.parts().bias;
+        LayerParts { weights: WeightParts::Dense { weight: self.inner.weight(), pruned: true }, bias }
     }
 
     fn stats(&self) -> Vec<(&'static str, f64)> {

@@ -15,8 +15,8 @@
 use super::int8_static::{checked_calibration, CalibratedInt8, OBSERVER_PARAMS};
 use super::observer::{AffineU8, ChannelInt8, Observer, I8_MAX, I8_MIN, U8_MAX, U8_MIN};
 use super::{
-    Calibration, DenseWeight, DeviceSupport, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo, SchemeParams,
-    StoredSource, StoredTensor,
+    Calibration, DenseWeight, DeviceSupport, LayerParts, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo,
+    SchemeParams, StoredSource, StoredTensor, WeightParts,
 };
 use crate::error::{Error, Result};
 use crate::tensor::matmul_nt;
@@ -108,6 +108,11 @@ impl Linear for QatLinear {
 
     fn kernel(&self) -> &'static str {
         "fake-quant/f32-gemm"
+    }
+
+    fn parts(&self) -> LayerParts<'_> {
+        let weights = WeightParts::FakeQuant { weight: &self.fake_weight, input: self.params.input };
+        LayerParts { weights, bias: self.bias.as_deref() }
     }
 
     fn export(&self, name: &str) -> Vec<StoredTensor> {

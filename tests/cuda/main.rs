@@ -6,6 +6,7 @@
 #![cfg(feature = "cuda")]
 
 mod decoder;
+mod linears;
 
 use cudarc::driver::CudaSlice;
 use quantbench::backend::cuda::blas::{self, Blas};

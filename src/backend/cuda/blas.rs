@@ -297,6 +297,56 @@ impl Blas {
             .map_err(lt_err("cublasLtMatmul"))
         })
     }
+
+    /// `out[m, n] = x[m, k] · w[n, k]ᵀ` with 16-bit inputs (bits of bf16 when `bf16`, else
+    /// f16), f32 accumulation and f32 output (`cublasGemmEx`, compute type 32F): the
+    /// product is never rounded to 16 bits.
+    pub fn gemm_16_f32(
+        &self,
+        x: &CudaSlice<u16>,
+        w: &CudaSlice<u16>,
+        bf16: bool,
+        out: &mut CudaSlice<f32>,
+        dims: (usize, usize, usize),
+    ) -> Result<(), CudaError> {
+        const OP: &str = "cublasGemmEx 16-bit";
+        let [m, n, k] = check(OP, dims, [x.len(), w.len(), out.len()])?;
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
+        let input = if bf16 { cudaDataType_t::CUDA_R_16BF } else { cudaDataType_t::CUDA_R_16F };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        guard(OP, || {
+            let (wp, _rw) = w.device_ptr(&self.stream);
+            let (xp, _rx) = x.device_ptr(&self.stream);
+            let (op, _ro) = out.device_ptr_mut(&self.stream);
+            // SAFETY: the buffers were checked against the shape above; the layout is
+            // `gemm`'s (A = w transposed, B = x, column-major n×m output); alpha and beta
+            // are f32 as compute type 32F requires.
+            unsafe {
+                cudarc::cublas::result::gemm_ex(
+                    *self.blas.handle(),
+                    cublasOperation_t::CUBLAS_OP_T,
+                    cublasOperation_t::CUBLAS_OP_N,
+                    n,
+                    m,
+                    k,
+                    (&alpha) as *const f32 as *const c_void,
+                    wp as *const c_void,
+                    input,
+                    k,
+                    xp as *const c_void,
+                    input,
+                    k,
+                    (&beta) as *const f32 as *const c_void,
+                    op as *mut c_void,
+                    cudaDataType_t::CUDA_R_32F,
+                    n,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| CudaError::Blas { op: OP, message: format!("{e:?}") })
+        })
+    }
 }
 
 #[cfg(test)]

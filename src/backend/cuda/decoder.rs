@@ -116,9 +116,9 @@ pub struct CudaDecoder {
 
 /// A device linear layer from a CPU one, adding its device bytes to `bytes`.
 fn upload_linear(gpu: &Gpu, layer: &dyn Linear, bytes: &mut usize) -> Result<CudaLinear, CudaError> {
-    // TEMPORARY until CudaLinear::from_linear lands.
-    let _ = (gpu, layer, bytes);
-    Err(CudaError::Shape { op: "upload", message: "pending".into() })
+    let l = CudaLinear::from_linear(gpu, layer)?;
+    *bytes += l.device_bytes();
+    Ok(l)
 }
 
 impl CudaDecoder {

@@ -80,8 +80,28 @@ pub const CAST: KernelFile = KernelFile {
     kernels: &["f32_to_bf16_kernel", "bf16_to_f32_kernel", "f32_to_f16_kernel", "f16_to_f32_kernel"],
 };
 
+/// The device linear layers' own kernels: LLM.int8's fused decode split and GEMV,
+/// int8-static, torch-compatible int8-dynamic, 16-bit rounding, kmeans dequantization.
+pub const LINEAR: KernelFile = KernelFile {
+    name: "linear.cu",
+    source: include_str!("../../../kernels/linear.cu"),
+    kernels: &[
+        "llm_int8_prepare",
+        "record_outliers",
+        "gemv_i8_outlier",
+        "quantize_static_i8",
+        "gemv_i8_static",
+        "rescale_static",
+        "torch_quantize_i8",
+        "gemv_i8_torch",
+        "rescale_torch",
+        "round_to_16",
+        "codebook_dequant",
+    ],
+};
+
 /// Every kernel file (a test checks this list against the `kernels/` folder).
-pub const FILES: [&KernelFile; 4] = [&QUANT, &PACKED4, &OPS, &CAST];
+pub const FILES: [&KernelFile; 5] = [&QUANT, &PACKED4, &OPS, &CAST, &LINEAR];
 
 /// The architectures CI compiles every file for (no device needed): A100 and H100/H200.
 pub const CI_ARCHS: [&str; 2] = ["compute_80", "compute_90"];

@@ -1,0 +1,98 @@
+//! What a linear layer is made of, as another backend needs it: [`Linear::parts`] returns
+//! the layer's weight representation ([`WeightParts`], one variant per representation,
+//! borrowed from the layer) and its bias, so a device copy can be built from any scheme's
+//! layer without the scheme knowing about the device.
+//!
+//! [`Linear::parts`]: super::Linear::parts
+
+use super::int8_dynamic::Int8DynamicOptions;
+use super::int8_outlier::OutlierDtype;
+use super::observer::AffineU8;
+use super::packed4::Packed4;
+use super::FloatStorage;
+
+/// A layer's weight representation and bias (`y = x·Wᵀ + b`).
+#[derive(Debug, Clone, Copy)]
+pub struct LayerParts<'a> {
+    /// The weight, in the scheme's representation.
+    pub weights: WeightParts<'a>,
+    /// The f32 bias, one value per output feature.
+    pub bias: Option<&'a [f32]>,
+}
+
+/// The weight representation of a layer; every slice is row-major `[out, in]` where it
+/// holds one value per weight.
+#[derive(Debug, Clone, Copy)]
+pub enum WeightParts<'a> {
+    /// f32 weights multiplied in f32: `fp32`, an unquantized head, and `prune` (`pruned`:
+    /// the dense weight holding the pruned zeros).
+    Dense {
+        /// The weight values.
+        weight: &'a [f32],
+        /// True for a pruned layer.
+        pruned: bool,
+    },
+    /// `fp16` / `bf16`: weights rounded to `storage` (each value exactly representable in
+    /// it, kept as f32); the CPU multiplies them with f32 activations in f32.
+    Half {
+        /// The rounded weight values.
+        weight: &'a [f32],
+        /// `F16` or `BF16`.
+        storage: FloatStorage,
+    },
+    /// `int8-dynamic`: int8 codes with one f32 scale per output row (in `torch_compat` mode
+    /// the one tensor scale repeated per row), activations quantized at run time.
+    Int8Dynamic {
+        /// Codes.
+        weight: &'a [i8],
+        /// One scale per output row.
+        scales: &'a [f32],
+        /// The scheme's options.
+        options: Int8DynamicOptions,
+    },
+    /// `int8-static`: per-channel int8 codes, the calibrated uint8 input parameters, the
+    /// precomputed `Σ_k w[o, k]` and output scales `s_x · s_w[o]`.
+    Int8Static {
+        /// Codes.
+        weight: &'a [i8],
+        /// `Σ_k w[o, k]` per output row.
+        row_sums: &'a [i32],
+        /// `s_x · s_w[o]` per output row, as the CPU rounds it.
+        out_scales: &'a [f32],
+        /// The fixed input parameters.
+        input: AffineU8,
+    },
+    /// `int8-outlier` (LLM.int8()): int8 codes with one scale per output row, the outlier
+    /// threshold and the 16-bit type of the outlier product.
+    Int8Outlier {
+        /// Codes.
+        weight: &'a [i8],
+        /// One scale per output row.
+        scales: &'a [f32],
+        /// Columns with some `|x| > threshold` are outliers.
+        threshold: f32,
+        /// The outlier product's 16-bit type.
+        dtype: OutlierDtype,
+    },
+    /// `qat-sim`: fake-quantized f32 weights (`code · scale`) and the uint8 parameters
+    /// the input is fake-quantized with before an f32 product.
+    FakeQuant {
+        /// The fake-quantized weight values.
+        weight: &'a [f32],
+        /// The input's parameters.
+        input: AffineU8,
+    },
+    /// The shared 4-bit block format: `int4-block`, `nf4`, `fp4`, and `kmeans` with 4-bit
+    /// indices (9 to 16 clusters).
+    Packed4(&'a Packed4),
+    /// `kmeans` with indices of other than 4 bits: `bits`-bit indices into the code book,
+    /// packed most significant bit first, dequantized to f32 for an f32 product.
+    Codebook {
+        /// Bits per index.
+        bits: u32,
+        /// The packed indices.
+        indices: &'a [u8],
+        /// The centroids.
+        codebook: &'a [f32],
+    },
+}
