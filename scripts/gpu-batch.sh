@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU checks (see gpu-run.sh): the CUDA tests, then suites on
+# the GPU, each bounded so the call ends inside its limit; reports come back as one
+# archive (the device tool returns at most 8 files).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?OUT is not set: run this through the device tool}"
+source scripts/gpu-run.sh env
+tests_limit=${TESTS_LIMIT:-180}
+suite_limit=${SUITE_LIMIT:-360}
+mkdir -p "$OUT/r"
+if [ "$tests_limit" != 0 ]; then
+  QUANTBENCH_REQUIRE_NVRTC=1 timeout "$tests_limit" target/release/cuda-tests --nocapture --test-threads=1 \
+    >"$OUT/cuda-tests.txt" 2>&1
+  echo "cuda-tests exit $?"; grep -E "^test |test result|panicked|skipped" "$OUT/cuda-tests.txt" | tail -30
+fi
+for suite in "$@"; do
+  name=$(basename "$suite" .yaml)
+  timeout "$suite_limit" target/release/bench run "$suite" --out "$OUT/r/$name" >"$OUT/$name.txt" 2>&1
+  echo "$name exit $?"; tail -5 "$OUT/$name.txt"
+done
+tar -C "$OUT/r" -czf "$OUT/reports.tgz" . && rm -rf "$OUT/r"
+ls -la "$OUT"
