@@ -5,7 +5,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?OUT is not set: run this through the device tool}"
-source scripts/gpu-run.sh env
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  [ -d "$d" ] && export QUANTBENCH_CUDA_LIB_DIR=${QUANTBENCH_CUDA_LIB_DIR:+$QUANTBENCH_CUDA_LIB_DIR:}$d
+done
+# Built-in models (bloom-560m-shapes is 2.2 GB) stay on the machine.
+export QUANTBENCH_CACHE=/tmp/quantbench-cache
 tests_limit=${TESTS_LIMIT:-180}
 suite_limit=${SUITE_LIMIT:-360}
 mkdir -p "$OUT/r"

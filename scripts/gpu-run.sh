@@ -91,7 +91,6 @@ remote_suite() {
 }
 
 case "${1:-}" in
-  env) cuda_env; return 0 2>/dev/null || exit 0 ;;
   build) build ;;
   print) print_calls "${2:-}" ;;
   remote-check) remote_check ;;
