@@ -9,7 +9,8 @@
 
 use std::ffi::c_void;
 use std::mem::size_of;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::cublaslt::{result as lt, sys as lt_sys};
@@ -80,7 +81,25 @@ pub struct Blas {
     blas: CudaBlas,
     lt: LtHandle,
     workspace: CudaSlice<u8>,
+    /// The int8 product's descriptors and chosen algorithm per `(m, n, k)`.
+    lt_plans: Mutex<HashMap<(usize, usize, usize), LtPlan>>,
 }
+
+/// Algorithms cuBLASLt's heuristic is asked for, then timed, per int8 product shape.
+const LT_CANDIDATES: usize = 8;
+
+/// One shape's int8 product: descriptors and the algorithm chosen for it.
+struct LtPlan {
+    desc: Desc,
+    a: Layout,
+    b: Layout,
+    d: Layout,
+    algo: lt_sys::cublasLtMatmulAlgo_t,
+}
+
+// SAFETY: the descriptors are host-side cuBLASLt objects, not tied to a thread; a plan is
+// only used under its `Blas`'s lock.
+unsafe impl Send for LtPlan {}
 
 impl std::fmt::Debug for Blas {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -163,7 +182,7 @@ impl Blas {
             let lt = LtHandle(lt::create_handle().map_err(lt_err("cublasLtCreate"))?);
             let bytes = workspace_bytes(gpu.capability());
             let workspace = stream.alloc_zeros::<u8>(bytes).map_err(driver("cublasLt workspace"))?;
-            Ok(Blas { stream, blas, lt, workspace })
+            Ok(Blas { stream, blas, lt, workspace, lt_plans: Mutex::new(HashMap::new()) })
         })
     }
 
@@ -213,7 +232,7 @@ impl Blas {
     ) -> Result<(), CudaError> {
         const OP: &str = "cublasLt int8 gemm";
         let [_, _, _] = check(OP, dims, [qx.len(), w.len(), acc.len()])?;
-        let (m, n, k) = dims;
+        let (_, n, k) = dims;
         if !lt_int8_supports(n, k) {
             return Err(CudaError::Shape {
                 op: OP,
@@ -221,81 +240,188 @@ impl Blas {
             });
         }
         guard(OP, || {
-            use lt_sys::cudaDataType_t::{CUDA_R_32I, CUDA_R_8I};
-            let (m64, n64, k64) = (m as u64, n as u64, k as u64);
-            // Column-major: A = w as k×n (transposed by the op), B = x as k×m, D = n×m.
-            let a =
-                Layout(lt::create_matrix_layout(CUDA_R_8I, k64, n64, k as i64).map_err(lt_err("layout A"))?);
-            let b =
-                Layout(lt::create_matrix_layout(CUDA_R_8I, k64, m64, k as i64).map_err(lt_err("layout B"))?);
-            let d =
-                Layout(lt::create_matrix_layout(CUDA_R_32I, n64, m64, n as i64).map_err(lt_err("layout D"))?);
-            let desc = Desc(
-                lt::create_matmul_desc(lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32I, CUDA_R_32I)
-                    .map_err(lt_err("matmul desc"))?,
-            );
-            let (op_t, op_n): (i32, i32) = (1, 0);
-            // SAFETY: live descriptor; the attribute values are i32 as cuBLASLt expects.
-            unsafe {
-                lt::set_matmul_desc_attribute(
-                    desc.0,
-                    lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
-                    (&op_t) as *const i32 as *const c_void,
-                    size_of::<i32>(),
-                )
-                .map_err(lt_err("transa"))?;
-                lt::set_matmul_desc_attribute(
-                    desc.0,
-                    lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
-                    (&op_n) as *const i32 as *const c_void,
-                    size_of::<i32>(),
-                )
-                .map_err(lt_err("transb"))?;
+            let mut plans = self.lt_plans.lock().unwrap_or_else(|e| e.into_inner());
+            if !plans.contains_key(&dims) {
+                let plan = self.plan_i8(dims, qx, w, acc)?;
+                plans.insert(dims, plan);
             }
-            let pref = Pref(lt::create_matmul_pref().map_err(lt_err("preference"))?);
-            let ws = self.workspace.len();
-            // SAFETY: live preference; the value is a usize as documented.
-            unsafe {
-                lt::set_matmul_pref_attribute(
-                    pref.0,
-                    lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                    (&ws) as *const usize as *const c_void,
-                    size_of::<usize>(),
-                )
-                .map_err(lt_err("workspace size"))?;
-            }
-            // SAFETY: every descriptor is live and describes the buffers checked above.
-            let heuristic =
-                unsafe { lt::get_matmul_algo_heuristic(self.lt.0, desc.0, a.0, b.0, d.0, d.0, pref.0) }
-                    .map_err(lt_err("no cuBLASLt int8 algorithm for this shape"))?;
-            let (alpha, beta): (i32, i32) = (1, 0);
-            let (wp, _rw) = w.device_ptr(&self.stream);
-            let (xp, _rx) = qx.device_ptr(&self.stream);
-            let (dp, _rd) = acc.device_ptr_mut(&self.stream);
-            let (sp, _rs) = self.workspace.device_ptr(&self.stream);
-            // SAFETY: as above; alpha/beta are i32 for the 32I scale type.
-            unsafe {
-                lt::matmul(
-                    self.lt.0,
-                    desc.0,
-                    (&alpha) as *const i32 as *const c_void,
-                    (&beta) as *const i32 as *const c_void,
-                    wp as *const c_void,
-                    a.0,
-                    xp as *const c_void,
-                    b.0,
-                    dp as *const c_void,
-                    d.0,
-                    dp as *mut c_void,
-                    d.0,
-                    (&heuristic.algo) as *const _,
-                    sp as *mut c_void,
-                    ws,
-                    self.stream.cu_stream() as *mut _,
-                )
-            }
-            .map_err(lt_err("cublasLtMatmul"))
+            let plan = &plans[&dims];
+            self.run_i8(plan, qx, w, acc)
         })
+    }
+
+    /// Descriptors for the int8 product of `dims` and its fastest algorithm: cuBLASLt's
+    /// heuristic proposes up to [`LT_CANDIDATES`], each is timed on the call's own buffers
+    /// (CUDA events, after a warm-up) and the fastest kept, since the heuristic's first
+    /// choice is not always the fastest for a shape. While the stream is being captured
+    /// into a graph nothing may synchronise, so the first proposal is taken untimed.
+    fn plan_i8(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        qx: &CudaSlice<i8>,
+        w: &CudaSlice<i8>,
+        acc: &mut CudaSlice<i32>,
+    ) -> Result<LtPlan, CudaError> {
+        use lt_sys::cudaDataType_t::{CUDA_R_32I, CUDA_R_8I};
+        let (m64, n64, k64) = (m as u64, n as u64, k as u64);
+        // Column-major: A = w as k×n (transposed by the op), B = x as k×m, D = n×m.
+        let a = Layout(lt::create_matrix_layout(CUDA_R_8I, k64, n64, k as i64).map_err(lt_err("layout A"))?);
+        let b = Layout(lt::create_matrix_layout(CUDA_R_8I, k64, m64, k as i64).map_err(lt_err("layout B"))?);
+        let d = Layout(lt::create_matrix_layout(CUDA_R_32I, n64, m64, n as i64).map_err(lt_err("layout D"))?);
+        let desc = Desc(
+            lt::create_matmul_desc(lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32I, CUDA_R_32I)
+                .map_err(lt_err("matmul desc"))?,
+        );
+        let (op_t, op_n): (i32, i32) = (1, 0);
+        // SAFETY: live descriptor; the attribute values are i32 as cuBLASLt expects.
+        unsafe {
+            lt::set_matmul_desc_attribute(
+                desc.0,
+                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                (&op_t) as *const i32 as *const c_void,
+                size_of::<i32>(),
+            )
+            .map_err(lt_err("transa"))?;
+            lt::set_matmul_desc_attribute(
+                desc.0,
+                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+                (&op_n) as *const i32 as *const c_void,
+                size_of::<i32>(),
+            )
+            .map_err(lt_err("transb"))?;
+        }
+        let pref = Pref(lt::create_matmul_pref().map_err(lt_err("preference"))?);
+        let ws = self.workspace.len();
+        // SAFETY: live preference; the value is a usize as documented.
+        unsafe {
+            lt::set_matmul_pref_attribute(
+                pref.0,
+                lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&ws) as *const usize as *const c_void,
+                size_of::<usize>(),
+            )
+            .map_err(lt_err("workspace size"))?;
+        }
+        // SAFETY: zeroed results are plain data the call overwrites.
+        let mut found: Vec<lt_sys::cublasLtMatmulHeuristicResult_t> =
+            vec![unsafe { std::mem::zeroed() }; LT_CANDIDATES];
+        let mut returned = 0i32;
+        // SAFETY: every descriptor is live; `found` has room for LT_CANDIDATES results.
+        unsafe {
+            lt_sys::cublasLtMatmulAlgoGetHeuristic(
+                self.lt.0,
+                desc.0,
+                a.0,
+                b.0,
+                d.0,
+                d.0,
+                pref.0,
+                LT_CANDIDATES as i32,
+                found.as_mut_ptr(),
+                &mut returned,
+            )
+        }
+        .result()
+        .map_err(lt_err("no cuBLASLt int8 algorithm for this shape"))?;
+        let candidates: Vec<_> = found
+            .into_iter()
+            .take(returned.max(0) as usize)
+            .filter(|r| r.state == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|r| r.algo)
+            .collect();
+        let Some(&first) = candidates.first() else {
+            return Err(CudaError::Blas { op: "cublasLt int8 gemm", message: "no algorithm for this shape".into() });
+        };
+        let mut plan = LtPlan { desc, a, b, d, algo: first };
+        if candidates.len() == 1 || self.capturing()? {
+            return Ok(plan);
+        }
+        let mut best = (f32::INFINITY, first);
+        for algo in candidates {
+            plan.algo = algo;
+            // A candidate that fails to run is skipped, not fatal: the next may run.
+            if let Ok(ms) = self.time_i8(&plan, qx, w, acc) {
+                if ms < best.0 {
+                    best = (ms, algo);
+                }
+            }
+        }
+        plan.algo = best.1;
+        Ok(plan)
+    }
+
+    /// True while the stream is being captured into a graph.
+    fn capturing(&self) -> Result<bool, CudaError> {
+        use cudarc::driver::sys::{cuStreamIsCapturing, CUstreamCaptureStatus};
+        let mut status = CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        // SAFETY: a live stream; writes one status.
+        unsafe { cuStreamIsCapturing(self.stream.cu_stream(), &mut status) }
+            .result()
+            .map_err(driver("cuStreamIsCapturing"))?;
+        Ok(status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+    }
+
+    /// Median milliseconds of a few runs of `plan` (after one warm-up), CUDA events.
+    fn time_i8(
+        &self,
+        plan: &LtPlan,
+        qx: &CudaSlice<i8>,
+        w: &CudaSlice<i8>,
+        acc: &mut CudaSlice<i32>,
+    ) -> Result<f32, CudaError> {
+        let ctx = self.stream.context();
+        self.run_i8(plan, qx, w, acc)?;
+        let mut times = Vec::with_capacity(3);
+        for _ in 0..3 {
+            let start = ctx.new_event(None).map_err(driver("create event"))?;
+            let end = ctx.new_event(None).map_err(driver("create event"))?;
+            start.record(&self.stream).map_err(driver("record event"))?;
+            self.run_i8(plan, qx, w, acc)?;
+            end.record(&self.stream).map_err(driver("record event"))?;
+            end.synchronize().map_err(driver("event synchronize"))?;
+            times.push(start.elapsed_ms(&end).map_err(driver("event elapsed time"))?);
+        }
+        times.sort_by(f32::total_cmp);
+        Ok(times[1])
+    }
+
+    /// Queue the product `plan` describes.
+    fn run_i8(
+        &self,
+        plan: &LtPlan,
+        qx: &CudaSlice<i8>,
+        w: &CudaSlice<i8>,
+        acc: &mut CudaSlice<i32>,
+    ) -> Result<(), CudaError> {
+        let (alpha, beta): (i32, i32) = (1, 0);
+        let ws = self.workspace.len();
+        let (wp, _rw) = w.device_ptr(&self.stream);
+        let (xp, _rx) = qx.device_ptr(&self.stream);
+        let (dp, _rd) = acc.device_ptr_mut(&self.stream);
+        let (sp, _rs) = self.workspace.device_ptr(&self.stream);
+        // SAFETY: the plan's descriptors describe these buffers (checked by the caller);
+        // alpha/beta are i32 for the 32I scale type.
+        unsafe {
+            lt::matmul(
+                self.lt.0,
+                plan.desc.0,
+                (&alpha) as *const i32 as *const c_void,
+                (&beta) as *const i32 as *const c_void,
+                wp as *const c_void,
+                plan.a.0,
+                xp as *const c_void,
+                plan.b.0,
+                dp as *const c_void,
+                plan.d.0,
+                dp as *mut c_void,
+                plan.d.0,
+                (&plan.algo) as *const _,
+                sp as *mut c_void,
+                ws,
+                self.stream.cu_stream() as *mut _,
+            )
+        }
+        .map_err(lt_err("cublasLtMatmul"))
     }
 
     /// `out[m, n] = x[m, k] · w[n, k]ᵀ` with 16-bit inputs (bits of bf16 when `bf16`, else
