@@ -125,8 +125,9 @@ extern "C" __global__ void packed4_gemv(const u8* __restrict__ bytes, const floa
 //   touched 32 cache lines (8x the L1 wavefronts of the weight stream itself).
 // - P4_ROWS rows per block share every x load (x is read from L1 once per P4_ROWS rows).
 // - Memory-level parallelism: an iteration issues all P4_ROWS x P4_UNROLL weight loads
-//   and their scale (offset) loads before using any of them (64 bytes of weights per
-//   lane in flight; at 4096 x 4096 the whole row segment of a thread is one iteration).
+//   and their scale (offset) loads before using any of them. P4_UNROLL 1 measured best
+//   on an H100 (2, 4 and __launch_bounds__(128, 8) variants were slower: more registers,
+//   fewer resident warps); the parallelism comes from resident blocks.
 // - No division: the block index is (r * cols + col) >> block_shift.
 // - Code lookups: byte j of (w >> 2) & 0x3c3c3c3c is 4 * the high nibble of byte j,
 //   byte j of (w << 2) & 0x3c3c3c3c 4 * the low one: one byte-permute per value gives
@@ -139,9 +140,9 @@ extern "C" __global__ void packed4_gemv(const u8* __restrict__ bytes, const floa
 #define P4_THREADS 128
 #define P4_WARPS (P4_THREADS / WARP)
 #define P4_ROWS 4
-#define P4_UNROLL 4
+#define P4_UNROLL 1
 
-template <int M>
+template <int M, int U = P4_UNROLL>
 __device__ __forceinline__ void packed4_gemv_words(const u8* __restrict__ bytes, const float* __restrict__ table,
                                                    const void* __restrict__ scales,
                                                    const void* __restrict__ offsets, int bf16_params,
@@ -170,12 +171,12 @@ __device__ __forceinline__ void packed4_gemv_words(const u8* __restrict__ bytes,
         for (int r = 0; r < P4_ROWS; r++) acc[i][r] = 0.0f;
     const char* tb = (const char*)t16;
     __syncthreads();
-    for (int t0 = tid; t0 < words; t0 += P4_THREADS * P4_UNROLL) {
-        u32 wv[P4_UNROLL][P4_ROWS];
-        float sc[P4_UNROLL][P4_ROWS], of[P4_UNROLL][P4_ROWS];
+    for (int t0 = tid; t0 < words; t0 += P4_THREADS * U) {
+        u32 wv[U][P4_ROWS];
+        float sc[U][P4_ROWS], of[U][P4_ROWS];
         // Issue every load of the iteration first.
 #pragma unroll
-        for (int u = 0; u < P4_UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
             int t = t0 + u * P4_THREADS;
 #pragma unroll
             for (int r = 0; r < P4_ROWS; r++) {
@@ -191,7 +192,7 @@ __device__ __forceinline__ void packed4_gemv_words(const u8* __restrict__ bytes,
             }
         }
 #pragma unroll
-        for (int u = 0; u < P4_UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
             int t = t0 + u * P4_THREADS;
             if (t < words) {
                 // Shared-memory byte offsets of the 8 codes' table entries, in value order:
@@ -259,3 +260,4 @@ extern "C" __global__ void packed4_gemv_m5(P4_ARGS) { packed4_gemv_words<5>(P4_P
 extern "C" __global__ void packed4_gemv_m6(P4_ARGS) { packed4_gemv_words<6>(P4_PASS); }
 extern "C" __global__ void packed4_gemv_m7(P4_ARGS) { packed4_gemv_words<7>(P4_PASS); }
 extern "C" __global__ void packed4_gemv_m8(P4_ARGS) { packed4_gemv_words<8>(P4_PASS); }
+

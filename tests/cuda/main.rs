@@ -303,7 +303,7 @@ fn packed(rows: usize, cols: usize, block: usize, seed: u64, bf16: bool, offsets
 fn packed4_dequantization_and_fused_gemv_match_the_reference() {
     let Some(gpu) = gpu() else { return };
     // The fast kernel takes cols % 8 == 0 with a power-of-two block >= 8 (4 rows per
-    // block, 512 words of 8 values per row per iteration); the general one the rest.
+    // block, 128 words of 8 values per row per iteration); the general one the rest.
     let cases = [
         (4096, 4096, 128, true, false), // int4-block, fast, one iteration per row
         (517, 1024, 64, false, false),  // nf4-like, f32 scales, 517 % 4 = 1 row over
@@ -312,8 +312,8 @@ fn packed4_dequantization_and_fused_gemv_match_the_reference() {
         (30, 200, 64, true, true),      // fast, blocks straddle rows, bf16 offsets
         (7, 1000, 128, false, true),    // fast, straddling, f32 offsets
         (13, 264, 8, false, false),     // fast, the smallest block
-        (6, 4104, 256, true, false),    // fast, 513 words: a second, partial iteration
-        (9, 8200, 32, false, true),     // fast, 1025 words: three iterations, straddling
+        (6, 4104, 256, true, false),    // fast, 513 words: a last, partial iteration
+        (9, 8200, 32, false, true),     // fast, 1025 words: partial iteration, straddling
         (3, 96, 48, true, false),       // block a multiple of 8 but not a power of two
         (2, 24, 16, false, true),       // fast, fewer words than threads
     ];
@@ -325,7 +325,8 @@ fn packed4_dequantization_and_fused_gemv_match_the_reference() {
         ops::packed4_dequant(&gpu, &d, Some(&mut deq), None).unwrap();
         let name = format!("packed4_dequant {rows}×{cols} block {block}");
         within(&name, "EXACT", EXACT, &gpu.download(&deq).unwrap(), &p.dequantize());
-        let ms: &[usize] = if rows * cols > 1 << 20 { &[1, 3, 8, 9] } else { &[1, 2, 3, 4, 5, 6, 7, 8, 9, 17] };
+        let ms: &[usize] =
+            if rows * cols > 1 << 20 { &[1, 3, 8, 9] } else { &[1, 2, 3, 4, 5, 6, 7, 8, 9, 17] };
         for &m in ms {
             let x = data(m * cols, 20 + m as u64, 1.0);
             let mut want = vec![0.0f32; m * rows];

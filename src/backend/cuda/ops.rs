@@ -209,7 +209,7 @@ pub fn gemv_i8(
         let sv = sx.slice(i0..i0 + rows);
         let mut ov = out.slice_mut(i0 * n..(i0 + rows) * n);
         let mut f = None;
-        if k % 16 == 0 && n > 0 {
+        if k.is_multiple_of(16) && n > 0 {
             // The fast kernel: 16-byte rows, several output rows per block.
             launch(
                 gpu,
@@ -248,8 +248,16 @@ const FAST_GEMV_ROWS: usize = 4;
 const FAST_GEMV_THREADS: u32 = 128;
 
 /// The fast int8 GEMV for 1 ..= 8 activation rows (index: rows − 1).
-const GEMV_I8_FAST: [&str; GEMV_MAX_ROWS] =
-    ["gemv_i8_m1", "gemv_i8_m2", "gemv_i8_m3", "gemv_i8_m4", "gemv_i8_m5", "gemv_i8_m6", "gemv_i8_m7", "gemv_i8_m8"];
+const GEMV_I8_FAST: [&str; GEMV_MAX_ROWS] = [
+    "gemv_i8_m1",
+    "gemv_i8_m2",
+    "gemv_i8_m3",
+    "gemv_i8_m4",
+    "gemv_i8_m5",
+    "gemv_i8_m6",
+    "gemv_i8_m7",
+    "gemv_i8_m8",
+];
 
 /// One block of [`FAST_GEMV_THREADS`] per [`FAST_GEMV_ROWS`] output rows.
 fn fast_gemv_blocks(rows: usize) -> LaunchConfig {
@@ -638,7 +646,7 @@ pub fn packed4_gemv(
     let (ri, ci, block) = (int(OP, "rows", w.rows)?, int(OP, "cols", w.cols)?, int(OP, "block", w.block)?);
     let flag = i32::from(matches!(w.scales, Params4::Bf16(_)));
     // The fast kernel takes whole 8-value words of one row and one block each.
-    let fast = w.rows > 0 && w.cols % 8 == 0 && w.block >= 8 && w.block.is_power_of_two();
+    let fast = w.rows > 0 && w.cols.is_multiple_of(8) && w.block >= 8 && w.block.is_power_of_two();
     let shift = w.block.trailing_zeros() as i32;
     for i0 in (0..m).step_by(GEMV_MAX_ROWS) {
         let rows = GEMV_MAX_ROWS.min(m - i0);
