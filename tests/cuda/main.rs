@@ -138,7 +138,17 @@ fn quantize_rows_cpu(x: &[f32], cols: usize, skip: &[usize]) -> (Vec<i8>, Vec<f3
 #[test]
 fn int8_quantization_gemv_gemm_and_rescale_match_the_cpu_exactly() {
     let Some(gpu) = gpu() else { return };
-    for &(m, n, k) in &[(1, 4099, 1029), (3, 517, 1024), (9, 33, 80), (37, 260, 516)] {
+    // k % 16 == 0 takes the fast kernel (rows per block 4: n = 4099, 517, 33 leave 3, 1, 1
+    // rows over; m = 9 and 37 split into launches of 8), other k the general one.
+    for &(m, n, k) in &[
+        (1, 4099, 1029),
+        (3, 517, 1024),
+        (9, 33, 80),
+        (37, 260, 516),
+        (1, 4096, 4096),
+        (8, 6, 4112),
+        (5, 1, 16),
+    ] {
         let x = data(m * k, 1, 1.5);
         let w = data(n * k, 2, 0.2);
         let bias = data(n, 3, 0.1);
@@ -295,11 +305,20 @@ fn packed(rows: usize, cols: usize, block: usize, seed: u64, bf16: bool, offsets
 #[test]
 fn packed4_dequantization_and_fused_gemv_match_the_reference() {
     let Some(gpu) = gpu() else { return };
+    // The fast kernel takes cols % 8 == 0 with a power-of-two block >= 8 (4 rows per
+    // block, 128 words of 8 values per row per iteration); the general one the rest.
     let cases = [
-        (4096, 4096, 128, true, false), // int4-block fast path
-        (517, 1024, 64, false, false),  // nf4-like, f32 scales
-        (33, 77, 128, true, true),      // odd cols: generic path, asymmetric
-        (31, 96, 50, false, true),      // block not a multiple of 32
+        (4096, 4096, 128, true, false), // int4-block, fast, one iteration per row
+        (517, 1024, 64, false, false),  // nf4-like, f32 scales, 517 % 4 = 1 row over
+        (33, 77, 128, true, true),      // odd cols: general path, asymmetric
+        (31, 96, 50, false, true),      // block not a multiple of 32: general path
+        (30, 200, 64, true, true),      // fast, blocks straddle rows, bf16 offsets
+        (7, 1000, 128, false, true),    // fast, straddling, f32 offsets
+        (13, 264, 8, false, false),     // fast, the smallest block
+        (6, 4104, 256, true, false),    // fast, 513 words: a last, partial iteration
+        (9, 8200, 32, false, true),     // fast, 1025 words: partial iteration, straddling
+        (3, 96, 48, true, false),       // block a multiple of 8 but not a power of two
+        (2, 24, 16, false, true),       // fast, fewer words than threads
     ];
     for (i, &(rows, cols, block, bf16, offsets)) in cases.iter().enumerate() {
         let p = packed(rows, cols, block, 10 + i as u64, bf16, offsets);
@@ -309,7 +328,9 @@ fn packed4_dequantization_and_fused_gemv_match_the_reference() {
         ops::packed4_dequant(&gpu, &d, Some(&mut deq), None).unwrap();
         let name = format!("packed4_dequant {rows}×{cols} block {block}");
         within(&name, "EXACT", EXACT, &gpu.download(&deq).unwrap(), &p.dequantize());
-        for m in [1usize, 3, 9] {
+        let ms: &[usize] =
+            if rows * cols > 1 << 20 { &[1, 3, 8, 9] } else { &[1, 2, 3, 4, 5, 6, 7, 8, 9, 17] };
+        for &m in ms {
             let x = data(m * cols, 20 + m as u64, 1.0);
             let mut want = vec![0.0f32; m * rows];
             p.gemv(&x, m, &mut want, quantbench::scheme::packed4::Gemv::Scalar);
@@ -565,5 +586,28 @@ fn cuda_linears_match_the_cpu_layers_for_decode_and_prefill() {
         let path = layer.forward(&gpu, &blas, &gpu.upload(&x).unwrap(), m, &mut out).unwrap();
         let name = format!("packed4 linear m={m} via {path}");
         within_l2(&name, "PACKED4_GEMV_L2", PACKED4_GEMV_L2, &gpu.download(&out).unwrap(), &want);
+    }
+}
+
+/// The int8 GEMV for every activation-row count of one launch and past it, on the fast
+/// path (k % 16 == 0) and the general one, bit-exact against the CPU.
+#[test]
+fn int8_gemv_matches_the_cpu_for_every_row_count() {
+    let Some(gpu) = gpu() else { return };
+    for &(n, k) in &[(37, 528), (10, 100)] {
+        for m in 1..=17 {
+            let x = data(m * k, 40 + m as u64, 1.0);
+            let w = data(n * k, 41, 0.3);
+            let (qx, sx) = quantize_rows_cpu(&x, k, &[]);
+            let (qw, sw) = quantize_rows_cpu(&w, k, &[]);
+            let mut acc = vec![0i32; m * n];
+            gemm_i8_reference(&qx, m, k, &qw, n, &mut acc);
+            let want: Vec<f32> = (0..m * n).map(|e| acc[e] as f32 * (sx[e / n] * sw[e % n])).collect();
+            let (qxd, sxd) = (gpu.upload(&qx).unwrap(), gpu.upload(&sx).unwrap());
+            let (wd, swd) = (gpu.upload(&qw).unwrap(), gpu.upload(&sw).unwrap());
+            let mut out = poisoned(&gpu, m * n);
+            ops::gemv_i8(&gpu, &qxd, &sxd, &wd, &swd, None, &mut out, (m, n, k)).unwrap();
+            within(&format!("gemv_i8 {m}×{n}×{k}"), "EXACT", EXACT, &gpu.download(&out).unwrap(), &want);
+        }
     }
 }

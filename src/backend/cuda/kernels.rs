@@ -26,7 +26,8 @@ pub struct KernelFile {
     pub kernels: &'static [&'static str],
 }
 
-/// int8: activation quantization, GEMV, fallback GEMM, rescale, LLM.int8, fake quant.
+/// int8: activation quantization, GEMV (general, and fast per activation-row count),
+/// fallback GEMM, rescale, LLM.int8, fake quant.
 pub const QUANT: KernelFile = KernelFile {
     name: "quant.cu",
     source: include_str!("../../../kernels/quant.cu"),
@@ -35,6 +36,14 @@ pub const QUANT: KernelFile = KernelFile {
         "absmax_bits",
         "quantize_tensor_i8",
         "gemv_i8",
+        "gemv_i8_m1",
+        "gemv_i8_m2",
+        "gemv_i8_m3",
+        "gemv_i8_m4",
+        "gemv_i8_m5",
+        "gemv_i8_m6",
+        "gemv_i8_m7",
+        "gemv_i8_m8",
         "gemm_i8_tiled",
         "rescale_i32",
         "outlier_mask",
@@ -44,11 +53,23 @@ pub const QUANT: KernelFile = KernelFile {
     ],
 };
 
-/// The shared 4-bit block format: dequantization and the fused GEMV.
+/// The shared 4-bit block format: dequantization and the fused GEMV (general, and fast
+/// per activation-row count).
 pub const PACKED4: KernelFile = KernelFile {
     name: "packed4.cu",
     source: include_str!("../../../kernels/packed4.cu"),
-    kernels: &["packed4_dequant", "packed4_gemv"],
+    kernels: &[
+        "packed4_dequant",
+        "packed4_gemv",
+        "packed4_gemv_m1",
+        "packed4_gemv_m2",
+        "packed4_gemv_m3",
+        "packed4_gemv_m4",
+        "packed4_gemv_m5",
+        "packed4_gemv_m6",
+        "packed4_gemv_m7",
+        "packed4_gemv_m8",
+    ],
 };
 
 /// Model ops.

@@ -209,6 +209,22 @@ pub fn gemv_i8(
         let sv = sx.slice(i0..i0 + rows);
         let mut ov = out.slice_mut(i0 * n..(i0 + rows) * n);
         let mut f = None;
+        if k.is_multiple_of(16) && n > 0 {
+            // The fast kernel: 16-byte rows, several output rows per block.
+            launch(
+                gpu,
+                &QUANT,
+                GEMV_I8_FAST[rows - 1],
+                fast_gemv_blocks(n),
+                |b| {
+                    b.arg(&qv).arg(&sv).arg(w).arg(sw);
+                    opt_arg!(b, bias);
+                    b.arg(&mut ov).arg(&ni).arg(&ki);
+                },
+                &mut f,
+            )?;
+            continue;
+        }
         launch(
             gpu,
             &QUANT,
@@ -223,6 +239,33 @@ pub fn gemv_i8(
         )?;
     }
     Ok(())
+}
+
+/// Output rows per block of the fast GEMVs (`I8_ROWS` and `P4_ROWS` of the kernels).
+const FAST_GEMV_ROWS: usize = 4;
+
+/// Threads per block of the fast GEMVs (`I8_THREADS`, `P4_THREADS`).
+const FAST_GEMV_THREADS: u32 = 128;
+
+/// The fast int8 GEMV for 1 ..= 8 activation rows (index: rows − 1).
+const GEMV_I8_FAST: [&str; GEMV_MAX_ROWS] = [
+    "gemv_i8_m1",
+    "gemv_i8_m2",
+    "gemv_i8_m3",
+    "gemv_i8_m4",
+    "gemv_i8_m5",
+    "gemv_i8_m6",
+    "gemv_i8_m7",
+    "gemv_i8_m8",
+];
+
+/// One block of [`FAST_GEMV_THREADS`] per [`FAST_GEMV_ROWS`] output rows.
+fn fast_gemv_blocks(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(FAST_GEMV_ROWS).max(1) as u32, 1, 1),
+        block_dim: (FAST_GEMV_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// `acc[m, n] = qx[m, k] · w[n, k]ᵀ` in int32 with the tiled kernel (shapes cuBLASLt's
@@ -602,12 +645,32 @@ pub fn packed4_gemv(
     }
     let (ri, ci, block) = (int(OP, "rows", w.rows)?, int(OP, "cols", w.cols)?, int(OP, "block", w.block)?);
     let flag = i32::from(matches!(w.scales, Params4::Bf16(_)));
+    // The fast kernel takes whole 8-value words of one row and one block each.
+    let fast = w.rows > 0 && w.cols.is_multiple_of(8) && w.block >= 8 && w.block.is_power_of_two();
+    let shift = w.block.trailing_zeros() as i32;
     for i0 in (0..m).step_by(GEMV_MAX_ROWS) {
         let rows = GEMV_MAX_ROWS.min(m - i0);
         let mi = rows as i32;
         let xv = x.slice(i0 * w.cols..(i0 + rows) * w.cols);
         let mut ov = out.slice_mut(i0 * w.rows..(i0 + rows) * w.rows);
         let mut f = None;
+        if fast {
+            launch(
+                gpu,
+                &PACKED4,
+                PACKED4_GEMV_FAST[rows - 1],
+                fast_gemv_blocks(w.rows),
+                |b| {
+                    b.arg(&w.bytes).arg(&w.table);
+                    push_params(b, w, &flag);
+                    b.arg(&xv);
+                    opt_arg!(b, bias);
+                    b.arg(&mut ov).arg(&ri).arg(&ci).arg(&shift);
+                },
+                &mut f,
+            )?;
+            continue;
+        }
         launch(
             gpu,
             &PACKED4,
@@ -625,6 +688,18 @@ pub fn packed4_gemv(
     }
     Ok(())
 }
+
+/// The fast fused 4-bit GEMV for 1 ..= 8 activation rows (index: rows − 1).
+const PACKED4_GEMV_FAST: [&str; GEMV_MAX_ROWS] = [
+    "packed4_gemv_m1",
+    "packed4_gemv_m2",
+    "packed4_gemv_m3",
+    "packed4_gemv_m4",
+    "packed4_gemv_m5",
+    "packed4_gemv_m6",
+    "packed4_gemv_m7",
+    "packed4_gemv_m8",
+];
 
 // ---- model ops -------------------------------------------------------------------------
 
