@@ -241,9 +241,8 @@ impl Blas {
         }
         guard(OP, || {
             let mut plans = self.lt_plans.lock().unwrap_or_else(|e| e.into_inner());
-            if !plans.contains_key(&dims) {
-                let plan = self.plan_i8(dims, qx, w, acc)?;
-                plans.insert(dims, plan);
+            if let std::collections::hash_map::Entry::Vacant(slot) = plans.entry(dims) {
+                slot.insert(self.plan_i8(dims, qx, w, acc)?);
             }
             let plan = &plans[&dims];
             self.run_i8(plan, qx, w, acc)
