@@ -68,6 +68,12 @@ pub trait CausalLm: Send + Sync {
     fn kernels(&self) -> BTreeSet<&'static str> {
         self.linears().into_iter().map(|(_, l)| l.kernel()).collect()
     }
+    /// What each linear layer observed while running (e.g. LLM.int8()'s outlier-column
+    /// fraction), by layer name; layers with nothing to report are left out.
+    fn layer_stats(&self) -> Vec<(String, Vec<(&'static str, f64)>)> {
+        let layers = self.linears().into_iter().map(|(name, l)| (name.to_string(), l.stats()));
+        layers.filter(|(_, s)| !s.is_empty()).collect()
+    }
     /// What a model running on a device reports about itself (`None` on the CPU).
     fn device_report(&self) -> Option<DeviceReport> {
         None
@@ -137,6 +143,18 @@ impl Model {
         match self {
             Model::Causal(m) => m.linears(),
             Model::Encoder(m) => m.linears(),
+        }
+    }
+
+    /// What each linear layer observed while running, by layer name (see
+    /// [`CausalLm::layer_stats`]).
+    pub fn layer_stats(&self) -> Vec<(String, Vec<(&'static str, f64)>)> {
+        match self {
+            Model::Causal(m) => m.layer_stats(),
+            Model::Encoder(m) => {
+                let layers = m.linears().into_iter().map(|(name, l)| (name.to_string(), l.stats()));
+                layers.filter(|(_, s)| !s.is_empty()).collect()
+            }
         }
     }
 

@@ -563,17 +563,13 @@ fn layer_divergence(probe: &LayerProbe, model: &Model) -> Result<Vec<LayerDiverg
 fn layer_stats(model: &Model) -> (BTreeMap<String, BTreeMap<String, f64>>, BTreeMap<String, f64>) {
     let mut by_layer = BTreeMap::new();
     let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
-    for (name, layer) in model.linears() {
-        let stats = layer.stats();
-        if stats.is_empty() {
-            continue;
-        }
+    for (name, stats) in model.layer_stats() {
         for (key, value) in &stats {
             let entry = sums.entry(key.to_string()).or_default();
             entry.0 += value;
             entry.1 += 1;
         }
-        by_layer.insert(name.to_string(), stats.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+        by_layer.insert(name, stats.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
     }
     let means = sums.into_iter().map(|(k, (sum, n))| (k, sum / n as f64)).collect();
     (by_layer, means)

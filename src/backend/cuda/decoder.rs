@@ -475,6 +475,19 @@ impl CausalLm for CudaCausalLm {
         self.state().decoder.kernels(self.prefill_rows)
     }
 
+    /// The device layers' own observations (counted on the GPU), under the CPU layers'
+    /// names: the device layers are listed in the same order. A read that fails leaves
+    /// the layer out rather than reporting a number the device did not give.
+    fn layer_stats(&self) -> Vec<(String, Vec<(&'static str, f64)>)> {
+        let state = self.state();
+        let names = self.cpu.linears().into_iter().map(|(n, _)| n.to_string());
+        names
+            .zip(state.decoder.linears())
+            .filter_map(|(name, l)| l.stats(&state.gpu).ok().map(|s| (name, s)))
+            .filter(|(_, s)| !s.is_empty())
+            .collect()
+    }
+
     fn device_report(&self) -> Option<DeviceReport> {
         let state = self.state();
         let d = &state.decoder;
