@@ -88,10 +88,7 @@ pub enum DeviceError {
     #[error("device `cuda`: the CUDA driver is present but no device is usable ({0}); use `cpu`")]
     NoDevice(String),
     /// A device is usable, but the runner cannot run cases on it yet.
-    #[error(
-        "device `cuda`: found {0}, but the runner has no CUDA forward pass yet (the kernels and \
-         host wrappers in src/backend/cuda are not wired into the models); use `cpu`"
-    )]
+    #[error("device `cuda`: found {0}, but this build's runner has no CUDA forward pass; use `cpu`")]
     RunnerNotReady(String),
 }
 

@@ -7,9 +7,9 @@
 //! A = `w` transposed, B = `x` not transposed, which is also the "TN" layout cuBLASLt's
 //! int8 kernels require (with `k` and `n` multiples of 4).
 
+use std::collections::HashMap;
 use std::ffi::c_void;
 use std::mem::size_of;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
@@ -329,7 +329,10 @@ impl Blas {
             .map(|r| r.algo)
             .collect();
         let Some(&first) = candidates.first() else {
-            return Err(CudaError::Blas { op: "cublasLt int8 gemm", message: "no algorithm for this shape".into() });
+            return Err(CudaError::Blas {
+                op: "cublasLt int8 gemm",
+                message: "no algorithm for this shape".into(),
+            });
         };
         let mut plan = LtPlan { desc, a, b, d, algo: first };
         if candidates.len() == 1 || self.capturing()? {

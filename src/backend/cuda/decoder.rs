@@ -276,8 +276,11 @@ impl CudaDecoder {
                 DeviceQkv::Fused { layer, run } => {
                     let fused = Self::linear(gpu, blas, layer, &x, rows)?;
                     let width = heads * head_dim;
-                    let mut parts =
-                        [gpu.uninit::<f32>(rows * width)?, gpu.uninit(rows * width)?, gpu.uninit(rows * width)?];
+                    let mut parts = [
+                        gpu.uninit::<f32>(rows * width)?,
+                        gpu.uninit(rows * width)?,
+                        gpu.uninit(rows * width)?,
+                    ];
                     let [q, k, v] = &mut parts;
                     ops::split_qkv(gpu, &fused, (rows, width, *run), q, k, v)?;
                     let [q, k, v] = parts;
