@@ -131,9 +131,14 @@ extern "C" __global__ void embedding(const float* __restrict__ table, const u32*
 
 // Append seq new positions of one layer's keys or values to its cache:
 // src [batch, seq, kv_heads * head_dim] -> cache [batch * kv_heads, capacity, head_dim]
-// at positions start .. start + seq (the host checks start + seq <= capacity).
+// at positions start .. start + seq (the host checks start + seq <= capacity). start_at
+// (may be null) replaces start with *start_at: a captured decode graph reads the cache
+// length from the device, as it changes between replays; positions past the capacity are
+// then skipped, since the host cannot check a value it does not pass.
 extern "C" __global__ void kv_append(const float* __restrict__ src, float* __restrict__ cache, int batch, int seq,
-                                     int kv_heads, int head_dim, int capacity, int start) {
+                                     int kv_heads, int head_dim, int capacity, int start,
+                                     const int* __restrict__ start_at) {
+    if (start_at) start = *start_at;
     long total = (long)batch * seq * kv_heads * head_dim;
     for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total; e += (long)gridDim.x * blockDim.x) {
         int d = (int)(e % head_dim);
@@ -141,6 +146,7 @@ extern "C" __global__ void kv_append(const float* __restrict__ src, float* __res
         int h = (int)(r % kv_heads);
         long bt = r / kv_heads;
         int t = (int)(bt % seq), b = (int)(bt / seq);
+        if (start + t >= capacity) continue;
         cache[(((long)b * kv_heads + h) * capacity + start + t) * head_dim + d] = src[e];
     }
 }
@@ -150,16 +156,21 @@ extern "C" __global__ void kv_append(const float* __restrict__ src, float* __res
 // head), scores of the keys_total = start + seq keys in dynamic shared memory (4 bytes a
 // key). Causal: query t sees keys 0 ..= start + t. alibi (may be null): slope[h] * key
 // position added. key_mask (may be null) [batch, keys_total]: 0 marks a padding key whose
-// score becomes the most negative float, as transformers. As KvCache::attend.
+// score becomes the most negative float, as transformers. As KvCache::attend. start_at
+// (may be null) replaces start with *start_at (a captured decode graph: the host then
+// sizes the shared memory for the whole capacity, and a block whose keys would pass it
+// writes nothing rather than read past the scores).
 extern "C" __global__ void attention(const float* __restrict__ q, const float* __restrict__ k_cache,
                                      const float* __restrict__ v_cache, float* __restrict__ out, int batch,
                                      int seq, int heads, int kv_heads, int head_dim, int capacity, int start,
                                      int causal, const float* __restrict__ alibi, const u8* __restrict__ key_mask,
-                                     float scale) {
+                                     float scale, const int* __restrict__ start_at) {
     extern __shared__ float scores[];
     __shared__ float scratch[32];
     int row = blockIdx.x, h = blockIdx.y;
     if (row >= batch * seq || h >= heads) return;
+    if (start_at) start = *start_at;
+    if (start + seq > capacity) return;
     int b = row / seq, t = row % seq;
     int keys_total = start + seq;
     int visible = causal ? start + t + 1 : keys_total;

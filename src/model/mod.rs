@@ -78,6 +78,13 @@ pub trait CausalLm: Send + Sync {
     fn device_report(&self) -> Option<DeviceReport> {
         None
     }
+    /// Capture decode steps (one token per sequence) in a CUDA graph and replay them
+    /// (`on`), or launch each step's kernels one by one; returns the previous setting, or
+    /// `None` for a model without such a mode (the CPU), which ignores the call.
+    fn set_decode_graph(&self, on: bool) -> Option<bool> {
+        let _ = on;
+        None
+    }
     /// The forward pass as a device-neutral description, for backends other than the
     /// CPU; `None` where the architecture has none yet.
     fn plan(&self) -> Option<plan::DecoderPlan<'_>> {
@@ -86,10 +93,13 @@ pub trait CausalLm: Send + Sync {
 }
 
 /// What a model running on a device reports about itself.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DeviceReport {
     /// Device milliseconds of the last forward pass, from the device's own events.
     pub last_forward_ms: Option<f64>,
+    /// Why decode steps fell back to eager launches although the decode graph was on (its
+    /// capture failed), when they did.
+    pub decode_graph_failed: Option<String>,
     /// Bytes of weights a decode step reads: every linear layer's device representation
     /// and the output head (the tied embedding matrix when the head is tied).
     pub weight_bytes_per_token: u64,

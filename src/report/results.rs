@@ -367,6 +367,17 @@ pub struct DeviceLatency {
     pub floor_tokens_per_s: f64,
     /// Tokens per second from the median device decode step, across the batch.
     pub decode_tokens_per_s: Option<f64>,
+    /// Decode step samples with the decode graph off (every kernel launched from the host),
+    /// device milliseconds: the timings above replay a CUDA graph. Empty when not measured
+    /// (results from before, or a model whose graph was off anyway).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub eager_decode_ms: Vec<f64>,
+    /// Their statistics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eager_decode: Option<Stats>,
+    /// Tokens per second from the median eager decode step, across the batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eager_decode_tokens_per_s: Option<f64>,
 }
 
 /// One greedy continuation against the reference's.

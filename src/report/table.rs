@@ -135,6 +135,10 @@ pub const COLUMNS: &[Column] = &[
         header: "GPU tok/s",
         value: |c| opt(device(c).and_then(|d| d.decode_tokens_per_s), |t| Cell::Num(t, 1)),
     },
+    Column {
+        header: "eager tok/s",
+        value: |c| opt(device(c).and_then(|d| d.eager_decode_tokens_per_s), |t| Cell::Num(t, 1)),
+    },
     Column { header: "floor tok/s", value: |c| opt(device(c), |d| Cell::Num(d.floor_tokens_per_s, 1)) },
     Column {
         header: "GPU peak MiB",
@@ -177,6 +181,7 @@ pub const SUMMARY_COLUMNS: &[&str] = &[
     "prefill ms",
     "tok/s",
     "GPU tok/s",
+    "eager tok/s",
     "floor tok/s",
     "GPU peak MiB",
     "peak RSS MiB",

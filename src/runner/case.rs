@@ -409,6 +409,7 @@ impl<'p> ModelRunner<'p> {
         model: &Model,
         prefill_ms: Vec<f64>,
         decode_ms: Vec<f64>,
+        eager_decode_ms: Vec<f64>,
     ) -> Result<Option<DeviceLatency>> {
         let (Model::Causal(lm), Some(prefill)) = (model, Stats::of(&prefill_ms)) else {
             return Ok(None);
@@ -419,12 +420,16 @@ impl<'p> ModelRunner<'p> {
         // A decode step reads each weight once: the floor is that read at copy speed.
         let floor_ms = report.weight_bytes_per_token as f64 / (copy_gb_s * 1e9) * 1e3;
         let decode = Stats::of(&decode_ms);
+        let eager_decode = Stats::of(&eager_decode_ms);
         Ok(Some(DeviceLatency {
             prefill_ms,
             prefill,
             decode_tokens_per_s: decode.as_ref().map(|d| batch * 1e3 / d.median),
             decode_ms,
             decode,
+            eager_decode_tokens_per_s: eager_decode.as_ref().map(|d| batch * 1e3 / d.median),
+            eager_decode_ms,
+            eager_decode,
             weight_bytes_per_token: report.weight_bytes_per_token,
             copy_gb_s,
             floor_ms,
@@ -439,7 +444,20 @@ impl<'p> ModelRunner<'p> {
         let timings =
             time_runs(model, &tokens, w, self.plan.warmup, self.plan.repeats, &mut WallClock::default())?;
         warnings.extend(timings.warnings);
-        let device = self.device_latency(model, timings.device_prefill_ms, timings.device_decode_ms)?;
+        // A GPU decoder's decode steps replay a CUDA graph; the eager ones are timed too.
+        let eager_ms = match model {
+            Model::Causal(lm) if !timings.device_decode_ms.is_empty() => {
+                if let Some(why) = lm.device_report().and_then(|r| r.decode_graph_failed) {
+                    warnings.push(format!(
+                        "the decode graph could not be captured, decode steps ran eagerly: {why}"
+                    ));
+                }
+                eager_decode_ms(lm.as_ref(), &tokens, w, self.plan.repeats)?
+            }
+            _ => Vec::new(),
+        };
+        let device =
+            self.device_latency(model, timings.device_prefill_ms, timings.device_decode_ms, eager_ms)?;
         let (prefill_ms, decode_ms) = (timings.prefill_ms, timings.decode_ms);
         let prefill = Stats::of(&prefill_ms).expect("repeats ≥ 1");
         let decode = Stats::of(&decode_ms);
@@ -639,6 +657,28 @@ fn time_runs(
     }
     warnings.extend(decode_warnings);
     Ok(Timings { prefill_ms, decode_ms, device_prefill_ms, device_decode_ms, warnings })
+}
+
+/// Device milliseconds of the decode steps of `repeats` more timed runs with the decode
+/// graph off, so a GPU case reports eager launches next to the graph replays; empty for a
+/// model without the mode or with it off already (its timings are the eager ones).
+fn eager_decode_ms(
+    lm: &dyn CausalLm,
+    tokens: &[u32],
+    w: &crate::suite::Workload,
+    repeats: usize,
+) -> Result<Vec<f64>> {
+    if lm.set_decode_graph(false) != Some(true) {
+        return Ok(Vec::new());
+    }
+    let mut ms = Vec::new();
+    let mut clock = WallClock::default();
+    let timed = (0..repeats).try_for_each(|_| {
+        ms.extend(time_generation(lm, tokens, w.batch_size, w.gen_len, &mut clock)?.device_steps);
+        Ok::<_, Error>(())
+    });
+    lm.set_decode_graph(true);
+    timed.map(|()| ms)
 }
 
 /// One timed generation run: the prefill and each decode step.

@@ -93,3 +93,81 @@ fn quantized_schemes_run_on_the_gpu_like_on_the_cpu() {
         }
     }
 }
+
+/// Logits of a prefill then `steps` greedy decode steps of `batch` sequences, on a new
+/// cache, with the decode graph on or off.
+fn decode(model: &Model, batch: usize, steps: usize, graph: bool) -> Vec<Vec<f32>> {
+    let Model::Causal(lm) = model else { panic!("a decoder") };
+    assert!(lm.set_decode_graph(graph).is_some(), "a GPU decoder has a decode graph mode");
+    let vocab = lm.vocab_size();
+    let prompt = 5;
+    let tokens: Vec<u32> =
+        (0..(batch * prompt) as u32).map(|i| (i * 37 + 5) % vocab.min(500) as u32).collect();
+    let mut cache = lm.new_cache(batch, prompt + steps);
+    let mut logits = lm.forward(&tokens, batch, &mut cache, Logits::Last).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let next: Vec<u32> =
+            logits.chunks_exact(vocab).map(|r| quantbench::tensor::argmax(r) as u32).collect();
+        logits = lm.forward(&next, batch, &mut cache, Logits::Last).unwrap();
+        out.push(logits.clone());
+    }
+    out
+}
+
+fn assert_bit_identical(what: &str, graph: &[Vec<f32>], eager: &[Vec<f32>]) {
+    assert_eq!(graph.len(), eager.len(), "{what}: steps");
+    for (step, (g, e)) in graph.iter().zip(eager).enumerate() {
+        let differ = g.iter().zip(e).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(g.len(), e.len(), "{what} step {step}: logits");
+        assert_eq!(
+            differ,
+            0,
+            "{what} step {step}: {differ} of {} logits differ from the eager step's",
+            g.len()
+        );
+    }
+}
+
+/// The decode graph replays exactly what the eager launches compute: the first decode step
+/// of a model runs eagerly (warming its kernels), the first of every later cache captures,
+/// the rest replay; each with its own cache, one and two sequences, several steps, every
+/// position scheme (rotary, ALiBi, learned), and the linear paths of the schemes that need
+/// no calibration.
+#[test]
+fn the_decode_graph_gives_the_eager_logits_bit_for_bit() {
+    if super::gpu().is_none() {
+        return;
+    }
+    let cases = [("llama-tiny", "fp32"), ("bloom-tiny", "fp32"), ("gpt2-tiny", "fp32")].into_iter().chain(
+        scheme::SCHEMES
+            .iter()
+            .filter(|s| !s.needs_calibration && s.name != "fp32")
+            .map(|s| ("bloom-tiny", s.name)),
+    );
+    for (folder, scheme_name) in cases {
+        let files = ModelFiles::open(&fixture(folder)).unwrap();
+        let model = backend::place(build(&files, scheme_name), Device::Cuda, 10).unwrap();
+        for batch in [1, 2] {
+            let eager = decode(&model, batch, 6, false);
+            // The first run's first decode step warms the model (eager), its second
+            // captures; the second run captures on its first step, on a new cache.
+            for run in 0..2 {
+                let graph = decode(&model, batch, 6, true);
+                assert_bit_identical(
+                    &format!("{folder} {scheme_name} batch {batch} run {run}"),
+                    &graph,
+                    &eager,
+                );
+            }
+        }
+        let Model::Causal(lm) = &model else { unreachable!() };
+        assert_eq!(lm.device_report().unwrap().decode_graph_failed, None, "{folder} {scheme_name}");
+        assert!(
+            model.kernels().contains("cuda-graph-decode"),
+            "{folder} {scheme_name}: {:?}",
+            model.kernels()
+        );
+        eprintln!("{folder} {scheme_name}: graph decode bit-identical to eager");
+    }
+}

@@ -182,6 +182,20 @@ impl Blas {
             let lt = LtHandle(lt::create_handle().map_err(lt_err("cublasLtCreate"))?);
             let bytes = workspace_bytes(gpu.capability());
             let workspace = stream.alloc_zeros::<u8>(bytes).map_err(driver("cublasLt workspace"))?;
+            // cuBLAS gets the same workspace: without one of its own it may allocate
+            // during a call, which a captured decode graph cannot hold, and its choice of
+            // algorithm then follows one fixed workspace in eager and captured steps alike.
+            // Both handles run on the one stream, in order, so they never use it at once.
+            {
+                let (ptr, _record) = workspace.device_ptr(&stream);
+                // SAFETY: a live handle, and a device buffer of `bytes` bytes that lives as
+                // long as the handle (both are fields of the `Blas`, the buffer dropped last).
+                unsafe {
+                    cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut c_void, bytes)
+                }
+                .result()
+                .map_err(|e| CudaError::Blas { op: "cublasSetWorkspace", message: format!("{e:?}") })?;
+            }
             Ok(Blas { stream, blas, lt, workspace, lt_plans: Mutex::new(HashMap::new()) })
         })
     }

@@ -15,7 +15,7 @@ use cudarc::driver::CudaSlice;
 use super::blas::Blas;
 use super::linear::CudaLinear;
 use super::ops::{self, CacheShape, DeviceMasking, Unary};
-use super::{CudaError, Gpu};
+use super::{driver, guard, CudaError, Gpu};
 use crate::error::{Error, Result};
 use crate::model::plan::{DecoderPlan, MlpPlan, NormPlan, PositionPlan, QkvPlan};
 use crate::model::{CausalLm, DeviceReport, Logits};
@@ -227,35 +227,75 @@ impl CudaDecoder {
         Ok(out)
     }
 
-    /// The forward pass of `tokens` (`[batch, seq]`) after the `start` positions `cache`
-    /// holds; `observe` gets each block's hidden states (downloaded) when given.
+    /// The forward pass of `step`'s tokens (`[batch, seq]`) after the positions `cache`
+    /// holds, the logits (`logits` rows) written to `out`; `observe` gets each block's
+    /// hidden states (downloaded) when given.
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         gpu: &Gpu,
         blas: &Blas,
-        tokens: &[u32],
+        step: Step,
         batch: usize,
-        start: usize,
         cache: &mut DeviceCache,
         logits: Logits,
         mut observe: Observer,
-    ) -> Result<Vec<f32>, CudaError> {
-        let (rows, seq, h) = (tokens.len(), tokens.len() / batch, self.hidden);
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        let (rows, h) = (step.rows(), self.hidden);
+        let seq = rows / batch;
         let AttentionShape { heads, kv_heads, head_dim } = self.attention;
         let mut hidden = gpu.uninit::<f32>(rows * h)?;
-        ops::embedding(gpu, &self.embed, (self.vocab, h), tokens, &mut hidden)?;
-        let positions: Vec<u32> = (0..rows).map(|r| (start + r % seq) as u32).collect();
+        // Positions: computed and uploaded here, or the graph inputs' second run of rows.
+        let (host_positions, uploaded): (Vec<u32>, Option<CudaSlice<i32>>) = match step {
+            Step::Host { tokens, start } => {
+                ops::embedding(gpu, &self.embed, (self.vocab, h), tokens, &mut hidden)?;
+                let p: Vec<u32> = (0..rows).map(|r| (start + r % seq) as u32).collect();
+                let up = match &self.positions {
+                    DevicePositions::Rotary { .. } => {
+                        Some(gpu.upload(&p.iter().map(|&p| p as i32).collect::<Vec<i32>>())?)
+                    }
+                    _ => None,
+                };
+                (p, up)
+            }
+            Step::Device { inputs, rows } => {
+                ops::embedding_device(
+                    gpu,
+                    &self.embed,
+                    (self.vocab, h),
+                    &inputs.slice(0..rows),
+                    &mut hidden,
+                )?;
+                (Vec::new(), None)
+            }
+        };
+        let device_positions = match (step, &uploaded) {
+            (Step::Device { inputs, rows }, _) => Some(inputs.slice(rows..2 * rows)),
+            (Step::Host { .. }, Some(up)) => Some(up.as_view()),
+            (Step::Host { .. }, None) => None,
+        };
+        // The cache length: a kernel argument, or the graph inputs' last value.
+        let (start, start_at) = match step {
+            Step::Host { start, .. } => (start, None),
+            Step::Device { inputs, rows } => (0, Some(inputs.slice(2 * rows..2 * rows + 1))),
+        };
         let rotary = match &self.positions {
             DevicePositions::Learned { table, count } => {
                 let mut pos = gpu.uninit::<f32>(rows * h)?;
-                ops::embedding(gpu, table, (*count, h), &positions, &mut pos)?;
+                match &device_positions {
+                    Some(p) => ops::embedding_device(gpu, table, (*count, h), p, &mut pos)?,
+                    None => ops::embedding(gpu, table, (*count, h), &host_positions, &mut pos)?,
+                }
                 ops::add_in_place(gpu, &mut hidden, &pos)?;
                 None
             }
             DevicePositions::Rotary { inv_freq } => {
-                let p: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
-                Some((gpu.upload(&p)?, inv_freq))
+                let pos = device_positions.as_ref().ok_or(CudaError::Shape {
+                    op: "decoder forward",
+                    message: "rotary positions missing, expected them on the device".into(),
+                })?;
+                Some((pos, inv_freq))
             }
             DevicePositions::Alibi { .. } => None,
         };
@@ -293,14 +333,23 @@ impl CudaDecoder {
                 ),
             };
             if let Some((pos, inv_freq)) = &rotary {
-                ops::rotary(gpu, &mut q, pos, inv_freq, (rows, heads, head_dim))?;
-                ops::rotary(gpu, &mut k, pos, inv_freq, (rows, kv_heads, head_dim))?;
+                ops::rotary_view(gpu, &mut q, pos, inv_freq, (rows, heads, head_dim))?;
+                ops::rotary_view(gpu, &mut k, pos, inv_freq, (rows, kv_heads, head_dim))?;
             }
             let (kc, vc) = &mut cache.layers[i];
-            ops::kv_append(gpu, &k, kc, cache.shape, (start, seq))?;
-            ops::kv_append(gpu, &v, vc, cache.shape, (start, seq))?;
             let mut context = gpu.uninit::<f32>(rows * heads * head_dim)?;
-            ops::attention(gpu, &q, kc, vc, cache.shape, (start, seq), masking, &mut context)?;
+            match &start_at {
+                Some(at) => {
+                    ops::kv_append_at(gpu, &k, kc, cache.shape, seq, at)?;
+                    ops::kv_append_at(gpu, &v, vc, cache.shape, seq, at)?;
+                    ops::attention_at(gpu, &q, kc, vc, cache.shape, seq, at, masking, &mut context)?;
+                }
+                None => {
+                    ops::kv_append(gpu, &k, kc, cache.shape, (start, seq))?;
+                    ops::kv_append(gpu, &v, vc, cache.shape, (start, seq))?;
+                    ops::attention(gpu, &q, kc, vc, cache.shape, (start, seq), masking, &mut context)?;
+                }
+            }
             let attn = Self::linear(gpu, blas, &block.out, &context, rows)?;
             ops::add_in_place(gpu, &mut hidden, &attn)?;
 
@@ -338,15 +387,33 @@ impl CudaDecoder {
             }
         };
         let x = self.final_norm.apply(gpu, &hidden, out_rows, self.eps)?;
-        let logits = match &self.head {
-            Some(head) => Self::linear(gpu, blas, head, &x, out_rows)?,
-            None => {
-                let mut out = gpu.uninit::<f32>(out_rows * self.vocab)?;
-                blas.gemm(&x, &self.embed, &mut out, (out_rows, self.vocab, h))?;
-                out
+        match &self.head {
+            Some(head) => {
+                head.forward(gpu, blas, &x, out_rows, out)?;
             }
-        };
-        gpu.download(&logits)
+            None => blas.gemm(&x, &self.embed, out, (out_rows, self.vocab, h))?,
+        }
+        Ok(())
+    }
+}
+
+/// Where a forward pass finds what changes from one step to the next.
+#[derive(Clone, Copy)]
+enum Step<'a> {
+    /// On the host: the tokens, uploaded by the pass, and the cache length, passed to the
+    /// kernels as an argument (eager passes).
+    Host { tokens: &'a [u32], start: usize },
+    /// In a device buffer `[tokens | positions | start]` (`rows`, `rows` and one i32) that
+    /// the kernels read: a captured decode graph replays with new values written there.
+    Device { inputs: &'a CudaSlice<i32>, rows: usize },
+}
+
+impl Step<'_> {
+    fn rows(&self) -> usize {
+        match self {
+            Step::Host { tokens, .. } => tokens.len(),
+            Step::Device { rows, .. } => *rows,
+        }
     }
 }
 
@@ -357,6 +424,15 @@ struct DeviceState {
     decoder: CudaDecoder,
     /// Device milliseconds of the last forward pass (CUDA events around it).
     last_ms: Option<f64>,
+    /// Decode steps are captured in a CUDA graph and replayed ([`CausalLm::set_decode_graph`]).
+    graph: bool,
+    /// Batch sizes whose decode step already ran eagerly on this model. A capture records
+    /// launches without running them, so the first decode step of a batch size runs
+    /// eagerly: it loads the kernels and cuBLAS's, and allocates the linear layers' scratch
+    /// buffers, none of which may happen inside a graph.
+    warm: BTreeSet<usize>,
+    /// Why a capture failed; decode steps run eagerly from then on.
+    graph_failed: Option<String>,
 }
 
 /// A decoder whose forward passes run on the GPU.
@@ -367,9 +443,15 @@ pub struct CudaCausalLm {
     prefill_rows: usize,
 }
 
+/// The kernel path listed while decode steps replay a CUDA graph.
+const GRAPH_KERNEL: &str = "cuda-graph-decode";
+/// The kernel path listed when a capture failed and decode steps fell back to eager launches.
+const GRAPH_FAILED_KERNEL: &str = "cuda-graph-decode-failed-eager";
+
 impl CudaCausalLm {
     /// Upload `cpu` to `gpu`. `prefill_rows`: the row count whose kernel path is listed
-    /// next to the decode path in [`CausalLm::kernels`].
+    /// next to the decode path in [`CausalLm::kernels`]. Decode steps replay a CUDA graph
+    /// ([`CausalLm::set_decode_graph`] turns that off).
     pub fn new(cpu: Box<dyn CausalLm>, gpu: Arc<Gpu>, prefill_rows: usize) -> Result<CudaCausalLm> {
         let plan = cpu.plan().ok_or_else(|| Error::Device {
             device: "cuda",
@@ -379,7 +461,15 @@ impl CudaCausalLm {
         let decoder = CudaDecoder::upload(&gpu, &plan).map_err(device_error)?;
         drop(plan);
         gpu.synchronize().map_err(device_error)?;
-        let state = Mutex::new(DeviceState { gpu, blas, decoder, last_ms: None });
+        let state = Mutex::new(DeviceState {
+            gpu,
+            blas,
+            decoder,
+            last_ms: None,
+            graph: true,
+            warm: BTreeSet::new(),
+            graph_failed: None,
+        });
         Ok(CudaCausalLm { cpu, state, prefill_rows })
     }
 
@@ -398,34 +488,231 @@ impl CudaCausalLm {
         let (_, seq) = crate::model::check_batch(tokens, batch, cache)?;
         let start = cache.len();
         let mut state = self.state();
-        let DeviceState { gpu, blas, decoder, last_ms } = &mut *state;
+        let DeviceState { gpu, blas, decoder, last_ms, graph, warm, graph_failed } = &mut *state;
         let slot = cache.device_mut::<CacheSlot>().ok_or_else(|| Error::Device {
             device: "cuda",
             message: "the key/value cache was not made by this model's new_cache".into(),
         })?;
-        let device_cache = slot.get(gpu, decoder, batch).map_err(device_error)?;
+        slot.allocate(gpu, decoder, batch).map_err(device_error)?;
+        let CacheSlot { capacity, graph: slot_graph, cache: Some(device_cache) } = slot else {
+            return Err(device_error(CudaError::Shape {
+                op: "decoder forward",
+                message: "device cache missing after allocation".into(),
+            }));
+        };
+        // A decode step the graph can replay; anything else (and a step the eager path
+        // would reject, so that it reports why) runs eagerly.
+        let decode = *graph
+            && graph_failed.is_none()
+            && observe.is_none()
+            && seq == 1
+            && logits == Logits::Last
+            && decoder.replayable(tokens, start, *capacity);
+        let replay = decode && warm.contains(&batch);
         let mut out = Ok(Vec::new());
         let ms = gpu
             .time_ms(|| {
-                out = decoder.forward(gpu, blas, tokens, batch, start, device_cache, logits, observe);
+                out = if replay {
+                    decoder.graph_step(gpu, blas, device_cache, slot_graph, tokens, start, graph_failed)
+                } else {
+                    decoder.eager_step(
+                        gpu,
+                        blas,
+                        Step::Host { tokens, start },
+                        batch,
+                        device_cache,
+                        logits,
+                        observe,
+                    )
+                };
                 out.as_ref().map(|_| ()).map_err(Clone::clone)
             })
             .map_err(device_error)?;
         *last_ms = Some(f64::from(ms));
         let out = out.map_err(device_error)?;
+        if decode {
+            warm.insert(batch);
+        }
         cache.advance(seq);
         Ok(out)
     }
 }
 
-/// The device cache of a [`KvCache`], allocated on first use.
+impl CudaDecoder {
+    /// Whether a decode step of `tokens` after `start` cached positions fits what the graph
+    /// reads from the device unchecked: ids within the vocabulary, a free position in the
+    /// cache (and in a learned position table), every value an i32.
+    fn replayable(&self, tokens: &[u32], start: usize, capacity: usize) -> bool {
+        let positions = match &self.positions {
+            DevicePositions::Learned { count, .. } => *count,
+            _ => usize::MAX,
+        };
+        i32::try_from(self.vocab).is_ok()
+            && i32::try_from(capacity).is_ok()
+            && start < capacity.min(positions)
+            && tokens.iter().all(|&t| (t as usize) < self.vocab)
+    }
+
+    /// One forward pass with every kernel launched from the host; the logits downloaded.
+    #[allow(clippy::too_many_arguments)]
+    fn eager_step(
+        &self,
+        gpu: &Gpu,
+        blas: &Blas,
+        step: Step,
+        batch: usize,
+        cache: &mut DeviceCache,
+        logits: Logits,
+        observe: Observer,
+    ) -> Result<Vec<f32>, CudaError> {
+        let rows = match logits {
+            Logits::All => step.rows(),
+            Logits::Last => batch,
+        };
+        let mut out = gpu.uninit::<f32>(rows * self.vocab)?;
+        self.forward(gpu, blas, step, batch, cache, logits, observe, &mut out)?;
+        gpu.download(&out)
+    }
+
+    /// One decode step (one token per sequence) as a replay of the cache's graph, captured
+    /// first when the cache has none. A failed capture is recorded in `failed` and the
+    /// step runs eagerly: the capture ran nothing, so the cache is as before.
+    #[allow(clippy::too_many_arguments)]
+    fn graph_step(
+        &self,
+        gpu: &Gpu,
+        blas: &Blas,
+        cache: &mut DeviceCache,
+        graph: &mut Option<DecodeGraph>,
+        tokens: &[u32],
+        start: usize,
+        failed: &mut Option<String>,
+    ) -> Result<Vec<f32>, CudaError> {
+        let batch = tokens.len();
+        if graph.as_ref().is_none_or(|g| g.batch != batch) {
+            *graph = None;
+            match DecodeGraph::capture(gpu, blas, self, cache, batch) {
+                Ok(g) => *graph = Some(g),
+                Err(e) => {
+                    *failed = Some(e.to_string());
+                    return self.eager_step(
+                        gpu,
+                        blas,
+                        Step::Host { tokens, start },
+                        batch,
+                        cache,
+                        Logits::Last,
+                        None,
+                    );
+                }
+            }
+        }
+        let g = graph.as_mut().ok_or(CudaError::Shape {
+            op: "decode graph",
+            message: "no graph after the capture, expected one".into(),
+        })?;
+        g.replay(gpu, tokens, start)
+    }
+}
+
+/// A [`cudarc::driver::CudaGraph`] that may move between threads.
+struct SendGraph(cudarc::driver::CudaGraph);
+
+// SAFETY: a graph is only used through `&mut CacheSlot` inside `CudaCausalLm::run`, which
+// holds the model's lock: never from two threads at once, which is all CUDA asks of graph
+// objects (their calls must be serialised, not made from the creating thread).
+unsafe impl Send for SendGraph {}
+// SAFETY: as above; no method reads the graph through a shared reference.
+unsafe impl Sync for SendGraph {}
+
+/// A decode step captured as a CUDA graph for one device cache and batch size. Its
+/// kernels read the step's tokens, positions and cache length from `inputs` and write the
+/// logits to `logits`, both allocated before the capture: their addresses, and the cache's,
+/// are baked into the graph. Every buffer allocated inside the capture is freed inside it
+/// (graph memory nodes), so the graph can be launched again and again.
+struct DecodeGraph {
+    batch: usize,
+    /// `[tokens | positions | start]`: `batch`, `batch` and one i32.
+    inputs: CudaSlice<i32>,
+    /// `[batch, vocab]`.
+    logits: CudaSlice<f32>,
+    graph: SendGraph,
+}
+
+impl DecodeGraph {
+    /// Record a decode step of `batch` sequences on `cache` (nothing runs).
+    fn capture(
+        gpu: &Gpu,
+        blas: &Blas,
+        decoder: &CudaDecoder,
+        cache: &mut DeviceCache,
+        batch: usize,
+    ) -> Result<DecodeGraph, CudaError> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        let inputs = gpu.zeros::<i32>(2 * batch + 1)?;
+        let mut logits = gpu.zeros::<f32>(batch * decoder.vocab)?;
+        let stream = gpu.stream();
+        // Relaxed: a call that is not a stream operation (a module or function lookup, a
+        // function attribute) is allowed on this thread during the capture; the ones that
+        // would break it (synchronisation, pageable copies) are not made.
+        guard("begin capture", || {
+            stream
+                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+                .map_err(driver("cuStreamBeginCapture"))
+        })?;
+        let step = Step::Device { inputs: &inputs, rows: batch };
+        let recorded = decoder.forward(gpu, blas, step, batch, cache, Logits::Last, None, &mut logits);
+        // cudarc keeps errors of calls that cannot return one (a free in a broken capture)
+        // and returns them from the next call: clear them so that call ends the capture.
+        let pending = gpu.context().check_err().map_err(driver("capture"));
+        let ended = guard("end capture", || {
+            stream
+                .end_capture(CUgraphInstantiate_flags(0))
+                .map_err(driver("cuStreamEndCapture / cuGraphInstantiate"))
+        });
+        recorded?;
+        pending?;
+        let graph = ended?.ok_or(CudaError::Driver {
+            op: "cuStreamEndCapture".into(),
+            message: "no graph captured, expected the decode step's".into(),
+        })?;
+        Ok(DecodeGraph { batch, inputs, logits, graph: SendGraph(graph) })
+    }
+
+    /// Run the step for `tokens` (one per sequence, checked by `replayable`) after `start`
+    /// cached positions: the inputs uploaded, one graph launch, the logits downloaded.
+    fn replay(&mut self, gpu: &Gpu, tokens: &[u32], start: usize) -> Result<Vec<f32>, CudaError> {
+        let start = start as i32;
+        let mut host: Vec<i32> = Vec::with_capacity(2 * self.batch + 1);
+        host.extend(tokens.iter().map(|&t| t as i32));
+        host.extend(std::iter::repeat_n(start, self.batch));
+        host.push(start);
+        if host.len() != self.inputs.len() {
+            return Err(CudaError::Shape {
+                op: "decode graph",
+                message: format!("{} tokens, expected {} (the captured batch)", tokens.len(), self.batch),
+            });
+        }
+        let stream = gpu.stream();
+        guard("graph inputs", || {
+            stream.memcpy_htod(&host, &mut self.inputs).map_err(driver("copy graph inputs to device"))
+        })?;
+        guard("graph launch", || self.graph.0.launch().map_err(driver("cuGraphLaunch")))?;
+        gpu.download(&self.logits)
+    }
+}
+
+/// The device cache of a [`KvCache`], allocated on first use, and the decode graph
+/// captured on it (which is only valid for these buffers: a new cache captures anew).
 struct CacheSlot {
     capacity: usize,
+    /// Declared before the cache so it is destroyed first: it refers to the cache's buffers.
+    graph: Option<DecodeGraph>,
     cache: Option<DeviceCache>,
 }
 
 impl CacheSlot {
-    fn get(&mut self, gpu: &Gpu, decoder: &CudaDecoder, batch: usize) -> Result<&mut DeviceCache, CudaError> {
+    fn allocate(&mut self, gpu: &Gpu, decoder: &CudaDecoder, batch: usize) -> Result<(), CudaError> {
         if self.cache.is_none() {
             let shape = decoder.cache_shape(batch, self.capacity);
             let layers = (0..decoder.blocks.len())
@@ -433,7 +720,7 @@ impl CacheSlot {
                 .collect::<Result<_, CudaError>>()?;
             self.cache = Some(DeviceCache { shape, layers });
         }
-        Ok(self.cache.as_mut().expect("allocated above"))
+        Ok(())
     }
 }
 
@@ -444,7 +731,7 @@ impl CausalLm for CudaCausalLm {
 
     fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
         let shape = self.state().decoder.attention;
-        KvCache::on_device(batch, shape, CacheSlot { capacity, cache: None })
+        KvCache::on_device(batch, shape, CacheSlot { capacity, graph: None, cache: None })
     }
 
     fn forward(&self, tokens: &[u32], batch: usize, cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>> {
@@ -475,7 +762,18 @@ impl CausalLm for CudaCausalLm {
     }
 
     fn kernels(&self) -> BTreeSet<&'static str> {
-        self.state().decoder.kernels(self.prefill_rows)
+        let state = self.state();
+        let mut out = state.decoder.kernels(self.prefill_rows);
+        match (state.graph, &state.graph_failed) {
+            (true, None) => out.insert(GRAPH_KERNEL),
+            (true, Some(_)) => out.insert(GRAPH_FAILED_KERNEL),
+            (false, _) => false,
+        };
+        out
+    }
+
+    fn set_decode_graph(&self, on: bool) -> Option<bool> {
+        Some(std::mem::replace(&mut self.state().graph, on))
     }
 
     /// The device layers' own observations (counted on the GPU), under the CPU layers'
@@ -497,6 +795,7 @@ impl CausalLm for CudaCausalLm {
         let head = if d.head.is_none() { d.embed.len() * 4 } else { 0 };
         Some(DeviceReport {
             last_forward_ms: state.last_ms,
+            decode_graph_failed: state.graph_failed.clone(),
             weight_bytes_per_token: (d.linear_bytes() + head) as u64,
         })
     }

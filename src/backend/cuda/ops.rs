@@ -5,7 +5,7 @@
 //! Layouts are the CPU paths': row-major `[rows, cols]` f32 activations, weights
 //! `[out_features, in_features]`, outputs `[rows, out_features]`.
 
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use super::kernels::{KernelFile, CAST, OPS, PACKED4, QUANT};
 use super::{driver, guard, CudaError, Gpu};
@@ -947,6 +947,17 @@ pub fn rotary(
     x: &mut CudaSlice<f32>,
     positions: &CudaSlice<i32>,
     inv_freq: &CudaSlice<f32>,
+    dims: (usize, usize, usize),
+) -> Result<(), CudaError> {
+    rotary_view(gpu, x, &positions.as_view(), inv_freq, dims)
+}
+
+/// [`rotary`] with the positions in part of a larger buffer (a decode graph's inputs).
+pub fn rotary_view(
+    gpu: &Gpu,
+    x: &mut CudaSlice<f32>,
+    positions: &CudaView<'_, i32>,
+    inv_freq: &CudaSlice<f32>,
     (tokens, heads, head_dim): (usize, usize, usize),
 ) -> Result<(), CudaError> {
     const OP: &str = "rotary";
@@ -1000,6 +1011,34 @@ pub fn embedding(
     )
 }
 
+/// [`embedding`] of ids already on the device (a decode graph's inputs, which change
+/// between replays): `out[t] = table[ids[t]]` for every id of `ids`, read as unsigned. The
+/// caller checks the ids against the vocabulary before it writes them; the kernel gives
+/// NaN rows for any id outside it.
+pub fn embedding_device(
+    gpu: &Gpu,
+    table: &CudaSlice<f32>,
+    (vocab, dim): (usize, usize),
+    ids: &CudaView<'_, i32>,
+    out: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    const OP: &str = "embedding";
+    need(OP, "table", table.len(), vocab * dim)?;
+    need(OP, "out", out.len(), ids.len() * dim)?;
+    let (n, v, d) = (int(OP, "tokens", ids.len())?, int(OP, "vocab", vocab)?, int(OP, "dim", dim)?);
+    let mut f = None;
+    launch(
+        gpu,
+        &OPS,
+        OP,
+        grid_stride(ids.len() * dim),
+        |b| {
+            b.arg(table).arg(ids).arg(out).arg(&n).arg(&v).arg(&d);
+        },
+        &mut f,
+    )
+}
+
 /// The shape of one layer's key/value cache on the device:
 /// `[batch · kv_heads, capacity, head_dim]` for keys and for values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1028,6 +1067,16 @@ impl CacheShape {
     }
 }
 
+/// Where [`kv_append`] and [`attention`] find the cache length `start`.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    /// A kernel argument, checked on the host.
+    Host(usize),
+    /// `start[0]` on the device, read by the kernel: a captured decode graph replays with
+    /// a new cache length each step.
+    Device(&'a CudaView<'a, i32>),
+}
+
 /// Append `seq` new positions (`src` is `[batch, seq, kv_heads · head_dim]`) at `start`.
 pub fn kv_append(
     gpu: &Gpu,
@@ -1036,17 +1085,52 @@ pub fn kv_append(
     shape: CacheShape,
     (start, seq): (usize, usize),
 ) -> Result<(), CudaError> {
+    kv_append_from(gpu, src, cache, shape, seq, Start::Host(start))
+}
+
+/// [`kv_append`] at the position `start[0]` holds on the device (a decode graph's
+/// inputs). The caller keeps `start[0] + seq` within the capacity; the kernel skips
+/// positions past it.
+pub fn kv_append_at(
+    gpu: &Gpu,
+    src: &CudaSlice<f32>,
+    cache: &mut CudaSlice<f32>,
+    shape: CacheShape,
+    seq: usize,
+    start: &CudaView<'_, i32>,
+) -> Result<(), CudaError> {
+    kv_append_from(gpu, src, cache, shape, seq, Start::Device(start))
+}
+
+fn kv_append_from(
+    gpu: &Gpu,
+    src: &CudaSlice<f32>,
+    cache: &mut CudaSlice<f32>,
+    shape: CacheShape,
+    seq: usize,
+    start: Start,
+) -> Result<(), CudaError> {
     const OP: &str = "kv_append";
     let CacheShape { batch, kv_heads, head_dim, capacity, .. } = shape;
     need(OP, "src", src.len(), batch * seq * kv_heads * head_dim)?;
     need(OP, "cache", cache.len(), shape.len())?;
-    if start + seq > capacity {
+    let host_start = match start {
+        Start::Host(s) => s,
+        Start::Device(d) => {
+            need(OP, "start", d.len(), 1)?;
+            0
+        }
+    };
+    if host_start + seq > capacity {
         return Err(CudaError::Shape {
             op: OP,
-            message: format!("positions {start}..{} past the cache capacity {capacity}", start + seq),
+            message: format!(
+                "positions {host_start}..{} past the cache capacity {capacity}",
+                host_start + seq
+            ),
         });
     }
-    let dims: Vec<i32> = [batch, seq, kv_heads, head_dim, capacity, start]
+    let dims: Vec<i32> = [batch, seq, kv_heads, head_dim, capacity, host_start]
         .into_iter()
         .map(|v| int(OP, "dimension", v))
         .collect::<Result<_, _>>()?;
@@ -1061,6 +1145,10 @@ pub fn kv_append(
             for d in &dims {
                 b.arg(d);
             }
+            match start {
+                Start::Host(_) => b.arg(&NULL),
+                Start::Device(d) => b.arg(d),
+            };
         },
         &mut f,
     )
@@ -1090,6 +1178,69 @@ pub fn attention(
     masking: DeviceMasking,
     out: &mut CudaSlice<f32>,
 ) -> Result<(), CudaError> {
+    attention_from(gpu, q, (k_cache, v_cache), shape, seq, Start::Host(start), masking, out)
+}
+
+/// [`attention`] after the `start[0]` positions the device holds (a decode graph's inputs):
+/// the scores' shared memory is sized for the whole capacity, since the key count is not
+/// known on the host. No key mask (its row length would be that count); the caller keeps
+/// `start[0] + seq` within the capacity, and blocks past it write nothing.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_at(
+    gpu: &Gpu,
+    q: &CudaSlice<f32>,
+    k_cache: &CudaSlice<f32>,
+    v_cache: &CudaSlice<f32>,
+    shape: CacheShape,
+    seq: usize,
+    start: &CudaView<'_, i32>,
+    masking: DeviceMasking,
+    out: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    attention_from(gpu, q, (k_cache, v_cache), shape, seq, Start::Device(start), masking, out)
+}
+
+/// Dynamic shared memory a block may use without opting in.
+const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
+
+/// Let the attention kernel use `bytes` of dynamic shared memory (above 48 KiB a kernel
+/// must opt in), or an error naming the device's limit.
+fn opt_in_shared(gpu: &Gpu, op: &'static str, bytes: usize) -> Result<(), CudaError> {
+    use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+    let limit = guard(op, || {
+        gpu.context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(driver("cuDeviceGetAttribute"))
+    })?;
+    // The kernel's own reduction scratch (32 floats) shares the block's budget.
+    let limit = usize::try_from(limit).unwrap_or(0).saturating_sub(32 * 4);
+    if bytes > limit {
+        return Err(CudaError::Shape {
+            op,
+            message: format!(
+                "{bytes} bytes of shared memory for the scores, expected at most {limit} ({} keys) on this device",
+                limit / 4
+            ),
+        });
+    }
+    let f = gpu.function(&OPS, "attention")?;
+    guard(op, || {
+        f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+            .map_err(driver("cuFuncSetAttribute"))
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_from(
+    gpu: &Gpu,
+    q: &CudaSlice<f32>,
+    (k_cache, v_cache): (&CudaSlice<f32>, &CudaSlice<f32>),
+    shape: CacheShape,
+    seq: usize,
+    start: Start,
+    masking: DeviceMasking,
+    out: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
     const OP: &str = "attention";
     let CacheShape { batch, heads, kv_heads, head_dim, capacity } = shape;
     if kv_heads == 0 || heads % kv_heads != 0 {
@@ -1098,11 +1249,24 @@ pub fn attention(
             message: format!("{heads} heads over {kv_heads} kv heads, expected a multiple"),
         });
     }
-    let keys = start + seq;
-    if keys > capacity {
+    // The keys the scores must hold: known on the host, else as many as the cache can.
+    let (host_start, keys) = match start {
+        Start::Host(s) => (s, s + seq),
+        Start::Device(d) => {
+            need(OP, "start", d.len(), 1)?;
+            if masking.key_mask.is_some() {
+                return Err(CudaError::Shape {
+                    op: OP,
+                    message: "a key mask with the cache length on the device, expected none".into(),
+                });
+            }
+            (0, capacity)
+        }
+    };
+    if host_start + seq > capacity {
         return Err(CudaError::Shape {
             op: OP,
-            message: format!("{keys} keys past the cache capacity {capacity}"),
+            message: format!("{} keys past the cache capacity {capacity}", host_start + seq),
         });
     }
     need(OP, "q", q.len(), batch * seq * heads * head_dim)?;
@@ -1116,15 +1280,19 @@ pub fn attention(
         need(OP, "key_mask", m.len(), batch * keys)?;
     }
     let shared = keys * 4;
-    if shared > 48 * 1024 {
-        return Err(CudaError::Shape {
-            op: OP,
-            message: format!(
-                "{keys} keys need {shared} bytes of shared memory, expected at most 49152 (12288 keys)"
-            ),
-        });
+    match start {
+        Start::Host(_) if shared > DEFAULT_SHARED_BYTES => {
+            return Err(CudaError::Shape {
+                op: OP,
+                message: format!(
+                    "{keys} keys need {shared} bytes of shared memory, expected at most 49152 (12288 keys)"
+                ),
+            });
+        }
+        Start::Device(_) if shared > DEFAULT_SHARED_BYTES => opt_in_shared(gpu, OP, shared)?,
+        _ => {}
     }
-    let v: Vec<i32> = [batch, seq, heads, kv_heads, head_dim, capacity, start]
+    let v: Vec<i32> = [batch, seq, heads, kv_heads, head_dim, capacity, host_start]
         .into_iter()
         .map(|v| int(OP, "dimension", v))
         .collect::<Result<_, _>>()?;
@@ -1150,6 +1318,10 @@ pub fn attention(
             opt_arg!(b, masking.alibi);
             opt_arg!(b, masking.key_mask);
             b.arg(&scale);
+            match start {
+                Start::Host(_) => b.arg(&NULL),
+                Start::Device(d) => b.arg(d),
+            };
         },
         &mut f,
     )
