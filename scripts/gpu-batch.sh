@@ -18,6 +18,10 @@ if [ "$tests_limit" != 0 ]; then
     >"$OUT/cuda-tests.txt" 2>&1
   echo "cuda-tests exit $?"; grep -E "^test |test result|panicked|skipped" "$OUT/cuda-tests.txt" | tail -30
 fi
+if [ "${KERNELS:-1}" != 0 ]; then
+  timeout 240 target/release/cuda-kernels --json "$OUT/cuda-kernels.json" >"$OUT/cuda-kernels.txt" 2>&1
+  echo "cuda-kernels exit $?"; cat "$OUT/cuda-kernels.txt"
+fi
 for suite in "$@"; do
   name=$(basename "$suite" .yaml)
   timeout "$suite_limit" target/release/bench run "$suite" --out "$OUT/r/$name" >"$OUT/$name.txt" 2>&1
