@@ -13,18 +13,42 @@ __device__ __forceinline__ float param_at(const void* p, long b, int bf16_params
     return bf16_params ? bf16_to_f32(((const u16*)p)[b]) : ((const float*)p)[b];
 }
 
+// The tiled layout of the fast GEMV (see "the bandwidth-bound fused GEMV" below), for
+// shapes with cols % 8 == 0: the byte holding value i (row-major index into [rows, cols]),
+// whose nibble is, as in the plain layout, the high one when i is even.
+__device__ __forceinline__ long tiled_byte(long i, int rows, int cols) {
+    long r = i / cols;
+    int col = (int)(i - r * cols);
+    int words = cols >> 3, chunks = words >> 7, tail = words & 127;
+    int w = col >> 3, k = (col & 7) >> 1;
+    if (w < chunks << 7) {
+        // Chunk w / 128, component (w / 32) % 4 of lane w % 32's uint4.
+        long u = ((long)r * chunks + (w >> 7)) * 32 + (w & 31);
+        return u * 16 + ((w >> 5) & 3) * 4 + k;
+    }
+    return ((long)rows * chunks * 128 + r * tail + (w - (chunks << 7))) * 4 + k;
+}
+
 // Dequantize n values: table[code] * scale, then + offset, each rounded once (as
 // Packed4::value). Writes f32 (out_f32) or bf16 bits (out_bf16), whichever is not null.
+// tiled: the bytes are in the fast GEMV's tiled layout of a [rows, cols] weight.
 extern "C" __global__ void packed4_dequant(const u8* __restrict__ bytes, const float* __restrict__ table,
                                            const void* __restrict__ scales, const void* __restrict__ offsets,
-                                           int bf16_params, long n, int block, float* __restrict__ out_f32,
-                                           u16* __restrict__ out_bf16) {
+                                           int bf16_params, long n, int block, int tiled, int rows, int cols,
+                                           float* __restrict__ out_f32, u16* __restrict__ out_bf16) {
     __shared__ float t16[16];
     if (threadIdx.x < 16) t16[threadIdx.x] = table[threadIdx.x];
     __syncthreads();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         long b = i / block;
-        float v = __fmul_rn(t16[code_at(bytes, i)], param_at(scales, b, bf16_params));
+        u32 code;
+        if (tiled) {
+            u32 byte = bytes[tiled_byte(i, rows, cols)];
+            code = (i & 1) ? (byte & 15u) : (byte >> 4);
+        } else {
+            code = code_at(bytes, i);
+        }
+        float v = __fmul_rn(t16[code], param_at(scales, b, bf16_params));
         if (offsets) v = __fadd_rn(v, param_at(offsets, b, bf16_params));
         if (out_f32) out_f32[i] = v;
         if (out_bf16) out_bf16[i] = f32_to_bf16(v);
@@ -36,7 +60,9 @@ extern "C" __global__ void packed4_dequant(const u8* __restrict__ bytes, const f
 // Fused GEMV, general path: out[i, r] = sum_c W[r, c] * x[i, c] (+ bias[r]) for i < m
 // (m <= 8), dequantizing in registers. One warp per output row, 8 warps per block. The
 // host takes packed4_gemv_m<M> below whenever cols % 8 == 0 and block is a power of two
-// of at least 8 (every format's usual shapes); this kernel serves the other shapes.
+// of at least 8 (every format's usual shapes; their bytes are then uploaded in the tiled
+// layout, which this kernel does not read); this kernel serves the other shapes, whose
+// bytes keep the plain layout.
 // Shapes with cols and block multiples of 32: each lane takes 32 consecutive values (one
 // 16-byte load) of one block and applies the block's scale (and offset * sum x) once.
 // Other shapes: value by value.
@@ -115,54 +141,116 @@ extern "C" __global__ void packed4_gemv(const u8* __restrict__ bytes, const floa
 // out[i, r] = sum_c W[r, c] * x[i, c] (+ bias[r]) for i < M, M = 1..8 a compile-time
 // constant (entry points packed4_gemv_m1 .. _m8). Needs cols % 8 == 0 and block a power
 // of two >= 8 (block == 1 << block_shift): then every 8-value word (4 bytes, one u32) lies
-// in one row and one block, and every row starts 4-byte aligned.
+// in one row and one block.
 //
-// Why it is fast (batch-1 decode reads each weight byte once; the GEMV is a stream):
-// - Coalesced everything: the block's 128 threads take consecutive words of a row
-//   (word t of the row goes to thread t % 128), so each warp's weight load is 128
-//   contiguous bytes and its x loads (8 floats per lane, two 16-byte loads) span 1 KiB;
-//   the old kernel gave each lane 32 consecutive values, so each of its 16-byte x loads
-//   touched 32 cache lines (8x the L1 wavefronts of the weight stream itself).
-// - P4_ROWS rows per block share every x load (x is read from L1 once per P4_ROWS rows).
-// - Memory-level parallelism: an iteration issues all P4_ROWS x P4_UNROLL weight loads
-//   and their scale (offset) loads before using any of them. P4_UNROLL 1 measured best
-//   on an H100 (2, 4 and __launch_bounds__(128, 8) variants were slower: more registers,
-//   fewer resident warps); the parallelism comes from resident blocks.
-// - No division: the block index is (r * cols + col) >> block_shift.
-// - Code lookups: byte j of (w >> 2) & 0x3c3c3c3c is 4 * the high nibble of byte j,
-//   byte j of (w << 2) & 0x3c3c3c3c 4 * the low one: one byte-permute per value gives
-//   the shared-memory byte offset into the 16-entry table, whose 16 floats sit in 16
-//   distinct banks (a warp's lookups never conflict).
-// Sums: per word, dot = sum table[code] * x (f32, in order), then acc += scale * dot
+// The tiled layout. For these shapes DevicePacked4::upload reorders the words of the
+// plain layout (the bytes of a word, and so its nibble order, are unchanged). With
+// words = cols / 8, chunks = words / 128 and tail = words % 128 per row:
+// - first, for every row r and chunk c (row-major), 32 uint4 (512 bytes): component q of
+//   uint4 l is word c * 128 + q * 32 + l of row r;
+// - then, for every row, its last `tail` words in their plain order (u32 each).
+// The size is exactly the plain layout's (rows * cols / 2 bytes, no padding), every uint4
+// is 16-byte aligned, and tiled_byte above maps a value to its byte (packed4_dequant).
+//
+// Why (batch-1 decode reads each weight byte once; the GEMV is a stream, and an H100
+// needs ~40 KiB of loads in flight per SM to stream at copy bandwidth):
+// - 16 bytes per load: warp w of the block takes chunks w, w + 4, ... of each of its
+//   P4_ROWS rows; lane l loads one uint4 per row (4 words 32 apart), so a warp's weight
+//   load is 512 contiguous bytes and an iteration has P4_ROWS x 16 bytes in flight per
+//   thread (4x the previous one-u32-per-row kernel).
+// - Coalesced x: for component q the warp's lanes take 32 consecutive words, so their x
+//   loads (8 floats per lane, two 16-byte loads) span 1 KiB contiguously.
+// - P4_ROWS rows per block share every x load and every code decode is shared by the M
+//   activation rows.
+// - The tail words (fewer than 128 per row) go one per thread, after the chunks.
+// - No division: the block index is (r * cols + col) >> block_shift; one scale (and
+//   offset) load per word per row, issued with the weight loads before any use.
+// - Code lookups, general tables: byte j of (w >> 2) & 0x3c3c3c3c is 4 * the high nibble
+//   of byte j, byte j of (w << 2) & 0x3c3c3c3c 4 * the low one: one byte-permute per
+//   value gives the shared-memory byte offset into the 16-entry table, whose 16 floats
+//   sit in 16 distinct banks (a warp's lookups never conflict).
+// - Integer tables (int4-block's [0..7, -8..-1], or any table[c] == (c ^ X) - B with X
+//   0 or 8 and B a small integer, exactly: int_magic = 2^23 + B, int_xor = X * 0x11111111,
+//   else int_magic = 0): no shared-memory lookup; one byte-permute builds the f32 bits
+//   0x4b00000n = 2^23 + n of nibble n = c ^ X, and one subtraction of 2^23 + B gives
+//   table[c] exactly. This moves the lookups off the L1/shared-memory data path, which
+//   the x loads and (general tables) lookups otherwise nearly saturate.
+// Sums: per word, dot = sum table[code] * x (f32, in value order), then acc += scale * dot
 // (+ offset * sum x): the scale is applied once per 8 values, finer than the general
 // path's 32. Lanes, then the block's 4 warps, are summed in f32 at the end.
 
 #define P4_THREADS 128
 #define P4_WARPS (P4_THREADS / WARP)
 #define P4_ROWS 4
-#define P4_UNROLL 1
+#define P4_CHUNK 128
 
-template <int M, int U = P4_UNROLL>
-__device__ __forceinline__ void packed4_gemv_words(const u8* __restrict__ bytes, const float* __restrict__ table,
-                                                   const void* __restrict__ scales,
+// One word (8 values) of each of the P4_ROWS rows: word `word` of the row, codes w[r],
+// scales sc[r], offsets of[r] (OFF). INT: the integer-table decode (see above).
+template <int M, bool OFF, bool INT>
+__device__ __forceinline__ void p4_word(const char* tb, u32 int_xor, float int_magic, const u32 (&w)[P4_ROWS],
+                                        const float (&sc)[P4_ROWS], const float (&of)[P4_ROWS],
+                                        const float* __restrict__ x, int cols, int word,
+                                        float (&acc)[M][P4_ROWS]) {
+    // The 8 table values of each row's word, in value order: value 2j is the high nibble
+    // of byte j, value 2j + 1 the low one.
+    float v[P4_ROWS][8];
+#pragma unroll
+    for (int r = 0; r < P4_ROWS; r++) {
+        if (INT) {
+            u32 c = w[r] ^ int_xor;
+            u32 hi = (c >> 4) & 0x0f0f0f0fu, lo = c & 0x0f0f0f0fu;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                v[r][2 * j] = __int_as_float(__byte_perm(hi, 0x4b000000u, 0x7640u + j)) - int_magic;
+                v[r][2 * j + 1] = __int_as_float(__byte_perm(lo, 0x4b000000u, 0x7640u + j)) - int_magic;
+            }
+        } else {
+            u32 hi = (w[r] >> 2) & 0x3c3c3c3cu, lo = (w[r] << 2) & 0x3c3c3c3cu;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                v[r][2 * j] = *(const float*)(tb + __byte_perm(hi, 0u, 0x4440u + j));
+                v[r][2 * j + 1] = *(const float*)(tb + __byte_perm(lo, 0u, 0x4440u + j));
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < M; i++) {
+        const float4* x4 = (const float4*)(x + (long)i * cols + ((long)word << 3));
+        float4 xa = __ldg(x4), xb = __ldg(x4 + 1);
+        float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+        float xs = 0.0f;
+        if (OFF) xs = ((xv[0] + xv[1]) + (xv[2] + xv[3])) + ((xv[4] + xv[5]) + (xv[6] + xv[7]));
+#pragma unroll
+        for (int r = 0; r < P4_ROWS; r++) {
+            float dot = 0.0f;
+#pragma unroll
+            for (int k = 0; k < 8; k++) dot = fmaf(v[r][k], xv[k], dot);
+            acc[i][r] = fmaf(sc[r], dot, acc[i][r]);
+            if (OFF) acc[i][r] = fmaf(of[r], xs, acc[i][r]);
+        }
+    }
+}
+
+template <int M, bool OFF, bool INT>
+__device__ __forceinline__ void packed4_gemv_tiled(const float* t16, float (*partial)[M * P4_ROWS],
+                                                   const u8* __restrict__ bytes, const void* __restrict__ scales,
                                                    const void* __restrict__ offsets, int bf16_params,
-                                                   const float* __restrict__ x, const float* __restrict__ bias,
-                                                   float* __restrict__ out, int rows, int cols,
-                                                   int block_shift) {
-    __shared__ float t16[16];
-    __shared__ float partial[P4_WARPS][M * P4_ROWS];
+                                                   u32 int_xor, float int_magic, const float* __restrict__ x,
+                                                   const float* __restrict__ bias, float* __restrict__ out,
+                                                   int rows, int cols, int block_shift) {
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    if (tid < 16) t16[tid] = table[tid];
     int r0 = blockIdx.x * P4_ROWS;
-    int words = cols >> 3;
+    int words = cols >> 3, chunks = words / P4_CHUNK, tail = words % P4_CHUNK;
     // Rows past the end read the last row (valid memory) and are not written.
-    const u32* wrow[P4_ROWS];
+    const uint4* wchunk[P4_ROWS];
+    const u32* wtail[P4_ROWS];
     long rbase[P4_ROWS];
 #pragma unroll
     for (int r = 0; r < P4_ROWS; r++) {
-        int rr = min(r0 + r, rows - 1);
-        rbase[r] = (long)rr * cols;
-        wrow[r] = (const u32*)(bytes + (rbase[r] >> 1));
+        long rr = min(r0 + r, rows - 1);
+        rbase[r] = rr * cols;
+        wchunk[r] = (const uint4*)bytes + rr * chunks * 32 + lane;
+        wtail[r] = (const u32*)bytes + (long)rows * chunks * P4_CHUNK + rr * tail;
     }
     float acc[M][P4_ROWS];
 #pragma unroll
@@ -170,62 +258,55 @@ __device__ __forceinline__ void packed4_gemv_words(const u8* __restrict__ bytes,
 #pragma unroll
         for (int r = 0; r < P4_ROWS; r++) acc[i][r] = 0.0f;
     const char* tb = (const char*)t16;
-    __syncthreads();
-    for (int t0 = tid; t0 < words; t0 += P4_THREADS * U) {
-        u32 wv[U][P4_ROWS];
-        float sc[U][P4_ROWS], of[U][P4_ROWS];
-        // Issue every load of the iteration first.
+#pragma unroll 1
+    for (int c = warp; c < chunks; c += P4_WARPS) {
+        // Issue every load of the iteration first: the weights, then their scales.
+        uint4 wv[P4_ROWS];
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            int t = t0 + u * P4_THREADS;
+        for (int r = 0; r < P4_ROWS; r++) wv[r] = __ldg(wchunk[r] + c * 32);
+        int word0 = c * P4_CHUNK + lane;
+        float sc[4][P4_ROWS], of[4][P4_ROWS];
+#pragma unroll
+        for (int q = 0; q < 4; q++)
 #pragma unroll
             for (int r = 0; r < P4_ROWS; r++) {
-                wv[u][r] = 0u;
-                sc[u][r] = 0.0f;
-                of[u][r] = 0.0f;
-                if (t < words) {
-                    wv[u][r] = __ldg(wrow[r] + t);
-                    long b = (rbase[r] + ((long)t << 3)) >> block_shift;
-                    sc[u][r] = param_at(scales, b, bf16_params);
-                    if (offsets) of[u][r] = param_at(offsets, b, bf16_params);
+                long b = (rbase[r] + ((long)(word0 + 32 * q) << 3)) >> block_shift;
+                sc[q][r] = param_at(scales, b, bf16_params);
+                of[q][r] = OFF ? param_at(offsets, b, bf16_params) : 0.0f;
+            }
+        // One component at a time, not unrolled (unrolled, the compiler hoists all four
+        // components' decodes and x loads: 170-210 registers): component q is moved into
+        // .x / sc[0] / of[0] by rotation, so every index stays static.
+#pragma unroll 1
+        for (int q = 0; q < 4; q++) {
+            u32 w[P4_ROWS];
+#pragma unroll
+            for (int r = 0; r < P4_ROWS; r++) w[r] = wv[r].x;
+            p4_word<M, OFF, INT>(tb, int_xor, int_magic, w, sc[0], of[0], x, cols, word0 + 32 * q, acc);
+#pragma unroll
+            for (int r = 0; r < P4_ROWS; r++) {
+                wv[r] = make_uint4(wv[r].y, wv[r].z, wv[r].w, 0u);
+#pragma unroll
+                for (int k = 0; k < 3; k++) {
+                    sc[k][r] = sc[k + 1][r];
+                    of[k][r] = of[k + 1][r];
                 }
             }
         }
+    }
+    if (tid < tail) {
+        int word = chunks * P4_CHUNK + tid;
+        u32 w[P4_ROWS];
+        float sc[P4_ROWS], of[P4_ROWS];
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            int t = t0 + u * P4_THREADS;
-            if (t < words) {
-                // Shared-memory byte offsets of the 8 codes' table entries, in value order:
-                // value 2j is the high nibble of byte j, value 2j + 1 the low one.
-                u32 hi[P4_ROWS], lo[P4_ROWS];
+        for (int r = 0; r < P4_ROWS; r++) w[r] = __ldg(wtail[r] + tid);
 #pragma unroll
-                for (int r = 0; r < P4_ROWS; r++) {
-                    hi[r] = (wv[u][r] >> 2) & 0x3c3c3c3cu;
-                    lo[r] = (wv[u][r] << 2) & 0x3c3c3c3cu;
-                }
-#pragma unroll
-                for (int i = 0; i < M; i++) {
-                    const float4* x4 = (const float4*)(x + (long)i * cols + ((long)t << 3));
-                    float4 xa = __ldg(x4), xb = __ldg(x4 + 1);
-                    float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
-                    float xs = 0.0f;
-                    if (offsets) xs = ((xv[0] + xv[1]) + (xv[2] + xv[3])) + ((xv[4] + xv[5]) + (xv[6] + xv[7]));
-#pragma unroll
-                    for (int r = 0; r < P4_ROWS; r++) {
-                        float dot = 0.0f;
-#pragma unroll
-                        for (int j = 0; j < 4; j++) {
-                            u32 oh = __byte_perm(hi[r], 0u, 0x4440u + j);
-                            u32 ol = __byte_perm(lo[r], 0u, 0x4440u + j);
-                            dot = fmaf(*(const float*)(tb + oh), xv[2 * j], dot);
-                            dot = fmaf(*(const float*)(tb + ol), xv[2 * j + 1], dot);
-                        }
-                        acc[i][r] = fmaf(sc[u][r], dot, acc[i][r]);
-                        if (offsets) acc[i][r] = fmaf(of[u][r], xs, acc[i][r]);
-                    }
-                }
-            }
+        for (int r = 0; r < P4_ROWS; r++) {
+            long b = (rbase[r] + ((long)word << 3)) >> block_shift;
+            sc[r] = param_at(scales, b, bf16_params);
+            of[r] = OFF ? param_at(offsets, b, bf16_params) : 0.0f;
         }
+        p4_word<M, OFF, INT>(tb, int_xor, int_magic, w, sc, of, x, cols, word, acc);
     }
 #pragma unroll
     for (int i = 0; i < M; i++)
@@ -244,20 +325,49 @@ __device__ __forceinline__ void packed4_gemv_words(const u8* __restrict__ bytes,
     }
 }
 
+// The entry point for M activation rows: the variant for offsets or none, integer table
+// or shared-memory table (uniform branches).
+template <int M>
+__device__ __forceinline__ void packed4_gemv_words(const u8* __restrict__ bytes, const float* __restrict__ table,
+                                                   const void* __restrict__ scales,
+                                                   const void* __restrict__ offsets, int bf16_params,
+                                                   const float* __restrict__ x, const float* __restrict__ bias,
+                                                   float* __restrict__ out, int rows, int cols, int block_shift,
+                                                   u32 int_xor, float int_magic) {
+    __shared__ float t16[16];
+    __shared__ float partial[P4_WARPS][M * P4_ROWS];
+    if (threadIdx.x < 16) t16[threadIdx.x] = table[threadIdx.x];
+    __syncthreads();
+#define P4_TILED(OFF, INT)                                                                                     \
+    packed4_gemv_tiled<M, OFF, INT>(t16, partial, bytes, scales, offsets, bf16_params, int_xor, int_magic, x,  \
+                                    bias, out, rows, cols, block_shift)
+    if (int_magic != 0.0f) {
+        if (offsets) P4_TILED(true, true);
+        else P4_TILED(false, true);
+    } else {
+        if (offsets) P4_TILED(true, false);
+        else P4_TILED(false, false);
+    }
+#undef P4_TILED
+}
+
 #define P4_ARGS                                                                                                \
     const u8 *__restrict__ bytes, const float *__restrict__ table, const void *__restrict__ scales,             \
         const void *__restrict__ offsets, int bf16_params, const float *__restrict__ x,                         \
-        const float *__restrict__ bias, float *__restrict__ out, int rows, int cols, int block_shift
-#define P4_PASS bytes, table, scales, offsets, bf16_params, x, bias, out, rows, cols, block_shift
+        const float *__restrict__ bias, float *__restrict__ out, int rows, int cols, int block_shift,           \
+        u32 int_xor, float int_magic
+#define P4_PASS bytes, table, scales, offsets, bf16_params, x, bias, out, rows, cols, block_shift, int_xor, int_magic
 
 // packed4_gemv_words for m = 1 .. 8 activation rows; blockDim P4_THREADS, one block per
-// P4_ROWS output rows.
-extern "C" __global__ void packed4_gemv_m1(P4_ARGS) { packed4_gemv_words<1>(P4_PASS); }
-extern "C" __global__ void packed4_gemv_m2(P4_ARGS) { packed4_gemv_words<2>(P4_PASS); }
-extern "C" __global__ void packed4_gemv_m3(P4_ARGS) { packed4_gemv_words<3>(P4_PASS); }
-extern "C" __global__ void packed4_gemv_m4(P4_ARGS) { packed4_gemv_words<4>(P4_PASS); }
-extern "C" __global__ void packed4_gemv_m5(P4_ARGS) { packed4_gemv_words<5>(P4_PASS); }
-extern "C" __global__ void packed4_gemv_m6(P4_ARGS) { packed4_gemv_words<6>(P4_PASS); }
-extern "C" __global__ void packed4_gemv_m7(P4_ARGS) { packed4_gemv_words<7>(P4_PASS); }
-extern "C" __global__ void packed4_gemv_m8(P4_ARGS) { packed4_gemv_words<8>(P4_PASS); }
-
+// P4_ROWS output rows; bytes in the tiled layout. The launch bounds are the most resident
+// blocks per SM at which ptxas (CUDA 13.0, sm_90) spills nothing: 80 registers for m = 1
+// (6 blocks, 24 warps: 48 KiB of weight loads in flight per SM), 128 for m = 2, 168 for
+// m = 3 .. 5; m >= 6 2 blocks (about 230).
+extern "C" __global__ void __launch_bounds__(P4_THREADS, 6) packed4_gemv_m1(P4_ARGS) { packed4_gemv_words<1>(P4_PASS); }
+extern "C" __global__ void __launch_bounds__(P4_THREADS, 4) packed4_gemv_m2(P4_ARGS) { packed4_gemv_words<2>(P4_PASS); }
+extern "C" __global__ void __launch_bounds__(P4_THREADS, 3) packed4_gemv_m3(P4_ARGS) { packed4_gemv_words<3>(P4_PASS); }
+extern "C" __global__ void __launch_bounds__(P4_THREADS, 3) packed4_gemv_m4(P4_ARGS) { packed4_gemv_words<4>(P4_PASS); }
+extern "C" __global__ void __launch_bounds__(P4_THREADS, 3) packed4_gemv_m5(P4_ARGS) { packed4_gemv_words<5>(P4_PASS); }
+extern "C" __global__ void __launch_bounds__(P4_THREADS, 2) packed4_gemv_m6(P4_ARGS) { packed4_gemv_words<6>(P4_PASS); }
+extern "C" __global__ void __launch_bounds__(P4_THREADS, 2) packed4_gemv_m7(P4_ARGS) { packed4_gemv_words<7>(P4_PASS); }
+extern "C" __global__ void __launch_bounds__(P4_THREADS, 2) packed4_gemv_m8(P4_ARGS) { packed4_gemv_words<8>(P4_PASS); }

@@ -306,7 +306,9 @@ fn packed(rows: usize, cols: usize, block: usize, seed: u64, bf16: bool, offsets
 fn packed4_dequantization_and_fused_gemv_match_the_reference() {
     let Some(gpu) = gpu() else { return };
     // The fast kernel takes cols % 8 == 0 with a power-of-two block >= 8 (4 rows per
-    // block, 128 words of 8 values per row per iteration); the general one the rest.
+    // block, each warp 128 words of 8 values per row per iteration, then the row's last
+    // words % 128 words; bytes uploaded in the tiled layout, which the dequantization
+    // reads too); the general one the rest (plain layout).
     let cases = [
         (4096, 4096, 128, true, false), // int4-block, fast, one iteration per row
         (517, 1024, 64, false, false),  // nf4-like, f32 scales, 517 % 4 = 1 row over
@@ -319,11 +321,19 @@ fn packed4_dequantization_and_fused_gemv_match_the_reference() {
         (9, 8200, 32, false, true),     // fast, 1025 words: partial iteration, straddling
         (3, 96, 48, true, false),       // block a multiple of 8 but not a power of two
         (2, 24, 16, false, true),       // fast, fewer words than threads
+        // The fast path's tiled layout: 128-word chunks (one uint4 per lane), then a tail.
+        (5, 3128, 16, true, true), // 391 words: 3 chunks (a warp idle) + 7 tail words
+        (11, 2080, 1024, false, true), // 260 words: 2 chunks + 4; a block spans 4 words of a lane
+        (3, 1024, 512, true, false), // 128 words: exactly one chunk, no tail
+        (6, 1032, 2048, false, false), // 129 words: 1 chunk + 1; blocks straddle rows
+        (9, 10248, 64, true, false), // 1281 words: 10 chunks (uneven over 4 warps) + 1
     ];
     for (i, &(rows, cols, block, bf16, offsets)) in cases.iter().enumerate() {
         let p = packed(rows, cols, block, 10 + i as u64, bf16, offsets);
         let d = DevicePacked4::upload(&gpu, &p).unwrap();
         assert_eq!(d.param_type(), if bf16 { "bf16" } else { "f32" });
+        // The bf16 cases use int4-block's table: the fast path's integer decode.
+        assert_eq!(d.int_table.is_some(), bf16);
         let mut deq = poisoned(&gpu, rows * cols);
         ops::packed4_dequant(&gpu, &d, Some(&mut deq), None).unwrap();
         let name = format!("packed4_dequant {rows}×{cols} block {block}");

@@ -498,6 +498,63 @@ impl Params4 {
     }
 }
 
+/// How the codes of a [`DevicePacked4`] are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout4 {
+    /// The [`Packed4`] order: two codes per byte over the flattened `[rows, cols]` weight.
+    Plain,
+    /// The fast GEMV's order (shapes with `cols % 8 == 0` and a power-of-two block of at
+    /// least 8): per row, chunks of 128 8-value words (u32) interleaved so that a lane's
+    /// 16-byte load holds 4 words 32 apart, then every row's last `words % 128` words in
+    /// order ([`tiled_word_offset`]; kernels/packed4.cu explains why). Same size as plain.
+    Tiled,
+}
+
+/// Words (u32 of 8 codes) per interleaved chunk of [`Layout4::Tiled`] (`P4_CHUNK`).
+const TILE_WORDS: usize = 128;
+
+/// Byte offset of word `w` (codes `8w .. 8w + 8`) of row `r` in the [`Layout4::Tiled`]
+/// layout of a `[rows, cols]` weight (`cols % 8 == 0`). The word's 4 bytes stay in order.
+pub fn tiled_word_offset(rows: usize, cols: usize, r: usize, w: usize) -> usize {
+    let words = cols / 8;
+    let (chunks, tail) = (words / TILE_WORDS, words % TILE_WORDS);
+    if w < chunks * TILE_WORDS {
+        // Component (w / 32) % 4 of uint4 w % 32 of chunk w / 128 of row r.
+        ((r * chunks + w / TILE_WORDS) * 32 + w % 32) * 16 + (w / 32 % 4) * 4
+    } else {
+        (rows * chunks * TILE_WORDS + r * tail + (w - chunks * TILE_WORDS)) * 4
+    }
+}
+
+/// Reorder plain nibble-packed `bytes` of a `[rows, cols]` weight (`cols % 8 == 0`) into
+/// the [`Layout4::Tiled`] layout (the same length).
+pub fn tile_bytes(bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+    let words = cols / 8;
+    let mut out = vec![0u8; rows * words * 4];
+    for r in 0..rows {
+        for w in 0..words {
+            let src = (r * words + w) * 4;
+            let dst = tiled_word_offset(rows, cols, r, w);
+            out[dst..dst + 4].copy_from_slice(&bytes[src..src + 4]);
+        }
+    }
+    out
+}
+
+/// The integer decode of the fast GEMV: `(xor, magic)` when `table[c] == (c ^ X) - B`
+/// exactly for every code `c`, with `X` 0 or 8 and `B` an integer of magnitude at most
+/// 2¹⁶ (int4-block's `[0..7, -8..-1]`: `X = 8`, `B = 8`); `xor = X · 0x11111111` and
+/// `magic = 2²³ + B`, so that `f32(2²³ + (c ^ X)) − magic` is `table[c]`.
+pub fn integer_table(table: &[f32; 16]) -> Option<(u32, f32)> {
+    [0u32, 8].into_iter().find_map(|x| {
+        let b = -table[x as usize]; // code x decodes to (x ^ X) − B = −B
+        let exact = b.fract() == 0.0
+            && b.abs() <= 65536.0
+            && (0..16u32).all(|c| ((c ^ x) as f32 - b).to_bits() == table[c as usize].to_bits());
+        exact.then(|| (x * 0x1111_1111, 8_388_608.0 + b))
+    })
+}
+
 /// A [`Packed4`] weight resident on the device.
 #[derive(Debug)]
 pub struct DevicePacked4 {
@@ -507,8 +564,13 @@ pub struct DevicePacked4 {
     pub cols: usize,
     /// Values per block.
     pub block: usize,
-    /// Nibble-packed codes.
+    /// Nibble-packed codes, in [`DevicePacked4::layout`] order, then 16 to 31 bytes of
+    /// zero padding.
     pub bytes: CudaSlice<u8>,
+    /// The order of `bytes`: [`Layout4::Tiled`] exactly when the fast GEMV takes the shape.
+    pub layout: Layout4,
+    /// [`integer_table`] of the table.
+    pub int_table: Option<(u32, f32)>,
     /// The 16 code values.
     pub table: CudaSlice<f32>,
     /// One scale per block.
@@ -544,15 +606,23 @@ impl DevicePacked4 {
         let params = |v: &[f32]| -> Result<Params4, CudaError> {
             Ok(if bf16 { Params4::Bf16(gpu.upload(&bf16_bits(v))?) } else { Params4::F32(gpu.upload(v)?) })
         };
-        // A 16-byte load of the GEMV fast path may read up to 15 bytes past the last
+        // The fast GEMV's shapes: every 8-value word in one row and one block.
+        let tiled = p.rows > 0 && p.cols.is_multiple_of(8) && p.block >= 8 && p.block.is_power_of_two();
+        let (layout, mut bytes) = if tiled {
+            (Layout4::Tiled, tile_bytes(&p.bytes, p.rows, p.cols))
+        } else {
+            (Layout4::Plain, p.bytes.clone())
+        };
+        // A 16-byte load of the general GEMV may read up to 15 bytes past the last
         // value's byte; pad so it stays inside the allocation.
-        let mut bytes = p.bytes.clone();
         bytes.resize(bytes.len().next_multiple_of(16) + 16, 0);
         Ok(DevicePacked4 {
             rows: p.rows,
             cols: p.cols,
             block: p.block,
             bytes: gpu.upload(&bytes)?,
+            layout,
+            int_table: integer_table(&p.table),
             table: gpu.upload(&p.table)?,
             scales: params(&p.scales)?,
             offsets: p.offsets.as_deref().map(params).transpose()?,
@@ -560,7 +630,8 @@ impl DevicePacked4 {
     }
 
     /// Bytes of the weight on the device (codes, scales, offsets; the 64-byte table and
-    /// the padding not counted).
+    /// the 16 to 31 bytes of trailing padding not counted; the tiled layout has no other
+    /// padding).
     pub fn weight_bytes(&self) -> usize {
         let per = |p: &Params4| match p {
             Params4::F32(s) => s.len() * 4,
@@ -609,6 +680,8 @@ pub fn packed4_dequant(
     }
     need(OP, "scales", w.scales.len(), n.div_ceil(w.block))?;
     let (nl, block) = (long(OP, "values", n)?, int(OP, "block", w.block)?);
+    let (ri, ci) = (int(OP, "rows", w.rows)?, int(OP, "cols", w.cols)?);
+    let tiled = i32::from(w.layout == Layout4::Tiled);
     let flag = i32::from(matches!(w.scales, Params4::Bf16(_)));
     let mut f = None;
     launch(
@@ -619,7 +692,7 @@ pub fn packed4_dequant(
         |b| {
             b.arg(&w.bytes).arg(&w.table);
             push_params(b, w, &flag);
-            b.arg(&nl).arg(&block);
+            b.arg(&nl).arg(&block).arg(&tiled).arg(&ri).arg(&ci);
             opt_arg!(b, out_f32);
             opt_arg!(b, out_bf16);
         },
@@ -645,9 +718,11 @@ pub fn packed4_gemv(
     }
     let (ri, ci, block) = (int(OP, "rows", w.rows)?, int(OP, "cols", w.cols)?, int(OP, "block", w.block)?);
     let flag = i32::from(matches!(w.scales, Params4::Bf16(_)));
-    // The fast kernel takes whole 8-value words of one row and one block each.
-    let fast = w.rows > 0 && w.cols.is_multiple_of(8) && w.block >= 8 && w.block.is_power_of_two();
+    // The fast kernel (whole 8-value words of one row and one block each) reads the tiled
+    // layout, which upload chose for exactly its shapes.
+    let fast = w.layout == Layout4::Tiled;
     let shift = w.block.trailing_zeros() as i32;
+    let (int_xor, int_magic) = w.int_table.unwrap_or((0, 0.0));
     for i0 in (0..m).step_by(GEMV_MAX_ROWS) {
         let rows = GEMV_MAX_ROWS.min(m - i0);
         let mi = rows as i32;
@@ -665,7 +740,7 @@ pub fn packed4_gemv(
                     push_params(b, w, &flag);
                     b.arg(&xv);
                     opt_arg!(b, bias);
-                    b.arg(&mut ov).arg(&ri).arg(&ci).arg(&shift);
+                    b.arg(&mut ov).arg(&ri).arg(&ci).arg(&shift).arg(&int_xor).arg(&int_magic);
                 },
                 &mut f,
             )?;
@@ -1804,5 +1879,68 @@ mod tests {
     fn bf16_storage_is_chosen_only_when_lossless() {
         assert!(all_bf16(&[1.0, 0.5, -3.0, half::bf16::from_f32(0.1).to_f32()]));
         assert!(!all_bf16(&[0.1]));
+    }
+
+    #[test]
+    fn the_tiled_layout_permutes_whole_words_as_the_fast_gemv_reads_them() {
+        // Words per row: 3 (all tail), 128 (one chunk), 513 and 391 (chunks and a tail).
+        for (rows, cols) in [(5, 24), (3, 1024), (2, 4104), (3, 3128)] {
+            let (words, n) = (cols / 8, rows * cols / 2);
+            let (chunks, tail) = (words / 128, words % 128);
+            let mut seen = vec![false; n / 4];
+            for r in 0..rows {
+                for w in 0..words {
+                    let o = tiled_word_offset(rows, cols, r, w);
+                    assert_eq!(o % 4, 0);
+                    assert!(!std::mem::replace(&mut seen[o / 4], true), "{rows}×{cols}: word {w} of row {r}");
+                }
+                // The kernel: lane l's uint4 of chunk c of row r holds words c·128 + 32q + l.
+                for c in 0..chunks {
+                    for l in 0..32 {
+                        for q in 0..4 {
+                            let o = ((r * chunks + c) * 32 + l) * 16 + q * 4;
+                            assert_eq!(tiled_word_offset(rows, cols, r, c * 128 + 32 * q + l), o);
+                        }
+                    }
+                }
+                for t in 0..tail {
+                    let o = (rows * chunks * 128 + r * tail + t) * 4;
+                    assert_eq!(tiled_word_offset(rows, cols, r, chunks * 128 + t), o);
+                }
+            }
+            assert!(seen.iter().all(|&s| s));
+            let plain: Vec<u8> = (0..n).map(|i| (i * 7 + i / 251) as u8).collect();
+            let tiled = tile_bytes(&plain, rows, cols);
+            assert_eq!(tiled.len(), plain.len());
+            for r in 0..rows {
+                for w in 0..words {
+                    let (o, p) = (tiled_word_offset(rows, cols, r, w), (r * words + w) * 4);
+                    assert_eq!(tiled[o..o + 4], plain[p..p + 4]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_exact_integer_tables_take_the_integer_decode() {
+        let int4 = [0., 1., 2., 3., 4., 5., 6., 7., -8., -7., -6., -5., -4., -3., -2., -1.];
+        let unsigned: [f32; 16] = std::array::from_fn(|c| c as f32);
+        let offset: [f32; 16] = std::array::from_fn(|c| c as f32 - 8.0);
+        for (table, want) in [
+            (int4, Some((0x8888_8888, 8_388_616.0))),
+            (unsigned, Some((0, 8_388_608.0))),
+            (offset, Some((0, 8_388_616.0))),
+            (int4.map(|v| v / 8.0 + 0.01), None),
+            (int4.map(|v| v * 2.0), None),
+            (unsigned.map(|v| if v == 0.0 { -0.0 } else { v }), None),
+        ] {
+            assert_eq!(integer_table(&table), want, "{table:?}");
+            if let Some((xor, magic)) = want {
+                for c in 0..16u32 {
+                    let bits = 0x4b00_0000 | ((c ^ xor) & 15);
+                    assert_eq!((f32::from_bits(bits) - magic).to_bits(), table[c as usize].to_bits());
+                }
+            }
+        }
     }
 }
