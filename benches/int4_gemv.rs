@@ -143,7 +143,7 @@ fn crossover(c: &mut Criterion) {
     let mats: Vec<Packed4> = (0..count).map(|s| random_packed(rows, cols, s as u64)).collect();
     let mut g = c.benchmark_group("int4-crossover-4096x4096");
     g.sample_size(10).measurement_time(Duration::from_secs(3));
-    for m in [1usize, 4, 16, 64] {
+    for m in [1usize, 4, 16, 32, 64, 96, 128, 192] {
         let x = SeededRng::new(m as u64).normal_vec(m * cols, 1.0);
         let mut out = vec![0.0f32; m * rows];
         let mut next = 0;
