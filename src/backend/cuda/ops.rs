@@ -454,8 +454,25 @@ pub fn fake_quant(
     if cols == 0 || rows * cols != n {
         return Err(CudaError::Shape { op: OP, message: format!("x holds {n} values, not rows of {cols}") });
     }
-    let per_row = i32::from(scales.len() >= rows && rows > 1);
-    let (nl, c, recip) = (long(OP, "values", n)?, int(OP, "cols", cols)?, i32::from(params.reciprocal));
+    let per_row = scales.len() >= rows && rows > 1;
+    launch_fake_quant(gpu, x, (n, cols), scales, per_row, params, out)
+}
+
+/// The `fake_quant` kernel over the first `n` values of `x` (rows of `cols`): one scale
+/// per row when `per_row`, else `scales[0]` for all. Shapes checked by the caller.
+fn launch_fake_quant(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    (n, cols): (usize, usize),
+    scales: &CudaSlice<f32>,
+    per_row: bool,
+    params: FakeQuant,
+    out: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    const OP: &str = "fake_quant";
+    let (nl, c, recip) =
+        (long(OP, "values", n)?, int(OP, "cols", cols.max(1))?, i32::from(params.reciprocal));
+    let per_row = i32::from(per_row);
     let mut f = None;
     launch(
         gpu,
@@ -1830,28 +1847,7 @@ pub fn fake_quant_tensor(
     need(OP, "x", x.len(), n)?;
     need(OP, "out", out.len(), n)?;
     need(OP, "scales", scale.len(), 1)?;
-    let (nl, c, recip, per_row) =
-        (long(OP, "values", n)?, int(OP, "cols", cols.max(1))?, i32::from(params.reciprocal), 0i32);
-    let mut f = None;
-    launch(
-        gpu,
-        &QUANT,
-        OP,
-        grid_stride(n),
-        |b| {
-            b.arg(x)
-                .arg(out)
-                .arg(&nl)
-                .arg(&c)
-                .arg(scale)
-                .arg(&per_row)
-                .arg(&params.zero_point)
-                .arg(&params.qmin)
-                .arg(&params.qmax)
-                .arg(&recip);
-        },
-        &mut f,
-    )
+    launch_fake_quant(gpu, x, (n, cols), scale, false, params, out)
 }
 
 #[cfg(test)]
