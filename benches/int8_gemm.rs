@@ -7,13 +7,16 @@
 //! Before the criterion groups it prints one `summary:` line per shape with the int8/f32
 //! speed ratio, each side timed as the fastest of several interleaved runs (the machine
 //! is shared with other builds, and interference only adds time).
+//!
+//! Both sides run on a thread of the compute pool, as `bench run` does
+//! (`quantbench::tensor::on_pool`).
 
 use std::hint::black_box;
 use std::time::Instant;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use quantbench::scheme::int8_gemm::gemm_i8;
-use quantbench::tensor::{matmul_nt, SeededRng};
+use quantbench::tensor::{matmul_nt, on_pool, SeededRng};
 
 /// `(n, k)`: output features × input features.
 const LAYERS: [(usize, usize); 4] = [(576, 576), (1536, 576), (576, 1536), (2048, 2048)];
@@ -82,4 +85,10 @@ fn products(c: &mut Criterion) {
 }
 
 criterion_group!(benches, summary, products);
-criterion_main!(benches);
+/// `criterion_main!`, on a thread of the compute pool (see the module documentation).
+fn main() {
+    on_pool(|| {
+        benches();
+        Criterion::default().configure_from_args().final_summary();
+    });
+}

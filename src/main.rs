@@ -5,7 +5,8 @@ use clap::Parser;
 use quantbench::cli::{self, Cli};
 
 fn main() {
-    let code = match cli::execute(Cli::parse()) {
+    // Every command runs on the compute pool: see `quantbench::tensor::on_pool`.
+    let code = match quantbench::tensor::on_pool(|| cli::execute(Cli::parse())) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("{}", error.chain());

@@ -34,7 +34,12 @@ pub struct RunOptions {
 }
 
 /// Run the plan. Returns the results, also written to `OUT/results.json` after every case.
+/// The work runs on a thread of the compute pool ([`crate::tensor::on_pool`]).
 pub fn run(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> {
+    crate::tensor::on_pool(|| run_on_pool(plan, options))
+}
+
+fn run_on_pool(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> {
     let out = options.out.clone().unwrap_or_else(|| plan.output.clone());
     let results_path = out.join("results.json");
     let previous = previous_cases(&results_path, options.resume)?;

@@ -2,14 +2,20 @@
 //! 16-bit fixed point, codes looked up as 16-bit integers, exact integer dot products.
 //!
 //! Why: decoding every nibble to f32 and multiplying with FMAs costs about three vector
-//! instructions per 8 weights, so the f32 GEMV is compute-bound at 2–2.7 GB/s of packed
-//! weights on the 2-core AVX2 machine this crate is developed on, where memory delivers
-//! about 15 GB/s. Here 32 weights cost about 11 instructions: one 16-byte load broadcast
-//! to both lanes, a shift and a mask that leave the high nibbles (even values) in one lane
-//! and the low nibbles (odd values) in the other, two `vpshufb` lookups of the low and high
-//! bytes of the 16-bit code table, two unpacks into sixteen 16-bit codes each, two
-//! `vpmaddwd` against the activations, an add, a conversion to f32 and one FMA by the
-//! chunk's activation scale. The block scale (and offset) is applied once per block.
+//! instructions per 8 weights, so the f32 GEMV is compute-bound at about 5.6 GB/s of
+//! packed weights on the 2-core AVX2 machine this crate is developed on, where memory
+//! delivers 29–33 GB/s to two threads. Here a chunk pair, 64 weights in 32 packed bytes, costs 21 vector
+//! instructions: one 32-byte load; a shift and two masks that leave the high nibbles
+//! (even values) and the low nibbles (odd values) of both chunks; four `vpshufb` lookups of
+//! the low and high bytes of the 16-bit code table; four unpacks into four vectors of
+//! sixteen 16-bit codes; four `vpmaddwd` against the activations; three adds; a conversion
+//! to f32 and one FMA by the two chunks' activation scales (one chunk per 128-bit lane).
+//! The block scale (and offset) is applied once per block, and two accumulators take
+//! alternate pairs so the FMA latency does not bound the loop. Rows and blocks of whole
+//! pairs run one loop with advancing pointers; other shapes add 16- and 32-value steps
+//! at the ends of each block piece. (A first version decoded one chunk per step into one
+//! accumulator: 23 instructions per 32 weights, half of them scalar bookkeeping, and an
+//! FMA chain of one latency per chunk; it reached 55–60% of memory bandwidth.)
 //!
 //! Numerics (what changes against the exact f32 path):
 //! - Activations are quantized once per call, per chunk of [`CHUNK`] values of each row:
@@ -34,7 +40,8 @@
 //! Shapes: every boundary between a row's block pieces must fall on a multiple of 16
 //! values (`cols` a multiple of 16, and `block` a multiple of 16 or covering the whole
 //! weight), so each piece is whole 32-value chunks plus at most one 16-value half at each
-//! end. SmolLM2 (576, 1536), MiniLM (384, 1536) and the built-in models (256, 688) qualify.
+//! end. SmolLM2 (576, 1536), MiniLM (384, 1536) and the built-in models (256, 688) qualify;
+//! all but 688 are whole pairs.
 
 use super::packed4::Packed4;
 
@@ -43,6 +50,9 @@ pub const CHUNK: usize = 32;
 
 /// The granularity of block boundaries this path handles: half a chunk (8 packed bytes).
 const HALF: usize = 16;
+
+/// Values per chunk pair: the 32 packed bytes one 256-bit register decodes.
+const PAIR: usize = 2 * CHUNK;
 
 /// Largest activation code with an exact integer table of magnitude ≤ [`MAX_INT_TABLE`].
 const QX_INTEGER_TABLE: f32 = 32767.0;
@@ -107,12 +117,12 @@ pub fn shape_fits(p: &Packed4) -> bool {
 /// The activation rows of one call, quantized chunk by chunk and laid out in the order
 /// the kernel produces codes.
 pub struct Activations {
-    /// Chunks per row (`cols / 32` rounded up).
-    chunks: usize,
-    /// `[rows, chunks, 32]` codes; within a chunk, value `p` sits at slot
-    /// `16·(p / 16) + 8·(p % 2) + (p % 16) / 2` (even values of each half first).
+    /// Chunk pairs per row (`cols / 64` rounded up; a missing last chunk is zeros).
+    pairs: usize,
+    /// `[rows, pairs, 64]` codes; value `p` of a pair sits at [`slot`]`(p)`.
     codes: Vec<i16>,
-    /// `[rows, chunks]`: each chunk's activation step times the table step.
+    /// `[rows, pairs, 8]`: each chunk's activation step times the table step, four times
+    /// over (lanes 0–3 the pair's first chunk, 4–7 its second), as the kernel multiplies.
     scales: Vec<f32>,
     /// `[rows, cols / 16 + 1]` f64 prefix sums of each row over 16-value halves (for
     /// offsets; empty without them).
@@ -121,9 +131,15 @@ pub struct Activations {
     prefix_stride: usize,
 }
 
-/// The slot of value `p` (0..32) inside its chunk's codes.
+/// The slot of value `p` (0..64) inside its pair's codes: 16-code vector `v` (even values
+/// of the first half of a chunk, even of the second, odd of the first, odd of the
+/// second), then the chunk `h` in the pair (the 128-bit lane), then the byte within the
+/// half. This is the order in which unpacking the looked-up nibbles of 32 packed bytes
+/// leaves the codes.
 pub fn slot(p: usize) -> usize {
-    16 * (p / 16) + 8 * (p % 2) + (p % 16) / 2
+    let (h, within) = (p / CHUNK, p % CHUNK);
+    let v = 2 * (within % 2) + within / HALF;
+    16 * v + 8 * h + (within % HALF) / 2
 }
 
 impl Activations {
@@ -133,9 +149,9 @@ impl Activations {
         if x.iter().any(|v| !v.is_finite()) {
             return None;
         }
-        let chunks = cols.div_ceil(CHUNK);
-        let mut codes = vec![0i16; m * chunks * CHUNK];
-        let mut scales = vec![0.0f32; m * chunks];
+        let pairs = cols.div_ceil(PAIR);
+        let mut codes = vec![0i16; m * pairs * PAIR];
+        let mut scales = vec![0.0f32; m * pairs * 8];
         #[cfg(target_arch = "x86_64")]
         if super::packed4::has_avx2() {
             // SAFETY: the CPU has AVX2 and FMA.
@@ -146,7 +162,7 @@ impl Activations {
         #[cfg(not(target_arch = "x86_64"))]
         quantize_rows(x, cols, table, &mut codes, &mut scales);
         let prefix = if sums { prefix_sums(x, m, cols) } else { Vec::new() };
-        Some(Activations { chunks, codes, scales, prefix, prefix_stride: cols / HALF + 1 })
+        Some(Activations { pairs, codes, scales, prefix, prefix_stride: cols / HALF + 1 })
     }
 
     /// `Σ x[row, k0..k1]` in f32 from the prefix sums (`k0`, `k1` multiples of 16).
@@ -157,8 +173,28 @@ impl Activations {
 
     /// Value `k` of row `row` as the kernel sees it: `d·q` (tests).
     pub fn value(&self, row: usize, k: usize, step: f32) -> f32 {
-        let at = row * self.chunks + k / CHUNK;
-        self.codes[at * CHUNK + slot(k % CHUNK)] as f32 * self.scales[at] / step
+        let (at, h) = (row * self.pairs + k / PAIR, (k % PAIR) / CHUNK);
+        self.codes[at * PAIR + slot(k % PAIR)] as f32 * self.scales[at * 8 + 4 * h] / step
+    }
+
+    /// The step times the table step of the chunk holding value `k` of row `row` (tests).
+    #[cfg(test)]
+    fn chunk_scale(&self, row: usize, k: usize) -> f32 {
+        self.scales[(row * self.pairs + k / PAIR) * 8 + 4 * ((k % PAIR) / CHUNK)]
+    }
+
+    /// The codes of pair `pair` of row `row`, from slot `offset` (16-byte aligned units).
+    #[inline(always)]
+    fn codes_at(&self, row: usize, pair: usize, offset: usize) -> *const i16 {
+        // SAFETY (of the callers' reads): `offset + 16 ≤ 64` codes within the pair.
+        unsafe { self.codes.as_ptr().add((row * self.pairs + pair) * PAIR + offset) }
+    }
+
+    /// The eight expanded scales of pair `pair` of row `row`, from lane `lane`.
+    #[inline(always)]
+    fn scales_at(&self, row: usize, pair: usize, lane: usize) -> *const f32 {
+        // SAFETY (of the callers' reads): `lane + 4 ≤ 8` or `lane = 0` for eight lanes.
+        unsafe { self.scales.as_ptr().add((row * self.pairs + pair) * 8 + lane) }
     }
 }
 
@@ -166,11 +202,17 @@ impl Activations {
 /// [`Activations`]).
 #[inline(always)]
 fn quantize_rows(x: &[f32], cols: usize, table: &FixedTable, codes: &mut [i16], scales: &mut [f32]) {
-    let chunks = cols.div_ceil(CHUNK);
+    let pairs = cols.div_ceil(PAIR);
+    let mut chunk = [0i16; CHUNK];
     for (r, row) in x.chunks_exact(cols).enumerate() {
         for (c, values) in row.chunks(CHUNK).enumerate() {
-            let at = r * chunks + c;
-            scales[at] = quantize_chunk(values, table, &mut codes[at * CHUNK..(at + 1) * CHUNK]);
+            let (at, h) = (r * pairs + c / 2, c % 2);
+            let scale = quantize_chunk(values, table, &mut chunk);
+            scales[at * 8 + 4 * h..at * 8 + 4 * h + 4].fill(scale);
+            let pair = &mut codes[at * PAIR..(at + 1) * PAIR];
+            for (p, &q) in chunk.iter().enumerate() {
+                pair[slot(CHUNK * h + p)] = q;
+            }
         }
     }
 }
@@ -192,19 +234,20 @@ unsafe fn quantize_rows_avx2(
     quantize_rows(x, cols, table, codes, scales)
 }
 
-/// Quantize one chunk into `out` (in kernel order, zeros past the chunk's end); returns
+/// Quantize one chunk into `out` (in value order, zeros past the chunk's end); returns
 /// its scale times the table step.
 #[inline(always)]
-fn quantize_chunk(values: &[f32], table: &FixedTable, out: &mut [i16]) -> f32 {
+fn quantize_chunk(values: &[f32], table: &FixedTable, out: &mut [i16; CHUNK]) -> f32 {
+    out.fill(0);
     let absmax = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     if absmax == 0.0 {
         return 0.0;
     }
     let d = absmax / table.qx;
     let inv = table.qx / absmax;
-    for (p, &v) in values.iter().enumerate() {
+    for (o, &v) in out.iter_mut().zip(values) {
         // |v·inv| ≤ qx up to rounding; the clamp keeps a rounding overshoot in range.
-        out[slot(p)] = (v * inv).round_ties_even().clamp(-table.qx, table.qx) as i16;
+        *o = (v * inv).round_ties_even().clamp(-table.qx, table.qx) as i16;
     }
     d * table.step
 }
@@ -224,6 +267,10 @@ fn prefix_sums(x: &[f32], m: usize, cols: usize) -> Vec<f64> {
 
 /// `dst[i] = x[first + i] · W[r]` for `M` activation rows on the fixed-point path.
 ///
+/// Each block piece of the row goes in the largest steps its alignment allows: whole
+/// chunk pairs (64 values, 32 bytes, 256-bit registers), then single chunks and halves
+/// (128-bit registers) at its ends.
+///
 /// # Safety
 /// The CPU must have AVX2 and FMA, `shape_fits(p)` must hold, `acts` must come from
 /// `Activations::new` with `p.cols` columns and `table`, with offsets' sums when `p` has
@@ -238,8 +285,12 @@ pub unsafe fn row_dots<const M: usize>(
     first: usize,
 ) -> [f32; M] {
     use std::arch::x86_64::*;
+    if pairs_only(p) {
+        return row_dots_pairs::<M>(p, table, acts, r, first);
+    }
     let (cols, start) = (p.cols, r * p.cols);
     let lut = Lut::new(table);
+    let bytes = p.bytes.as_ptr().add(start / 2);
     let mut total = [_mm256_setzero_ps(); M];
     let mut extra = [0.0f32; M];
     let mut k0 = 0;
@@ -249,18 +300,17 @@ pub unsafe fn row_dots<const M: usize>(
         let k1 = ((b + 1) * p.block - start).min(cols);
         let mut acc = [_mm256_setzero_ps(); M];
         let mut k = k0;
-        if k % CHUNK == HALF {
-            // The piece starts in the second half of a chunk.
-            half::<M>(p, &lut, acts, start + k, first, k / CHUNK, 1, &mut acc);
-            k += HALF;
+        // Up to the first pair boundary, then whole pairs, then what is left.
+        while k < k1 && (k % PAIR != 0 || k + PAIR > k1) {
+            k = edge_dots::<M>(&lut, bytes, acts, first, k, k1, &mut acc);
         }
-        while k + CHUNK <= k1 {
-            full::<M>(p, &lut, acts, start + k, first, k / CHUNK, &mut acc);
-            k += CHUNK;
+        if k + PAIR <= k1 {
+            let n = (k1 - k) / PAIR;
+            pairs_dots::<M>(&lut, bytes.add(k / 2), acts, first, k / PAIR, n, &mut acc);
+            k += n * PAIR;
         }
-        if k < k1 {
-            // The piece ends in the first half of a chunk.
-            half::<M>(p, &lut, acts, start + k, first, k / CHUNK, 0, &mut acc);
+        while k < k1 {
+            k = edge_dots::<M>(&lut, bytes, acts, first, k, k1, &mut acc);
         }
         let scale = _mm256_set1_ps(*p.scales.get_unchecked(b));
         for i in 0..M {
@@ -278,14 +328,109 @@ pub unsafe fn row_dots<const M: usize>(
     std::array::from_fn(|i| hsum(total[i]) + extra[i])
 }
 
+/// Whether every block piece of every row is whole chunk pairs: rows of whole pairs and
+/// blocks of whole pairs (or one block over the whole weight). Then [`row_dots_pairs`]
+/// runs, with no edge steps.
+fn pairs_only(p: &Packed4) -> bool {
+    p.cols.is_multiple_of(PAIR) && (p.block.is_multiple_of(PAIR) || p.block >= p.rows * p.cols)
+}
+
+/// [`row_dots`] for a weight where [`pairs_only`] holds: one loop over the row's pairs,
+/// split at block boundaries, with pointers that only advance.
+///
+/// # Safety
+/// As [`row_dots`], and `pairs_only(p)`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_dots_pairs<const M: usize>(
+    p: &Packed4,
+    table: &FixedTable,
+    acts: &Activations,
+    r: usize,
+    first: usize,
+) -> [f32; M] {
+    use std::arch::x86_64::*;
+    let lut = Lut::new(table);
+    let (start, row_pairs) = (r * p.cols, p.cols / PAIR);
+    let bytes = p.bytes.as_ptr().add(start / 2);
+    let xs: [*const __m256i; M] = std::array::from_fn(|i| acts.codes_at(first + i, 0, 0) as *const __m256i);
+    let ss: [*const f32; M] = std::array::from_fn(|i| acts.scales_at(first + i, 0, 0));
+    let one_block = p.block >= p.rows * p.cols;
+    let (mut b, block_pairs) = if one_block { (0, row_pairs) } else { (start / p.block, p.block / PAIR) };
+    let mut left_in_block = if one_block { row_pairs } else { (p.block - start % p.block) / PAIR };
+    let mut total = [_mm256_setzero_ps(); M];
+    let mut extra = [0.0f32; M];
+    let mut j = 0;
+    while j < row_pairs {
+        let (j0, end) = (j, (j + left_in_block).min(row_pairs));
+        // Two accumulators, alternate pairs: the FMA latency chain stays short.
+        let (mut even, mut odd) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
+        while j + 2 <= end {
+            pair_step::<M>(&lut, bytes, &xs, &ss, j, &mut even);
+            pair_step::<M>(&lut, bytes, &xs, &ss, j + 1, &mut odd);
+            j += 2;
+        }
+        if j < end {
+            pair_step::<M>(&lut, bytes, &xs, &ss, j, &mut even);
+            j += 1;
+        }
+        let scale = _mm256_set1_ps(*p.scales.get_unchecked(b));
+        for i in 0..M {
+            total[i] = _mm256_fmadd_ps(_mm256_add_ps(even[i], odd[i]), scale, total[i]);
+        }
+        if let Some(o) = &p.offsets {
+            let o = *o.get_unchecked(b);
+            for (i, e) in extra.iter_mut().enumerate() {
+                *e += o * acts.sum(first + i, j0 * PAIR, end * PAIR);
+            }
+        }
+        b += 1;
+        left_in_block = block_pairs;
+    }
+    std::array::from_fn(|i| hsum(total[i]) + extra[i])
+}
+
+/// Pair `j` of a row (its bytes from `bytes`, each activation row's codes and scales from
+/// `xs` and `ss`): the integer sums of each chunk times its scale, added to `acc`.
+///
+/// # Safety
+/// As [`row_dots_pairs`]; pair `j` lies in the row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn pair_step<const M: usize>(
+    lut: &Lut,
+    bytes: *const u8,
+    xs: &[*const std::arch::x86_64::__m256i; M],
+    ss: &[*const f32; M],
+    j: usize,
+    acc: &mut [std::arch::x86_64::__m256; M],
+) {
+    use std::arch::x86_64::*;
+    let w = decode_pair(lut, _mm256_loadu_si256(bytes.add(32 * j) as *const __m256i));
+    for (i, acc) in acc.iter_mut().enumerate() {
+        let x = xs[i].add(4 * j);
+        let sum = _mm256_add_epi32(
+            _mm256_add_epi32(
+                _mm256_madd_epi16(w[0], _mm256_loadu_si256(x)),
+                _mm256_madd_epi16(w[1], _mm256_loadu_si256(x.add(1))),
+            ),
+            _mm256_add_epi32(
+                _mm256_madd_epi16(w[2], _mm256_loadu_si256(x.add(2))),
+                _mm256_madd_epi16(w[3], _mm256_loadu_si256(x.add(3))),
+            ),
+        );
+        let scale = _mm256_loadu_ps(ss[i].add(8 * j));
+        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, *acc);
+    }
+}
+
 /// The code table split into the low and high bytes of its 16-bit codes, in both lanes,
-/// and the constants of the nibble split.
+/// and the nibble mask.
 #[cfg(target_arch = "x86_64")]
 struct Lut {
     lo: std::arch::x86_64::__m256i,
     hi: std::arch::x86_64::__m256i,
-    /// Shift counts: 4 in the low lane (high nibbles), 0 in the high lane (low nibbles).
-    shift: std::arch::x86_64::__m256i,
     mask: std::arch::x86_64::__m256i,
 }
 
@@ -303,91 +448,178 @@ impl Lut {
                 _mm256_broadcastsi128_si256(_mm_loadu_si128(hi.as_ptr() as *const __m128i)),
             )
         };
-        Lut { lo, hi, shift: _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0), mask: _mm256_set1_epi8(0x0F) }
+        Lut { lo, hi, mask: _mm256_set1_epi8(0x0F) }
     }
 }
 
-/// The 16-bit codes of the bytes in `raw` (the same bytes in both lanes): high nibbles
-/// from the low lane, low nibbles from the high lane, so `(v0, v1)` hold the values of
-/// bytes 0–7 and 8–15 as `[even values | odd values]`, the order of [`slot`].
+/// The 16-bit codes of 32 packed bytes (a chunk pair, one chunk per lane) as the four
+/// vectors of [`slot`]: even values of each chunk's first half, even of its second half,
+/// odd of the first, odd of the second.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-fn decode(
-    lut: &Lut,
-    raw: std::arch::x86_64::__m256i,
-) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+fn decode_pair(lut: &Lut, raw: std::arch::x86_64::__m256i) -> [std::arch::x86_64::__m256i; 4] {
     use std::arch::x86_64::*;
-    let nibbles = _mm256_and_si256(_mm256_srlv_epi32(raw, lut.shift), lut.mask);
-    let lo = _mm256_shuffle_epi8(lut.lo, nibbles);
-    let hi = _mm256_shuffle_epi8(lut.hi, nibbles);
-    (_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi))
+    // The first value of a byte is its high nibble.
+    let even = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lut.mask);
+    let odd = _mm256_and_si256(raw, lut.mask);
+    let (even_lo, even_hi) = (_mm256_shuffle_epi8(lut.lo, even), _mm256_shuffle_epi8(lut.hi, even));
+    let (odd_lo, odd_hi) = (_mm256_shuffle_epi8(lut.lo, odd), _mm256_shuffle_epi8(lut.hi, odd));
+    [
+        _mm256_unpacklo_epi8(even_lo, even_hi),
+        _mm256_unpackhi_epi8(even_lo, even_hi),
+        _mm256_unpacklo_epi8(odd_lo, odd_hi),
+        _mm256_unpackhi_epi8(odd_lo, odd_hi),
+    ]
 }
 
-/// One whole chunk: 32 values from flattened index `a` (even) against chunk `c` of each
-/// row, added to `acc` times the chunk's scale.
-///
-/// # Safety
-/// As [`row_dots`]; values `a..a + 32` lie in the weight.
+/// [`decode_pair`] for 16 bytes (one chunk) in 128-bit registers; with only 8 bytes
+/// loaded (the upper 8 zero), the first and third vectors hold that half's codes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-#[allow(clippy::too_many_arguments)]
-unsafe fn full<const M: usize>(
-    p: &Packed4,
+fn decode_chunk(lut: &Lut, raw: std::arch::x86_64::__m128i) -> [std::arch::x86_64::__m128i; 4] {
+    use std::arch::x86_64::*;
+    let (lo, hi, mask) =
+        (_mm256_castsi256_si128(lut.lo), _mm256_castsi256_si128(lut.hi), _mm256_castsi256_si128(lut.mask));
+    let even = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    let odd = _mm_and_si128(raw, mask);
+    let (even_lo, even_hi) = (_mm_shuffle_epi8(lo, even), _mm_shuffle_epi8(hi, even));
+    let (odd_lo, odd_hi) = (_mm_shuffle_epi8(lo, odd), _mm_shuffle_epi8(hi, odd));
+    [
+        _mm_unpacklo_epi8(even_lo, even_hi),
+        _mm_unpackhi_epi8(even_lo, even_hi),
+        _mm_unpacklo_epi8(odd_lo, odd_hi),
+        _mm_unpackhi_epi8(odd_lo, odd_hi),
+    ]
+}
+
+/// `n` whole chunk pairs: the `32·n` bytes from `bytes` against pairs `pair..pair + n`
+/// of each row, each chunk's integer sums times its scale added to `acc`.
+///
+/// # Safety
+/// As [`row_dots`]; `32·n` bytes readable from `bytes`, pairs up to `pair + n` in `acts`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn pairs_dots<const M: usize>(
     lut: &Lut,
+    bytes: *const u8,
     acts: &Activations,
-    a: usize,
     first: usize,
-    c: usize,
+    pair: usize,
+    n: usize,
     acc: &mut [std::arch::x86_64::__m256; M],
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(a.is_multiple_of(2) && a / 2 + 16 <= p.bytes.len());
-    let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.bytes.as_ptr().add(a / 2) as *const __m128i));
-    let (v0, v1) = decode(lut, raw);
-    for (i, acc) in acc.iter_mut().enumerate() {
-        let at = (first + i) * acts.chunks + c;
-        let x = acts.codes.as_ptr().add(at * CHUNK) as *const __m256i;
-        let sum = _mm256_add_epi32(
-            _mm256_madd_epi16(v0, _mm256_loadu_si256(x)),
-            _mm256_madd_epi16(v1, _mm256_loadu_si256(x.add(1))),
-        );
-        let scale = _mm256_set1_ps(*acts.scales.get_unchecked(at));
-        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, *acc);
+    let xs: [*const __m256i; M] =
+        std::array::from_fn(|i| acts.codes_at(first + i, pair, 0) as *const __m256i);
+    let ss: [*const f32; M] = std::array::from_fn(|i| acts.scales_at(first + i, pair, 0));
+    for j in 0..n {
+        pair_step::<M>(lut, bytes, &xs, &ss, j, acc);
     }
 }
 
-/// Half a chunk: 16 values from flattened index `a` (even) against half `h` (0 or 1) of
-/// chunk `c` of each row, added to `acc` times the chunk's scale.
+/// One step at a piece's ends: a whole chunk from `k` if one fits before `k1`, else half
+/// a chunk; returns where the next step starts.
 ///
 /// # Safety
-/// As [`row_dots`]; values `a..a + 16` lie in the weight.
+/// As [`row_dots`]; `k` and `k1` multiples of 16 within the row at `bytes`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
-unsafe fn half<const M: usize>(
-    p: &Packed4,
+unsafe fn edge_dots<const M: usize>(
     lut: &Lut,
+    bytes: *const u8,
     acts: &Activations,
-    a: usize,
     first: usize,
-    c: usize,
+    k: usize,
+    k1: usize,
+    acc: &mut [std::arch::x86_64::__m256; M],
+) -> usize {
+    let (pair, h) = (k / PAIR, (k % PAIR) / CHUNK);
+    if k.is_multiple_of(CHUNK) && k + CHUNK <= k1 {
+        chunk_dots::<M>(lut, bytes.add(k / 2), acts, first, pair, h, acc);
+        k + CHUNK
+    } else {
+        half_dots::<M>(lut, bytes.add(k / 2), acts, first, pair, h, (k % CHUNK) / HALF, acc);
+        k + HALF
+    }
+}
+
+/// One whole chunk: the 16 bytes at `bytes` against chunk `h` of pair `pair` of each
+/// row, added to `acc` (its low lane) times the chunk's scale.
+///
+/// # Safety
+/// As [`row_dots`]; 16 bytes readable at `bytes`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn chunk_dots<const M: usize>(
+    lut: &Lut,
+    bytes: *const u8,
+    acts: &Activations,
+    first: usize,
+    pair: usize,
     h: usize,
     acc: &mut [std::arch::x86_64::__m256; M],
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(a.is_multiple_of(2) && a / 2 + 8 <= p.bytes.len());
-    let raw = _mm256_broadcastsi128_si256(_mm_loadl_epi64(p.bytes.as_ptr().add(a / 2) as *const __m128i));
-    let (v0, _) = decode(lut, raw);
+    let w = decode_chunk(lut, _mm_loadu_si128(bytes as *const __m128i));
     for (i, acc) in acc.iter_mut().enumerate() {
-        let at = (first + i) * acts.chunks + c;
-        let x = acts.codes.as_ptr().add(at * CHUNK + h * HALF) as *const __m256i;
-        let sum = _mm256_madd_epi16(v0, _mm256_loadu_si256(x));
-        let scale = _mm256_set1_ps(*acts.scales.get_unchecked(at));
-        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, *acc);
+        let x = |v: usize| _mm_loadu_si128(acts.codes_at(first + i, pair, 16 * v + 8 * h) as *const __m128i);
+        let sum = _mm_add_epi32(
+            _mm_add_epi32(_mm_madd_epi16(w[0], x(0)), _mm_madd_epi16(w[1], x(1))),
+            _mm_add_epi32(_mm_madd_epi16(w[2], x(2)), _mm_madd_epi16(w[3], x(3))),
+        );
+        add_low(acc, _mm_cvtepi32_ps(sum), acts.scales_at(first + i, pair, 4 * h));
     }
+}
+
+/// Half a chunk: the 8 bytes at `bytes` against half `q` (0 or 1) of chunk `h` of pair
+/// `pair` of each row, added to `acc` (its low lane) times the chunk's scale.
+///
+/// # Safety
+/// As [`row_dots`]; 8 bytes readable at `bytes`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn half_dots<const M: usize>(
+    lut: &Lut,
+    bytes: *const u8,
+    acts: &Activations,
+    first: usize,
+    pair: usize,
+    h: usize,
+    q: usize,
+    acc: &mut [std::arch::x86_64::__m256; M],
+) {
+    use std::arch::x86_64::*;
+    let w = decode_chunk(lut, _mm_loadl_epi64(bytes as *const __m128i));
+    for (i, acc) in acc.iter_mut().enumerate() {
+        let x = |v: usize| _mm_loadu_si128(acts.codes_at(first + i, pair, 16 * v + 8 * h) as *const __m128i);
+        let sum = _mm_add_epi32(_mm_madd_epi16(w[0], x(q)), _mm_madd_epi16(w[2], x(2 + q)));
+        add_low(acc, _mm_cvtepi32_ps(sum), acts.scales_at(first + i, pair, 4 * h));
+    }
+}
+
+/// `acc.low += products · scales[0..4]`, the upper lane unchanged.
+///
+/// # Safety
+/// AVX2 and FMA; four floats readable at `scales`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn add_low(
+    acc: &mut std::arch::x86_64::__m256,
+    products: std::arch::x86_64::__m128,
+    scales: *const f32,
+) {
+    use std::arch::x86_64::*;
+    let scaled = _mm_mul_ps(products, _mm_loadu_ps(scales));
+    *acc = _mm256_add_ps(*acc, _mm256_zextps128_ps256(scaled));
 }
 
 /// Sum of the 8 lanes.
@@ -427,7 +659,7 @@ pub(crate) mod testing {
                     let flat = r * p.cols + k;
                     let (b, u) = (flat / p.block, super::super::packed4::nibble(&p.bytes, flat) as usize);
                     let xv = x[i * p.cols + k] as f64;
-                    let d = (acts.scales[i * acts.chunks + k / CHUNK] / table.step) as f64;
+                    let d = (acts.chunk_scale(i, k) / table.step) as f64;
                     let s = p.scales[b].abs() as f64;
                     let fixed = table.value(u) as f64;
                     bound += s * (fixed.abs() * d / 2.0 + xv.abs() * (p.table[u] as f64 - fixed).abs());
@@ -445,13 +677,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn slots_put_even_values_of_each_half_first() {
-        let order: Vec<usize> = (0..CHUNK).map(slot).collect();
-        assert_eq!(&order[..4], &[0, 8, 1, 9]);
-        assert_eq!(&order[14..18], &[7, 15, 16, 24]);
+    fn slots_follow_the_unpacked_order_of_a_chunk_pair() {
+        let order: Vec<usize> = (0..PAIR).map(slot).collect();
+        // Even values of the first chunk's first half, then the same of the second chunk.
+        assert_eq!(&order[..4], &[0, 32, 1, 33]);
+        assert_eq!(&order[14..18], &[7, 39, 16, 48]);
+        assert_eq!(slot(32), 8);
+        assert_eq!(slot(63), 16 * 3 + 8 + 7);
         let mut sorted = order.clone();
         sorted.sort_unstable();
-        assert_eq!(sorted, (0..CHUNK).collect::<Vec<_>>());
+        assert_eq!(sorted, (0..PAIR).collect::<Vec<_>>());
     }
 
     #[test]

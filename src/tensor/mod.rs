@@ -13,6 +13,18 @@ pub fn threads() -> usize {
     rayon::current_num_threads()
 }
 
+/// Run `f` on a thread of the pool, waiting for it here.
+///
+/// Why: a parallel loop started from a thread outside the pool hands its work over and
+/// sleeps until a pool thread finishes it, about 20 µs of wake-ups per loop on the 2-core
+/// machine this crate is developed on; started from a pool thread it costs well under a
+/// microsecond. A decode step runs hundreds of such loops (every linear layer's GEMV), so
+/// the CLI and the runner run their whole work through here. Inside the pool it just
+/// calls `f`.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 /// Products below this many multiply-adds run on one thread: waking the pool costs more
 /// than it saves (measured on the built-in model's decode steps, 65k–176k MACs each).
 const SERIAL_MACS: usize = 256 * 1024;
