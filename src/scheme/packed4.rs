@@ -20,7 +20,7 @@
 
 use rayon::prelude::*;
 
-use super::packed4_gemv::{self, Activations, FixedTable};
+use super::packed4_gemv::{self, Activations, FixedTable, Layout};
 
 /// Above this many activation rows, `forward` dequantizes row panels and runs the f32
 /// GEMM instead of the fused GEMV. Measured by `benches/int4_gemv.rs` (criterion medians,
@@ -38,7 +38,7 @@ pub const GEMV_MAX_ROWS: usize = 32;
 const PANEL_VALUES: usize = 1 << 20;
 
 /// Output rows per parallel task of the fused GEMV.
-const ROWS_PER_TASK: usize = 16;
+const ROWS_PER_TASK: usize = 64;
 
 /// A `[rows, cols]` weight in the shared 4-bit block format.
 #[derive(Debug, Clone)]
@@ -225,8 +225,10 @@ impl Packed4 {
         assert_eq!(out.len(), m * self.rows, "packed4 gemv: output is not [m, rows]");
         #[cfg(target_arch = "x86_64")]
         if path == Gemv::Avx2Fixed && has_avx2() && packed4_gemv::shape_fits(self) {
-            let prepared = FixedTable::new(&self.table)
-                .and_then(|t| Activations::new(x, m, self.cols, &t, self.offsets.is_some()).map(|a| (t, a)));
+            let prepared = FixedTable::new(&self.table).and_then(|t| {
+                let layout = Layout::for_weight(self, &t);
+                Activations::new(x, m, self.cols, &t, self.offsets.is_some(), layout).map(|a| (t, a))
+            });
             if let Some((table, acts)) = prepared {
                 self.run_tasks(m, out, |r, dst| self.row_dots_fixed(&table, &acts, r, dst));
                 return;
@@ -243,6 +245,21 @@ impl Packed4 {
         if m == 0 || rows == 0 {
             return;
         }
+        let serial = m * rows * self.cols < SERIAL_VALUES;
+        if m == 1 {
+            // One activation row: each task writes its outputs in place.
+            let task = |(t, dst): (usize, &mut [f32])| {
+                for (r, d) in dst.iter_mut().enumerate() {
+                    row(t * ROWS_PER_TASK + r, std::slice::from_mut(d));
+                }
+            };
+            if serial {
+                out.chunks_mut(ROWS_PER_TASK).enumerate().for_each(task);
+            } else {
+                out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(task);
+            }
+            return;
+        }
         let task = |t: usize| {
             let r0 = t * ROWS_PER_TASK;
             let n = ROWS_PER_TASK.min(rows - r0);
@@ -253,7 +270,7 @@ impl Packed4 {
             local
         };
         let count = rows.div_ceil(ROWS_PER_TASK);
-        let tasks: Vec<Vec<f32>> = if m * rows * self.cols < SERIAL_VALUES {
+        let tasks: Vec<Vec<f32>> = if serial {
             (0..count).map(task).collect()
         } else {
             (0..count).into_par_iter().map(task).collect()
@@ -720,6 +737,31 @@ mod tests {
                         assert!(same, "{rows}x{cols} block {block} from {start}: dequantize differs");
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn every_layout_of_whole_pair_weights_agrees_with_the_reference() {
+        use super::packed4_gemv::{FixedTable, Layout};
+        let signed: [f32; 16] = std::array::from_fn(|u| ((u as i32 + 8) % 16 - 8) as f32);
+        let unsigned: [f32; 16] = std::array::from_fn(|u| u as f32);
+        // Rows of whole pairs with blocks of one or two pairs, blocks across rows, and
+        // one block over the whole weight.
+        for (seed, &(rows, cols, block)) in
+            [(5, 128, 64), (3, 192, 128), (4, 64, 128), (2, 256, 512)].iter().enumerate()
+        {
+            for offsets in [false, true] {
+                let mut p = random(rows, cols, block, offsets, seed as u64);
+                for (table, layout) in [(signed, Layout::SignedNibbles), (unsigned, Layout::UnsignedNibbles)]
+                {
+                    p.table = table;
+                    assert_eq!(Layout::for_weight(&p, &FixedTable::new(&table).unwrap()), layout);
+                    check_kernels(&p, 7 + seed as u64);
+                }
+                p.table = random(1, 16, 16, false, 50 + seed as u64).table;
+                assert_eq!(Layout::for_weight(&p, &FixedTable::new(&p.table).unwrap()), Layout::Lookup);
+                check_kernels(&p, 9 + seed as u64);
             }
         }
     }
