@@ -48,9 +48,11 @@ use super::int8_gemm_panel::PANEL_MIN_ROWS;
 const PANEL_ALIGN: usize = 16;
 
 /// Products below this many multiply-adds run on one thread: waking the pool costs more
-/// than it saves. Measured here (2 cores, benches/int8_gemm.rs): a 576×576 decode step
-/// (332k multiply-adds) takes 8 µs on one thread and 35 µs split over rayon.
-const SERIAL_MACS: usize = 1024 * 1024;
+/// than it saves. Measured here (2 cores, benches/int8_gemm.rs, from a pool thread as
+/// `bench run` calls it): a 576×576 decode step (332k multiply-adds) takes 9.3 µs on one
+/// thread and 4.8–6.1 µs split over rayon; 1536×576, 28 µs and 11–14 µs. (From a thread
+/// outside the pool the split cost 35 µs, hence an earlier limit of 1M.)
+const SERIAL_MACS: usize = 128 * 1024;
 
 /// Weight rows (output columns) per rayon task: 64 rows of k = 576 int8 values are 36 KiB,
 /// a block that stays in L2 while every activation row streams past it.

@@ -18,7 +18,7 @@
 use safetensors::tensor::Dtype;
 
 use super::int4_block::read_raw;
-use super::packed4::Packed4;
+use super::packed4::{Packed4, EXACT_GEMV_PARAM};
 use super::{
     Calibration, DenseWeight, DeviceSupport, LayerParts, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo,
     SchemeParams, StoredSource, StoredTensor, TensorRole, WeightParts,
@@ -208,6 +208,14 @@ impl KMeansLinear {
         KMeansLinear { rows, cols, bits, bytes, codebook, packed, bias }
     }
 
+    /// Keep the fused GEMV of 4-bit indices exact (no effect on other widths).
+    fn with_exact_gemv(mut self, exact: bool) -> Self {
+        if let Some(p) = &mut self.packed {
+            p.exact_gemv = exact;
+        }
+        self
+    }
+
     fn dequantize(&self) -> Vec<f32> {
         (0..self.rows * self.cols)
             .map(|i| self.codebook[unpack_bit_index(&self.bytes, self.bits, i) as usize])
@@ -272,6 +280,8 @@ impl Linear for KMeansLinear {
 struct KMeans {
     clusters: usize,
     iterations: usize,
+    /// Keep the 4-bit fused GEMV exact ([`Packed4::exact_gemv`]).
+    exact_gemv: bool,
 }
 
 impl Scheme for KMeans {
@@ -286,7 +296,8 @@ impl Scheme for KMeans {
         let indices: Vec<u16> = weight.data.iter().map(|&v| assign_with(&mids, v) as u16).collect();
         let bits = index_bits(self.clusters);
         let bytes = pack_bits(&indices, bits);
-        Ok(Box::new(KMeansLinear::new(weight.rows, weight.cols, bits, bytes, fit.centroids, bias)))
+        let layer = KMeansLinear::new(weight.rows, weight.cols, bits, bytes, fit.centroids, bias);
+        Ok(Box::new(layer.with_exact_gemv(self.exact_gemv)))
     }
 
     fn load(
@@ -301,7 +312,9 @@ impl Scheme for KMeans {
         let len = (rows * cols * bits as usize).div_ceil(8);
         let bytes = read_raw(source, &format!("{name}.weight"), &[len], Dtype::U8)?;
         let codebook = source.f32(&format!("{name}.codebook"), &[self.clusters])?;
-        Ok(Box::new(KMeansLinear::new(rows, cols, bits, bytes, codebook, bias)))
+        Ok(Box::new(
+            KMeansLinear::new(rows, cols, bits, bytes, codebook, bias).with_exact_gemv(self.exact_gemv),
+        ))
     }
 }
 
@@ -319,7 +332,8 @@ fn build(params: &SchemeParams) -> Result<Box<dyn Scheme>> {
             "parameter `iterations` is {iterations}, expected an integer from 1 to 100000"
         )));
     }
-    Ok(Box::new(KMeans { clusters: clusters as usize, iterations: iterations as usize }))
+    let exact_gemv = params.bool(EXACT_GEMV_PARAM.name, false);
+    Ok(Box::new(KMeans { clusters: clusters as usize, iterations: iterations as usize, exact_gemv }))
 }
 
 pub(super) const KMEANS: SchemeInfo = SchemeInfo {
@@ -343,6 +357,7 @@ pub(super) const KMEANS: SchemeInfo = SchemeInfo {
             default: "25",
             help: "cap on Lloyd iterations (they stop earlier when no assignment changes)",
         },
+        EXACT_GEMV_PARAM,
     ],
     build,
 };
@@ -354,7 +369,7 @@ mod tests {
 
     fn layer(data: Vec<f32>, rows: usize, cols: usize, clusters: usize) -> Box<dyn Linear> {
         let w = DenseWeight { name: "w".into(), rows, cols, data };
-        KMeans { clusters, iterations: 25 }.quantize(w, None, None).unwrap()
+        KMeans { clusters, iterations: 25, exact_gemv: false }.quantize(w, None, None).unwrap()
     }
 
     #[test]
@@ -449,5 +464,26 @@ mod tests {
         let mut p = SchemeParams::default();
         p.0.insert("clusters".into(), serde_json::json!(1));
         assert!(build(&p).err().unwrap().to_string().contains("`clusters` is 1"));
+    }
+
+    #[test]
+    fn exact_gemv_keeps_the_fused_gemv_in_f32_and_changes_no_weight() {
+        let data = SeededRng::new(4).normal_vec(8 * 64, 1.0);
+        let w = |data: Vec<f32>| DenseWeight { name: "w".into(), rows: 8, cols: 64, data };
+        let mut params = SchemeParams::default();
+        params.0.insert("exact_gemv".into(), serde_json::json!(true));
+        let exact = build(&params).unwrap().quantize(w(data.clone()), None, None).unwrap();
+        let fast = build(&SchemeParams::default()).unwrap().quantize(w(data), None, None).unwrap();
+        if super::super::packed4::has_avx2() {
+            assert!(exact.kernel().contains("f32") && fast.kernel().contains("q15"), "{}", exact.kernel());
+        }
+        let x = SeededRng::new(5).normal_vec(64, 1.0);
+        let (mut a, mut b) = (vec![0.0; 8], vec![0.0; 8]);
+        exact.forward(&x, 1, &mut a);
+        fast.forward(&x, 1, &mut b);
+        // The same code book and indices: only the activations' rounding differs.
+        let rel = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).sum::<f32>()
+            / a.iter().map(|p| p.abs()).sum::<f32>();
+        assert!(rel < 1e-3, "relative difference {rel}");
     }
 }

@@ -23,14 +23,16 @@ use rayon::prelude::*;
 use super::packed4_gemv::{self, Activations, FixedTable, Layout};
 
 /// Above this many activation rows, `forward` dequantizes row panels and runs the f32
-/// GEMM instead of the fused GEMV. Measured by `benches/int4_gemv.rs` (criterion medians,
-/// 4096×4096 int4-block weight, 8 matrices rotated) on the 2-core AMD EPYC (Zen 3, AVX2)
-/// this crate is developed on, while other builds shared the machine (load ≈ 6):
-/// fused m=1: 4.5 ms, 4: 8.6 ms, 16: 34 ms, 64: 145 ms; dequantize+GEMM m=1: 46 ms,
-/// 4: 66 ms, 16: 77 ms, 64: 132 ms. Fused costs ≈ 2.2 ms per row, dequantize+GEMM
-/// ≈ 60 ms + 1.1 ms per row: they meet near 50 rows; 32 keeps the fused path where it
-/// clearly wins. (Measured with the f32 fused path; the fixed-point path is faster per
-/// row, which only moves the crossover up, so 32 stays on the safe side.)
+/// GEMM instead of the fused GEMV. Measured on the 2-core AMD EPYC (Zen 3, AVX2) this
+/// crate is developed on, fixed-point GEMV against SIMD dequantize + `gemm`, best of
+/// several runs, 32 weights rotated so they stream from memory; ms at m = 16 / 32 / 48 / 64:
+/// - SmolLM2's 1536×576: fused 0.48 / 0.98 / 1.66 / 2.02, dequant+GEMM 0.55 / 0.81 / 1.01 / 1.69;
+/// - SmolLM2's 576×1536: fused 0.61 / 1.18 / 1.34 / 1.53, dequant+GEMM 0.82 / 1.17 / 1.04 / 1.08.
+///
+/// They cross between 16 and 32 rows on the real model's layers, so 32 stays. (A
+/// 4096×4096 weight crosses near 100 rows: there the `gemm` crate runs few rows against a
+/// long `k` at 10–80 GFLOP/s, and the fused GEMV wins longer. `benches/int4_gemv.rs`
+/// times that shape.)
 pub const GEMV_MAX_ROWS: usize = 32;
 
 /// Values dequantized per panel on the prefill path (4 MiB of f32): bounds the
