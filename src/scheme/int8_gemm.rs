@@ -1,6 +1,14 @@
 //! int8×int8→int32 matrix products `c[m, n] = a[m, k] · w[n, k]ᵀ` for the integer
-//! schemes: a scalar reference and an AVX2 path chosen at run time, multi-threaded with
-//! rayon over blocks of weight rows.
+//! schemes: a scalar reference, an AVX2 path and an AVX-512 VNNI path (prefill, from
+//! 8 rows; `int8_gemm_vnni`), chosen at run time, multi-threaded with
+//! rayon over blocks of weight rows. Every path gives the reference's bits.
+//!
+//! Measured speed against the f32 GEMM (`benches/int8_gemm.rs`, 2 threads, SmolLM2's
+//! layer shapes and 2048×2048, m = 1, 64, 512; figures in `reports/cpu-vnni`):
+//! - with VNNI (a 16-core Xeon with AVX-512 VNNI, pinned to 2 cores; the f32 side runs
+//!   `gemm`'s AVX-512 kernels): 3.1–8.6× at m = 1, 4.7–8.3× at 64, 3.1–4.3× at 512;
+//! - AVX2 only (the 2-core Zen 3 this crate is developed on): 3.8–9× at m = 1, but
+//!   1.3–2.6× from 64 rows, below the 2.5× the harness aims for; the reason follows.
 //!
 //! Both paths accumulate in i32 with wrapping addition, so they agree bit for bit on
 //! every input, including −128 and sums past i32 (which need k > 131072 and cannot occur
@@ -23,8 +31,8 @@
 //! `vpmaddubsw` and `vpsignb` each issue twice per cycle and share the same two pipes
 //! (alternating `vpmaddwd`/`vpsignb` runs at one pair per cycle, not two). So the sign
 //! trick costs 3 of those pipe slots per 32 products, 21 products per cycle at best, and
-//! `vpmaddwd` on widened operands costs 1 slot per 16, 32 per cycle. Without AVX-512
-//! VNNI (`vpdpbusd`) or AVX-VNNI-INT8 there is no faster exact instruction.
+//! `vpmaddwd` on widened operands costs 1 slot per 16, 32 per cycle. Without VNNI
+//! (`vpdpbusd`, which the AVX-512 path uses) there is no faster exact instruction.
 //!
 //! Where the time goes, per pair of k values in a 4×16 panel block: 2 panel loads,
 //! 4 broadcasts (load ports only), 8 `vpmaddwd` and 8 `vpaddd`: 16 vector ALU
@@ -47,6 +55,10 @@ use super::int8_gemm_panel::PANEL_MIN_ROWS;
 #[cfg(target_arch = "x86_64")]
 const PANEL_ALIGN: usize = 16;
 
+/// Task boundaries of the VNNI kernel: whole panels of 32 output columns.
+#[cfg(target_arch = "x86_64")]
+const VNNI_ALIGN: usize = 32;
+
 /// Products below this many multiply-adds run on one thread: waking the pool costs more
 /// than it saves. Measured here (2 cores, benches/int8_gemm.rs, from a pool thread as
 /// `bench run` calls it): a 576×576 decode step (332k multiply-adds) takes 9.3 µs on one
@@ -58,8 +70,13 @@ const SERIAL_MACS: usize = 128 * 1024;
 /// a block that stays in L2 while every activation row streams past it.
 const ROWS_PER_TASK: usize = 64;
 
-/// The kernel path [`gemm_i8`] takes on this machine: `int8-avx2` or `int8-scalar`.
+/// The kernel path [`gemm_i8`] takes on this machine: `int8-avx512vnni/avx2` (VNNI from
+/// 8 activation rows, AVX2 below), `int8-avx2` or `int8-scalar`.
 pub fn kernel_name() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if super::int8_gemm_vnni::available() {
+        return "int8-avx512vnni/avx2";
+    }
     if avx2_available() {
         "int8-avx2"
     } else {
@@ -81,9 +98,16 @@ fn avx2_available() -> bool {
 /// An activation code the kernels take: `i8` (symmetric schemes) or `u8` (the affine
 /// activations of `int8-static`). Both widen to i16 exactly, and a `vpmaddwd` pair of
 /// them with i8 weights is at most 2·255·128 = 65280 in magnitude.
-pub trait Code: Copy + Sync + Into<i16> + Into<i32> {}
-impl Code for i8 {}
-impl Code for u8 {}
+pub trait Code: Copy + Sync + Into<i16> + Into<i32> {
+    /// Added to a code to make it unsigned (the VNNI kernel's activation operand).
+    const SHIFT: i32;
+}
+impl Code for i8 {
+    const SHIFT: i32 = 128;
+}
+impl Code for u8 {
+    const SHIFT: i32 = 0;
+}
 
 /// Scalar reference: `out[i·n + j] = Σ_kk a[i·k + kk] · w[j·k + kk]`, wrapping i32 sums.
 pub fn gemm_i8_reference<T: Code>(a: &[T], m: usize, k: usize, w: &[i8], n: usize, out: &mut [i32]) {
@@ -110,6 +134,16 @@ fn check_shapes<T>(a: &[T], m: usize, k: usize, w: &[i8], n: usize, out: &[i32])
 pub fn gemm_i8<T: Code>(a: &[T], m: usize, k: usize, w: &[i8], n: usize, out: &mut [i32]) {
     check_shapes(a, m, k, w, n, out);
     if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if m >= PANEL_MIN_ROWS && super::int8_gemm_vnni::available() {
+        let bytes = super::int8_gemm_vnni::unsigned_rows(a, m, k);
+        run_blocks(m, n, k, VNNI_ALIGN, out, |cols, out_ptr| {
+            // SAFETY: AVX-512 VNNI was detected above; `bytes` holds m rows of k values;
+            // `run_blocks` hands each task disjoint output columns.
+            unsafe { super::int8_gemm_vnni::gemm_cols(&bytes, m, k, w, n, cols, out_ptr) }
+        });
         return;
     }
     #[cfg(target_arch = "x86_64")]

@@ -57,7 +57,9 @@ pub(super) unsafe fn gemm_cols(
 ) {
     let len = panel_len(k);
     // Columns packed at a time: their panels stay in L2 while every activation row passes.
-    let group = (PACKED_BYTES / (2 * len)).max(1) * NR;
+    // Never more than this task's columns: a fresh 256 KiB buffer per task costs more
+    // page faults than a small product's arithmetic.
+    let group = ((PACKED_BYTES / (2 * len)).max(1) * NR).min(cols.len().next_multiple_of(NR));
     let mut packed = vec![0i16; len * group / NR];
     for start in cols.clone().step_by(group) {
         let end = (start + group).min(cols.end);

@@ -10,6 +10,8 @@ pub mod int8_dynamic;
 pub mod int8_gemm;
 #[cfg(target_arch = "x86_64")]
 mod int8_gemm_panel;
+#[cfg(target_arch = "x86_64")]
+mod int8_gemm_vnni;
 pub mod int8_outlier;
 mod int8_static;
 mod kmeans;

@@ -136,7 +136,7 @@ impl Packed4 {
     }
 
     /// Dequantize flattened values `start..start + out.len()` into `out`, bit for bit
-    /// [`Self::value`] (with AVX2, 32 values per step; see [`dequantize_avx2`]).
+    /// [`Self::value`] (with AVX2, 32 values per step).
     pub fn dequantize_range(&self, start: usize, out: &mut [f32]) {
         assert!(start + out.len() <= self.rows * self.cols, "packed4 dequantize: range past the weight");
         #[cfg(target_arch = "x86_64")]
