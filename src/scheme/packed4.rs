@@ -407,7 +407,6 @@ unsafe fn row_dot_avx2<const M: usize, const D: u8>(p: &Packed4, r: usize, x: [&
     let bytes = &p.bytes;
     let lut_lo = _mm256_loadu_ps(p.table.as_ptr());
     let lut_hi = _mm256_loadu_ps(p.table.as_ptr().add(8));
-    let mask = _mm_set1_epi8(0x0F);
     let mut total = [_mm256_setzero_ps(); M];
     let mut scalar = [0.0f32; M];
     let mut a = start;
@@ -438,11 +437,9 @@ unsafe fn row_dot_avx2<const M: usize, const D: u8>(p: &Packed4, r: usize, x: [&
             let byte_at = (start + k) / 2;
             debug_assert!(byte_at + 16 <= bytes.len());
             let raw = _mm_loadu_si128(bytes.as_ptr().add(byte_at) as *const __m128i);
-            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-            let lo = _mm_and_si128(raw, mask);
-            // [hi0, lo0, hi1, lo1, ...]: the values in flattened order.
-            let (w0, w1) = decode16::<D>(_mm_unpacklo_epi8(hi, lo), lut_lo, lut_hi);
-            let (w2, w3) = decode16::<D>(_mm_unpackhi_epi8(hi, lo), lut_lo, lut_hi);
+            let (first, second) = codes_in_order(raw);
+            let (w0, w1) = decode16::<D>(first, lut_lo, lut_hi);
+            let (w2, w3) = decode16::<D>(second, lut_lo, lut_hi);
             for i in 0..M {
                 let xp = x[i].as_ptr().add(k);
                 let (x0, x1, x2, x3) = (
@@ -467,9 +464,7 @@ unsafe fn row_dot_avx2<const M: usize, const D: u8>(p: &Packed4, r: usize, x: [&
             let byte_at = (start + k) / 2;
             debug_assert!(byte_at + 8 <= bytes.len());
             let raw = _mm_loadl_epi64(bytes.as_ptr().add(byte_at) as *const __m128i);
-            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-            let lo = _mm_and_si128(raw, mask);
-            let (w0, w1) = decode16::<D>(_mm_unpacklo_epi8(hi, lo), lut_lo, lut_hi);
+            let (w0, w1) = decode16::<D>(codes_in_order(raw).0, lut_lo, lut_hi);
             for i in 0..M {
                 let x0 = _mm256_loadu_ps(x[i].as_ptr().add(k));
                 let x1 = _mm256_loadu_ps(x[i].as_ptr().add(k + 8));
@@ -512,7 +507,6 @@ unsafe fn row_dot_avx2<const M: usize, const D: u8>(p: &Packed4, r: usize, x: [&
 unsafe fn dequantize_avx2<const D: u8>(p: &Packed4, start: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let (lut_lo, lut_hi) = (_mm256_loadu_ps(p.table.as_ptr()), _mm256_loadu_ps(p.table.as_ptr().add(8)));
-    let mask = _mm_set1_epi8(0x0F);
     let end = start + out.len();
     let mut a = start;
     while a < end {
@@ -528,10 +522,9 @@ unsafe fn dequantize_avx2<const D: u8>(p: &Packed4, start: usize, out: &mut [f32
             // SAFETY: values a..a+32 lie in the weight and `a` is even, so bytes
             // a/2..a/2+16 exist; `out` holds a-start..a-start+32.
             let raw = _mm_loadu_si128(p.bytes.as_ptr().add(a / 2) as *const __m128i);
-            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-            let lo = _mm_and_si128(raw, mask);
-            let (w0, w1) = decode16::<D>(_mm_unpacklo_epi8(hi, lo), lut_lo, lut_hi);
-            let (w2, w3) = decode16::<D>(_mm_unpackhi_epi8(hi, lo), lut_lo, lut_hi);
+            let (first, second) = codes_in_order(raw);
+            let (w0, w1) = decode16::<D>(first, lut_lo, lut_hi);
+            let (w2, w3) = decode16::<D>(second, lut_lo, lut_hi);
             let dst = out.as_mut_ptr().add(a - start);
             for (j, w) in [w0, w1, w2, w3].into_iter().enumerate() {
                 let v = _mm256_mul_ps(w, scale);
@@ -564,6 +557,21 @@ fn decode_mode(table: &[f32; 16]) -> u8 {
     } else {
         DECODE_TABLE
     }
+}
+
+/// The 32 codes of 16 packed bytes, one per byte in flattened order (each byte's high
+/// nibble, then its low one): the codes of bytes 0–7, then of bytes 8–15.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn codes_in_order(
+    raw: std::arch::x86_64::__m128i,
+) -> (std::arch::x86_64::__m128i, std::arch::x86_64::__m128i) {
+    use std::arch::x86_64::*;
+    let mask = _mm_set1_epi8(0x0F);
+    let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    let lo = _mm_and_si128(raw, mask);
+    (_mm_unpacklo_epi8(hi, lo), _mm_unpackhi_epi8(hi, lo))
 }
 
 /// The values of 16 codes (one per byte of `codes`, in order) as two 8-lane vectors.
