@@ -400,20 +400,25 @@ pub struct Generation {
 impl Results {
     /// Read a results file, refusing other schema versions.
     pub fn read(path: &Path) -> Result<Results> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
+        let text = std::fs::read(path).map_err(|e| Error::io("cannot read", path, e))?;
+        Results::parse(&text, path)
+    }
+
+    /// Parse the bytes of a results file (`path` names it in errors). A value of the wrong
+    /// type is reported with its key path (`cases[2].latency.prefill.median`).
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Results> {
+        let results_error = |message: String| Error::Results { path: path.to_path_buf(), message };
         let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::Json { path: path.to_path_buf(), source: e })?;
+            serde_json::from_slice(bytes).map_err(|e| Error::Json { path: path.to_path_buf(), source: e })?;
         let version = value.get("schema_version").and_then(|v| v.as_u64());
         if version != Some(SCHEMA_VERSION as u64) {
-            return Err(Error::Results {
-                path: path.to_path_buf(),
-                message: format!(
-                    "schema_version is {}, expected {SCHEMA_VERSION}",
-                    version.map_or("missing".to_string(), |v| v.to_string())
-                ),
-            });
+            return Err(results_error(format!(
+                "schema_version is {}, expected {SCHEMA_VERSION}",
+                version.map_or("missing".to_string(), |v| v.to_string())
+            )));
         }
-        serde_json::from_value(value).map_err(|e| Error::Json { path: path.to_path_buf(), source: e })
+        serde_path_to_error::deserialize(value)
+            .map_err(|e| results_error(format!("key {}: {}", e.path(), e.inner())))
     }
 
     /// Write atomically as pretty JSON.
