@@ -46,6 +46,12 @@ pub enum Error {
     /// A check made while running failed (e.g. a reloaded model disagrees with the original).
     #[error("case {case}: {message}")]
     Case { case: String, message: String },
+    /// A tensor computed while running holds a NaN or an infinity.
+    #[error(
+        "non-finite value in {tensor} at {position}: found {value}, expected a finite number \
+         (the forward pass overflowed, or a weight or norm epsilon makes it divide by zero)"
+    )]
+    NonFinite { tensor: String, position: String, value: f32 },
     /// A workload cannot be run (too few tokens, empty prompt list, ...).
     #[error("workload: {0}")]
     Workload(String),

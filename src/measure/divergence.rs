@@ -105,9 +105,11 @@ fn for_each_scored(
 ) -> Result<()> {
     let vocab = model.vocab_size();
     let mut index = 0;
-    for chunk in chunks {
+    for (c, chunk) in chunks.iter().enumerate() {
         let mut cache = model.new_cache(1, chunk.len());
         let logits = model.forward(chunk, 1, &mut cache, Logits::All)?;
+        let row = |pos: usize| format!("evaluation chunk {c}, position {pos}");
+        tensor::check_finite("logits", &logits, vocab, row, "vocabulary entry")?;
         for pos in first_scored(chunk.len())..chunk.len() - 1 {
             score(index, &logits[pos * vocab..(pos + 1) * vocab], chunk[pos + 1]);
             index += 1;
@@ -424,8 +426,8 @@ fn score_position(
     let kl = match &reference.kept {
         Kept::Full(all) => {
             let p = &all[i * reference.vocab..(i + 1) * reference.vocab];
-            let kl =
-                p.iter().zip(q).map(|(&lp, &lq)| (lp as f64).exp() * (lp as f64 - lq)).sum::<f64>().max(0.0);
+            let kl = p.iter().zip(q).map(|(&lp, &lq)| (lp as f64).exp() * (lp as f64 - lq)).sum::<f64>();
+            let kl = non_negative(kl);
             TruncatedKl { estimate: kl, lower: kl, upper: kl, variance: 0.0 }
         }
         Kept::TopK { k, ids, logprobs, tail_ids, tail_logprobs } => {
@@ -477,7 +479,7 @@ fn truncated_kl(
     let p_top: f64 = logprobs.iter().map(|&lp| (lp as f64).exp()).sum();
     let tail = (1.0 - p_top).max(0.0);
     if tail <= 0.0 || ids.len() == q.len() {
-        let kl = head.max(0.0);
+        let kl = non_negative(head);
         return TruncatedKl { estimate: kl, lower: kl, upper: kl, variance: 0.0 };
     }
     scratch.in_top.clear();
@@ -488,7 +490,7 @@ fn truncated_kl(
     // Both tails by the same formula, so a model identical to the reference scores 0.
     let q_top: f64 = ids.iter().map(|&j| q[j as usize].exp()).sum();
     let q_tail = (1.0 - q_top).max(f64::MIN_POSITIVE);
-    let lower = (head + tail * (tail / q_tail).ln()).max(0.0);
+    let lower = non_negative(head + tail * (tail / q_tail).ln());
     let cap = (*logprobs.last().expect("k ≥ 1") as f64).exp();
     let upper = (head + worst_tail_share(tail, cap, &mut scratch.tail_q)).max(lower);
     let ratios: Vec<f64> =
@@ -496,8 +498,20 @@ fn truncated_kl(
     let n = ratios.len() as f64;
     let mean = ratios.iter().sum::<f64>() / n;
     let var = ratios.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-    let estimate = (head + tail * mean).clamp(lower, upper);
+    // Bounds made from finite inputs are ordered; anything else stays NaN, for the
+    // results' finiteness check to name, rather than panicking in `clamp`.
+    let estimate = if lower <= upper { (head + tail * mean).clamp(lower, upper) } else { f64::NAN };
     TruncatedKl { estimate, lower, upper, variance: tail * tail * var / n }
+}
+
+/// `x`, with rounding's small negatives raised to 0; unlike `f64::max`, a NaN stays NaN
+/// (`NaN.max(0.0)` is 0, which would score a broken model as perfect agreement).
+fn non_negative(x: f64) -> f64 {
+    if x < 0.0 {
+        0.0
+    } else {
+        x
+    }
 }
 
 /// The largest Σ pᵢ·ln(pᵢ/qᵢ) over tail distributions with Σ pᵢ = `tail` and every
@@ -654,6 +668,71 @@ pub fn summarize(scores: &[TokenScore], cosines: &[f64], nmses: &[f64], top_k: O
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheme::{Linear, StoredTensor};
+    use crate::tensor::attention::{AttentionShape, KvCache};
+
+    /// A causal model whose logits are a fixed function of the token, with one value
+    /// replaced by `poison` at (`position`, `entry`) of every sequence.
+    struct Poisoned {
+        poison: f32,
+        position: usize,
+        entry: usize,
+    }
+
+    impl CausalLm for Poisoned {
+        fn vocab_size(&self) -> usize {
+            4
+        }
+        fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
+            KvCache::new(1, batch, AttentionShape { heads: 1, kv_heads: 1, head_dim: 1 }, capacity)
+        }
+        fn forward_observed(
+            &self,
+            tokens: &[u32],
+            _: usize,
+            _: &mut KvCache,
+            _: Logits,
+            _: &mut dyn FnMut(usize, &[f32]),
+        ) -> Result<Vec<f32>> {
+            let mut logits: Vec<f32> =
+                tokens.iter().flat_map(|&t| (0..4).map(move |j| (t + j) as f32 % 3.0)).collect();
+            logits[self.position * 4 + self.entry] = self.poison;
+            Ok(logits)
+        }
+        fn export(&self) -> Vec<StoredTensor> {
+            Vec::new()
+        }
+        fn linears(&self) -> Vec<(&str, &dyn Linear)> {
+            Vec::new()
+        }
+    }
+
+    #[test]
+    fn non_finite_logits_are_an_error_naming_the_place_never_a_score() {
+        let tokens: Vec<u32> = (0..512).map(|i| i % 4).collect();
+        let chunks = chunks(&tokens, 16, None);
+        let clean = Poisoned { poison: 1.0, position: 0, entry: 0 };
+        let reference = reference(&clean, &chunks, Some(2)).unwrap();
+        for poison in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let model = Poisoned { poison, position: 9, entry: 2 };
+            let err = measure(&model, &chunks, &reference).unwrap_err().to_string();
+            assert!(err.contains("non-finite value in logits"), "{err}");
+            assert!(err.contains("evaluation chunk 0, position 9, vocabulary entry 2"), "{err}");
+            assert!(err.contains(&format!("found {poison}")), "{err}");
+            let err = super::reference(&model, &chunks, None).unwrap_err().to_string();
+            assert!(err.contains("position 9, vocabulary entry 2"), "{err}");
+        }
+        // The clean model scores as exact agreement: the check does not get in the way.
+        let exact = measure(&clean, &chunks, &reference).unwrap().stats.unwrap();
+        assert_eq!(exact.kld.mean, 0.0);
+    }
+
+    #[test]
+    fn a_nan_kl_stays_nan_instead_of_clamping_to_zero() {
+        assert!(non_negative(f64::NAN).is_nan());
+        assert_eq!(non_negative(-1e-17), 0.0);
+        assert_eq!(non_negative(0.25), 0.25);
+    }
 
     #[test]
     fn chunks_are_whole_and_capped() {

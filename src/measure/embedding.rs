@@ -40,6 +40,9 @@ pub fn encode_all(
             mask.extend((0..seq).map(|i| u8::from(i < ids.len())));
         }
         let hidden = model.encode(&tokens, &mask, chunk.len())?;
+        let first = out.hidden.len();
+        let row = |r: usize| format!("sentence {}, position {}", first + r / seq, r % seq);
+        crate::tensor::check_finite("the last hidden state", &hidden, h, row, "channel")?;
         for (ids, rows) in chunk.iter().zip(hidden.chunks_exact(seq * h)) {
             let real = rows[..ids.len() * h].to_vec();
             out.embeddings.push(mean_pool_normalized(&real, h));

@@ -64,7 +64,7 @@ impl BertConfig {
             heads,
             max_positions: config.usize_or("max_position_embeddings", 512)?,
             type_vocab: config.usize_or("type_vocab_size", 2)?,
-            eps: config.f64_or("layer_norm_eps", 1e-12)? as f32,
+            eps: config.epsilon_or("layer_norm_eps", 1e-12)?,
         })
     }
 

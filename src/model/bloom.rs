@@ -56,7 +56,7 @@ impl BloomConfig {
             hidden,
             layers: config.usize_first(&["n_layer", "num_hidden_layers"])?,
             heads,
-            eps: config.f64_or("layer_norm_epsilon", 1e-5)? as f32,
+            eps: config.epsilon_or("layer_norm_epsilon", 1e-5)?,
         })
     }
 

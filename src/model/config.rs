@@ -91,6 +91,16 @@ impl ConfigJson {
         }
     }
 
+    /// A norm's epsilon: a number that stays positive as f32. Zero (or a value that
+    /// rounds to it) divides zero by zero on an all-zero row, making every output NaN.
+    pub fn epsilon_or(&self, key: &str, default: f64) -> Result<f32> {
+        let eps = self.f64_or(key, default)?;
+        if (eps as f32) > 0.0 && (eps as f32).is_finite() {
+            return Ok(eps as f32);
+        }
+        Err(self.error(format!("key `{key}` is {eps}, expected a positive number (at least 1e-38)")))
+    }
+
     /// The first of `keys` that is present, as a number.
     pub fn f64_first(&self, keys: &[&str], default: f64) -> Result<f64> {
         match keys.iter().find(|k| self.get(k).is_some()) {
@@ -137,5 +147,15 @@ mod tests {
         let err = c.usize("num_hidden_layers").unwrap_err().to_string();
         assert!(err.contains("`num_hidden_layers` is missing"), "{err}");
         assert_eq!(c.f64_first(&["rope_theta", "rope_parameters.rope_theta"], 1e4).unwrap(), 5e5);
+    }
+
+    #[test]
+    fn a_norm_epsilon_must_stay_positive_as_f32() {
+        let c = cfg(json!({"rms_norm_eps": 0.0, "tiny": 1e-60, "fine": 1e-6}));
+        let err = c.epsilon_or("rms_norm_eps", 1e-6).unwrap_err().to_string();
+        assert!(err.contains("`rms_norm_eps` is 0, expected a positive number"), "{err}");
+        assert!(c.epsilon_or("tiny", 1e-6).is_err());
+        assert_eq!(c.epsilon_or("fine", 1.0).unwrap(), 1e-6);
+        assert_eq!(c.epsilon_or("absent", 1e-5).unwrap(), 1e-5);
     }
 }

@@ -88,10 +88,19 @@ impl<'a> QuantizeFactory<'a> {
         }
     }
 
+    /// The weight `name` at the model's precision, refused when a value is NaN or
+    /// infinite, as stored or once rounded (a value beyond f16's range): such a weight
+    /// makes every output NaN, which must never be scored.
     fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let mut data = self.store.f32(name, shape)?;
+        non_finite_weight(name, &data, "")?;
         if self.precision != FloatStorage::F32 {
+            let stored = crate::tensor::first_non_finite(&data);
             data.iter_mut().for_each(|v| *v = self.precision.round(*v));
+            if stored.is_none() {
+                let rounded = format!(" once rounded to {}", self.precision.name());
+                non_finite_weight(name, &data, &rounded)?;
+            }
         }
         Ok(data)
     }
@@ -172,6 +181,18 @@ impl WeightFactory for ReloadFactory<'_> {
         let data = self.store.f32(&format!("{HEAD}.weight"), &[rows, cols])?;
         let weight = DenseWeight { name: HEAD.to_string(), rows, cols, data };
         Ok(Some(Box::new(FloatLinear::unquantized(weight, None))))
+    }
+}
+
+/// An error naming weight `name` and its first NaN or infinite element (`how`: how the
+/// values were made, e.g. " once rounded to f16").
+fn non_finite_weight(name: &str, data: &[f32], how: &str) -> Result<()> {
+    match crate::tensor::first_non_finite(data) {
+        None => Ok(()),
+        Some((i, value)) => Err(Error::Tensor {
+            name: name.to_string(),
+            message: format!("element {i} is {value}{how}, expected finite weights"),
+        }),
     }
 }
 

@@ -34,6 +34,8 @@ pub fn greedy(model: &dyn CausalLm, prompt: &[u32], max_new: usize, keep_logits:
     let start = Instant::now();
     let logits = model.forward(prompt, 1, &mut cache, wanted)?;
     let prefill_s = start.elapsed().as_secs_f64();
+    let prompt_row = |pos: usize| format!("prompt position {pos}");
+    tensor::check_finite("logits", &logits, vocab, prompt_row, "vocabulary entry")?;
     let mut last = logits[logits.len() - vocab..].to_vec();
     let prompt_logits = keep_logits.then_some(logits);
     let mut step_logits = keep_logits.then(Vec::new);
@@ -50,6 +52,8 @@ pub fn greedy(model: &dyn CausalLm, prompt: &[u32], max_new: usize, keep_logits:
         }
         let start = Instant::now();
         last = model.forward(&[next], 1, &mut cache, Logits::Last)?;
+        let step_row = |_| format!("generated token {}", step + 1);
+        tensor::check_finite("logits", &last, vocab, step_row, "vocabulary entry")?;
         step_s.push(start.elapsed().as_secs_f64());
     }
     Ok(Greedy { ids, prefill_s, step_s, prompt_logits, step_logits })

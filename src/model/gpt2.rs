@@ -76,7 +76,7 @@ impl Gpt2Config {
             layers: config.usize_first(&["n_layer", "num_hidden_layers"])?,
             heads,
             positions: config.usize_first(&["n_positions", "max_position_embeddings"])?,
-            eps: config.f64_or("layer_norm_epsilon", 1e-5)? as f32,
+            eps: config.epsilon_or("layer_norm_epsilon", 1e-5)?,
             tanh_gelu,
         })
     }

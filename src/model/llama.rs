@@ -103,7 +103,7 @@ impl LlamaConfig {
             intermediate: config.usize("intermediate_size")?,
             layers: config.usize("num_hidden_layers")?,
             attention: AttentionShape { heads, kv_heads, head_dim },
-            eps: config.f64_or("rms_norm_eps", 1e-6)? as f32,
+            eps: config.epsilon_or("rms_norm_eps", 1e-6)?,
             rope_theta: config.f64_first(&["rope_theta", "rope_parameters.rope_theta"], 10000.0)?,
             tied: config.bool_or("tie_word_embeddings", false)?,
             qkv_bias: qwen2 || attention_bias,

@@ -5,6 +5,7 @@
 pub mod baseline;
 pub mod charts;
 pub mod compare;
+pub mod finite;
 pub mod html;
 pub mod results;
 pub mod summary;

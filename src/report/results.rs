@@ -397,6 +397,21 @@ pub struct Generation {
     pub first_divergent_token: Option<usize>,
 }
 
+impl CaseResult {
+    /// An error naming this case and the first metric that is NaN or infinite.
+    pub fn check_finite(&self) -> Result<()> {
+        match super::finite::first_non_finite(self) {
+            None => Ok(()),
+            Some((key, value)) => Err(Error::Case {
+                case: self.id.clone(),
+                message: format!(
+                    "metric {key} is {value}, expected a finite number; the case is not recorded"
+                ),
+            }),
+        }
+    }
+}
+
 impl Results {
     /// Read a results file, refusing other schema versions.
     pub fn read(path: &Path) -> Result<Results> {
@@ -421,8 +436,15 @@ impl Results {
             .map_err(|e| results_error(format!("key {}: {}", e.path(), e.inner())))
     }
 
-    /// Write atomically as pretty JSON.
+    /// Write atomically as pretty JSON. Refused, leaving the file as it was, when a number
+    /// is NaN or infinite: JSON would hold `null` there, which no reader takes for a number.
     pub fn write(&self, path: &Path) -> Result<()> {
+        if let Some((key, value)) = super::finite::first_non_finite(self) {
+            return Err(Error::Results {
+                path: path.to_path_buf(),
+                message: format!("key {key} is {value}, expected a finite number; the file was not written"),
+            });
+        }
         let text = serde_json::to_string_pretty(self)
             .map_err(|e| Error::Json { path: path.to_path_buf(), source: e })?;
         super::write_atomic(path, text.as_bytes())
@@ -507,6 +529,48 @@ pub fn rfc3339(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const FIXTURE: &str = include_str!("../../tests/fixtures/report/baseline/results.json");
+
+    fn fixture() -> Results {
+        Results::parse(FIXTURE.as_bytes(), Path::new("results.json")).unwrap()
+    }
+
+    #[test]
+    fn a_nan_metric_is_refused_by_name_and_the_file_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("results.json");
+        let mut results = fixture();
+        results.cases[1].divergence.as_mut().unwrap().stats.as_mut().unwrap().ppl_ratio.value = f64::NAN;
+        let err = results.cases[1].check_finite().unwrap_err().to_string();
+        assert!(err.contains("metric divergence.stats.ppl_ratio.value is NaN"), "{err}");
+        assert!(err.contains(&results.cases[1].id), "{err}");
+        let err = results.write(&path).unwrap_err().to_string();
+        assert!(err.contains("key cases[1].divergence.stats.ppl_ratio.value is NaN"), "{err}");
+        assert!(!path.exists(), "nothing may be written");
+        results.cases[1].divergence.as_mut().unwrap().stats.as_mut().unwrap().ppl_ratio.value = f64::INFINITY;
+        assert!(results.write(&path).unwrap_err().to_string().contains("is inf"));
+    }
+
+    #[test]
+    fn what_write_writes_parse_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("results.json");
+        let results = fixture();
+        results.write(&path).unwrap();
+        let back = Results::read(&path).unwrap();
+        assert_eq!(serde_json::to_value(&back).unwrap(), serde_json::to_value(&results).unwrap());
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_named_by_its_key_path() {
+        let mut value: serde_json::Value = serde_json::from_str(FIXTURE).unwrap();
+        value["cases"][0]["divergence"]["stats"]["kld"]["mean"] = serde_json::Value::Null;
+        let text = serde_json::to_vec(&value).unwrap();
+        let err = Results::parse(&text, Path::new("r.json")).unwrap_err().to_string();
+        assert!(err.starts_with("results file r.json: key cases[0].divergence.stats.kld.mean:"), "{err}");
+        assert!(err.contains("invalid type: null, expected f64"), "{err}");
+    }
 
     #[test]
     fn rfc3339_of_known_instants() {

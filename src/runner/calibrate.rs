@@ -208,6 +208,17 @@ pub fn block_states(model: &Model, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
             encoder.encode_observed(tokens, &vec![1; tokens.len()], 1, &mut keep)?;
         }
     }
+    for (i, hidden) in blocks.iter().enumerate() {
+        let width = hidden.len() / tokens.len().max(1);
+        let row = |pos: usize| format!("position {pos}");
+        crate::tensor::check_finite(
+            &format!("the hidden state after block {i}"),
+            hidden,
+            width,
+            row,
+            "channel",
+        )?;
+    }
     Ok(blocks)
 }
 

@@ -568,6 +568,14 @@ fn layer_divergence(probe: &LayerProbe, model: &Model) -> Result<Vec<LayerDiverg
         };
         let mut got = vec![0.0; input.rows * layer.out_features()];
         layer.forward(input.inputs, input.rows, &mut got);
+        let row = |r: usize| format!("probe row {r}");
+        crate::tensor::check_finite(
+            &format!("the output of {name}"),
+            &got,
+            layer.out_features(),
+            row,
+            "channel",
+        )?;
         out.push(compare(name.to_string(), "linear", reference, &got));
     }
     let blocks = calibrate::block_states(model, &probe.tokens)?;
@@ -735,7 +743,7 @@ fn cached_reference(
     let w = &plan.workload;
     let key = CacheKey {
         model_sha256: judge_sha256.to_string(),
-        dtype: super::storage_name(judge.dtype).to_string(),
+        dtype: judge.dtype.name().to_string(),
         tokenizer_sha256: judge.files.tokenizer.fingerprint().to_string(),
         eval_sha256: crate::suite::plan::sha256_hex(w.eval_text.as_bytes()),
         context: w.context,

@@ -13,7 +13,6 @@ use crate::report::results::{
     CalibrationRecord, CaseResult, ModelRecord, Provenance, Results, SuiteRecord, WorkloadRecord,
     SCHEMA_VERSION,
 };
-use crate::scheme::FloatStorage;
 use crate::suite::plan::{sha256_file, sha256_hex};
 use crate::suite::{Plan, PlannedModel, PlannedScheme};
 
@@ -111,6 +110,7 @@ fn run_on_pool(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> 
             let case = runner
                 .run_case(planned, &id, spec, &output, &mut progress)
                 .with_context(|| format!("case {id}"))?;
+            case.check_finite()?;
             results.cases.push(case);
             progress.finish(&id);
             results.write(&results_path)?;
@@ -206,7 +206,7 @@ fn model_record(plan: &Plan, model: &PlannedModel, model_sha256: String) -> Resu
         name: model.name.clone(),
         path: model.spec.clone(),
         arch: summary.arch,
-        dtype: storage_name(model.dtype).into(),
+        dtype: model.dtype.name().into(),
         parameters: summary.parameters,
         linear_parameters: summary.linear_parameters,
         model_sha256,
@@ -215,14 +215,6 @@ fn model_record(plan: &Plan, model: &PlannedModel, model_sha256: String) -> Resu
         reference: model.reference.map_or_else(|| model.name.clone(), |j| plan.models[j].name.clone()),
         reference_cache: None,
     })
-}
-
-pub(crate) fn storage_name(s: FloatStorage) -> &'static str {
-    match s {
-        FloatStorage::F32 => "f32",
-        FloatStorage::F16 => "f16",
-        FloatStorage::BF16 => "bf16",
-    }
 }
 
 fn case_spec_hash(

@@ -22,6 +22,15 @@ pub enum FloatStorage {
 }
 
 impl FloatStorage {
+    /// The name a suite's `dtype:` and results.json use.
+    pub fn name(self) -> &'static str {
+        match self {
+            FloatStorage::F32 => "f32",
+            FloatStorage::F16 => "f16",
+            FloatStorage::BF16 => "bf16",
+        }
+    }
+
     /// Round `v` to this type (and back to f32 for compute).
     pub fn round(self, v: f32) -> f32 {
         match self {

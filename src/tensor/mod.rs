@@ -179,6 +179,39 @@ pub fn add_in_place(dst: &mut [f32], src: &[f32]) {
     dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
 }
 
+/// The first value of `values` that is NaN or infinite, with its index: outputs are
+/// checked with it before any statistic is taken of them, so a NaN never scores.
+pub fn first_non_finite(values: &[f32]) -> Option<(usize, f32)> {
+    // A sum is finite only when every term is (and nothing overflows): one cheap pass
+    // over the common, all-finite case, the index search only when it fails.
+    let sum: f32 = values.iter().map(|v| v * 0.0).sum();
+    if sum == 0.0 {
+        return None;
+    }
+    values.iter().position(|v| !v.is_finite()).map(|i| (i, values[i]))
+}
+
+/// An error naming `tensor` and the place of its first NaN or infinity, when it has one.
+/// `values` is laid out in rows of `width`; `row` says which row is which
+/// (`"evaluation chunk 2, position 17"`), and the column is named as `column`
+/// (`"vocabulary entry"`, `"channel"`).
+pub fn check_finite(
+    tensor: &str,
+    values: &[f32],
+    width: usize,
+    row: impl Fn(usize) -> String,
+    column: &str,
+) -> crate::error::Result<()> {
+    match first_non_finite(values) {
+        None => Ok(()),
+        Some((i, value)) => Err(crate::error::Error::NonFinite {
+            tensor: tensor.to_string(),
+            position: format!("{}, {column} {}", row(i / width.max(1)), i % width.max(1)),
+            value,
+        }),
+    }
+}
+
 /// Index of the largest value (the first one on ties, as `torch.argmax`).
 pub fn argmax(row: &[f32]) -> usize {
     let mut best = 0;

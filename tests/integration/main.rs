@@ -9,3 +9,4 @@ mod real;
 mod report;
 mod support;
 mod torch_dynamic;
+mod trust;

@@ -1,0 +1,105 @@
+//! Numbers that cannot lie: a non-finite weight, norm epsilon or output is an error naming
+//! it, never a good-looking score; exit codes, the output-folder lock, the regression gate
+//! and the lengths a model can take.
+
+use std::path::{Path, PathBuf};
+
+use crate::support::{bench, fixture, root, shared_cache, Run};
+
+/// A copy of the small tied fixture model in `dir`, to break.
+fn model_copy(dir: &Path) -> PathBuf {
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture("llama-tiny-tied").join(file), model.join(file)).unwrap();
+    }
+    model
+}
+
+/// Overwrite element `index` of the f32 or bf16 tensor `name` in `file` with `value`.
+fn poison(file: &Path, name: &str, index: usize, value: f32) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let entry = &header[name];
+    let encoded = match entry["dtype"].as_str().unwrap() {
+        "F32" => value.to_le_bytes().to_vec(),
+        "BF16" => value.to_le_bytes()[2..].to_vec(),
+        other => panic!("{name} is {other} in the fixture, expected F32 or BF16"),
+    };
+    let start = 8 + header_len + entry["data_offsets"][0].as_u64().unwrap() as usize + encoded.len() * index;
+    bytes[start..start + encoded.len()].copy_from_slice(&encoded);
+    std::fs::write(file, bytes).unwrap();
+}
+
+/// A small suite over the model folder `model` (relative to `dir`), written into `dir`.
+fn suite(dir: &Path, model: &str, schemes: &str, extra: &str) -> PathBuf {
+    std::fs::copy(root().join("suites/data/eval.txt"), dir.join("eval.txt")).unwrap();
+    let text = format!(
+        "name: trust\nmodels:\n  - name: m\n    path: {model}\nschemes: {schemes}\n\
+         workload:\n  prompts: [\"Hello\"]\n  eval_text: eval.txt\n  prompt_len: 8\n  gen_len: 2\n  \
+         context: 16\n  max_chunks: 30\n{extra}repeats: 1\nwarmup: 0\n"
+    );
+    let path = dir.join("s.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run_suite(dir: &Path, suite: &Path, out: &Path, extra: &[&str]) -> Run {
+    let mut args = vec!["run", suite.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    bench(&args, dir, &shared_cache())
+}
+
+fn assert_mentions(run: &Run, needles: &[&str]) {
+    for n in needles {
+        assert!(run.stderr.contains(n), "error should mention {n:?}:\n{}", run.stderr);
+    }
+}
+
+#[test]
+fn a_nan_weight_is_named_and_never_scores() {
+    for (tensor, index, value, shown) in
+        [("model.norm.weight", 5, f32::NAN, "NaN"), ("model.embed_tokens.weight", 70, f32::INFINITY, "inf")]
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let model = model_copy(dir.path());
+        poison(&model.join("model.safetensors"), tensor, index, value);
+        let suite = suite(dir.path(), "model", "[fp32, int8-dynamic]", "");
+        let out = dir.path().join("out");
+        let run = run_suite(dir.path(), &suite, &out, &[]);
+        assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+        assert_mentions(&run, &[tensor, &format!("element {index} is {shown}"), "expected finite weights"]);
+        assert!(!out.join("results.json").exists(), "no results from a model that cannot be trusted");
+    }
+}
+
+#[test]
+fn a_weight_beyond_f16_range_is_named_when_the_model_runs_at_f16() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_copy(dir.path());
+    poison(&model.join("model.safetensors"), "model.norm.weight", 3, 3e38);
+    let suite = suite(dir.path(), "model", "[fp32]", "");
+    let text = std::fs::read_to_string(&suite)
+        .unwrap()
+        .replace("    path: model\n", "    path: model\n    dtype: f16\n");
+    std::fs::write(&suite, text).unwrap();
+    let run = run_suite(dir.path(), &suite, &dir.path().join("out"), &[]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert_mentions(&run, &["model.norm.weight", "element 3 is inf once rounded to f16"]);
+}
+
+#[test]
+fn a_zero_norm_epsilon_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_copy(dir.path());
+    let config = model.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let broken = text.replace("\"rms_norm_eps\": 1e-05", "\"rms_norm_eps\": 0");
+    assert_ne!(text, broken, "the fixture's epsilon moved");
+    std::fs::write(&config, broken).unwrap();
+    let suite = suite(dir.path(), "model", "[fp32]", "");
+    let run = bench(&["validate", suite.to_str().unwrap()], dir.path(), &shared_cache());
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert_mentions(&run, &["config.json", "`rms_norm_eps` is 0, expected a positive number"]);
+}
