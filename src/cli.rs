@@ -23,6 +23,9 @@ pub const EXIT_ERROR: i32 = 1;
 /// Exit code for a regression found by `compare` (or `run --baseline`) with
 /// `--fail-on-regression`.
 pub const EXIT_REGRESSION: i32 = 2;
+/// Exit code for a malformed command line (an unknown option, a missing argument): 64,
+/// `EX_USAGE` of sysexits.h, so that it can never be mistaken for a regression.
+pub const EXIT_USAGE: i32 = 64;
 
 /// What a quantization scheme costs and buys: memory, disk, latency and divergence from
 /// the full-precision model, in one run.
@@ -219,9 +222,9 @@ pub fn execute(cli: Cli) -> Result<i32> {
             if let Some(base_path) = baseline_path {
                 let base = Results::read(&base_path)?;
                 let new_path = dir.join("results.json");
-                let regressions = write_comparison(&base, &base_path, &results, &new_path, None, &dir)?;
-                if fail_on_regression && regressions > 0 {
-                    return Ok(EXIT_REGRESSION);
+                let comparison = write_comparison(&base, &base_path, &results, &new_path, None, &dir)?;
+                if fail_on_regression {
+                    return gate(&comparison);
                 }
             }
         }
@@ -250,10 +253,9 @@ pub fn execute(cli: Cli) -> Result<i32> {
                     .unwrap_or(Path::new("."))
                     .to_path_buf()
             });
-            let regressions =
-                write_comparison(&base, &base_path, &results, &new_path, noise_threshold, &dir)?;
-            if fail_on_regression && regressions > 0 {
-                return Ok(EXIT_REGRESSION);
+            let comparison = write_comparison(&base, &base_path, &results, &new_path, noise_threshold, &dir)?;
+            if fail_on_regression {
+                return gate(&comparison);
             }
         }
         Command::Validate { suite } => {
@@ -279,8 +281,22 @@ pub fn execute(cli: Cli) -> Result<i32> {
     Ok(EXIT_OK)
 }
 
+/// The exit code of a `--fail-on-regression` gate: [`EXIT_REGRESSION`] when a metric
+/// regressed or a baseline case or metric is missing from the new run; an error when the
+/// runs did different work, which no verdict can judge.
+fn gate(comparison: &compare::Comparison) -> Result<i32> {
+    if !comparison.workload_differences.is_empty() {
+        return Err(Error::Render(format!(
+            "cannot gate: the workloads differ in {}; measure the baseline and the new run with the \
+             same workload",
+            comparison.workload_differences.join(", ")
+        )));
+    }
+    Ok(if comparison.gate_failures() > 0 { EXIT_REGRESSION } else { EXIT_OK })
+}
+
 /// Compare, write compare.md and compare.html into `dir`, print compare.md; returns the
-/// number of regressions that fail the comparison.
+/// comparison.
 fn write_comparison(
     base: &Results,
     base_path: &Path,
@@ -288,14 +304,14 @@ fn write_comparison(
     new_path: &Path,
     threshold: Option<f64>,
     dir: &Path,
-) -> Result<usize> {
+) -> Result<compare::Comparison> {
     let comparison = compare::compare(base, base_path, new, new_path, threshold);
     let md = compare::markdown(&comparison);
     report::write_atomic(&dir.join("compare.md"), md.as_bytes())?;
     report::write_atomic(&dir.join("compare.html"), compare::html(&comparison).as_bytes())?;
     println!("{md}");
     eprintln!("{}: {}", dir.join("compare.md").display(), comparison.headline());
-    Ok(comparison.regressions())
+    Ok(comparison)
 }
 
 fn open_model(spec: &str) -> Result<ModelFiles> {

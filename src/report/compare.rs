@@ -245,12 +245,29 @@ pub struct Comparison {
     pub only_new: Vec<String>,
     /// What the reader should know (different machines, workloads).
     pub notes: Vec<String>,
+    /// `case: metric` for each metric the baseline measured and the new run did not.
+    pub missing_metrics: Vec<String>,
+    /// Workload fields whose values differ (`prompt_len`, `eval_sha256`): verdicts on
+    /// different work are shown, never gating, and a gate refuses to judge.
+    pub workload_differences: Vec<String>,
 }
 
 impl Comparison {
     /// Regressions that fail the comparison.
     pub fn regressions(&self) -> usize {
         self.rows.iter().filter(|r| r.verdict == Verdict::Regressed && r.not_gating.is_none()).count()
+    }
+
+    /// Cases and metrics of the baseline that the new run lacks: a gate cannot vouch for
+    /// what was not measured, so each one fails it.
+    pub fn vanished(&self) -> usize {
+        self.only_baseline.len() + self.missing_metrics.len()
+    }
+
+    /// What fails a `--fail-on-regression` gate: gating regressions, vanished cases and
+    /// metrics, and a comparison of nothing at all.
+    pub fn gate_failures(&self) -> usize {
+        self.regressions() + self.vanished() + usize::from(self.rows.is_empty())
     }
 
     fn count(&self, verdict: Verdict) -> usize {
@@ -267,8 +284,16 @@ impl Comparison {
             (g, 0) => format!("{g} regressed"),
             (g, loose) => format!("{g} regressed (and {loose} timings without gating)"),
         };
+        let vanished = match (self.only_baseline.len(), self.missing_metrics.len()) {
+            (0, 0) => String::new(),
+            (cases, 0) => format!("{cases} baseline cases missing from the new run, "),
+            (0, metrics) => format!("{metrics} baseline metrics missing from the new run, "),
+            (cases, metrics) => {
+                format!("{cases} baseline cases and {metrics} metrics missing from the new run, ")
+            }
+        };
         format!(
-            "{lead}, {} improved, {} within noise ({} comparisons)",
+            "{vanished}{lead}, {} improved, {} within noise ({} comparisons)",
             self.count(Verdict::Improved),
             self.count(Verdict::WithinNoise),
             self.rows.len()
@@ -306,15 +331,17 @@ pub fn compare(
             pb.cpu, pb.threads, pn.cpu, pn.threads
         ));
     }
-    if baseline.workload.sha256 != new.workload.sha256 {
-        notes.push(
-            "the workloads differ (prompts, lengths, evaluation text or repeats): numbers may not be \
-             comparable"
-                .to_string(),
-        );
+    let workload_differences = workload_differences(baseline, new);
+    if !workload_differences.is_empty() {
+        notes.push(format!(
+            "the workloads differ ({}): verdicts are shown but do not gate",
+            workload_differences.join(", ")
+        ));
     }
+    let other_workload = (!workload_differences.is_empty()).then_some("other workload");
     let mut rows = Vec::new();
     let mut only_new = Vec::new();
+    let mut missing_metrics = Vec::new();
     for case in &new.cases {
         let Some(base) = baseline.cases.iter().find(|c| c.id == case.id) else {
             only_new.push(case.id.clone());
@@ -322,11 +349,17 @@ pub fn compare(
         };
         for metric in METRICS {
             let Some(ex) = extractor(metric.name) else { continue };
-            let (Some(b), Some(n)) = ((ex.value)(base), (ex.value)(case)) else { continue };
+            let (Some(b), Some(n)) = ((ex.value)(base), (ex.value)(case)) else {
+                if (ex.value)(base).is_some() {
+                    missing_metrics.push(format!("{}: {}", case.id, metric.name));
+                }
+                continue;
+            };
             if b.is_nan() || n.is_nan() {
                 continue;
             }
-            let across_machines = (!same_machine && machine_dependent(metric)).then_some("other machine");
+            let across_machines =
+                other_workload.or((!same_machine && machine_dependent(metric)).then_some("other machine"));
             let samples = ((ex.samples)(base), (ex.samples)(case));
             let row = match samples {
                 (Some(sb), Some(sn)) if sb.len() >= 2 && sn.len() >= 2 => {
@@ -376,6 +409,27 @@ pub fn compare(
         only_baseline,
         only_new,
         notes,
+        missing_metrics,
+        workload_differences,
+    }
+}
+
+/// The workload fields (as results.json names them) whose values differ between the runs.
+fn workload_differences(baseline: &Results, new: &Results) -> Vec<String> {
+    if baseline.workload.sha256 == new.workload.sha256 {
+        return Vec::new();
+    }
+    let fields = |r: &Results| match serde_json::to_value(&r.workload) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    let (b, n) = (fields(baseline), fields(new));
+    let differing: Vec<String> =
+        b.iter().filter(|(k, v)| *k != "sha256" && n.get(*k) != Some(*v)).map(|(k, _)| k.clone()).collect();
+    if differing.is_empty() {
+        vec!["sha256".to_string()]
+    } else {
+        differing
     }
 }
 
@@ -543,6 +597,9 @@ pub fn markdown(c: &Comparison) -> String {
     if !c.only_new.is_empty() {
         notes.push(format!("- only in the new run: {}", c.only_new.join(", ")));
     }
+    if !c.missing_metrics.is_empty() {
+        notes.push(format!("- measured in the baseline only: {}", c.missing_metrics.join(", ")));
+    }
     if !notes.is_empty() {
         md.push_str(&format!("\n{}\n", notes.join("\n")));
     }
@@ -596,7 +653,7 @@ fn html_rows(rows: &[&Row]) -> String {
 /// compare.html: the same tables, deltas coloured (green improved, red regressed).
 pub fn html(c: &Comparison) -> String {
     let mut body = String::from("<section id=\"verdict\">\n");
-    let class = if c.regressions() > 0 { "regressed" } else { "improved" };
+    let class = if c.regressions() + c.vanished() > 0 { "regressed" } else { "improved" };
     body.push_str(&format!("<h2 class=\"{class}\">{}</h2>\n", escape(&c.headline())));
     body.push_str(&format!(
         "<p class=\"muted\">Timings with raw samples: 95% bootstrap interval of the relative change of the \
@@ -629,6 +686,10 @@ pub fn html(c: &Comparison) -> String {
     }
     if !c.only_new.is_empty() {
         body.push_str(&format!("<li>only in the new run: {}</li>\n", escape(&c.only_new.join(", "))));
+    }
+    if !c.missing_metrics.is_empty() {
+        let missing = escape(&c.missing_metrics.join(", "));
+        body.push_str(&format!("<li class=\"regressed\">measured in the baseline only: {missing}</li>\n"));
     }
     body.push_str("</ul>\n</section>\n<section id=\"changes\">\n<h2>Changes</h2>\n");
     let changed = changed(c);

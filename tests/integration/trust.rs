@@ -103,3 +103,74 @@ fn a_zero_norm_epsilon_is_refused_before_any_work() {
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
     assert_mentions(&run, &["config.json", "`rms_norm_eps` is 0, expected a positive number"]);
 }
+
+/// The committed baseline results, as JSON to edit.
+fn baseline_results() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture("report").join("baseline/results.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// `bench compare BASELINE NEW --fail-on-regression` with NEW edited by `edit`.
+fn gate(edit: impl FnOnce(&mut serde_json::Value)) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("report").join("baseline/results.json");
+    let mut new = baseline_results();
+    edit(&mut new);
+    let new_path = dir.path().join("new.json");
+    std::fs::write(&new_path, serde_json::to_string(&new).unwrap()).unwrap();
+    let out = dir.path().join("cmp");
+    let args = [
+        "compare",
+        base.to_str().unwrap(),
+        new_path.to_str().unwrap(),
+        "--fail-on-regression",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    bench(&args, dir.path(), &shared_cache())
+}
+
+#[test]
+fn the_gate_passes_an_identical_run() {
+    let run = gate(|_| {});
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+}
+
+#[test]
+fn the_gate_fails_when_cases_vanish() {
+    let run = gate(|new| {
+        new["cases"].as_array_mut().unwrap().remove(0);
+    });
+    assert_eq!(run.code, 2, "a missing case must fail the gate:\n{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("1 baseline cases missing from the new run"), "{}", run.stderr);
+    let run = gate(|new| new["cases"] = serde_json::json!([]));
+    assert_eq!(run.code, 2, "an empty run must fail the gate:\n{}{}", run.stdout, run.stderr);
+}
+
+#[test]
+fn the_gate_fails_when_a_metric_vanishes() {
+    let run = gate(|new| new["cases"][0]["divergence"] = serde_json::Value::Null);
+    assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("measured in the baseline only:"), "{}", run.stdout);
+}
+
+#[test]
+fn the_gate_refuses_to_judge_different_workloads() {
+    let run = gate(|new| {
+        new["workload"]["prompt_len"] = serde_json::json!(7);
+        new["workload"]["sha256"] = serde_json::json!("other");
+    });
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("cannot gate: the workloads differ in prompt_len"), "{}", run.stderr);
+}
+
+#[test]
+fn usage_errors_exit_64_not_the_regression_code() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [&["run"][..], &["--no-such-flag"], &["compare", "a"], &["list", "nothing"]] {
+        let run = bench(args, dir.path(), &shared_cache());
+        assert_eq!(run.code, 64, "bench {args:?}:\n{}", run.stderr);
+    }
+    assert_eq!(bench(&["--help"], dir.path(), &shared_cache()).code, 0);
+    assert_eq!(bench(&["--version"], dir.path(), &shared_cache()).code, 0);
+}
