@@ -260,6 +260,7 @@ pub fn execute(cli: Cli) -> Result<i32> {
         }
         Command::Validate { suite } => {
             let plan = Plan::load(&suite)?;
+            runner::lock::check_output_folder(&plan.output)?;
             println!(
                 "{}: ok — {} models × {} schemes = {} cases on {}",
                 suite.display(),

@@ -8,6 +8,8 @@
 pub mod backend;
 pub mod cli;
 pub mod error;
+pub mod files;
+pub mod interrupt;
 pub mod measure;
 pub mod model;
 pub mod report;

@@ -5,6 +5,8 @@ use clap::Parser;
 use quantbench::cli::{self, Cli};
 
 fn main() {
+    // First, before any thread starts: see `quantbench::interrupt`.
+    quantbench::interrupt::install();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(usage) => {

@@ -356,6 +356,8 @@ impl<'p> ModelRunner<'p> {
             ),
             ("quantbench.arch".to_string(), self.model.files.arch.name.to_string()),
         ]);
+        // Removed if the run is interrupted before the reload check has passed.
+        let temporary = crate::files::temporary(&path);
         let bytes = crate::model::weights::save(&path, exported, metadata)?;
         let t = Instant::now();
         let store = WeightStore::open_files(std::slice::from_ref(&path))?;
@@ -370,6 +372,7 @@ impl<'p> ModelRunner<'p> {
             std::fs::remove_file(&path).map_err(|e| Error::io("cannot remove", &path, e))?;
             let _ = std::fs::remove_dir(&dir);
         }
+        drop(temporary);
         if !identical {
             let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
             return Err(Error::Case {

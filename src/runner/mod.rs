@@ -3,6 +3,7 @@
 
 mod calibrate;
 mod case;
+pub mod lock;
 mod progress;
 
 use std::collections::BTreeMap;
@@ -41,7 +42,12 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> {
 fn run_on_pool(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> {
     let out = options.out.clone().unwrap_or_else(|| plan.output.clone());
     let results_path = out.join("results.json");
+    // Before any work: a second run into this folder fails here, naming this one.
+    let _lock = lock::lock(&out)?;
     let previous = previous_cases(&results_path, options.resume)?;
+    if !previous.is_empty() {
+        crate::interrupt::record_kept(results_path.clone(), previous.len());
+    }
     if !options.resume && results_path.is_file() {
         eprintln!("note: replacing {} (pass --resume to keep its finished cases)", results_path.display());
     }
@@ -114,6 +120,7 @@ fn run_on_pool(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> 
             results.cases.push(case);
             progress.finish(&id);
             results.write(&results_path)?;
+            crate::interrupt::record_kept(results_path.clone(), results.cases.len());
         }
     }
     results.write(&results_path)?;

@@ -174,3 +174,82 @@ fn usage_errors_exit_64_not_the_regression_code() {
     assert_eq!(bench(&["--help"], dir.path(), &shared_cache()).code, 0);
     assert_eq!(bench(&["--version"], dir.path(), &shared_cache()).code, 0);
 }
+
+/// `bench run` started in the background on a small suite of many cases, with `--keep-models`
+/// off, so that it saves and removes a model file per case.
+fn start_run(dir: &Path, out: &Path) -> std::process::Child {
+    let suite = crate::support::write_small_suite(
+        dir,
+        "[fp32, fp16, bf16, int8-dynamic, int4-block, nf4, fp4, kmeans, int8-outlier, prune]",
+    );
+    std::process::Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["run", suite.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .current_dir(dir)
+        .env("QUANTBENCH_CACHE", shared_cache())
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("bench starts")
+}
+
+/// Wait until `path` exists (or panic after a minute).
+fn wait_for(path: &Path) {
+    let start = std::time::Instant::now();
+    while !path.exists() {
+        assert!(start.elapsed().as_secs() < 60, "{} never appeared", path.display());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Files in `dir` and below whose names contain `needle`.
+fn files_named(dir: &Path, needle: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_named(&path, needle));
+        } else if path.file_name().unwrap().to_string_lossy().contains(needle) {
+            found.push(path);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_second_run_into_the_same_folder_fails_at_once_naming_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut first = start_run(dir.path(), &out);
+    wait_for(&out.join(".bench.lock"));
+    let suite = dir.path().join("small.yaml");
+    let second = run_suite(dir.path(), &suite, &out, &[]);
+    let first_pid = first.id();
+    // SAFETY: signalling a child this test started.
+    unsafe { libc::kill(first_pid as i32, libc::SIGTERM) };
+    let status = first.wait().unwrap();
+    assert_eq!(second.code, 1, "{}{}", second.stdout, second.stderr);
+    assert!(second.stderr.contains(&format!("in use by bench pid {first_pid}")), "{}", second.stderr);
+    assert_eq!(status.code(), Some(143), "SIGTERM exits 143");
+}
+
+#[test]
+fn an_interrupted_run_keeps_whole_results_and_removes_its_temporaries() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut run = start_run(dir.path(), &out);
+    // Interrupt once a case has finished and while the next ones are running.
+    wait_for(&out.join("results.json"));
+    // SAFETY: signalling a child this test started.
+    unsafe { libc::kill(run.id() as i32, libc::SIGINT) };
+    let output = run.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "SIGINT exits 130:\n{stderr}");
+    assert!(stderr.contains("interrupted by SIGINT"), "{stderr}");
+    let results =
+        quantbench::report::Results::read(&out.join("results.json")).expect("results stay readable");
+    assert!(stderr.contains(&format!("kept {} finished cases", results.cases.len())), "{stderr}");
+    assert_eq!(files_named(&out, ".tmp-"), Vec::<PathBuf>::new(), "no temporary files may stay");
+    assert_eq!(files_named(&out, ".safetensors"), Vec::<PathBuf>::new(), "no model files may stay");
+    assert!(!out.join(".bench.lock").exists(), "the lock goes with the run");
+}

@@ -1,0 +1,126 @@
+//! Writing files safely, for every layer: atomic replacement, and the temporary files an
+//! interrupted run removes before it exits (see [`crate::interrupt`]).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::error::{Error, Result};
+
+/// Held while an atomic write is under way, so an interruption waits for it to finish.
+static WRITING: Mutex<()> = Mutex::new(());
+
+/// Files that are incomplete or not meant to outlive the run, removed on interruption.
+static TEMPORARIES: Registry = Registry(Mutex::new(Vec::new()));
+
+/// A list of files to remove on interruption.
+struct Registry(Mutex<Vec<PathBuf>>);
+
+impl Registry {
+    fn register(&'static self, path: &Path) -> Temporary {
+        lock(&self.0).push(path.to_path_buf());
+        Temporary { registry: self, path: path.to_path_buf() }
+    }
+
+    fn remove_all(&self) -> Vec<PathBuf> {
+        let list = std::mem::take(&mut *lock(&self.0));
+        list.into_iter().filter(|p| std::fs::remove_file(p).is_ok()).collect()
+    }
+}
+
+/// A file registered for removal on interruption while this value lives.
+#[must_use = "the file is only registered while the guard lives"]
+pub struct Temporary {
+    registry: &'static Registry,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Temporary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Temporary").field(&self.path).finish()
+    }
+}
+
+impl Drop for Temporary {
+    fn drop(&mut self) {
+        let mut list = lock(&self.registry.0);
+        if let Some(i) = list.iter().rposition(|p| *p == self.path) {
+            list.remove(i);
+        }
+    }
+}
+
+/// Register `path` for removal if the run is interrupted before the guard is dropped.
+pub fn temporary(path: &Path) -> Temporary {
+    TEMPORARIES.register(path)
+}
+
+/// Wait for the atomic write under way, if any, and keep new ones from starting while the
+/// guard lives (an interrupted run exits holding it).
+pub fn hold_writes() -> MutexGuard<'static, ()> {
+    lock(&WRITING)
+}
+
+/// Remove every registered temporary file; returns those that existed.
+pub fn remove_temporaries() -> Vec<PathBuf> {
+    TEMPORARIES.remove_all()
+}
+
+/// A mutex that a panic elsewhere must not make unusable: the data is a plain list.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Write `bytes` to `path` atomically: a temporary file in the same directory, flushed to
+/// disk, then renamed over the target, so a crash or an interruption never leaves a
+/// half-written file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
+    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("output");
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let _writing = hold_writes();
+    let _temporary = temporary(&tmp);
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io("cannot write", path, e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("r.json");
+        write_atomic(&path, b"one").unwrap();
+        write_atomic(&path, b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        let names: Vec<_> =
+            std::fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("r.json")]);
+    }
+
+    #[test]
+    fn registered_temporaries_are_removed_and_dropped_guards_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, removed) = (dir.path().join("kept"), dir.path().join("removed"));
+        std::fs::write(&kept, b"k").unwrap();
+        std::fs::write(&removed, b"r").unwrap();
+        // A registry of its own: the global one belongs to concurrent tests' writes.
+        static LOCAL: Registry = Registry(Mutex::new(Vec::new()));
+        drop(LOCAL.register(&kept));
+        let _guard = LOCAL.register(&removed);
+        let gone = LOCAL.remove_all();
+        assert!(gone.contains(&removed), "{gone:?}");
+        assert!(kept.exists() && !removed.exists());
+    }
+}
