@@ -331,7 +331,7 @@ pub fn compare(
             pb.cpu, pb.threads, pn.cpu, pn.threads
         ));
     }
-    let workload_differences = workload_differences(baseline, new);
+    let workload_differences = baseline.workload.differences(&new.workload);
     if !workload_differences.is_empty() {
         notes.push(format!(
             "the workloads differ ({}): verdicts are shown but do not gate",
@@ -411,25 +411,6 @@ pub fn compare(
         notes,
         missing_metrics,
         workload_differences,
-    }
-}
-
-/// The workload fields (as results.json names them) whose values differ between the runs.
-fn workload_differences(baseline: &Results, new: &Results) -> Vec<String> {
-    if baseline.workload.sha256 == new.workload.sha256 {
-        return Vec::new();
-    }
-    let fields = |r: &Results| match serde_json::to_value(&r.workload) {
-        Ok(serde_json::Value::Object(map)) => map,
-        _ => serde_json::Map::new(),
-    };
-    let (b, n) = (fields(baseline), fields(new));
-    let differing: Vec<String> =
-        b.iter().filter(|(k, v)| *k != "sha256" && n.get(*k) != Some(*v)).map(|(k, _)| k.clone()).collect();
-    if differing.is_empty() {
-        vec!["sha256".to_string()]
-    } else {
-        differing
     }
 }
 

@@ -397,6 +397,31 @@ pub struct Generation {
     pub first_divergent_token: Option<usize>,
 }
 
+impl WorkloadRecord {
+    /// The fields (as results.json names them) whose values differ from `other`'s; empty
+    /// when the two hash alike.
+    pub fn differences(&self, other: &WorkloadRecord) -> Vec<String> {
+        if self.sha256 == other.sha256 {
+            return Vec::new();
+        }
+        let fields = |r: &WorkloadRecord| match serde_json::to_value(r) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        let (a, b) = (fields(self), fields(other));
+        let differing: Vec<String> = a
+            .iter()
+            .filter(|(k, v)| *k != "sha256" && b.get(*k) != Some(*v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if differing.is_empty() {
+            vec!["sha256".to_string()]
+        } else {
+            differing
+        }
+    }
+}
+
 impl CaseResult {
     /// An error naming this case and the first metric that is NaN or infinite.
     pub fn check_finite(&self) -> Result<()> {

@@ -9,7 +9,7 @@ mod progress;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Result, ResultExt};
+use crate::error::{Error, Result, ResultExt};
 use crate::report::results::{
     CalibrationRecord, CaseResult, ModelRecord, Provenance, Results, SuiteRecord, WorkloadRecord,
     SCHEMA_VERSION,
@@ -44,14 +44,14 @@ fn run_on_pool(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> 
     let results_path = out.join("results.json");
     // Before any work: a second run into this folder fails here, naming this one.
     let _lock = lock::lock(&out)?;
-    let previous = previous_cases(&results_path, options.resume)?;
+    let workload = workload_record(plan);
+    let previous = previous_cases(&results_path, options.resume, &workload)?;
     if !previous.is_empty() {
         crate::interrupt::record_kept(results_path.clone(), previous.len());
     }
     if !options.resume && results_path.is_file() {
         eprintln!("note: replacing {} (pass --resume to keep its finished cases)", results_path.display());
     }
-    let workload = workload_record(plan);
     let mut progress = Progress::new(count_selected(plan, options));
     let mut results = Results {
         schema_version: SCHEMA_VERSION,
@@ -92,12 +92,19 @@ fn run_on_pool(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> 
             let chosen = selected(&id, options.filter.as_deref());
             // With --resume, finished cases stay in the results whether or not the filter
             // selects them; a filtered run must not drop earlier work.
-            if let Some(done) = previous.get(&id).filter(|c| c.spec_sha256 == spec) {
-                if chosen {
-                    progress.skip(&id);
+            match previous.get(&id) {
+                Some(done) if done.spec_sha256 == spec => {
+                    if chosen {
+                        progress.skip(&id);
+                    }
+                    results.cases.push(done.clone());
+                    continue;
                 }
-                results.cases.push(done.clone());
-                continue;
+                Some(_) => eprintln!(
+                    "note: {id}: the earlier result is replaced: its model, scheme parameters, metrics or \
+                     device differ from this run's"
+                ),
+                None => {}
             }
             if !chosen {
                 continue;
@@ -130,11 +137,30 @@ fn run_on_pool(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> 
     Ok((out, results))
 }
 
-fn previous_cases(path: &Path, resume: bool) -> Result<BTreeMap<String, CaseResult>> {
+/// The finished cases of the earlier run in `path`, with `--resume`. Refused when that
+/// run measured another workload: resuming would drop all of its cases.
+fn previous_cases(
+    path: &Path,
+    resume: bool,
+    workload: &WorkloadRecord,
+) -> Result<BTreeMap<String, CaseResult>> {
     if !resume || !path.is_file() {
         return Ok(BTreeMap::new());
     }
     let previous = Results::read(path).with_context(|| "--resume needs the earlier results.json".into())?;
+    if previous.workload.sha256 != workload.sha256 {
+        let fields = previous.workload.differences(workload);
+        return Err(Error::Results {
+            path: path.to_path_buf(),
+            message: format!(
+                "--resume: these results were measured with another workload (it differs in {}), so \
+                 none of their {} cases can be kept; run without --resume to replace them, or pass \
+                 another --out",
+                fields.join(", "),
+                previous.cases.len()
+            ),
+        });
+    }
     Ok(previous.cases.into_iter().map(|c| (c.id.clone(), c)).collect())
 }
 

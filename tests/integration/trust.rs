@@ -253,3 +253,19 @@ fn an_interrupted_run_keeps_whole_results_and_removes_its_temporaries() {
     assert_eq!(files_named(&out, ".safetensors"), Vec::<PathBuf>::new(), "no model files may stay");
     assert!(!out.join(".bench.lock").exists(), "the lock goes with the run");
 }
+
+#[test]
+fn resume_over_another_workloads_results_is_refused_and_keeps_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let suite = crate::support::write_small_suite(dir.path(), "[fp32]");
+    let first = run_suite(dir.path(), &suite, &out, &[]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let before = std::fs::read(out.join("results.json")).unwrap();
+    let text = std::fs::read_to_string(&suite).unwrap().replace("prompt_len: 8", "prompt_len: 6");
+    std::fs::write(&suite, text).unwrap();
+    let resumed = run_suite(dir.path(), &suite, &out, &["--resume"]);
+    assert_eq!(resumed.code, 1, "{}{}", resumed.stdout, resumed.stderr);
+    assert!(resumed.stderr.contains("another workload (it differs in prompt_len)"), "{}", resumed.stderr);
+    assert_eq!(std::fs::read(out.join("results.json")).unwrap(), before, "the earlier results stay");
+}
