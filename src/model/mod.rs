@@ -397,6 +397,27 @@ impl ModelFiles {
         Ok(specs)
     }
 
+    /// The longest sequence the model is made for, with the config key that says so
+    /// (`max_position_embeddings`, GPT-2's `n_positions`, BLOOM's `seq_length`); `None`
+    /// when the config names no limit.
+    pub fn max_positions(&self) -> Option<(usize, &'static str)> {
+        ["max_position_embeddings", "n_positions", "seq_length"]
+            .into_iter()
+            .find_map(|key| self.config.get(key).and_then(|v| v.as_u64()).map(|n| (n as usize, key)))
+    }
+
+    /// An error when `positions` tokens (`what`: where they come from) exceed
+    /// [`ModelFiles::max_positions`].
+    pub fn check_positions(&self, positions: usize, what: &str) -> Result<()> {
+        match self.max_positions() {
+            Some((limit, key)) if positions > limit => Err(Error::Config {
+                path: self.config.path().to_path_buf(),
+                message: format!("{what} is {positions} positions, more than the model's {key} ({limit})"),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// The padding token id (`pad_token_id` of config.json, else 0).
     pub fn pad_id(&self) -> u32 {
         self.config.get("pad_token_id").and_then(|v| v.as_u64()).unwrap_or(0) as u32

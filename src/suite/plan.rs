@@ -118,6 +118,25 @@ pub struct CalibrationData {
 /// Prompts used when a suite names none.
 const DEFAULT_PROMPTS: &[&str] = &["Hello, how are you?", "1.1+2.3=?"];
 
+/// The workload's sequences fit the model: latency prompts with their generated tokens,
+/// evaluation chunks, and each generation prompt with its continuation.
+fn check_lengths(files: &ModelFiles, w: &Workload) -> Result<()> {
+    if files.arch.kind == model::ArchKind::Encoder {
+        return files.check_positions(w.prompt_len, "workload.prompt_len");
+    }
+    let latency = w.prompt_len.saturating_add(w.gen_len);
+    files.check_positions(latency, "workload.prompt_len + gen_len")?;
+    files.check_positions(w.context, "workload.context")?;
+    for (i, prompt) in w.prompts.iter().enumerate() {
+        let tokens = files.tokenizer.encode(prompt)?.len();
+        files.check_positions(
+            tokens + w.gen_len,
+            &format!("workload.prompts[{i}] ({tokens} tokens) + gen_len"),
+        )?;
+    }
+    Ok(())
+}
+
 impl Plan {
     /// Read, parse and validate the suite at `path`.
     pub fn load(path: &Path) -> Result<Plan> {
@@ -352,6 +371,7 @@ impl Checker<'_> {
                     ),
                 ));
             }
+            check_lengths(&files, workload).map_err(context)?;
             out.push(PlannedModel { name, spec: entry.path.value.clone(), dtype, files, reference: None });
         }
         for (i, entry) in entries.iter().enumerate() {

@@ -269,3 +269,32 @@ fn resume_over_another_workloads_results_is_refused_and_keeps_them() {
     assert!(resumed.stderr.contains("another workload (it differs in prompt_len)"), "{}", resumed.stderr);
     assert_eq!(std::fs::read(out.join("results.json")).unwrap(), before, "the earlier results stay");
 }
+
+#[test]
+fn lengths_beyond_the_models_positions_are_refused_before_any_work() {
+    let long_prompt = format!("prompts: [\"{}\"]", "Hello ".repeat(130));
+    for (edit, named) in [
+        (("prompt_len: 8", "prompt_len: 1000000"), "workload.prompt_len + gen_len is 1000002 positions"),
+        (("context: 16", "context: 129"), "workload.context is 129 positions"),
+        (("prompts: [\"Hello\"]", long_prompt.as_str()), "workload.prompts[0] ("),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        model_copy(dir.path());
+        let suite = suite(dir.path(), "model", "[fp32]", "");
+        let text = std::fs::read_to_string(&suite).unwrap();
+        std::fs::write(&suite, text.replace(edit.0, edit.1)).unwrap();
+        let run = bench(&["validate", suite.to_str().unwrap()], dir.path(), &shared_cache());
+        assert_eq!(run.code, 1, "{edit:?}: {}{}", run.stdout, run.stderr);
+        assert_mentions(&run, &[named, "max_position_embeddings (128)", "config.json"]);
+    }
+}
+
+#[test]
+fn generate_refuses_more_tokens_than_the_model_has_positions() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_copy(dir.path());
+    let args = ["generate", model.to_str().unwrap(), "--prompt", "Hello", "--max-new-tokens", "500"];
+    let run = bench(&args, dir.path(), &shared_cache());
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert_mentions(&run, &["--max-new-tokens is", "max_position_embeddings (128)"]);
+}
