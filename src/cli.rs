@@ -440,7 +440,7 @@ pub fn list(what: ListWhat, markdown: bool) -> String {
 fn read_inputs(single: &Option<String>, file: &Option<PathBuf>) -> Result<Vec<String>> {
     let inputs: Vec<String> = match (single, file) {
         (Some(text), _) => vec![text.clone()],
-        (None, Some(file)) => std::fs::read_to_string(file)
+        (None, Some(file)) => crate::files::read_text(file)
             .map_err(|e| Error::io("cannot read", file, e))?
             .lines()
             .filter(|l| !l.trim().is_empty())

@@ -71,6 +71,47 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Largest text file read whole (an evaluation, calibration or prompts file): far above
+/// any real evaluation text, far below what would exhaust memory.
+pub const MAX_TEXT_BYTES: u64 = 1 << 30;
+
+/// Read the text file `path` whole: refused, before reading, when it is not a regular
+/// file (a device such as /dev/zero never ends, a FIFO blocks until a writer comes) or is
+/// larger than [`MAX_TEXT_BYTES`].
+pub fn read_text(path: &Path) -> std::io::Result<String> {
+    use std::io::{Error as IoError, ErrorKind, Read};
+    // Looked at before opening: opening a FIFO blocks until a writer comes.
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(IoError::new(ErrorKind::InvalidInput, "not a regular file, expected a text file"));
+    }
+    if meta.len() > MAX_TEXT_BYTES {
+        return Err(IoError::new(
+            ErrorKind::InvalidInput,
+            format!("{} bytes, expected at most {MAX_TEXT_BYTES}", meta.len()),
+        ));
+    }
+    let file = std::fs::File::open(path)?;
+    let mut text = String::new();
+    // `take`: a file that grows while it is read still stops at the limit.
+    file.take(MAX_TEXT_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_TEXT_BYTES {
+        return Err(IoError::new(ErrorKind::InvalidInput, format!("more than {MAX_TEXT_BYTES} bytes")));
+    }
+    Ok(text)
+}
+
+/// The quantbench cache folder: `$QUANTBENCH_CACHE`, else `$XDG_CACHE_HOME/quantbench`,
+/// else `~/.cache/quantbench`; `None` without a home folder. An empty variable counts as
+/// unset, as the XDG base-directory specification says, so `QUANTBENCH_CACHE=""` never
+/// means the working directory.
+pub fn cache_root() -> Option<PathBuf> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    var("QUANTBENCH_CACHE")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("quantbench")))
+        .or_else(|| var("HOME").map(|h| h.join(".cache").join("quantbench")))
+}
+
 /// Write `bytes` to `path` atomically: a temporary file in the same directory, flushed to
 /// disk, then renamed over the target, so a crash or an interruption never leaves a
 /// half-written file.
@@ -107,6 +148,22 @@ mod tests {
         let names: Vec<_> =
             std::fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("r.json")]);
+    }
+
+    #[test]
+    fn text_files_must_be_regular_files() {
+        let err = read_text(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        // No writer ever comes: reading it would block forever.
+        assert!(read_text(&fifo).unwrap_err().to_string().contains("not a regular file"));
+        let text = dir.path().join("t.txt");
+        std::fs::write(&text, "hello").unwrap();
+        assert_eq!(read_text(&text).unwrap(), "hello");
     }
 
     #[test]

@@ -121,16 +121,7 @@ fn lookup(name: &str) -> Result<&'static BuiltinInfo> {
 /// Where built-in models are cached: `$QUANTBENCH_CACHE`, else `$XDG_CACHE_HOME/quantbench`,
 /// else `~/.cache/quantbench`, else `.cache/quantbench` under the working directory.
 pub fn cache_root() -> PathBuf {
-    if let Some(dir) = std::env::var_os("QUANTBENCH_CACHE") {
-        return PathBuf::from(dir);
-    }
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(dir).join("quantbench");
-    }
-    match std::env::var_os("HOME") {
-        Some(home) => PathBuf::from(home).join(".cache").join("quantbench"),
-        None => PathBuf::from(".cache").join("quantbench"),
-    }
+    crate::files::cache_root().unwrap_or_else(|| PathBuf::from(".cache").join("quantbench"))
 }
 
 /// The directory of built-in model `name`, generated on first use.

@@ -41,6 +41,13 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> {
 
 fn run_on_pool(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> {
     let out = options.out.clone().unwrap_or_else(|| plan.output.clone());
+    if let (Some(pattern), 0) = (&options.filter, count_selected(plan, options)) {
+        return Err(Error::Workload(format!(
+            "--filter {pattern:?} matches none of the suite's cases, expected a substring of a case id or a \
+             pattern with `*`; the cases are: {}",
+            plan.case_ids().join(", ")
+        )));
+    }
     let results_path = out.join("results.json");
     // Before any work: a second run into this folder fails here, naming this one.
     let _lock = lock::lock(&out)?;

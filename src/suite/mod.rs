@@ -147,9 +147,9 @@ fn default_samples() -> Spanned<usize> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadSpec {
-    /// Prompts for latency and the generation check.
+    /// Prompts for latency and the generation check (absent: built-in defaults).
     #[serde(default)]
-    pub prompts: Vec<String>,
+    pub prompts: Option<Spanned<Vec<String>>>,
     /// Text file (relative to the suite file) for divergence and perplexity.
     #[serde(default)]
     pub eval_text: Option<Spanned<String>>,
@@ -179,7 +179,7 @@ pub struct WorkloadSpec {
 impl Default for WorkloadSpec {
     fn default() -> Self {
         WorkloadSpec {
-            prompts: Vec::new(),
+            prompts: None,
             eval_text: None,
             prompt_len: default_prompt_len(),
             gen_len: default_gen_len(),
@@ -232,7 +232,7 @@ pub fn parse(text: &str, path: &Path) -> Result<SuiteFile> {
 
 /// Read and parse the suite at `path`.
 pub fn read(path: &Path) -> Result<(String, SuiteFile)> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read suite", path, e))?;
+    let text = crate::files::read_text(path).map_err(|e| Error::io("cannot read suite", path, e))?;
     let suite = parse(&text, path)?;
     Ok((text, suite))
 }

@@ -229,8 +229,13 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
+    /// An error at `line` of the suite; line 0 (a value the suite left out, or the suite
+    /// as a whole) names no line.
     fn at(&self, line: u64, message: String) -> Error {
-        Error::SuiteValue { path: self.path.to_path_buf(), line, message }
+        match line {
+            0 => Error::SuiteSyntax { path: self.path.to_path_buf(), message },
+            line => Error::SuiteValue { path: self.path.to_path_buf(), line, message },
+        }
     }
 
     fn value<T>(&self, spanned: &Spanned<T>, message: String) -> Error {
@@ -267,7 +272,7 @@ impl Checker<'_> {
         let (eval_text, eval_source) = match &spec.eval_text {
             Some(file) => {
                 let path = base.join(&file.value);
-                let text = std::fs::read_to_string(&path)
+                let text = crate::files::read_text(&path)
                     .map_err(|e| self.value(file, format!("workload.eval_text {}: {e}", path.display())))?;
                 (text, file.value.clone())
             }
@@ -286,13 +291,21 @@ impl Checker<'_> {
                 self.value(&spec.context, format!("workload.context is {context}, expected at least 4"))
             );
         }
-        let prompts = if spec.prompts.is_empty() {
-            DEFAULT_PROMPTS.iter().map(|s| s.to_string()).collect()
-        } else {
-            spec.prompts.clone()
+        let prompts = match &spec.prompts {
+            None => DEFAULT_PROMPTS.iter().map(|s| s.to_string()).collect(),
+            Some(list) if list.value.is_empty() => {
+                return Err(self.value(
+                    list,
+                    "workload.prompts is empty, expected at least one prompt (or leave the key out \
+                     for the built-in prompts)"
+                        .into(),
+                ))
+            }
+            Some(list) => list.value.clone(),
         };
         if let Some(i) = prompts.iter().position(|p| p.trim().is_empty()) {
-            return Err(self.at(0, format!("workload.prompts[{i}] is empty, expected text")));
+            let line = spec.prompts.as_ref().map_or(0, |p| p.referenced.line());
+            return Err(self.at(line, format!("workload.prompts[{i}] is empty, expected text")));
         }
         Ok(Workload {
             prompts,
@@ -442,7 +455,7 @@ impl Checker<'_> {
             ));
         };
         let path = base.join(&spec.text.value);
-        let text = std::fs::read_to_string(&path)
+        let text = crate::files::read_text(&path)
             .map_err(|e| self.value(&spec.text, format!("calibration.text {}: {e}", path.display())))?;
         if spec.samples.value == 0 {
             return Err(self.value(&spec.samples, "calibration.samples is 0, expected at least 1".into()));

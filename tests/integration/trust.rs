@@ -298,3 +298,73 @@ fn generate_refuses_more_tokens_than_the_model_has_positions() {
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
     assert_mentions(&run, &["--max-new-tokens is", "max_position_embeddings (128)"]);
 }
+
+#[test]
+fn a_filter_matching_nothing_is_an_error_listing_the_cases() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = crate::support::write_small_suite(dir.path(), "[fp32, bf16]");
+    let out = dir.path().join("out");
+    let run = run_suite(dir.path(), &suite, &out, &["--filter", "int4"]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert_mentions(&run, &["--filter \"int4\" matches none", "tiny/fp32, tiny/bf16"]);
+    assert!(!out.join("results.json").exists());
+}
+
+#[test]
+fn an_empty_prompt_list_is_an_error_not_the_default_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    model_copy(dir.path());
+    let suite = suite(dir.path(), "model", "[fp32]", "");
+    let text = std::fs::read_to_string(&suite).unwrap().replace("prompts: [\"Hello\"]", "prompts: []");
+    std::fs::write(&suite, text).unwrap();
+    let run = bench(&["validate", suite.to_str().unwrap()], dir.path(), &shared_cache());
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert_mentions(&run, &["line 7: workload.prompts is empty"]);
+}
+
+#[test]
+fn an_eval_text_that_is_not_a_regular_file_is_refused_without_reading_it() {
+    let dir = tempfile::tempdir().unwrap();
+    model_copy(dir.path());
+    let suite = suite(dir.path(), "model", "[fp32]", "");
+    let text =
+        std::fs::read_to_string(&suite).unwrap().replace("eval_text: eval.txt", "eval_text: /dev/zero");
+    std::fs::write(&suite, text).unwrap();
+    let run = bench(&["validate", suite.to_str().unwrap()], dir.path(), &shared_cache());
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert_mentions(&run, &["workload.eval_text /dev/zero", "not a regular file"]);
+}
+
+#[test]
+fn suite_level_errors_name_no_line_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    model_copy(dir.path());
+    let suite = suite(dir.path(), "model", "[]", "");
+    let run = bench(&["validate", suite.to_str().unwrap()], dir.path(), &shared_cache());
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert_mentions(&run, &["`schemes` is empty"]);
+    assert!(!run.stderr.contains("line 0"), "{}", run.stderr);
+}
+
+#[test]
+fn an_empty_cache_variable_never_means_the_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["inspect", "builtin:tiny-llama"])
+        .current_dir(&work)
+        .env("QUANTBENCH_CACHE", "")
+        .env_remove("XDG_CACHE_HOME")
+        .env("HOME", &home)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert_eq!(
+        std::fs::read_dir(&work).unwrap().count(),
+        0,
+        "nothing may be written into the working directory"
+    );
+    assert!(home.join(".cache/quantbench").is_dir());
+}

@@ -213,11 +213,7 @@ fn compile_log(e: &CompileError) -> String {
 /// Where compiled PTX is cached: `$QUANTBENCH_CACHE/ptx` (else
 /// `~/.cache/quantbench/ptx`); `None` when no home folder is known.
 fn cache_dir() -> Option<PathBuf> {
-    let base = std::env::var_os("QUANTBENCH_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("quantbench")))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/quantbench")))?;
-    Some(base.join("ptx"))
+    Some(crate::files::cache_root()?.join("ptx"))
 }
 
 /// The cache key of `file` compiled for `arch` by NVRTC `version`.

@@ -71,13 +71,7 @@ pub fn search_dirs() -> Vec<PathBuf> {
 /// `$QUANTBENCH_CACHE`, else `$XDG_CACHE_HOME/quantbench`, else `~/.cache/quantbench`
 /// (the folder `scripts/fetch_models.sh` and `scripts/fetch_nvrtc.sh` use).
 fn quantbench_cache() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("QUANTBENCH_CACHE") {
-        return Some(dir.into());
-    }
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
-        return Some(Path::new(&dir).join("quantbench"));
-    }
-    std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/quantbench"))
+    crate::files::cache_root()
 }
 
 /// The first `lib` file found in `dirs`.
