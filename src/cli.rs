@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, ResultExt};
 use crate::measure::embedding;
 use crate::measure::METRICS;
 use crate::model::generate::greedy;
@@ -261,6 +261,9 @@ pub fn execute(cli: Cli) -> Result<i32> {
         Command::Validate { suite } => {
             let plan = Plan::load(&suite)?;
             runner::lock::check_output_folder(&plan.output)?;
+            for model in &plan.models {
+                model.files.check_finite_weights().with_context(|| format!("model {}", model.name))?;
+            }
             println!(
                 "{}: ok — {} models × {} schemes = {} cases on {}",
                 suite.display(),

@@ -186,7 +186,7 @@ impl WeightFactory for ReloadFactory<'_> {
 
 /// An error naming weight `name` and its first NaN or infinite element (`how`: how the
 /// values were made, e.g. " once rounded to f16").
-fn non_finite_weight(name: &str, data: &[f32], how: &str) -> Result<()> {
+pub(crate) fn non_finite_weight(name: &str, data: &[f32], how: &str) -> Result<()> {
     match crate::tensor::first_non_finite(data) {
         None => Ok(()),
         Some((i, value)) => Err(Error::Tensor {

@@ -418,6 +418,17 @@ impl ModelFiles {
         }
     }
 
+    /// Every float tensor checked for NaN and infinity, one at a time (at most the largest
+    /// tensor as f32 in memory): `bench validate` finds what building the model would.
+    pub fn check_finite_weights(&self) -> Result<()> {
+        for (name, entry) in self.store.entries() {
+            if entry.stored.is_computable() {
+                factory::non_finite_weight(name, &self.store.f32(name, &entry.shape)?, "")?;
+            }
+        }
+        Ok(())
+    }
+
     /// The padding token id (`pad_token_id` of config.json, else 0).
     pub fn pad_id(&self) -> u32 {
         self.config.get("pad_token_id").and_then(|v| v.as_u64()).unwrap_or(0) as u32

@@ -118,6 +118,15 @@ pub struct CalibrationData {
 /// Prompts used when a suite names none.
 const DEFAULT_PROMPTS: &[&str] = &["Hello, how are you?", "1.1+2.3=?"];
 
+/// Whether calibrating `files` on `text` records any rows: a decoder needs a token, an
+/// encoder a sentence.
+fn calibration_has_rows(files: &ModelFiles, text: &str) -> Result<bool> {
+    Ok(match files.arch.kind {
+        model::ArchKind::Causal => !files.tokenizer.encode(text)?.is_empty(),
+        model::ArchKind::Encoder => !crate::measure::embedding::split_sentences(text).is_empty(),
+    })
+}
+
 /// The workload's sequences fit the model: latency prompts with their generated tokens,
 /// evaluation chunks, and each generation prompt with its continuation.
 fn check_lengths(files: &ModelFiles, w: &Workload) -> Result<()> {
@@ -161,7 +170,7 @@ impl Plan {
         let schemes = check.schemes(&suite.schemes)?;
         let workload = check.workload(&suite.workload, base)?;
         let models = check.models(&suite.models, base, &workload)?;
-        let calibration = check.calibration(suite.calibration.as_ref(), base, &schemes)?;
+        let calibration = check.calibration(suite.calibration.as_ref(), base, &schemes, &models)?;
         let metrics = check.metrics(suite.metrics.as_deref())?;
         let device = check.device(suite.device.as_ref(), &models)?;
         if suite.repeats.value == 0 {
@@ -430,6 +439,19 @@ impl Checker<'_> {
                 ),
             ));
         }
+        let vocab = |m: &PlannedModel| m.files.config.get("vocab_size").and_then(|v| v.as_u64());
+        if let (Some(a), Some(b)) = (vocab(this), vocab(other)) {
+            if a != b {
+                return Err(self.value(
+                    name,
+                    format!(
+                        "model {}: its vocabulary is {a} tokens, reference {}'s is {b}; divergence needs \
+                         both to score the same tokens",
+                        this.name, other.name
+                    ),
+                ));
+            }
+        }
         Ok(j)
     }
 
@@ -438,6 +460,7 @@ impl Checker<'_> {
         spec: Option<&super::CalibrationSpec>,
         base: &Path,
         schemes: &[PlannedScheme],
+        models: &[PlannedModel],
     ) -> Result<Option<CalibrationData>> {
         let needing: Vec<&str> =
             schemes.iter().filter(|s| s.info.needs_calibration).map(|s| s.label.as_str()).collect();
@@ -459,6 +482,20 @@ impl Checker<'_> {
             .map_err(|e| self.value(&spec.text, format!("calibration.text {}: {e}", path.display())))?;
         if spec.samples.value == 0 {
             return Err(self.value(&spec.samples, "calibration.samples is 0, expected at least 1".into()));
+        }
+        if !needing.is_empty() {
+            for model in models {
+                if !calibration_has_rows(&model.files, &text)? {
+                    return Err(self.value(
+                        &spec.text,
+                        format!(
+                            "calibration.text {} gives model {} no tokens to calibrate on, expected text",
+                            path.display(),
+                            model.name
+                        ),
+                    ));
+                }
+            }
         }
         let samples = spec.samples.value;
         let sha256 = sha256_hex(format!("{samples}\n{text}").as_bytes());

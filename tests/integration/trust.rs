@@ -368,3 +368,73 @@ fn an_empty_cache_variable_never_means_the_working_directory() {
     );
     assert!(home.join(".cache/quantbench").is_dir());
 }
+
+#[test]
+fn validate_finds_non_finite_weights_as_run_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_copy(dir.path());
+    poison(&model.join("model.safetensors"), "model.layers.1.mlp.up_proj.weight", 17, f32::NAN);
+    let suite = suite(dir.path(), "model", "[fp32]", "");
+    let validate = bench(&["validate", suite.to_str().unwrap()], dir.path(), &shared_cache());
+    assert_eq!(validate.code, 1, "{}{}", validate.stdout, validate.stderr);
+    assert_mentions(&validate, &["model m", "model.layers.1.mlp.up_proj.weight", "element 17 is NaN"]);
+}
+
+#[test]
+fn calibration_text_without_tokens_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    model_copy(dir.path());
+    std::fs::write(dir.path().join("calib.txt"), "").unwrap();
+    let suite =
+        suite(dir.path(), "model", "[int8-static]", "calibration:\n  text: calib.txt\n  samples: 16\n");
+    let run = bench(&["validate", suite.to_str().unwrap()], dir.path(), &shared_cache());
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert_mentions(&run, &["calib.txt gives model m no tokens to calibrate on"]);
+}
+
+/// A second copy of the fixture model whose vocabulary is `extra` rows larger (same
+/// tokenizer; the new embedding rows are zero).
+fn model_with_larger_vocab(dir: &Path, extra: usize) -> PathBuf {
+    let source = fixture("llama-tiny-tied");
+    let model = dir.join("wide");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::copy(source.join("tokenizer.json"), model.join("tokenizer.json")).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap()).unwrap();
+    let vocab = config["vocab_size"].as_u64().unwrap() as usize;
+    config["vocab_size"] = serde_json::json!(vocab + extra);
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    let bytes = std::fs::read(source.join("model.safetensors")).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in tensors.tensors() {
+        let (mut shape, mut data) = (view.shape().to_vec(), view.data().to_vec());
+        if name == "model.embed_tokens.weight" {
+            data.extend(vec![0u8; extra * shape[1] * view.dtype().bitsize() / 8]);
+            shape[0] += extra;
+        }
+        owned.push((name, view.dtype(), shape, data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    std::fs::write(model.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    model
+}
+
+#[test]
+fn a_reference_with_another_vocabulary_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    model_copy(dir.path());
+    model_with_larger_vocab(dir.path(), 8);
+    let suite = suite(dir.path(), "model", "[fp32]", "");
+    let text = std::fs::read_to_string(&suite).unwrap().replace(
+        "    path: model\n",
+        "    path: model\n    reference: wide\n  - name: wide\n    path: wide\n",
+    );
+    std::fs::write(&suite, text).unwrap();
+    let run = bench(&["validate", suite.to_str().unwrap()], dir.path(), &shared_cache());
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert_mentions(&run, &["model m: its vocabulary is 320 tokens, reference wide's is 328"]);
+}
