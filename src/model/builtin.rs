@@ -136,11 +136,20 @@ pub fn ensure(name: &str) -> Result<PathBuf> {
     let staging = parent.join(format!(".{}-{}", info.name, std::process::id()));
     write(info, &staging)?;
     std::fs::write(staging.join(".complete"), b"").map_err(|e| Error::io("cannot write", &staging, e))?;
-    if std::fs::rename(&staging, &dir).is_err() {
+    if dir.exists() && !dir.join(".complete").is_file() {
+        // A stale, incomplete copy (an earlier run stopped while moving it, or a hand-made
+        // folder): generated data, so it is replaced rather than trusted.
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    if let Err(e) = std::fs::rename(&staging, &dir) {
         // Another process finished first: its copy is identical, keep it.
         let _ = std::fs::remove_dir_all(&staging);
         if !dir.join(".complete").is_file() {
-            return Err(Error::io("cannot move into place", &dir, std::io::Error::other("rename failed")));
+            return Err(Error::io(
+                "cannot move the generated model into place (remove the folder and retry)",
+                &dir,
+                e,
+            ));
         }
     }
     Ok(dir)

@@ -480,7 +480,10 @@ pub fn resolve_model_path(spec: &str, base: &Path) -> Result<PathBuf> {
     let path = Path::new(spec);
     let path = if path.is_absolute() { path.to_path_buf() } else { base.join(path) };
     if !path.exists() && hub::looks_like_repo(spec) {
-        return hub::resolve(spec);
+        // `models/x` may be a folder that is missing as well as a hub id: say both.
+        return hub::resolve(spec).map_err(|e| {
+            e.context(format!("no folder {} exists, so `{spec}` was read as a hub id", path.display()))
+        });
     }
     Ok(path)
 }

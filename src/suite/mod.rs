@@ -221,7 +221,12 @@ pub fn parse(text: &str, path: &Path) -> Result<SuiteFile> {
         let name = path.display().to_string();
         let rendered = e.render_with_options(serde_saphyr::render_options! { source_name: Some(&name) });
         let rendered = rendered.strip_prefix("error: ").unwrap_or(&rendered);
-        let at = if key_path.is_empty() || key_path == "." {
+        // The parser's advice names its own options; say what the suite must change.
+        let rendered = rendered.replace(
+            ", set DuplicateKeyPolicy in Options if acceptable",
+            ", expected each key once per mapping",
+        );
+        let at = if key_path.is_empty() || key_path == "." || key_path == "?" {
             String::new()
         } else {
             format!("key `{key_path}`, ")

@@ -438,3 +438,47 @@ fn a_reference_with_another_vocabulary_is_refused_before_any_work() {
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
     assert_mentions(&run, &["model m: its vocabulary is 320 tokens, reference wide's is 328"]);
 }
+
+#[test]
+fn a_duplicated_yaml_key_is_named_without_parser_jargon() {
+    let dir = tempfile::tempdir().unwrap();
+    model_copy(dir.path());
+    let suite = suite(dir.path(), "model", "[fp32]", "");
+    let text =
+        std::fs::read_to_string(&suite).unwrap().replacen("name: trust\n", "name: trust\nname: again\n", 1);
+    std::fs::write(&suite, text).unwrap();
+    let run = bench(&["validate", suite.to_str().unwrap()], dir.path(), &shared_cache());
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert_mentions(&run, &["line 2", "duplicate mapping key: name, expected each key once"]);
+    assert!(!run.stderr.contains("DuplicateKeyPolicy") && !run.stderr.contains("key `?`"), "{}", run.stderr);
+}
+
+#[test]
+fn a_missing_relative_folder_is_named_as_a_folder_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = suite(dir.path(), "models/x", "[fp32]", "");
+    let run = bench(&["validate", suite.to_str().unwrap()], dir.path(), &shared_cache());
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert_mentions(&run, &["no folder", "models/x exists, so `models/x` was read as a hub id"]);
+}
+
+#[test]
+fn a_stale_incomplete_builtin_cache_folder_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let inspect = |cache: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_bench"))
+            .args(["inspect", "builtin:tiny-llama"])
+            .current_dir(dir.path())
+            .env("QUANTBENCH_CACHE", cache)
+            .output()
+            .unwrap()
+    };
+    assert!(inspect(&cache).status.success());
+    let generated = std::fs::read_dir(cache.join("builtin")).unwrap().next().unwrap().unwrap().path();
+    std::fs::remove_file(generated.join(".complete")).unwrap();
+    std::fs::write(generated.join("junk"), b"left over").unwrap();
+    let again = inspect(&cache);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(generated.join(".complete").is_file() && !generated.join("junk").exists());
+}
