@@ -237,7 +237,7 @@ fn a_second_run_into_the_same_folder_fails_at_once_naming_the_first() {
 fn an_interrupted_run_keeps_whole_results_and_removes_its_temporaries() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let mut run = start_run(dir.path(), &out);
+    let run = start_run(dir.path(), &out);
     // Interrupt once a case has finished and while the next ones are running.
     wait_for(&out.join("results.json"));
     // SAFETY: signalling a child this test started.
