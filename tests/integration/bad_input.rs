@@ -1,19 +1,9 @@
 //! Bad inputs get clear errors (exit 1, the file, key or tensor named, the value found and
 //! what was expected), never a panic, and no results file.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::support::{bench, fixture, root, shared_cache, Run};
-
-/// A copy of the small tied fixture model in `dir`, to break.
-fn model_copy(dir: &Path) -> PathBuf {
-    let model = dir.join("model");
-    std::fs::create_dir_all(&model).unwrap();
-    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::copy(fixture("llama-tiny-tied").join(file), model.join(file)).unwrap();
-    }
-    model
-}
+use crate::support::{assert_mentions, bench, model_copy, root, shared_cache, Run};
 
 fn suite_text(model_path: &str, extra: &str) -> String {
     format!(
@@ -36,12 +26,6 @@ fn validate_fails(dir: &Path, suite: &str) -> Run {
     assert_eq!(validate.code, 1);
     assert_eq!(validate.stderr, run.stderr, "validate and run report the same error");
     run
-}
-
-fn assert_mentions(run: &Run, needles: &[&str]) {
-    for n in needles {
-        assert!(run.stderr.contains(n), "error should mention {n:?}:\n{}", run.stderr);
-    }
 }
 
 #[test]

@@ -82,3 +82,20 @@ pub fn real_models(names: &[&str]) -> Option<PathBuf> {
         _ => panic!("scripts/fetch_models.sh {names:?} failed:\n{stderr}"),
     }
 }
+
+/// A copy of the small tied fixture model in `dir/model`, to break.
+pub fn model_copy(dir: &Path) -> PathBuf {
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture("llama-tiny-tied").join(file), model.join(file)).unwrap();
+    }
+    model
+}
+
+/// Assert that the run's error output mentions every needle.
+pub fn assert_mentions(run: &Run, needles: &[&str]) {
+    for n in needles {
+        assert!(run.stderr.contains(n), "error should mention {n:?}:\n{}", run.stderr);
+    }
+}

@@ -4,17 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::support::{bench, fixture, root, shared_cache, Run};
-
-/// A copy of the small tied fixture model in `dir`, to break.
-fn model_copy(dir: &Path) -> PathBuf {
-    let model = dir.join("model");
-    std::fs::create_dir_all(&model).unwrap();
-    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::copy(fixture("llama-tiny-tied").join(file), model.join(file)).unwrap();
-    }
-    model
-}
+use crate::support::{assert_mentions, bench, fixture, model_copy, root, shared_cache, Run};
 
 /// Overwrite element `index` of the f32 or bf16 tensor `name` in `file` with `value`.
 fn poison(file: &Path, name: &str, index: usize, value: f32) {
@@ -49,12 +39,6 @@ fn run_suite(dir: &Path, suite: &Path, out: &Path, extra: &[&str]) -> Run {
     let mut args = vec!["run", suite.to_str().unwrap(), "--out", out.to_str().unwrap()];
     args.extend_from_slice(extra);
     bench(&args, dir, &shared_cache())
-}
-
-fn assert_mentions(run: &Run, needles: &[&str]) {
-    for n in needles {
-        assert!(run.stderr.contains(n), "error should mention {n:?}:\n{}", run.stderr);
-    }
 }
 
 #[test]
