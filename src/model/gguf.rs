@@ -16,6 +16,7 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
+use super::weights::dims_text;
 use crate::error::{Error, Result};
 
 /// Alignment of the data section when `general.alignment` is absent.
@@ -708,7 +709,7 @@ impl GgufFile {
             Some(t) if t.shape.len() == 2 => Ok(t.shape[0]),
             Some(t) => Err(Error::Tensor {
                 name: t.name.clone(),
-                message: format!("shape {:?}, expected [vocab, hidden]", t.shape),
+                message: format!("shape {}, expected [vocab, hidden]", dims_text(&t.shape)),
             }),
             None => Err(self.format_error(
                 "no tokenizer.ggml.tokens and no token_embd.weight: cannot tell the vocabulary size".into(),
@@ -930,7 +931,10 @@ fn unpermute_tensor(tensor: &GgufTensor, values: &[f32], heads: usize) -> Result
     if tensor.shape.len() != 2 {
         return Err(Error::Tensor {
             name: tensor.name.clone(),
-            message: format!("shape {:?}, expected [rows, cols] for a query/key projection", tensor.shape),
+            message: format!(
+                "shape {}, expected [rows, cols] for a query/key projection",
+                dims_text(&tensor.shape)
+            ),
         });
     }
     unpermute_qk_rows(values, rows, heads).ok_or_else(|| Error::Tensor {
@@ -1308,7 +1312,7 @@ fn locate(info: TensorInfo, data_start: u64, alignment: u64, file_len: u64) -> P
     let elements = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
     let elements = elements
         .filter(|&n| usize::try_from(n).is_ok())
-        .ok_or_else(|| format!("tensor {name}: dimensions {dims:?} overflow the element count"))?;
+        .ok_or_else(|| format!("tensor {name}: dimensions {} overflow the element count", dims_text(dims)))?;
     let block = ggml_type.block_size() as u64;
     if !dims[0].is_multiple_of(block) {
         return Err(format!(
