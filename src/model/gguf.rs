@@ -535,8 +535,6 @@ impl GgufFile {
     fn from_data(data: Data, path: &Path) -> Result<GgufFile> {
         let parsed =
             parse(&data).map_err(|message| Error::ModelFormat { path: path.to_path_buf(), message })?;
-        let mut by_name: Vec<usize> = (0..parsed.tensors.len()).collect();
-        by_name.sort_by(|&a, &b| parsed.tensors[a].name.cmp(&parsed.tensors[b].name));
         Ok(GgufFile {
             path: path.to_path_buf(),
             data,
@@ -544,7 +542,7 @@ impl GgufFile {
             alignment: parsed.alignment,
             metadata: parsed.metadata,
             tensors: parsed.tensors,
-            by_name,
+            by_name: parsed.by_name,
         })
     }
 
@@ -1042,6 +1040,7 @@ struct Parsed {
     alignment: u64,
     metadata: BTreeMap<String, GgufValue>,
     tensors: Vec<GgufTensor>,
+    by_name: Vec<usize>,
 }
 
 /// A bounds-checked little-endian cursor over the mapped file.
@@ -1209,17 +1208,23 @@ fn parse(bytes: &[u8]) -> Parse<Parsed> {
     let kv_count = r.count("metadata count", MIN_METADATA_BYTES)?;
     let metadata = metadata(&mut r, kv_count)?;
     let alignment = alignment(&metadata)?;
-    let infos = (0..tensor_count).map(|i| tensor_info(&mut r, i)).collect::<Parse<Vec<_>>>()?;
+    // Two passes over the tensor infos: the first finds where the data starts (and checks
+    // every info), the second locates each tensor; only the tensors themselves are kept.
+    let infos_start = r.pos;
+    for i in 0..tensor_count {
+        tensor_info(&mut r, i)?;
+    }
     let data_start =
         align(r.pos as u64, alignment).filter(|&start| start <= bytes.len() as u64).ok_or_else(|| {
             format!("the tensor data section (aligned to {alignment} bytes) starts past the end of the file")
         })?;
-    let tensors = infos
-        .into_iter()
-        .map(|info| locate(info, data_start, alignment, bytes.len() as u64))
-        .collect::<Parse<Vec<_>>>()?;
-    check_unique(&tensors)?;
-    Ok(Parsed { version, alignment, metadata, tensors })
+    let mut r = Reader { bytes, pos: infos_start };
+    let mut tensors = Vec::with_capacity(tensor_count);
+    for i in 0..tensor_count {
+        tensors.push(locate(tensor_info(&mut r, i)?, data_start, alignment, bytes.len() as u64)?);
+    }
+    let by_name = sorted_by_name(&tensors)?;
+    Ok(Parsed { version, alignment, metadata, tensors, by_name })
 }
 
 /// Magic and version; returns the version.
@@ -1347,12 +1352,13 @@ fn locate(info: TensorInfo, data_start: u64, alignment: u64, file_len: u64) -> P
     }
 }
 
-fn check_unique(tensors: &[GgufTensor]) -> Parse<()> {
-    let mut names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
-    names.sort_unstable();
-    match names.windows(2).find(|pair| pair[0] == pair[1]) {
-        Some(pair) => Err(format!("tensor {} appears twice", pair[0])),
-        None => Ok(()),
+/// Indices of `tensors` sorted by name; a name that appears twice is an error.
+fn sorted_by_name(tensors: &[GgufTensor]) -> Parse<Vec<usize>> {
+    let mut by_name: Vec<usize> = (0..tensors.len()).collect();
+    by_name.sort_unstable_by(|&a, &b| tensors[a].name.cmp(&tensors[b].name));
+    match by_name.windows(2).find(|pair| tensors[pair[0]].name == tensors[pair[1]].name) {
+        Some(pair) => Err(format!("tensor {} appears twice", tensors[pair[0]].name)),
+        None => Ok(by_name),
     }
 }
 
