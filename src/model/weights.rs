@@ -50,7 +50,7 @@ pub struct SafetensorsHeader {
 #[derive(Deserialize)]
 struct RawTensor {
     dtype: String,
-    shape: Vec<u64>,
+    shape: Vec<usize>,
     data_offsets: [u64; 2],
 }
 
@@ -160,13 +160,7 @@ fn check_tensor(raw: RawTensor, data_len: usize) -> std::result::Result<TensorIn
         serde_json::from_value(serde_json::Value::String(raw.dtype.clone())).map_err(|_| {
             format!("dtype \"{}\" is not a safetensors dtype, expected one of {DTYPE_NAMES}", raw.dtype)
         })?;
-    let shape_text = dims_text(&raw.shape);
-    let shape = raw
-        .shape
-        .iter()
-        .map(|&d| usize::try_from(d).ok())
-        .collect::<Option<Vec<usize>>>()
-        .ok_or_else(|| format!("shape {shape_text} has a dimension too large for this machine"))?;
+    let shape = raw.shape;
     let [begin, end] = raw.data_offsets;
     if begin > end {
         return Err(format!("data offsets [{begin}, {end}] end before they begin, expected begin ≤ end"));
@@ -179,16 +173,19 @@ fn check_tensor(raw: RawTensor, data_len: usize) -> std::result::Result<TensorIn
     }
     let bits =
         shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).and_then(|n| n.checked_mul(dtype.bitsize()));
-    let bits = bits.ok_or_else(|| format!("shape {shape_text} of dtype {dtype} overflows the byte count"))?;
+    let bits =
+        bits.ok_or_else(|| format!("shape {} of dtype {dtype} overflows the byte count", dims_text(&shape)))?;
     if bits % 8 != 0 {
         return Err(format!(
-            "shape {shape_text} of dtype {dtype} is {bits} bits, not a whole number of bytes"
+            "shape {} of dtype {dtype} is {bits} bits, not a whole number of bytes",
+            dims_text(&shape)
         ));
     }
     let size = (bits / 8) as u64;
     if end - begin != size {
         return Err(format!(
-            "dtype {dtype} and shape {shape_text} take {size} bytes, but data offsets [{begin}, {end}] hold {}",
+            "dtype {dtype} and shape {} take {size} bytes, but data offsets [{begin}, {end}] hold {}",
+            dims_text(&shape),
             end - begin
         ));
     }
@@ -197,8 +194,13 @@ fn check_tensor(raw: RawTensor, data_len: usize) -> std::result::Result<TensorIn
 
 /// A shape as `[2, 3]`, for messages.
 pub(crate) fn dims_text<T: fmt::Display>(dims: &[T]) -> String {
-    let dims: Vec<String> = dims.iter().map(T::to_string).collect();
-    format!("[{}]", dims.join(", "))
+    use std::fmt::Write;
+    let mut text = String::from("[");
+    for (i, d) in dims.iter().enumerate() {
+        let _ = write!(text, "{}{d}", if i == 0 { "" } else { ", " });
+    }
+    text.push(']');
+    text
 }
 
 /// The element type of a stored tensor.
