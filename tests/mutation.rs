@@ -342,28 +342,67 @@ fn resealed(bytes: &[u8]) -> Vec<u8> {
 
 const MUTATIONS: usize = 3000;
 
+/// The suite parser; true when it accepts the text.
+fn read_suite(bytes: &[u8]) -> bool {
+    quantbench::suite::parse(&String::from_utf8_lossy(bytes), Path::new("suite.yaml")).is_ok()
+}
+
+/// The safetensors header reader, then every float tensor decoded from the ranges it gave.
+fn read_safetensors(bytes: &[u8]) -> bool {
+    let Ok(header) = parse_safetensors(bytes, Path::new("model.safetensors")) else { return false };
+    for (name, info) in &header.tensors {
+        let (begin, end) = info.data_offsets;
+        let data = &bytes[header.data_start + begin..header.data_start + end];
+        if let Some(values) = to_f32(data, info.dtype) {
+            assert_eq!(values.len(), info.shape.iter().product::<usize>(), "{name}");
+        }
+    }
+    true
+}
+
+/// The GGUF reader, then all a model load asks of it.
+fn read_gguf(bytes: &[u8]) -> bool {
+    let Ok(file) = GgufFile::from_bytes(bytes.to_vec(), Path::new("m.gguf")) else { return false };
+    for value in file.metadata().values() {
+        if let Some(array) = value.as_array() {
+            assert_eq!(array.iter().count(), array.len());
+            let _ = array.strs();
+        }
+    }
+    let _ = file.hf_config();
+    let _ = file.tokenizer_json();
+    for tensor in file.tensors() {
+        if let Ok(values) = file.dequantize(&tensor.name) {
+            assert_eq!(values.len(), tensor.elements());
+        }
+    }
+    true
+}
+
+/// The stored-reference reader as is, and with the checksum resealed; what it accepts
+/// must be consistent. True when the input as given is accepted.
+fn read_reference(bytes: &[u8]) -> bool {
+    let path = Path::new("references/m.qbref");
+    if let Ok((_, parsed)) = reference_cache::parse(&resealed(bytes), path) {
+        assert_eq!(parsed.check(), Ok(()));
+    }
+    reference_cache::parse(bytes, path).is_ok()
+}
+
+/// The results.json reader.
+fn read_results(bytes: &[u8]) -> bool {
+    Results::parse(bytes, Path::new("results.json")).is_ok()
+}
+
 #[test]
 fn suite_parser_survives_mutations() {
     let valid = std::fs::read(repo().join("suites/quickstart.yaml")).unwrap();
-    fuzz("suite", &valid, MUTATIONS, f64::INFINITY, |bytes| {
-        quantbench::suite::parse(&String::from_utf8_lossy(bytes), Path::new("suite.yaml")).is_ok()
-    });
+    fuzz("suite", &valid, MUTATIONS, f64::INFINITY, read_suite);
 }
 
 #[test]
 fn safetensors_reader_survives_mutations() {
-    let valid = small_safetensors();
-    let tally = fuzz("safetensors", &valid, MUTATIONS, 4.0, |bytes| {
-        let Ok(header) = parse_safetensors(bytes, Path::new("model.safetensors")) else { return false };
-        for (name, info) in &header.tensors {
-            let (begin, end) = info.data_offsets;
-            let data = &bytes[header.data_start + begin..header.data_start + end];
-            if let Some(values) = to_f32(data, info.dtype) {
-                assert_eq!(values.len(), info.shape.iter().product::<usize>(), "{name}");
-            }
-        }
-        true
-    });
+    let tally = fuzz("safetensors", &small_safetensors(), MUTATIONS, 4.0, read_safetensors);
     assert!(tally.accepted < MUTATIONS, "some mutations must be refused");
 }
 
@@ -374,23 +413,7 @@ fn gguf_reader_survives_mutations() {
     file.hf_config().unwrap();
     file.tokenizer_json().unwrap();
     // The tensors dequantize to f32: up to 4 bytes per element of a 1.06-byte Q8_0 weight.
-    fuzz("gguf", &valid, MUTATIONS, 8.0, |bytes| {
-        let Ok(file) = GgufFile::from_bytes(bytes.to_vec(), Path::new("m.gguf")) else { return false };
-        for value in file.metadata().values() {
-            if let Some(array) = value.as_array() {
-                assert_eq!(array.iter().count(), array.len());
-                let _ = array.strs();
-            }
-        }
-        let _ = file.hf_config();
-        let _ = file.tokenizer_json();
-        for tensor in file.tensors() {
-            if let Ok(values) = file.dequantize(&tensor.name) {
-                assert_eq!(values.len(), tensor.elements());
-            }
-        }
-        true
-    });
+    fuzz("gguf", &valid, MUTATIONS, 8.0, read_gguf);
 }
 
 #[test]
@@ -409,23 +432,38 @@ fn stored_reference_reader_survives_mutations() {
         Err(_) => false,
     });
     // Resealed: what passes the checksum must still be consistent.
-    fuzz("reference-resealed", &valid, MUTATIONS, 4.0, |bytes| {
-        match reference_cache::parse(&resealed(bytes), path) {
-            Ok((_, parsed)) => {
-                assert_eq!(parsed.check(), Ok(()));
-                true
-            }
-            Err(_) => false,
-        }
-    });
+    fuzz("reference-resealed", &valid, MUTATIONS, 4.0, |bytes| read_reference(&resealed(bytes)));
 }
 
 #[test]
 fn results_reader_survives_mutations() {
     let valid = std::fs::read(repo().join("tests/fixtures/report/new/results.json")).unwrap();
-    fuzz("results", &valid, MUTATIONS, f64::INFINITY, |bytes| {
-        Results::parse(bytes, Path::new("results.json")).is_ok()
-    });
+    fuzz("results", &valid, MUTATIONS, f64::INFINITY, read_results);
+}
+
+/// Every input a fuzz target crashed on (fuzz/regressions/TARGET/, kept when the crash
+/// was fixed) goes to its reader again: an error or a value, never a panic.
+#[test]
+fn fuzz_regressions_do_not_panic() {
+    let readers: [(&str, fn(&[u8]) -> bool); 5] = [
+        ("suite", read_suite),
+        ("safetensors", read_safetensors),
+        ("gguf", read_gguf),
+        ("reference", read_reference),
+        ("results", read_results),
+    ];
+    let mut replayed = 0;
+    for (target, read) in readers {
+        let Ok(dir) = std::fs::read_dir(repo().join("fuzz/regressions").join(target)) else { continue };
+        for entry in dir {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            let outcome = catch_unwind(AssertUnwindSafe(|| read(&bytes)));
+            assert!(outcome.is_ok(), "{target}: {} panics", path.display());
+            replayed += 1;
+        }
+    }
+    assert!(replayed > 0, "fuzz/regressions holds the crashes fuzzing found");
 }
 
 // ---- memory ---------------------------------------------------------------------------------

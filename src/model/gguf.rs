@@ -1314,9 +1314,12 @@ fn locate(info: TensorInfo, data_start: u64, alignment: u64, file_len: u64) -> P
             supported.join(", ")
         )
     })?;
-    let elements = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
-    let elements = elements
+    // The product of the non-zero dimensions must fit: then no order of multiplying the
+    // shape overflows, even when a zero dimension makes the element count 0.
+    let nonzero = dims.iter().filter(|&&d| d != 0).try_fold(1u64, |acc, &d| acc.checked_mul(d));
+    let elements = nonzero
         .filter(|&n| usize::try_from(n).is_ok())
+        .map(|n| if dims.contains(&0) { 0 } else { n })
         .ok_or_else(|| format!("tensor {name}: dimensions {} overflow the element count", dims_text(dims)))?;
     let block = ggml_type.block_size() as u64;
     if !dims[0].is_multiple_of(block) {
@@ -1804,6 +1807,13 @@ mod tests {
         assert!(
             err_text(huge.open().1).contains("tensor x: dimensions [1099511627776, 1099511627776] overflow")
         );
+        // Regression (found by fuzzing): a zero dimension made the checked product 0, but
+        // multiplying the shape in Hugging Face order overflowed before reaching it.
+        let zero = Writer::new().f32_tensor("z", &[0, 1 << 40, 1 << 40], &[]);
+        assert!(err_text(zero.open().1)
+            .contains("tensor z: dimensions [0, 1099511627776, 1099511627776] overflow"));
+        let (_dir, file) = Writer::new().f32_tensor("z", &[0, 1 << 20, 1 << 20], &[]).open();
+        assert_eq!(file.unwrap().tensors()[0].elements(), 0, "zero elements, and no overflow");
     }
 
     /// Regression: a u8 array was held as one 32-byte `GgufValue` per element, so a file

@@ -171,8 +171,11 @@ fn check_tensor(raw: RawTensor, data_len: usize) -> std::result::Result<TensorIn
              is truncated or the offsets are wrong"
         ));
     }
-    let bits =
-        shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).and_then(|n| n.checked_mul(dtype.bitsize()));
+    // The product of the non-zero dimensions must fit: then no order of multiplying the
+    // shape overflows, even when a zero dimension makes the element count 0.
+    let nonzero = shape.iter().filter(|&&d| d != 0).try_fold(1usize, |n, &d| n.checked_mul(d));
+    let elements = nonzero.map(|n| if shape.contains(&0) { 0 } else { n });
+    let bits = elements.and_then(|n| n.checked_mul(dtype.bitsize()));
     let bits =
         bits.ok_or_else(|| format!("shape {} of dtype {dtype} overflows the byte count", dims_text(&shape)))?;
     if bits % 8 != 0 {
@@ -612,6 +615,7 @@ mod tests {
             (one("F32", "[2]", "[4, 12]"), 12, "tensor w: data offsets [4, 12] begin at 4, expected 0 (where the data section starts); it leaves a gap"),
             (one("F32", "[2]", "[0, 8]"), 12, "the tensors' data ends at byte 8 of the data section, but the data section is 12 bytes"),
             (one("F32", "[4294967296, 4294967296, 4294967296]", "[0, 8]"), 8, "shape [4294967296, 4294967296, 4294967296] of dtype F32 overflows"),
+            (one("F32", "[4294967296, 4294967296, 0]", "[0, 0]"), 0, "shape [4294967296, 4294967296, 0] of dtype F32 overflows"),
             (one("F4", "[3]", "[0, 2]"), 2, "shape [3] of dtype F4 is 12 bits, not a whole number of bytes"),
             (one("F32", "[-1]", "[0, 8]"), 8, "corrupt safetensors header at w.shape[0]: invalid value: integer `-1`"),
             (one("F32", "[2]", "[0]"), 8, "corrupt safetensors header at w.data_offsets: invalid length 1"),
