@@ -14,15 +14,21 @@
 # - runs the target with one worker (no -jobs/-workers: the build machine is shared),
 #   printing libFuzzer's final statistics (stat::number_of_executed_units is the number
 #   of executions). A crash stops the run and leaves its input in fuzz/artifacts/TARGET/;
-#   replay it with `RUSTC_BOOTSTRAP=1 cargo fuzz run -s none TARGET fuzz/artifacts/TARGET/FILE`
-#   (from the repository root), and turn it into a regression test.
+#   replay it with `RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz -s none TARGET
+#   fuzz/artifacts/TARGET/FILE`, fix it with a unit test, and copy the input to
+#   fuzz/regressions/TARGET/ (tests/mutation.rs replays every file there).
 #
-# Toolchain: only a stable toolchain is installed. cargo fuzz passes nightly-only rustc
-# flags (-Z...; with a sanitizer also -Zsanitizer=...), which stable refuses unless
-# RUSTC_BOOTSTRAP=1 is set; with it, stable rustc 1.95 builds and runs every target. The
-# sanitizer defaults to none (FUZZ_SANITIZER=none): the readers are safe Rust, so
-# AddressSanitizer finds nothing more there and halves the speed. FUZZ_SANITIZER=address
-# also works on stable with RUSTC_BOOTSTRAP=1 (it rebuilds everything instrumented).
+# Toolchain: only a stable toolchain is installed here (rustc 1.95). What was checked:
+# with the sanitizer off (`-s none`, the default here) cargo fuzz passes only stable
+# rustc flags (-Cpasses=sancov-module, -Cllvm-args=-sanitizer-coverage-*, --cfg fuzzing,
+# -Cdebug-assertions), so stable builds and runs every target; RUSTC_BOOTSTRAP=1 is set
+# anyway, because a sanitizer (FUZZ_SANITIZER=address) adds -Zsanitizer=..., which stable
+# accepts only with it (that combination was not run here: it rebuilds every crate
+# instrumented, and the readers are safe Rust, where AddressSanitizer adds little).
+# The first build of the instrumented targets takes about 7 minutes on 2 cores. In a git
+# worktree build.rs watches a .git/HEAD that does not exist, so every run rebuilds the
+# quantbench crate (about 2 minutes); to fuzz again without that, run the binary directly:
+#   fuzz/target/x86_64-unknown-linux-gnu/release/TARGET fuzz/corpus/TARGET -max_total_time=SECONDS
 set -euo pipefail
 
 target=${1:?usage: scripts/fuzz.sh TARGET [SECONDS]  (suite, safetensors, gguf, reference, results)}

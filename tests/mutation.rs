@@ -445,7 +445,8 @@ fn results_reader_survives_mutations() {
 /// was fixed) goes to its reader again: an error or a value, never a panic.
 #[test]
 fn fuzz_regressions_do_not_panic() {
-    let readers: [(&str, fn(&[u8]) -> bool); 5] = [
+    type Reader = fn(&[u8]) -> bool;
+    let readers: [(&str, Reader); 5] = [
         ("suite", read_suite),
         ("safetensors", read_safetensors),
         ("gguf", read_gguf),

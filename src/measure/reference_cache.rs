@@ -375,26 +375,21 @@ mod tests {
     #[test]
     fn inconsistent_contents_under_a_valid_checksum_are_refused() {
         let path = Path::new("r.qbref");
-        let cases: [(&str, Box<dyn Fn(&mut Reference)>); 5] = [
-            ("target 1 is token 7", Box::new(|r| r.targets[1] = 7)),
-            ("top-1 token 0 is token 3", Box::new(|r| r.top1[0] = 3)),
-            (
-                "kept id 3 is token 9",
-                Box::new(|r| {
-                    if let Kept::TopK { ids, .. } = &mut r.kept {
-                        ids[3] = 9
-                    }
-                }),
-            ),
-            (
-                "tail id 5 is token 3",
-                Box::new(|r| {
-                    if let Kept::TopK { tail_ids, .. } = &mut r.kept {
-                        tail_ids[5] = 3
-                    }
-                }),
-            ),
-            ("arrays take", Box::new(|r| r.log_norms.push(0.0))),
+        type Spoil = fn(&mut Reference);
+        let cases: [(&str, Spoil); 5] = [
+            ("target 1 is token 7", |r| r.targets[1] = 7),
+            ("top-1 token 0 is token 3", |r| r.top1[0] = 3),
+            ("kept id 3 is token 9", |r| {
+                if let Kept::TopK { ids, .. } = &mut r.kept {
+                    ids[3] = 9
+                }
+            }),
+            ("tail id 5 is token 3", |r| {
+                if let Kept::TopK { tail_ids, .. } = &mut r.kept {
+                    tail_ids[5] = 3
+                }
+            }),
+            ("arrays take", |r| r.log_norms.push(0.0)),
         ];
         for (want, spoil) in cases {
             let mut reference = sample(true);
