@@ -64,6 +64,9 @@ pub enum Error {
     /// An existing results file cannot be resumed.
     #[error("results file {path}: {message}")]
     Results { path: PathBuf, message: String },
+    /// A stored reference (`references/NAME.qbref`) cannot be used.
+    #[error("stored reference {path}: {message}")]
+    Reference { path: PathBuf, message: String },
 
     // ---- plumbing ---------------------------------------------------------------------
     /// An I/O operation on a named path failed.

@@ -94,6 +94,49 @@ impl Reference {
             Kept::Full(_) => None,
         }
     }
+
+    /// The first inconsistency that would make [`measure`] index out of bounds: arrays
+    /// whose lengths disagree with the scored positions, `k` or the vocabulary, and token
+    /// ids (targets, top-1, kept and tail ids) outside the vocabulary.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let n = self.len();
+        let lengths = [
+            ("target log-probabilities", self.target_logprobs.len()),
+            ("top-1 tokens", self.top1.len()),
+            ("log-normalisers", self.log_norms.len()),
+        ];
+        for (what, len) in lengths {
+            if len != n {
+                return Err(format!("{len} {what}, expected one per scored position ({n})"));
+            }
+        }
+        let in_vocab = |what: &str, ids: &[u32]| match ids.iter().position(|&id| id as usize >= self.vocab) {
+            Some(i) => {
+                Err(format!("{what} {i} is token {}, outside the vocabulary of {}", ids[i], self.vocab))
+            }
+            None => Ok(()),
+        };
+        in_vocab("target", &self.targets)?;
+        in_vocab("top-1 token", &self.top1)?;
+        let sized = |what: &str, len: usize, per: usize, per_what: &str| match n.checked_mul(per) {
+            Some(want) if want == len => Ok(()),
+            _ => Err(format!("{len} {what}, expected {n} positions × {per} {per_what}")),
+        };
+        match &self.kept {
+            Kept::TopK { k, ids, logprobs, tail_ids, tail_logprobs } => {
+                if *k == 0 || *k > self.vocab {
+                    return Err(format!("top-k of {k}, expected 1 to the vocabulary size {}", self.vocab));
+                }
+                sized("kept ids", ids.len(), *k, "kept")?;
+                sized("kept log-probabilities", logprobs.len(), *k, "kept")?;
+                sized("tail ids", tail_ids.len(), TAIL_SAMPLES, "tail samples")?;
+                sized("tail log-probabilities", tail_logprobs.len(), TAIL_SAMPLES, "tail samples")?;
+                in_vocab("kept id", ids)?;
+                in_vocab("tail id", tail_ids)
+            }
+            Kept::Full(all) => sized("log-probabilities", all.len(), self.vocab, "vocabulary entries"),
+        }
+    }
 }
 
 /// Run `model` over every chunk and call `score(index, position_logits, target)` for each

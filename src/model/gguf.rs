@@ -7,7 +7,7 @@
 //! `general.alignment` (default 32), then the tensor data. Every length and offset is
 //! checked against the file size before it is used.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -16,6 +16,7 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
+use super::weights::dims_text;
 use crate::error::{Error, Result};
 
 /// Alignment of the data section when `general.alignment` is absent.
@@ -25,6 +26,19 @@ const MAX_DIMS: u32 = 4;
 /// Nested arrays deeper than this are treated as corrupt (real files nest at most once),
 /// so a crafted file cannot exhaust the stack.
 const MAX_ARRAY_DEPTH: usize = 8;
+/// The fewest bytes one tensor info takes: name length, dimension count, one dimension,
+/// type and offset.
+const MIN_TENSOR_INFO_BYTES: usize = 8 + 4 + 8 + 4 + 8;
+/// The fewest bytes one metadata pair takes: key length, value type, a one-byte value.
+const MIN_METADATA_BYTES: usize = 8 + 4 + 1;
+/// Token-id keys of the tokenizer metadata, each checked against the vocabulary.
+const TOKEN_ID_KEYS: [&str; 5] = [
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.unknown_token_id",
+    "tokenizer.ggml.padding_token_id",
+    "tokenizer.ggml.seperator_token_id",
+];
 
 /// One metadata value, of any GGUF value type.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,7 +62,7 @@ pub enum GgufValue {
     /// Type 8.
     String(String),
     /// Type 9: elements all of one type, possibly arrays themselves.
-    Array(Vec<GgufValue>),
+    Array(GgufArray),
     /// Type 10.
     U64(u64),
     /// Type 11.
@@ -129,11 +143,56 @@ impl GgufValue {
         }
     }
 
-    /// An array's elements.
-    pub fn as_array(&self) -> Option<&[GgufValue]> {
+    /// An array.
+    pub fn as_array(&self) -> Option<&GgufArray> {
         match self {
             GgufValue::Array(items) => Some(items),
             _ => None,
+        }
+    }
+
+    /// The GGUF type id of the value (0 to 12).
+    pub fn type_id(&self) -> u32 {
+        match self {
+            GgufValue::U8(_) => 0,
+            GgufValue::I8(_) => 1,
+            GgufValue::U16(_) => 2,
+            GgufValue::I16(_) => 3,
+            GgufValue::U32(_) => 4,
+            GgufValue::I32(_) => 5,
+            GgufValue::F32(_) => 6,
+            GgufValue::Bool(_) => 7,
+            GgufValue::String(_) => 8,
+            GgufValue::Array(_) => 9,
+            GgufValue::U64(_) => 10,
+            GgufValue::I64(_) => 11,
+            GgufValue::F64(_) => 12,
+        }
+    }
+
+    /// Append the value as a GGUF file stores it (without its type id).
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        match self {
+            GgufValue::U8(v) => out.push(*v),
+            GgufValue::I8(v) => out.push(*v as u8),
+            GgufValue::U16(v) => out.extend(v.to_le_bytes()),
+            GgufValue::I16(v) => out.extend(v.to_le_bytes()),
+            GgufValue::U32(v) => out.extend(v.to_le_bytes()),
+            GgufValue::I32(v) => out.extend(v.to_le_bytes()),
+            GgufValue::F32(v) => out.extend(v.to_le_bytes()),
+            GgufValue::Bool(v) => out.push(u8::from(*v)),
+            GgufValue::String(s) => {
+                out.extend((s.len() as u64).to_le_bytes());
+                out.extend(s.as_bytes());
+            }
+            GgufValue::Array(array) => {
+                out.extend(array.element_type.to_le_bytes());
+                out.extend((array.len as u64).to_le_bytes());
+                out.extend(&array.raw);
+            }
+            GgufValue::U64(v) => out.extend(v.to_le_bytes()),
+            GgufValue::I64(v) => out.extend(v.to_le_bytes()),
+            GgufValue::F64(v) => out.extend(v.to_le_bytes()),
         }
     }
 
@@ -142,7 +201,9 @@ impl GgufValue {
     fn describe(&self) -> String {
         match self {
             GgufValue::String(s) => format!("{s:?} (string)"),
-            GgufValue::Array(items) => format!("an array of {} elements", items.len()),
+            GgufValue::Array(items) => {
+                format!("an array of {} {} elements", items.len(), type_name(items.element_type))
+            }
             GgufValue::U8(v) => format!("{v} (u8)"),
             GgufValue::I8(v) => format!("{v} (i8)"),
             GgufValue::U16(v) => format!("{v} (u16)"),
@@ -155,6 +216,85 @@ impl GgufValue {
             GgufValue::F64(v) => format!("{v} (f64)"),
             GgufValue::Bool(v) => format!("{v} (bool)"),
         }
+    }
+}
+
+/// The GGUF name of value type `id`, for messages.
+fn type_name(id: u32) -> &'static str {
+    const NAMES: [&str; 13] =
+        ["u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "string", "array", "u64", "i64", "f64"];
+    NAMES.get(id as usize).copied().unwrap_or("unknown")
+}
+
+/// Bytes one element of value type `id` takes at least (`None`: not a GGUF type).
+fn min_value_bytes(id: u32) -> Option<usize> {
+    Some(match id {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        10..=12 => 8,
+        // A string's length; an array's element type and length.
+        8 => 8,
+        9 => 4 + 8,
+        _ => return None,
+    })
+}
+
+/// A metadata array as the file stores it: the element type, the count, and the elements'
+/// bytes (checked when the file was opened). It costs its size in the file whatever the
+/// element type (a `Vec<GgufValue>` would cost 32 bytes per u8), and its elements decode
+/// on access.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufArray {
+    element_type: u32,
+    len: usize,
+    raw: Vec<u8>,
+}
+
+impl GgufArray {
+    /// An array of `items`, which must all have the same type (an empty array is of u32,
+    /// as llama.cpp writes it). `None` when the types differ.
+    pub fn from_values(items: &[GgufValue]) -> Option<GgufArray> {
+        let element_type = items.first().map_or(4, GgufValue::type_id);
+        if items.iter().any(|v| v.type_id() != element_type) {
+            return None;
+        }
+        let mut raw = Vec::new();
+        items.iter().for_each(|v| v.write_to(&mut raw));
+        Some(GgufArray { element_type, len: items.len(), raw })
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when the array has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The GGUF name of the elements' type.
+    pub fn element_type_name(&self) -> &'static str {
+        type_name(self.element_type)
+    }
+
+    /// The elements, decoded one by one.
+    pub fn iter(&self) -> impl Iterator<Item = GgufValue> + '_ {
+        let mut reader = Reader { bytes: &self.raw, pos: 0 };
+        // The bytes were checked at open, so decoding cannot fail; stopping at a failure
+        // keeps this total anyway.
+        (0..self.len).map_while(move |_| reader.value(self.element_type, 0).ok())
+    }
+
+    /// The elements as strings, borrowed; `None` unless the elements are strings (an
+    /// empty array of any type is an empty list of strings).
+    pub fn strs(&self) -> Option<Vec<&str>> {
+        if self.element_type != 8 && self.len > 0 {
+            return None;
+        }
+        let mut reader = Reader { bytes: &self.raw, pos: 0 };
+        (0..self.len).map(|_| reader.str("string").ok()).collect()
     }
 }
 
@@ -333,15 +473,33 @@ impl GgufTensor {
     }
 }
 
+/// The bytes of a GGUF file: mapped from disk, or handed over in memory.
+enum Data {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Data {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Data::Mapped(map) => map,
+            Data::Owned(bytes) => bytes,
+        }
+    }
+}
+
 /// A memory-mapped GGUF file, its metadata and tensor directory parsed once at `open`.
 pub struct GgufFile {
     path: PathBuf,
-    mmap: Mmap,
+    data: Data,
     version: u32,
     alignment: u64,
     metadata: BTreeMap<String, GgufValue>,
     tensors: Vec<GgufTensor>,
-    by_name: HashMap<String, usize>,
+    /// Indices of `tensors` sorted by name, for lookups.
+    by_name: Vec<usize>,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -363,17 +521,28 @@ impl GgufFile {
         // SAFETY: the map is read-only; a file modified while mapped is outside what we can
         // defend against (the same contract as the safetensors reader).
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("cannot map", path, e))?;
+        Self::from_data(Data::Mapped(mmap), path)
+    }
+
+    /// Parse a GGUF file held in memory; `path` is what messages name. Checks the same as
+    /// [`GgufFile::open`], and costs about the input's size again at most (metadata arrays
+    /// are kept as stored, every count is bounded by the bytes left before anything is
+    /// allocated).
+    pub fn from_bytes(bytes: Vec<u8>, path: &Path) -> Result<GgufFile> {
+        Self::from_data(Data::Owned(bytes), path)
+    }
+
+    fn from_data(data: Data, path: &Path) -> Result<GgufFile> {
         let parsed =
-            parse(&mmap).map_err(|message| Error::ModelFormat { path: path.to_path_buf(), message })?;
-        let by_name = parsed.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+            parse(&data).map_err(|message| Error::ModelFormat { path: path.to_path_buf(), message })?;
         Ok(GgufFile {
             path: path.to_path_buf(),
-            mmap,
+            data,
             version: parsed.version,
             alignment: parsed.alignment,
             metadata: parsed.metadata,
             tensors: parsed.tensors,
-            by_name,
+            by_name: parsed.by_name,
         })
     }
 
@@ -404,7 +573,8 @@ impl GgufFile {
 
     /// The tensor stored as `gguf_name`, if present.
     pub fn tensor(&self, gguf_name: &str) -> Option<&GgufTensor> {
-        self.by_name.get(gguf_name).map(|&i| &self.tensors[i])
+        let at = self.by_name.binary_search_by(|&i| self.tensors[i].name.as_str().cmp(gguf_name)).ok()?;
+        self.tensors.get(self.by_name[at])
     }
 
     /// The tensor `gguf_name` as f32, row-major in its [`GgufTensor::shape`]. In a Llama
@@ -418,7 +588,7 @@ impl GgufFile {
         })?;
         // open() checked offset + bytes against the file length.
         let start = tensor.offset as usize;
-        let data = &self.mmap[start..start + tensor.bytes as usize];
+        let data = &self.data[start..start + tensor.bytes as usize];
         let values = decode(tensor.ggml_type, data, tensor.elements());
         match self.rope_heads(tensor)? {
             Some(heads) => unpermute_tensor(tensor, &values, heads),
@@ -476,13 +646,13 @@ impl GgufFile {
         if self.metadata.contains_key("llama.rope.dimension_count") {
             fields.insert("head_dim".into(), json!(self.positive("llama.rope.dimension_count")?));
         }
+        let ids = self.token_ids()?;
         for (key, field) in [
             ("tokenizer.ggml.bos_token_id", "bos_token_id"),
             ("tokenizer.ggml.eos_token_id", "eos_token_id"),
             ("tokenizer.ggml.padding_token_id", "pad_token_id"),
         ] {
-            if let Some(value) = self.metadata.get(key) {
-                let id = value.as_u64().ok_or_else(|| self.expected(key, value, "a token id"))?;
+            if let Some((_, id)) = ids.iter().find(|(k, _)| *k == key) {
                 fields.insert(field.into(), json!(id));
             }
         }
@@ -506,6 +676,25 @@ impl GgufFile {
         Ok(Some(json!({ "rope_type": kind, "factor": factor })))
     }
 
+    /// The special token ids the file sets (bos, eos, unknown, padding, separator), each
+    /// checked to be an id of the vocabulary.
+    fn token_ids(&self) -> Result<Vec<(&'static str, u64)>> {
+        let mut ids = Vec::new();
+        for key in TOKEN_ID_KEYS {
+            let Some(value) = self.metadata.get(key) else { continue };
+            let id = value.as_u64().ok_or_else(|| self.expected(key, value, "a token id"))?;
+            let vocab = self.vocab_size()?;
+            if id >= vocab as u64 {
+                return Err(self.tokenizer_error(format!(
+                    "metadata key {key} is {id}, outside the vocabulary of {vocab} tokens (expected 0 to {})",
+                    vocab as i64 - 1
+                )));
+            }
+            ids.push((key, id));
+        }
+        Ok(ids)
+    }
+
     /// Tokens in the vocabulary, else rows of the embedding.
     fn vocab_size(&self) -> Result<usize> {
         if let Some(tokens) = self.metadata.get("tokenizer.ggml.tokens") {
@@ -518,7 +707,7 @@ impl GgufFile {
             Some(t) if t.shape.len() == 2 => Ok(t.shape[0]),
             Some(t) => Err(Error::Tensor {
                 name: t.name.clone(),
-                message: format!("shape {:?}, expected [vocab, hidden]", t.shape),
+                message: format!("shape {}, expected [vocab, hidden]", dims_text(&t.shape)),
             }),
             None => Err(self.format_error(
                 "no tokenizer.ggml.tokens and no token_embd.weight: cannot tell the vocabulary size".into(),
@@ -538,6 +727,7 @@ impl GgufFile {
             )));
         }
         let pre_tokenizer = self.pre_tokenizer()?;
+        self.token_ids()?;
         let tokens = self.string_array("tokenizer.ggml.tokens")?;
         let merges = self.string_array("tokenizer.ggml.merges")?;
         let added = added_tokens(&tokens, &self.token_types(tokens.len())?);
@@ -618,7 +808,10 @@ impl GgufFile {
         }
         items
             .iter()
-            .map(|v| v.as_i64().ok_or_else(|| self.expected(key, v, "an integer token type")))
+            .enumerate()
+            .map(|(i, v)| {
+                v.as_i64().ok_or_else(|| self.expected(&format!("{key}[{i}]"), &v, "an integer token type"))
+            })
             .collect()
     }
 
@@ -629,11 +822,7 @@ impl GgufFile {
             .get(key)
             .ok_or_else(|| self.tokenizer_error(format!("{key} is missing, expected an array of strings")))?;
         let items = value.as_array().ok_or_else(|| self.expected(key, value, "an array of strings"))?;
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, v)| v.as_str().ok_or_else(|| self.expected(&format!("{key}[{i}]"), v, "a string")))
-            .collect()
+        items.strs().ok_or_else(|| self.expected(key, value, "an array of strings"))
     }
 
     fn str_key(&self, key: &str) -> Option<&str> {
@@ -740,7 +929,10 @@ fn unpermute_tensor(tensor: &GgufTensor, values: &[f32], heads: usize) -> Result
     if tensor.shape.len() != 2 {
         return Err(Error::Tensor {
             name: tensor.name.clone(),
-            message: format!("shape {:?}, expected [rows, cols] for a query/key projection", tensor.shape),
+            message: format!(
+                "shape {}, expected [rows, cols] for a query/key projection",
+                dims_text(&tensor.shape)
+            ),
         });
     }
     unpermute_qk_rows(values, rows, heads).ok_or_else(|| Error::Tensor {
@@ -848,6 +1040,7 @@ struct Parsed {
     alignment: u64,
     metadata: BTreeMap<String, GgufValue>,
     tensors: Vec<GgufTensor>,
+    by_name: Vec<usize>,
 }
 
 /// A bounds-checked little-endian cursor over the mapped file.
@@ -899,22 +1092,29 @@ impl<'a> Reader<'a> {
         self.array(what).map(u64::from_le_bytes)
     }
 
-    fn string(&mut self, what: &str) -> Parse<String> {
+    /// A string, borrowed from the file.
+    fn str(&mut self, what: &str) -> Parse<&'a str> {
         let len = self.u64(&format!("{what} length"))?;
         let at = self.pos;
         let bytes = self.take(len, what)?;
-        String::from_utf8(bytes.to_vec()).map_err(|e| format!("{what} at offset {at} is not UTF-8 ({e})"))
+        std::str::from_utf8(bytes).map_err(|e| format!("{what} at offset {at} is not UTF-8 ({e})"))
     }
 
-    /// A count of items that each take at least one byte: a count above the bytes left
-    /// means corruption, and must not size an allocation.
-    fn count(&mut self, what: &str) -> Parse<usize> {
+    fn string(&mut self, what: &str) -> Parse<String> {
+        self.str(what).map(str::to_owned)
+    }
+
+    /// A count of items that each take at least `min_bytes`: a count whose items cannot
+    /// fit in the bytes left means corruption, and must not size an allocation.
+    fn count(&mut self, what: &str, min_bytes: usize) -> Parse<usize> {
         let at = self.pos;
         let n = self.u64(what)?;
-        match usize::try_from(n) {
-            Ok(n) if n <= self.remaining() => Ok(n),
+        let needed = usize::try_from(n).ok().and_then(|n| n.checked_mul(min_bytes));
+        match needed {
+            Some(needed) if needed <= self.remaining() => Ok(n as usize),
             _ => Err(format!(
-                "{what} at offset {at} is {n}, more than the {} bytes left in the file",
+                "{what} at offset {at} is {n}; at {min_bytes} bytes each at least, more than the {} \
+                 bytes left in the file",
                 self.remaining()
             )),
         }
@@ -949,38 +1149,82 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn array_value(&mut self, depth: usize) -> Parse<Vec<GgufValue>> {
+    /// An array, checked element by element and kept as its bytes.
+    fn array_value(&mut self, depth: usize) -> Parse<GgufArray> {
+        let (element_type, len) = self.array_header(depth)?;
+        let start = self.pos;
+        self.skip_elements(element_type, len, depth)?;
+        Ok(GgufArray { element_type, len, raw: self.bytes[start..self.pos].to_vec() })
+    }
+
+    /// An array's element type and length, both checked.
+    fn array_header(&mut self, depth: usize) -> Parse<(u32, usize)> {
         if depth >= MAX_ARRAY_DEPTH {
             return Err(format!("arrays nested deeper than {MAX_ARRAY_DEPTH} levels"));
         }
         let element_type = self.u32("array element type")?;
-        let n = self.count("array length")?;
-        let mut items = Vec::with_capacity(n);
-        for i in 0..n {
-            items.push(self.value(element_type, depth + 1).map_err(|m| format!("element {i}: {m}"))?);
+        let min_bytes = min_value_bytes(element_type).ok_or_else(|| {
+            format!("array element type {element_type} is not a GGUF type (expected 0 to 12)")
+        })?;
+        Ok((element_type, self.count("array length", min_bytes)?))
+    }
+
+    /// Check `len` elements of `element_type` and move past them, allocating nothing.
+    fn skip_elements(&mut self, element_type: u32, len: usize, depth: usize) -> Parse<()> {
+        match element_type {
+            7..=9 => (0..len).try_for_each(|i| {
+                self.skip_value(element_type, depth + 1).map_err(|m| format!("element {i}: {m}"))
+            }),
+            _ => {
+                // array_header checked len × size against the bytes left.
+                let size = min_value_bytes(element_type).unwrap_or(1);
+                self.take((len * size) as u64, "array elements").map(drop)
+            }
         }
-        Ok(items)
+    }
+
+    /// Check one value and move past it, allocating nothing.
+    fn skip_value(&mut self, type_id: u32, depth: usize) -> Parse<()> {
+        match type_id {
+            7 => self.bool().map(drop),
+            8 => self.str("string value").map(drop),
+            9 => {
+                let (element_type, len) = self.array_header(depth)?;
+                self.skip_elements(element_type, len, depth)
+            }
+            _ => {
+                let size = min_value_bytes(type_id)
+                    .ok_or_else(|| format!("value type {type_id} is not a GGUF type (expected 0 to 12)"))?;
+                self.take(size as u64, type_name(type_id)).map(drop)
+            }
+        }
     }
 }
 
 fn parse(bytes: &[u8]) -> Parse<Parsed> {
     let mut r = Reader { bytes, pos: 0 };
     let version = header(&mut r)?;
-    let tensor_count = r.count("tensor count")?;
-    let kv_count = r.count("metadata count")?;
+    let tensor_count = r.count("tensor count", MIN_TENSOR_INFO_BYTES)?;
+    let kv_count = r.count("metadata count", MIN_METADATA_BYTES)?;
     let metadata = metadata(&mut r, kv_count)?;
     let alignment = alignment(&metadata)?;
-    let infos = (0..tensor_count).map(|i| tensor_info(&mut r, i)).collect::<Parse<Vec<_>>>()?;
+    // Two passes over the tensor infos: the first finds where the data starts (and checks
+    // every info), the second locates each tensor; only the tensors themselves are kept.
+    let infos_start = r.pos;
+    for i in 0..tensor_count {
+        tensor_info(&mut r, i)?;
+    }
     let data_start =
         align(r.pos as u64, alignment).filter(|&start| start <= bytes.len() as u64).ok_or_else(|| {
             format!("the tensor data section (aligned to {alignment} bytes) starts past the end of the file")
         })?;
-    let tensors = infos
-        .into_iter()
-        .map(|info| locate(info, data_start, alignment, bytes.len() as u64))
-        .collect::<Parse<Vec<_>>>()?;
-    check_unique(&tensors)?;
-    Ok(Parsed { version, alignment, metadata, tensors })
+    let mut r = Reader { bytes, pos: infos_start };
+    let mut tensors = Vec::with_capacity(tensor_count);
+    for i in 0..tensor_count {
+        tensors.push(locate(tensor_info(&mut r, i)?, data_start, alignment, bytes.len() as u64)?);
+    }
+    let by_name = sorted_by_name(&tensors)?;
+    Ok(Parsed { version, alignment, metadata, tensors, by_name })
 }
 
 /// Magic and version; returns the version.
@@ -1034,7 +1278,9 @@ fn align(offset: u64, alignment: u64) -> Option<u64> {
 /// A tensor info as stored, before its data is located.
 struct TensorInfo {
     name: String,
-    dims: Vec<u64>,
+    /// The first `n_dims` are the dimensions, fastest first.
+    dims: [u64; MAX_DIMS as usize],
+    n_dims: usize,
     type_id: u32,
     offset: u64,
 }
@@ -1046,15 +1292,19 @@ fn tensor_info(r: &mut Reader, index: usize) -> Parse<TensorInfo> {
     if n_dims == 0 || n_dims > MAX_DIMS {
         return Err(context(format!("{n_dims} dimensions, expected 1 to {MAX_DIMS}")));
     }
-    let dims = (0..n_dims).map(|_| r.u64("dimension")).collect::<Parse<Vec<_>>>().map_err(context)?;
+    let mut dims = [0; MAX_DIMS as usize];
+    for dim in &mut dims[..n_dims as usize] {
+        *dim = r.u64("dimension").map_err(context)?;
+    }
     let type_id = r.u32("type").map_err(context)?;
     let offset = r.u64("data offset").map_err(context)?;
-    Ok(TensorInfo { name, dims, type_id, offset })
+    Ok(TensorInfo { name, dims, n_dims: n_dims as usize, type_id, offset })
 }
 
 /// Check a tensor's type, shape and data range against the file.
 fn locate(info: TensorInfo, data_start: u64, alignment: u64, file_len: u64) -> Parse<GgufTensor> {
-    let TensorInfo { name, dims, type_id, offset } = info;
+    let TensorInfo { name, dims, n_dims, type_id, offset } = info;
+    let dims = &dims[..n_dims];
     let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
         let known = ggml_type_name(type_id).map(|n| format!("{n} (type {type_id})"));
         let supported: Vec<_> = SUPPORTED.iter().map(|t| t.name()).collect();
@@ -1064,10 +1314,13 @@ fn locate(info: TensorInfo, data_start: u64, alignment: u64, file_len: u64) -> P
             supported.join(", ")
         )
     })?;
-    let elements = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
-    let elements = elements
+    // The product of the non-zero dimensions must fit: then no order of multiplying the
+    // shape overflows, even when a zero dimension makes the element count 0.
+    let nonzero = dims.iter().filter(|&&d| d != 0).try_fold(1u64, |acc, &d| acc.checked_mul(d));
+    let elements = nonzero
         .filter(|&n| usize::try_from(n).is_ok())
-        .ok_or_else(|| format!("tensor {name}: dimensions {dims:?} overflow the element count"))?;
+        .map(|n| if dims.contains(&0) { 0 } else { n })
+        .ok_or_else(|| format!("tensor {name}: dimensions {} overflow the element count", dims_text(dims)))?;
     let block = ggml_type.block_size() as u64;
     if !dims[0].is_multiple_of(block) {
         return Err(format!(
@@ -1102,11 +1355,13 @@ fn locate(info: TensorInfo, data_start: u64, alignment: u64, file_len: u64) -> P
     }
 }
 
-fn check_unique(tensors: &[GgufTensor]) -> Parse<()> {
-    let mut seen = std::collections::HashSet::new();
-    match tensors.iter().find(|t| !seen.insert(t.name.as_str())) {
-        Some(t) => Err(format!("tensor {} appears twice", t.name)),
-        None => Ok(()),
+/// Indices of `tensors` sorted by name; a name that appears twice is an error.
+fn sorted_by_name(tensors: &[GgufTensor]) -> Parse<Vec<usize>> {
+    let mut by_name: Vec<usize> = (0..tensors.len()).collect();
+    by_name.sort_unstable_by(|&a, &b| tensors[a].name.cmp(&tensors[b].name));
+    match by_name.windows(2).find(|pair| tensors[pair[0]].name == tensors[pair[1]].name) {
+        Some(pair) => Err(format!("tensor {} appears twice", tensors[pair[0]].name)),
+        None => Ok(by_name),
     }
 }
 
@@ -1152,8 +1407,8 @@ mod tests {
             out.extend((self.metadata.len() as u64).to_le_bytes());
             for (key, value) in &self.metadata {
                 put_string(&mut out, key);
-                out.extend(type_id(value).to_le_bytes());
-                put_value(&mut out, value);
+                out.extend(value.type_id().to_le_bytes());
+                value.write_to(&mut out);
             }
             let mut offset = 0usize;
             let mut placed = Vec::new();
@@ -1188,49 +1443,14 @@ mod tests {
         (dir, file)
     }
 
-    fn type_id(value: &GgufValue) -> u32 {
-        match value {
-            GgufValue::U8(_) => 0,
-            GgufValue::I8(_) => 1,
-            GgufValue::U16(_) => 2,
-            GgufValue::I16(_) => 3,
-            GgufValue::U32(_) => 4,
-            GgufValue::I32(_) => 5,
-            GgufValue::F32(_) => 6,
-            GgufValue::Bool(_) => 7,
-            GgufValue::String(_) => 8,
-            GgufValue::Array(_) => 9,
-            GgufValue::U64(_) => 10,
-            GgufValue::I64(_) => 11,
-            GgufValue::F64(_) => 12,
-        }
-    }
-
     fn put_string(out: &mut Vec<u8>, s: &str) {
         out.extend((s.len() as u64).to_le_bytes());
         out.extend(s.as_bytes());
     }
 
-    fn put_value(out: &mut Vec<u8>, value: &GgufValue) {
-        match value {
-            GgufValue::U8(v) => out.push(*v),
-            GgufValue::I8(v) => out.push(*v as u8),
-            GgufValue::U16(v) => out.extend(v.to_le_bytes()),
-            GgufValue::I16(v) => out.extend(v.to_le_bytes()),
-            GgufValue::U32(v) => out.extend(v.to_le_bytes()),
-            GgufValue::I32(v) => out.extend(v.to_le_bytes()),
-            GgufValue::F32(v) => out.extend(v.to_le_bytes()),
-            GgufValue::Bool(v) => out.push(*v as u8),
-            GgufValue::String(s) => put_string(out, s),
-            GgufValue::Array(items) => {
-                out.extend(items.first().map_or(4, type_id).to_le_bytes());
-                out.extend((items.len() as u64).to_le_bytes());
-                items.iter().for_each(|item| put_value(out, item));
-            }
-            GgufValue::U64(v) => out.extend(v.to_le_bytes()),
-            GgufValue::I64(v) => out.extend(v.to_le_bytes()),
-            GgufValue::F64(v) => out.extend(v.to_le_bytes()),
-        }
+    /// An array value of `items` (all of one type).
+    fn arr(items: Vec<GgufValue>) -> GgufValue {
+        GgufValue::Array(GgufArray::from_values(&items).unwrap())
     }
 
     fn s(text: &str) -> GgufValue {
@@ -1238,7 +1458,7 @@ mod tests {
     }
 
     fn strings(items: &[&str]) -> GgufValue {
-        GgufValue::Array(items.iter().map(|t| s(t)).collect())
+        arr(items.iter().map(|t| s(t)).collect())
     }
 
     fn f16_bytes(x: f32) -> [u8; 2] {
@@ -1280,12 +1500,9 @@ mod tests {
             ("t.strings", strings(&["a", "", "ü c"])),
             (
                 "t.nested",
-                GgufValue::Array(vec![
-                    GgufValue::Array(vec![GgufValue::I32(1), GgufValue::I32(-2)]),
-                    GgufValue::Array(vec![GgufValue::I32(3)]),
-                ]),
+                arr(vec![arr(vec![GgufValue::I32(1), GgufValue::I32(-2)]), arr(vec![GgufValue::I32(3)])]),
             ),
-            ("t.empty", GgufValue::Array(vec![])),
+            ("t.empty", arr(vec![])),
         ];
         let mut writer = Writer::new().kv("general.alignment", GgufValue::U32(64));
         for (key, value) in &values {
@@ -1564,7 +1781,7 @@ mod tests {
         let err = err_text(open_bytes(&bytes).1);
         assert!(err.contains("metadata key general.name: string value at offset"), "{err}");
         // An array length beyond the file must not allocate.
-        let mut bytes = Writer::new().kv("a", GgufValue::Array(vec![GgufValue::U8(1)])).bytes();
+        let mut bytes = Writer::new().kv("a", arr(vec![GgufValue::U8(1)])).bytes();
         let count_at = 24 + 8 + 1 + 4 + 4;
         bytes[count_at..count_at + 8].copy_from_slice(&(1u64 << 60).to_le_bytes());
         let err = err_text(open_bytes(&bytes).1);
@@ -1590,6 +1807,93 @@ mod tests {
         assert!(
             err_text(huge.open().1).contains("tensor x: dimensions [1099511627776, 1099511627776] overflow")
         );
+        // Regression (found by fuzzing): a zero dimension made the checked product 0, but
+        // multiplying the shape in Hugging Face order overflowed before reaching it.
+        let zero = Writer::new().f32_tensor("z", &[0, 1 << 40, 1 << 40], &[]);
+        assert!(err_text(zero.open().1)
+            .contains("tensor z: dimensions [0, 1099511627776, 1099511627776] overflow"));
+        let (_dir, file) = Writer::new().f32_tensor("z", &[0, 1 << 20, 1 << 20], &[]).open();
+        assert_eq!(file.unwrap().tensors()[0].elements(), 0, "zero elements, and no overflow");
+    }
+
+    /// Regression: a u8 array was held as one 32-byte `GgufValue` per element, so a file
+    /// of one big array cost 32× its size. Arrays are now kept as stored.
+    #[test]
+    fn arrays_are_kept_as_stored_and_decode_on_access() {
+        let bytes: Vec<GgufValue> = (0..1000).map(|i| GgufValue::U8(i as u8)).collect();
+        let (_dir, file) = Writer::new().kv("blob", arr(bytes.clone())).open();
+        let file = file.unwrap();
+        let array = file.metadata()["blob"].as_array().unwrap();
+        assert_eq!((array.len(), array.element_type_name()), (1000, "u8"));
+        assert_eq!(array.raw.len(), 1000, "one byte per u8 element");
+        assert_eq!(array.iter().collect::<Vec<_>>(), bytes);
+        assert_eq!(array.strs(), None);
+        assert_eq!(GgufArray::from_values(&[]).unwrap().strs(), Some(vec![]), "empty: no strings");
+        assert_eq!(GgufArray::from_values(&[GgufValue::U8(1), GgufValue::I8(1)]), None, "mixed types");
+    }
+
+    #[test]
+    fn bad_elements_of_nested_and_string_arrays_are_found_at_open() {
+        // A bool element that is 2, inside an array of arrays.
+        let mut bytes = Writer::new().kv("n", arr(vec![arr(vec![GgufValue::Bool(true)])])).bytes();
+        let last = bytes.iter().rposition(|&b| b == 1).unwrap();
+        bytes[last] = 2;
+        let err = err_text(open_bytes(&bytes).1);
+        assert!(err.contains("metadata key n: element 0: element 0: bool value at offset"), "{err}");
+        // A string element that is not UTF-8.
+        let mut bytes = Writer::new().kv("t", strings(&["ok", "bad"])).bytes();
+        let at = bytes.windows(3).position(|w| w == b"bad").unwrap();
+        bytes[at] = 0xff;
+        let err = err_text(open_bytes(&bytes).1);
+        assert!(
+            err.contains("metadata key t: element 1: string value at offset") && err.contains("UTF-8"),
+            "{err}"
+        );
+        // An unknown element type, and counts that cannot fit in the file.
+        let mut bytes = Writer::new().kv("a", arr(vec![GgufValue::U32(1)])).bytes();
+        bytes[37..41].copy_from_slice(&13u32.to_le_bytes());
+        let err = err_text(open_bytes(&bytes).1);
+        assert!(err.contains("array element type 13 is not a GGUF type"), "{err}");
+        let mut bytes = Writer::new().kv("a", arr(vec![GgufValue::U64(1)])).bytes();
+        bytes[41..49].copy_from_slice(&2u64.to_le_bytes());
+        let err = err_text(open_bytes(&bytes).1);
+        assert!(err.contains("array length at offset 41 is 2; at 8 bytes each at least"), "{err}");
+        let mut bytes = Writer::new().bytes();
+        bytes[8..16].copy_from_slice(&1u64.to_le_bytes());
+        let err = err_text(open_bytes(&bytes).1);
+        assert!(err.contains("tensor count at offset 8 is 1; at 32 bytes each at least"), "{err}");
+    }
+
+    #[test]
+    fn token_ids_outside_the_vocabulary_are_refused() {
+        for key in TOKEN_ID_KEYS {
+            let mut writer = llama_writer(&[0.0; 64], &[0.0; 32]).kv("tokenizer.ggml.model", s("gpt2"));
+            writer.metadata.retain(|(k, _)| k != key);
+            let writer = writer.kv(key, GgufValue::U32(10));
+            let (_dir, file) = writer.open();
+            let file = file.unwrap();
+            for err in [err_text(file.hf_config()), err_text(file.tokenizer_json())] {
+                let want = format!(
+                    "metadata key {key} is 10, outside the vocabulary of 10 tokens (expected 0 to 9)"
+                );
+                assert!(err.contains(&want) && err.contains("model.gguf"), "{err}");
+            }
+        }
+        let writer =
+            llama_writer(&[0.0; 64], &[0.0; 32]).kv("tokenizer.ggml.padding_token_id", GgufValue::I32(-1));
+        let err = err_text(writer.open().1.unwrap().hf_config());
+        assert!(err.contains("tokenizer.ggml.padding_token_id is -1 (i32), expected a token id"), "{err}");
+    }
+
+    #[test]
+    fn from_bytes_reads_what_open_reads() {
+        let q: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        let bytes = llama_writer(&q, &q[..32]).bytes();
+        let file = GgufFile::from_bytes(bytes, Path::new("memory.gguf")).unwrap();
+        assert_eq!(file.dequantize("blk.0.attn_q.weight").unwrap(), q);
+        assert_eq!(file.path(), Path::new("memory.gguf"));
+        let err = err_text(GgufFile::from_bytes(b"GGUF".to_vec(), Path::new("memory.gguf")));
+        assert!(err.contains("memory.gguf"), "{err}");
     }
 
     /// A GGUF tokenizer from the built-in byte-level BPE, with `<|endoftext|>` as a control
@@ -1616,7 +1920,7 @@ mod tests {
             .kv("tokenizer.ggml.model", s("gpt2"))
             .kv("tokenizer.ggml.pre", s(pre))
             .kv("tokenizer.ggml.tokens", strings(&token_refs))
-            .kv("tokenizer.ggml.token_type", GgufValue::Array(types))
+            .kv("tokenizer.ggml.token_type", arr(types))
             .kv("tokenizer.ggml.merges", strings(&merges));
         (writer, reference, end_of_text)
     }

@@ -370,10 +370,10 @@ impl ModelFiles {
                 return Err(Error::Tensor {
                     name: spec.name.clone(),
                     message: format!(
-                        "shape {:?} does not match {} (expected {:?})",
-                        entry.shape,
+                        "shape {} does not match {} (expected {})",
+                        weights::dims_text(&entry.shape),
                         self.config.path().display(),
-                        spec.shape
+                        weights::dims_text(&spec.shape)
                     ),
                 });
             }

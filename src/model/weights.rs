@@ -1,14 +1,19 @@
 //! Memory-mapped checkpoints (safetensors, single-file or sharded; or one GGUF file), read
 //! tensor by tensor and converted to f32 on demand.
+//!
+//! The safetensors header is read here rather than by the `safetensors` crate, so that
+//! every complaint names the file, the tensor, the value found and the value expected.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use half::{bf16, f16};
 use memmap2::Mmap;
-use safetensors::tensor::{Dtype, Metadata, SafeTensorError, TensorInfo};
-use safetensors::SafeTensors;
+use safetensors::tensor::{Dtype, TensorInfo};
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
 
 use super::gguf::{GgmlType, GgufFile};
 use crate::error::{Error, Result};
@@ -22,8 +27,183 @@ const NAME_PREFIXES: &[&str] = &["model.", "transformer.", "bert.", ""];
 struct MappedFile {
     path: PathBuf,
     mmap: Mmap,
-    data_start: usize,
-    metadata: Metadata,
+    header: SafetensorsHeader,
+}
+
+/// Every safetensors dtype name, for messages.
+const DTYPE_NAMES: &str = "BOOL, F4, F6_E2M3, F6_E3M2, U8, I8, F8_E5M2, F8_E4M3, F8_E8M0, F8_E4M3FNUZ, \
+                           F8_E5M2FNUZ, I16, U16, F16, BF16, I32, U32, F32, C64, F64, I64, U64";
+
+/// A safetensors header, checked against the file it came from.
+#[derive(Debug, Clone)]
+pub struct SafetensorsHeader {
+    /// Byte offset of the data section (8 + the header's length).
+    pub data_start: usize,
+    /// Each tensor with its dtype, shape and byte range within the data section, in the
+    /// order of their data.
+    pub tensors: Vec<(String, TensorInfo)>,
+    /// The `__metadata__` strings, if any.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A tensor's header entry as written, before it is checked.
+#[derive(Deserialize)]
+struct RawTensor {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [u64; 2],
+}
+
+/// The header's JSON object as written: tensors in file order, and `__metadata__`.
+#[derive(Default)]
+struct RawHeader {
+    tensors: Vec<(String, RawTensor)>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl<'de> Deserialize<'de> for RawHeader {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        struct HeaderVisitor;
+        impl<'de> Visitor<'de> for HeaderVisitor {
+            type Value = RawHeader;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of tensor name → {dtype, shape, data_offsets}")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<RawHeader, A::Error> {
+                let mut header = RawHeader::default();
+                while let Some(name) = map.next_key::<String>()? {
+                    if name == "__metadata__" {
+                        header.metadata = map.next_value::<Option<_>>()?.unwrap_or_default();
+                    } else {
+                        let tensor = map.next_value()?;
+                        header.tensors.push((name, tensor));
+                    }
+                }
+                Ok(header)
+            }
+        }
+        deserializer.deserialize_map(HeaderVisitor)
+    }
+}
+
+/// Parse and check the safetensors file `bytes` (`path` is named in errors): the header
+/// length against the file, the JSON, every tensor's dtype, shape and data offsets, and
+/// that the tensors' data tiles the data section exactly. Never panics; allocates about
+/// the header's size.
+pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<SafetensorsHeader> {
+    let bad = |message: String| Error::ModelFormat { path: path.to_path_buf(), message };
+    let Some(len_field) = bytes.get(..8) else {
+        return Err(bad(format!(
+            "not a safetensors file: {} bytes, too short for the 8-byte header length",
+            bytes.len()
+        )));
+    };
+    let header_len = u64::from_le_bytes(len_field.try_into().expect("8 bytes"));
+    let data_start =
+        usize::try_from(header_len).ok().and_then(|n| n.checked_add(8)).filter(|&s| s <= bytes.len());
+    let Some(data_start) = data_start else {
+        return Err(bad(format!(
+            "corrupt safetensors header: its length field says {header_len} bytes, but only {} bytes follow \
+             it (truncated, or not a safetensors file)",
+            bytes.len() - 8
+        )));
+    };
+    let json = &bytes[8..data_start];
+    let mut deserializer = serde_json::Deserializer::from_slice(json);
+    let raw: RawHeader = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let at = e.path().to_string();
+        let at = if at == "." { String::new() } else { format!(" at {at}") };
+        bad(format!("corrupt safetensors header{at}: {}", e.inner()))
+    })?;
+    deserializer.end().map_err(|e| bad(format!("corrupt safetensors header: {e}")))?;
+    let data_len = bytes.len() - data_start;
+    let mut tensors = Vec::with_capacity(raw.tensors.len());
+    for (name, tensor) in raw.tensors {
+        let info = check_tensor(tensor, data_len).map_err(|m| bad(format!("tensor {name}: {m}")))?;
+        tensors.push((name, info));
+    }
+    tensors.sort_by(|(a, x), (b, y)| x.data_offsets.cmp(&y.data_offsets).then_with(|| a.cmp(b)));
+    let mut names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    if let Some(pair) = names.windows(2).find(|pair| pair[0] == pair[1]) {
+        return Err(bad(format!("tensor {} appears twice in the header", pair[0])));
+    }
+    let mut end = 0;
+    for (i, (name, info)) in tensors.iter().enumerate() {
+        let (begin, stop) = info.data_offsets;
+        if begin != end {
+            let after = match i {
+                0 => "the data section starts".to_string(),
+                _ => format!("tensor {} ends", tensors[i - 1].0),
+            };
+            let what = if begin < end { "overlaps the tensor before it" } else { "leaves a gap" };
+            return Err(bad(format!(
+                "tensor {name}: data offsets [{begin}, {stop}] begin at {begin}, expected {end} (where {after}); \
+                 it {what}"
+            )));
+        }
+        end = stop;
+    }
+    if end != data_len {
+        return Err(bad(format!(
+            "the tensors' data ends at byte {end} of the data section, but the data section is {data_len} bytes \
+             (the file is truncated or padded)"
+        )));
+    }
+    Ok(SafetensorsHeader { data_start, tensors, metadata: raw.metadata })
+}
+
+/// One tensor's entry checked on its own: a known dtype, a shape whose bytes match its
+/// data offsets, and offsets inside the data section of `data_len` bytes.
+fn check_tensor(raw: RawTensor, data_len: usize) -> std::result::Result<TensorInfo, String> {
+    let dtype: Dtype =
+        serde_json::from_value(serde_json::Value::String(raw.dtype.clone())).map_err(|_| {
+            format!("dtype \"{}\" is not a safetensors dtype, expected one of {DTYPE_NAMES}", raw.dtype)
+        })?;
+    let shape = raw.shape;
+    let [begin, end] = raw.data_offsets;
+    if begin > end {
+        return Err(format!("data offsets [{begin}, {end}] end before they begin, expected begin ≤ end"));
+    }
+    if end > data_len as u64 {
+        return Err(format!(
+            "data offsets [{begin}, {end}] run past the end of the data section ({data_len} bytes): the file \
+             is truncated or the offsets are wrong"
+        ));
+    }
+    // The product of the non-zero dimensions must fit: then no order of multiplying the
+    // shape overflows, even when a zero dimension makes the element count 0.
+    let nonzero = shape.iter().filter(|&&d| d != 0).try_fold(1usize, |n, &d| n.checked_mul(d));
+    let elements = nonzero.map(|n| if shape.contains(&0) { 0 } else { n });
+    let bits = elements.and_then(|n| n.checked_mul(dtype.bitsize()));
+    let bits =
+        bits.ok_or_else(|| format!("shape {} of dtype {dtype} overflows the byte count", dims_text(&shape)))?;
+    if bits % 8 != 0 {
+        return Err(format!(
+            "shape {} of dtype {dtype} is {bits} bits, not a whole number of bytes",
+            dims_text(&shape)
+        ));
+    }
+    let size = (bits / 8) as u64;
+    if end - begin != size {
+        return Err(format!(
+            "dtype {dtype} and shape {} take {size} bytes, but data offsets [{begin}, {end}] hold {}",
+            dims_text(&shape),
+            end - begin
+        ));
+    }
+    Ok(TensorInfo { dtype, shape, data_offsets: (begin as usize, end as usize) })
+}
+
+/// A shape as `[2, 3]`, for messages.
+pub(crate) fn dims_text<T: fmt::Display>(dims: &[T]) -> String {
+    use std::fmt::Write;
+    let mut text = String::from("[");
+    for (i, d) in dims.iter().enumerate() {
+        let _ = write!(text, "{}{d}", if i == 0 { "" } else { ", " });
+    }
+    text.push(']');
+    text
 }
 
 /// The element type of a stored tensor.
@@ -39,7 +219,7 @@ impl StoredType {
     /// The type's name as its format spells it (`F32`, `BF16`, `Q4_1`).
     pub fn name(self) -> String {
         match self {
-            StoredType::Safetensors(d) => format!("{d:?}"),
+            StoredType::Safetensors(d) => d.to_string(),
             StoredType::Ggml(g) => g.name().to_string(),
         }
     }
@@ -111,7 +291,7 @@ impl WeightStore {
         let mut index = BTreeMap::new();
         for (file_no, path) in paths.iter().enumerate() {
             let mapped = map_file(path)?;
-            for (name, info) in mapped.metadata.tensors() {
+            for (name, info) in &mapped.header.tensors {
                 let TensorInfo { dtype, shape, data_offsets } = info.clone();
                 let entry = TensorEntry {
                     location: Location::Safetensors { file: file_no, offsets: data_offsets },
@@ -189,12 +369,25 @@ impl WeightStore {
             return Err(Error::Tensor {
                 name: name.to_string(),
                 message: format!(
-                    "shape {:?} does not match the config, expected {:?}",
-                    entry.shape, expected_shape
+                    "shape {} in {} does not match the config, expected {}",
+                    dims_text(&entry.shape),
+                    self.file_of(entry).display(),
+                    dims_text(expected_shape)
                 ),
             });
         }
         Ok(entry)
+    }
+
+    /// The file `entry` is stored in.
+    fn file_of(&self, entry: &TensorEntry) -> &Path {
+        match (&self.backing, &entry.location) {
+            (Backing::Safetensors(files), Location::Safetensors { file, .. }) => &files[*file].path,
+            (Backing::Gguf(gguf), _) => gguf.path(),
+            (Backing::Safetensors(files), Location::Gguf { .. }) => {
+                files.first().map_or(Path::new("?"), |f| f.path.as_path())
+            }
+        }
     }
 
     /// The stored dtype and bytes of `name` (safetensors only: saved quantized models),
@@ -208,7 +401,8 @@ impl WeightStore {
                 StoredType::Safetensors(d),
             ) => {
                 let f = &files[*file];
-                Ok((d, f.mmap[f.data_start + offsets.0..f.data_start + offsets.1].to_vec()))
+                let start = f.header.data_start;
+                Ok((d, f.mmap[start + offsets.0..start + offsets.1].to_vec()))
             }
             _ => Err(Error::Tensor {
                 name: name.to_string(),
@@ -223,11 +417,15 @@ impl WeightStore {
         match (&self.backing, &entry.location) {
             (Backing::Safetensors(files), Location::Safetensors { file, offsets }) => {
                 let f = &files[*file];
-                let bytes = &f.mmap[f.data_start + offsets.0..f.data_start + offsets.1];
+                let start = f.header.data_start;
+                let bytes = &f.mmap[start + offsets.0..start + offsets.1];
                 let StoredType::Safetensors(dtype) = entry.stored else { unreachable!("safetensors entry") };
                 to_f32(bytes, dtype).ok_or_else(|| Error::Tensor {
                     name: name.to_string(),
-                    message: format!("dtype {dtype:?} is not a float type, expected F32, F16 or BF16"),
+                    message: format!(
+                        "dtype {dtype} in {} is not a float type, expected F32, F16 or BF16",
+                        f.path.display()
+                    ),
                 })
             }
             (Backing::Gguf(gguf), Location::Gguf { name }) => gguf.dequantize(name),
@@ -265,28 +463,8 @@ fn map_file(path: &Path) -> Result<MappedFile> {
     // SAFETY: the map is read-only; a checkpoint modified while mapped is outside what we
     // can defend against (the same contract as every safetensors reader).
     let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("cannot map", path, e))?;
-    let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::ModelFormat {
-        path: path.to_path_buf(),
-        message: explain_safetensors_error(&e, mmap.len()),
-    })?;
-    Ok(MappedFile { path: path.to_path_buf(), data_start: 8 + header_len, mmap, metadata })
-}
-
-fn explain_safetensors_error(error: &SafeTensorError, file_len: usize) -> String {
-    match error {
-        SafeTensorError::HeaderTooSmall => {
-            format!("not a safetensors file: {file_len} bytes, too short for the 8-byte header length")
-        }
-        SafeTensorError::InvalidHeaderLength => format!(
-            "corrupt safetensors header: its declared length runs past the end of the file \
-             ({file_len} bytes); the file is truncated or not safetensors"
-        ),
-        SafeTensorError::MetadataIncompleteBuffer => format!(
-            "truncated or padded safetensors file: the header's tensor offsets do not end at \
-             the file's end ({file_len} bytes)"
-        ),
-        other => format!("corrupt safetensors header: {other}"),
-    }
+    let header = parse_safetensors(&mmap, path)?;
+    Ok(MappedFile { path: path.to_path_buf(), mmap, header })
 }
 
 /// The shard files named by a `model.safetensors.index.json`, in first-use order.
@@ -303,8 +481,19 @@ fn shards_from_index(index_path: &Path) -> Result<Vec<PathBuf>> {
     for (tensor, file) in map {
         let file = file.as_str().ok_or_else(|| Error::ModelFormat {
             path: index_path.to_path_buf(),
-            message: format!("weight_map entry for {tensor} is not a file name"),
+            message: format!("weight_map entry for tensor {tensor} is {file}, expected a file name"),
         })?;
+        let inside =
+            Path::new(file).components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+        if !inside || Path::new(file).file_name().is_none() {
+            return Err(Error::ModelFormat {
+                path: index_path.to_path_buf(),
+                message: format!(
+                    "weight_map entry for tensor {tensor} is {file:?}, a path outside the model folder; \
+                     expected the name of a shard file inside it"
+                ),
+            });
+        }
         let path = dir.join(file);
         if !shards.contains(&path) {
             if !path.is_file() {
@@ -365,5 +554,148 @@ mod tests {
         assert_eq!(to_f32(&f16_bytes, Dtype::F16).unwrap(), v);
         assert_eq!(to_f32(&bf16_bytes, Dtype::BF16).unwrap(), v);
         assert!(to_f32(&f32_bytes, Dtype::I64).is_none());
+    }
+
+    fn stored(name: &str, dtype: Dtype, shape: Vec<usize>, bytes: Vec<u8>) -> StoredTensor {
+        let role = crate::scheme::TensorRole::Unquantized;
+        StoredTensor { name: name.into(), role, dtype, shape, bytes, represents: 0 }
+    }
+
+    /// A safetensors file of `header` (JSON) and `data_len` zero bytes of data.
+    fn file_with(header: &str, data_len: usize) -> Vec<u8> {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header.as_bytes());
+        bytes.resize(bytes.len() + data_len, 0);
+        bytes
+    }
+
+    fn parse_err(header: &str, data_len: usize) -> String {
+        parse_safetensors(&file_with(header, data_len), Path::new("m/model.safetensors"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn reads_what_the_safetensors_crate_writes() {
+        let tensors =
+            [stored("b", Dtype::F16, vec![3], vec![0; 6]), stored("a", Dtype::F32, vec![2, 2], vec![1; 16])];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        save(&path, &tensors, metadata.clone()).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let header = parse_safetensors(&bytes, &path).unwrap();
+        let (len, reference) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(header.data_start, 8 + len);
+        assert_eq!(header.metadata, metadata);
+        assert_eq!(header.tensors.len(), 2);
+        for (name, info) in &header.tensors {
+            let want = reference.info(name).unwrap();
+            assert_eq!(
+                (info.dtype, &info.shape, info.data_offsets),
+                (want.dtype, &want.shape, want.data_offsets)
+            );
+        }
+        let store = WeightStore::open_files(&[path]).unwrap();
+        assert_eq!(store.f32("a", &[2, 2]).unwrap().len(), 4);
+    }
+
+    /// Regression: these used to say "invalid shape, data type, or offset for tensor" or
+    /// "invalid offset for tensor `x`", naming neither the values nor what was expected.
+    #[test]
+    fn offset_size_and_dtype_errors_name_file_tensor_found_and_expected() {
+        let one = |dtype: &str, shape: &str, offsets: &str| {
+            format!(r#"{{"w":{{"dtype":"{dtype}","shape":{shape},"data_offsets":{offsets}}}}}"#)
+        };
+        let cases = [
+            (one("F33", "[2]", "[0, 8]"), 8, "tensor w: dtype \"F33\" is not a safetensors dtype, expected one of BOOL"),
+            (one("F32", "[2, 3]", "[0, 20]"), 20, "tensor w: dtype F32 and shape [2, 3] take 24 bytes, but data offsets [0, 20] hold 20"),
+            (one("F32", "[2]", "[8, 0]"), 8, "tensor w: data offsets [8, 0] end before they begin"),
+            (one("F32", "[2]", "[0, 8]"), 4, "tensor w: data offsets [0, 8] run past the end of the data section (4 bytes)"),
+            (one("F32", "[2]", "[4, 12]"), 12, "tensor w: data offsets [4, 12] begin at 4, expected 0 (where the data section starts); it leaves a gap"),
+            (one("F32", "[2]", "[0, 8]"), 12, "the tensors' data ends at byte 8 of the data section, but the data section is 12 bytes"),
+            (one("F32", "[4294967296, 4294967296, 4294967296]", "[0, 8]"), 8, "shape [4294967296, 4294967296, 4294967296] of dtype F32 overflows"),
+            (one("F32", "[4294967296, 4294967296, 0]", "[0, 0]"), 0, "shape [4294967296, 4294967296, 0] of dtype F32 overflows"),
+            (one("F4", "[3]", "[0, 2]"), 2, "shape [3] of dtype F4 is 12 bits, not a whole number of bytes"),
+            (one("F32", "[-1]", "[0, 8]"), 8, "corrupt safetensors header at w.shape[0]: invalid value: integer `-1`"),
+            (one("F32", "[2]", "[0]"), 8, "corrupt safetensors header at w.data_offsets: invalid length 1"),
+            (r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"v":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#.into(),
+             8, "data offsets [0, 4] begin at 0, expected 4 (where tensor v ends); it overlaps the tensor before it"),
+            (r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#.into(),
+             8, "tensor w appears twice in the header"),
+            ("[1, 2]".into(), 0, "corrupt safetensors header: invalid type: sequence, expected an object"),
+            (r#"{"__metadata__":{"a":1}}"#.into(), 0, "corrupt safetensors header at __metadata__.a: invalid type: integer `1`, expected a string"),
+        ];
+        for (header, data_len, want) in cases {
+            let err = parse_err(&header, data_len);
+            assert!(
+                err.contains("model file m/model.safetensors: ") && err.contains(want),
+                "{header}: {err}"
+            );
+        }
+        let mut bytes = file_with("{}", 0);
+        bytes[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        let err = parse_safetensors(&bytes, Path::new("x.safetensors")).unwrap_err().to_string();
+        assert!(
+            err.contains("its length field says 18446744073709551615 bytes, but only 2 bytes follow"),
+            "{err}"
+        );
+        let err = parse_safetensors(b"abc", Path::new("x.safetensors")).unwrap_err().to_string();
+        assert!(
+            err.contains("not a safetensors file: 3 bytes, too short for the 8-byte header length"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn wrong_shapes_and_dtypes_name_the_file_in_plain_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let tensors = [stored("i", Dtype::I64, vec![2], vec![0; 16])];
+        save(&path, &tensors, BTreeMap::new()).unwrap();
+        let store = WeightStore::open_files(std::slice::from_ref(&path)).unwrap();
+        let err = store.f32("i", &[2]).unwrap_err().to_string();
+        assert!(
+            err.contains("tensor i: dtype I64 in ") && err.contains("model.safetensors is not a float type"),
+            "{err}"
+        );
+        let err = store.f32("i", &[3, 1]).unwrap_err().to_string();
+        assert!(
+            err.contains("shape [2] in ") && err.contains("does not match the config, expected [3, 1]"),
+            "{err}"
+        );
+        assert_eq!(store.entry("i").unwrap().stored.name(), "I64");
+    }
+
+    /// Regression: `../x` and absolute shard paths were joined to the model folder and
+    /// opened, reading files outside it.
+    #[test]
+    fn shard_paths_that_leave_the_model_folder_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = dir.path().join("model.safetensors.index.json");
+        for shard in ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors", "", "."] {
+            let json = serde_json::json!({"weight_map": {"model.embed.weight": shard}});
+            std::fs::write(&index, json.to_string()).unwrap();
+            let err = shards_from_index(&index).unwrap_err().to_string();
+            assert!(err.contains("model.safetensors.index.json"), "{shard}: {err}");
+            assert!(
+                err.contains(&format!(
+                    "tensor model.embed.weight is {shard:?}, a path outside the model folder"
+                )),
+                "{err}"
+            );
+        }
+        let json = serde_json::json!({"weight_map": {"model.embed.weight": 3}});
+        std::fs::write(&index, json.to_string()).unwrap();
+        let err = shards_from_index(&index).unwrap_err().to_string();
+        assert!(
+            err.contains("weight_map entry for tensor model.embed.weight is 3, expected a file name"),
+            "{err}"
+        );
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/a.safetensors"), b"").unwrap();
+        let json = serde_json::json!({"weight_map": {"w": "./sub/a.safetensors"}});
+        std::fs::write(&index, json.to_string()).unwrap();
+        assert_eq!(shards_from_index(&index).unwrap(), [dir.path().join("./sub/a.safetensors")]);
     }
 }
