@@ -448,17 +448,30 @@ impl Results {
     /// type is reported with its key path (`cases[2].latency.prefill.median`).
     pub fn parse(bytes: &[u8], path: &Path) -> Result<Results> {
         let results_error = |message: String| Error::Results { path: path.to_path_buf(), message };
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| Error::Json { path: path.to_path_buf(), source: e })?;
-        let version = value.get("schema_version").and_then(|v| v.as_u64());
-        if version != Some(SCHEMA_VERSION as u64) {
+        let json_error = |e| Error::Json { path: path.to_path_buf(), source: e };
+        // Two streaming passes, no JSON tree: memory stays a small multiple of the file
+        // (a tree costs tens of bytes per number).
+        #[derive(Deserialize)]
+        struct Version {
+            #[serde(default)]
+            schema_version: Option<serde_json::Value>,
+        }
+        let version = match serde_json::from_slice::<Version>(bytes) {
+            Ok(v) => v.schema_version,
+            Err(e) if e.is_data() => None,
+            Err(e) => return Err(json_error(e)),
+        };
+        if version.as_ref().and_then(|v| v.as_u64()) != Some(SCHEMA_VERSION as u64) {
             return Err(results_error(format!(
                 "schema_version is {}, expected {SCHEMA_VERSION}",
                 version.map_or("missing".to_string(), |v| v.to_string())
             )));
         }
-        serde_path_to_error::deserialize(value)
-            .map_err(|e| results_error(format!("key {}: {}", e.path(), e.inner())))
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let results: Results = serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| results_error(format!("key {}: {}", e.path(), e.inner())))?;
+        de.end().map_err(json_error)?;
+        Ok(results)
     }
 
     /// Write atomically as pretty JSON. Refused, leaving the file as it was, when a number
