@@ -311,8 +311,8 @@ fn write_comparison(
 ) -> Result<compare::Comparison> {
     let comparison = compare::compare(base, base_path, new, new_path, threshold);
     let md = compare::markdown(&comparison);
-    report::write_atomic(&dir.join("compare.md"), md.as_bytes())?;
-    report::write_atomic(&dir.join("compare.html"), compare::html(&comparison).as_bytes())?;
+    crate::files::write_atomic(&dir.join("compare.md"), md.as_bytes())?;
+    crate::files::write_atomic(&dir.join("compare.html"), compare::html(&comparison).as_bytes())?;
     println!("{md}");
     eprintln!("{}: {}", dir.join("compare.md").display(), comparison.headline());
     Ok(comparison)

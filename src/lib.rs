@@ -9,6 +9,7 @@ pub mod backend;
 pub mod cli;
 pub mod error;
 pub mod files;
+pub mod hash;
 pub mod interrupt;
 pub mod measure;
 pub mod model;

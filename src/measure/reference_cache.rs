@@ -100,7 +100,7 @@ pub fn write(path: &Path, key: &CacheKey, reference: &Reference) -> Result<u64> 
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
     }
-    crate::report::write_atomic(path, &out)?;
+    crate::files::write_atomic(path, &out)?;
     Ok(out.len() as u64)
 }
 
@@ -150,8 +150,8 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<(CacheKey, Reference)> {
     if computed.as_slice() != stored {
         return Err(bad(format!(
             "checksum mismatch: the file stores sha256 {}, its contents hash to {} (corrupted or truncated)",
-            hex(stored),
-            hex(&computed)
+            crate::hash::hex(stored),
+            crate::hash::hex(&computed)
         )));
     }
     let header_len = u64::from_le_bytes(body[8..16].try_into().expect("8 bytes"));
@@ -210,10 +210,6 @@ fn read_arrays(arrays: &[u8], header: &Header) -> std::result::Result<Reference,
         None => Kept::Full(reader.f32s(n * vocab)),
     };
     Ok(Reference { vocab, targets, target_logprobs, top1, kept, log_norms })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// An optional count as a suite writes it: the number, or `unset`/`full`.

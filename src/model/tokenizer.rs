@@ -37,7 +37,7 @@ impl TextTokenizer {
         // explicitly, so both are turned off here.
         inner.with_padding(None);
         inner.with_truncation(None).map_err(|e| error(e.to_string()))?;
-        let fingerprint = crate::suite::plan::sha256_hex(text.as_bytes());
+        let fingerprint = crate::hash::sha256_hex(text.as_bytes());
         Ok(TextTokenizer { path: origin.to_path_buf(), inner, fingerprint })
     }
 

@@ -519,7 +519,7 @@ pub fn save(path: &Path, tensors: &[StoredTensor], metadata: BTreeMap<String, St
         path: path.to_path_buf(),
         message: format!("cannot serialise safetensors: {e}"),
     })?;
-    crate::report::write_atomic(path, &bytes)?;
+    crate::files::write_atomic(path, &bytes)?;
     Ok(bytes.len() as u64)
 }
 

@@ -27,7 +27,7 @@ pub fn save(root: &Path, name: &str, results: &Results) -> Result<PathBuf> {
     let dir = dir(root, name)?;
     let path = dir.join("results.json");
     results.write(&path)?;
-    super::write_atomic(&dir.join("summary.md"), super::summary::markdown(results).as_bytes())?;
+    crate::files::write_atomic(&dir.join("summary.md"), super::summary::markdown(results).as_bytes())?;
     Ok(path)
 }
 

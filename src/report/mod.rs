@@ -15,7 +15,7 @@ use std::path::Path;
 
 use crate::error::Result;
 
-pub use crate::files::write_atomic;
+use crate::files::write_atomic;
 pub use results::{CaseResult, Results};
 
 /// Folder under a run's output that holds the charts.

@@ -485,7 +485,7 @@ impl Results {
         }
         let text = serde_json::to_string_pretty(self)
             .map_err(|e| Error::Json { path: path.to_path_buf(), source: e })?;
-        super::write_atomic(path, text.as_bytes())
+        crate::files::write_atomic(path, text.as_bytes())
     }
 }
 

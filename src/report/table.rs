@@ -292,8 +292,8 @@ pub fn write_tables(results: &Results, dir: &std::path::Path) -> Result<()> {
         }
     }
     md.push('\n');
-    super::write_atomic(&dir.join("results.md"), md.as_bytes())?;
-    super::write_atomic(&dir.join("results.csv"), csv(results)?.as_bytes())
+    crate::files::write_atomic(&dir.join("results.md"), md.as_bytes())?;
+    crate::files::write_atomic(&dir.join("results.csv"), csv(results)?.as_bytes())
 }
 
 #[cfg(test)]

@@ -748,7 +748,7 @@ fn cached_reference(
         model_sha256: judge_sha256.to_string(),
         dtype: judge.dtype.name().to_string(),
         tokenizer_sha256: judge.files.tokenizer.fingerprint().to_string(),
-        eval_sha256: crate::suite::plan::sha256_hex(w.eval_text.as_bytes()),
+        eval_sha256: crate::hash::sha256_hex(w.eval_text.as_bytes()),
         context: w.context,
         max_chunks: w.max_chunks,
         top_k: w.reference_top_k,

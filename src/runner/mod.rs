@@ -10,11 +10,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result, ResultExt};
+use crate::hash::{sha256_file, sha256_hex};
 use crate::report::results::{
     CalibrationRecord, CaseResult, ModelRecord, Provenance, Results, SuiteRecord, WorkloadRecord,
     SCHEMA_VERSION,
 };
-use crate::suite::plan::{sha256_file, sha256_hex};
 use crate::suite::{Plan, PlannedModel, PlannedScheme};
 
 use case::{CaseOutput, ModelRunner};

@@ -5,7 +5,6 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use serde_saphyr::Spanned;
-use sha2::{Digest, Sha256};
 
 use crate::backend::{self, Device, DeviceError, DeviceRequest};
 use crate::error::{Error, Result};
@@ -190,7 +189,7 @@ impl Plan {
         let output = PathBuf::from(suite.output.clone().unwrap_or_else(|| format!("reports/{name}")));
         Ok(Plan {
             suite_path: path.to_path_buf(),
-            suite_hash: sha256_hex(text.as_bytes()),
+            suite_hash: crate::hash::sha256_hex(text.as_bytes()),
             suite_text: text,
             name,
             description: suite.description.clone(),
@@ -214,23 +213,6 @@ impl Plan {
             .flat_map(|m| self.schemes.iter().map(move |s| format!("{}/{}", m.name, s.label)))
             .collect()
     }
-}
-
-/// sha256 of `bytes`, hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
-}
-
-/// sha256 of a file, hex, streamed (weights can be many gigabytes).
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io("cannot read", path, e))?;
-    Ok(hex(&hasher.finalize()))
-}
-
-fn hex(digest: &[u8]) -> String {
-    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 struct Checker<'a> {
@@ -498,7 +480,7 @@ impl Checker<'_> {
             }
         }
         let samples = spec.samples.value;
-        let sha256 = sha256_hex(format!("{samples}\n{text}").as_bytes());
+        let sha256 = crate::hash::sha256_hex(format!("{samples}\n{text}").as_bytes());
         Ok(Some(CalibrationData { text, source: spec.text.value.clone(), samples, sha256 }))
     }
 
