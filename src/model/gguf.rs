@@ -955,7 +955,8 @@ fn unpermute_tensor(tensor: &GgufTensor, values: &[f32], heads: usize) -> Result
 /// rotary halves of Hugging Face's layout become interleaved pairs. `None` when the rows
 /// do not split into `n_head` heads of an even size.
 fn rope_source_rows(rows: usize, n_head: usize) -> Option<Vec<usize>> {
-    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
+    // A head count near usize::MAX (a corrupt file) must not overflow the doubling.
+    if n_head.checked_mul(2).is_none_or(|pair_rows| n_head == 0 || !rows.is_multiple_of(pair_rows)) {
         return None;
     }
     let head_dim = rows / n_head;
@@ -1827,6 +1828,12 @@ mod tests {
         assert_eq!(file.unwrap().dequantize("blk.0.attn_q.weight").unwrap(), Vec::<f32>::new());
         assert_eq!(unpermute_qk_rows(&[], 1 << 40, 2), None);
         assert_eq!(permute_qk_rows(&[1.0; 4], 8, 2), None, "more rows than values");
+        // Regression (found by fuzzing): a head count above usize::MAX / 2 overflowed.
+        let mut writer = llama_writer(&[0.0; 64], &[0.0; 32]);
+        writer.metadata.retain(|(key, _)| key != "llama.attention.head_count");
+        let writer = writer.kv("llama.attention.head_count", GgufValue::U64(u64::MAX));
+        let err = err_text(writer.open().1.unwrap().dequantize("blk.0.attn_q.weight"));
+        assert!(err.contains("8 rows do not split into 18446744073709551615 heads"), "{err}");
     }
 
     /// Regression: a u8 array was held as one 32-byte `GgufValue` per element, so a file
