@@ -926,6 +926,10 @@ fn decode(ty: GgmlType, data: &[u8], elements: usize) -> Vec<f32> {
 
 fn unpermute_tensor(tensor: &GgufTensor, values: &[f32], heads: usize) -> Result<Vec<f32>> {
     let rows = tensor.shape.first().copied().unwrap_or(0);
+    if values.is_empty() && tensor.shape.len() == 2 {
+        // No elements (a zero dimension): nothing to permute, whatever the row count says.
+        return Ok(Vec::new());
+    }
     if tensor.shape.len() != 2 {
         return Err(Error::Tensor {
             name: tensor.name.clone(),
@@ -951,7 +955,8 @@ fn unpermute_tensor(tensor: &GgufTensor, values: &[f32], heads: usize) -> Result
 /// rotary halves of Hugging Face's layout become interleaved pairs. `None` when the rows
 /// do not split into `n_head` heads of an even size.
 fn rope_source_rows(rows: usize, n_head: usize) -> Option<Vec<usize>> {
-    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
+    // A head count near usize::MAX (a corrupt file) must not overflow the doubling.
+    if n_head.checked_mul(2).is_none_or(|pair_rows| n_head == 0 || !rows.is_multiple_of(pair_rows)) {
         return None;
     }
     let head_dim = rows / n_head;
@@ -986,9 +991,10 @@ pub fn unpermute_qk_rows(data: &[f32], rows: usize, n_head: usize) -> Option<Vec
     Some(out)
 }
 
-/// Columns of a `rows`-row matrix held in `data`, if it divides evenly.
+/// Columns of a `rows`-row matrix held in `data`, if it divides evenly (an empty `data`
+/// has no rows: `rows` must not size anything it does not hold).
 fn row_len(data: &[f32], rows: usize) -> Option<usize> {
-    (rows > 0 && data.len().is_multiple_of(rows)).then(|| data.len() / rows)
+    (rows > 0 && rows <= data.len() && data.len().is_multiple_of(rows)).then(|| data.len() / rows)
 }
 
 /// Per-layer tensors: llama.cpp's suffix after `blk.N.` → Hugging Face's after
@@ -1814,6 +1820,20 @@ mod tests {
             .contains("tensor z: dimensions [0, 1099511627776, 1099511627776] overflow"));
         let (_dir, file) = Writer::new().f32_tensor("z", &[0, 1 << 20, 1 << 20], &[]).open();
         assert_eq!(file.unwrap().tensors()[0].elements(), 0, "zero elements, and no overflow");
+        // Regression (found by fuzzing): an empty query projection of 2^40 rows sized the
+        // row permutation by its row count (capacity overflow).
+        let mut writer = llama_writer(&[0.0; 64], &[0.0; 32]);
+        writer.tensors.retain(|(name, ..)| name != "blk.0.attn_q.weight");
+        let (_dir, file) = writer.f32_tensor("blk.0.attn_q.weight", &[0, 1 << 40], &[]).open();
+        assert_eq!(file.unwrap().dequantize("blk.0.attn_q.weight").unwrap(), Vec::<f32>::new());
+        assert_eq!(unpermute_qk_rows(&[], 1 << 40, 2), None);
+        assert_eq!(permute_qk_rows(&[1.0; 4], 8, 2), None, "more rows than values");
+        // Regression (found by fuzzing): a head count above usize::MAX / 2 overflowed.
+        let mut writer = llama_writer(&[0.0; 64], &[0.0; 32]);
+        writer.metadata.retain(|(key, _)| key != "llama.attention.head_count");
+        let writer = writer.kv("llama.attention.head_count", GgufValue::U64(u64::MAX));
+        let err = err_text(writer.open().1.unwrap().dequantize("blk.0.attn_q.weight"));
+        assert!(err.contains("8 rows do not split into 18446744073709551615 heads"), "{err}");
     }
 
     /// Regression: a u8 array was held as one 32-byte `GgufValue` per element, so a file
