@@ -493,6 +493,23 @@ fn a_gguf_of_one_big_u8_array_costs_a_small_multiple_of_its_size() {
     assert!(peak <= 4 * size, "open: {peak} bytes of heap for a {size}-byte file");
 }
 
+/// A results file whose bulk is raw timing samples (`[0,0,0,...]`, two bytes a number)
+/// costs a small multiple of its size to read: the reader builds no JSON tree, which cost
+/// tens of bytes a number.
+#[test]
+fn a_results_file_of_many_samples_costs_a_small_multiple_of_its_size() {
+    let text = std::fs::read_to_string(repo().join("tests/fixtures/report/baseline/results.json")).unwrap();
+    let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let samples = vec![serde_json::json!(0.0); 2_000_000];
+    value["cases"][0]["latency"]["prefill_ms"] = serde_json::Value::Array(samples);
+    let bytes = serde_json::to_vec(&value).unwrap();
+    let size = bytes.len();
+    let (results, peak) = peak_heap(|| Results::parse(&bytes, Path::new("results.json")));
+    assert_eq!(results.unwrap().cases[0].latency.as_ref().unwrap().prefill_ms.len(), 2_000_000);
+    eprintln!("results: {size} bytes of file, {peak} bytes of heap ({:.1}×)", peak as f64 / size as f64);
+    assert!(peak <= 8 * size, "{peak} bytes of heap for a {size}-byte file");
+}
+
 /// Directory-heavy files (many tiny metadata pairs, many tiny tensor infos, arrays of
 /// empty strings and of empty arrays) stay within a small multiple of their size too.
 #[test]
