@@ -479,7 +479,7 @@ fn generate(args: &GenerateArgs) -> Result<()> {
             return Err(Error::Workload(format!("prompt {prompt:?} has no tokens")));
         }
         let what = format!("prompt {prompt:?} ({} tokens) + --max-new-tokens", ids.len());
-        files.check_positions(ids.len() + args.max_new_tokens, &what)?;
+        files.check_positions(ids.len().saturating_add(args.max_new_tokens), &what)?;
         let timed = greedy(model, &ids, args.max_new_tokens, false)?;
         let text = tokenizer.decode(&timed.ids)?;
         let step_ms = crate::measure::latency::Stats::of(&timed.step_s).map(|s| s.median * 1e3);

@@ -108,8 +108,9 @@ fn run_on_pool(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> 
                     continue;
                 }
                 Some(_) => eprintln!(
-                    "note: {id}: the earlier result is replaced: its model, scheme parameters, metrics or \
-                     device differ from this run's"
+                    "note: {id}: the earlier result is {}: its model, scheme parameters, metrics or device \
+                     differ from this run's",
+                    if chosen { "replaced" } else { "dropped (--filter does not select the case)" }
                 ),
                 None => {}
             }

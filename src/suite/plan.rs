@@ -138,7 +138,7 @@ fn check_lengths(files: &ModelFiles, w: &Workload) -> Result<()> {
     for (i, prompt) in w.prompts.iter().enumerate() {
         let tokens = files.tokenizer.encode(prompt)?.len();
         files.check_positions(
-            tokens + w.gen_len,
+            tokens.saturating_add(w.gen_len),
             &format!("workload.prompts[{i}] ({tokens} tokens) + gen_len"),
         )?;
     }
