@@ -236,9 +236,17 @@ fn a_small_case_after_a_large_one_reports_its_own_peak() {
     let (small_peak, small_growth, small_bytes) = growth("int4-block");
     assert!(large_bytes > 3 * small_bytes, "{large_bytes} vs {small_bytes}");
     assert!(large_growth >= large_bytes, "the f32 copy is resident: {large_growth} < {large_bytes}");
-    assert!(small_growth < large_growth, "{small_growth} vs {large_growth}");
+    // 4-bit weights grow the resident size by about a quarter of what the f32 copy does
+    // (3.4 MB against 14 MB here); a peak carried over from the large case would leave
+    // the small one's growth near the large one's less the few MB its start is higher.
+    assert!(small_growth * 2 < large_growth, "{small_growth} vs {large_growth}");
+    // Had the high-water mark not been reset, the small case would report at least the
+    // large one's peak; its start can sit a few MB higher (the allocator keeps some of what
+    // the large case freed), so the peaks are compared net of the two starts.
+    let (large_start, small_start) = (large_peak - large_growth, small_peak - small_growth);
     assert!(
-        small_peak < large_peak,
-        "the small case's own peak, not the large one's: {small_peak} vs {large_peak}"
+        small_peak < large_peak + small_start.saturating_sub(large_start),
+        "the small case's own peak, not the large one's: {small_peak} (start {small_start}) vs \
+         {large_peak} (start {large_start})"
     );
 }
