@@ -95,12 +95,8 @@ impl<'a> QuantizeFactory<'a> {
         let mut data = self.store.f32(name, shape)?;
         non_finite_weight(name, &data, "")?;
         if self.precision != FloatStorage::F32 {
-            let stored = crate::tensor::first_non_finite(&data);
             data.iter_mut().for_each(|v| *v = self.precision.round(*v));
-            if stored.is_none() {
-                let rounded = format!(" once rounded to {}", self.precision.name());
-                non_finite_weight(name, &data, &rounded)?;
-            }
+            non_finite_weight(name, &data, &format!(" once rounded to {}", self.precision.name()))?;
         }
         Ok(data)
     }

@@ -35,6 +35,18 @@ fn suite(dir: &Path, model: &str, schemes: &str, extra: &str) -> PathBuf {
     path
 }
 
+/// `bench validate` of the small suite over a model copy in `dir`, with `from` replaced by
+/// `to` in the suite text; the run must fail (exit 1), and is returned for its message.
+fn validate_edited(dir: &Path, from: &str, to: &str) -> Run {
+    let suite = suite(dir, "model", "[fp32]", "");
+    let text = std::fs::read_to_string(&suite).unwrap();
+    assert!(text.contains(from), "the suite lacks {from:?}");
+    std::fs::write(&suite, text.replacen(from, to, 1)).unwrap();
+    let run = bench(&["validate", suite.to_str().unwrap()], dir, &shared_cache());
+    assert_eq!(run.code, 1, "{from:?} -> {to:?}: {}{}", run.stdout, run.stderr);
+    run
+}
+
 fn run_suite(dir: &Path, suite: &Path, out: &Path, extra: &[&str]) -> Run {
     let mut args = vec!["run", suite.to_str().unwrap(), "--out", out.to_str().unwrap()];
     args.extend_from_slice(extra);
@@ -264,11 +276,7 @@ fn lengths_beyond_the_models_positions_are_refused_before_any_work() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         model_copy(dir.path());
-        let suite = suite(dir.path(), "model", "[fp32]", "");
-        let text = std::fs::read_to_string(&suite).unwrap();
-        std::fs::write(&suite, text.replace(edit.0, edit.1)).unwrap();
-        let run = bench(&["validate", suite.to_str().unwrap()], dir.path(), &shared_cache());
-        assert_eq!(run.code, 1, "{edit:?}: {}{}", run.stdout, run.stderr);
+        let run = validate_edited(dir.path(), edit.0, edit.1);
         assert_mentions(&run, &[named, "max_position_embeddings (128)", "config.json"]);
     }
 }
@@ -298,11 +306,7 @@ fn a_filter_matching_nothing_is_an_error_listing_the_cases() {
 fn an_empty_prompt_list_is_an_error_not_the_default_prompts() {
     let dir = tempfile::tempdir().unwrap();
     model_copy(dir.path());
-    let suite = suite(dir.path(), "model", "[fp32]", "");
-    let text = std::fs::read_to_string(&suite).unwrap().replace("prompts: [\"Hello\"]", "prompts: []");
-    std::fs::write(&suite, text).unwrap();
-    let run = bench(&["validate", suite.to_str().unwrap()], dir.path(), &shared_cache());
-    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let run = validate_edited(dir.path(), "prompts: [\"Hello\"]", "prompts: []");
     assert_mentions(&run, &["line 7: workload.prompts is empty"]);
 }
 
@@ -310,12 +314,7 @@ fn an_empty_prompt_list_is_an_error_not_the_default_prompts() {
 fn an_eval_text_that_is_not_a_regular_file_is_refused_without_reading_it() {
     let dir = tempfile::tempdir().unwrap();
     model_copy(dir.path());
-    let suite = suite(dir.path(), "model", "[fp32]", "");
-    let text =
-        std::fs::read_to_string(&suite).unwrap().replace("eval_text: eval.txt", "eval_text: /dev/zero");
-    std::fs::write(&suite, text).unwrap();
-    let run = bench(&["validate", suite.to_str().unwrap()], dir.path(), &shared_cache());
-    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let run = validate_edited(dir.path(), "eval_text: eval.txt", "eval_text: /dev/zero");
     assert_mentions(&run, &["workload.eval_text /dev/zero", "not a regular file"]);
 }
 
@@ -412,14 +411,11 @@ fn a_reference_with_another_vocabulary_is_refused_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
     model_copy(dir.path());
     model_with_larger_vocab(dir.path(), 8);
-    let suite = suite(dir.path(), "model", "[fp32]", "");
-    let text = std::fs::read_to_string(&suite).unwrap().replace(
+    let run = validate_edited(
+        dir.path(),
         "    path: model\n",
         "    path: model\n    reference: wide\n  - name: wide\n    path: wide\n",
     );
-    std::fs::write(&suite, text).unwrap();
-    let run = bench(&["validate", suite.to_str().unwrap()], dir.path(), &shared_cache());
-    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
     assert_mentions(&run, &["model m: its vocabulary is 320 tokens, reference wide's is 328"]);
 }
 
@@ -427,12 +423,7 @@ fn a_reference_with_another_vocabulary_is_refused_before_any_work() {
 fn a_duplicated_yaml_key_is_named_without_parser_jargon() {
     let dir = tempfile::tempdir().unwrap();
     model_copy(dir.path());
-    let suite = suite(dir.path(), "model", "[fp32]", "");
-    let text =
-        std::fs::read_to_string(&suite).unwrap().replacen("name: trust\n", "name: trust\nname: again\n", 1);
-    std::fs::write(&suite, text).unwrap();
-    let run = bench(&["validate", suite.to_str().unwrap()], dir.path(), &shared_cache());
-    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let run = validate_edited(dir.path(), "name: trust\n", "name: trust\nname: again\n");
     assert_mentions(&run, &["line 2", "duplicate mapping key: name, expected each key once"]);
     assert!(!run.stderr.contains("DuplicateKeyPolicy") && !run.stderr.contains("key `?`"), "{}", run.stderr);
 }
