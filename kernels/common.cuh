@@ -100,6 +100,40 @@ __device__ __forceinline__ double block_sum_f64(double v, double* scratch) {
     return t;
 }
 
+// ---- the fused epilogue of the products ---------------------------------------------------
+//
+// A product kernel's value v (its bias already added) goes through the activation `act`
+// (ACT_NONE, ACT_GELU_TANH, ACT_GELU_ERF: the same functions as the gelu kernels) and is
+// then stored, or added to what out holds when `accumulate` is 1 (the residual add:
+// out = out + v, as add_in_place). One launch instead of three in a decode step.
+
+#define ACT_NONE 0
+#define ACT_GELU_TANH 1
+#define ACT_GELU_ERF 2
+
+// GELU, tanh approximation (GPT-2 gelu_new, BLOOM).
+__device__ __forceinline__ float gelu_tanh_of(float u) {
+    return 0.5f * u * (1.0f + tanhf(0.7978846f * (u + 0.044715f * u * u * u)));
+}
+
+// GELU with the exact error function (BERT), computed in f64 as the CPU reference.
+__device__ __forceinline__ float gelu_erf_of(float x) {
+    double u = (double)x;
+    return (float)(0.5 * u * (1.0 + erf(u * 0.70710678118654752440)));
+}
+
+__device__ __forceinline__ float activate(float v, int act) {
+    if (act == ACT_GELU_TANH) return gelu_tanh_of(v);
+    if (act == ACT_GELU_ERF) return gelu_erf_of(v);
+    return v;
+}
+
+// out[idx] = act(v), or out[idx] + act(v) when accumulate.
+__device__ __forceinline__ void store_fused(float* out, long idx, float v, int act, int accumulate) {
+    v = activate(v, act);
+    out[idx] = accumulate ? out[idx] + v : v;
+}
+
 // Symmetric int8 scale of a vector whose largest magnitude is `absmax` (1 for zeros), as
 // int8_dynamic::symmetric_scale.
 __device__ __forceinline__ float symmetric_scale(float absmax) { return absmax > 0.0f ? absmax / 127.0f : 1.0f; }

@@ -136,7 +136,7 @@ extern "C" __global__ void gemv_i8_outlier(const i8* __restrict__ qx, const floa
                                            const i8* __restrict__ w, const float* __restrict__ sw,
                                            const float* __restrict__ bias, const float* __restrict__ x,
                                            const int* __restrict__ idx, const int* __restrict__ count, int kind,
-                                           float* __restrict__ out, int m, int n, int k) {
+                                           float* __restrict__ out, int m, int n, int k, int act, int accumulate) {
     int lane = threadIdx.x & 31;
     int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (j >= n) return;
@@ -176,7 +176,7 @@ extern "C" __global__ void gemv_i8_outlier(const i8* __restrict__ qx, const floa
     if (lane == 0) {
 #pragma unroll
         for (int i = 0; i < 8; i++)
-            if (i < m) out[(long)i * n + j] = v[i];
+            if (i < m) store_fused(out, (long)i * n + j, v[i], act, accumulate);
     }
 }
 
@@ -205,7 +205,7 @@ __device__ __forceinline__ float static_one(int acc, int corr, float os, const f
 extern "C" __global__ void gemv_i8_static(const i8* __restrict__ qx, const i8* __restrict__ w,
                                           const int* __restrict__ corr, const float* __restrict__ out_scales,
                                           const float* __restrict__ bias, float* __restrict__ out, int m, int n,
-                                          int k) {
+                                          int k, int act, int accumulate) {
     int lane = threadIdx.x & 31;
     int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (j >= n) return;
@@ -214,7 +214,9 @@ extern "C" __global__ void gemv_i8_static(const i8* __restrict__ qx, const i8* _
     if (lane == 0) {
 #pragma unroll
         for (int i = 0; i < 8; i++)
-            if (i < m) out[(long)i * n + j] = static_one(acc[i], corr[j], out_scales[j], bias, j);
+            if (i < m)
+                store_fused(out, (long)i * n + j, static_one(acc[i], corr[j], out_scales[j], bias, j), act,
+                            accumulate);
     }
 }
 
@@ -298,7 +300,7 @@ __device__ __forceinline__ float torch_one(int acc, float sx, float sw, const fl
 extern "C" __global__ void gemv_i8_torch(const i8* __restrict__ qx, const float* __restrict__ sx,
                                          const i8* __restrict__ w, const float* __restrict__ sw,
                                          const float* __restrict__ bias, float* __restrict__ out, int m, int n,
-                                         int k) {
+                                         int k, int act, int accumulate) {
     int lane = threadIdx.x & 31;
     int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (j >= n) return;
@@ -307,7 +309,8 @@ extern "C" __global__ void gemv_i8_torch(const i8* __restrict__ qx, const float*
     if (lane == 0) {
 #pragma unroll
         for (int i = 0; i < 8; i++)
-            if (i < m) out[(long)i * n + j] = torch_one(acc[i], sx[i], sw[j], bias, j);
+            if (i < m)
+                store_fused(out, (long)i * n + j, torch_one(acc[i], sx[i], sw[j], bias, j), act, accumulate);
     }
 }
 
@@ -329,6 +332,133 @@ extern "C" __global__ void round_to_16(const float* __restrict__ x, u16* __restr
     for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < n; e += (long)gridDim.x * blockDim.x)
         out[e] = kind == 0 ? f32_to_f16(x[e]) : f32_to_bf16(x[e]);
 }
+
+// ---- the dense decode GEMV (f32, f16 and bf16 weights) -------------------------------------
+//
+// out[i, r] = sum_c W[r, c] * x[i, c] (+ bias[r]) for i < M (M = 1..8), with the fused
+// epilogue (store_fused), for weights of KIND 0 (f32), 1 (f16 bits) or 2 (bf16 bits) and
+// cols a multiple of the values in 16 bytes (V = 4 or 8). With 16-bit weights each
+// activation is rounded to the same type first and the products are exact in f32, summed
+// in f32: what cublasGemmEx with f32 accumulation computes on the rounded activations
+// (round_to_16), in another summation order. One launch replaces round_to_16, the GEMM,
+// the bias add and the residual add of a decode step.
+//
+// Warp w of the block owns DG_ROWS rows; lane l takes the 16-byte chunks l, l + 32, ... of
+// each, DG_UNROLL chunks per row in flight (a warp's load of one row is 512 contiguous
+// bytes), and each x load (coalesced, V floats a lane) serves the DG_ROWS rows.
+
+#define DG_THREADS 128
+#define DG_ROWS 4
+#define DG_UNROLL 2
+
+template <int KIND>
+__device__ __forceinline__ void dense_decode(uint4 w, float (&out)[KIND == 0 ? 4 : 8]) {
+    u32 words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int t = 0; t < 4; t++) {
+        if (KIND == 0) {
+            out[t] = __uint_as_float(words[t]);
+        } else if (KIND == 1) {
+            out[2 * t] = f16_to_f32((u16)(words[t] & 0xffffu));
+            out[2 * t + 1] = f16_to_f32((u16)(words[t] >> 16));
+        } else {
+            out[2 * t] = __uint_as_float(words[t] << 16);
+            out[2 * t + 1] = __uint_as_float(words[t] & 0xffff0000u);
+        }
+    }
+}
+
+template <int M, int KIND>
+__device__ __forceinline__ void dense_gemv(const void* __restrict__ w, const float* __restrict__ x,
+                                           const float* __restrict__ bias, float* __restrict__ out, int rows,
+                                           int cols, int act, int accumulate) {
+    constexpr int V = KIND == 0 ? 4 : 8;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int r0 = (blockIdx.x * (DG_THREADS / WARP) + warp) * DG_ROWS;
+    if (r0 >= rows) return;
+    int chunks = cols / V;
+    long row_bytes = (long)cols * (KIND == 0 ? 4 : 2);
+    // Rows past the end read the last row (valid memory) and are not written.
+    const uint4* wrow[DG_ROWS];
+#pragma unroll
+    for (int r = 0; r < DG_ROWS; r++) wrow[r] = (const uint4*)((const char*)w + (long)min(r0 + r, rows - 1) * row_bytes);
+    float acc[M][DG_ROWS];
+#pragma unroll
+    for (int i = 0; i < M; i++)
+#pragma unroll
+        for (int r = 0; r < DG_ROWS; r++) acc[i][r] = 0.0f;
+    for (int c0 = lane; c0 < chunks; c0 += WARP * DG_UNROLL) {
+        uint4 wv[DG_UNROLL][DG_ROWS];
+#pragma unroll
+        for (int u = 0; u < DG_UNROLL; u++) {
+            int c = c0 + u * WARP;
+#pragma unroll
+            for (int r = 0; r < DG_ROWS; r++) wv[u][r] = c < chunks ? __ldg(wrow[r] + c) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < DG_UNROLL; u++) {
+            int c = c0 + u * WARP;
+            if (c >= chunks) break;
+#pragma unroll
+            for (int i = 0; i < M; i++) {
+                const float4* x4 = (const float4*)(x + (long)i * cols + (long)c * V);
+                float xv[V];
+#pragma unroll
+                for (int t = 0; t < V / 4; t++) {
+                    float4 f = __ldg(x4 + t);
+                    xv[4 * t] = f.x;
+                    xv[4 * t + 1] = f.y;
+                    xv[4 * t + 2] = f.z;
+                    xv[4 * t + 3] = f.w;
+                }
+                if (KIND != 0) {
+#pragma unroll
+                    for (int t = 0; t < V; t++) xv[t] = round16(xv[t], KIND - 1);
+                }
+#pragma unroll
+                for (int r = 0; r < DG_ROWS; r++) {
+                    float wf[V];
+                    dense_decode<KIND>(wv[u][r], wf);
+                    float a = acc[i][r];
+#pragma unroll
+                    for (int t = 0; t < V; t++) a = fmaf(wf[t], xv[t], a);
+                    acc[i][r] = a;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < M; i++)
+#pragma unroll
+        for (int r = 0; r < DG_ROWS; r++) {
+            float s = warp_sum(acc[i][r]);
+            int row = r0 + r;
+            if (lane == 0 && row < rows) store_fused(out, (long)i * rows + row, bias ? s + bias[row] : s, act, accumulate);
+        }
+}
+
+#define DG_ARGS                                                                                                \
+    const void *__restrict__ w, const float *__restrict__ x, const float *__restrict__ bias,                   \
+        float *__restrict__ out, int rows, int cols, int kind, int act, int accumulate
+#define DG_PASS w, x, bias, out, rows, cols, act, accumulate
+
+template <int M>
+__device__ __forceinline__ void dense_gemv_any(DG_ARGS) {
+    if (kind == 0) dense_gemv<M, 0>(DG_PASS);
+    else if (kind == 1) dense_gemv<M, 1>(DG_PASS);
+    else dense_gemv<M, 2>(DG_PASS);
+}
+
+// dense_gemv for m = 1 .. 8 activation rows; blockDim DG_THREADS, one block per
+// DG_THREADS / 32 * DG_ROWS output rows; kind 0 f32, 1 f16, 2 bf16.
+extern "C" __global__ void __launch_bounds__(DG_THREADS) dense_gemv_m1(DG_ARGS) { dense_gemv_any<1>(w, x, bias, out, rows, cols, kind, act, accumulate); }
+extern "C" __global__ void __launch_bounds__(DG_THREADS) dense_gemv_m2(DG_ARGS) { dense_gemv_any<2>(w, x, bias, out, rows, cols, kind, act, accumulate); }
+extern "C" __global__ void __launch_bounds__(DG_THREADS) dense_gemv_m3(DG_ARGS) { dense_gemv_any<3>(w, x, bias, out, rows, cols, kind, act, accumulate); }
+extern "C" __global__ void __launch_bounds__(DG_THREADS) dense_gemv_m4(DG_ARGS) { dense_gemv_any<4>(w, x, bias, out, rows, cols, kind, act, accumulate); }
+extern "C" __global__ void __launch_bounds__(DG_THREADS) dense_gemv_m5(DG_ARGS) { dense_gemv_any<5>(w, x, bias, out, rows, cols, kind, act, accumulate); }
+extern "C" __global__ void __launch_bounds__(DG_THREADS) dense_gemv_m6(DG_ARGS) { dense_gemv_any<6>(w, x, bias, out, rows, cols, kind, act, accumulate); }
+extern "C" __global__ void __launch_bounds__(DG_THREADS) dense_gemv_m7(DG_ARGS) { dense_gemv_any<7>(w, x, bias, out, rows, cols, kind, act, accumulate); }
+extern "C" __global__ void __launch_bounds__(DG_THREADS) dense_gemv_m8(DG_ARGS) { dense_gemv_any<8>(w, x, bias, out, rows, cols, kind, act, accumulate); }
 
 // kmeans: out[i] = codebook[index i], indices of `bits` bits packed most significant bit
 // first (kmeans.rs unpack_bit_index). Grid-stride.

@@ -42,20 +42,16 @@ extern "C" __global__ void layer_norm(const float* __restrict__ x, const float* 
         o[c] = __fadd_rn(__fmul_rn((float)(((double)xr[c] - mean) * inv), w[c]), b[c]);
 }
 
-// GELU, tanh approximation (GPT-2 gelu_new, BLOOM).
+// GELU, tanh approximation (GPT-2 gelu_new, BLOOM): gelu_tanh_of (common.cuh).
 extern "C" __global__ void gelu_tanh(const float* __restrict__ x, float* __restrict__ out, long n) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float u = x[i];
-        out[i] = 0.5f * u * (1.0f + tanhf(0.7978846f * (u + 0.044715f * u * u * u)));
-    }
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        out[i] = gelu_tanh_of(x[i]);
 }
 
-// GELU with the exact error function (BERT), computed in f64 as the CPU reference.
+// GELU with the exact error function (BERT), in f64 as the CPU reference: gelu_erf_of.
 extern "C" __global__ void gelu_erf(const float* __restrict__ x, float* __restrict__ out, long n) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        double u = (double)x[i];
-        out[i] = (float)(0.5 * u * (1.0 + erf(u * 0.70710678118654752440)));
-    }
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        out[i] = gelu_erf_of(x[i]);
 }
 
 // out = gate * sigmoid(gate) * up (Llama's MLP).
@@ -78,6 +74,17 @@ extern "C" __global__ void add_bias_rows(float* __restrict__ x, const float* __r
     long total = (long)rows * n;
     for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total; e += (long)gridDim.x * blockDim.x)
         x[e] += bias[e % n];
+}
+
+// The epilogue of a product computed without one (cuBLAS, the dequantize-then-GEMM paths):
+// out[i, j] = store_fused(raw[i, j] + bias[j]) (bias may be null), rows of n values.
+extern "C" __global__ void bias_act_rows(const float* raw, const float* __restrict__ bias, float* out, int rows, int n, int act, int accumulate) {
+    long total = (long)rows * n;
+    for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total; e += (long)gridDim.x * blockDim.x) {
+        float v = raw[e];
+        if (bias) v += bias[e % n];
+        store_fused(out, e, v, act, accumulate);
+    }
 }
 
 // Numerically stable softmax of each row of cols values. One block per row.
@@ -151,6 +158,53 @@ extern "C" __global__ void kv_append(const float* __restrict__ src, float* __res
     }
 }
 
+// kv_append of a layer's keys and values in one launch (k_src and v_src alike).
+extern "C" __global__ void kv_append_pair(const float* __restrict__ k_src, const float* __restrict__ v_src,
+                                          float* __restrict__ k_cache, float* __restrict__ v_cache, int batch,
+                                          int seq, int kv_heads, int head_dim, int capacity, int start,
+                                          const int* __restrict__ start_at) {
+    if (start_at) start = *start_at;
+    long total = (long)batch * seq * kv_heads * head_dim;
+    for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total; e += (long)gridDim.x * blockDim.x) {
+        int d = (int)(e % head_dim);
+        long r = e / head_dim;
+        int h = (int)(r % kv_heads);
+        long bt = r / kv_heads;
+        int t = (int)(bt % seq), b = (int)(bt / seq);
+        if (start + t >= capacity) continue;
+        long at = (((long)b * kv_heads + h) * capacity + start + t) * head_dim + d;
+        k_cache[at] = k_src[e];
+        v_cache[at] = v_src[e];
+    }
+}
+
+// split_qkv and kv_append of k and v in one launch, for a fused projection of heads heads
+// of head_dim (keys and values have as many heads): q [batch * seq, heads * head_dim] gets
+// the queries, the caches the keys and values at start .. start + seq (start_at as in
+// kv_append).
+extern "C" __global__ void split_qkv_append(const float* __restrict__ fused, float* __restrict__ q,
+                                            float* __restrict__ k_cache, float* __restrict__ v_cache, int batch,
+                                            int seq, int heads, int head_dim, int run, int capacity, int start,
+                                            const int* __restrict__ start_at) {
+    if (start_at) start = *start_at;
+    int width = heads * head_dim;
+    long n = (long)batch * seq * width;
+    for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < n; e += (long)gridDim.x * blockDim.x) {
+        long r = e / width;
+        int c = (int)(e % width);
+        long src = r * 3 * (long)width + (long)(c / run) * 3 * run + c % run;
+        q[e] = fused[src];
+        int t = (int)(r % seq), b = (int)(r / seq);
+        if (start + t >= capacity) continue;
+        long at = (((long)b * heads + c / head_dim) * capacity + start + t) * head_dim + c % head_dim;
+        k_cache[at] = fused[src + run];
+        v_cache[at] = fused[src + 2 * run];
+    }
+}
+
+// Threads per block of attention (the host launches this many).
+#define ATTN_THREADS 128
+
 // Attention of seq queries q [batch, seq, heads * head_dim] at positions start .. start +
 // seq against the cache (the new positions already appended): one block per (query row,
 // head), scores of the keys_total = start + seq keys in dynamic shared memory (4 bytes a
@@ -205,10 +259,30 @@ extern "C" __global__ void attention(const float* __restrict__ q, const float* _
     float inv = 1.0f / block_sum(sum, scratch);
     __syncthreads();
     float* oh = out + ((long)row * heads + h) * head_dim;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float o = 0.0f;
-        for (int p = 0; p < visible; p++) o += scores[p] * inv * values[(long)p * head_dim + d];
-        oh[d] = o;
+    if (head_dim > ATTN_THREADS || blockDim.x != ATTN_THREADS) {
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float o = 0.0f;
+            for (int p = 0; p < visible; p++) o += scores[p] * inv * values[(long)p * head_dim + d];
+            oh[d] = o;
+        }
+        return;
+    }
+    // The weighted sum of the values: the block's threads form groups of head_dim, group g
+    // sums keys g, g + groups, ... (a decode step's one query would otherwise leave all but
+    // head_dim threads idle and walk every key in one dependent chain), then the groups'
+    // partial sums are added in group order.
+    __shared__ float partial[ATTN_THREADS];
+    int groups = ATTN_THREADS / head_dim;
+    int d = threadIdx.x % head_dim, g = threadIdx.x / head_dim;
+    float o = 0.0f;
+    if (g < groups)
+        for (int p = g; p < visible; p += groups) o += scores[p] * inv * values[(long)p * head_dim + d];
+    partial[threadIdx.x] = o;
+    __syncthreads();
+    if (g == 0) {
+        float s = 0.0f;
+        for (int k = 0; k < groups; k++) s += partial[k * head_dim + d];
+        oh[d] = s;
     }
 }
 

@@ -69,7 +69,8 @@ extern "C" __global__ void packed4_dequant(const u8* __restrict__ bytes, const f
 extern "C" __global__ void packed4_gemv(const u8* __restrict__ bytes, const float* __restrict__ table,
                                         const void* __restrict__ scales, const void* __restrict__ offsets,
                                         int bf16_params, const float* __restrict__ x, const float* __restrict__ bias,
-                                        float* __restrict__ out, int rows, int cols, int block, int m) {
+                                        float* __restrict__ out, int rows, int cols, int block, int m, int act,
+                                        int accumulate) {
     __shared__ float t16[16];
     if (threadIdx.x < 16) t16[threadIdx.x] = table[threadIdx.x];
     __syncthreads();
@@ -131,7 +132,7 @@ extern "C" __global__ void packed4_gemv(const u8* __restrict__ bytes, const floa
     for (int i = 0; i < GEMV_MAX_M; i++) {
         if (i < m) {
             float t = warp_sum(acc[i]);
-            if (lane == 0) out[(long)i * rows + r] = bias ? t + bias[r] : t;
+            if (lane == 0) store_fused(out, (long)i * rows + r, bias ? t + bias[r] : t, act, accumulate);
         }
     }
 }
@@ -237,7 +238,7 @@ __device__ __forceinline__ void packed4_gemv_tiled(const float* t16, float (*par
                                                    const void* __restrict__ offsets, int bf16_params,
                                                    u32 int_xor, float int_magic, const float* __restrict__ x,
                                                    const float* __restrict__ bias, float* __restrict__ out,
-                                                   int rows, int cols, int block_shift) {
+                                                   int rows, int cols, int block_shift, int act, int accumulate) {
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int r0 = blockIdx.x * P4_ROWS;
     int words = cols >> 3, chunks = words / P4_CHUNK, tail = words % P4_CHUNK;
@@ -321,7 +322,7 @@ __device__ __forceinline__ void packed4_gemv_tiled(const float* t16, float (*par
         float s = 0.0f;
 #pragma unroll
         for (int w = 0; w < P4_WARPS; w++) s += partial[w][tid];
-        if (r0 + r < rows) out[(long)i * rows + r0 + r] = bias ? s + bias[r0 + r] : s;
+        if (r0 + r < rows) store_fused(out, (long)i * rows + r0 + r, bias ? s + bias[r0 + r] : s, act, accumulate);
     }
 }
 
@@ -333,14 +334,14 @@ __device__ __forceinline__ void packed4_gemv_words(const u8* __restrict__ bytes,
                                                    const void* __restrict__ offsets, int bf16_params,
                                                    const float* __restrict__ x, const float* __restrict__ bias,
                                                    float* __restrict__ out, int rows, int cols, int block_shift,
-                                                   u32 int_xor, float int_magic) {
+                                                   u32 int_xor, float int_magic, int act, int accumulate) {
     __shared__ float t16[16];
     __shared__ float partial[P4_WARPS][M * P4_ROWS];
     if (threadIdx.x < 16) t16[threadIdx.x] = table[threadIdx.x];
     __syncthreads();
 #define P4_TILED(OFF, INT)                                                                                     \
     packed4_gemv_tiled<M, OFF, INT>(t16, partial, bytes, scales, offsets, bf16_params, int_xor, int_magic, x,  \
-                                    bias, out, rows, cols, block_shift)
+                                    bias, out, rows, cols, block_shift, act, accumulate)
     if (int_magic != 0.0f) {
         if (offsets) P4_TILED(true, true);
         else P4_TILED(false, true);
@@ -355,8 +356,10 @@ __device__ __forceinline__ void packed4_gemv_words(const u8* __restrict__ bytes,
     const u8 *__restrict__ bytes, const float *__restrict__ table, const void *__restrict__ scales,             \
         const void *__restrict__ offsets, int bf16_params, const float *__restrict__ x,                         \
         const float *__restrict__ bias, float *__restrict__ out, int rows, int cols, int block_shift,           \
-        u32 int_xor, float int_magic
-#define P4_PASS bytes, table, scales, offsets, bf16_params, x, bias, out, rows, cols, block_shift, int_xor, int_magic
+        u32 int_xor, float int_magic, int act, int accumulate
+#define P4_PASS                                                                                                \
+    bytes, table, scales, offsets, bf16_params, x, bias, out, rows, cols, block_shift, int_xor, int_magic, act, \
+        accumulate
 
 // packed4_gemv_words for m = 1 .. 8 activation rows; blockDim P4_THREADS, one block per
 // P4_ROWS output rows; bytes in the tiled layout. The launch bounds are the most resident
@@ -371,3 +374,239 @@ extern "C" __global__ void __launch_bounds__(P4_THREADS, 3) packed4_gemv_m5(P4_A
 extern "C" __global__ void __launch_bounds__(P4_THREADS, 2) packed4_gemv_m6(P4_ARGS) { packed4_gemv_words<6>(P4_PASS); }
 extern "C" __global__ void __launch_bounds__(P4_THREADS, 2) packed4_gemv_m7(P4_ARGS) { packed4_gemv_words<7>(P4_PASS); }
 extern "C" __global__ void __launch_bounds__(P4_THREADS, 2) packed4_gemv_m8(P4_ARGS) { packed4_gemv_words<8>(P4_PASS); }
+
+// ---- the fixed-point GEMV of integer tables ------------------------------------------------
+//
+// out[i, r] = sum_c W[r, c] * x[i, c] (+ bias[r]) for i < M (M = 1..8, entry points
+// packed4_gemv_fixed_m1 .. _m8), for tables table[c] = (c ^ X) - B (int4-block's, see
+// integer_table in ops.rs), cols % 32 == 0, block a power of two and a multiple of 32, and
+// the plain layout. The numerics of the CPU's default GEMV (src/scheme/packed4_gemv.rs):
+// each 32-value chunk of an activation row is quantized to 16-bit integers q =
+// round_half_even(x * (32767 / absmax)) with d = absmax / 32767, the chunk's integer dot
+// product sum (c ^ X) * q - B * sum q is exact (at most 32 * 15 * 32767 < 2^31), and only
+// its conversion, d * scale and the f32 sums round. A chunk holding a non-finite value gets
+// d = NaN, so NaN reaches the output (the CPU takes its exact path there, also non-finite).
+//
+// Why: the f32 GEMV spends about 4.4 instructions per weight (a byte-permute and a
+// subtraction to decode each value, an FMA, per-word scale loads). Here a 16-byte load
+// holds a whole 32-value chunk of one block (one scale load), three logic instructions
+// decode a word into its even and odd nibbles as bytes, and four __dp2a (two 16x8-bit
+// products each) consume it: about 1.1 instructions per weight at batch 1. Measured on an
+// H200 at batch 1 (reports/cuda/cuda-kernels.txt): 1.04-1.45x the f32 GEMV's speed, 26-55%
+// of copy bandwidth; what is left is latency: each slab's quantization runs alone between
+// two barriers, and a 4096-row weight makes only 256 blocks. At 8 rows it is slower than the
+// f32 GEMV (30 against 21 us at 4096 x 4096): each thread quantizes 4 chunks in turn.
+//
+// Shape of the work: Q4_THREADS threads, warp w owns rows blockIdx.x * Q4_WARPS * R + w * R
+// .. + R; lanes take chunks lane, lane + 32 of each slab of Q4_SLAB chunks, so a warp's
+// weight load of one row is 512 contiguous bytes and a lane has R loads of 16 bytes in
+// flight. The block quantizes each slab of x once into shared memory (one thread per chunk
+// and activation row), laid out [i][word j][chunk] so that a warp's 16-byte reads of one
+// word of 32 consecutive chunks fall in distinct banks; in a word the codes are ordered
+// [q1 q3 q5 q7 q0 q2 q4 q6], the order in which __dp2a pairs them with the odd nibbles
+// (low, as bytes of (w ^ X) & 0x0f0f0f0f) and the even ones (high).
+
+#define Q4_THREADS 128
+#define Q4_WARPS (Q4_THREADS / WARP)
+#define Q4_SLAB 64
+
+// Quantize chunk g (32 values from xc, 16-byte aligned) into the 4 words of codes, its d,
+// sum q and (OFF) the f32 sum of its values; one thread per chunk. (A warp-cooperative
+// version, one value per lane with warp reductions, with the slab's weight loads issued
+// before it, measured 2x slower on an H200: 15.4 against 7.9 us at 4096 x 4096.)
+template <bool OFF>
+__device__ __forceinline__ void q4_quantize_chunk(const float* __restrict__ xc, uint4 (&words)[4], float& d,
+                                                  int& qsum, float& xsum) {
+    float v[32];
+    const float4* x4 = (const float4*)xc;
+#pragma unroll
+    for (int t = 0; t < 8; t++) {
+        float4 f = __ldg(x4 + t);
+        v[4 * t] = f.x;
+        v[4 * t + 1] = f.y;
+        v[4 * t + 2] = f.z;
+        v[4 * t + 3] = f.w;
+    }
+    // The largest magnitude as bits: a NaN or an infinity has bits >= 0x7f800000.
+    u32 mbits = 0;
+#pragma unroll
+    for (int t = 0; t < 32; t++) mbits = max(mbits, __float_as_uint(v[t]) & 0x7fffffffu);
+    float absmax = __uint_as_float(mbits);
+    float inv = 0.0f;
+    if (mbits >= 0x7f800000u) {
+        d = __int_as_float(0x7fc00000);
+    } else if (mbits == 0) {
+        d = 0.0f;
+    } else {
+        d = __fdiv_rn(absmax, 32767.0f);
+        inv = __fdiv_rn(32767.0f, absmax);
+    }
+    // round_half_even(v * inv): |v * inv| <= 32767 (plus a rounding), so adding 1.5 * 2^23
+    // leaves the integer in the low mantissa bits, two's complement in the low 16.
+    int q[32];
+    int s = 0;
+#pragma unroll
+    for (int t = 0; t < 32; t++) {
+        float p = __fadd_rn(__fmul_rn(v[t], inv), 12582912.0f);
+        q[t] = (int)(__float_as_uint(p) & 0xffffu);
+        s += (int)(short)q[t];
+    }
+    qsum = s;
+    if (OFF) {
+        float a = 0.0f;
+#pragma unroll
+        for (int t = 0; t < 32; t++) a += v[t];
+        xsum = a;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int* w = q + 8 * j;
+        words[j] = make_uint4((u32)w[1] | ((u32)w[3] << 16), (u32)w[5] | ((u32)w[7] << 16),
+                              (u32)w[0] | ((u32)w[2] << 16), (u32)w[4] | ((u32)w[6] << 16));
+    }
+}
+
+// The quantized slab of x in shared memory: codes, d, sum q, sum x per chunk.
+template <int M>
+struct Q4Slab {
+    uint4 xs[M][4][Q4_SLAB];
+    float xd[M][Q4_SLAB];
+    int xq[M][Q4_SLAB];
+    float xt[M][Q4_SLAB];
+};
+
+template <int M, int R, bool OFF>
+__device__ __forceinline__ void packed4_gemv_fixed(Q4Slab<M>& sh, const u8* __restrict__ bytes, const void* __restrict__ scales,
+                                                   const void* __restrict__ offsets, int bf16_params,
+                                                   const float* __restrict__ x, const float* __restrict__ bias,
+                                                   float* __restrict__ out, int rows, int cols, int block_shift,
+                                                   u32 int_xor, int int_bias, int act, int accumulate) {
+    auto& xs = sh.xs;
+    auto& xd = sh.xd;
+    auto& xq = sh.xq;
+    auto& xt = sh.xt;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int chunks = cols >> 5;
+    int r0 = blockIdx.x * (Q4_WARPS * R) + warp * R;
+    // Rows past the end read the last row (valid memory) and are not written.
+    const uint4* wrow[R];
+    long rbase[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        long rr = min(r0 + r, rows - 1);
+        rbase[r] = rr * cols;
+        wrow[r] = (const uint4*)bytes + rr * chunks;
+    }
+    float acc[M][R];
+#pragma unroll
+    for (int i = 0; i < M; i++)
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[i][r] = 0.0f;
+    for (int slab = 0; slab < chunks; slab += Q4_SLAB) {
+        int here = min(Q4_SLAB, chunks - slab);
+        __syncthreads();
+        for (int t = tid; t < M * Q4_SLAB; t += Q4_THREADS) {
+            int i = t / Q4_SLAB, c = t % Q4_SLAB;
+            if (c < here) {
+                uint4 words[4];
+                float d, xsum = 0.0f;
+                int qsum;
+                q4_quantize_chunk<OFF>(x + (long)i * cols + ((long)(slab + c) << 5), words, d, qsum, xsum);
+#pragma unroll
+                for (int j = 0; j < 4; j++) xs[i][j][c] = words[j];
+                xd[i][c] = d;
+                xq[i][c] = qsum;
+                if (OFF) xt[i][c] = xsum;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int h = 0; h < Q4_SLAB / WARP; h++) {
+            int c = lane + h * WARP;
+            if (c >= here) break;
+            int g = slab + c;
+            uint4 wv[R];
+#pragma unroll
+            for (int r = 0; r < R; r++) wv[r] = __ldg(wrow[r] + g);
+            float sc[R], of[R];
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                long b = (rbase[r] + ((long)g << 5)) >> block_shift;
+                sc[r] = param_at(scales, b, bf16_params);
+                of[r] = OFF ? param_at(offsets, b, bf16_params) : 0.0f;
+            }
+            int dot[M][R];
+#pragma unroll
+            for (int i = 0; i < M; i++)
+#pragma unroll
+                for (int r = 0; r < R; r++) dot[i][r] = 0;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                uint4 xv[M];
+#pragma unroll
+                for (int i = 0; i < M; i++) xv[i] = xs[i][j][c];
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    u32 w = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
+                    int odd = (int)((w ^ int_xor) & 0x0f0f0f0fu);
+                    int even = (int)(((w >> 4) ^ int_xor) & 0x0f0f0f0fu);
+#pragma unroll
+                    for (int i = 0; i < M; i++) {
+                        int a = dot[i][r];
+                        a = __dp2a_lo((int)xv[i].x, odd, a);
+                        a = __dp2a_hi((int)xv[i].y, odd, a);
+                        a = __dp2a_lo((int)xv[i].z, even, a);
+                        a = __dp2a_hi((int)xv[i].w, even, a);
+                        dot[i][r] = a;
+                    }
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < M; i++) {
+                float d = xd[i][c];
+                int qs = xq[i][c];
+                float xsum = OFF ? xt[i][c] : 0.0f;
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    float v = (float)(dot[i][r] - int_bias * qs);
+                    acc[i][r] = fmaf(v, __fmul_rn(d, sc[r]), acc[i][r]);
+                    if (OFF) acc[i][r] = fmaf(of[r], xsum, acc[i][r]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < M; i++)
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            float s = warp_sum(acc[i][r]);
+            int row = r0 + r;
+            if (lane == 0 && row < rows) store_fused(out, (long)i * rows + row, bias ? s + bias[row] : s, act, accumulate);
+        }
+}
+
+// Rows per warp of the fixed-point GEMV, and so Q4_WARPS * Q4_ROWS rows per block.
+#define Q4_ROWS 4
+
+#define Q4_ARGS                                                                                                \
+    const u8 *__restrict__ bytes, const void *__restrict__ scales, const void *__restrict__ offsets,             \
+        int bf16_params, const float *__restrict__ x, const float *__restrict__ bias, float *__restrict__ out,  \
+        int rows, int cols, int block_shift, u32 int_xor, int int_bias, int act, int accumulate
+#define Q4_PASS bytes, scales, offsets, bf16_params, x, bias, out, rows, cols, block_shift, int_xor, int_bias, act, accumulate
+
+template <int M>
+__device__ __forceinline__ void packed4_gemv_fixed_any(Q4_ARGS) {
+    // One shared allocation for both variants (each declaring its own would add up).
+    __shared__ Q4Slab<M> sh;
+    if (offsets) packed4_gemv_fixed<M, Q4_ROWS, true>(sh, Q4_PASS);
+    else packed4_gemv_fixed<M, Q4_ROWS, false>(sh, Q4_PASS);
+}
+
+extern "C" __global__ void __launch_bounds__(Q4_THREADS) packed4_gemv_fixed_m1(Q4_ARGS) { packed4_gemv_fixed_any<1>(Q4_PASS); }
+extern "C" __global__ void __launch_bounds__(Q4_THREADS) packed4_gemv_fixed_m2(Q4_ARGS) { packed4_gemv_fixed_any<2>(Q4_PASS); }
+extern "C" __global__ void __launch_bounds__(Q4_THREADS) packed4_gemv_fixed_m3(Q4_ARGS) { packed4_gemv_fixed_any<3>(Q4_PASS); }
+extern "C" __global__ void __launch_bounds__(Q4_THREADS) packed4_gemv_fixed_m4(Q4_ARGS) { packed4_gemv_fixed_any<4>(Q4_PASS); }
+extern "C" __global__ void __launch_bounds__(Q4_THREADS) packed4_gemv_fixed_m5(Q4_ARGS) { packed4_gemv_fixed_any<5>(Q4_PASS); }
+extern "C" __global__ void __launch_bounds__(Q4_THREADS) packed4_gemv_fixed_m6(Q4_ARGS) { packed4_gemv_fixed_any<6>(Q4_PASS); }
+extern "C" __global__ void __launch_bounds__(Q4_THREADS) packed4_gemv_fixed_m7(Q4_ARGS) { packed4_gemv_fixed_any<7>(Q4_PASS); }
+extern "C" __global__ void __launch_bounds__(Q4_THREADS) packed4_gemv_fixed_m8(Q4_ARGS) { packed4_gemv_fixed_any<8>(Q4_PASS); }

@@ -64,7 +64,7 @@ __device__ __forceinline__ float rescale_one(int acc, float sx, float sw, const 
 extern "C" __global__ void gemv_i8(const i8* __restrict__ qx, const float* __restrict__ sx,
                                    const i8* __restrict__ w, const float* __restrict__ sw,
                                    const float* __restrict__ bias, float* __restrict__ out, int m, int n,
-                                   int k) {
+                                   int k, int act, int accumulate) {
     int lane = threadIdx.x & 31;
     int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (j >= n) return;
@@ -102,7 +102,7 @@ extern "C" __global__ void gemv_i8(const i8* __restrict__ qx, const float* __res
     for (int i = 0; i < 8; i++) {
         if (i < m) {
             int t = warp_sum_i32(acc[i]);
-            if (lane == 0) out[(long)i * n + j] = rescale_one(t, sx[i], sw[j], bias, j);
+            if (lane == 0) store_fused(out, (long)i * n + j, rescale_one(t, sx[i], sw[j], bias, j), act, accumulate);
         }
     }
 }
@@ -132,7 +132,7 @@ template <int M, int U = I8_UNROLL>
 __device__ __forceinline__ void gemv_i8_chunks(const i8* __restrict__ qx, const float* __restrict__ sx,
                                                const i8* __restrict__ w, const float* __restrict__ sw,
                                                const float* __restrict__ bias, float* __restrict__ out, int n,
-                                               int k) {
+                                               int k, int act, int accumulate) {
     __shared__ int partial[I8_WARPS][M * I8_ROWS];
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int j0 = blockIdx.x * I8_ROWS;
@@ -187,14 +187,15 @@ __device__ __forceinline__ void gemv_i8_chunks(const i8* __restrict__ qx, const 
         int s = 0;
 #pragma unroll
         for (int q = 0; q < I8_WARPS; q++) s += partial[q][tid];
-        if (j < n) out[(long)i * n + j] = rescale_one(s, sx[i], sw[j], bias, j);
+        if (j < n) store_fused(out, (long)i * n + j, rescale_one(s, sx[i], sw[j], bias, j), act, accumulate);
     }
 }
 
 #define I8_ARGS                                                                                                \
     const i8 *__restrict__ qx, const float *__restrict__ sx, const i8 *__restrict__ w,                         \
-        const float *__restrict__ sw, const float *__restrict__ bias, float *__restrict__ out, int n, int k
-#define I8_PASS qx, sx, w, sw, bias, out, n, k
+        const float *__restrict__ sw, const float *__restrict__ bias, float *__restrict__ out, int n, int k,     \
+        int act, int accumulate
+#define I8_PASS qx, sx, w, sw, bias, out, n, k, act, accumulate
 
 // gemv_i8_chunks for m = 1 .. 8 activation rows; blockDim I8_THREADS, one block per
 // I8_ROWS output rows.

@@ -82,12 +82,14 @@ impl Shape {
 
 /// Decode shapes (one activation row): the 4096×4096 and the larger projections
 /// of 7B–8B Llama-style models.
-pub const DECODE_SHAPES: [Shape; 5] = [
+pub const DECODE_SHAPES: [Shape; 7] = [
     Shape { m: 1, n: 4096, k: 4096 },
     Shape { m: 1, n: 11008, k: 4096 },
     Shape { m: 1, n: 4096, k: 11008 },
     Shape { m: 1, n: 14336, k: 4096 },
     Shape { m: 1, n: 8192, k: 8192 },
+    Shape { m: 8, n: 4096, k: 4096 },
+    Shape { m: 8, n: 8192, k: 8192 },
 ];
 
 /// Prefill shapes for the GEMMs.
@@ -104,6 +106,12 @@ pub fn packed4_gemv_bytes(s: Shape, block: usize, bf16_scales: bool) -> f64 {
     let weights = (s.n * s.k).div_ceil(2);
     let scales = (s.n * s.k).div_ceil(block.max(1)) * if bf16_scales { 2 } else { 4 };
     (weights + scales + 4 * s.m * s.k + 4 * s.m * s.n) as f64
+}
+
+/// Bytes one dense GEMV call reads and writes: `bytes_per_value` per weight, f32
+/// activations and outputs.
+pub fn dense_gemv_bytes(s: Shape, bytes_per_value: usize) -> f64 {
+    (s.n * s.k * bytes_per_value + 4 * s.m * s.k + 4 * s.m * s.n) as f64
 }
 
 /// Bytes one int8 GEMV call reads and writes: int8 weights and activations, f32 scales

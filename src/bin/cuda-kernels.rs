@@ -3,7 +3,8 @@
 //! GEMVs (targets: ≥ 75% of it), the bf16 cuBLAS GEMM for the int8 cuBLASLt GEMM (target:
 //! ≥ 1.5× its throughput). Weights are rotated through enough copies to exceed L2 three
 //! times over (or L2 is flushed between calls when memory is short), so each call reads
-//! from device memory.
+//! from device memory. The GEMVs are timed as a decode step runs them, replayed from a
+//! captured graph (no host launch cost between calls); cuBLAS's bf16 GEMV is the peer.
 //!
 //! Usage: `cuda-kernels [--samples N] [--iters N] [--json PATH]`. Needs a CUDA device;
 //! see `scripts/gpu-run.sh`. The arithmetic lives in `quantbench::backend::bench`.
@@ -14,6 +15,7 @@ use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::CudaSlice;
 use quantbench::backend::bench::{self, Shape, Stats};
 use quantbench::backend::cuda::blas::{self, Blas};
+use quantbench::backend::cuda::fuse::{self, DenseWeight, Fuse};
 use quantbench::backend::cuda::ops::{self, DevicePacked4};
 use quantbench::backend::cuda::{CudaError, Gpu};
 use quantbench::scheme::packed4::{pack_nibbles, Packed4};
@@ -80,6 +82,32 @@ fn time(
             Ok(())
         })?;
         samples.push(ms as f64 / o.iters as f64);
+    }
+    Stats::of(&samples).ok_or(CudaError::Shape { op: "timing", message: "no finite samples".into() })
+}
+
+/// Time `call(i)` as a decode graph runs it: `max(iters, rotate)` calls captured once
+/// into a graph, `samples` replays between two events; per-call milliseconds.
+fn time_graph(
+    gpu: &Gpu,
+    o: &Options,
+    rotate: usize,
+    mut call: impl FnMut(usize) -> Result<(), CudaError>,
+) -> Result<Stats, CudaError> {
+    for i in 0..5 {
+        call(i)?;
+    }
+    gpu.synchronize()?;
+    let calls = o.iters.max(rotate);
+    let graph = gpu.capture(|| (0..calls).try_for_each(&mut call))?;
+    let replay = || {
+        graph.launch().map_err(|e| CudaError::Driver { op: "graph launch".into(), message: format!("{e:?}") })
+    };
+    replay()?;
+    gpu.synchronize()?;
+    let mut samples = Vec::with_capacity(o.samples);
+    for _ in 0..o.samples {
+        samples.push(gpu.time_ms(replay)? as f64 / calls as f64);
     }
     Stats::of(&samples).ok_or(CudaError::Shape { op: "timing", message: "no finite samples".into() })
 }
@@ -172,14 +200,23 @@ fn run(o: &Options) -> Result<Vec<Row>, CudaError> {
         };
         let x = gpu.upload(&rng.normal_vec(s.m * s.k, 1.0))?;
         let mut out = gpu.zeros::<f32>(s.m * s.n)?;
-        for (label, w, bf16) in [("int4-block", &int4, true), ("nf4", &nf4, false)] {
+        // int4-block as users run it (the CPU's default fixed-point numerics), then with
+        // f32 activations (exact_gemv), and nf4 (f32: its table is not integers).
+        let fixed = Packed4 { exact_gemv: false, ..int4.clone() };
+        for (label, w, bf16) in [
+            ("int4-block fixed-point", &fixed, true),
+            ("int4-block f32", &int4, true),
+            ("nf4 f32", &nf4, false),
+        ] {
             let bytes = bench::packed4_gemv_bytes(s, w.block, bf16);
             let (count, beyond_l2) = bench::rotation(bytes as usize, l2, gpu.memory()?.0);
             let copies: Vec<DevicePacked4> =
                 (0..count).map(|_| DevicePacked4::upload(&gpu, w)).collect::<Result<_, _>>()?;
-            let st = time(&gpu, o, |i| ops::packed4_gemv(&gpu, &copies[i % count], &x, s.m, None, &mut out))?;
+            let st = time_graph(&gpu, o, count, |i| {
+                ops::packed4_gemv(&gpu, &copies[i % count], &x, s.m, None, Fuse::NONE, &mut out)
+            })?;
             drop(copies);
-            rows.push(bandwidth_row(format!("{label} gemv ({count} copies)"), s, st, bytes, beyond_l2));
+            rows.push(bandwidth_row(format!("{label} gemv"), s, st, bytes, beyond_l2));
         }
 
         // int8 GEMV.
@@ -188,13 +225,39 @@ fn run(o: &Options) -> Result<Vec<Row>, CudaError> {
         let (count, beyond_l2) = bench::rotation(bytes as usize, l2, gpu.memory()?.0);
         let ws: Vec<CudaSlice<i8>> = (0..count).map(|_| gpu.upload(&w)).collect::<Result<_, _>>()?;
         let sw = gpu.upload(&vec![0.01f32; s.n])?;
-        let qx = gpu.upload(&vec![3i8; s.m * s.k])?;
+        let qx = gpu.upload(&(0..s.m * s.k).map(|i| (i % 251) as i8 - 125).collect::<Vec<i8>>())?;
         let sx = gpu.upload(&vec![0.02f32; s.m])?;
-        let st = time(&gpu, o, |i| {
-            ops::gemv_i8(&gpu, &qx, &sx, &ws[i % count], &sw, None, &mut out, (s.m, s.n, s.k))
+        let st = time_graph(&gpu, o, count, |i| {
+            ops::gemv_i8(&gpu, &qx, &sx, &ws[i % count], &sw, None, Fuse::NONE, &mut out, (s.m, s.n, s.k))
         })?;
         drop(ws);
-        rows.push(bandwidth_row(format!("int8 gemv ({count} copies)"), s, st, bytes, beyond_l2));
+        rows.push(bandwidth_row("int8 gemv".into(), s, st, bytes, beyond_l2));
+
+        // 16-bit weights: our GEMV (f32 activations rounded in registers) and cuBLAS's
+        // bf16 GEMV (bf16 activations and output), the peer PyTorch calls.
+        let halves: Vec<u16> =
+            (0..s.n * s.k).map(|_| half::bf16::from_f64(rng.normal() * 0.05).to_bits()).collect();
+        let bytes = bench::dense_gemv_bytes(s, 2);
+        let (count, beyond_l2) = bench::rotation(bytes as usize, l2, gpu.memory()?.0);
+        let ws: Vec<CudaSlice<u16>> = (0..count).map(|_| gpu.upload(&halves)).collect::<Result<_, _>>()?;
+        for (label, bf16) in [("f16", false), ("bf16", true)] {
+            let st = time_graph(&gpu, o, count, |i| {
+                let w = DenseWeight::Half(&ws[i % count], bf16);
+                fuse::dense_gemv(&gpu, w, (s.n, s.k), &x, s.m, None, Fuse::NONE, &mut out)
+            })?;
+            rows.push(bandwidth_row(format!("{label} gemv"), s, st, bytes, beyond_l2));
+        }
+        drop(ws);
+        let wb: Vec<half::bf16> = halves.iter().map(|&b| half::bf16::from_bits(b)).collect();
+        let wbs: Vec<CudaSlice<half::bf16>> =
+            (0..count).map(|_| gpu.upload(&wb)).collect::<Result<_, _>>()?;
+        let xb = gpu.upload(
+            &rng.normal_vec(s.m * s.k, 1.0).iter().map(|&v| half::bf16::from_f32(v)).collect::<Vec<_>>(),
+        )?;
+        let mut ob = gpu.zeros::<half::bf16>(s.m * s.n)?;
+        let st = time_graph(&gpu, o, count, |i| blas.gemm(&xb, &wbs[i % count], &mut ob, (s.m, s.n, s.k)))?;
+        drop(wbs);
+        rows.push(bandwidth_row("cublas bf16 gemv (peer)".into(), s, st, bytes, beyond_l2));
     }
 
     for s in bench::PREFILL_SHAPES {

@@ -6,10 +6,12 @@
 #![cfg(feature = "cuda")]
 
 mod decoder;
+mod fused;
 mod linears;
 
 use cudarc::driver::CudaSlice;
 use quantbench::backend::cuda::blas::{self, Blas};
+use quantbench::backend::cuda::fuse::Fuse;
 use quantbench::backend::cuda::kernels::{self, CI_ARCHS, FILES};
 use quantbench::backend::cuda::ops::{self, CacheShape, DeviceMasking, DevicePacked4, FakeQuant, Unary};
 use quantbench::backend::cuda::Gpu;
@@ -167,7 +169,7 @@ fn int8_quantization_gemv_gemm_and_rescale_match_the_cpu_exactly() {
             (0..m * n).map(|e| acc_cpu[e] as f32 * (sx_cpu[e / n] * sw[e % n]) + bias[e % n]).collect();
         let (wd, swd, bd) = (gpu.upload(&qw).unwrap(), gpu.upload(&sw).unwrap(), gpu.upload(&bias).unwrap());
         let mut out = poisoned(&gpu, m * n);
-        ops::gemv_i8(&gpu, &qx, &sx, &wd, &swd, Some(&bd), &mut out, (m, n, k)).unwrap();
+        ops::gemv_i8(&gpu, &qx, &sx, &wd, &swd, Some(&bd), Fuse::NONE, &mut out, (m, n, k)).unwrap();
         within(&format!("gemv_i8 {m}×{n}×{k}"), "EXACT", EXACT, &gpu.download(&out).unwrap(), &want);
 
         let mut acc = gpu.upload(&vec![i32::MIN; m * n]).unwrap();
@@ -346,7 +348,7 @@ fn packed4_dequantization_and_fused_gemv_match_the_reference() {
             p.gemv(&x, m, &mut want, quantbench::scheme::packed4::Gemv::Scalar);
             let xd = gpu.upload(&x).unwrap();
             let mut out = poisoned(&gpu, m * rows);
-            ops::packed4_gemv(&gpu, &d, &xd, m, None, &mut out).unwrap();
+            ops::packed4_gemv(&gpu, &d, &xd, m, None, Fuse::NONE, &mut out).unwrap();
             let name = format!("packed4_gemv m={m} {rows}×{cols} block {block}");
             within_l2(&name, "PACKED4_GEMV_L2", PACKED4_GEMV_L2, &gpu.download(&out).unwrap(), &want);
         }
@@ -616,7 +618,7 @@ fn int8_gemv_matches_the_cpu_for_every_row_count() {
             let (qxd, sxd) = (gpu.upload(&qx).unwrap(), gpu.upload(&sx).unwrap());
             let (wd, swd) = (gpu.upload(&qw).unwrap(), gpu.upload(&sw).unwrap());
             let mut out = poisoned(&gpu, m * n);
-            ops::gemv_i8(&gpu, &qxd, &sxd, &wd, &swd, None, &mut out, (m, n, k)).unwrap();
+            ops::gemv_i8(&gpu, &qxd, &sxd, &wd, &swd, None, Fuse::NONE, &mut out, (m, n, k)).unwrap();
             within(&format!("gemv_i8 {m}×{n}×{k}"), "EXACT", EXACT, &gpu.download(&out).unwrap(), &want);
         }
     }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::CudaSlice;
 
 use super::blas::Blas;
+use super::fuse::{self, AppendAt, Fuse};
 use super::linear::CudaLinear;
 use super::ops::{self, CacheShape, DeviceMasking, Unary};
 use super::{driver, guard, CudaError, Gpu};
@@ -312,46 +313,55 @@ impl CudaDecoder {
         };
         for (i, block) in self.blocks.iter().enumerate() {
             let x = block.attn_norm.apply(gpu, &hidden, rows, self.eps)?;
-            let (mut q, mut k, v) = match &block.qkv {
-                DeviceQkv::Fused { layer, run } => {
-                    let fused = Self::linear(gpu, blas, layer, &x, rows)?;
-                    let width = heads * head_dim;
-                    let mut parts = [
-                        gpu.uninit::<f32>(rows * width)?,
-                        gpu.uninit(rows * width)?,
-                        gpu.uninit(rows * width)?,
-                    ];
-                    let [q, k, v] = &mut parts;
-                    ops::split_qkv(gpu, &fused, (rows, width, *run), q, k, v)?;
-                    let [q, k, v] = parts;
-                    (q, k, v)
-                }
-                DeviceQkv::Separate { q, k, v } => (
-                    Self::linear(gpu, blas, q, &x, rows)?,
-                    Self::linear(gpu, blas, k, &x, rows)?,
-                    Self::linear(gpu, blas, v, &x, rows)?,
-                ),
-            };
-            if let Some((pos, inv_freq)) = &rotary {
-                ops::rotary_view(gpu, &mut q, pos, inv_freq, (rows, heads, head_dim))?;
-                ops::rotary_view(gpu, &mut k, pos, inv_freq, (rows, kv_heads, head_dim))?;
-            }
             let (kc, vc) = &mut cache.layers[i];
-            let mut context = gpu.uninit::<f32>(rows * heads * head_dim)?;
+            let at = match &start_at {
+                Some(d) => AppendAt::Device(d),
+                None => AppendAt::Host(start),
+            };
+            let width = heads * head_dim;
+            let q = match &block.qkv {
+                // One launch splits q off and appends k and v (no rotation in between).
+                DeviceQkv::Fused { layer, run } if rotary.is_none() && kv_heads == heads => {
+                    let fused = Self::linear(gpu, blas, layer, &x, rows)?;
+                    let mut q = gpu.uninit::<f32>(rows * width)?;
+                    fuse::split_qkv_append(gpu, &fused, *run, &mut q, (kc, vc), cache.shape, seq, at)?;
+                    q
+                }
+                qkv => {
+                    let (mut q, mut k, v) = match qkv {
+                        DeviceQkv::Fused { layer, run } => {
+                            let fused = Self::linear(gpu, blas, layer, &x, rows)?;
+                            let mut parts = [
+                                gpu.uninit::<f32>(rows * width)?,
+                                gpu.uninit(rows * width)?,
+                                gpu.uninit(rows * width)?,
+                            ];
+                            let [q, k, v] = &mut parts;
+                            ops::split_qkv(gpu, &fused, (rows, width, *run), q, k, v)?;
+                            let [q, k, v] = parts;
+                            (q, k, v)
+                        }
+                        DeviceQkv::Separate { q, k, v } => (
+                            Self::linear(gpu, blas, q, &x, rows)?,
+                            Self::linear(gpu, blas, k, &x, rows)?,
+                            Self::linear(gpu, blas, v, &x, rows)?,
+                        ),
+                    };
+                    if let Some((pos, inv_freq)) = &rotary {
+                        ops::rotary_view(gpu, &mut q, pos, inv_freq, (rows, heads, head_dim))?;
+                        ops::rotary_view(gpu, &mut k, pos, inv_freq, (rows, kv_heads, head_dim))?;
+                    }
+                    fuse::kv_append_pair(gpu, (&k, &v), (kc, vc), cache.shape, seq, at)?;
+                    q
+                }
+            };
+            let mut context = gpu.uninit::<f32>(rows * width)?;
             match &start_at {
-                Some(at) => {
-                    ops::kv_append_at(gpu, &k, kc, cache.shape, seq, at)?;
-                    ops::kv_append_at(gpu, &v, vc, cache.shape, seq, at)?;
-                    ops::attention_at(gpu, &q, kc, vc, cache.shape, seq, at, masking, &mut context)?;
-                }
-                None => {
-                    ops::kv_append(gpu, &k, kc, cache.shape, (start, seq))?;
-                    ops::kv_append(gpu, &v, vc, cache.shape, (start, seq))?;
-                    ops::attention(gpu, &q, kc, vc, cache.shape, (start, seq), masking, &mut context)?;
-                }
+                Some(at) => ops::attention_at(gpu, &q, kc, vc, cache.shape, seq, at, masking, &mut context)?,
+                None => ops::attention(gpu, &q, kc, vc, cache.shape, (start, seq), masking, &mut context)?,
             }
-            let attn = Self::linear(gpu, blas, &block.out, &context, rows)?;
-            ops::add_in_place(gpu, &mut hidden, &attn)?;
+            // hidden += out(context) + bias, in the product's epilogue.
+            block.out.forward_fused(gpu, blas, &context, rows, Fuse::RESIDUAL, &mut hidden)?;
 
             let x = block.mlp_norm.apply(gpu, &hidden, rows, self.eps)?;
             let inner = match &block.mlp {
@@ -363,17 +373,15 @@ impl CudaDecoder {
                     a
                 }
                 DeviceMlp::Gelu { up, act, .. } => {
-                    let u = Self::linear(gpu, blas, up, &x, rows)?;
-                    let mut a = gpu.uninit::<f32>(u.len())?;
-                    ops::unary(gpu, *act, &u, &mut a)?;
+                    let mut a = gpu.uninit::<f32>(rows * up.out_features())?;
+                    up.forward_fused(gpu, blas, &x, rows, Fuse::activation(*act), &mut a)?;
                     a
                 }
             };
             let down = match &block.mlp {
                 DeviceMlp::GatedSilu { down, .. } | DeviceMlp::Gelu { down, .. } => down,
             };
-            let mlp = Self::linear(gpu, blas, down, &inner, rows)?;
-            ops::add_in_place(gpu, &mut hidden, &mlp)?;
+            down.forward_fused(gpu, blas, &inner, rows, Fuse::RESIDUAL, &mut hidden)?;
             if let Some(observe) = observe.as_deref_mut() {
                 observe(i, &gpu.download(&hidden)?);
             }
@@ -648,34 +656,11 @@ impl DecodeGraph {
         cache: &mut DeviceCache,
         batch: usize,
     ) -> Result<DecodeGraph, CudaError> {
-        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
         let inputs = gpu.zeros::<i32>(2 * batch + 1)?;
         let mut logits = gpu.zeros::<f32>(batch * decoder.vocab)?;
-        let stream = gpu.stream();
-        // Relaxed: a call that is not a stream operation (a module or function lookup, a
-        // function attribute) is allowed on this thread during the capture; the ones that
-        // would break it (synchronisation, pageable copies) are not made.
-        guard("begin capture", || {
-            stream
-                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-                .map_err(driver("cuStreamBeginCapture"))
-        })?;
         let step = Step::Device { inputs: &inputs, rows: batch };
-        let recorded = decoder.forward(gpu, blas, step, batch, cache, Logits::Last, None, &mut logits);
-        // cudarc keeps errors of calls that cannot return one (a free in a broken capture)
-        // and returns them from the next call: clear them so that call ends the capture.
-        let pending = gpu.context().check_err().map_err(driver("capture"));
-        let ended = guard("end capture", || {
-            stream
-                .end_capture(CUgraphInstantiate_flags(0))
-                .map_err(driver("cuStreamEndCapture / cuGraphInstantiate"))
-        });
-        recorded?;
-        pending?;
-        let graph = ended?.ok_or(CudaError::Driver {
-            op: "cuStreamEndCapture".into(),
-            message: "no graph captured, expected the decode step's".into(),
-        })?;
+        let graph =
+            gpu.capture(|| decoder.forward(gpu, blas, step, batch, cache, Logits::Last, None, &mut logits))?;
         Ok(DecodeGraph { batch, inputs, logits, graph: SendGraph(graph) })
     }
 

@@ -33,6 +33,7 @@ use std::sync::Mutex;
 use cudarc::driver::{CudaSlice, DeviceRepr};
 
 use super::blas::{lt_int8_supports, Blas};
+use super::fuse::{self, dense_gemv_fits, DenseWeight, Fuse, DENSE_GEMV_MAX_ROWS};
 use super::ops::{self, DevicePacked4, Epilogue, FakeQuant, GEMV_MAX_ROWS};
 use super::{driver, guard, CudaError, Gpu};
 use crate::scheme::int8_dynamic::Int8DynamicOptions;
@@ -394,13 +395,20 @@ impl CudaLinear {
     /// The kernel path `forward` takes for `m` activation rows.
     pub fn kernel(&self, m: usize) -> &'static str {
         let gemv = m <= GEMV_MAX_ROWS;
+        let dense_gemv =
+            m <= DENSE_GEMV_MAX_ROWS && self.dense_weight().is_some_and(|w| dense_gemv_fits(&w, self.cols));
         match &self.repr {
+            Repr::Dense { pruned: false, .. } if dense_gemv => "cuda-f32-gemv",
+            Repr::Dense { pruned: true, .. } if dense_gemv => "cuda-f32-gemv-dense-pruned",
+            Repr::Half { bf16: false, .. } if dense_gemv => "cuda-f16-gemv-f32-acc",
+            Repr::Half { bf16: true, .. } if dense_gemv => "cuda-bf16-gemv-f32-acc",
             Repr::Dense { pruned: false, .. } => "cuda-cublas-f32",
             Repr::Dense { pruned: true, .. } => "cuda-cublas-f32-dense-pruned",
             Repr::Half { bf16: false, .. } => "cuda-cublas-f16-gemm-f32-acc",
             Repr::Half { bf16: true, .. } => "cuda-cublas-bf16-gemm-f32-acc",
             Repr::FakeQuant { .. } => "cuda-fake-quant-cublas-f32",
             Repr::Codebook { .. } => "cuda-kmeans-dequant-cublas-f32",
+            Repr::Packed4 { weight } if gemv && weight.fixed_point => "cuda-packed4-fixed-point-gemv",
             Repr::Packed4 { .. } if gemv => "cuda-packed4-fused-gemv",
             Repr::Packed4 { .. } => "cuda-packed4-dequant-f32-cublas",
             repr => {
@@ -430,6 +438,15 @@ impl CudaLinear {
         Ok(vec![("outlier_column_fraction", v[0] as f64 / (v[1] as f64 * self.cols as f64))])
     }
 
+    /// The weight [`fuse::dense_gemv`] reads, for the dense and 16-bit representations.
+    fn dense_weight(&self) -> Option<DenseWeight<'_>> {
+        match &self.repr {
+            Repr::Dense { weight, .. } => Some(DenseWeight::F32(weight)),
+            Repr::Half { weight, bf16 } => Some(DenseWeight::Half(weight, *bf16)),
+            _ => None,
+        }
+    }
+
     /// `out[m, out_features] = x[m, in_features] · Wᵀ + b`, queued on `gpu`'s stream
     /// (nothing waits for the device); returns the kernel path taken. `x` and `out` may be
     /// longer than `m` rows.
@@ -439,6 +456,21 @@ impl CudaLinear {
         blas: &Blas,
         x: &CudaSlice<f32>,
         m: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<&'static str, CudaError> {
+        self.forward_fused(gpu, blas, x, m, Fuse::NONE, out)
+    }
+
+    /// [`CudaLinear::forward`] then `fuse` on each output (an activation, or adding to
+    /// what `out` holds: the residual add). The GEMV paths apply it in their epilogue;
+    /// the others in one [`fuse::bias_act_rows`] launch after the product.
+    pub fn forward_fused(
+        &self,
+        gpu: &Gpu,
+        blas: &Blas,
+        x: &CudaSlice<f32>,
+        m: usize,
+        fuse: Fuse,
         out: &mut CudaSlice<f32>,
     ) -> Result<&'static str, CudaError> {
         const OP: &str = "cuda linear forward";
@@ -461,37 +493,36 @@ impl CudaLinear {
         }
         let bias = self.bias.as_ref();
         let gemv = m <= GEMV_MAX_ROWS;
+        if let Some(w) = self.dense_weight().filter(|w| m <= DENSE_GEMV_MAX_ROWS && dense_gemv_fits(w, k)) {
+            fuse::dense_gemv(gpu, w, (n, k), x, m, bias, fuse, out)?;
+            return Ok(path);
+        }
         match &self.repr {
             Repr::Dense { weight, .. } => {
-                blas.gemm(x, weight, out, (m, n, k))?;
-                self.add_bias(gpu, out, m)?;
+                self.product(gpu, m, fuse, out, |o| blas.gemm(x, weight, o, (m, n, k)))?;
             }
             Repr::Half { weight, bf16 } => {
                 let mut xh = uninit::<u16>(gpu, m * k)?;
                 ops::round_to_16(gpu, x, m * k, *bf16, &mut xh)?;
-                blas.gemm_16_f32(&xh, weight, *bf16, out, (m, n, k))?;
-                self.add_bias(gpu, out, m)?;
+                self.product(gpu, m, fuse, out, |o| blas.gemm_16_f32(&xh, weight, *bf16, o, (m, n, k)))?;
             }
             Repr::FakeQuant { weight, input_scale, params } => {
                 let mut fx = uninit::<f32>(gpu, m * k)?;
                 ops::fake_quant_tensor(gpu, x, (m * k, k), input_scale, *params, &mut fx)?;
-                blas.gemm(&fx, weight, out, (m, n, k))?;
-                self.add_bias(gpu, out, m)?;
+                self.product(gpu, m, fuse, out, |o| blas.gemm(&fx, weight, o, (m, n, k)))?;
             }
             Repr::Codebook { bits, indices, codebook } => {
                 let mut dense = uninit::<f32>(gpu, n * k)?;
                 ops::codebook_dequant(gpu, (indices, *bits), codebook, n * k, &mut dense)?;
-                blas.gemm(x, &dense, out, (m, n, k))?;
-                self.add_bias(gpu, out, m)?;
+                self.product(gpu, m, fuse, out, |o| blas.gemm(x, &dense, o, (m, n, k)))?;
             }
             Repr::Packed4 { weight } => {
                 if gemv {
-                    ops::packed4_gemv(gpu, weight, x, m, bias, out)?;
+                    ops::packed4_gemv(gpu, weight, x, m, bias, fuse, out)?;
                 } else {
                     let mut dense = uninit::<f32>(gpu, n * k)?;
                     ops::packed4_dequant(gpu, weight, Some(&mut dense), None)?;
-                    blas.gemm(x, &dense, out, (m, n, k))?;
-                    self.add_bias(gpu, out, m)?;
+                    self.product(gpu, m, fuse, out, |o| blas.gemm(x, &dense, o, (m, n, k)))?;
                 }
             }
             Repr::Int8 { weight, scales, activations } => {
@@ -512,18 +543,23 @@ impl CudaLinear {
                 }
                 let torch = *activations == Activations::Torch;
                 match (gemv, torch) {
-                    (true, false) => ops::gemv_i8(gpu, q, sx, weight, scales, bias, out, (m, n, k))?,
+                    (true, false) => ops::gemv_i8(gpu, q, sx, weight, scales, bias, fuse, out, (m, n, k))?,
                     (true, true) => {
                         let epilogue = Epilogue::Torch { sx, sw: scales };
-                        ops::gemv_i8_with(gpu, q, weight, epilogue, bias, out, (m, n, k))?
+                        ops::gemv_i8_with(gpu, q, weight, epilogue, bias, fuse, out, (m, n, k))?
                     }
                     (false, false) => {
                         let acc = int8_gemm(gpu, blas, q, weight, (m, n, k))?;
-                        ops::rescale_i32(gpu, &acc, sx, scales, bias, out, (m, n))?
+                        Self::then(gpu, (m, n), fuse, out, |o| {
+                            ops::rescale_i32(gpu, &acc, sx, scales, bias, o, (m, n))
+                        })?
                     }
                     (false, true) => {
                         let acc = int8_gemm(gpu, blas, q, weight, (m, n, k))?;
-                        ops::rescale_with(gpu, &acc, Epilogue::Torch { sx, sw: scales }, bias, out, (m, n))?
+                        let epilogue = Epilogue::Torch { sx, sw: scales };
+                        Self::then(gpu, (m, n), fuse, out, |o| {
+                            ops::rescale_with(gpu, &acc, epilogue, bias, o, (m, n))
+                        })?
                     }
                 }
             }
@@ -539,10 +575,12 @@ impl CudaLinear {
                 ops::quantize_static_i8(gpu, x, m * k, *input, q)?;
                 let epilogue = Epilogue::Static { corr, out_scales };
                 if gemv {
-                    ops::gemv_i8_with(gpu, q, weight, epilogue, bias, out, (m, n, k))?;
+                    ops::gemv_i8_with(gpu, q, weight, epilogue, bias, fuse, out, (m, n, k))?;
                 } else {
                     let acc = int8_gemm(gpu, blas, q, weight, (m, n, k))?;
-                    ops::rescale_with(gpu, &acc, epilogue, bias, out, (m, n))?;
+                    Self::then(gpu, (m, n), fuse, out, |o| {
+                        ops::rescale_with(gpu, &acc, epilogue, bias, o, (m, n))
+                    })?;
                 }
             }
             Repr::Outlier { weight, scales, threshold, bf16 } => {
@@ -568,6 +606,7 @@ impl CudaLinear {
                         x,
                         (idx, count),
                         *bf16,
+                        fuse,
                         out,
                         (m, n, k),
                     )?;
@@ -581,18 +620,54 @@ impl CudaLinear {
                     let mut sx = uninit::<f32>(gpu, m)?;
                     ops::quantize_rows_i8(gpu, x, Some(&mask), m, k, &mut q, &mut sx)?;
                     let acc = int8_gemm(gpu, blas, &q, weight, (m, n, k))?;
-                    ops::rescale_i32(gpu, &acc, &sx, scales, bias, out, (m, n))?;
-                    ops::outlier_product(gpu, x, (m, k, n), &idx, &count, weight, scales, *bf16, out)?;
+                    Self::then(gpu, (m, n), fuse, out, |o| {
+                        ops::rescale_i32(gpu, &acc, &sx, scales, bias, o, (m, n))?;
+                        ops::outlier_product(gpu, x, (m, k, n), &idx, &count, weight, scales, *bf16, o)
+                    })?;
                 }
             }
         }
         Ok(path)
     }
 
-    fn add_bias(&self, gpu: &Gpu, out: &mut CudaSlice<f32>, m: usize) -> Result<(), CudaError> {
-        match &self.bias {
-            Some(b) => ops::add_bias_rows(gpu, out, b, m),
-            None => Ok(()),
+    /// A product without bias written by `write`, then the bias and `fuse`: into `out`
+    /// with the bias added in place when there is nothing to fuse, else into a scratch
+    /// buffer that one [`fuse::bias_act_rows`] launch carries into `out`.
+    fn product(
+        &self,
+        gpu: &Gpu,
+        m: usize,
+        fuse: Fuse,
+        out: &mut CudaSlice<f32>,
+        write: impl FnOnce(&mut CudaSlice<f32>) -> Result<(), CudaError>,
+    ) -> Result<(), CudaError> {
+        let n = self.rows;
+        if fuse.is_none() {
+            write(out)?;
+            return match &self.bias {
+                Some(b) => ops::add_bias_rows(gpu, out, b, m),
+                None => Ok(()),
+            };
         }
+        let mut raw = uninit::<f32>(gpu, m * n)?;
+        write(&mut raw)?;
+        fuse::bias_act_rows(gpu, &raw, self.bias.as_ref(), fuse, out, (m, n))
+    }
+
+    /// A finished output (bias included) written by `write`, then `fuse`: straight into
+    /// `out` when there is nothing to fuse.
+    fn then(
+        gpu: &Gpu,
+        (m, n): (usize, usize),
+        fuse: Fuse,
+        out: &mut CudaSlice<f32>,
+        write: impl FnOnce(&mut CudaSlice<f32>) -> Result<(), CudaError>,
+    ) -> Result<(), CudaError> {
+        if fuse.is_none() {
+            return write(out);
+        }
+        let mut done = uninit::<f32>(gpu, m * n)?;
+        write(&mut done)?;
+        fuse::bias_act_rows(gpu, &done, None, fuse, out, (m, n))
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod blas;
 pub mod decoder;
+pub mod fuse;
 pub mod kernels;
 pub mod libs;
 pub mod linear;
@@ -312,6 +313,35 @@ impl Gpu {
     pub fn reset_peak_pool_bytes(&self) -> Result<(), CudaError> {
         use cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
         self.pool_attribute(CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0)).map(|_| ())
+    }
+
+    /// Record what `record` queues on the stream into a graph (nothing runs) and
+    /// instantiate it. Relaxed capture: calls that are not stream operations (a module or
+    /// function lookup, a function attribute) are allowed on this thread meanwhile; the
+    /// ones that would break it (synchronisation, pageable copies) must not be made.
+    pub fn capture(
+        &self,
+        record: impl FnOnce() -> Result<(), CudaError>,
+    ) -> Result<cudarc::driver::CudaGraph, CudaError> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        guard("begin capture", || {
+            self.stream
+                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+                .map_err(driver("cuStreamBeginCapture"))
+        })?;
+        let recorded = record();
+        // cudarc keeps errors of calls that cannot return one (a free in a broken capture)
+        // and returns them from the next call: clear them so that call ends the capture.
+        let pending = self.ctx.check_err().map_err(driver("capture"));
+        let ended = guard("end capture", || {
+            self.stream
+                .end_capture(CUgraphInstantiate_flags(0))
+                .map_err(driver("cuStreamEndCapture / cuGraphInstantiate"))
+        });
+        recorded?;
+        pending?;
+        ended?
+            .ok_or(CudaError::Driver { op: "cuStreamEndCapture".into(), message: "no graph captured".into() })
     }
 
     /// Milliseconds the device spends on `f`'s work, between two events recorded on the

@@ -7,6 +7,7 @@
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg};
 
+use super::fuse::Fuse;
 use super::kernels::{KernelFile, CAST, OPS, PACKED4, QUANT};
 use super::{driver, guard, CudaError, Gpu};
 use crate::scheme::packed4::Packed4;
@@ -18,7 +19,7 @@ const THREADS: u32 = 256;
 pub const GEMV_MAX_ROWS: usize = 8;
 
 /// `value` as a kernel `int`, or an error naming the op and the dimension.
-fn int(op: &'static str, what: &str, value: usize) -> Result<i32, CudaError> {
+pub(super) fn int(op: &'static str, what: &str, value: usize) -> Result<i32, CudaError> {
     i32::try_from(value).map_err(|_| CudaError::Shape {
         op,
         message: format!("{what} = {value}, expected at most {}", i32::MAX),
@@ -26,13 +27,13 @@ fn int(op: &'static str, what: &str, value: usize) -> Result<i32, CudaError> {
 }
 
 /// `value` as a kernel `long`.
-fn long(op: &'static str, what: &str, value: usize) -> Result<i64, CudaError> {
+pub(super) fn long(op: &'static str, what: &str, value: usize) -> Result<i64, CudaError> {
     i64::try_from(value)
         .map_err(|_| CudaError::Shape { op, message: format!("{what} = {value} does not fit in i64") })
 }
 
 /// Check that buffer `what` holds at least `want` values.
-fn need(op: &'static str, what: &str, have: usize, want: usize) -> Result<(), CudaError> {
+pub(super) fn need(op: &'static str, what: &str, have: usize, want: usize) -> Result<(), CudaError> {
     if have < want {
         return Err(CudaError::Shape {
             op,
@@ -52,7 +53,7 @@ fn per_row(rows: usize) -> Result<LaunchConfig, CudaError> {
 }
 
 /// Grid-stride launch over `n` elements.
-fn grid_stride(n: usize) -> LaunchConfig {
+pub(super) fn grid_stride(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
@@ -68,7 +69,7 @@ fn warp_per_row(rows: usize) -> LaunchConfig {
 }
 
 /// Load `name` from `file`, let `args` push the arguments, launch.
-fn launch<'a>(
+pub(super) fn launch<'a>(
     gpu: &'a Gpu,
     file: &'static KernelFile,
     name: &'static str,
@@ -88,7 +89,7 @@ fn launch<'a>(
 }
 
 /// A null device pointer for an optional kernel argument.
-static NULL: u64 = 0;
+pub(super) static NULL: u64 = 0;
 
 macro_rules! opt_arg {
     ($b:expr, $opt:expr) => {
@@ -102,6 +103,7 @@ macro_rules! opt_arg {
         }
     };
 }
+pub(super) use opt_arg;
 
 // ---- int8 ------------------------------------------------------------------------------
 
@@ -189,6 +191,7 @@ pub fn gemv_i8(
     w: &CudaSlice<i8>,
     sw: &CudaSlice<f32>,
     bias: Option<&CudaSlice<f32>>,
+    fuse: Fuse,
     out: &mut CudaSlice<f32>,
     (m, n, k): (usize, usize, usize),
 ) -> Result<(), CudaError> {
@@ -202,6 +205,7 @@ pub fn gemv_i8(
         need(OP, "bias", b.len(), n)?;
     }
     let (ni, ki) = (int(OP, "n", n)?, int(OP, "k", k)?);
+    let (act, accumulate) = fuse.codes();
     for i0 in (0..m).step_by(GEMV_MAX_ROWS) {
         let rows = GEMV_MAX_ROWS.min(m - i0);
         let mi = rows as i32;
@@ -219,7 +223,7 @@ pub fn gemv_i8(
                 |b| {
                     b.arg(&qv).arg(&sv).arg(w).arg(sw);
                     opt_arg!(b, bias);
-                    b.arg(&mut ov).arg(&ni).arg(&ki);
+                    b.arg(&mut ov).arg(&ni).arg(&ki).arg(&act).arg(&accumulate);
                 },
                 &mut f,
             )?;
@@ -233,7 +237,7 @@ pub fn gemv_i8(
             |b| {
                 b.arg(&qv).arg(&sv).arg(w).arg(sw);
                 opt_arg!(b, bias);
-                b.arg(&mut ov).arg(&mi).arg(&ni).arg(&ki);
+                b.arg(&mut ov).arg(&mi).arg(&ni).arg(&ki).arg(&act).arg(&accumulate);
             },
             &mut f,
         )?;
@@ -572,6 +576,25 @@ pub fn integer_table(table: &[f32; 16]) -> Option<(u32, f32)> {
     })
 }
 
+/// Largest `|B|` of an integer table `(c ^ X) − B` the fixed-point GEMV takes, so that
+/// `B · Σ q` over a chunk (at most `32 · 32767` in magnitude) stays far inside i32.
+const FIXED_MAX_TABLE_BIAS: f32 = 64.0;
+
+/// Whether the fixed-point GEMV (`packed4_gemv_fixed_m*`) computes `p`: the CPU's default
+/// GEMV numerics (16-bit activations per 32-value chunk; not `exact_gemv`), an integer
+/// table `(c ^ X) − B` with `|B|` ≤ 64 (int4-block's), rows of whole 32-value chunks and a
+/// power-of-two block of whole chunks (each chunk in one block; int4-block's 128).
+pub fn fixed_point_fits(p: &Packed4) -> bool {
+    let small_table =
+        integer_table(&p.table).is_some_and(|(_, magic)| (magic - 8_388_608.0).abs() <= FIXED_MAX_TABLE_BIAS);
+    !p.exact_gemv
+        && small_table
+        && p.rows > 0
+        && p.cols.is_multiple_of(32)
+        && p.block.is_multiple_of(32)
+        && p.block.is_power_of_two()
+}
+
 /// A [`Packed4`] weight resident on the device.
 #[derive(Debug)]
 pub struct DevicePacked4 {
@@ -588,6 +611,9 @@ pub struct DevicePacked4 {
     pub layout: Layout4,
     /// [`integer_table`] of the table.
     pub int_table: Option<(u32, f32)>,
+    /// Whether the fixed-point GEMV takes the weight ([`fixed_point_fits`]; its codes are
+    /// then in the plain layout).
+    pub fixed_point: bool,
     /// The 16 code values.
     pub table: CudaSlice<f32>,
     /// One scale per block.
@@ -623,8 +649,14 @@ impl DevicePacked4 {
         let params = |v: &[f32]| -> Result<Params4, CudaError> {
             Ok(if bf16 { Params4::Bf16(gpu.upload(&bf16_bits(v))?) } else { Params4::F32(gpu.upload(v)?) })
         };
-        // The fast GEMV's shapes: every 8-value word in one row and one block.
-        let tiled = p.rows > 0 && p.cols.is_multiple_of(8) && p.block >= 8 && p.block.is_power_of_two();
+        // The fixed-point GEMV reads the plain layout; the fast f32 GEMV's shapes (every
+        // 8-value word in one row and one block) the tiled one.
+        let fixed_point = fixed_point_fits(p);
+        let tiled = !fixed_point
+            && p.rows > 0
+            && p.cols.is_multiple_of(8)
+            && p.block >= 8
+            && p.block.is_power_of_two();
         let (layout, mut bytes) = if tiled {
             (Layout4::Tiled, tile_bytes(&p.bytes, p.rows, p.cols))
         } else {
@@ -640,6 +672,7 @@ impl DevicePacked4 {
             bytes: gpu.upload(&bytes)?,
             layout,
             int_table: integer_table(&p.table),
+            fixed_point,
             table: gpu.upload(&p.table)?,
             scales: params(&p.scales)?,
             offsets: p.offsets.as_deref().map(params).transpose()?,
@@ -717,14 +750,16 @@ pub fn packed4_dequant(
     )
 }
 
-/// The fused GEMV `out[m, rows] = x[m, cols] · Wᵀ (+ bias)`, dequantizing in registers,
-/// in launches of at most [`GEMV_MAX_ROWS`] activation rows.
+/// The fused GEMV `out[m, rows] = x[m, cols] · Wᵀ (+ bias)` then `fuse`, dequantizing in
+/// registers, in launches of at most [`GEMV_MAX_ROWS`] activation rows: the fixed-point
+/// kernel when [`DevicePacked4::fixed_point`], else the f32 ones.
 pub fn packed4_gemv(
     gpu: &Gpu,
     w: &DevicePacked4,
     x: &CudaSlice<f32>,
     m: usize,
     bias: Option<&CudaSlice<f32>>,
+    fuse: Fuse,
     out: &mut CudaSlice<f32>,
 ) -> Result<(), CudaError> {
     const OP: &str = "packed4_gemv";
@@ -740,12 +775,37 @@ pub fn packed4_gemv(
     let fast = w.layout == Layout4::Tiled;
     let shift = w.block.trailing_zeros() as i32;
     let (int_xor, int_magic) = w.int_table.unwrap_or((0, 0.0));
+    // B of the table (c ^ X) − B, exact: fixed_point_fits bounds it by 64.
+    let int_bias = (int_magic - 8_388_608.0) as i32;
+    let (act, accumulate) = fuse.codes();
     for i0 in (0..m).step_by(GEMV_MAX_ROWS) {
         let rows = GEMV_MAX_ROWS.min(m - i0);
         let mi = rows as i32;
         let xv = x.slice(i0 * w.cols..(i0 + rows) * w.cols);
         let mut ov = out.slice_mut(i0 * w.rows..(i0 + rows) * w.rows);
         let mut f = None;
+        if w.fixed_point {
+            launch(
+                gpu,
+                &PACKED4,
+                PACKED4_GEMV_FIXED[rows - 1],
+                LaunchConfig {
+                    grid_dim: (w.rows.div_ceil(FIXED_GEMV_ROWS).max(1) as u32, 1, 1),
+                    block_dim: (FAST_GEMV_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                |b| {
+                    b.arg(&w.bytes);
+                    push_params(b, w, &flag);
+                    b.arg(&xv);
+                    opt_arg!(b, bias);
+                    b.arg(&mut ov).arg(&ri).arg(&ci).arg(&shift).arg(&int_xor).arg(&int_bias);
+                    b.arg(&act).arg(&accumulate);
+                },
+                &mut f,
+            )?;
+            continue;
+        }
         if fast {
             launch(
                 gpu,
@@ -758,6 +818,7 @@ pub fn packed4_gemv(
                     b.arg(&xv);
                     opt_arg!(b, bias);
                     b.arg(&mut ov).arg(&ri).arg(&ci).arg(&shift).arg(&int_xor).arg(&int_magic);
+                    b.arg(&act).arg(&accumulate);
                 },
                 &mut f,
             )?;
@@ -773,13 +834,28 @@ pub fn packed4_gemv(
                 push_params(b, w, &flag);
                 b.arg(&xv);
                 opt_arg!(b, bias);
-                b.arg(&mut ov).arg(&ri).arg(&ci).arg(&block).arg(&mi);
+                b.arg(&mut ov).arg(&ri).arg(&ci).arg(&block).arg(&mi).arg(&act).arg(&accumulate);
             },
             &mut f,
         )?;
     }
     Ok(())
 }
+
+/// Output rows per block of the fixed-point GEMV (`Q4_WARPS · Q4_ROWS`).
+const FIXED_GEMV_ROWS: usize = 16;
+
+/// The fixed-point 4-bit GEMV for 1 ..= 8 activation rows (index: rows − 1).
+const PACKED4_GEMV_FIXED: [&str; GEMV_MAX_ROWS] = [
+    "packed4_gemv_fixed_m1",
+    "packed4_gemv_fixed_m2",
+    "packed4_gemv_fixed_m3",
+    "packed4_gemv_fixed_m4",
+    "packed4_gemv_fixed_m5",
+    "packed4_gemv_fixed_m6",
+    "packed4_gemv_fixed_m7",
+    "packed4_gemv_fixed_m8",
+];
 
 /// The fast fused 4-bit GEMV for 1 ..= 8 activation rows (index: rows − 1).
 const PACKED4_GEMV_FAST: [&str; GEMV_MAX_ROWS] = [
@@ -1161,7 +1237,7 @@ impl CacheShape {
 
 /// Where [`kv_append`] and [`attention`] find the cache length `start`.
 #[derive(Clone, Copy)]
-enum Start<'a> {
+pub(super) enum Start<'a> {
     /// A kernel argument, checked on the host.
     Host(usize),
     /// `start[0]` on the device, read by the kernel: a captured decode graph replays with
@@ -1295,6 +1371,11 @@ pub fn attention_at(
 /// Dynamic shared memory a block may use without opting in.
 const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
 
+/// The attention kernel's static shared memory: its reduction scratch (32 floats) and
+/// the partial value sums of its 128 threads. The scores' dynamic memory shares the
+/// block's budget with it.
+const ATTENTION_STATIC_SHARED: usize = (32 + 128) * 4;
+
 /// Let the attention kernel use `bytes` of dynamic shared memory (above 48 KiB a kernel
 /// must opt in), or an error naming the device's limit.
 fn opt_in_shared(gpu: &Gpu, op: &'static str, bytes: usize) -> Result<(), CudaError> {
@@ -1304,8 +1385,7 @@ fn opt_in_shared(gpu: &Gpu, op: &'static str, bytes: usize) -> Result<(), CudaEr
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(driver("cuDeviceGetAttribute"))
     })?;
-    // The kernel's own reduction scratch (32 floats) shares the block's budget.
-    let limit = usize::try_from(limit).unwrap_or(0).saturating_sub(32 * 4);
+    let limit = usize::try_from(limit).unwrap_or(0).saturating_sub(ATTENTION_STATIC_SHARED);
     if bytes > limit {
         return Err(CudaError::Shape {
             op,
@@ -1372,16 +1452,18 @@ fn attention_from(
         need(OP, "key_mask", m.len(), batch * keys)?;
     }
     let shared = keys * 4;
+    let default_limit = DEFAULT_SHARED_BYTES - ATTENTION_STATIC_SHARED;
     match start {
-        Start::Host(_) if shared > DEFAULT_SHARED_BYTES => {
+        Start::Host(_) if shared > default_limit => {
             return Err(CudaError::Shape {
                 op: OP,
                 message: format!(
-                    "{keys} keys need {shared} bytes of shared memory, expected at most 49152 (12288 keys)"
+                    "{keys} keys need {shared} bytes of shared memory, expected at most {default_limit} ({} keys)",
+                    default_limit / 4
                 ),
             });
         }
-        Start::Device(_) if shared > DEFAULT_SHARED_BYTES => opt_in_shared(gpu, OP, shared)?,
+        Start::Device(_) if shared > default_limit => opt_in_shared(gpu, OP, shared)?,
         _ => {}
     }
     let v: Vec<i32> = [batch, seq, heads, kv_heads, head_dim, capacity, host_start]
@@ -1563,6 +1645,7 @@ pub fn gemv_i8_outlier(
     x: &CudaSlice<f32>,
     (idx, count): (&CudaSlice<i32>, &CudaSlice<i32>),
     bf16: bool,
+    fuse: Fuse,
     out: &mut CudaSlice<f32>,
     (m, n, k): (usize, usize, usize),
 ) -> Result<(), CudaError> {
@@ -1585,6 +1668,7 @@ pub fn gemv_i8_outlier(
         need(OP, "bias", b.len(), n)?;
     }
     let (mi, ni, ki, kind) = (int(OP, "m", m)?, int(OP, "n", n)?, int(OP, "k", k)?, i32::from(bf16));
+    let (act, accumulate) = fuse.codes();
     let mut f = None;
     launch(
         gpu,
@@ -1595,6 +1679,7 @@ pub fn gemv_i8_outlier(
             b.arg(qx).arg(sx).arg(w).arg(sw);
             opt_arg!(b, bias);
             b.arg(x).arg(idx).arg(count).arg(&kind).arg(out).arg(&mi).arg(&ni).arg(&ki);
+            b.arg(&act).arg(&accumulate);
         },
         &mut f,
     )
@@ -1661,12 +1746,14 @@ impl Epilogue<'_> {
 }
 
 /// The decode GEMV (`m` ≤ [`GEMV_MAX_ROWS`]) of `qx[m, k] · w[n, k]ᵀ` with `epilogue`.
+#[allow(clippy::too_many_arguments)]
 pub fn gemv_i8_with(
     gpu: &Gpu,
     qx: &CudaSlice<i8>,
     w: &CudaSlice<i8>,
     epilogue: Epilogue,
     bias: Option<&CudaSlice<f32>>,
+    fuse: Fuse,
     out: &mut CudaSlice<f32>,
     (m, n, k): (usize, usize, usize),
 ) -> Result<(), CudaError> {
@@ -1685,6 +1772,7 @@ pub fn gemv_i8_with(
         need(op, "bias", b.len(), n)?;
     }
     let (mi, ni, ki) = (int(op, "m", m)?, int(op, "n", n)?, int(op, "k", k)?);
+    let (act, accumulate) = fuse.codes();
     let mut f = None;
     launch(
         gpu,
@@ -1701,7 +1789,7 @@ pub fn gemv_i8_with(
                 }
             }
             opt_arg!(b, bias);
-            b.arg(out).arg(&mi).arg(&ni).arg(&ki);
+            b.arg(out).arg(&mi).arg(&ni).arg(&ki).arg(&act).arg(&accumulate);
         },
         &mut f,
     )
