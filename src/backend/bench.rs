@@ -80,8 +80,8 @@ impl Shape {
     }
 }
 
-/// Decode shapes (one activation row): the 4096×4096 and the larger projections
-/// of 7B–8B Llama-style models.
+/// Decode shapes: the 4096×4096 and the larger projections of 7B–8B Llama-style
+/// models at one activation row, and two of them at eight (batched decode).
 pub const DECODE_SHAPES: [Shape; 7] = [
     Shape { m: 1, n: 4096, k: 4096 },
     Shape { m: 1, n: 11008, k: 4096 },
@@ -198,7 +198,7 @@ mod tests {
         let (f, ok) = verdict(1.4, 1.0, INT8_GEMM_SPEEDUP_TARGET);
         assert!(!ok && (f - 1.4).abs() < 1e-12);
         assert_eq!(DECODE_SHAPES[0], Shape { m: 1, n: 4096, k: 4096 });
-        assert!(DECODE_SHAPES.iter().all(|s| s.m == 1 && s.n >= 4096 && s.k >= 4096));
+        assert!(DECODE_SHAPES.iter().all(|s| (1..=8).contains(&s.m) && s.n >= 4096 && s.k >= 4096));
         assert!(PREFILL_SHAPES.iter().all(|s| s.m >= 512));
     }
 }

@@ -53,8 +53,8 @@ pub const QUANT: KernelFile = KernelFile {
     ],
 };
 
-/// The shared 4-bit block format: dequantization and the fused GEMV (general, and fast
-/// per activation-row count).
+/// The shared 4-bit block format: dequantization and the fused GEMVs (general, fast f32 and
+/// fixed-point, per activation-row count).
 pub const PACKED4: KernelFile = KernelFile {
     name: "packed4.cu",
     source: include_str!("../../../kernels/packed4.cu"),
@@ -69,6 +69,14 @@ pub const PACKED4: KernelFile = KernelFile {
         "packed4_gemv_m6",
         "packed4_gemv_m7",
         "packed4_gemv_m8",
+        "packed4_gemv_fixed_m1",
+        "packed4_gemv_fixed_m2",
+        "packed4_gemv_fixed_m3",
+        "packed4_gemv_fixed_m4",
+        "packed4_gemv_fixed_m5",
+        "packed4_gemv_fixed_m6",
+        "packed4_gemv_fixed_m7",
+        "packed4_gemv_fixed_m8",
     ],
 };
 
@@ -84,10 +92,13 @@ pub const OPS: KernelFile = KernelFile {
         "silu_mul",
         "add_in_place",
         "add_bias_rows",
+        "bias_act_rows",
         "softmax_rows",
         "rotary",
         "embedding",
         "kv_append",
+        "kv_append_pair",
+        "split_qkv_append",
         "attention",
         "split_qkv",
         "last_rows",
@@ -102,7 +113,8 @@ pub const CAST: KernelFile = KernelFile {
 };
 
 /// The device linear layers' own kernels: LLM.int8's fused decode split and GEMV,
-/// int8-static, torch-compatible int8-dynamic, 16-bit rounding, kmeans dequantization.
+/// int8-static, torch-compatible int8-dynamic, 16-bit rounding, the dense decode GEMV,
+/// kmeans dequantization.
 pub const LINEAR: KernelFile = KernelFile {
     name: "linear.cu",
     source: include_str!("../../../kernels/linear.cu"),
@@ -117,6 +129,14 @@ pub const LINEAR: KernelFile = KernelFile {
         "gemv_i8_torch",
         "rescale_torch",
         "round_to_16",
+        "dense_gemv_m1",
+        "dense_gemv_m2",
+        "dense_gemv_m3",
+        "dense_gemv_m4",
+        "dense_gemv_m5",
+        "dense_gemv_m6",
+        "dense_gemv_m7",
+        "dense_gemv_m8",
         "codebook_dequant",
     ],
 };
