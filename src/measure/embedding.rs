@@ -75,13 +75,9 @@ pub fn mean_pool_normalized(hidden: &[f32], width: usize) -> Vec<f32> {
     mean.iter().map(|m| (m / norm) as f32).collect()
 }
 
-/// Cosine similarity, in f64.
-pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
-    let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb).max(f64::MIN_POSITIVE)
-}
+/// Cosine similarity in f64, exactly 1 for identical vectors (one definition with the
+/// hidden-state comparison's).
+pub use super::divergence::cosine;
 
 /// Divergence of an encoder from the reference on the same sentences.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -63,14 +63,50 @@ pub(super) fn symmetric_scale(absmax: f32) -> f32 {
 
 /// Largest |v|.
 pub(super) fn absmax(values: &[f32]) -> f32 {
-    values.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+    // Eight running maxima (a maximum is the same in any order, NaN ignored as
+    // `f32::max` does), so the loop vectorises.
+    let mut lanes = [0.0f32; 8];
+    let chunks = values.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for c in chunks {
+        for i in 0..8 {
+            lanes[i] = lanes[i].max(c[i].abs());
+        }
+    }
+    lanes.iter().fold(tail, |m, &v| m.max(v))
 }
 
 /// `clamp(round_half_even(v / scale), −127, 127)` into `out`.
 pub(super) fn quantize_symmetric(values: &[f32], scale: f32, out: &mut [i8]) {
+    if crate::tensor::has_avx2() {
+        // SAFETY: the CPU has AVX2.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            quantize_symmetric_avx2(values, scale, out)
+        };
+        #[cfg(target_arch = "x86_64")]
+        return;
+    }
+    quantize_symmetric_lanes(values, scale, out);
+}
+
+#[inline(always)]
+fn quantize_symmetric_lanes(values: &[f32], scale: f32, out: &mut [i8]) {
     for (q, &v) in out.iter_mut().zip(values) {
         *q = (v / scale).round_ties_even().clamp(-127.0, 127.0) as i8;
     }
+}
+
+/// [`quantize_symmetric_lanes`] compiled for AVX2, where rounding half to even is one
+/// instruction for eight values (the baseline x86-64 target calls `rintf` per value:
+/// a quarter of MiniLM's int8 encoder pass). The same result bit for bit.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_symmetric_avx2(values: &[f32], scale: f32, out: &mut [i8]) {
+    quantize_symmetric_lanes(values, scale, out)
 }
 
 /// Weights quantized per output row, symmetric: `q` is `[rows, cols]`, one scale per row.
@@ -419,6 +455,24 @@ pub(super) const INT8_DYNAMIC: SchemeInfo = SchemeInfo {
 mod tests {
     use super::*;
     use crate::tensor::SeededRng;
+
+    /// The AVX2 activation quantization gives the portable loop's codes bit for bit
+    /// (ties, clamping, signed zero, NaN), and the lane maximum the sequential one.
+    #[test]
+    fn vectorised_activation_quantization_matches_the_portable_loop() {
+        let mut x = SeededRng::new(21).normal_vec(1003, 3.0);
+        x[..6].copy_from_slice(&[0.5, -0.5, 1.5, -2.5, -0.0, f32::NAN]);
+        x[7] = 1e30;
+        let sequential = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert_eq!(absmax(&x).to_bits(), sequential.to_bits());
+        for scale in [1.0f32, 0.37, symmetric_scale(10.0)] {
+            let mut fast = vec![0i8; x.len()];
+            quantize_symmetric(&x, scale, &mut fast);
+            let mut plain = vec![0i8; x.len()];
+            quantize_symmetric_lanes(&x, scale, &mut plain);
+            assert_eq!(fast, plain, "scale {scale}");
+        }
+    }
 
     fn dense(rows: usize, cols: usize, seed: u64) -> DenseWeight {
         DenseWeight { name: "w".into(), rows, cols, data: SeededRng::new(seed).normal_vec(rows * cols, 0.5) }

@@ -85,14 +85,7 @@ pub fn kernel_name() -> &'static str {
 }
 
 fn avx2_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::tensor::has_avx2()
 }
 
 /// An activation code the kernels take: `i8` (symmetric schemes) or `u8` (the affine

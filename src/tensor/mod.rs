@@ -8,6 +8,20 @@ pub mod attention;
 
 use gemm::Parallelism;
 
+/// Whether the CPU has AVX2 (the standard library caches the answer). Kernels compiled
+/// for it with `#[target_feature(enable = "avx2")]` run the same operations as their
+/// portable twins, eight lanes at a time.
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Number of threads used by the matrix products (rayon's global pool).
 pub fn threads() -> usize {
     rayon::current_num_threads()
