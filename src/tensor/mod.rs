@@ -103,44 +103,81 @@ pub fn matmul_nt_reference(a: &[f32], m: usize, k: usize, w: &[f32], n: usize) -
 /// accumulates with more care than a naive f32 sum.
 pub fn rms_norm_rows(x: &mut [f32], weight: &[f32], eps: f32) {
     let dim = weight.len();
-    for row in x.chunks_exact_mut(dim) {
+    map_rows(x, dim, |row| {
         let mean_sq = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / dim as f64;
         let inv = 1.0 / ((mean_sq as f32) + eps).sqrt();
         for (v, w) in row.iter_mut().zip(weight) {
             *v = *v * inv * w;
         }
-    }
+    });
 }
 
 /// LayerNorm of every row of `x` (`rows × weight.len()`), in place:
 /// `(x − mean) / sqrt(var + eps) · weight + bias`, statistics in f64.
 pub fn layer_norm_rows(x: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
     let dim = weight.len();
-    for row in x.chunks_exact_mut(dim) {
+    map_rows(x, dim, |row| {
         let mean = row.iter().map(|&v| v as f64).sum::<f64>() / dim as f64;
         let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / dim as f64;
         let inv = 1.0 / (var + eps as f64).sqrt();
         for ((v, w), b) in row.iter_mut().zip(weight).zip(bias) {
             *v = ((*v as f64 - mean) * inv) as f32 * w + b;
         }
+    });
+}
+
+/// Values below which an element-wise pass stays on the calling thread (waking the pool
+/// costs more than a pass over a decode step's few thousand values).
+const PARALLEL_ELEMENTS: usize = 1 << 15;
+
+/// Values per task of a parallel element-wise pass.
+const ELEMENT_CHUNK: usize = 1 << 13;
+
+/// `f` over `x` in pieces, on the thread pool when `x` is large: the same values in any
+/// case, since `f` treats each element on its own.
+fn map_chunks(x: &mut [f32], f: impl Fn(&mut [f32]) + Sync) {
+    use rayon::prelude::*;
+    if x.len() < PARALLEL_ELEMENTS {
+        f(x);
+    } else {
+        x.par_chunks_mut(ELEMENT_CHUNK).for_each(&f);
+    }
+}
+
+/// `f` on every row of `dim` values of `x`, rows in parallel when `x` is large (each row
+/// computed as on one thread).
+fn map_rows(x: &mut [f32], dim: usize, f: impl Fn(&mut [f32]) + Sync) {
+    use rayon::prelude::*;
+    if dim == 0 {
+        return;
+    }
+    if x.len() < PARALLEL_ELEMENTS {
+        x.chunks_exact_mut(dim).for_each(f);
+    } else {
+        let rows = (ELEMENT_CHUNK / dim).max(1);
+        x.par_chunks_mut(rows * dim).for_each(|piece| piece.chunks_exact_mut(dim).for_each(&f));
     }
 }
 
 /// GELU, tanh approximation (GPT-2's `gelu_new`, BLOOM's `bloom_gelu_forward`), in place.
 pub fn gelu_tanh_in_place(x: &mut [f32]) {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    for v in x.iter_mut() {
-        let u = *v;
-        *v = 0.5 * u * (1.0 + (SQRT_2_OVER_PI * (u + 0.044715 * u * u * u)).tanh());
-    }
+    map_chunks(x, |x| {
+        for v in x.iter_mut() {
+            let u = *v;
+            *v = 0.5 * u * (1.0 + (SQRT_2_OVER_PI * (u + 0.044715 * u * u * u)).tanh());
+        }
+    });
 }
 
 /// GELU with the exact error function (BERT's `gelu`), in place.
 pub fn gelu_erf_in_place(x: &mut [f32]) {
-    for v in x.iter_mut() {
-        let u = *v as f64;
-        *v = (0.5 * u * (1.0 + libm::erf(u / std::f64::consts::SQRT_2))) as f32;
-    }
+    map_chunks(x, |x| {
+        for v in x.iter_mut() {
+            let u = *v as f64;
+            *v = (0.5 * u * (1.0 + libm::erf(u / std::f64::consts::SQRT_2))) as f32;
+        }
+    });
 }
 
 /// ALiBi slopes for `heads` attention heads, as BLOOM defines them: a geometric sequence
@@ -327,6 +364,40 @@ impl SeededRng {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Element-wise passes and row norms give the same bits on the pool (large inputs) as
+    /// one element or row at a time.
+    #[test]
+    fn parallel_passes_equal_the_serial_loops() {
+        let dim = 384;
+        let x = SeededRng::new(5).normal_vec(PARALLEL_ELEMENTS * 3 + dim * 7, 2.0);
+        assert!(x.len() % dim == 0 && x.len() > PARALLEL_ELEMENTS);
+        let (w, b) = (SeededRng::new(6).normal_vec(dim, 1.0), SeededRng::new(7).normal_vec(dim, 1.0));
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+        let mut erf = x.clone();
+        gelu_erf_in_place(&mut erf);
+        let mut tanh = x.clone();
+        gelu_tanh_in_place(&mut tanh);
+        let mut ln = x.clone();
+        layer_norm_rows(&mut ln, &w, &b, 1e-5);
+        let mut rms = x.clone();
+        rms_norm_rows(&mut rms, &w, 1e-6);
+        for (i, row) in x.chunks_exact(dim).enumerate() {
+            let at = i * dim..(i + 1) * dim;
+            let mut one = row.to_vec();
+            gelu_erf_in_place(&mut one);
+            assert_eq!(bits(&one), bits(&erf[at.clone()]), "gelu_erf row {i}");
+            let mut one = row.to_vec();
+            gelu_tanh_in_place(&mut one);
+            assert_eq!(bits(&one), bits(&tanh[at.clone()]), "gelu_tanh row {i}");
+            let mut one = row.to_vec();
+            layer_norm_rows(&mut one, &w, &b, 1e-5);
+            assert_eq!(bits(&one), bits(&ln[at.clone()]), "layer_norm row {i}");
+            let mut one = row.to_vec();
+            rms_norm_rows(&mut one, &w, 1e-6);
+            assert_eq!(bits(&one), bits(&rms[at]), "rms_norm row {i}");
+        }
+    }
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
         SeededRng::new(seed).normal_vec(n, 1.0)
