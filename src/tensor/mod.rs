@@ -371,7 +371,7 @@ mod tests {
     fn parallel_passes_equal_the_serial_loops() {
         let dim = 384;
         let x = SeededRng::new(5).normal_vec(PARALLEL_ELEMENTS * 3 + dim * 7, 2.0);
-        assert!(x.len() % dim == 0 && x.len() > PARALLEL_ELEMENTS);
+        assert!(x.len().is_multiple_of(dim) && x.len() > PARALLEL_ELEMENTS);
         let (w, b) = (SeededRng::new(6).normal_vec(dim, 1.0), SeededRng::new(7).normal_vec(dim, 1.0));
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
         let mut erf = x.clone();
