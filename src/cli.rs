@@ -7,6 +7,7 @@ use serde_json::json;
 
 use crate::error::{Error, Result, ResultExt};
 use crate::measure::embedding;
+use crate::measure::profile::{profile_model, render, ProfileOptions};
 use crate::measure::METRICS;
 use crate::model::generate::greedy;
 use crate::model::{self, builtin, Model, ModelFiles, QuantizeFactory, ARCHS};
@@ -113,6 +114,9 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Sentence embeddings from an encoder (BERT, MiniLM) with one scheme.
     Embed(EmbedArgs),
+    /// Time one forward pass per op kind (linear kinds, attention, norms, activations,
+    /// activation quantization, dequantization) against this machine's measured peaks.
+    Profile(ProfileArgs),
     /// Write a built-in model (config.json, model.safetensors, tokenizer.json) into a folder.
     Builtin {
         /// Built-in model name (see `bench list builtins`).
@@ -159,6 +163,28 @@ pub struct GenerateArgs {
     /// Print JSON: ids, text, and the top-k log-probabilities of every position.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Arguments of `bench profile`.
+#[derive(Debug, Args)]
+pub struct ProfileArgs {
+    /// Model directory, GGUF file or builtin:NAME.
+    pub model: String,
+    /// Scheme to apply (default fp32).
+    #[arg(long, default_value = "fp32")]
+    pub scheme: String,
+    /// Sequences per pass.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Tokens per sequence (the prompt, for decoders).
+    #[arg(long, default_value_t = 64)]
+    pub tokens: usize,
+    /// Profile decode steps after the prompt instead of the prompt's pass.
+    #[arg(long)]
+    pub decode: bool,
+    /// Passes (or decode steps) profiled, after one warm-up.
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
 }
 
 /// Arguments of `bench embed`.
@@ -277,6 +303,7 @@ pub fn execute(cli: Cli) -> Result<i32> {
         Command::List { what, markdown } => print!("{}", list(what, markdown)),
         Command::Generate(args) => generate(&args)?,
         Command::Embed(args) => embed(&args)?,
+        Command::Profile(args) => profile(&args)?,
         Command::Builtin { name, dir } => {
             builtin::write_to(&name, &dir)?;
             println!("wrote builtin:{name} to {}", dir.display());
@@ -549,6 +576,21 @@ fn embed(args: &EmbedArgs) -> Result<()> {
         let doc = json!({"model": args.model, "scheme": info.name, "sentences": records});
         println!("{}", serde_json::to_string_pretty(&doc).expect("json serialises"));
     }
+    Ok(())
+}
+
+fn profile(args: &ProfileArgs) -> Result<()> {
+    let (files, model, info) = build_with_scheme(&args.model, &args.scheme)?;
+    let vocab = match &model {
+        Model::Causal(lm) => lm.vocab_size(),
+        Model::Encoder(_) => files.tokenizer.vocab_size(),
+    };
+    let opts =
+        ProfileOptions { batch: args.batch, tokens: args.tokens, decode: args.decode, repeats: args.repeats };
+    let max_positions = files.max_positions().map_or(usize::MAX, |(n, _)| n);
+    let report = tensor::on_pool(|| profile_model(&model, vocab, max_positions, opts))?;
+    println!("{} · scheme {} · {} threads", args.model, info.name, tensor::threads());
+    print!("{}", render(&report));
     Ok(())
 }
 

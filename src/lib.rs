@@ -13,6 +13,7 @@ pub mod hash;
 pub mod interrupt;
 pub mod measure;
 pub mod model;
+pub mod profile;
 pub mod report;
 pub mod runner;
 pub mod scheme;

@@ -5,6 +5,7 @@ pub mod divergence;
 pub mod embedding;
 pub mod latency;
 pub mod memory;
+pub mod profile;
 pub mod reference_cache;
 
 use serde::Serialize;

@@ -3,6 +3,7 @@
 //! the fused-q/k/v LayerNorm block of BLOOM and GPT-2.
 
 use crate::error::{Error, Result};
+use crate::profile;
 use crate::scheme::{Linear, StoredTensor};
 use crate::tensor;
 use crate::tensor::attention::{KvCache, Masking};
@@ -57,8 +58,18 @@ pub fn head_logits(hidden: &[f32], head: Option<&dyn Linear>, embed: &[f32], voc
     let rows = hidden.len() / width;
     let mut out = vec![0.0; rows * vocab];
     match head {
-        Some(head) => head.forward(hidden, rows, &mut out),
-        None => tensor::matmul_nt(hidden, rows, width, embed, vocab, &mut out),
+        Some(head) => {
+            let _span = profile::span("linear", head.kernel(), || linear_work(head, rows));
+            head.forward(hidden, rows, &mut out)
+        }
+        None => {
+            let work = || profile::Work {
+                ops: 2.0 * (rows * width * vocab) as f64,
+                bytes: 4.0 * (embed.len() + rows * (width + vocab)) as f64,
+            };
+            let _span = profile::span("linear", "f32-gemm (tied head)", work);
+            tensor::matmul_nt(hidden, rows, width, embed, vocab, &mut out)
+        }
     }
     out
 }
@@ -66,8 +77,19 @@ pub fn head_logits(hidden: &[f32], head: Option<&dyn Linear>, embed: &[f32], voc
 /// Run the linear layer `layer` on `rows` rows of `x`.
 pub fn run_linear(layer: &dyn Linear, x: &[f32], rows: usize) -> Vec<f32> {
     let mut out = vec![0.0; rows * layer.out_features()];
+    let _span = profile::span("linear", layer.kernel(), || linear_work(layer, rows));
     layer.forward(x, rows, &mut out);
     out
+}
+
+/// A linear layer's work on `rows` rows: its multiply-adds, its weight representation read
+/// once, f32 inputs and outputs.
+fn linear_work(layer: &dyn Linear, rows: usize) -> profile::Work {
+    let (k, n) = (layer.in_features(), layer.out_features());
+    profile::Work {
+        ops: 2.0 * (rows * k * n) as f64,
+        bytes: (layer.parts().weights.bytes() + 4 * rows * (k + n)) as f64,
+    }
 }
 
 /// What differs between the pre-LayerNorm, fused-q/k/v blocks of BLOOM and GPT-2.

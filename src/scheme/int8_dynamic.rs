@@ -138,6 +138,10 @@ pub(super) fn quantize_activations(
     cols: usize,
     per_tensor: bool,
 ) -> (Vec<i8>, Vec<f32>) {
+    let _span = crate::profile::span("activation quantization", "int8 symmetric", || crate::profile::Work {
+        ops: 3.0 * x.len() as f64,
+        bytes: 5.0 * x.len() as f64,
+    });
     let mut q = vec![0i8; rows * cols];
     if cols == 0 {
         return (q, vec![1.0; rows]);

@@ -207,9 +207,12 @@ impl Packed4 {
         for r0 in (0..rows).step_by(panel_rows) {
             let n = panel_rows.min(rows - r0);
             let panel = &mut panel[..n * cols];
+            let work = || crate::profile::Work { ops: (n * cols) as f64, bytes: (n * cols) as f64 * 4.5 };
+            let dequantizing = crate::profile::span("dequantization", "4-bit to f32 panels", work);
             panel.par_chunks_mut(cols.max(1)).enumerate().for_each(|(r, dst)| {
                 self.dequantize_range((r0 + r) * cols, dst);
             });
+            drop(dequantizing);
             let product = &mut product[..m * n];
             crate::tensor::matmul_nt(x, m, cols, panel, n, product);
             for i in 0..m {
@@ -227,10 +230,13 @@ impl Packed4 {
         assert_eq!(out.len(), m * self.rows, "packed4 gemv: output is not [m, rows]");
         #[cfg(target_arch = "x86_64")]
         if path == Gemv::Avx2Fixed && has_avx2() && packed4_gemv::shape_fits(self) {
+            let work = || crate::profile::Work { ops: 3.0 * x.len() as f64, bytes: 6.0 * x.len() as f64 };
+            let quantizing = crate::profile::span("activation quantization", "16-bit per 32 values", work);
             let prepared = FixedTable::new(&self.table).and_then(|t| {
                 let layout = Layout::for_weight(self, &t);
                 Activations::new(x, m, self.cols, &t, self.offsets.is_some(), layout).map(|a| (t, a))
             });
+            drop(quantizing);
             if let Some((table, acts)) = prepared {
                 self.run_tasks(m, out, |r, dst| self.row_dots_fixed(&table, &acts, r, dst));
                 return;

@@ -96,3 +96,27 @@ pub enum WeightParts<'a> {
         codebook: &'a [f32],
     },
 }
+
+impl WeightParts<'_> {
+    /// Bytes of the representation as this process holds it (what a product reads):
+    /// values, codes, scales, offsets and per-row terms; 16-bit weights are held as f32.
+    pub fn bytes(&self) -> usize {
+        use std::mem::size_of_val;
+        match self {
+            WeightParts::Dense { weight, .. }
+            | WeightParts::Half { weight, .. }
+            | WeightParts::FakeQuant { weight, .. } => size_of_val(*weight),
+            WeightParts::Int8Dynamic { weight, scales, .. }
+            | WeightParts::Int8Outlier { weight, scales, .. } => size_of_val(*weight) + size_of_val(*scales),
+            WeightParts::Int8Static { weight, row_sums, out_scales, .. } => {
+                size_of_val(*weight) + size_of_val(*row_sums) + size_of_val(*out_scales)
+            }
+            WeightParts::Packed4(p) => {
+                size_of_val(p.bytes.as_slice())
+                    + size_of_val(p.scales.as_slice())
+                    + p.offsets.as_deref().map_or(0, size_of_val)
+            }
+            WeightParts::Codebook { indices, codebook, .. } => size_of_val(*indices) + size_of_val(*codebook),
+        }
+    }
+}

@@ -128,6 +128,16 @@ impl KvCache {
     /// `out` (same layout as `q`). Query `t` sits at position `self.len + t`.
     pub fn attend(&self, layer: usize, q: &[f32], seq: usize, masking: Masking, out: &mut [f32]) {
         let row_width = self.shape.heads * self.shape.head_dim;
+        let path = if seq >= HEAD_GEMM_MIN_QUERIES { "per-head products" } else { "rows" };
+        let _span = crate::profile::span("attention", path, || {
+            // Scores and the weighted sum: two multiply-adds per query, key and value.
+            let (queries, keys) = (out.len() / row_width.max(1), self.len + seq);
+            let kv_bytes = 8 * self.batch * self.shape.kv_heads * keys * self.shape.head_dim;
+            crate::profile::Work {
+                ops: 4.0 * (queries * keys * row_width) as f64,
+                bytes: (kv_bytes + 8 * out.len()) as f64,
+            }
+        });
         if seq >= HEAD_GEMM_MIN_QUERIES {
             self.attend_heads(layer, q, seq, masking, out);
             return;

@@ -102,6 +102,7 @@ pub fn matmul_nt_reference(a: &[f32], m: usize, k: usize, w: &[f32], n: usize) -
 /// `x / sqrt(mean(x²) + eps) * weight`, the mean taken in f64 as PyTorch's f32 path
 /// accumulates with more care than a naive f32 sum.
 pub fn rms_norm_rows(x: &mut [f32], weight: &[f32], eps: f32) {
+    let _span = crate::profile::span("norm", "rms norm", || crate::profile::elementwise(x.len(), 4.0));
     let dim = weight.len();
     map_rows(x, dim, |row| {
         let mean_sq = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / dim as f64;
@@ -115,6 +116,7 @@ pub fn rms_norm_rows(x: &mut [f32], weight: &[f32], eps: f32) {
 /// LayerNorm of every row of `x` (`rows × weight.len()`), in place:
 /// `(x − mean) / sqrt(var + eps) · weight + bias`, statistics in f64.
 pub fn layer_norm_rows(x: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
+    let _span = crate::profile::span("norm", "layer norm", || crate::profile::elementwise(x.len(), 7.0));
     let dim = weight.len();
     map_rows(x, dim, |row| {
         let mean = row.iter().map(|&v| v as f64).sum::<f64>() / dim as f64;
@@ -161,6 +163,8 @@ fn map_rows(x: &mut [f32], dim: usize, f: impl Fn(&mut [f32]) + Sync) {
 
 /// GELU, tanh approximation (GPT-2's `gelu_new`, BLOOM's `bloom_gelu_forward`), in place.
 pub fn gelu_tanh_in_place(x: &mut [f32]) {
+    let _span =
+        crate::profile::span("activation", "gelu (tanh)", || crate::profile::elementwise(x.len(), 10.0));
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     map_chunks(x, |x| {
         for v in x.iter_mut() {
@@ -172,6 +176,8 @@ pub fn gelu_tanh_in_place(x: &mut [f32]) {
 
 /// GELU with the exact error function (BERT's `gelu`), in place.
 pub fn gelu_erf_in_place(x: &mut [f32]) {
+    let _span =
+        crate::profile::span("activation", "gelu (erf, f64)", || crate::profile::elementwise(x.len(), 10.0));
     map_chunks(x, |x| {
         for v in x.iter_mut() {
             let u = *v as f64;
@@ -220,6 +226,8 @@ pub fn log_softmax(row: &[f32], out: &mut Vec<f64>) {
 
 /// SiLU (`x · sigmoid(x)`) of `gate`, multiplied element-wise by `up`, written to `gate`.
 pub fn silu_mul_in_place(gate: &mut [f32], up: &[f32]) {
+    let _span =
+        crate::profile::span("activation", "silu · up", || crate::profile::elementwise(gate.len(), 5.0));
     for (g, u) in gate.iter_mut().zip(up) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }

@@ -302,3 +302,53 @@ fn readme_tables_come_from_the_registries() {
         );
     }
 }
+
+/// `bench profile` names the op kinds of a decoder's prefill, its decode steps and an
+/// encoder's pass, with shares that leave the rest as "other"; bad sizes are refused.
+#[test]
+fn profile_reports_time_per_op_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let llama = fixture("llama-tiny").display().to_string();
+    let run = bench(&["profile", &llama, "--tokens", "8", "--repeats", "2"], dir.path(), &shared_cache());
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    for kind in
+        ["prefill of 1 × 8 tokens", "peaks measured here", "linear", "attention", "rms norm", "silu", "other"]
+    {
+        assert!(run.stdout.contains(kind), "{kind} missing from:\n{}", run.stdout);
+    }
+    let run = bench(
+        &[
+            "profile",
+            &llama,
+            "--scheme",
+            "int8-dynamic",
+            "--decode",
+            "--batch",
+            "2",
+            "--tokens",
+            "4",
+            "--repeats",
+            "3",
+        ],
+        dir.path(),
+        &shared_cache(),
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    for kind in ["decode steps of 2 sequence(s) after 4 tokens", "activation quantization", "attention"] {
+        assert!(run.stdout.contains(kind), "{kind} missing from:\n{}", run.stdout);
+    }
+    let bert = fixture("bert-tiny").display().to_string();
+    let run = bench(&["profile", &bert, "--batch", "2", "--tokens", "6"], dir.path(), &shared_cache());
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("encoder pass of 2 × 6 tokens") && run.stdout.contains("gelu"),
+        "{}",
+        run.stdout
+    );
+    let run = bench(&["profile", &bert, "--decode"], dir.path(), &shared_cache());
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("an encoder has no decode steps"), "{}", run.stderr);
+    let run = bench(&["profile", &llama, "--tokens", "100000"], dir.path(), &shared_cache());
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("expected at most the model's"), "{}", run.stderr);
+}
