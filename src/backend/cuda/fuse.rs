@@ -8,7 +8,10 @@
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
 use super::kernels::{LINEAR, OPS};
-use super::ops::{grid_stride, int, launch, need, opt_arg, CacheShape, Start, Unary, GEMV_MAX_ROWS, NULL};
+use super::ops::{
+    append_start, grid_stride, int, launch, need, opt_arg, push_dims_and_start, CacheShape, Start, Unary,
+    GEMV_MAX_ROWS, NULL,
+};
 use super::{CudaError, Gpu};
 
 /// What a product kernel does with each value after its bias: the activation, then either
@@ -200,29 +203,6 @@ pub fn bias_act_rows(
     )
 }
 
-/// Check a cache append of `seq` positions at `start` and give the host-side start (0
-/// when the device holds it).
-fn append_start(op: &'static str, shape: CacheShape, seq: usize, start: Start) -> Result<usize, CudaError> {
-    let host_start = match start {
-        Start::Host(s) => s,
-        Start::Device(d) => {
-            need(op, "start", d.len(), 1)?;
-            0
-        }
-    };
-    if host_start + seq > shape.capacity {
-        return Err(CudaError::Shape {
-            op,
-            message: format!(
-                "positions {host_start}..{} past the cache capacity {}",
-                host_start + seq,
-                shape.capacity
-            ),
-        });
-    }
-    Ok(host_start)
-}
-
 /// Where the appends find the cache length: on the host, or `start[0]` on the device (a
 /// decode graph's inputs; the kernels then skip positions past the capacity).
 #[derive(Clone, Copy)]
@@ -273,13 +253,7 @@ pub fn kv_append_pair(
         grid_stride(n),
         |b| {
             b.arg(k).arg(v).arg(k_cache).arg(v_cache);
-            for d in &dims {
-                b.arg(d);
-            }
-            match start {
-                Start::Host(_) => b.arg(&NULL),
-                Start::Device(d) => b.arg(d),
-            };
+            push_dims_and_start(b, &dims, start);
         },
         &mut f,
     )
@@ -330,13 +304,7 @@ pub fn split_qkv_append(
         grid_stride(rows * width),
         |b| {
             b.arg(fused).arg(q).arg(k_cache).arg(v_cache);
-            for d in &dims {
-                b.arg(d);
-            }
-            match start {
-                Start::Host(_) => b.arg(&NULL),
-                Start::Device(d) => b.arg(d),
-            };
+            push_dims_and_start(b, &dims, start);
         },
         &mut f,
     )

@@ -1245,6 +1245,46 @@ pub(super) enum Start<'a> {
     Device(&'a CudaView<'a, i32>),
 }
 
+/// Push the `int` dimensions, then the device cache length (or null when the host passes
+/// it among the dimensions): the cache kernels' trailing arguments.
+/// Check an append of `seq` positions at `start` against the cache's capacity; the
+/// host-side start (0 when the device holds it).
+pub(super) fn append_start(
+    op: &'static str,
+    shape: CacheShape,
+    seq: usize,
+    start: Start,
+) -> Result<usize, CudaError> {
+    let host_start = match start {
+        Start::Host(s) => s,
+        Start::Device(d) => {
+            need(op, "start", d.len(), 1)?;
+            0
+        }
+    };
+    if host_start + seq > shape.capacity {
+        return Err(CudaError::Shape {
+            op,
+            message: format!(
+                "positions {host_start}..{} past the cache capacity {}",
+                host_start + seq,
+                shape.capacity
+            ),
+        });
+    }
+    Ok(host_start)
+}
+
+pub(super) fn push_dims_and_start<'a>(b: &mut LaunchArgs<'a>, dims: &'a [i32], start: Start<'a>) {
+    for d in dims {
+        b.arg(d);
+    }
+    match start {
+        Start::Host(_) => b.arg(&NULL),
+        Start::Device(d) => b.arg(d),
+    };
+}
+
 /// Append `seq` new positions (`src` is `[batch, seq, kv_heads · head_dim]`) at `start`.
 pub fn kv_append(
     gpu: &Gpu,
@@ -1282,22 +1322,7 @@ fn kv_append_from(
     let CacheShape { batch, kv_heads, head_dim, capacity, .. } = shape;
     need(OP, "src", src.len(), batch * seq * kv_heads * head_dim)?;
     need(OP, "cache", cache.len(), shape.len())?;
-    let host_start = match start {
-        Start::Host(s) => s,
-        Start::Device(d) => {
-            need(OP, "start", d.len(), 1)?;
-            0
-        }
-    };
-    if host_start + seq > capacity {
-        return Err(CudaError::Shape {
-            op: OP,
-            message: format!(
-                "positions {host_start}..{} past the cache capacity {capacity}",
-                host_start + seq
-            ),
-        });
-    }
+    let host_start = append_start(OP, shape, seq, start)?;
     let dims: Vec<i32> = [batch, seq, kv_heads, head_dim, capacity, host_start]
         .into_iter()
         .map(|v| int(OP, "dimension", v))
@@ -1310,13 +1335,7 @@ fn kv_append_from(
         grid_stride(batch * seq * kv_heads * head_dim),
         |b| {
             b.arg(src).arg(cache);
-            for d in &dims {
-                b.arg(d);
-            }
-            match start {
-                Start::Host(_) => b.arg(&NULL),
-                Start::Device(d) => b.arg(d),
-            };
+            push_dims_and_start(b, &dims, start);
         },
         &mut f,
     )
