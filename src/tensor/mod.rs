@@ -228,8 +228,16 @@ pub fn log_softmax(row: &[f32], out: &mut Vec<f64>) {
 pub fn silu_mul_in_place(gate: &mut [f32], up: &[f32]) {
     let _span =
         crate::profile::span("activation", "silu · up", || crate::profile::elementwise(gate.len(), 5.0));
-    for (g, u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+    use rayon::prelude::*;
+    let pass = |(gate, up): (&mut [f32], &[f32])| {
+        for (g, u) in gate.iter_mut().zip(up) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+    };
+    if gate.len() < PARALLEL_ELEMENTS {
+        pass((gate, up));
+    } else {
+        gate.par_chunks_mut(ELEMENT_CHUNK).zip(up.par_chunks(ELEMENT_CHUNK)).for_each(pass);
     }
 }
 
@@ -373,7 +381,7 @@ impl SeededRng {
 mod tests {
     use super::*;
 
-    /// Element-wise passes and row norms give the same bits on the pool (large inputs) as
+    /// Element-wise passes (GELU, SiLU · up) and row norms give the same bits on the pool (large inputs) as
     /// one element or row at a time.
     #[test]
     fn parallel_passes_equal_the_serial_loops() {
@@ -390,6 +398,9 @@ mod tests {
         layer_norm_rows(&mut ln, &w, &b, 1e-5);
         let mut rms = x.clone();
         rms_norm_rows(&mut rms, &w, 1e-6);
+        let up: Vec<f32> = x.iter().rev().copied().collect();
+        let mut silu = x.clone();
+        silu_mul_in_place(&mut silu, &up);
         for (i, row) in x.chunks_exact(dim).enumerate() {
             let at = i * dim..(i + 1) * dim;
             let mut one = row.to_vec();
@@ -403,7 +414,10 @@ mod tests {
             assert_eq!(bits(&one), bits(&ln[at.clone()]), "layer_norm row {i}");
             let mut one = row.to_vec();
             rms_norm_rows(&mut one, &w, 1e-6);
-            assert_eq!(bits(&one), bits(&rms[at]), "rms_norm row {i}");
+            assert_eq!(bits(&one), bits(&rms[at.clone()]), "rms_norm row {i}");
+            let mut one = row.to_vec();
+            silu_mul_in_place(&mut one, &up[at.clone()]);
+            assert_eq!(bits(&one), bits(&silu[at]), "silu_mul row {i}");
         }
     }
 
