@@ -4,12 +4,14 @@
 //!
 //! Paths, per representation (`m` activation rows; "GEMV" means `m ≤` [`GEMV_MAX_ROWS`]):
 //! - f32 (`fp32`, the unquantized head, `prune` on its dense pruned weight, `kmeans` with
-//!   other than 4-bit indices after dequantizing its code book): cuBLAS f32 GEMM (no TF32),
-//!   then the bias.
+//!   other than 4-bit indices after dequantizing its code book): at one row the dense GEMV
+//!   with its epilogue ([`fuse::dense_gemv`]), else cuBLAS f32 GEMM (no TF32), then the
+//!   bias.
 //! - `fp16` / `bf16`: weights resident as 16-bit values (half the bytes), activations rounded
 //!   to the same type, `cublasGemmEx` with f32 accumulation and f32 output. The CPU layer
 //!   multiplies the rounded weights by *unrounded* f32 activations, so the two differ by the
-//!   activations' rounding (about 2⁻⁹ relative for bf16, 2⁻¹² for f16).
+//!   activations' rounding (about 2⁻⁹ relative for bf16, 2⁻¹² for f16). At one row the
+//!   dense GEMV does the same rounding in registers.
 //! - `int8-dynamic`: activations quantized per row, per tensor, or as torch does
 //!   (`torch_compat`), then the `__dp4a` GEMV, or cuBLASLt int8 (the tiled kernel for
 //!   shapes it refuses) and a rescale: bit-identical to the CPU.
@@ -25,8 +27,12 @@
 //!   [`CudaLinear::stats`] reads it as the CPU layer's `stats` does.
 //! - `qat-sim`: activations fake-quantized with the calibrated parameters, then cuBLAS f32
 //!   on the fake-quantized weights.
-//! - `int4-block`, `nf4`, `fp4`, `kmeans` (4-bit indices): the fused 4-bit GEMV, or
+//! - `int4-block`, `nf4`, `fp4`, `kmeans` (4-bit indices): the fused 4-bit GEMV (for
+//!   int4-block without `exact_gemv`, the fixed-point one: the CPU's default numerics), or
 //!   dequantization to f32 and cuBLAS f32 above.
+//!
+//! [`CudaLinear::forward_fused`] adds an epilogue (an activation, or the residual add) to
+//! any of these: in the GEMV kernels themselves, after the others in one launch.
 
 use std::sync::Mutex;
 
