@@ -301,10 +301,9 @@ impl Comparison {
     }
 }
 
-/// The suite's `noise_threshold`, read from the suite text stored in results.json.
+/// The suite's `noise_threshold`, as recorded in results.json.
 fn suite_threshold(results: &Results) -> Option<f64> {
-    let suite = crate::suite::parse(&results.suite.text, Path::new(&results.suite.path)).ok()?;
-    suite.noise_threshold.map(|t| t.value)
+    results.suite.noise_threshold
 }
 
 /// Compare `new` against `baseline`. `threshold` overrides the noise threshold of the new

@@ -308,8 +308,7 @@ pub fn index(results: &Results, svgs: &[String]) -> String {
     body.push_str(&provenance(results));
     body.push_str("</section>\n");
     let mut header = vec![provenance_line(results)];
-    let suite = crate::suite::parse(&results.suite.text, std::path::Path::new(&results.suite.path)).ok();
-    if let Some(description) = suite.and_then(|s| s.description) {
+    if let Some(description) = results.suite.description.clone() {
         header.insert(0, description);
     }
     page(

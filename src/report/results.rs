@@ -41,6 +41,12 @@ pub struct SuiteRecord {
     pub sha256: String,
     /// The text.
     pub text: String,
+    /// The suite's `description` (the reports' header shows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The suite's `noise_threshold` (`bench compare` uses it when no threshold is given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_threshold: Option<f64>,
 }
 
 /// The machine and build.

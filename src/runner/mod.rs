@@ -67,6 +67,8 @@ fn run_on_pool(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> 
             path: plan.suite_path.display().to_string(),
             sha256: plan.suite_hash.clone(),
             text: plan.suite_text.clone(),
+            description: plan.description.clone(),
+            noise_threshold: plan.noise_threshold,
         },
         provenance: provenance(plan)?,
         workload,

@@ -26,6 +26,8 @@ pub struct Plan {
     pub name: String,
     /// Free text.
     pub description: Option<String>,
+    /// The relative change `bench compare` treats as noise for this suite.
+    pub noise_threshold: Option<f64>,
     /// Models, opened.
     pub models: Vec<PlannedModel>,
     /// Schemes, with validated parameters.
@@ -193,6 +195,7 @@ impl Plan {
             suite_text: text,
             name,
             description: suite.description.clone(),
+            noise_threshold: suite.noise_threshold.as_ref().map(|t| t.value),
             models,
             schemes,
             workload,

@@ -316,3 +316,24 @@ fn nightly_workflow_has_the_github_actions_schema() {
         "artifact path {path} is not the suite output"
     );
 }
+
+/// `bench compare` takes the suite's `noise_threshold` from the new run's results.json
+/// (recorded by the runner; the reports never re-read suite text) when none is given.
+#[test]
+fn the_suite_noise_threshold_recorded_in_results_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    for side in ["baseline", "new"] {
+        std::fs::create_dir_all(dir.path().join(side)).unwrap();
+        let mut text = read(&fixture(&format!("report/{side}/results.json")));
+        if side == "new" {
+            text = text.replacen("\"description\": ", "\"noise_threshold\": 0.2,\n    \"description\": ", 1);
+        }
+        std::fs::write(dir.path().join(side).join("results.json"), text).unwrap();
+    }
+    let out = dir.path().join("cmp");
+    let run =
+        bench(&["compare", "baseline", "new", "--out", out.to_str().unwrap()], dir.path(), &shared_cache());
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let md = read(&out.join("compare.md"));
+    assert!(md.contains("±20.00% (noise_threshold of suite small)"), "{md}");
+}
