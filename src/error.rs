@@ -127,3 +127,14 @@ impl<T> ResultExt<T> for Result<T> {
         self.map_err(|e| e.context(f()))
     }
 }
+
+/// A shape as `[2, 3]`, for messages.
+pub(crate) fn dims_text<T: std::fmt::Display>(dims: &[T]) -> String {
+    use std::fmt::Write;
+    let mut text = String::from("[");
+    for (i, d) in dims.iter().enumerate() {
+        let _ = write!(text, "{}{d}", if i == 0 { "" } else { ", " });
+    }
+    text.push(']');
+    text
+}

@@ -16,7 +16,7 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
-use super::weights::dims_text;
+use crate::error::dims_text;
 use crate::error::{Error, Result};
 
 /// Alignment of the data section when `general.alignment` is absent.

@@ -371,9 +371,9 @@ impl ModelFiles {
                     name: spec.name.clone(),
                     message: format!(
                         "shape {} does not match {} (expected {})",
-                        weights::dims_text(&entry.shape),
+                        crate::error::dims_text(&entry.shape),
                         self.config.path().display(),
-                        weights::dims_text(&spec.shape)
+                        crate::error::dims_text(&spec.shape)
                     ),
                 });
             }

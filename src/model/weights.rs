@@ -16,6 +16,7 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
 use super::gguf::{GgmlType, GgufFile};
+use crate::error::dims_text;
 use crate::error::{Error, Result};
 use crate::scheme::StoredTensor;
 
@@ -193,17 +194,6 @@ fn check_tensor(raw: RawTensor, data_len: usize) -> std::result::Result<TensorIn
         ));
     }
     Ok(TensorInfo { dtype, shape, data_offsets: (begin as usize, end as usize) })
-}
-
-/// A shape as `[2, 3]`, for messages.
-pub(crate) fn dims_text<T: fmt::Display>(dims: &[T]) -> String {
-    use std::fmt::Write;
-    let mut text = String::from("[");
-    for (i, d) in dims.iter().enumerate() {
-        let _ = write!(text, "{}{d}", if i == 0 { "" } else { ", " });
-    }
-    text.push(']');
-    text
 }
 
 /// The element type of a stored tensor.

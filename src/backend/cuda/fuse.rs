@@ -1,5 +1,6 @@
-//! The fused decode kernels' host wrappers: [`Fuse`], the epilogue every product kernel
-//! can apply (an activation, the residual add); [`dense_gemv`] for f32, f16 and bf16
+//! The fused decode kernels' host wrappers: [`Fuse`] (defined beside the kernels that take
+//! it), the epilogue every product kernel can apply (an activation, the residual add);
+//! [`dense_gemv`] for f32, f16 and bf16
 //! weights; [`bias_act_rows`] for the products that have no epilogue of their own (cuBLAS);
 //! and the launches that merge a decode step's data movement: [`split_qkv_append`] and
 //! [`kv_append_pair`]. Why: a decode step on small shapes is bound by launches (each at
@@ -8,50 +9,12 @@
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
 use super::kernels::{LINEAR, OPS};
+pub use super::ops::Fuse;
 use super::ops::{
-    append_start, grid_stride, int, launch, need, opt_arg, push_dims_and_start, CacheShape, Start, Unary,
+    append_start, grid_stride, int, launch, need, opt_arg, push_dims_and_start, CacheShape, Start,
     GEMV_MAX_ROWS, NULL,
 };
 use super::{CudaError, Gpu};
-
-/// What a product kernel does with each value after its bias: the activation, then either
-/// store it or add it to what the output holds (the residual add, `out = out + v`, as
-/// [`super::ops::add_in_place`]). The same arithmetic as the separate launches, so a
-/// fused decode step computes what the unfused one did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Fuse {
-    /// The activation applied to `product + bias`.
-    pub act: Option<Unary>,
-    /// Add to the output's values instead of overwriting them.
-    pub accumulate: bool,
-}
-
-impl Fuse {
-    /// Store `product + bias`.
-    pub const NONE: Fuse = Fuse { act: None, accumulate: false };
-    /// Add `product + bias` to the output (the residual stream).
-    pub const RESIDUAL: Fuse = Fuse { act: None, accumulate: true };
-
-    /// Store `act(product + bias)`.
-    pub fn activation(act: Unary) -> Fuse {
-        Fuse { act: Some(act), accumulate: false }
-    }
-
-    /// Whether the epilogue does nothing beyond the bias.
-    pub fn is_none(self) -> bool {
-        self == Fuse::NONE
-    }
-
-    /// The kernels' `(act, accumulate)` arguments (`ACT_*` of kernels/common.cuh).
-    pub(super) fn codes(self) -> (i32, i32) {
-        let act = match self.act {
-            None => 0,
-            Some(Unary::GeluTanh) => 1,
-            Some(Unary::GeluErf) => 2,
-        };
-        (act, i32::from(self.accumulate))
-    }
-}
 
 /// A dense weight `[rows, cols]` for [`dense_gemv`].
 #[derive(Debug, Clone, Copy)]

@@ -7,7 +7,6 @@
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg};
 
-use super::fuse::Fuse;
 use super::kernels::{KernelFile, CAST, OPS, PACKED4, QUANT};
 use super::{driver, guard, CudaError, Gpu};
 use crate::scheme::packed4::Packed4;
@@ -926,6 +925,45 @@ pub fn layer_norm(
         },
         &mut f,
     )
+}
+
+/// What a product kernel does with each value after its bias: the activation, then either
+/// store it or add it to what the output holds (the residual add, `out = out + v`, as
+/// [`add_in_place`]). The same arithmetic as the separate launches, so a
+/// fused decode step computes what the unfused one did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Fuse {
+    /// The activation applied to `product + bias`.
+    pub act: Option<Unary>,
+    /// Add to the output's values instead of overwriting them.
+    pub accumulate: bool,
+}
+
+impl Fuse {
+    /// Store `product + bias`.
+    pub const NONE: Fuse = Fuse { act: None, accumulate: false };
+    /// Add `product + bias` to the output (the residual stream).
+    pub const RESIDUAL: Fuse = Fuse { act: None, accumulate: true };
+
+    /// Store `act(product + bias)`.
+    pub fn activation(act: Unary) -> Fuse {
+        Fuse { act: Some(act), accumulate: false }
+    }
+
+    /// Whether the epilogue does nothing beyond the bias.
+    pub fn is_none(self) -> bool {
+        self == Fuse::NONE
+    }
+
+    /// The kernels' `(act, accumulate)` arguments (`ACT_*` of kernels/common.cuh).
+    pub(super) fn codes(self) -> (i32, i32) {
+        let act = match self.act {
+            None => 0,
+            Some(Unary::GeluTanh) => 1,
+            Some(Unary::GeluErf) => 2,
+        };
+        (act, i32::from(self.accumulate))
+    }
 }
 
 /// An element-wise activation of [`unary`].
