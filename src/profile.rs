@@ -92,11 +92,6 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
-/// Whether spans record.
-pub fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
-}
-
 /// What was recorded since [`set_enabled`]`(true)`, by `(category, detail)`.
 pub fn take() -> BTreeMap<(&'static str, &'static str), Totals> {
     std::mem::take(&mut *TABLE.lock().unwrap_or_else(|e| e.into_inner()))

@@ -28,6 +28,19 @@ pub struct Masking<'a> {
 impl Masking<'_> {
     /// Causal, no bias, no padding: Llama, Qwen2, GPT-2.
     pub const CAUSAL: Masking<'static> = Masking { causal: true, alibi: None, key_mask: None };
+
+    /// Head `h`'s scaled scores of the visible keys `0..scores.len()`: the ALiBi bias
+    /// added, and padding keys (`mask`: this sequence's flags of those keys) set to the
+    /// most negative float, as transformers does, so a fully padded row stays finite
+    /// (uniform) instead of turning into NaN.
+    fn apply(&self, scores: &mut [f32], h: usize, mask: Option<&[u8]>) {
+        if let Some(slopes) = self.alibi {
+            scores.iter_mut().enumerate().for_each(|(p, s)| *s += slopes[h] * p as f32);
+        }
+        if let Some(mask) = mask {
+            scores.iter_mut().zip(mask).filter(|(_, &m)| m == 0).for_each(|(s, _)| *s = f32::MIN);
+        }
+    }
 }
 
 /// Keys and values of every layer for a batch of sequences that advance together.
@@ -209,13 +222,7 @@ impl KvCache {
             for (t, row) in scores.chunks_exact_mut(keys_total).enumerate() {
                 let visible = if masking.causal { start + t + 1 } else { keys_total };
                 let (seen, unseen) = row.split_at_mut(visible);
-                if let Some(slopes) = masking.alibi {
-                    seen.iter_mut().enumerate().for_each(|(p, s)| *s += slopes[h] * p as f32);
-                }
-                if let Some(mask) = masking.key_mask {
-                    let mask = &mask[b * keys_total..][..visible];
-                    seen.iter_mut().zip(mask).filter(|(_, &m)| m == 0).for_each(|(s, _)| *s = f32::MIN);
-                }
+                masking.apply(seen, h, masking.key_mask.map(|m| &m[b * keys_total..][..visible]));
                 super::softmax_in_place(seen);
                 unseen.fill(0.0);
             }
@@ -303,15 +310,7 @@ impl KvCache {
             for (s, kp) in scores.iter_mut().zip(keys.chunks_exact(head_dim)) {
                 *s = dot_lanes(qh, kp) * scale;
             }
-            if let Some(slopes) = masking.alibi {
-                scores.iter_mut().enumerate().for_each(|(p, s)| *s += slopes[h] * p as f32);
-            }
-            // The most negative float, as transformers uses: a fully padded row then stays
-            // finite (uniform) instead of turning into NaN.
-            if let Some(mask) = masking.key_mask {
-                let mask = &mask[b * keys_total..][..visible];
-                scores.iter_mut().zip(mask).filter(|(_, &m)| m == 0).for_each(|(s, _)| *s = f32::MIN);
-            }
+            masking.apply(&mut scores, h, masking.key_mask.map(|m| &m[b * keys_total..][..visible]));
             super::softmax_in_place(&mut scores);
             weighted_sum(&scores, values, head_dim, &mut out_row[h * head_dim..][..head_dim]);
         }
@@ -355,7 +354,7 @@ const OUT_PIECE: usize = 32;
 /// then the lanes pairwise and the tail: one order on every CPU, which the compiler
 /// turns into SIMD (a strict left-to-right sum cannot be vectorised).
 #[inline(always)]
-pub fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0.0f32; 8];
