@@ -610,3 +610,183 @@ extern "C" __global__ void __launch_bounds__(Q4_THREADS) packed4_gemv_fixed_m5(Q
 extern "C" __global__ void __launch_bounds__(Q4_THREADS) packed4_gemv_fixed_m6(Q4_ARGS) { packed4_gemv_fixed_any<6>(Q4_PASS); }
 extern "C" __global__ void __launch_bounds__(Q4_THREADS) packed4_gemv_fixed_m7(Q4_ARGS) { packed4_gemv_fixed_any<7>(Q4_PASS); }
 extern "C" __global__ void __launch_bounds__(Q4_THREADS) packed4_gemv_fixed_m8(Q4_ARGS) { packed4_gemv_fixed_any<8>(Q4_PASS); }
+
+// ---- the fixed-point GEMV over activations quantized once ----------------------------------
+//
+// The same numerics as packed4_gemv_fixed_m* above (each 32-value chunk of an activation
+// row as 16-bit integers, exact integer chunk sums through __dp2a), in two launches:
+// q16_quantize_chunks quantizes the M activation rows once into a small buffer, then
+// packed4_gemv_fixedq_m<M> streams the weight. Why: the one-launch kernel has every block
+// quantize the whole of x into shared memory before it reads a weight byte (two barriers
+// per 64-chunk slab), and its 16 rows per block leave a 4096-row weight 256 blocks, two per
+// SM: too few loads in flight for the memory system. Here a block owns Q4Q_ROWS = 4 rows
+// and its 128 threads split the row's chunks (thread t takes chunks t, t + 128, ...), so a
+// 4096 x 4096 weight makes 1024 blocks, each thread has 4 independent 16-byte weight loads
+// in flight, and the quantized x (76 bytes per chunk and row) is read from L1/L2 by every
+// block.
+//
+// The buffer of m rows and `chunks` = cols / 32 chunks per row, 19 u32 per (row, chunk):
+// codes as uint4 [m][4][chunks] (word j of chunk c of row i; its 8 codes in the order
+// q4_quantize_chunk gives), then d as f32 [m][chunks], sum q as i32 [m][chunks], sum x as
+// f32 [m][chunks].
+
+struct Q16View {
+    const uint4* words;
+    const float* d;
+    const int* qsum;
+    const float* xsum;
+};
+
+__device__ __forceinline__ Q16View q16_view(const u32* xq, int m, int chunks) {
+    long n = (long)m * chunks;
+    Q16View v;
+    v.words = (const uint4*)xq;
+    v.d = (const float*)(xq + 16 * n);
+    v.qsum = (const int*)(xq + 17 * n);
+    v.xsum = (const float*)(xq + 18 * n);
+    return v;
+}
+
+// One thread per (row, chunk) of x [m, cols] (cols % 32 == 0, rows 16-byte aligned).
+extern "C" __global__ void q16_quantize_chunks(const float* __restrict__ x, int m, int cols, u32* __restrict__ xq) {
+    int chunks = cols >> 5;
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= m * chunks) return;
+    int i = t / chunks, c = t - i * chunks;
+    uint4 words[4];
+    float d, xsum = 0.0f;
+    int qsum;
+    q4_quantize_chunk<true>(x + (long)i * cols + ((long)c << 5), words, d, qsum, xsum);
+    long n = (long)m * chunks, at = (long)i * chunks + c;
+    uint4* w = (uint4*)xq;
+#pragma unroll
+    for (int j = 0; j < 4; j++) w[((long)i * 4 + j) * chunks + c] = words[j];
+    ((float*)(xq + 16 * n))[at] = d;
+    ((int*)(xq + 17 * n))[at] = qsum;
+    ((float*)(xq + 18 * n))[at] = xsum;
+}
+
+#define Q4Q_THREADS 128
+#define Q4Q_WARPS (Q4Q_THREADS / WARP)
+#define Q4Q_ROWS 4
+
+template <int M, bool OFF>
+__device__ __forceinline__ void packed4_gemv_fixedq(float (*partial)[M * Q4Q_ROWS], const u8* __restrict__ bytes,
+                                                    const void* __restrict__ scales, const void* __restrict__ offsets,
+                                                    int bf16_params, const u32* __restrict__ xq,
+                                                    const float* __restrict__ bias, float* __restrict__ out, int rows,
+                                                    int cols, int block_shift, u32 int_xor, int int_bias, int act,
+                                                    int accumulate) {
+    constexpr int R = Q4Q_ROWS;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int chunks = cols >> 5;
+    int r0 = blockIdx.x * R;
+    Q16View xv_all = q16_view(xq, M, chunks);
+    // Rows past the end read the last row (valid memory) and are not written.
+    const uint4* wrow[R];
+    long rbase[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        long rr = min(r0 + r, rows - 1);
+        rbase[r] = rr * cols;
+        wrow[r] = (const uint4*)bytes + rr * chunks;
+    }
+    float acc[M][R];
+#pragma unroll
+    for (int i = 0; i < M; i++)
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[i][r] = 0.0f;
+#pragma unroll 1
+    for (int g = tid; g < chunks; g += Q4Q_THREADS) {
+        uint4 wv[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) wv[r] = __ldg(wrow[r] + g);
+        float sc[R], of[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            long b = (rbase[r] + ((long)g << 5)) >> block_shift;
+            sc[r] = param_at(scales, b, bf16_params);
+            of[r] = OFF ? param_at(offsets, b, bf16_params) : 0.0f;
+        }
+        int dot[M][R];
+#pragma unroll
+        for (int i = 0; i < M; i++)
+#pragma unroll
+            for (int r = 0; r < R; r++) dot[i][r] = 0;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            uint4 xv[M];
+#pragma unroll
+            for (int i = 0; i < M; i++) xv[i] = __ldg(xv_all.words + ((long)i * 4 + j) * chunks + g);
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                u32 w = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
+                int odd = (int)((w ^ int_xor) & 0x0f0f0f0fu);
+                int even = (int)(((w >> 4) ^ int_xor) & 0x0f0f0f0fu);
+#pragma unroll
+                for (int i = 0; i < M; i++) {
+                    int a = dot[i][r];
+                    a = __dp2a_lo((int)xv[i].x, odd, a);
+                    a = __dp2a_hi((int)xv[i].y, odd, a);
+                    a = __dp2a_lo((int)xv[i].z, even, a);
+                    a = __dp2a_hi((int)xv[i].w, even, a);
+                    dot[i][r] = a;
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < M; i++) {
+            long at = (long)i * chunks + g;
+            float d = __ldg(xv_all.d + at);
+            int qs = __ldg(xv_all.qsum + at);
+            float xsum = OFF ? __ldg(xv_all.xsum + at) : 0.0f;
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                float v = (float)(dot[i][r] - int_bias * qs);
+                acc[i][r] = fmaf(v, __fmul_rn(d, sc[r]), acc[i][r]);
+                if (OFF) acc[i][r] = fmaf(of[r], xsum, acc[i][r]);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < M; i++)
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            float s = warp_sum(acc[i][r]);
+            if (lane == 0) partial[warp][i * R + r] = s;
+        }
+    __syncthreads();
+    if (tid < M * R) {
+        int i = tid / R, r = tid % R;
+        float s = 0.0f;
+#pragma unroll
+        for (int w = 0; w < Q4Q_WARPS; w++) s += partial[w][tid];
+        int row = r0 + r;
+        if (row < rows) store_fused(out, (long)i * rows + row, bias ? s + bias[row] : s, act, accumulate);
+    }
+}
+
+#define Q4Q_ARGS                                                                                               \
+    const u8 *__restrict__ bytes, const void *__restrict__ scales, const void *__restrict__ offsets,             \
+        int bf16_params, const u32 *__restrict__ xq, const float *__restrict__ bias, float *__restrict__ out,   \
+        int rows, int cols, int block_shift, u32 int_xor, int int_bias, int act, int accumulate
+#define Q4Q_PASS bytes, scales, offsets, bf16_params, xq, bias, out, rows, cols, block_shift, int_xor, int_bias, act, accumulate
+
+template <int M>
+__device__ __forceinline__ void packed4_gemv_fixedq_any(Q4Q_ARGS) {
+    __shared__ float partial[Q4Q_WARPS][M * Q4Q_ROWS];
+    if (offsets) packed4_gemv_fixedq<M, true>(partial, Q4Q_PASS);
+    else packed4_gemv_fixedq<M, false>(partial, Q4Q_PASS);
+}
+
+// packed4_gemv_fixedq_any for m = 1 .. 8 activation rows; blockDim Q4Q_THREADS, one block
+// per Q4Q_ROWS output rows; bytes in the plain layout; xq from q16_quantize_chunks with
+// the same m. Launch bounds: as many resident blocks per SM as spill-free registers allow.
+extern "C" __global__ void __launch_bounds__(Q4Q_THREADS, 8) packed4_gemv_fixedq_m1(Q4Q_ARGS) { packed4_gemv_fixedq_any<1>(Q4Q_PASS); }
+extern "C" __global__ void __launch_bounds__(Q4Q_THREADS, 5) packed4_gemv_fixedq_m2(Q4Q_ARGS) { packed4_gemv_fixedq_any<2>(Q4Q_PASS); }
+extern "C" __global__ void __launch_bounds__(Q4Q_THREADS, 4) packed4_gemv_fixedq_m3(Q4Q_ARGS) { packed4_gemv_fixedq_any<3>(Q4Q_PASS); }
+extern "C" __global__ void __launch_bounds__(Q4Q_THREADS, 4) packed4_gemv_fixedq_m4(Q4Q_ARGS) { packed4_gemv_fixedq_any<4>(Q4Q_PASS); }
+extern "C" __global__ void __launch_bounds__(Q4Q_THREADS, 3) packed4_gemv_fixedq_m5(Q4Q_ARGS) { packed4_gemv_fixedq_any<5>(Q4Q_PASS); }
+extern "C" __global__ void __launch_bounds__(Q4Q_THREADS, 3) packed4_gemv_fixedq_m6(Q4Q_ARGS) { packed4_gemv_fixedq_any<6>(Q4Q_PASS); }
+extern "C" __global__ void __launch_bounds__(Q4Q_THREADS, 2) packed4_gemv_fixedq_m7(Q4Q_ARGS) { packed4_gemv_fixedq_any<7>(Q4Q_PASS); }
+extern "C" __global__ void __launch_bounds__(Q4Q_THREADS, 2) packed4_gemv_fixedq_m8(Q4Q_ARGS) { packed4_gemv_fixedq_any<8>(Q4Q_PASS); }

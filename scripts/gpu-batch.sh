@@ -19,13 +19,33 @@ if [ "$tests_limit" != 0 ]; then
   echo "cuda-tests exit $?"; grep -E "^test |test result|panicked|skipped" "$OUT/cuda-tests.txt" | tail -30
 fi
 if [ "${KERNELS:-1}" != 0 ]; then
-  timeout 240 target/release/cuda-kernels --json "$OUT/cuda-kernels.json" >"$OUT/cuda-kernels.txt" 2>&1
+  timeout "${KERNELS_LIMIT:-240}" target/release/cuda-kernels --samples "${KERNEL_SAMPLES:-30}" \
+    --json "$OUT/cuda-kernels.json" >"$OUT/cuda-kernels.txt" 2>&1
   echo "cuda-kernels exit $?"; cat "$OUT/cuda-kernels.txt"
 fi
-for suite in "$@"; do
+# SUITE or SUITE@N: the suite at its own batch size, or at batch N (--batch-size N, reports
+# under NAME-bN).
+for entry in "$@"; do
+  suite=${entry%@*}
   name=$(basename "$suite" .yaml)
-  timeout "$suite_limit" target/release/bench run "$suite" --out "$OUT/r/$name" >"$OUT/$name.txt" 2>&1
+  batch=()
+  if [ "$entry" != "$suite" ]; then
+    batch=(--batch-size "${entry##*@}")
+    name="$name-b${entry##*@}"
+  fi
+  timeout "$suite_limit" target/release/bench run "$suite" "${batch[@]}" --out "$OUT/r/$name" >"$OUT/$name.txt" 2>&1
   echo "$name exit $?"; tail -5 "$OUT/$name.txt"
 done
+# The PyTorch peers on the same GPU (scripts/peers/gpu_decode.py), when PEERS_BUDGET (seconds)
+# is set; torchao comes from the wheels in .whl/ when they travelled.
+if [ -n "${PEERS_BUDGET:-}" ]; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+      export PYTHONPATH=/tmp/site
+  fi
+  PYTHONUNBUFFERED=1 timeout $((PEERS_BUDGET + 60)) python3 scripts/peers/gpu_decode.py --budget-s "$PEERS_BUDGET" \
+    ${PEERS_ARGS:-} --out "$OUT/r/gpu-peers" >"$OUT/gpu-peers.txt" 2>&1
+  echo "gpu-peers exit $?"; tail -15 "$OUT/gpu-peers.txt"
+fi
 tar -C "$OUT/r" -czf "$OUT/reports.tgz" . && rm -rf "$OUT/r"
 ls -la "$OUT"

@@ -57,6 +57,10 @@ pub enum Command {
         /// Keep each saved quantized model under OUT/models/.
         #[arg(long)]
         keep_models: bool,
+        /// Replace the workload's batch_size (recorded in results.json): one suite timed at
+        /// batch 1, 8 and 32 in three runs, where speed-ups change sign.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+        batch_size: Option<u32>,
         /// Also store the results as baseline NAME under reports/baselines/NAME/.
         #[arg(long, value_name = "NAME")]
         save_baseline: Option<String>,
@@ -216,11 +220,15 @@ pub fn execute(cli: Cli) -> Result<i32> {
             resume,
             filter,
             keep_models,
+            batch_size,
             save_baseline,
             baseline,
             fail_on_regression,
         } => {
-            let plan = Plan::load(&suite)?;
+            let mut plan = Plan::load(&suite)?;
+            if let Some(rows) = batch_size {
+                plan.workload.batch_size = rows as usize;
+            }
             let baselines = Path::new(baseline::BASELINES_DIR);
             // Check names before the work, not after it.
             if let Some(name) = &save_baseline {

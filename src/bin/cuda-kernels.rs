@@ -16,7 +16,7 @@ use cudarc::driver::CudaSlice;
 use quantbench::backend::bench::{self, Shape, Stats};
 use quantbench::backend::cuda::blas::{self, Blas};
 use quantbench::backend::cuda::fuse::{self, DenseWeight, Fuse};
-use quantbench::backend::cuda::ops::{self, DevicePacked4};
+use quantbench::backend::cuda::ops::{self, DevicePacked4, FixedPointKernel};
 use quantbench::backend::cuda::{CudaError, Gpu};
 use quantbench::scheme::packed4::{pack_nibbles, Packed4};
 use quantbench::tensor::SeededRng;
@@ -203,17 +203,20 @@ fn run(o: &Options) -> Result<Vec<Row>, CudaError> {
         // int4-block as users run it (the CPU's default fixed-point numerics), then with
         // f32 activations (exact_gemv), and nf4 (f32: its table is not integers).
         let fixed = Packed4 { exact_gemv: false, ..int4.clone() };
-        for (label, w, bf16) in [
-            ("int4-block fixed-point", &fixed, true),
-            ("int4-block f32", &int4, true),
-            ("nf4 f32", &nf4, false),
+        // The fixed-point GEMV twice: the default (x quantized once, then the GEMV) and the
+        // one-launch kernel that quantizes x in every block.
+        for (label, w, bf16, kernel) in [
+            ("int4-block fixed-point", &fixed, true, FixedPointKernel::Prequantized),
+            ("int4-block fixed-point one-launch", &fixed, true, FixedPointKernel::Slab),
+            ("int4-block f32", &int4, true, FixedPointKernel::Prequantized),
+            ("nf4 f32", &nf4, false, FixedPointKernel::Prequantized),
         ] {
             let bytes = bench::packed4_gemv_bytes(s, w.block, bf16);
             let (count, beyond_l2) = bench::rotation(bytes as usize, l2, gpu.memory()?.0);
             let copies: Vec<DevicePacked4> =
                 (0..count).map(|_| DevicePacked4::upload(&gpu, w)).collect::<Result<_, _>>()?;
             let st = time_graph(&gpu, o, count, |i| {
-                ops::packed4_gemv(&gpu, &copies[i % count], &x, s.m, None, Fuse::NONE, &mut out)
+                ops::packed4_gemv_using(&gpu, &copies[i % count], &x, s.m, None, Fuse::NONE, &mut out, kernel)
             })?;
             drop(copies);
             rows.push(bandwidth_row(format!("{label} gemv"), s, st, bytes, beyond_l2));

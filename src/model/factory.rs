@@ -1,6 +1,8 @@
 //! Weight factories: where an architecture gets each tensor and linear layer from, either
 //! quantizing a full-precision checkpoint with a scheme or reloading a saved quantized model.
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 use crate::scheme::{Calibration, DenseWeight, FloatLinear, FloatStorage, Linear, Scheme, StoredSource};
 
@@ -95,7 +97,8 @@ impl<'a> QuantizeFactory<'a> {
         let mut data = self.store.f32(name, shape)?;
         non_finite_weight(name, &data, "")?;
         if self.precision != FloatStorage::F32 {
-            data.iter_mut().for_each(|v| *v = self.precision.round(*v));
+            let precision = self.precision;
+            data.par_iter_mut().with_min_len(1 << 16).for_each(|v| *v = precision.round(*v));
             non_finite_weight(name, &data, &format!(" once rounded to {}", self.precision.name()))?;
         }
         Ok(data)

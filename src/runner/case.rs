@@ -14,7 +14,7 @@ use crate::measure::reference_cache::{self, CacheKey};
 use crate::measure::MetricGroup;
 use crate::model::generate::greedy;
 use crate::model::weights::WeightStore;
-use crate::model::{CausalLm, Encoder, Logits, Model, QuantizeFactory, ReloadFactory};
+use crate::model::{ArchKind, CausalLm, Encoder, Logits, Model, QuantizeFactory, ReloadFactory};
 use crate::report::results::{
     BatchInvariance, CaseResult, DeviceLatency, Disk, Generation, Latency, LayerDivergence, Memory,
     ReferenceCacheRecord,
@@ -80,34 +80,55 @@ impl<'p> ModelRunner<'p> {
     pub fn new(plan: &'p Plan, index: usize, judge_sha256: &str, out: &Path) -> Result<Self> {
         let model = &plan.models[index];
         let judge_model = &plan.models[model.reference.unwrap_or(index)];
-        let judge = full_precision(judge_model)?;
         let metrics = &plan.metrics;
         let tokenizer = &model.files.tokenizer;
         let mut reference_cache = None;
-        let references = match &judge {
-            Model::Causal(lm) => {
+        let references = match judge_model.files.arch.kind {
+            ArchKind::Causal => {
                 let eval_tokens = tokenizer.encode(&plan.workload.eval_text)?;
                 let prompt_ids =
                     plan.workload.prompts.iter().map(|p| tokenizer.encode(p)).collect::<Result<Vec<_>>>()?;
-                let logprobs = if metrics.contains(&MetricGroup::Divergence) {
-                    let (reference, record) =
-                        cached_reference(plan, judge_model, judge_sha256, lm.as_ref(), &eval_tokens, out)?;
-                    reference_cache = Some(record);
-                    Some(Box::new(reference))
-                } else {
-                    None
+                // Only the accuracy metrics read the full-precision model: a speed and memory
+                // suite never builds it (at 7B shapes it is 27 GB of f32).
+                let wants_judge =
+                    metrics.contains(&MetricGroup::Divergence) || metrics.contains(&MetricGroup::Generation);
+                let judge = if wants_judge { Some(full_precision(judge_model)?) } else { None };
+                let lm = match &judge {
+                    Some(Model::Causal(lm)) => Some(lm.as_ref()),
+                    Some(Model::Encoder(_)) => {
+                        return Err(Error::Workload(format!(
+                            "the reference model {} built as an encoder, expected a causal LM",
+                            judge_model.name
+                        )))
+                    }
+                    None => None,
                 };
-                let generations = if metrics.contains(&MetricGroup::Generation) {
-                    let gen = |ids: &Vec<u32>| {
-                        greedy(lm.as_ref(), ids, plan.workload.gen_len, false).map(|g| g.ids)
-                    };
-                    prompt_ids.iter().map(gen).collect::<Result<_>>()?
-                } else {
-                    Vec::new()
+                let logprobs = match lm {
+                    Some(lm) if metrics.contains(&MetricGroup::Divergence) => {
+                        let (reference, record) =
+                            cached_reference(plan, judge_model, judge_sha256, lm, &eval_tokens, out)?;
+                        reference_cache = Some(record);
+                        Some(Box::new(reference))
+                    }
+                    _ => None,
+                };
+                let generations = match lm {
+                    Some(lm) if metrics.contains(&MetricGroup::Generation) => {
+                        let gen =
+                            |ids: &Vec<u32>| greedy(lm, ids, plan.workload.gen_len, false).map(|g| g.ids);
+                        prompt_ids.iter().map(gen).collect::<Result<_>>()?
+                    }
+                    _ => Vec::new(),
                 };
                 References::Causal { eval_tokens, prompt_ids, logprobs, generations }
             }
-            Model::Encoder(encoder) => {
+            ArchKind::Encoder => {
+                let Model::Encoder(encoder) = full_precision(judge_model)? else {
+                    return Err(Error::Workload(format!(
+                        "the reference model {} built as a causal LM, expected an encoder",
+                        judge_model.name
+                    )));
+                };
                 let sentences = encoder_sentences(plan, model, encoder.as_ref())?;
                 let outputs = if metrics.contains(&MetricGroup::Divergence) {
                     Some(embedding::encode_all(

@@ -2,6 +2,7 @@
 //! computed in f32.
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 use safetensors::tensor::Dtype;
 
 use super::{
@@ -78,7 +79,7 @@ pub struct FloatLinear {
 impl FloatLinear {
     /// A layer from `weight` (`[rows, cols]`), rounded to `storage`.
     pub fn new(weight: DenseWeight, bias: Option<Vec<f32>>, storage: FloatStorage) -> Self {
-        let data = weight.data.iter().map(|&v| storage.round(v)).collect();
+        let data = weight.data.par_iter().with_min_len(1 << 16).map(|&v| storage.round(v)).collect();
         let (rows, cols) = (weight.rows, weight.cols);
         FloatLinear { rows, cols, weight: data, bias, storage, role: TensorRole::PackedWeights }
     }

@@ -21,7 +21,7 @@
 use half::bf16;
 use safetensors::tensor::Dtype;
 
-use super::packed4::{block_count, pack_nibbles, Packed4, EXACT_GEMV_PARAM};
+use super::packed4::{block_count, pack_nibbles, quantize_blocks, Packed4, EXACT_GEMV_PARAM};
 use super::{
     Calibration, DenseWeight, DeviceSupport, LayerParts, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo,
     SchemeParams, StoredSource, StoredTensor, TensorRole, WeightParts,
@@ -104,25 +104,22 @@ fn step_bf16(v: f32, dir: i32) -> f32 {
 
 /// Symmetric quantization (the article's).
 fn quantize_symmetric(data: &[f32], block: usize) -> Quantized {
-    let mut codes = Vec::with_capacity(data.len());
-    let mut scales = Vec::with_capacity(block_count(data.len(), block));
-    for chunk in data.chunks(block) {
+    let (codes, scales) = quantize_blocks(data, block, |chunk, codes| {
         let max = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let max = if max == 0.0 { 1.0 } else { max };
         let scale = bf16::from_f32(max / 7.0);
         let s = scale.to_f32();
-        codes.extend(chunk.iter().map(|&x| ((x / s).round_ties_even().clamp(-8.0, 7.0) as i8 as u8) & 0x0F));
-        scales.push(scale);
-    }
+        for (code, &x) in codes.iter_mut().zip(chunk) {
+            *code = ((x / s).round_ties_even().clamp(-8.0, 7.0) as i8 as u8) & 0x0F;
+        }
+        scale
+    });
     Quantized { codes, scales, minima: None }
 }
 
 /// Asymmetric quantization: minimum rounded down, scale rounded up (see the module doc).
 fn quantize_asymmetric(data: &[f32], block: usize) -> Quantized {
-    let nb = block_count(data.len(), block);
-    let (mut codes, mut scales, mut minima) =
-        (Vec::with_capacity(data.len()), Vec::with_capacity(nb), Vec::new());
-    for chunk in data.chunks(block) {
+    let (codes, params) = quantize_blocks(data, block, |chunk, codes| {
         let min = chunk.iter().copied().fold(f32::INFINITY, f32::min);
         let max = chunk.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let min = bf16_down(min);
@@ -130,10 +127,12 @@ fn quantize_asymmetric(data: &[f32], block: usize) -> Quantized {
         let range = max - m;
         let scale = if range > 0.0 { bf16_up(range / 15.0) } else { bf16::ONE };
         let s = scale.to_f32();
-        codes.extend(chunk.iter().map(|&x| ((x - m) / s).round_ties_even().clamp(0.0, 15.0) as u8));
-        scales.push(scale);
-        minima.push(min);
-    }
+        for (code, &x) in codes.iter_mut().zip(chunk) {
+            *code = ((x - m) / s).round_ties_even().clamp(0.0, 15.0) as u8;
+        }
+        (scale, min)
+    });
+    let (scales, minima) = params.into_iter().unzip();
     Quantized { codes, scales, minima: Some(minima) }
 }
 

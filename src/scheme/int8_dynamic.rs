@@ -39,6 +39,7 @@
 //! which can round a tie or a product differently (one quantization step, or 1 ulp of
 //! the output); the input of the fixture's layers did not hit such a case.
 
+use rayon::prelude::*;
 use safetensors::tensor::Dtype;
 
 use super::int8_gemm::{gemm_i8, kernel_name};
@@ -111,21 +112,26 @@ unsafe fn quantize_symmetric_avx2(values: &[f32], scale: f32, out: &mut [i8]) {
 
 /// Weights quantized per output row, symmetric: `q` is `[rows, cols]`, one scale per row.
 pub(super) fn quantize_weight_rows(weight: &DenseWeight) -> Result<(Vec<i8>, Vec<f32>)> {
-    if let Some(bad) = weight.data.iter().position(|v| !v.is_finite()) {
+    if let Some((bad, _)) = crate::tensor::first_non_finite(&weight.data) {
         return Err(Error::Scheme {
             scheme: NAME.to_string(),
             message: format!("weight `{}` holds a non-finite value at index {bad}", weight.name),
         });
     }
     let mut q = vec![0i8; weight.data.len()];
-    let mut scales = Vec::with_capacity(weight.rows);
-    for (row, qrow) in
-        weight.data.chunks_exact(weight.cols.max(1)).zip(q.chunks_exact_mut(weight.cols.max(1)))
-    {
-        let scale = symmetric_scale(absmax(row));
-        quantize_symmetric(row, scale, qrow);
-        scales.push(scale);
-    }
+    let cols = weight.cols.max(1);
+    // Rows are independent: the thread pool takes them (same values as a serial loop).
+    let mut scales: Vec<f32> = weight
+        .data
+        .par_chunks_exact(cols)
+        .zip(q.par_chunks_exact_mut(cols))
+        .with_min_len(64)
+        .map(|(row, qrow)| {
+            let scale = symmetric_scale(absmax(row));
+            quantize_symmetric(row, scale, qrow);
+            scale
+        })
+        .collect();
     scales.resize(weight.rows, 1.0);
     Ok((q, scales))
 }

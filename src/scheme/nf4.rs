@@ -27,7 +27,7 @@
 use safetensors::tensor::Dtype;
 
 use super::int4_block::{block_size, packed_weights, read_raw};
-use super::packed4::{block_count, pack_nibbles, Packed4, EXACT_GEMV_PARAM};
+use super::packed4::{block_count, pack_nibbles, quantize_blocks, Packed4, EXACT_GEMV_PARAM};
 use super::{
     Calibration, DenseWeight, DeviceSupport, LayerParts, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo,
     SchemeParams, StoredSource, StoredTensor, TensorRole, WeightParts,
@@ -229,15 +229,14 @@ impl Scales {
 impl CodeBook4 {
     /// Codes and f32 absmax per block of the flattened weight.
     fn quantize_codes(&self, data: &[f32]) -> (Vec<u8>, Vec<f32>) {
-        let mut codes = Vec::with_capacity(data.len());
-        let mut absmax = Vec::with_capacity(block_count(data.len(), self.block));
-        for chunk in data.chunks(self.block) {
+        quantize_blocks(data, self.block, |chunk, codes| {
             let m = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let inv = if m > 0.0 { 1.0 / m } else { 0.0 };
-            codes.extend(chunk.iter().map(|&x| self.format.encode(x * inv)));
-            absmax.push(m);
-        }
-        (codes, absmax)
+            for (code, &x) in codes.iter_mut().zip(chunk) {
+                *code = self.format.encode(x * inv);
+            }
+            m
+        })
     }
 
     fn layer(

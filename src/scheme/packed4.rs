@@ -123,6 +123,32 @@ pub fn block_count(n: usize, block: usize) -> usize {
     n.div_ceil(block)
 }
 
+/// Quantize `data` block by block: `quantize(values, codes)` writes one code per value of
+/// a block and returns what the block stores (its scale, its minimum). Blocks are
+/// independent, so groups of them go to the thread pool; codes and per-block results come
+/// back in order, the same as a serial loop.
+pub fn quantize_blocks<T: Send>(
+    data: &[f32],
+    block: usize,
+    quantize: impl Fn(&[f32], &mut [u8]) -> T + Sync,
+) -> (Vec<u8>, Vec<T>) {
+    const BLOCKS_PER_TASK: usize = 512;
+    let span = block.max(1) * BLOCKS_PER_TASK;
+    let mut codes = vec![0u8; data.len()];
+    let per_task: Vec<Vec<T>> = data
+        .par_chunks(span)
+        .zip(codes.par_chunks_mut(span))
+        .map(|(values, codes)| {
+            values
+                .chunks(block.max(1))
+                .zip(codes.chunks_mut(block.max(1)))
+                .map(|(v, c)| quantize(v, c))
+                .collect()
+        })
+        .collect();
+    (codes, per_task.into_iter().flatten().collect())
+}
+
 impl Packed4 {
     /// Weight value `i` of the flattened matrix.
     #[inline(always)]

@@ -250,9 +250,16 @@ pub fn add_in_place(dst: &mut [f32], src: &[f32]) {
 /// checked with it before any statistic is taken of them, so a NaN never scores.
 pub fn first_non_finite(values: &[f32]) -> Option<(usize, f32)> {
     // A sum is finite only when every term is (and nothing overflows): one cheap pass
-    // over the common, all-finite case, the index search only when it fails.
-    let sum: f32 = values.iter().map(|v| v * 0.0).sum();
-    if sum == 0.0 {
+    // over the common, all-finite case (in parallel over large tensors), the index search
+    // only when it fails.
+    use rayon::prelude::*;
+    let all_finite = |part: &[f32]| part.iter().map(|v| v * 0.0).sum::<f32>() == 0.0;
+    let finite = if values.len() < PARALLEL_ELEMENTS {
+        all_finite(values)
+    } else {
+        values.par_chunks(PARALLEL_ELEMENTS).all(all_finite)
+    };
+    if finite {
         return None;
     }
     values.iter().position(|v| !v.is_finite()).map(|i| (i, values[i]))
@@ -369,6 +376,20 @@ impl SeededRng {
         let u1 = self.uniform().max(f64::MIN_POSITIVE);
         let u2 = self.uniform();
         (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+
+    /// Two independent standard normals (Marsaglia's polar method: no trigonometry, one
+    /// logarithm per pair; about 1.27 pairs of uniforms per call).
+    pub fn normal_pair(&mut self) -> (f64, f64) {
+        loop {
+            let u = 2.0 * self.uniform() - 1.0;
+            let v = 2.0 * self.uniform() - 1.0;
+            let s = u * u + v * v;
+            if s > 0.0 && s < 1.0 {
+                let f = (-2.0 * s.ln() / s).sqrt();
+                return (u * f, v * f);
+            }
+        }
     }
 
     /// `n` normal values with standard deviation `std`, as f32.

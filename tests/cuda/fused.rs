@@ -4,7 +4,7 @@
 //! cache appends against split_qkv + kv_append, on random data into NaN-poisoned outputs.
 
 use quantbench::backend::cuda::fuse::{self, AppendAt, DenseWeight, Fuse};
-use quantbench::backend::cuda::ops::{self, CacheShape, DevicePacked4, Unary};
+use quantbench::backend::cuda::ops::{self, CacheShape, DevicePacked4, FixedPointKernel, Unary};
 use quantbench::backend::cuda::Gpu;
 use quantbench::scheme::packed4::{Gemv, Packed4};
 
@@ -67,23 +67,27 @@ fn the_fixed_point_packed4_gemv_matches_the_cpus_fixed_point_gemv() {
             p.gemv(&x, m, &mut exact, Gemv::Scalar);
             let mut cpu_fixed = vec![0.0f32; m * rows];
             p.gemv(&x, m, &mut cpu_fixed, Gemv::Avx2Fixed);
-            let mut out = poisoned(&gpu, m * rows);
-            ops::packed4_gemv(&gpu, &d, &gpu.upload(&x).unwrap(), m, None, Fuse::NONE, &mut out).unwrap();
-            let got = gpu.download(&out).unwrap();
-            let name =
-                format!("fixed-point packed4_gemv m={m} {rows}×{cols} block {block} offsets {offsets}");
-            if avx2 {
-                within_l2(
-                    &format!("{name} vs CPU fixed"),
-                    "FIXED_VS_CPU_FIXED_L2",
-                    FIXED_VS_CPU_FIXED_L2,
-                    &got,
-                    &cpu_fixed,
+            let xd = gpu.upload(&x).unwrap();
+            for kernel in [FixedPointKernel::Prequantized, FixedPointKernel::Slab] {
+                let mut out = poisoned(&gpu, m * rows);
+                ops::packed4_gemv_using(&gpu, &d, &xd, m, None, Fuse::NONE, &mut out, kernel).unwrap();
+                let got = gpu.download(&out).unwrap();
+                let name = format!(
+                    "fixed-point packed4_gemv ({kernel:?}) m={m} {rows}×{cols} block {block} offsets {offsets}"
                 );
-            } else {
-                eprintln!("{name}: no AVX2 here, so the CPU's fixed-point path is not compared");
+                if avx2 {
+                    within_l2(
+                        &format!("{name} vs CPU fixed"),
+                        "FIXED_VS_CPU_FIXED_L2",
+                        FIXED_VS_CPU_FIXED_L2,
+                        &got,
+                        &cpu_fixed,
+                    );
+                } else {
+                    eprintln!("{name}: no AVX2 here, so the CPU's fixed-point path is not compared");
+                }
+                within_l2(&format!("{name} vs exact"), "FIXED_VS_EXACT_L2", FIXED_VS_EXACT_L2, &got, &exact);
             }
-            within_l2(&format!("{name} vs exact"), "FIXED_VS_EXACT_L2", FIXED_VS_EXACT_L2, &got, &exact);
         }
     }
 }
@@ -93,15 +97,19 @@ fn the_fixed_point_gemv_turns_a_non_finite_activation_into_nan() {
     let Some(gpu) = gpu() else { return };
     let p = fixed(packed(20, 256, 128, 90, true, false));
     let d = DevicePacked4::upload(&gpu, &p).unwrap();
-    for bad in [f32::NAN, f32::INFINITY] {
+    for (bad, kernel) in [f32::NAN, f32::INFINITY]
+        .into_iter()
+        .flat_map(|bad| [FixedPointKernel::Prequantized, FixedPointKernel::Slab].map(|k| (bad, k)))
+    {
         let mut x = data(2 * 256, 91, 1.0);
         x[256 + 70] = bad;
         // Zeros, not NaN, before the call: row 0 must come back finite, row 1 all NaN.
         let mut out = gpu.upload(&[0.0f32; 40]).unwrap();
-        ops::packed4_gemv(&gpu, &d, &gpu.upload(&x).unwrap(), 2, None, Fuse::NONE, &mut out).unwrap();
+        ops::packed4_gemv_using(&gpu, &d, &gpu.upload(&x).unwrap(), 2, None, Fuse::NONE, &mut out, kernel)
+            .unwrap();
         let got = gpu.download(&out).unwrap();
-        assert!(got[..20].iter().all(|v| v.is_finite()), "row 0 {got:?}");
-        assert!(got[20..].iter().all(|v| v.is_nan()), "{bad} in row 1 gave {:?}", &got[20..]);
+        assert!(got[..20].iter().all(|v| v.is_finite()), "{kernel:?}: row 0 {got:?}");
+        assert!(got[20..].iter().all(|v| v.is_nan()), "{kernel:?}: {bad} in row 1 gave {:?}", &got[20..]);
     }
 }
 

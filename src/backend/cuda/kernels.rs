@@ -54,7 +54,7 @@ pub const QUANT: KernelFile = KernelFile {
 };
 
 /// The shared 4-bit block format: dequantization and the fused GEMVs (general, fast f32 and
-/// fixed-point, per activation-row count).
+/// fixed-point in one launch or after `q16_quantize_chunks`, per activation-row count).
 pub const PACKED4: KernelFile = KernelFile {
     name: "packed4.cu",
     source: include_str!("../../../kernels/packed4.cu"),
@@ -77,6 +77,15 @@ pub const PACKED4: KernelFile = KernelFile {
         "packed4_gemv_fixed_m6",
         "packed4_gemv_fixed_m7",
         "packed4_gemv_fixed_m8",
+        "q16_quantize_chunks",
+        "packed4_gemv_fixedq_m1",
+        "packed4_gemv_fixedq_m2",
+        "packed4_gemv_fixedq_m3",
+        "packed4_gemv_fixedq_m4",
+        "packed4_gemv_fixedq_m5",
+        "packed4_gemv_fixedq_m6",
+        "packed4_gemv_fixedq_m7",
+        "packed4_gemv_fixedq_m8",
     ],
 };
 

@@ -761,6 +761,48 @@ pub fn packed4_gemv(
     fuse: Fuse,
     out: &mut CudaSlice<f32>,
 ) -> Result<(), CudaError> {
+    packed4_gemv_using(gpu, w, x, m, bias, fuse, out, FixedPointKernel::chosen())
+}
+
+/// The two kernels of the fixed-point 4-bit GEMV, same numerics (the benchmark and the
+/// tests run both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FixedPointKernel {
+    /// `q16_quantize_chunks` once, then `packed4_gemv_fixedq_m*`, 4 rows per block: the
+    /// default.
+    Prequantized,
+    /// `packed4_gemv_fixed_m*`: one launch, every block quantizes x into shared memory.
+    Slab,
+}
+
+/// Environment variable that picks the fixed-point kernel the models use, for A/B runs
+/// of whole suites on one GPU: `one-launch` ([`FixedPointKernel::Slab`]); unset or
+/// anything else, the default.
+pub const FIXED_POINT_KERNEL_VAR: &str = "QUANTBENCH_FIXED_POINT_GEMV";
+
+impl FixedPointKernel {
+    /// The kernel the models use: [`FIXED_POINT_KERNEL_VAR`] read once.
+    pub fn chosen() -> FixedPointKernel {
+        static CHOSEN: std::sync::OnceLock<FixedPointKernel> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| match std::env::var(FIXED_POINT_KERNEL_VAR).as_deref() {
+            Ok("one-launch") => FixedPointKernel::Slab,
+            _ => FixedPointKernel::Prequantized,
+        })
+    }
+}
+
+/// [`packed4_gemv`] with the fixed-point kernel named (the f32 kernels ignore it).
+#[allow(clippy::too_many_arguments)]
+pub fn packed4_gemv_using(
+    gpu: &Gpu,
+    w: &DevicePacked4,
+    x: &CudaSlice<f32>,
+    m: usize,
+    bias: Option<&CudaSlice<f32>>,
+    fuse: Fuse,
+    out: &mut CudaSlice<f32>,
+    fixed: FixedPointKernel,
+) -> Result<(), CudaError> {
     const OP: &str = "packed4_gemv";
     need(OP, "x", x.len(), m * w.cols)?;
     need(OP, "out", out.len(), m * w.rows)?;
@@ -783,6 +825,44 @@ pub fn packed4_gemv(
         let xv = x.slice(i0 * w.cols..(i0 + rows) * w.cols);
         let mut ov = out.slice_mut(i0 * w.rows..(i0 + rows) * w.rows);
         let mut f = None;
+        if w.fixed_point && fixed == FixedPointKernel::Prequantized {
+            let chunks = w.cols / 32;
+            let mut xq = gpu.uninit::<u32>(Q16_WORDS_PER_CHUNK * rows * chunks)?;
+            launch(
+                gpu,
+                &PACKED4,
+                "q16_quantize_chunks",
+                LaunchConfig {
+                    grid_dim: ((rows * chunks).div_ceil(THREADS as usize).max(1) as u32, 1, 1),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                |b| {
+                    b.arg(&xv).arg(&mi).arg(&ci).arg(&mut xq);
+                },
+                &mut f,
+            )?;
+            launch(
+                gpu,
+                &PACKED4,
+                PACKED4_GEMV_FIXEDQ[rows - 1],
+                LaunchConfig {
+                    grid_dim: (w.rows.div_ceil(FIXEDQ_GEMV_ROWS).max(1) as u32, 1, 1),
+                    block_dim: (FAST_GEMV_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                |b| {
+                    b.arg(&w.bytes);
+                    push_params(b, w, &flag);
+                    b.arg(&xq);
+                    opt_arg!(b, bias);
+                    b.arg(&mut ov).arg(&ri).arg(&ci).arg(&shift).arg(&int_xor).arg(&int_bias);
+                    b.arg(&act).arg(&accumulate);
+                },
+                &mut f,
+            )?;
+            continue;
+        }
         if w.fixed_point {
             launch(
                 gpu,
@@ -854,6 +934,25 @@ const PACKED4_GEMV_FIXED: [&str; GEMV_MAX_ROWS] = [
     "packed4_gemv_fixed_m6",
     "packed4_gemv_fixed_m7",
     "packed4_gemv_fixed_m8",
+];
+
+/// Output rows per block of the prequantized fixed-point GEMV (`Q4Q_ROWS`).
+const FIXEDQ_GEMV_ROWS: usize = 4;
+
+/// u32 words per (activation row, 32-value chunk) of `q16_quantize_chunks`' buffer: 16 of
+/// codes, then d, Σq and Σx.
+const Q16_WORDS_PER_CHUNK: usize = 19;
+
+/// The prequantized fixed-point 4-bit GEMV for 1 ..= 8 activation rows (index: rows − 1).
+const PACKED4_GEMV_FIXEDQ: [&str; GEMV_MAX_ROWS] = [
+    "packed4_gemv_fixedq_m1",
+    "packed4_gemv_fixedq_m2",
+    "packed4_gemv_fixedq_m3",
+    "packed4_gemv_fixedq_m4",
+    "packed4_gemv_fixedq_m5",
+    "packed4_gemv_fixedq_m6",
+    "packed4_gemv_fixedq_m7",
+    "packed4_gemv_fixedq_m8",
 ];
 
 /// The fast fused 4-bit GEMV for 1 ..= 8 activation rows (index: rows − 1).
