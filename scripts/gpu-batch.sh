@@ -13,6 +13,9 @@ export QUANTBENCH_CACHE=/tmp/quantbench-cache
 tests_limit=${TESTS_LIMIT:-180}
 suite_limit=${SUITE_LIMIT:-360}
 mkdir -p "$OUT/r"
+# The reports so far as one archive, rewritten after each suite: a call stopped at its
+# limit still returns what finished.
+pack() { tar -C "$OUT/r" -czf "$OUT/reports.tgz" .; }
 if [ "$tests_limit" != 0 ]; then
   QUANTBENCH_REQUIRE_NVRTC=1 timeout "$tests_limit" target/release/cuda-tests --nocapture --test-threads=1 \
     >"$OUT/cuda-tests.txt" 2>&1
@@ -35,6 +38,7 @@ for entry in "$@"; do
   fi
   timeout "$suite_limit" target/release/bench run "$suite" "${batch[@]}" --out "$OUT/r/$name" >"$OUT/$name.txt" 2>&1
   echo "$name exit $?"; tail -5 "$OUT/$name.txt"
+  pack
 done
 # The PyTorch peers on the same GPU (scripts/peers/gpu_decode.py), when PEERS_BUDGET (seconds)
 # is set; torchao comes from the wheels in .whl/ when they travelled.
@@ -46,6 +50,7 @@ if [ -n "${PEERS_BUDGET:-}" ]; then
   PYTHONUNBUFFERED=1 timeout $((PEERS_BUDGET + 60)) python3 scripts/peers/gpu_decode.py --budget-s "$PEERS_BUDGET" \
     ${PEERS_ARGS:-} --out "$OUT/r/gpu-peers" >"$OUT/gpu-peers.txt" 2>&1
   echo "gpu-peers exit $?"; tail -15 "$OUT/gpu-peers.txt"
+  pack
 fi
-tar -C "$OUT/r" -czf "$OUT/reports.tgz" . && rm -rf "$OUT/r"
+pack && rm -rf "$OUT/r"
 ls -la "$OUT"
