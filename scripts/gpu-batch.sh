@@ -12,10 +12,11 @@ done
 export QUANTBENCH_CACHE=/tmp/quantbench-cache
 tests_limit=${TESTS_LIMIT:-180}
 suite_limit=${SUITE_LIMIT:-360}
-mkdir -p "$OUT/r"
+reports=/tmp/gpu-reports
+rm -rf "$reports" && mkdir -p "$reports"
 # The reports so far as one archive, rewritten after each suite: a call stopped at its
 # limit still returns what finished.
-pack() { tar -C "$OUT/r" -czf "$OUT/reports.tgz" .; }
+pack() { tar -C "$reports" -czf "$OUT/reports.tgz" .; }
 if [ "$tests_limit" != 0 ]; then
   QUANTBENCH_REQUIRE_NVRTC=1 timeout "$tests_limit" target/release/cuda-tests --nocapture --test-threads=1 \
     >"$OUT/cuda-tests.txt" 2>&1
@@ -36,7 +37,7 @@ for entry in "$@"; do
     batch=(--batch-size "${entry##*@}")
     name="$name-b${entry##*@}"
   fi
-  timeout "$suite_limit" target/release/bench run "$suite" "${batch[@]}" --out "$OUT/r/$name" >"$OUT/$name.txt" 2>&1
+  timeout "$suite_limit" target/release/bench run "$suite" "${batch[@]}" --out "$reports/$name" >"$OUT/$name.txt" 2>&1
   echo "$name exit $?"; tail -5 "$OUT/$name.txt"
   pack
 done
@@ -48,9 +49,9 @@ if [ -n "${PEERS_BUDGET:-}" ]; then
       export PYTHONPATH=/tmp/site
   fi
   PYTHONUNBUFFERED=1 timeout $((PEERS_BUDGET + 60)) python3 scripts/peers/gpu_decode.py --budget-s "$PEERS_BUDGET" \
-    ${PEERS_ARGS:-} --out "$OUT/r/gpu-peers" >"$OUT/gpu-peers.txt" 2>&1
+    ${PEERS_ARGS:-} --out "$reports/gpu-peers" >"$OUT/gpu-peers.txt" 2>&1
   echo "gpu-peers exit $?"; tail -15 "$OUT/gpu-peers.txt"
   pack
 fi
-pack && rm -rf "$OUT/r"
+pack
 ls -la "$OUT"
