@@ -98,16 +98,36 @@ fn quantize_symmetric_lanes(values: &[f32], scale: f32, out: &mut [i8]) {
     }
 }
 
-/// [`quantize_symmetric_lanes`] compiled for AVX2, where rounding half to even is one
-/// instruction for eight values (the baseline x86-64 target calls `rintf` per value:
-/// a quarter of MiniLM's int8 encoder pass). The same result bit for bit.
+/// [`quantize_symmetric_lanes`] in AVX2 intrinsics, 32 values per step: divide, round
+/// half to even, clamp, then pack to bytes (the compiler's own vectorisation of the
+/// saturating `as i8` took about 2.5 cycles per value). The same result bit for bit: a
+/// NaN quotient becomes 0, as `as i8` makes it.
 ///
 /// # Safety
 /// The CPU must have AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn quantize_symmetric_avx2(values: &[f32], scale: f32, out: &mut [i8]) {
-    quantize_symmetric_lanes(values, scale, out)
+    use std::arch::x86_64::*;
+    let n = values.len().min(out.len());
+    let (s, lo, hi) = (_mm256_set1_ps(scale), _mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    let eight = |at: usize| {
+        let q = _mm256_div_ps(_mm256_loadu_ps(values.as_ptr().add(at)), s);
+        let q = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q);
+        // NaN → 0 (an ordered self-comparison is false only for NaN), then clamp.
+        let q = _mm256_and_ps(q, _mm256_cmp_ps::<_CMP_ORD_Q>(q, q));
+        _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(q, lo), hi))
+    };
+    let mut i = 0;
+    while i + 32 <= n {
+        let (a, b, c, d) = (eight(i), eight(i + 8), eight(i + 16), eight(i + 24));
+        // packs work within 128-bit lanes: one permute restores the order.
+        let bytes = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+        let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(out.as_mut_ptr().add(i) as *mut __m256i, bytes);
+        i += 32;
+    }
+    quantize_symmetric_lanes(&values[i..n], scale, &mut out[i..n]);
 }
 
 /// Weights quantized per output row, symmetric: `q` is `[rows, cols]`, one scale per row.
@@ -136,6 +156,9 @@ pub(super) fn quantize_weight_rows(weight: &DenseWeight) -> Result<(Vec<i8>, Vec
     Ok((q, scales))
 }
 
+/// Fewest activation values [`quantize_activations`] hands to the thread pool.
+const PARALLEL_QUANTIZE_ELEMENTS: usize = 1 << 15;
+
 /// Activations `x[rows, cols]` quantized symmetric per row (or with one scale for all
 /// when `per_tensor`): the int8 values and one scale per row.
 pub(super) fn quantize_activations(
@@ -152,14 +175,20 @@ pub(super) fn quantize_activations(
     if cols == 0 {
         return (q, vec![1.0; rows]);
     }
-    let scales: Vec<f32> = if per_tensor {
-        vec![symmetric_scale(absmax(x)); rows]
-    } else {
-        x.chunks_exact(cols).map(|r| symmetric_scale(absmax(r))).collect()
-    };
-    for ((row, qrow), &s) in x.chunks_exact(cols).zip(q.chunks_exact_mut(cols)).zip(&scales) {
+    let tensor_scale = per_tensor.then(|| symmetric_scale(absmax(x)));
+    // Each row's scale, then its values, while the row is in cache; rows on the thread
+    // pool when there are enough of them (prefill), the same values as a serial loop.
+    let row = |(row, qrow): (&[f32], &mut [i8])| {
+        let s = tensor_scale.unwrap_or_else(|| symmetric_scale(absmax(row)));
         quantize_symmetric(row, s, qrow);
-    }
+        s
+    };
+    let pairs = x.chunks_exact(cols).zip(q.chunks_exact_mut(cols));
+    let scales: Vec<f32> = if x.len() >= PARALLEL_QUANTIZE_ELEMENTS {
+        x.par_chunks_exact(cols).zip(q.par_chunks_exact_mut(cols)).with_min_len(8).map(row).collect()
+    } else {
+        pairs.map(row).collect()
+    };
     (q, scales)
 }
 
@@ -473,6 +502,8 @@ mod tests {
         let mut x = SeededRng::new(21).normal_vec(1003, 3.0);
         x[..6].copy_from_slice(&[0.5, -0.5, 1.5, -2.5, -0.0, f32::NAN]);
         x[7] = 1e30;
+        x[8] = f32::INFINITY;
+        x[9] = f32::NEG_INFINITY;
         let sequential = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         assert_eq!(absmax(&x).to_bits(), sequential.to_bits());
         for scale in [1.0f32, 0.37, symmetric_scale(10.0)] {

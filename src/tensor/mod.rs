@@ -5,6 +5,8 @@
 //! tests compare against with a named error budget.
 
 pub mod attention;
+pub mod exp;
+pub mod gelu;
 
 use gemm::Parallelism;
 
@@ -174,16 +176,12 @@ pub fn gelu_tanh_in_place(x: &mut [f32]) {
     });
 }
 
-/// GELU with the exact error function (BERT's `gelu`), in place.
+/// GELU with the error function (BERT's `gelu`), in place: f32, within
+/// [`gelu`]'s budget of the f64 function.
 pub fn gelu_erf_in_place(x: &mut [f32]) {
     let _span =
-        crate::profile::span("activation", "gelu (erf, f64)", || crate::profile::elementwise(x.len(), 10.0));
-    map_chunks(x, |x| {
-        for v in x.iter_mut() {
-            let u = *v as f64;
-            *v = (0.5 * u * (1.0 + libm::erf(u / std::f64::consts::SQRT_2))) as f32;
-        }
-    });
+        crate::profile::span("activation", "gelu (erf)", || crate::profile::elementwise(x.len(), 10.0));
+    map_chunks(x, gelu::gelu_erf);
 }
 
 /// ALiBi slopes for `heads` attention heads, as BLOOM defines them: a geometric sequence
@@ -202,14 +200,11 @@ pub fn alibi_slopes(heads: usize) -> Vec<f32> {
     slopes
 }
 
-/// Softmax of one row, in place, numerically stable.
+/// Softmax of one row, in place, numerically stable: the exponentials and their sum
+/// vectorised ([`exp::exp_sum_in_place`], the same bits on every CPU).
 pub fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
+    let sum = exp::exp_sum_in_place(row, max);
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|v| *v *= inv);
 }
