@@ -5,7 +5,9 @@
 //! Arguments below −87 give exactly 0 (−∞ too, so a masked score weighs nothing), a NaN
 //! gives NaN.
 
-/// The polynomial, highest degree first: `exp(r) ≈ 1 + r + r² · q(r)`.
+/// The polynomial, highest degree first: `exp(r) ≈ 1 + r + r² · q(r)` (the published
+/// digits, more than an f32 holds).
+#[allow(clippy::excessive_precision)]
 const EXP_POLY: [f32; 6] = [
     1.987_569_15e-4,
     1.398_199_950_7e-3,
@@ -16,6 +18,7 @@ const EXP_POLY: [f32; 6] = [
 ];
 
 /// ln 2 in two parts: the high one exact in few bits, so `n · LN2_HI` is exact.
+#[allow(clippy::excessive_precision)]
 const LN2_HI: f32 = 0.693_359_375;
 const LN2_LO: f32 = -2.121_944_4e-4;
 
@@ -81,6 +84,9 @@ pub mod avx2 {
     use super::{EXP_MIN_ARG, EXP_POLY, LANES, LN2_HI, LN2_LO};
 
     /// [`super::exp_nonpositive`] of eight values.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA ([`super::has_avx2_fma`]).
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp8(v: __m256) -> __m256 {
         let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(v, _mm256_set1_ps(EXP_MIN_ARG));
@@ -100,6 +106,9 @@ pub mod avx2 {
     }
 
     /// [`super::exp_sum_in_place`], eight values at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA ([`super::has_avx2_fma`]).
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp_sum_in_place(row: &mut [f32], shift: f32) -> f32 {
         let s = _mm256_set1_ps(shift);
