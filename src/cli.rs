@@ -45,9 +45,13 @@ pub enum Command {
     Run {
         /// Suite YAML file.
         suite: PathBuf,
-        /// Output folder (default: the suite's `output`, else reports/SUITE-NAME).
-        #[arg(long)]
+        /// Output folder (default: runs/SUITE-NAME, which git ignores).
+        #[arg(long, conflicts_with = "publish")]
         out: Option<PathBuf>,
+        /// Write to the suite's published report folder (its `output`, else
+        /// reports/SUITE-NAME): refresh a committed example report.
+        #[arg(long)]
+        publish: bool,
         /// Keep the finished cases of an earlier run in the output folder and skip them.
         #[arg(long)]
         resume: bool,
@@ -217,6 +221,7 @@ pub fn execute(cli: Cli) -> Result<i32> {
         Command::Run {
             suite,
             out,
+            publish,
             resume,
             filter,
             keep_models,
@@ -236,7 +241,8 @@ pub fn execute(cli: Cli) -> Result<i32> {
             }
             let baseline_path =
                 baseline.as_deref().map(|name| baseline::path(baselines, name)).transpose()?;
-            let options = RunOptions { out, resume, filter, keep_models };
+            let out = out.unwrap_or_else(|| if publish { plan.output.clone() } else { plan.run_folder() });
+            let options = RunOptions { out: Some(out), resume, filter, keep_models };
             let (dir, results) = runner::run(&plan, &options)?;
             println!("{}", table::markdown(&results));
             for case in &results.cases {
@@ -294,7 +300,7 @@ pub fn execute(cli: Cli) -> Result<i32> {
         }
         Command::Validate { suite } => {
             let plan = Plan::load(&suite)?;
-            runner::lock::check_output_folder(&plan.output)?;
+            runner::lock::check_output_folder(&plan.run_folder())?;
             for model in &plan.models {
                 model.files.check_finite_weights().with_context(|| format!("model {}", model.name))?;
             }

@@ -314,6 +314,21 @@ pub struct ModelSummary {
     pub tokenizer_vocab: usize,
 }
 
+/// The models `scripts/fetch_models.sh` installs under `.cache/models/NAME`.
+const FETCHABLE_MODELS: [&str; 2] = ["smollm2", "minilm"];
+
+/// The name `scripts/fetch_models.sh` knows a missing model path by, when the path lies in
+/// its `.cache/models/NAME` folder.
+fn fetchable_model(path: &Path) -> Option<&'static str> {
+    let parts: Vec<_> = path.components().map(|c| c.as_os_str().to_string_lossy()).collect();
+    parts.windows(3).find_map(|w| {
+        (w[0] == ".cache" && w[1] == "models")
+            .then(|| FETCHABLE_MODELS.iter().find(|&&m| w[2] == m))
+            .flatten()
+            .copied()
+    })
+}
+
 impl ModelFiles {
     /// Open the model directory `dir` and check every tensor the config implies against
     /// the checkpoint (names, shapes, float types), without reading tensor data.
@@ -322,15 +337,18 @@ impl ModelFiles {
             return Self::open_gguf(dir);
         }
         if !dir.is_dir() {
-            return Err(Error::ModelMissing {
-                what: "directory",
-                path: dir.to_path_buf(),
-                hint: format!(
-                    "expected a Hugging Face model directory (config.json, model.safetensors, \
-                     tokenizer.json), a .gguf file, or a built-in model ({})",
-                    builtin::names().join(", ")
-                ),
-            });
+            let expected = format!(
+                "expected a Hugging Face model directory (config.json, model.safetensors, \
+                 tokenizer.json), a .gguf file, or a built-in model ({})",
+                builtin::names().join(", ")
+            );
+            let hint = match fetchable_model(dir) {
+                Some(name) => {
+                    format!("{expected}; this is where `scripts/fetch_models.sh {name}` puts it: run that")
+                }
+                None => expected,
+            };
+            return Err(Error::ModelMissing { what: "directory", path: dir.to_path_buf(), hint });
         }
         let config_path = dir.join("config.json");
         if !config_path.is_file() {

