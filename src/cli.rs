@@ -156,10 +156,15 @@ pub struct GenerateArgs {
     /// Scheme to apply (default fp32).
     #[arg(long, default_value = "fp32")]
     pub scheme: String,
+    /// A scheme parameter, as a suite would set it: KEY=VALUE, VALUE read as JSON (true,
+    /// 64, 0.5) and else as text; checked with the suite's rules. Repeatable.
+    #[arg(long = "param", value_name = "KEY=VALUE")]
+    pub params: Vec<String>,
     /// One prompt.
     #[arg(long)]
     pub prompt: Option<String>,
-    /// A file with one prompt per line.
+    /// A prompts file: one per line, or .jsonl ({"prompt": …} or a string per line), or a
+    /// .json/.yaml list (multi-line prompts whole).
     #[arg(long)]
     pub prompts: Option<PathBuf>,
     /// Tokens to generate per prompt.
@@ -181,6 +186,10 @@ pub struct ProfileArgs {
     /// Scheme to apply (default fp32).
     #[arg(long, default_value = "fp32")]
     pub scheme: String,
+    /// A scheme parameter, as a suite would set it: KEY=VALUE, VALUE read as JSON (true,
+    /// 64, 0.5) and else as text; checked with the suite's rules. Repeatable.
+    #[arg(long = "param", value_name = "KEY=VALUE")]
+    pub params: Vec<String>,
     /// Sequences per pass.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
@@ -204,10 +213,14 @@ pub struct EmbedArgs {
     /// Scheme to apply (default fp32).
     #[arg(long, default_value = "fp32")]
     pub scheme: String,
+    /// A scheme parameter, as a suite would set it: KEY=VALUE, VALUE read as JSON (true,
+    /// 64, 0.5) and else as text; checked with the suite's rules. Repeatable.
+    #[arg(long = "param", value_name = "KEY=VALUE")]
+    pub params: Vec<String>,
     /// One sentence.
     #[arg(long)]
     pub sentence: Option<String>,
-    /// A file with one sentence per line.
+    /// A sentences file: one per line, or .jsonl, .json or .yaml as for `generate --prompts`.
     #[arg(long)]
     pub sentences: Option<PathBuf>,
     /// Print JSON: ids and the full embedding of every sentence.
@@ -484,12 +497,7 @@ pub fn list(what: ListWhat, markdown: bool) -> String {
 fn read_inputs(single: &Option<String>, file: &Option<PathBuf>) -> Result<Vec<String>> {
     let inputs: Vec<String> = match (single, file) {
         (Some(text), _) => vec![text.clone()],
-        (None, Some(file)) => crate::files::read_text(file)
-            .map_err(|e| Error::io("cannot read", file, e))?
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(String::from)
-            .collect(),
+        (None, Some(file)) => crate::inputs::read(file)?,
         (None, None) => unreachable!("clap requires one of the two"),
     };
     if inputs.is_empty() {
@@ -499,22 +507,59 @@ fn read_inputs(single: &Option<String>, file: &Option<PathBuf>) -> Result<Vec<St
 }
 
 /// Open `spec` and build it with scheme `name` (default parameters).
-fn build_with_scheme(spec: &str, name: &str) -> Result<(ModelFiles, Model, &'static SchemeInfo)> {
+fn build_with_scheme(
+    spec: &str,
+    name: &str,
+    params: &[String],
+) -> Result<(ModelFiles, Model, &'static SchemeInfo)> {
     let info = scheme::lookup(name)?;
-    let scheme = (info.build)(&Default::default())?;
+    let params = info.validate_params(parse_params(params)?)?;
+    let scheme = (info.build)(&params)?;
+    let quantize_head = params.bool("quantize_head", false);
     let files = open_model(spec)?;
-    let model =
-        files.build(&mut QuantizeFactory::new(&files.store, FloatStorage::F32, scheme.as_ref(), false))?;
+    let model = files.build(&mut QuantizeFactory::new(
+        &files.store,
+        FloatStorage::F32,
+        scheme.as_ref(),
+        quantize_head,
+    ))?;
     Ok((files, model, info))
+}
+
+/// `--param KEY=VALUE` options as a suite's parameter map: VALUE as JSON where it parses
+/// (`true`, `64`, `0.5`, `"text"`), else as text.
+fn parse_params(params: &[String]) -> Result<std::collections::BTreeMap<String, serde_json::Value>> {
+    params
+        .iter()
+        .map(|p| {
+            let (key, value) = p.split_once('=').filter(|(k, _)| !k.trim().is_empty()).ok_or_else(|| {
+                Error::Workload(format!("--param {p:?} has no key, expected KEY=VALUE (exact_gemv=true)"))
+            })?;
+            let value = serde_json::from_str(value.trim()).unwrap_or_else(|_| json!(value.trim()));
+            Ok((key.trim().to_string(), value))
+        })
+        .collect()
 }
 
 fn generate(args: &GenerateArgs) -> Result<()> {
     let prompts = read_inputs(&args.prompt, &args.prompts)?;
-    let (files, model, info) = build_with_scheme(&args.model, &args.scheme)?;
+    let (files, model, info) = build_with_scheme(&args.model, &args.scheme, &args.params)?;
     let model = model.causal("bench generate")?;
     let tokenizer = &files.tokenizer;
-    let mut records = Vec::new();
-    for prompt in &prompts {
+    // --json streams its document: a record, and within it a position's top-k list, is
+    // written as soon as it is made, so memory does not grow with top-k × positions (the
+    // whole vocabulary as top-k is 1.5 GB of JSON values for a 9-token prompt).
+    let stdout = std::io::stdout();
+    let mut json_out = args.json.then(|| JsonOut::new(stdout.lock()));
+    if let Some(out) = json_out.as_mut() {
+        out.raw(&format!(
+            "{{\"model\": {}, \"scheme\": {}, \"top_k\": {}, \"prompts\": [",
+            json!(args.model),
+            json!(info.name),
+            args.top_k
+        ))?;
+    }
+    for (index, prompt) in prompts.iter().enumerate() {
         let ids = tokenizer.encode(prompt)?;
         if ids.is_empty() {
             return Err(Error::Workload(format!("prompt {prompt:?} has no tokens")));
@@ -524,7 +569,7 @@ fn generate(args: &GenerateArgs) -> Result<()> {
         let timed = greedy(model, &ids, args.max_new_tokens, false)?;
         let text = tokenizer.decode(&timed.ids)?;
         let step_ms = crate::measure::latency::Stats::of(&timed.step_s).map(|s| s.median * 1e3);
-        if !args.json {
+        let Some(out) = json_out.as_mut() else {
             println!("{prompt}{text}");
             println!(
                 "  [{} prompt tokens, prefill {:.2} ms, decode {} ms/token median over {} steps, scheme {}]",
@@ -535,37 +580,83 @@ fn generate(args: &GenerateArgs) -> Result<()> {
                 info.name
             );
             continue;
-        }
-        let with_logits = greedy(model, &ids, args.max_new_tokens, true)?;
-        let top = |logits: &[f32]| -> Result<Vec<serde_json::Value>> {
-            logits.chunks_exact(model.vocab_size()).map(|row| top_k(row, args.top_k, tokenizer)).collect()
         };
-        records.push(json!({
+        let with_logits = greedy(model, &ids, args.max_new_tokens, true)?;
+        let head = json!({
             "prompt": prompt,
             "input_ids": ids,
             "generated_ids": timed.ids,
             "text": text,
             "prefill_ms": timed.prefill_s * 1e3,
             "decode_ms": timed.step_s.iter().map(|s| s * 1e3).collect::<Vec<_>>(),
-            "prompt_top_k": top(with_logits.prompt_logits.as_deref().unwrap_or_default())?,
-            "generated_top_k": top(with_logits.step_logits.as_deref().unwrap_or_default())?,
-        }));
+        });
+        // The record's small fields, then its two top-k lists row by row.
+        let head = head.to_string();
+        out.raw(if index == 0 { "\n  " } else { ",\n  " })?;
+        out.raw(&head[..head.len() - 1])?;
+        for (key, logits) in
+            [("prompt_top_k", &with_logits.prompt_logits), ("generated_top_k", &with_logits.step_logits)]
+        {
+            out.raw(&format!(", {}: [", json!(key)))?;
+            for (i, row) in logits.as_deref().unwrap_or_default().chunks_exact(model.vocab_size()).enumerate()
+            {
+                out.raw(if i == 0 { "\n    " } else { ",\n    " })?;
+                out.value(&top_k(row, args.top_k, tokenizer)?)?;
+            }
+            out.raw("]")?;
+        }
+        out.raw("}")?;
     }
-    if args.json {
-        let doc = json!({"model": args.model, "scheme": info.name, "top_k": args.top_k, "prompts": records});
-        println!("{}", serde_json::to_string_pretty(&doc).expect("json serialises"));
+    if let Some(mut out) = json_out {
+        out.raw("\n]}\n")?;
+        out.finish()?;
     }
     Ok(())
 }
 
+/// A JSON document written piece by piece to standard output.
+struct JsonOut<W: std::io::Write> {
+    out: std::io::BufWriter<W>,
+}
+
+impl<W: std::io::Write> JsonOut<W> {
+    fn new(out: W) -> Self {
+        JsonOut { out: std::io::BufWriter::new(out) }
+    }
+
+    fn raw(&mut self, text: &str) -> Result<()> {
+        use std::io::Write;
+        self.out.write_all(text.as_bytes()).map_err(|e| Error::io("cannot write", "standard output", e))
+    }
+
+    fn value(&mut self, value: &serde_json::Value) -> Result<()> {
+        serde_json::to_writer(&mut self.out, value)
+            .map_err(|e| Error::io("cannot write", "standard output", std::io::Error::other(e)))
+    }
+
+    fn finish(mut self) -> Result<()> {
+        use std::io::Write;
+        self.out.flush().map_err(|e| Error::io("cannot write", "standard output", e))
+    }
+}
+
 fn embed(args: &EmbedArgs) -> Result<()> {
     let sentences = read_inputs(&args.sentence, &args.sentences)?;
-    let (files, model, info) = build_with_scheme(&args.model, &args.scheme)?;
+    let (files, model, info) = build_with_scheme(&args.model, &args.scheme, &args.params)?;
     let encoder = model.encoder("bench embed")?;
+    let (limit, source) = files.encoder_limit(encoder.max_positions());
     let mut records = Vec::new();
     for sentence in &sentences {
         let mut ids = files.tokenizer.encode_with_special(sentence)?;
-        embedding::truncate_keeping_last(&mut ids, encoder.max_positions());
+        if ids.len() > limit {
+            eprintln!(
+                "warning: an input of {} tokens was cut to {limit} ({source}), as sentence-transformers \
+                 cuts it: {:?}",
+                ids.len(),
+                sentence.chars().take(60).collect::<String>()
+            );
+        }
+        embedding::truncate_keeping_last(&mut ids, limit);
         let start = std::time::Instant::now();
         let outputs = embedding::encode_all(encoder, std::slice::from_ref(&ids), files.pad_id(), 1)?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
@@ -587,14 +678,15 @@ fn embed(args: &EmbedArgs) -> Result<()> {
         );
     }
     if args.json {
-        let doc = json!({"model": args.model, "scheme": info.name, "sentences": records});
+        let doc = json!({"model": args.model, "scheme": info.name, "max_tokens": limit,
+                         "max_tokens_source": source, "sentences": records});
         println!("{}", serde_json::to_string_pretty(&doc).expect("json serialises"));
     }
     Ok(())
 }
 
 fn profile(args: &ProfileArgs) -> Result<()> {
-    let (files, model, info) = build_with_scheme(&args.model, &args.scheme)?;
+    let (files, model, info) = build_with_scheme(&args.model, &args.scheme, &args.params)?;
     let vocab = match &model {
         Model::Causal(lm) => lm.vocab_size(),
         Model::Encoder(_) => files.tokenizer.vocab_size(),

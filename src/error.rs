@@ -52,6 +52,9 @@ pub enum Error {
          (the forward pass overflowed, or a weight or norm epsilon makes it divide by zero)"
     )]
     NonFinite { tensor: String, position: String, value: f32 },
+    /// A prompt or sentence file that does not hold what its extension says.
+    #[error("input file {path}: {message}")]
+    Inputs { path: PathBuf, message: String },
     /// A workload cannot be run (too few tokens, empty prompt list, ...).
     #[error("workload: {0}")]
     Workload(String),

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod error;
 pub mod files;
 pub mod hash;
+pub mod inputs;
 pub mod interrupt;
 pub mod measure;
 pub mod model;

@@ -15,6 +15,7 @@ pub mod hub;
 pub mod llama;
 mod norm;
 pub mod plan;
+pub mod sentence;
 pub mod tokenizer;
 pub mod weights;
 
@@ -293,6 +294,8 @@ pub struct ModelFiles {
     pub store: WeightStore,
     /// Its tokenizer.
     pub tokenizer: TextTokenizer,
+    /// sentence-transformers' settings beside it (`sentence_bert_config.json`), if any.
+    pub sentence: Option<sentence::SentenceConfig>,
 }
 
 /// Summary of a model for `inspect` and results.json.
@@ -362,7 +365,8 @@ impl ModelFiles {
         let arch = arch_for(&config)?;
         let store = WeightStore::open_dir(dir)?;
         let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"))?;
-        let files = ModelFiles { dir: dir.to_path_buf(), config, arch, store, tokenizer };
+        let sentence = sentence::read(dir)?;
+        let files = ModelFiles { dir: dir.to_path_buf(), config, arch, store, tokenizer, sentence };
         files.check_tensors()?;
         Ok(files)
     }
@@ -374,7 +378,7 @@ impl ModelFiles {
         let arch = arch_for(&config)?;
         let tokenizer = TextTokenizer::from_text(&gguf.tokenizer_json()?.to_string(), path)?;
         let store = WeightStore::open_gguf(gguf);
-        let files = ModelFiles { dir: path.to_path_buf(), config, arch, store, tokenizer };
+        let files = ModelFiles { dir: path.to_path_buf(), config, arch, store, tokenizer, sentence: None };
         files.check_tensors()?;
         Ok(files)
     }
@@ -422,6 +426,18 @@ impl ModelFiles {
         ["max_position_embeddings", "n_positions", "seq_length"]
             .into_iter()
             .find_map(|key| self.config.get(key).and_then(|v| v.as_u64()).map(|n| (n as usize, key)))
+    }
+
+    /// The most tokens an encoder input keeps, special tokens included, and why: the
+    /// sentence-transformers `max_seq_length` when the folder has one (what users of the
+    /// library get), else the encoder's position embeddings.
+    pub fn encoder_limit(&self, max_positions: usize) -> (usize, String) {
+        match &self.sentence {
+            Some(s) if s.max_seq_length <= max_positions => {
+                (s.max_seq_length, format!("max_seq_length in {}", s.source.display()))
+            }
+            _ => (max_positions, "max_position_embeddings".into()),
+        }
     }
 
     /// An error when `positions` tokens (`what`: where they come from) exceed

@@ -151,6 +151,22 @@ pub struct ModelRecord {
     pub reference: String,
     /// The stored reference outputs, when divergence is measured.
     pub reference_cache: Option<ReferenceCacheRecord>,
+    /// An encoder's input length limit and how many inputs it cut (absent for decoders
+    /// and in results written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_limit: Option<InputLimit>,
+}
+
+/// The most tokens an encoder input keeps, and how many of a run's inputs were cut to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputLimit {
+    /// Tokens kept, special tokens included.
+    pub tokens: usize,
+    /// Why: `max_seq_length in …/sentence_bert_config.json` (what sentence-transformers
+    /// cuts to) or `max_position_embeddings`.
+    pub source: String,
+    /// Inputs (prompts and evaluation sentences) longer than the limit, cut to it.
+    pub truncated: usize,
 }
 
 /// The stored reference pass of one model.

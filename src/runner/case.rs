@@ -16,8 +16,8 @@ use crate::model::generate::greedy;
 use crate::model::weights::WeightStore;
 use crate::model::{ArchKind, CausalLm, Encoder, Logits, Model, QuantizeFactory, ReloadFactory};
 use crate::report::results::{
-    BatchInvariance, CaseResult, DeviceLatency, Disk, Generation, Latency, LayerDivergence, Memory,
-    ReferenceCacheRecord,
+    BatchInvariance, CaseResult, DeviceLatency, Disk, Generation, InputLimit, Latency, LayerDivergence,
+    Memory, ReferenceCacheRecord,
 };
 use crate::scheme::{self, Scheme, StoredTensor, TensorRole};
 use crate::suite::{Plan, PlannedModel, PlannedScheme};
@@ -55,6 +55,8 @@ pub struct ModelRunner<'p> {
     /// The full-precision layers' inputs, outputs and block states on one sequence, when
     /// divergence is measured.
     layer_probe: Option<LayerProbe>,
+    /// An encoder's input limit and how many inputs were cut to it.
+    pub input_limit: Option<InputLimit>,
 }
 
 /// How far the saved file's size may stray from the in-memory byte account (header,
@@ -83,6 +85,7 @@ impl<'p> ModelRunner<'p> {
         let metrics = &plan.metrics;
         let tokenizer = &model.files.tokenizer;
         let mut reference_cache = None;
+        let mut input_limit = None;
         let references = match judge_model.files.arch.kind {
             ArchKind::Causal => {
                 let eval_tokens = tokenizer.encode(&plan.workload.eval_text)?;
@@ -129,7 +132,8 @@ impl<'p> ModelRunner<'p> {
                         judge_model.name
                     )));
                 };
-                let sentences = encoder_sentences(plan, model, encoder.as_ref())?;
+                let (sentences, limit) = encoder_sentences(plan, model, encoder.as_ref())?;
+                input_limit = Some(limit);
                 let outputs = if metrics.contains(&MetricGroup::Divergence) {
                     Some(embedding::encode_all(
                         encoder.as_ref(),
@@ -160,7 +164,7 @@ impl<'p> ModelRunner<'p> {
         } else {
             None
         };
-        Ok(ModelRunner { plan, model, references, calibration, reference_cache, layer_probe })
+        Ok(ModelRunner { plan, model, references, calibration, reference_cache, layer_probe, input_limit })
     }
 
     /// A built model on the plan's device.
@@ -199,6 +203,12 @@ impl<'p> ModelRunner<'p> {
         // What stays resident once the model is built (the staging copies freed).
         let built_rss = rss.and_then(|w| w.now());
         let mut warnings = Vec::new();
+        if let Some(limit) = self.input_limit.as_ref().filter(|l| l.truncated > 0) {
+            warnings.push(format!(
+                "{} input(s) were longer than {} tokens ({}) and were cut to it",
+                limit.truncated, limit.tokens, limit.source
+            ));
+        }
         // Timing first: the peak resident size is read right after it, so it covers
         // building (quantizing) and running the model, not the save-and-reload check or
         // the evaluation passes, which hold extra copies of their own.
@@ -803,21 +813,35 @@ fn cached_reference(
 
 /// An encoder's workload: the prompts, then the evaluation text's sentences (at most
 /// `max_chunks`, default 64), tokenized with special tokens and cut to `context` and to
-/// the model's positions.
-fn encoder_sentences(plan: &Plan, model: &PlannedModel, encoder: &dyn Encoder) -> Result<Vec<Vec<u32>>> {
+/// the model's limit (sentence-transformers' `max_seq_length` where the folder has one),
+/// with that limit and how many inputs it cut.
+fn encoder_sentences(
+    plan: &Plan,
+    model: &PlannedModel,
+    encoder: &dyn Encoder,
+) -> Result<(Vec<Vec<u32>>, InputLimit)> {
     let w = &plan.workload;
-    let limit = w.context.min(encoder.max_positions());
+    let (model_limit, source) = model.files.encoder_limit(encoder.max_positions());
+    let (tokens, source) = if w.context < model_limit {
+        (w.context, "workload.context".to_string())
+    } else {
+        (model_limit, source)
+    };
     let texts = embedding::split_sentences(&w.eval_text);
     let eval = texts.iter().take(w.max_chunks.unwrap_or(DEFAULT_SENTENCES));
-    w.prompts
+    let mut truncated = 0;
+    let sentences = w
+        .prompts
         .iter()
         .chain(eval)
         .map(|text| {
             let mut ids = model.files.tokenizer.encode_with_special(text)?;
-            embedding::truncate_keeping_last(&mut ids, limit);
+            truncated += usize::from(ids.len() > tokens);
+            embedding::truncate_keeping_last(&mut ids, tokens);
             Ok(ids)
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((sentences, InputLimit { tokens, source, truncated }))
 }
 
 #[cfg(test)]

@@ -123,8 +123,9 @@ fn run_on_pool(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> 
                 progress.note(&format!("{}: reference pass", model.name));
                 let built = ModelRunner::new(plan, index, &hash_of(model.reference.unwrap_or(index))?, &out)
                     .with_context(|| format!("model {}", model.name))?;
-                results.models.last_mut().expect("pushed above").reference_cache =
-                    built.reference_cache.clone();
+                let record = results.models.last_mut().expect("pushed above");
+                record.reference_cache = built.reference_cache.clone();
+                record.input_limit = built.input_limit.clone();
                 runner = Some(built);
             }
             let runner = runner.as_ref().expect("set above");
@@ -257,6 +258,7 @@ fn model_record(plan: &Plan, model: &PlannedModel, model_sha256: String) -> Resu
         eval_tokens: files.tokenizer.encode(&workload.eval_text)?.len(),
         reference: model.reference.map_or_else(|| model.name.clone(), |j| plan.models[j].name.clone()),
         reference_cache: None,
+        input_limit: None,
     })
 }
 

@@ -221,6 +221,31 @@ fn generate_json_lists_ids_text_and_top_k_per_position() {
     {
         assert_eq!(&top[0]["id"], id);
     }
+    // The whole vocabulary as top-k: the streamed document still parses, every position
+    // lists every token once.
+    let full = bench(
+        &[
+            "generate",
+            "builtin:tiny-llama",
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "2",
+            "--top-k",
+            "512",
+            "--json",
+        ],
+        dir.path(),
+        &shared_cache(),
+    );
+    assert_eq!(full.code, 0, "{}", full.stderr);
+    let doc: serde_json::Value = serde_json::from_str(&full.stdout).unwrap();
+    for position in doc["prompts"][0]["generated_top_k"].as_array().unwrap() {
+        let mut ids: Vec<u64> =
+            position.as_array().unwrap().iter().map(|e| e["id"].as_u64().unwrap()).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, (0..512).collect::<Vec<u64>>());
+    }
     std::fs::write(dir.path().join("prompts.txt"), "Hello\n\n1.1+2.3=?\n").unwrap();
     let text = bench(
         &[
@@ -240,6 +265,54 @@ fn generate_json_lists_ids_text_and_top_k_per_position() {
     assert!(text.stdout.starts_with("Hello"), "{}", text.stdout);
     assert_eq!(text.stdout.matches("prefill").count(), 2, "one line per non-empty prompt:\n{}", text.stdout);
     assert!(text.stdout.contains("over 2 steps, scheme bf16"), "{}", text.stdout);
+}
+
+/// `--param` sets a scheme parameter in `generate` and `embed`, checked by the suite's own
+/// rules and messages.
+#[test]
+fn scheme_parameters_reach_generate_and_embed_with_the_suite_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let gen = |params: &[&str]| {
+        let mut args = vec!["generate", "builtin:tiny-llama", "--prompt", "Hi", "--max-new-tokens", "2"];
+        args.extend(["--scheme", "int4-block"]);
+        for p in params {
+            args.extend(["--param", p]);
+        }
+        bench(&args, dir.path(), &shared_cache())
+    };
+    let ok = gen(&["exact_gemv=true", "block_size=64"]);
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    let typed = gen(&["exact_gemv=yes"]);
+    assert!(
+        typed.stderr.contains("parameter `exact_gemv` is \"yes\", expected a boolean"),
+        "{}",
+        typed.stderr
+    );
+    let unknown = gen(&["blok=3"]);
+    assert!(
+        unknown.stderr.contains("unknown parameter `blok`, expected one of: block_size"),
+        "{}",
+        unknown.stderr
+    );
+    let keyless = gen(&["=3"]);
+    assert!(keyless.stderr.contains("expected KEY=VALUE"), "{}", keyless.stderr);
+    let model = fixture("bert-tiny");
+    let embed = bench(
+        &[
+            "embed",
+            model.to_str().unwrap(),
+            "--sentence",
+            "The cat sat.",
+            "--scheme",
+            "nf4",
+            "--param",
+            "block_size=0",
+        ],
+        &root(),
+        &shared_cache(),
+    );
+    assert_ne!(embed.code, 0);
+    assert!(embed.stderr.contains("scheme nf4: parameter `block_size` is 0"), "{}", embed.stderr);
 }
 
 #[test]

