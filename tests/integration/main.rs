@@ -4,6 +4,7 @@
 mod bad_input;
 mod cli;
 mod golden;
+mod layers;
 mod measure;
 mod real;
 mod report;
