@@ -11,7 +11,7 @@ use crate::measure::profile::{profile_model, render, ProfileOptions};
 use crate::measure::METRICS;
 use crate::model::generate::greedy;
 use crate::model::{self, builtin, Model, ModelFiles, QuantizeFactory, ARCHS};
-use crate::report::{self, baseline, compare, table, Results};
+use crate::report::{self, baseline, compare, Results};
 use crate::runner::{self, RunOptions};
 use crate::scheme::{self, FloatStorage, SchemeInfo, SCHEMES};
 use crate::suite::Plan;
@@ -257,7 +257,13 @@ pub fn execute(cli: Cli) -> Result<i32> {
             let out = out.unwrap_or_else(|| if publish { plan.output.clone() } else { plan.run_folder() });
             let options = RunOptions { out: Some(out), resume, filter, keep_models };
             let (dir, results) = runner::run(&plan, &options)?;
-            println!("{}", table::markdown(&results));
+            // The compact per-model tables; every column is in results.md and results.csv.
+            println!("{}", report::summary::model_tables(&results).trim());
+            println!(
+                "\nevery column: {}, {}",
+                dir.join("results.md").display(),
+                dir.join("results.csv").display()
+            );
             for case in &results.cases {
                 for w in &case.warnings {
                     eprintln!("warning: {}: {w}", case.id);

@@ -31,6 +31,26 @@ pub fn markdown(results: &Results) -> String {
         w.context,
         w.max_chunks.map_or(String::new(), |m| format!(" (at most {m})")),
     ));
+    md.push_str(&model_tables(results));
+    let warnings: Vec<String> = results
+        .cases
+        .iter()
+        .flat_map(|c| c.warnings.iter().map(move |w| format!("- {}: {w}", c.id)))
+        .collect();
+    if !warnings.is_empty() {
+        md.push_str("\n## Warnings\n\n");
+        md.push_str(&warnings.join("\n"));
+        md.push('\n');
+    }
+    md.push_str("\nAll columns: results.md and results.csv; charts and one card per scheme: index.html.\n");
+    md
+}
+
+/// One table per model (a `## model` heading, a line about the model, the table with the
+/// columns some case fills, withheld divergence): the body of summary.md, and what
+/// `bench run` prints.
+pub fn model_tables(results: &Results) -> String {
+    let mut md = String::new();
     let columns = table::columns(SUMMARY_COLUMNS);
     for (model, cases) in table::cases_by_model(results) {
         md.push_str(&format!("\n## {model}\n\n"));
@@ -53,16 +73,5 @@ pub fn markdown(results: &Results) -> String {
             md.push('\n');
         }
     }
-    let warnings: Vec<String> = results
-        .cases
-        .iter()
-        .flat_map(|c| c.warnings.iter().map(move |w| format!("- {}: {w}", c.id)))
-        .collect();
-    if !warnings.is_empty() {
-        md.push_str("\n## Warnings\n\n");
-        md.push_str(&warnings.join("\n"));
-        md.push('\n');
-    }
-    md.push_str("\nAll columns: results.md and results.csv; charts and one card per scheme: index.html.\n");
     md
 }

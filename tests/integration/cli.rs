@@ -15,7 +15,12 @@ fn run_writes_results_and_resume_does_no_work() {
     let args = ["run", suite.to_str().unwrap(), "--out", out.to_str().unwrap()];
     let first = bench(&args, dir.path(), &shared_cache());
     assert_eq!(first.code, 0, "{}", first.stderr);
-    assert!(first.stdout.contains("| tiny | fp16 |"), "table missing:\n{}", first.stdout);
+    assert!(
+        first.stdout.contains("## tiny") && first.stdout.contains("| fp16 |"),
+        "table missing:\n{}",
+        first.stdout
+    );
+    assert!(!first.stdout.contains("GPU tok/s"), "a CPU run prints no GPU column:\n{}", first.stdout);
     for file in ["results.json", "results.md", "results.csv"] {
         assert!(out.join(file).is_file(), "{file} missing");
     }
