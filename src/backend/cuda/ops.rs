@@ -827,58 +827,33 @@ pub fn packed4_gemv_using(
         let xv = x.slice(i0 * w.cols..(i0 + rows) * w.cols);
         let mut ov = out.slice_mut(i0 * w.rows..(i0 + rows) * w.rows);
         let mut f = None;
-        if w.fixed_point && fixed == FixedPointKernel::Prequantized {
-            let chunks = w.cols / 32;
-            let mut xq = gpu.uninit::<u32>(Q16_WORDS_PER_CHUNK * rows * chunks)?;
-            launch(
-                gpu,
-                &PACKED4,
-                "q16_quantize_chunks",
-                LaunchConfig {
-                    grid_dim: ((rows * chunks).div_ceil(THREADS as usize).max(1) as u32, 1, 1),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                },
-                |b| {
-                    b.arg(&xv).arg(&mi).arg(&ci).arg(&mut xq);
-                },
-                &mut f,
-            )?;
-            launch(
-                gpu,
-                &PACKED4,
-                PACKED4_GEMV_FIXEDQ[rows - 1],
-                LaunchConfig {
-                    grid_dim: (w.rows.div_ceil(FIXEDQ_GEMV_ROWS).max(1) as u32, 1, 1),
-                    block_dim: (FAST_GEMV_THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                },
-                |b| {
-                    b.arg(&w.bytes);
-                    push_params(b, w, &flag);
-                    b.arg(&xq);
-                    opt_arg!(b, bias);
-                    b.arg(&mut ov).arg(&ri).arg(&ci).arg(&shift).arg(&int_xor).arg(&int_bias);
-                    b.arg(&act).arg(&accumulate);
-                },
-                &mut f,
-            )?;
-            continue;
-        }
         if w.fixed_point {
+            // The prequantized kernel reads x quantized once per call (q16_quantize_chunks),
+            // the one-launch kernel x itself; the arguments are otherwise the same.
+            let xq = match fixed {
+                FixedPointKernel::Prequantized => Some(q16_quantize(gpu, &xv, rows, w.cols)?),
+                FixedPointKernel::Slab => None,
+            };
+            let (name, rows_per_block) = match fixed {
+                FixedPointKernel::Prequantized => (PACKED4_GEMV_FIXEDQ[rows - 1], FIXEDQ_GEMV_ROWS),
+                FixedPointKernel::Slab => (PACKED4_GEMV_FIXED[rows - 1], FIXED_GEMV_ROWS),
+            };
             launch(
                 gpu,
                 &PACKED4,
-                PACKED4_GEMV_FIXED[rows - 1],
+                name,
                 LaunchConfig {
-                    grid_dim: (w.rows.div_ceil(FIXED_GEMV_ROWS).max(1) as u32, 1, 1),
+                    grid_dim: (w.rows.div_ceil(rows_per_block).max(1) as u32, 1, 1),
                     block_dim: (FAST_GEMV_THREADS, 1, 1),
                     shared_mem_bytes: 0,
                 },
                 |b| {
                     b.arg(&w.bytes);
                     push_params(b, w, &flag);
-                    b.arg(&xv);
+                    match &xq {
+                        Some(q) => b.arg(q),
+                        None => b.arg(&xv),
+                    };
                     opt_arg!(b, bias);
                     b.arg(&mut ov).arg(&ri).arg(&ci).arg(&shift).arg(&int_xor).arg(&int_bias);
                     b.arg(&act).arg(&accumulate);
@@ -921,6 +896,33 @@ pub fn packed4_gemv_using(
         )?;
     }
     Ok(())
+}
+
+/// `rows` activation rows of `x` (`cols` each, a multiple of 32) quantized for the
+/// prequantized fixed-point GEMV: 16-bit codes per 32-value chunk, with each chunk's d,
+/// Σq and Σx ([`Q16_WORDS_PER_CHUNK`] words per row and chunk).
+fn q16_quantize(gpu: &Gpu, x: &CudaView<f32>, rows: usize, cols: usize) -> Result<CudaSlice<u32>, CudaError> {
+    const OP: &str = "q16_quantize_chunks";
+    let chunks = cols / 32;
+    let mut xq = gpu.uninit::<u32>(Q16_WORDS_PER_CHUNK * rows * chunks)?;
+    let (mi, ci) = (int(OP, "rows", rows)?, int(OP, "cols", cols)?);
+    let config = LaunchConfig {
+        grid_dim: ((rows * chunks).div_ceil(THREADS as usize).max(1) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut f = None;
+    launch(
+        gpu,
+        &PACKED4,
+        OP,
+        config,
+        |b| {
+            b.arg(x).arg(&mi).arg(&ci).arg(&mut xq);
+        },
+        &mut f,
+    )?;
+    Ok(xq)
 }
 
 /// Output rows per block of the fixed-point GEMV (`Q4_WARPS · Q4_ROWS`).
