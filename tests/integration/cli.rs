@@ -369,8 +369,16 @@ fn validate_accepts_the_committed_suites() {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     assert!(suites.len() >= 4);
+    // Built-ins at real models' shapes are generated on first use (13.5 GB for the 7B
+    // one): their suites are for the machines that run them, not for every test run.
+    const GENERATED_AT_RUN: [&str; 2] = ["builtin:llama-2-7b-shapes", "builtin:bloom-1b7-shapes"];
     for suite in suites {
+        let text = std::fs::read_to_string(&suite).unwrap();
         let suite = suite.display().to_string();
+        if let Some(big) = GENERATED_AT_RUN.iter().find(|b| text.contains(*b)) {
+            println!("{suite}: names {big}, generated where the suite runs; not validated here");
+            continue;
+        }
         let run = bench(&["validate", &suite], &root(), &shared_cache());
         if run.code != 0 && run.stderr.contains("not in the Hugging Face cache") {
             println!("{suite}: hub models not cached, validation stopped as expected");
