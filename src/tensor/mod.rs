@@ -8,6 +8,7 @@ pub mod attention;
 pub mod exp;
 pub mod gelu;
 pub mod silu;
+pub mod skinny;
 
 use gemm::Parallelism;
 
@@ -57,6 +58,10 @@ pub fn matmul_nt(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [
     }
     if k == 0 {
         out.fill(0.0);
+        return;
+    }
+    if (2..=skinny::SKINNY_MAX_ROWS).contains(&m) {
+        skinny::matmul_nt_skinny(a, m, k, w, n, out);
         return;
     }
     let parallelism = if m * n * k < SERIAL_MACS { Parallelism::None } else { Parallelism::Rayon(threads()) };

@@ -1,0 +1,222 @@
+//! `out[m, n] = a[m, k] · w[n, k]ᵀ` for a few rows (`m` from 2 to [`SKINNY_MAX_ROWS`]):
+//! short prefills and small batches, where the `gemm` crate's general path ran at 25–70
+//! GFLOP/s on SmolLM2's shapes (16 to 64 rows; this kernel: 77–132 on a 2-core AMD EPYC)
+//! while its one-row path streams weights at the memory's speed.
+//!
+//! Each weight row is read once per tile of [`TILE_W`] rows and dotted with every row of
+//! `a` in tiles of [`TILE_A`]: `TILE_W × TILE_A` accumulators of eight lanes in registers,
+//! fused multiply-adds along `k`, then each accumulator's lanes summed in a fixed order
+//! and the `k % 8` tail added. The scalar path computes the same operations in the same
+//! order, so both give the same bits; blocks of weight rows go to the thread pool.
+
+use rayon::prelude::*;
+
+/// Most rows of `a` this kernel takes; more go to the `gemm` crate, whose packed kernels
+/// then win (measured on SmolLM2's shapes: even at 128 rows, 232 against 241 ms per
+/// pass; at 256, 438 against 397).
+pub const SKINNY_MAX_ROWS: usize = 128;
+
+/// Weight rows per register tile. With [`TILE_A`]: 12 accumulators, 3 weight vectors and
+/// one row vector, AVX2's 16 registers (a 4 × 4 tile spills: half the speed).
+const TILE_W: usize = 3;
+/// Rows of `a` per register tile.
+const TILE_A: usize = 4;
+/// Lanes of an accumulator.
+const LANES: usize = 8;
+/// Weight rows per task of the thread pool (a multiple of [`TILE_W`]).
+const ROWS_PER_TASK: usize = 48;
+
+/// `out[m, n] = a[m, k] · w[n, k]ᵀ`, row-major, on AVX2 and FMA when the CPU has them
+/// (the same bits either way).
+pub fn matmul_nt_skinny(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    assert_eq!(a.len(), m * k, "matmul_nt_skinny: lhs is not [m, k]");
+    assert_eq!(w.len(), n * k, "matmul_nt_skinny: weight is not [n, k]");
+    assert_eq!(out.len(), m * n, "matmul_nt_skinny: output is not [m, n]");
+    #[cfg(target_arch = "x86_64")]
+    let fast = super::exp::has_avx2_fma();
+    #[cfg(not(target_arch = "x86_64"))]
+    let fast = false;
+    // Each task writes the columns j0 .. j0 + ROWS_PER_TASK of every output row: collect
+    // per task, then scatter (outputs are small next to the weights read).
+    let tasks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(ROWS_PER_TASK))
+        .into_par_iter()
+        .map(|t| {
+            let j0 = t * ROWS_PER_TASK;
+            let rows = ROWS_PER_TASK.min(n - j0);
+            let mut part = vec![0.0f32; m * rows];
+            block(a, m, k, &w[j0 * k..(j0 + rows) * k], rows, &mut part, fast);
+            (j0, part)
+        })
+        .collect();
+    for (j0, part) in tasks {
+        let rows = part.len() / m.max(1);
+        for (i, src) in part.chunks_exact(rows.max(1)).enumerate().take(m) {
+            out[i * n + j0..i * n + j0 + rows].copy_from_slice(src);
+        }
+    }
+}
+
+/// `part[m, rows] = a · w_blockᵀ` for one block of weight rows.
+fn block(a: &[f32], m: usize, k: usize, w: &[f32], rows: usize, part: &mut [f32], fast: bool) {
+    for j in (0..rows).step_by(TILE_W) {
+        let tw = TILE_W.min(rows - j);
+        for i in (0..m).step_by(TILE_A) {
+            let ta = TILE_A.min(m - i);
+            let mut sums = [[0.0f32; TILE_W]; TILE_A];
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                // SAFETY: AVX2 and FMA were detected by the caller.
+                unsafe { avx2::tile(a, i, ta, w, j, tw, k, &mut sums) };
+            } else {
+                tile(a, i, ta, w, j, tw, k, &mut sums);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = fast;
+                tile(a, i, ta, w, j, tw, k, &mut sums);
+            }
+            for (r, row) in sums.iter().enumerate().take(ta) {
+                part[(i + r) * rows + j..][..tw].copy_from_slice(&row[..tw]);
+            }
+        }
+    }
+}
+
+/// Eight lanes summed: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)), the vector
+/// path's order.
+fn fold(l: [f32; LANES]) -> f32 {
+    let h = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
+    (h[0] + h[2]) + (h[1] + h[3])
+}
+
+/// The scalar tile: `sums[r][c] = a[i + r] · w[j + c]` for `r < ta`, `c < tw`. Inlined,
+/// so that inside the AVX2 path (partial tiles) `mul_add` is one instruction, not a call.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn tile(
+    a: &[f32],
+    i: usize,
+    ta: usize,
+    w: &[f32],
+    j: usize,
+    tw: usize,
+    k: usize,
+    sums: &mut [[f32; TILE_W]; TILE_A],
+) {
+    let body = k / LANES * LANES;
+    for r in 0..ta {
+        let ar = &a[(i + r) * k..][..k];
+        for c in 0..tw {
+            let wc = &w[(j + c) * k..][..k];
+            let mut lanes = [0.0f32; LANES];
+            for (ac, wv) in ar[..body].chunks_exact(LANES).zip(wc[..body].chunks_exact(LANES)) {
+                for l in 0..LANES {
+                    lanes[l] = ac[l].mul_add(wv[l], lanes[l]);
+                }
+            }
+            let mut s = fold(lanes);
+            for t in body..k {
+                s = ar[t].mul_add(wc[t], s);
+            }
+            sums[r][c] = s;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{fold, LANES, TILE_A, TILE_W};
+
+    /// [`super::tile`] with the `TILE_A × TILE_W` accumulators in registers.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile(
+        a: &[f32],
+        i: usize,
+        ta: usize,
+        w: &[f32],
+        j: usize,
+        tw: usize,
+        k: usize,
+        sums: &mut [[f32; TILE_W]; TILE_A],
+    ) {
+        if ta == TILE_A && tw == TILE_W {
+            full(a, i, w, j, k, sums);
+        } else {
+            super::tile(a, i, ta, w, j, tw, k, sums);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn full(a: &[f32], i: usize, w: &[f32], j: usize, k: usize, sums: &mut [[f32; TILE_W]; TILE_A]) {
+        let body = k / LANES * LANES;
+        let ap: [*const f32; TILE_A] = std::array::from_fn(|r| a.as_ptr().add((i + r) * k));
+        let wp: [*const f32; TILE_W] = std::array::from_fn(|c| w.as_ptr().add((j + c) * k));
+        let mut acc = [[_mm256_setzero_ps(); TILE_W]; TILE_A];
+        let mut t = 0;
+        while t < body {
+            let wv: [__m256; TILE_W] = std::array::from_fn(|c| _mm256_loadu_ps(wp[c].add(t)));
+            for r in 0..TILE_A {
+                let av = _mm256_loadu_ps(ap[r].add(t));
+                for c in 0..TILE_W {
+                    acc[r][c] = _mm256_fmadd_ps(av, wv[c], acc[r][c]);
+                }
+            }
+            t += LANES;
+        }
+        for r in 0..TILE_A {
+            for c in 0..TILE_W {
+                let mut lanes = [0.0f32; LANES];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][c]);
+                let mut s = fold(lanes);
+                for t in body..k {
+                    s = (*ap[r].add(t)).mul_add(*wp[c].add(t), s);
+                }
+                sums[r][c] = s;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::{matmul_nt_reference, SeededRng};
+
+    /// Largest error against the f64 product, relative to the largest |output|.
+    const SKINNY_VS_F64: f32 = 1e-5;
+
+    #[test]
+    fn matches_the_f64_product_and_the_scalar_bits_on_ragged_shapes() {
+        let mut rng = SeededRng::new(9);
+        for &(m, k, n) in
+            &[(2, 8, 4), (5, 37, 9), (4, 576, 64), (17, 100, 33), (64, 576, 70), (3, 7, 5), (128, 64, 50)]
+        {
+            let a = rng.normal_vec(m * k, 1.0);
+            let w = rng.normal_vec(n * k, 0.1);
+            let mut out = vec![f32::NAN; m * n];
+            matmul_nt_skinny(&a, m, k, &w, n, &mut out);
+            let want = matmul_nt_reference(&a, m, k, &w, n);
+            let scale = want.iter().fold(0.0f32, |s, v| s.max(v.abs()));
+            for (g, r) in out.iter().zip(&want) {
+                assert!((g - r).abs() <= SKINNY_VS_F64 * scale, "{m}×{k}×{n}: {g} vs {r}");
+            }
+            let mut scalar = vec![f32::NAN; m * n];
+            block_scalar(&a, m, k, &w, n, &mut scalar);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&out), bits(&scalar), "{m}×{k}×{n}: the fast path's bits");
+        }
+    }
+
+    /// The whole product through the scalar tiles.
+    fn block_scalar(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+        let mut part = vec![0.0f32; m * n];
+        block(a, m, k, w, n, &mut part, false);
+        out.copy_from_slice(&part);
+    }
+}
