@@ -3,8 +3,8 @@
 //! GFLOP/s on SmolLM2's shapes (16 to 64 rows; this kernel: 77–132 on a 2-core AMD EPYC)
 //! while its one-row path streams weights at the memory's speed.
 //!
-//! Each weight row is read once per tile of [`TILE_W`] rows and dotted with every row of
-//! `a` in tiles of [`TILE_A`]: `TILE_W × TILE_A` accumulators of eight lanes in registers,
+//! Each weight row is read once per tile of `TILE_W` rows and dotted with every row of
+//! `a` in tiles of `TILE_A`: `TILE_W × TILE_A` accumulators of eight lanes in registers,
 //! fused multiply-adds along `k`, then each accumulator's lanes summed in a fixed order
 //! and the `k % 8` tail added. The scalar path computes the same operations in the same
 //! order, so both give the same bits; blocks of weight rows go to the thread pool.
@@ -62,18 +62,18 @@ fn block(a: &[f32], m: usize, k: usize, w: &[f32], rows: usize, part: &mut [f32]
         let tw = TILE_W.min(rows - j);
         for i in (0..m).step_by(TILE_A) {
             let ta = TILE_A.min(m - i);
-            let mut sums = [[0.0f32; TILE_W]; TILE_A];
+            let (mut sums, at) = ([[0.0f32; TILE_W]; TILE_A], At { i, ta, j, tw });
             #[cfg(target_arch = "x86_64")]
             if fast {
                 // SAFETY: AVX2 and FMA were detected by the caller.
-                unsafe { avx2::tile(a, i, ta, w, j, tw, k, &mut sums) };
+                unsafe { avx2::tile(a, w, k, at, &mut sums) };
             } else {
-                tile(a, i, ta, w, j, tw, k, &mut sums);
+                tile(a, w, k, at, &mut sums);
             }
             #[cfg(not(target_arch = "x86_64"))]
             {
                 let _ = fast;
-                tile(a, i, ta, w, j, tw, k, &mut sums);
+                tile(a, w, k, at, &mut sums);
             }
             for (r, row) in sums.iter().enumerate().take(ta) {
                 part[(i + r) * rows + j..][..tw].copy_from_slice(&row[..tw]);
@@ -89,20 +89,20 @@ fn fold(l: [f32; LANES]) -> f32 {
     (h[0] + h[2]) + (h[1] + h[3])
 }
 
-/// The scalar tile: `sums[r][c] = a[i + r] · w[j + c]` for `r < ta`, `c < tw`. Inlined,
-/// so that inside the AVX2 path (partial tiles) `mul_add` is one instruction, not a call.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn tile(
-    a: &[f32],
+/// Where a register tile sits: rows `i .. i + ta` of `a` against rows `j .. j + tw` of `w`.
+#[derive(Clone, Copy)]
+struct At {
     i: usize,
     ta: usize,
-    w: &[f32],
     j: usize,
     tw: usize,
-    k: usize,
-    sums: &mut [[f32; TILE_W]; TILE_A],
-) {
+}
+
+/// The scalar tile: `sums[r][c] = a[i + r] · w[j + c]` for `r < ta`, `c < tw`. Inlined,
+/// so that inside the AVX2 path (partial tiles) `mul_add` is one instruction, not a call.
+#[inline(always)]
+fn tile(a: &[f32], w: &[f32], k: usize, at: At, sums: &mut [[f32; TILE_W]; TILE_A]) {
+    let At { i, ta, j, tw } = at;
     let body = k / LANES * LANES;
     for r in 0..ta {
         let ar = &a[(i + r) * k..][..k];
@@ -127,28 +127,18 @@ fn tile(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{fold, LANES, TILE_A, TILE_W};
+    use super::{fold, At, LANES, TILE_A, TILE_W};
 
     /// [`super::tile`] with the `TILE_A × TILE_W` accumulators in registers.
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile(
-        a: &[f32],
-        i: usize,
-        ta: usize,
-        w: &[f32],
-        j: usize,
-        tw: usize,
-        k: usize,
-        sums: &mut [[f32; TILE_W]; TILE_A],
-    ) {
-        if ta == TILE_A && tw == TILE_W {
-            full(a, i, w, j, k, sums);
+    pub unsafe fn tile(a: &[f32], w: &[f32], k: usize, at: At, sums: &mut [[f32; TILE_W]; TILE_A]) {
+        if at.ta == TILE_A && at.tw == TILE_W {
+            full(a, at.i, w, at.j, k, sums);
         } else {
-            super::tile(a, i, ta, w, j, tw, k, sums);
+            super::tile(a, w, k, at, sums);
         }
     }
 
