@@ -8,7 +8,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
-use super::kernels::{LINEAR, OPS};
+use super::kernels::{DENSE_GEMV_BY_ROWS, LINEAR, OPS};
 pub use super::ops::Fuse;
 use super::ops::{
     append_start, grid_stride, int, launch, need, opt_arg, push_dims_and_start, CacheShape, Start,
@@ -65,18 +65,6 @@ pub fn dense_gemv_fits(w: &DenseWeight, cols: usize) -> bool {
     cols > 0 && cols.is_multiple_of(w.per_load())
 }
 
-/// The dense decode GEMV for 1 ..= 8 activation rows (index: rows − 1).
-const DENSE_GEMV: [&str; GEMV_MAX_ROWS] = [
-    "dense_gemv_m1",
-    "dense_gemv_m2",
-    "dense_gemv_m3",
-    "dense_gemv_m4",
-    "dense_gemv_m5",
-    "dense_gemv_m6",
-    "dense_gemv_m7",
-    "dense_gemv_m8",
-];
-
 /// `out[m, rows] = x[m, cols] · Wᵀ (+ bias)` then `fuse`, for `m` ≤ [`GEMV_MAX_ROWS`]
 /// and a shape [`dense_gemv_fits`] takes. 16-bit weights multiply the activations rounded
 /// to their type, exactly, summed in f32 (as `cublasGemmEx` on rounded activations).
@@ -118,7 +106,7 @@ pub fn dense_gemv(
     launch(
         gpu,
         &LINEAR,
-        DENSE_GEMV[m - 1],
+        DENSE_GEMV_BY_ROWS[m - 1],
         cfg,
         |b| {
             match w {

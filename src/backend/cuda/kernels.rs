@@ -22,9 +22,81 @@ pub struct KernelFile {
     pub name: &'static str,
     /// Its text.
     pub source: &'static str,
-    /// The `extern "C"` kernels it defines (each must appear in its PTX).
-    pub kernels: &'static [&'static str],
+    /// The `extern "C"` kernels it defines (each must appear in its PTX), in groups: single
+    /// kernels, and the per-row-count variants the launchers index.
+    pub kernels: &'static [&'static [&'static str]],
 }
+
+impl KernelFile {
+    /// Every kernel name of the file.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.kernels.iter().flat_map(|group| group.iter().copied())
+    }
+}
+
+/// Activation-row counts with a kernel variant each (`_m1` .. `_m8`): what one GEMV launch
+/// takes.
+pub const ROW_VARIANTS: usize = 8;
+
+/// The fast int8 GEMV per activation-row count (index: rows − 1).
+pub const GEMV_I8_BY_ROWS: [&str; ROW_VARIANTS] = [
+    "gemv_i8_m1",
+    "gemv_i8_m2",
+    "gemv_i8_m3",
+    "gemv_i8_m4",
+    "gemv_i8_m5",
+    "gemv_i8_m6",
+    "gemv_i8_m7",
+    "gemv_i8_m8",
+];
+
+/// The fast f32 4-bit GEMV (tiled layout) per activation-row count.
+pub const PACKED4_GEMV_BY_ROWS: [&str; ROW_VARIANTS] = [
+    "packed4_gemv_m1",
+    "packed4_gemv_m2",
+    "packed4_gemv_m3",
+    "packed4_gemv_m4",
+    "packed4_gemv_m5",
+    "packed4_gemv_m6",
+    "packed4_gemv_m7",
+    "packed4_gemv_m8",
+];
+
+/// The one-launch fixed-point 4-bit GEMV per activation-row count.
+pub const PACKED4_GEMV_FIXED_BY_ROWS: [&str; ROW_VARIANTS] = [
+    "packed4_gemv_fixed_m1",
+    "packed4_gemv_fixed_m2",
+    "packed4_gemv_fixed_m3",
+    "packed4_gemv_fixed_m4",
+    "packed4_gemv_fixed_m5",
+    "packed4_gemv_fixed_m6",
+    "packed4_gemv_fixed_m7",
+    "packed4_gemv_fixed_m8",
+];
+
+/// The prequantized fixed-point 4-bit GEMV per activation-row count.
+pub const PACKED4_GEMV_FIXEDQ_BY_ROWS: [&str; ROW_VARIANTS] = [
+    "packed4_gemv_fixedq_m1",
+    "packed4_gemv_fixedq_m2",
+    "packed4_gemv_fixedq_m3",
+    "packed4_gemv_fixedq_m4",
+    "packed4_gemv_fixedq_m5",
+    "packed4_gemv_fixedq_m6",
+    "packed4_gemv_fixedq_m7",
+    "packed4_gemv_fixedq_m8",
+];
+
+/// The dense f32/f16/bf16 GEMV per activation-row count.
+pub const DENSE_GEMV_BY_ROWS: [&str; ROW_VARIANTS] = [
+    "dense_gemv_m1",
+    "dense_gemv_m2",
+    "dense_gemv_m3",
+    "dense_gemv_m4",
+    "dense_gemv_m5",
+    "dense_gemv_m6",
+    "dense_gemv_m7",
+    "dense_gemv_m8",
+];
 
 /// int8: activation quantization, GEMV (general, and fast per activation-row count),
 /// fallback GEMM, rescale, LLM.int8, fake quant.
@@ -32,24 +104,9 @@ pub const QUANT: KernelFile = KernelFile {
     name: "quant.cu",
     source: include_str!("../../../kernels/quant.cu"),
     kernels: &[
-        "quantize_rows_i8",
-        "absmax_bits",
-        "quantize_tensor_i8",
-        "gemv_i8",
-        "gemv_i8_m1",
-        "gemv_i8_m2",
-        "gemv_i8_m3",
-        "gemv_i8_m4",
-        "gemv_i8_m5",
-        "gemv_i8_m6",
-        "gemv_i8_m7",
-        "gemv_i8_m8",
-        "gemm_i8_tiled",
-        "rescale_i32",
-        "outlier_mask",
-        "compact_mask",
-        "outlier_product",
-        "fake_quant",
+        &["quantize_rows_i8", "absmax_bits", "quantize_tensor_i8", "gemv_i8"],
+        &GEMV_I8_BY_ROWS,
+        &["gemm_i8_tiled", "rescale_i32", "outlier_mask", "compact_mask", "outlier_product", "fake_quant"],
     ],
 };
 
@@ -59,33 +116,10 @@ pub const PACKED4: KernelFile = KernelFile {
     name: "packed4.cu",
     source: include_str!("../../../kernels/packed4.cu"),
     kernels: &[
-        "packed4_dequant",
-        "packed4_gemv",
-        "packed4_gemv_m1",
-        "packed4_gemv_m2",
-        "packed4_gemv_m3",
-        "packed4_gemv_m4",
-        "packed4_gemv_m5",
-        "packed4_gemv_m6",
-        "packed4_gemv_m7",
-        "packed4_gemv_m8",
-        "packed4_gemv_fixed_m1",
-        "packed4_gemv_fixed_m2",
-        "packed4_gemv_fixed_m3",
-        "packed4_gemv_fixed_m4",
-        "packed4_gemv_fixed_m5",
-        "packed4_gemv_fixed_m6",
-        "packed4_gemv_fixed_m7",
-        "packed4_gemv_fixed_m8",
-        "q16_quantize_chunks",
-        "packed4_gemv_fixedq_m1",
-        "packed4_gemv_fixedq_m2",
-        "packed4_gemv_fixedq_m3",
-        "packed4_gemv_fixedq_m4",
-        "packed4_gemv_fixedq_m5",
-        "packed4_gemv_fixedq_m6",
-        "packed4_gemv_fixedq_m7",
-        "packed4_gemv_fixedq_m8",
+        &["packed4_dequant", "packed4_gemv", "q16_quantize_chunks"],
+        &PACKED4_GEMV_BY_ROWS,
+        &PACKED4_GEMV_FIXED_BY_ROWS,
+        &PACKED4_GEMV_FIXEDQ_BY_ROWS,
     ],
 };
 
@@ -93,7 +127,7 @@ pub const PACKED4: KernelFile = KernelFile {
 pub const OPS: KernelFile = KernelFile {
     name: "ops.cu",
     source: include_str!("../../../kernels/ops.cu"),
-    kernels: &[
+    kernels: &[&[
         "rms_norm",
         "layer_norm",
         "gelu_tanh",
@@ -111,14 +145,14 @@ pub const OPS: KernelFile = KernelFile {
         "attention",
         "split_qkv",
         "last_rows",
-    ],
+    ]],
 };
 
 /// f32 ↔ bf16/f16 conversions.
 pub const CAST: KernelFile = KernelFile {
     name: "cast.cu",
     source: include_str!("../../../kernels/cast.cu"),
-    kernels: &["f32_to_bf16_kernel", "bf16_to_f32_kernel", "f32_to_f16_kernel", "f16_to_f32_kernel"],
+    kernels: &[&["f32_to_bf16_kernel", "bf16_to_f32_kernel", "f32_to_f16_kernel", "f16_to_f32_kernel"]],
 };
 
 /// The device linear layers' own kernels: LLM.int8's fused decode split and GEMV,
@@ -128,25 +162,20 @@ pub const LINEAR: KernelFile = KernelFile {
     name: "linear.cu",
     source: include_str!("../../../kernels/linear.cu"),
     kernels: &[
-        "llm_int8_prepare",
-        "record_outliers",
-        "gemv_i8_outlier",
-        "quantize_static_i8",
-        "gemv_i8_static",
-        "rescale_static",
-        "torch_quantize_i8",
-        "gemv_i8_torch",
-        "rescale_torch",
-        "round_to_16",
-        "dense_gemv_m1",
-        "dense_gemv_m2",
-        "dense_gemv_m3",
-        "dense_gemv_m4",
-        "dense_gemv_m5",
-        "dense_gemv_m6",
-        "dense_gemv_m7",
-        "dense_gemv_m8",
-        "codebook_dequant",
+        &[
+            "llm_int8_prepare",
+            "record_outliers",
+            "gemv_i8_outlier",
+            "quantize_static_i8",
+            "gemv_i8_static",
+            "rescale_static",
+            "torch_quantize_i8",
+            "gemv_i8_torch",
+            "rescale_torch",
+            "round_to_16",
+            "codebook_dequant",
+        ],
+        &DENSE_GEMV_BY_ROWS,
     ],
 };
 
@@ -217,7 +246,7 @@ pub fn compile_ptx(file: &KernelFile, arch: &str) -> Result<String, CudaError> {
         })
     })?;
     let text = ptx.to_src();
-    for kernel in file.kernels {
+    for kernel in file.names() {
         if !text.contains(&format!(".entry {kernel}(")) {
             return Err(CudaError::Compile {
                 file: file.name,
@@ -298,7 +327,7 @@ mod tests {
     #[test]
     fn every_listed_kernel_is_defined_extern_c_in_its_file() {
         for file in FILES {
-            for k in file.kernels {
+            for k in file.names() {
                 // `extern "C" __global__ void name(`, or with `__launch_bounds__(..) ` before
                 // the name.
                 let defined = file.source.lines().any(|l| {
@@ -312,7 +341,7 @@ mod tests {
                 assert!(defined, "{}: no `extern \"C\" __global__ void {k}(`", file.name);
             }
             let defined = file.source.matches("extern \"C\" __global__ void ").count();
-            assert_eq!(defined, file.kernels.len(), "{}: kernels defined vs listed", file.name);
+            assert_eq!(defined, file.names().count(), "{}: kernels defined vs listed", file.name);
         }
     }
 

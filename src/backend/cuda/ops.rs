@@ -7,7 +7,10 @@
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg};
 
-use super::kernels::{KernelFile, CAST, OPS, PACKED4, QUANT};
+use super::kernels::{
+    KernelFile, CAST, GEMV_I8_BY_ROWS, OPS, PACKED4, PACKED4_GEMV_BY_ROWS, PACKED4_GEMV_FIXEDQ_BY_ROWS,
+    PACKED4_GEMV_FIXED_BY_ROWS, QUANT, ROW_VARIANTS,
+};
 use super::{driver, guard, CudaError, Gpu};
 use crate::scheme::packed4::Packed4;
 
@@ -15,7 +18,7 @@ use crate::scheme::packed4::Packed4;
 const THREADS: u32 = 256;
 
 /// Activation rows one GEMV launch takes (`GEMV_MAX_M` / the `acc[8]` of the kernels).
-pub const GEMV_MAX_ROWS: usize = 8;
+pub const GEMV_MAX_ROWS: usize = ROW_VARIANTS;
 
 /// `value` as a kernel `int`, or an error naming the op and the dimension.
 pub(super) fn int(op: &'static str, what: &str, value: usize) -> Result<i32, CudaError> {
@@ -217,7 +220,7 @@ pub fn gemv_i8(
             launch(
                 gpu,
                 &QUANT,
-                GEMV_I8_FAST[rows - 1],
+                GEMV_I8_BY_ROWS[rows - 1],
                 fast_gemv_blocks(n),
                 |b| {
                     b.arg(&qv).arg(&sv).arg(w).arg(sw);
@@ -249,18 +252,6 @@ const FAST_GEMV_ROWS: usize = 4;
 
 /// Threads per block of the fast GEMVs (`I8_THREADS`, `P4_THREADS`).
 const FAST_GEMV_THREADS: u32 = 128;
-
-/// The fast int8 GEMV for 1 ..= 8 activation rows (index: rows − 1).
-const GEMV_I8_FAST: [&str; GEMV_MAX_ROWS] = [
-    "gemv_i8_m1",
-    "gemv_i8_m2",
-    "gemv_i8_m3",
-    "gemv_i8_m4",
-    "gemv_i8_m5",
-    "gemv_i8_m6",
-    "gemv_i8_m7",
-    "gemv_i8_m8",
-];
 
 /// One block of [`FAST_GEMV_THREADS`] per [`FAST_GEMV_ROWS`] output rows.
 fn fast_gemv_blocks(rows: usize) -> LaunchConfig {
@@ -835,8 +826,8 @@ pub fn packed4_gemv_using(
                 FixedPointKernel::Slab => None,
             };
             let (name, rows_per_block) = match fixed {
-                FixedPointKernel::Prequantized => (PACKED4_GEMV_FIXEDQ[rows - 1], FIXEDQ_GEMV_ROWS),
-                FixedPointKernel::Slab => (PACKED4_GEMV_FIXED[rows - 1], FIXED_GEMV_ROWS),
+                FixedPointKernel::Prequantized => (PACKED4_GEMV_FIXEDQ_BY_ROWS[rows - 1], FIXEDQ_GEMV_ROWS),
+                FixedPointKernel::Slab => (PACKED4_GEMV_FIXED_BY_ROWS[rows - 1], FIXED_GEMV_ROWS),
             };
             launch(
                 gpu,
@@ -866,7 +857,7 @@ pub fn packed4_gemv_using(
             launch(
                 gpu,
                 &PACKED4,
-                PACKED4_GEMV_FAST[rows - 1],
+                PACKED4_GEMV_BY_ROWS[rows - 1],
                 fast_gemv_blocks(w.rows),
                 |b| {
                     b.arg(&w.bytes).arg(&w.table);
@@ -928,48 +919,12 @@ fn q16_quantize(gpu: &Gpu, x: &CudaView<f32>, rows: usize, cols: usize) -> Resul
 /// Output rows per block of the fixed-point GEMV (`Q4_WARPS · Q4_ROWS`).
 const FIXED_GEMV_ROWS: usize = 16;
 
-/// The fixed-point 4-bit GEMV for 1 ..= 8 activation rows (index: rows − 1).
-const PACKED4_GEMV_FIXED: [&str; GEMV_MAX_ROWS] = [
-    "packed4_gemv_fixed_m1",
-    "packed4_gemv_fixed_m2",
-    "packed4_gemv_fixed_m3",
-    "packed4_gemv_fixed_m4",
-    "packed4_gemv_fixed_m5",
-    "packed4_gemv_fixed_m6",
-    "packed4_gemv_fixed_m7",
-    "packed4_gemv_fixed_m8",
-];
-
 /// Output rows per block of the prequantized fixed-point GEMV (`Q4Q_ROWS`).
 const FIXEDQ_GEMV_ROWS: usize = 4;
 
 /// u32 words per (activation row, 32-value chunk) of `q16_quantize_chunks`' buffer: 16 of
 /// codes, then d, Σq and Σx.
 const Q16_WORDS_PER_CHUNK: usize = 19;
-
-/// The prequantized fixed-point 4-bit GEMV for 1 ..= 8 activation rows (index: rows − 1).
-const PACKED4_GEMV_FIXEDQ: [&str; GEMV_MAX_ROWS] = [
-    "packed4_gemv_fixedq_m1",
-    "packed4_gemv_fixedq_m2",
-    "packed4_gemv_fixedq_m3",
-    "packed4_gemv_fixedq_m4",
-    "packed4_gemv_fixedq_m5",
-    "packed4_gemv_fixedq_m6",
-    "packed4_gemv_fixedq_m7",
-    "packed4_gemv_fixedq_m8",
-];
-
-/// The fast fused 4-bit GEMV for 1 ..= 8 activation rows (index: rows − 1).
-const PACKED4_GEMV_FAST: [&str; GEMV_MAX_ROWS] = [
-    "packed4_gemv_m1",
-    "packed4_gemv_m2",
-    "packed4_gemv_m3",
-    "packed4_gemv_m4",
-    "packed4_gemv_m5",
-    "packed4_gemv_m6",
-    "packed4_gemv_m7",
-    "packed4_gemv_m8",
-];
 
 // ---- model ops -------------------------------------------------------------------------
 
