@@ -475,6 +475,79 @@ struct Q4Slab {
     float xt[M][Q4_SLAB];
 };
 
+// One 32-value chunk g of R weight rows against M quantized activation rows, shared by
+// both fixed-point kernels: load each row's 16-byte word and block parameters, take the
+// exact integer dot products through __dp2a, then acc += (dot - B * sum q) * d * scale
+// (+ offset * sum x). X supplies the quantized chunk: word(i, j), the uint4 of word j of
+// row i (codes in the order q4_quantize_chunk gives), and chunk(i, d, qsum, xsum).
+template <int M, int R, bool OFF, class X>
+__device__ __forceinline__ void q4_chunk(const X& x, const uint4* const (&wrow)[R], const long (&rbase)[R], int g,
+                                         const void* __restrict__ scales, const void* __restrict__ offsets,
+                                         int bf16_params, int block_shift, u32 int_xor, int int_bias,
+                                         float (&acc)[M][R]) {
+    uint4 wv[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) wv[r] = __ldg(wrow[r] + g);
+    float sc[R], of[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        long b = (rbase[r] + ((long)g << 5)) >> block_shift;
+        sc[r] = param_at(scales, b, bf16_params);
+        of[r] = OFF ? param_at(offsets, b, bf16_params) : 0.0f;
+    }
+    int dot[M][R];
+#pragma unroll
+    for (int i = 0; i < M; i++)
+#pragma unroll
+        for (int r = 0; r < R; r++) dot[i][r] = 0;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        uint4 xv[M];
+#pragma unroll
+        for (int i = 0; i < M; i++) xv[i] = x.word(i, j);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            u32 w = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
+            int odd = (int)((w ^ int_xor) & 0x0f0f0f0fu);
+            int even = (int)(((w >> 4) ^ int_xor) & 0x0f0f0f0fu);
+#pragma unroll
+            for (int i = 0; i < M; i++) {
+                int a = dot[i][r];
+                a = __dp2a_lo((int)xv[i].x, odd, a);
+                a = __dp2a_hi((int)xv[i].y, odd, a);
+                a = __dp2a_lo((int)xv[i].z, even, a);
+                a = __dp2a_hi((int)xv[i].w, even, a);
+                dot[i][r] = a;
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < M; i++) {
+        float d, xsum;
+        int qs;
+        x.chunk(i, d, qs, xsum);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            float v = (float)(dot[i][r] - int_bias * qs);
+            acc[i][r] = fmaf(v, __fmul_rn(d, sc[r]), acc[i][r]);
+            if (OFF) acc[i][r] = fmaf(of[r], xsum, acc[i][r]);
+        }
+    }
+}
+
+// Chunk c of the one-launch kernel's quantized slab in shared memory.
+template <int M, bool OFF>
+struct Q4SlabChunk {
+    const Q4Slab<M>& sh;
+    int c;
+    __device__ __forceinline__ uint4 word(int i, int j) const { return sh.xs[i][j][c]; }
+    __device__ __forceinline__ void chunk(int i, float& d, int& qs, float& xsum) const {
+        d = sh.xd[i][c];
+        qs = sh.xq[i][c];
+        xsum = OFF ? sh.xt[i][c] : 0.0f;
+    }
+};
+
 template <int M, int R, bool OFF>
 __device__ __forceinline__ void packed4_gemv_fixed(Q4Slab<M>& sh, const u8* __restrict__ bytes, const void* __restrict__ scales,
                                                    const void* __restrict__ offsets, int bf16_params,
@@ -524,55 +597,8 @@ __device__ __forceinline__ void packed4_gemv_fixed(Q4Slab<M>& sh, const u8* __re
         for (int h = 0; h < Q4_SLAB / WARP; h++) {
             int c = lane + h * WARP;
             if (c >= here) break;
-            int g = slab + c;
-            uint4 wv[R];
-#pragma unroll
-            for (int r = 0; r < R; r++) wv[r] = __ldg(wrow[r] + g);
-            float sc[R], of[R];
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                long b = (rbase[r] + ((long)g << 5)) >> block_shift;
-                sc[r] = param_at(scales, b, bf16_params);
-                of[r] = OFF ? param_at(offsets, b, bf16_params) : 0.0f;
-            }
-            int dot[M][R];
-#pragma unroll
-            for (int i = 0; i < M; i++)
-#pragma unroll
-                for (int r = 0; r < R; r++) dot[i][r] = 0;
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                uint4 xv[M];
-#pragma unroll
-                for (int i = 0; i < M; i++) xv[i] = xs[i][j][c];
-#pragma unroll
-                for (int r = 0; r < R; r++) {
-                    u32 w = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
-                    int odd = (int)((w ^ int_xor) & 0x0f0f0f0fu);
-                    int even = (int)(((w >> 4) ^ int_xor) & 0x0f0f0f0fu);
-#pragma unroll
-                    for (int i = 0; i < M; i++) {
-                        int a = dot[i][r];
-                        a = __dp2a_lo((int)xv[i].x, odd, a);
-                        a = __dp2a_hi((int)xv[i].y, odd, a);
-                        a = __dp2a_lo((int)xv[i].z, even, a);
-                        a = __dp2a_hi((int)xv[i].w, even, a);
-                        dot[i][r] = a;
-                    }
-                }
-            }
-#pragma unroll
-            for (int i = 0; i < M; i++) {
-                float d = xd[i][c];
-                int qs = xq[i][c];
-                float xsum = OFF ? xt[i][c] : 0.0f;
-#pragma unroll
-                for (int r = 0; r < R; r++) {
-                    float v = (float)(dot[i][r] - int_bias * qs);
-                    acc[i][r] = fmaf(v, __fmul_rn(d, sc[r]), acc[i][r]);
-                    if (OFF) acc[i][r] = fmaf(of[r], xsum, acc[i][r]);
-                }
-            }
+            q4_chunk<M, R, OFF>(Q4SlabChunk<M, OFF>{sh, c}, wrow, rbase, slab + c, scales, offsets, bf16_params,
+                                block_shift, int_xor, int_bias, acc);
         }
     }
 #pragma unroll
@@ -647,6 +673,20 @@ __device__ __forceinline__ Q16View q16_view(const u32* xq, int m, int chunks) {
     return v;
 }
 
+// Chunk g of the prequantized buffer, read through L1 by every block.
+template <int M, bool OFF>
+struct Q16Chunk {
+    Q16View v;
+    int chunks, g;
+    __device__ __forceinline__ uint4 word(int i, int j) const { return __ldg(v.words + ((long)i * 4 + j) * chunks + g); }
+    __device__ __forceinline__ void chunk(int i, float& d, int& qs, float& xsum) const {
+        long at = (long)i * chunks + g;
+        d = __ldg(v.d + at);
+        qs = __ldg(v.qsum + at);
+        xsum = OFF ? __ldg(v.xsum + at) : 0.0f;
+    }
+};
+
 // One thread per (row, chunk) of x [m, cols] (cols % 32 == 0, rows 16-byte aligned).
 extern "C" __global__ void q16_quantize_chunks(const float* __restrict__ x, int m, int cols, u32* __restrict__ xq) {
     int chunks = cols >> 5;
@@ -697,57 +737,9 @@ __device__ __forceinline__ void packed4_gemv_fixedq(float (*partial)[M * Q4Q_ROW
 #pragma unroll
         for (int r = 0; r < R; r++) acc[i][r] = 0.0f;
 #pragma unroll 1
-    for (int g = tid; g < chunks; g += Q4Q_THREADS) {
-        uint4 wv[R];
-#pragma unroll
-        for (int r = 0; r < R; r++) wv[r] = __ldg(wrow[r] + g);
-        float sc[R], of[R];
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            long b = (rbase[r] + ((long)g << 5)) >> block_shift;
-            sc[r] = param_at(scales, b, bf16_params);
-            of[r] = OFF ? param_at(offsets, b, bf16_params) : 0.0f;
-        }
-        int dot[M][R];
-#pragma unroll
-        for (int i = 0; i < M; i++)
-#pragma unroll
-            for (int r = 0; r < R; r++) dot[i][r] = 0;
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            uint4 xv[M];
-#pragma unroll
-            for (int i = 0; i < M; i++) xv[i] = __ldg(xv_all.words + ((long)i * 4 + j) * chunks + g);
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                u32 w = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
-                int odd = (int)((w ^ int_xor) & 0x0f0f0f0fu);
-                int even = (int)(((w >> 4) ^ int_xor) & 0x0f0f0f0fu);
-#pragma unroll
-                for (int i = 0; i < M; i++) {
-                    int a = dot[i][r];
-                    a = __dp2a_lo((int)xv[i].x, odd, a);
-                    a = __dp2a_hi((int)xv[i].y, odd, a);
-                    a = __dp2a_lo((int)xv[i].z, even, a);
-                    a = __dp2a_hi((int)xv[i].w, even, a);
-                    dot[i][r] = a;
-                }
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < M; i++) {
-            long at = (long)i * chunks + g;
-            float d = __ldg(xv_all.d + at);
-            int qs = __ldg(xv_all.qsum + at);
-            float xsum = OFF ? __ldg(xv_all.xsum + at) : 0.0f;
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                float v = (float)(dot[i][r] - int_bias * qs);
-                acc[i][r] = fmaf(v, __fmul_rn(d, sc[r]), acc[i][r]);
-                if (OFF) acc[i][r] = fmaf(of[r], xsum, acc[i][r]);
-            }
-        }
-    }
+    for (int g = tid; g < chunks; g += Q4Q_THREADS)
+        q4_chunk<M, R, OFF>(Q16Chunk<M, OFF>{xv_all, chunks, g}, wrow, rbase, g, scales, offsets, bf16_params,
+                            block_shift, int_xor, int_bias, acc);
 #pragma unroll
     for (int i = 0; i < M; i++)
 #pragma unroll
