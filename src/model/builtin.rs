@@ -152,27 +152,24 @@ fn bloom_1b7_shapes_config() -> Value {
     config
 }
 
-/// meta-llama/Llama-2-7b-hf's config.json, shapes only: the weights are seeded.
+/// meta-llama/Llama-2-7b-hf's config.json, shapes only: the weights are seeded. The tiny
+/// Llama's config with Llama-2-7B's sizes (its norms, rotary and activation are the same).
 fn llama_2_7b_shapes_config() -> Value {
-    json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": 32000,
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": false,
-        "hidden_act": "silu",
-        "bos_token_id": VOCAB - 2,
-        "eos_token_id": VOCAB - 1,
-        "torch_dtype": "bfloat16",
-        "quantbench_builtin": "llama-2-7b-shapes",
-    })
+    let mut config = tiny_llama_config();
+    for (key, value) in [
+        ("vocab_size", json!(32000)),
+        ("hidden_size", json!(4096)),
+        ("intermediate_size", json!(11008)),
+        ("num_hidden_layers", json!(32)),
+        ("num_attention_heads", json!(32)),
+        ("num_key_value_heads", json!(32)),
+        ("max_position_embeddings", json!(4096)),
+        ("torch_dtype", json!("bfloat16")),
+        ("quantbench_builtin", json!("llama-2-7b-shapes")),
+    ] {
+        config[key] = value;
+    }
+    config
 }
 
 /// Built-in model names.
