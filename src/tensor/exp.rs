@@ -45,7 +45,7 @@ pub const LANES: usize = 8;
 /// sum, added in [`LANES`] lanes then pairwise (the same order in both paths).
 pub fn exp_sum_in_place(row: &mut [f32], shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
+    if super::has_avx2_fma() {
         // SAFETY: the features were just detected.
         return unsafe { avx2::exp_sum_in_place(row, shift) };
     }
@@ -61,20 +61,7 @@ pub fn exp_sum_in_place(row: &mut [f32], shift: f32) -> f32 {
     for v in tail.iter_mut() {
         *v = exp_nonpositive(*v - shift);
     }
-    fold_lanes(lanes) + tail.iter().sum::<f32>()
-}
-
-/// The lanes' sum, pairwise: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)), the
-/// order of the vector path's horizontal add.
-fn fold_lanes(l: [f32; LANES]) -> f32 {
-    let h = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
-    (h[0] + h[2]) + (h[1] + h[3])
-}
-
-/// Whether the AVX2 paths of this module (and of [`super::gelu`]) run here.
-#[cfg(target_arch = "x86_64")]
-pub fn has_avx2_fma() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    crate::tensor::sum_lanes(lanes) + tail.iter().sum::<f32>()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -86,7 +73,7 @@ pub mod avx2 {
     /// [`super::exp_nonpositive`] of eight values.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA ([`super::has_avx2_fma`]).
+    /// The CPU must have AVX2 and FMA ([`crate::tensor::has_avx2_fma`]).
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp8(v: __m256) -> __m256 {
         let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(v, _mm256_set1_ps(EXP_MIN_ARG));
@@ -108,7 +95,7 @@ pub mod avx2 {
     /// [`super::exp_sum_in_place`], eight values at a time.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA ([`super::has_avx2_fma`]).
+    /// The CPU must have AVX2 and FMA ([`crate::tensor::has_avx2_fma`]).
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp_sum_in_place(row: &mut [f32], shift: f32) -> f32 {
         let s = _mm256_set1_ps(shift);
@@ -125,7 +112,7 @@ pub mod avx2 {
         for v in tail.iter_mut() {
             *v = super::exp_nonpositive(*v - shift);
         }
-        super::fold_lanes(lanes) + tail.iter().sum::<f32>()
+        crate::tensor::sum_lanes(lanes) + tail.iter().sum::<f32>()
     }
 }
 
@@ -171,7 +158,7 @@ mod tests {
                     lanes[i % LANES] += *v;
                 }
             }
-            let want = fold_lanes(lanes) + plain[full..].iter().sum::<f32>();
+            let want = crate::tensor::sum_lanes(lanes) + plain[full..].iter().sum::<f32>();
             assert_eq!(
                 fast.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 plain.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),

@@ -33,7 +33,7 @@ use super::exp::exp_nonpositive;
 /// loop (the same bits).
 pub fn gelu_erf(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::exp::has_avx2_fma() {
+    if super::has_avx2_fma() {
         // SAFETY: the features were just detected.
         unsafe { avx2::gelu_erf(x) };
         return;

@@ -12,6 +12,20 @@ pub mod skinny;
 
 use gemm::Parallelism;
 
+/// Whether the CPU has AVX2 and FMA: the kernels that fuse multiply-adds (exp, GELU,
+/// SiLU, the small-row product), whose scalar twins use `mul_add` for the same bits.
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Eight lane sums added pairwise, ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)): the
+/// order of an AVX2 horizontal add, used by the scalar twins of the eight-lane kernels.
+pub fn sum_lanes(l: [f32; 8]) -> f32 {
+    let h = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
+    (h[0] + h[2]) + (h[1] + h[3])
+}
+
 /// Whether the CPU has AVX2 (the standard library caches the answer). Kernels compiled
 /// for it with `#[target_feature(enable = "avx2")]` run the same operations as their
 /// portable twins, eight lanes at a time.

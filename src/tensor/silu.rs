@@ -9,7 +9,7 @@ use super::exp::exp_nonpositive;
 /// `gate[i] = silu(gate[i]) · up[i]`: AVX2 where the CPU has it, else the scalar loop.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::exp::has_avx2_fma() {
+    if super::has_avx2_fma() {
         // SAFETY: the features were just detected.
         unsafe { avx2::silu_mul(gate, up) };
         return;

@@ -33,7 +33,7 @@ pub fn matmul_nt_skinny(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, out:
     assert_eq!(w.len(), n * k, "matmul_nt_skinny: weight is not [n, k]");
     assert_eq!(out.len(), m * n, "matmul_nt_skinny: output is not [m, n]");
     #[cfg(target_arch = "x86_64")]
-    let fast = super::exp::has_avx2_fma();
+    let fast = super::has_avx2_fma();
     #[cfg(not(target_arch = "x86_64"))]
     let fast = false;
     // Each task writes the columns j0 .. j0 + ROWS_PER_TASK of every output row: collect
@@ -82,13 +82,6 @@ fn block(a: &[f32], m: usize, k: usize, w: &[f32], rows: usize, part: &mut [f32]
     }
 }
 
-/// Eight lanes summed: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)), the vector
-/// path's order.
-fn fold(l: [f32; LANES]) -> f32 {
-    let h = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
-    (h[0] + h[2]) + (h[1] + h[3])
-}
-
 /// Where a register tile sits: rows `i .. i + ta` of `a` against rows `j .. j + tw` of `w`.
 #[derive(Clone, Copy)]
 struct At {
@@ -114,7 +107,7 @@ fn tile(a: &[f32], w: &[f32], k: usize, at: At, sums: &mut [[f32; TILE_W]; TILE_
                     lanes[l] = ac[l].mul_add(wv[l], lanes[l]);
                 }
             }
-            let mut s = fold(lanes);
+            let mut s = crate::tensor::sum_lanes(lanes);
             for t in body..k {
                 s = ar[t].mul_add(wc[t], s);
             }
@@ -127,7 +120,7 @@ fn tile(a: &[f32], w: &[f32], k: usize, at: At, sums: &mut [[f32; TILE_W]; TILE_
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{fold, At, LANES, TILE_A, TILE_W};
+    use super::{At, LANES, TILE_A, TILE_W};
 
     /// [`super::tile`] with the `TILE_A × TILE_W` accumulators in registers.
     ///
@@ -163,7 +156,7 @@ mod avx2 {
             for c in 0..TILE_W {
                 let mut lanes = [0.0f32; LANES];
                 _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][c]);
-                let mut s = fold(lanes);
+                let mut s = crate::tensor::sum_lanes(lanes);
                 for t in body..k {
                     s = (*ap[r].add(t)).mul_add(*wp[c].add(t), s);
                 }
