@@ -475,6 +475,20 @@ struct Q4Slab {
     float xt[M][Q4_SLAB];
 };
 
+// The plain-layout rows r0 .. r0 + R of a [rows, cols] weight: each row's 16-byte words
+// and its first value's index. Rows past the end read the last row (valid memory) and are
+// not written.
+template <int R>
+__device__ __forceinline__ void q4_rows(const u8* __restrict__ bytes, int r0, int rows, int cols,
+                                        const uint4* (&wrow)[R], long (&rbase)[R]) {
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        long rr = min(r0 + r, rows - 1);
+        rbase[r] = rr * cols;
+        wrow[r] = (const uint4*)bytes + rr * (cols >> 5);
+    }
+}
+
 // One 32-value chunk g of R weight rows against M quantized activation rows, shared by
 // both fixed-point kernels: load each row's 16-byte word and block parameters, take the
 // exact integer dot products through __dp2a, then acc += (dot - B * sum q) * d * scale
@@ -561,20 +575,10 @@ __device__ __forceinline__ void packed4_gemv_fixed(Q4Slab<M>& sh, const u8* __re
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int chunks = cols >> 5;
     int r0 = blockIdx.x * (Q4_WARPS * R) + warp * R;
-    // Rows past the end read the last row (valid memory) and are not written.
     const uint4* wrow[R];
     long rbase[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        long rr = min(r0 + r, rows - 1);
-        rbase[r] = rr * cols;
-        wrow[r] = (const uint4*)bytes + rr * chunks;
-    }
-    float acc[M][R];
-#pragma unroll
-    for (int i = 0; i < M; i++)
-#pragma unroll
-        for (int r = 0; r < R; r++) acc[i][r] = 0.0f;
+    q4_rows<R>(bytes, r0, rows, cols, wrow, rbase);
+    float acc[M][R] = {};
     for (int slab = 0; slab < chunks; slab += Q4_SLAB) {
         int here = min(Q4_SLAB, chunks - slab);
         __syncthreads();
@@ -722,20 +726,10 @@ __device__ __forceinline__ void packed4_gemv_fixedq(float (*partial)[M * Q4Q_ROW
     int chunks = cols >> 5;
     int r0 = blockIdx.x * R;
     Q16View xv_all = q16_view(xq, M, chunks);
-    // Rows past the end read the last row (valid memory) and are not written.
     const uint4* wrow[R];
     long rbase[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        long rr = min(r0 + r, rows - 1);
-        rbase[r] = rr * cols;
-        wrow[r] = (const uint4*)bytes + rr * chunks;
-    }
-    float acc[M][R];
-#pragma unroll
-    for (int i = 0; i < M; i++)
-#pragma unroll
-        for (int r = 0; r < R; r++) acc[i][r] = 0.0f;
+    q4_rows<R>(bytes, r0, rows, cols, wrow, rbase);
+    float acc[M][R] = {};
 #pragma unroll 1
     for (int g = tid; g < chunks; g += Q4Q_THREADS)
         q4_chunk<M, R, OFF>(Q16Chunk<M, OFF>{xv_all, chunks, g}, wrow, rbase, g, scales, offsets, bf16_params,
