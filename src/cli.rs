@@ -14,7 +14,7 @@ use crate::model::{self, builtin, Model, ModelFiles, QuantizeFactory, ARCHS};
 use crate::report::{self, baseline, compare, Results};
 use crate::runner::{self, RunOptions};
 use crate::scheme::{self, FloatStorage, SchemeInfo, SCHEMES};
-use crate::suite::Plan;
+use crate::suite::{Plan, Shard};
 use crate::tensor;
 
 /// Exit code for success.
@@ -61,6 +61,14 @@ pub enum Command {
         /// Keep each saved quantized model under OUT/models/.
         #[arg(long)]
         keep_models: bool,
+        /// Run part I of N (1-based) of the cases, for one machine of many; `bench merge`
+        /// joins the parts. Parts are contiguous in suite order and differ by at most one case.
+        #[arg(long, value_name = "I/N")]
+        shard: Option<Shard>,
+        /// Read divergence references from DIR, and store the ones computed there
+        /// (default OUT/references/): a folder the shards share, or an earlier run's.
+        #[arg(long, value_name = "DIR")]
+        references: Option<PathBuf>,
         /// Replace the workload's batch_size (recorded in results.json): one suite timed at
         /// batch 1, 8 and 32 in three runs, where speed-ups change sign.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -74,6 +82,18 @@ pub enum Command {
         /// With --baseline: exit with 2 when a metric regressed.
         #[arg(long, requires = "baseline")]
         fail_on_regression: bool,
+    },
+    /// Merge the shards of one run (`run --shard I/N`) into one results.json and its reports.
+    Merge {
+        /// The shards' output folders (or their results.json files).
+        #[arg(required = true)]
+        run_dirs: Vec<PathBuf>,
+        /// Output folder for the merged results.json and reports.
+        #[arg(long)]
+        out: PathBuf,
+        /// Merge even when planned cases are missing (they are listed).
+        #[arg(long)]
+        allow_partial: bool,
     },
     /// Render results.md, results.csv, summary.md, the charts and index.html from results.json.
     Report {
@@ -101,6 +121,9 @@ pub enum Command {
     Validate {
         /// Suite YAML file.
         suite: PathBuf,
+        /// Also print which cases each of N shards (`run --shard I/N`) would run.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=crate::suite::shard::MAX_SHARDS as i64))]
+        shards: Option<u32>,
     },
     /// Show a model's architecture, parameters, dtypes and bytes per tensor group.
     Inspect {
@@ -238,6 +261,8 @@ pub fn execute(cli: Cli) -> Result<i32> {
             resume,
             filter,
             keep_models,
+            shard,
+            references,
             batch_size,
             save_baseline,
             baseline,
@@ -255,7 +280,7 @@ pub fn execute(cli: Cli) -> Result<i32> {
             let baseline_path =
                 baseline.as_deref().map(|name| baseline::path(baselines, name)).transpose()?;
             let out = out.unwrap_or_else(|| if publish { plan.output.clone() } else { plan.run_folder() });
-            let options = RunOptions { out: Some(out), resume, filter, keep_models };
+            let options = RunOptions { out: Some(out), resume, filter, keep_models, shard, references };
             let (dir, results) = runner::run(&plan, &options)?;
             // The compact per-model tables; every column is in results.md and results.csv.
             println!("{}", report::summary::model_tables(&results).trim());
@@ -287,6 +312,7 @@ pub fn execute(cli: Cli) -> Result<i32> {
                 }
             }
         }
+        Command::Merge { run_dirs, out, allow_partial } => merge(&run_dirs, &out, allow_partial)?,
         Command::Report { run_dir } => {
             let path = report::results_path(&run_dir);
             let results = Results::read(&path)?;
@@ -317,7 +343,7 @@ pub fn execute(cli: Cli) -> Result<i32> {
                 return gate(&comparison);
             }
         }
-        Command::Validate { suite } => {
+        Command::Validate { suite, shards } => {
             let plan = Plan::load(&suite)?;
             runner::lock::check_output_folder(&plan.run_folder())?;
             for model in &plan.models {
@@ -331,6 +357,11 @@ pub fn execute(cli: Cli) -> Result<i32> {
                 plan.case_ids().len(),
                 plan.device
             );
+            let cases = plan.case_ids();
+            for index in 1..=shards.unwrap_or(0) as usize {
+                let shard = Shard { index, count: shards.unwrap_or(0) as usize };
+                println!("shard {shard}: {}", shard.select(&cases).join(", "));
+            }
         }
         Command::Inspect { model, json } => inspect(&model, json)?,
         Command::List { what, markdown } => print!("{}", list(what, markdown)),
@@ -376,6 +407,40 @@ fn write_comparison(
     println!("{md}");
     eprintln!("{}: {}", dir.join("compare.md").display(), comparison.headline());
     Ok(comparison)
+}
+
+/// `bench merge`: read every shard, merge, write results.json and the reports into `out`.
+fn merge(run_dirs: &[PathBuf], out: &Path, allow_partial: bool) -> Result<()> {
+    let mut inputs = Vec::new();
+    for dir in run_dirs {
+        let path = report::results_path(dir);
+        if path.parent().is_some_and(|parent| crate::files::same_folder(parent, out)) {
+            return Err(Error::Merge(format!(
+                "--out {} is the folder of shard {}: merge into a folder of its own",
+                out.display(),
+                path.display()
+            )));
+        }
+        inputs.push((path.clone(), Results::read(&path)?));
+    }
+    let merged = report::merge::merge(inputs, allow_partial)?;
+    for id in &merged.missing {
+        eprintln!("warning: case {id} is missing: no shard has it (--allow-partial)");
+    }
+    let results_path = out.join("results.json");
+    merged.results.write(&results_path)?;
+    report::render(&merged.results, out)?;
+    println!("{}", report::summary::model_tables(&merged.results).trim());
+    let machines = report::summary::machines(&merged.results);
+    eprintln!(
+        "merged {} shards ({} cases, {} machine{}) into {}",
+        merged.results.shards.len(),
+        merged.results.cases.len(),
+        machines.len(),
+        if machines.len() == 1 { "" } else { "s" },
+        results_path.display()
+    );
+    Ok(())
 }
 
 fn open_model(spec: &str) -> Result<ModelFiles> {

@@ -64,6 +64,9 @@ pub enum Error {
     /// A report could not be rendered.
     #[error("report: {0}")]
     Render(String),
+    /// Shards cannot be merged (`bench merge`).
+    #[error("merge: {0}")]
+    Merge(String),
     /// An existing results file cannot be resumed.
     #[error("results file {path}: {message}")]
     Results { path: PathBuf, message: String },

@@ -219,8 +219,17 @@ impl Side {
             path: path.display().to_string(),
             revision: p.git_revision.clone(),
             started_at: p.started_at.clone(),
-            machine: format!("{}, {} threads", p.cpu, p.threads),
+            machine: machines_of(results),
         }
+    }
+}
+
+/// The machines of a run in words: one, or each of a merged run's.
+fn machines_of(results: &Results) -> String {
+    let machines = super::summary::machines(results);
+    match &machines[..] {
+        [one] => one.clone(),
+        many => format!("{} machines: {}", many.len(), many.join("; ")),
     }
 }
 
@@ -320,14 +329,21 @@ pub fn compare(
         (None, Some(t)) => (t, format!("noise_threshold of suite {}", new.suite.name)),
         (None, None) => (DEFAULT_NOISE_THRESHOLD, "default".to_string()),
     };
-    let (pb, pn) = (&baseline.provenance, &new.provenance);
-    let same_machine = pb.cpu == pn.cpu && pb.threads == pn.threads;
+    // Per case: a run merged from shards measured its cases on several machines.
+    let same_machine = |id: &str| baseline.provenance_of(id).machine() == new.provenance_of(id).machine();
     let mut notes = Vec::new();
-    if !same_machine {
+    let across: Vec<&str> = new
+        .cases
+        .iter()
+        .filter(|c| baseline.cases.iter().any(|b| b.id == c.id) && !same_machine(&c.id))
+        .map(|c| c.id.as_str())
+        .collect();
+    if !across.is_empty() {
+        let (b, n) = (machines_of(baseline), machines_of(new));
         notes.push(format!(
-            "the runs are from different machines ({}, {} threads against {}, {} threads): timing and \
+            "{} of the cases were measured on different machines ({b} against {n}): their timing and \
              resident-memory verdicts are shown but do not fail the comparison",
-            pb.cpu, pb.threads, pn.cpu, pn.threads
+            if across.len() == new.cases.len() { "all".to_string() } else { across.len().to_string() }
         ));
     }
     let workload_differences = baseline.workload.differences(&new.workload);
@@ -357,8 +373,8 @@ pub fn compare(
             if b.is_nan() || n.is_nan() {
                 continue;
             }
-            let across_machines =
-                other_workload.or((!same_machine && machine_dependent(metric)).then_some("other machine"));
+            let across_machines = other_workload
+                .or((machine_dependent(metric) && !same_machine(&case.id)).then_some("other machine"));
             let samples = ((ex.samples)(base), (ex.samples)(case));
             let row = match samples {
                 (Some(sb), Some(sn)) if sb.len() >= 2 && sn.len() >= 2 => {

@@ -224,6 +224,21 @@ fn provenance(results: &Results) -> String {
     if let Some(c) = &w.calibration {
         rows.push(("calibration".into(), format!("{} ({} rows), sha256 {}", c.source, c.samples, c.sha256)));
     }
+    for shard in &results.shards {
+        let p = &shard.provenance;
+        rows.push((
+            format!("shard {}/{}", shard.index, shard.count),
+            format!(
+                "{} of {} cases · {} · {} {} · started {}",
+                shard.cases.len(),
+                shard.planned.len(),
+                p.machine(),
+                p.bench_version,
+                p.git_revision,
+                p.started_at
+            ),
+        ));
+    }
     for m in &results.models {
         rows.push((
             format!("model {}", m.name),

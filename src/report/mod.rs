@@ -7,6 +7,7 @@ pub mod charts;
 pub mod compare;
 pub mod finite;
 pub mod html;
+pub mod merge;
 pub mod results;
 pub mod summary;
 pub mod table;

@@ -28,6 +28,27 @@ pub struct Results {
     pub models: Vec<ModelRecord>,
     /// One record per finished case, in run order.
     pub cases: Vec<CaseResult>,
+    /// The shards this run was cut into (`bench run --shard`), each with the machine it ran
+    /// on: one for a shard's own run, all of them after `bench merge`; empty for a run of
+    /// the whole suite on one machine.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardRecord>,
+}
+
+/// One part of a suite run on its own machine (`bench run --shard I/N`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardRecord {
+    /// Which part, 1-based.
+    pub index: usize,
+    /// How many parts.
+    pub count: usize,
+    /// Every case the parts share out, in suite order (the suite's, or those `--filter`
+    /// selected): `bench merge` finds missing cases against it.
+    pub planned: Vec<String>,
+    /// The cases this part was given.
+    pub cases: Vec<String>,
+    /// The build and machine that ran them.
+    pub provenance: Provenance,
 }
 
 /// The suite, verbatim and hashed.
@@ -460,6 +481,14 @@ impl CaseResult {
 }
 
 impl Results {
+    /// The build and machine that measured case `id`: its shard's, else the run's.
+    pub fn provenance_of(&self, id: &str) -> &Provenance {
+        self.shards
+            .iter()
+            .find(|s| s.cases.iter().any(|c| c == id))
+            .map_or(&self.provenance, |s| &s.provenance)
+    }
+
     /// Read a results file, refusing other schema versions.
     pub fn read(path: &Path) -> Result<Results> {
         let text = std::fs::read(path).map_err(|e| Error::io("cannot read", path, e))?;
@@ -517,6 +546,13 @@ pub fn git_revision() -> &'static str {
 }
 
 impl Provenance {
+    /// The machine in words, as reports tell machines apart: CPU, threads and GPUs.
+    pub fn machine(&self) -> String {
+        let gpus =
+            if self.gpus.is_empty() { String::new() } else { format!(", GPU {}", self.gpus.join(", ")) };
+        format!("{}, {} threads{gpus}", self.cpu, self.threads)
+    }
+
     /// Describe this build and machine.
     pub fn collect() -> Provenance {
         Provenance {

@@ -5,14 +5,38 @@
 use super::results::Results;
 use super::table::{self, SUMMARY_COLUMNS};
 
-/// The provenance in one line.
+/// The provenance in one line; a run merged from shards also says on how many machines.
 pub fn provenance_line(results: &Results) -> String {
     let p = &results.provenance;
     let gpus = if p.gpus.is_empty() { String::new() } else { format!(" · GPU {}", p.gpus.join(", ")) };
-    format!(
+    let line = format!(
         "bench {} ({}) · revision {} · {} · {} threads{gpus} · {}",
         p.bench_version, p.build_profile, p.git_revision, p.cpu, p.threads, p.started_at
-    )
+    );
+    match (&results.shards[..], machines(results).len()) {
+        ([], _) => line,
+        ([one], _) => format!("{line} · shard {}/{}", one.index, one.count),
+        (shards, 1) => format!("{line} · {} shards on one machine", shards.len()),
+        (shards, n) => format!(
+            "{line} · {} shards on {n} machines (timings are per machine; see the provenance)",
+            shards.len()
+        ),
+    }
+}
+
+/// The distinct machines that measured the run's cases ([`Provenance::machine`]), in
+/// shard order.
+///
+/// [`Provenance::machine`]: super::results::Provenance::machine
+pub fn machines(results: &Results) -> Vec<String> {
+    let mut machines: Vec<String> = Vec::new();
+    let all = results.shards.iter().map(|s| &s.provenance);
+    for machine in all.chain(results.shards.is_empty().then_some(&results.provenance)).map(|p| p.machine()) {
+        if !machines.contains(&machine) {
+            machines.push(machine);
+        }
+    }
+    machines
 }
 
 /// The whole summary.md.

@@ -77,9 +77,10 @@ pub struct CaseOutput<'a> {
 impl<'p> ModelRunner<'p> {
     /// Build the reference model (the checkpoint at the model's dtype, or the model the
     /// suite names as `reference:`) and record its outputs on the workload; the
-    /// divergence reference is read from `out/references/` when an earlier run stored it.
+    /// divergence reference is read from `reference_folder` (a run's `OUT/references/`, or the
+    /// folder `--references` names) when an earlier run stored it there, else stored there.
     /// `judge_sha256` is the hash of the reference model's files (keys the stored reference).
-    pub fn new(plan: &'p Plan, index: usize, judge_sha256: &str, out: &Path) -> Result<Self> {
+    pub fn new(plan: &'p Plan, index: usize, judge_sha256: &str, reference_folder: &Path) -> Result<Self> {
         let model = &plan.models[index];
         let judge_model = &plan.models[model.reference.unwrap_or(index)];
         let metrics = &plan.metrics;
@@ -108,8 +109,14 @@ impl<'p> ModelRunner<'p> {
                 };
                 let logprobs = match lm {
                     Some(lm) if metrics.contains(&MetricGroup::Divergence) => {
-                        let (reference, record) =
-                            cached_reference(plan, judge_model, judge_sha256, lm, &eval_tokens, out)?;
+                        let (reference, record) = cached_reference(
+                            plan,
+                            judge_model,
+                            judge_sha256,
+                            lm,
+                            &eval_tokens,
+                            reference_folder,
+                        )?;
                         reference_cache = Some(record);
                         Some(Box::new(reference))
                     }
@@ -764,15 +771,16 @@ fn full_precision(model: &PlannedModel) -> Result<Model> {
 }
 
 /// The divergence reference of `judge` on this run's evaluation tokens: read from
-/// `out/references/NAME.qbref` when an earlier run stored it for the same model,
-/// tokenizer and workload, else computed and stored there.
+/// `folder/NAME.qbref` when an earlier run stored it for the same model, tokenizer and
+/// workload, else computed and stored there (atomically: shards sharing a folder may
+/// write the same file at once).
 fn cached_reference(
     plan: &Plan,
     judge: &PlannedModel,
     judge_sha256: &str,
     lm: &dyn CausalLm,
     eval_tokens: &[u32],
-    out: &Path,
+    folder: &Path,
 ) -> Result<(Reference, ReferenceCacheRecord)> {
     let w = &plan.workload;
     let key = CacheKey {
@@ -784,7 +792,7 @@ fn cached_reference(
         max_chunks: w.max_chunks,
         top_k: w.reference_top_k,
     };
-    let path = out.join("references").join(format!("{}.qbref", judge.name));
+    let path = folder.join(format!("{}.qbref", judge.name));
     let chunks = divergence::chunks(eval_tokens, w.context, w.max_chunks);
     let (reference, reused) = match reference_cache::read(&path, &key)? {
         Some(reference) => (reference, true),

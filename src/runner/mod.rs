@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result, ResultExt};
 use crate::hash::{sha256_file, sha256_hex};
 use crate::report::results::{
-    CalibrationRecord, CaseResult, ModelRecord, Provenance, Results, SuiteRecord, WorkloadRecord,
-    SCHEMA_VERSION,
+    CalibrationRecord, CaseResult, ModelRecord, Provenance, Results, ShardRecord, SuiteRecord,
+    WorkloadRecord, SCHEMA_VERSION,
 };
-use crate::suite::{Plan, PlannedModel, PlannedScheme};
+use crate::suite::{Plan, PlannedModel, PlannedScheme, Shard};
 
 use case::{CaseOutput, ModelRunner};
 use progress::Progress;
@@ -31,6 +31,11 @@ pub struct RunOptions {
     pub filter: Option<String>,
     /// Keep the saved quantized models under `OUT/models/`.
     pub keep_models: bool,
+    /// Run only this part of the (filtered) cases: one machine of many.
+    pub shard: Option<Shard>,
+    /// Where divergence references are read from and stored (default `OUT/references/`):
+    /// a folder shared by the shards, or one an earlier run filled.
+    pub references: Option<PathBuf>,
 }
 
 /// Run the plan. Returns the results, also written to `OUT/results.json` after every case.
@@ -41,13 +46,24 @@ pub fn run(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> {
 
 fn run_on_pool(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> {
     let out = options.out.clone().unwrap_or_else(|| plan.output.clone());
-    if let (Some(pattern), 0) = (&options.filter, count_selected(plan, options)) {
+    let planned: Vec<String> =
+        plan.case_ids().into_iter().filter(|id| selected(id, options.filter.as_deref())).collect();
+    if let (Some(pattern), true) = (&options.filter, planned.is_empty()) {
         return Err(Error::Workload(format!(
             "--filter {pattern:?} matches none of the suite's cases, expected a substring of a case id or a \
              pattern with `*`; the cases are: {}",
             plan.case_ids().join(", ")
         )));
     }
+    let assigned: Vec<String> = options.shard.map_or(&planned[..], |s| s.select(&planned)).to_vec();
+    if let (Some(shard), true) = (options.shard, assigned.is_empty()) {
+        eprintln!(
+            "note: shard {shard} has no cases: the {} cases are shared out among {} shards",
+            planned.len(),
+            shard.count
+        );
+    }
+    let chosen = |id: &str| assigned.iter().any(|a| a == id);
     let results_path = out.join("results.json");
     // Before any work: a second run into this folder fails here, naming this one.
     let _lock = lock::lock(&out)?;
@@ -59,7 +75,19 @@ fn run_on_pool(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> 
     if !options.resume && results_path.is_file() {
         eprintln!("note: replacing {} (pass --resume to keep its finished cases)", results_path.display());
     }
-    let mut progress = Progress::new(count_selected(plan, options));
+    let mut progress = Progress::new(assigned.len());
+    let provenance = provenance(plan)?;
+    let shards = match options.shard {
+        Some(shard) => vec![ShardRecord {
+            index: shard.index,
+            count: shard.count,
+            planned: planned.clone(),
+            cases: assigned.clone(),
+            provenance: provenance.clone(),
+        }],
+        None => Vec::new(),
+    };
+    let reference_folder = options.references.clone().unwrap_or_else(|| out.join("references"));
     let mut results = Results {
         schema_version: SCHEMA_VERSION,
         suite: SuiteRecord {
@@ -70,10 +98,11 @@ fn run_on_pool(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> 
             description: plan.description.clone(),
             noise_threshold: plan.noise_threshold,
         },
-        provenance: provenance(plan)?,
+        provenance,
         workload,
         models: Vec::new(),
         cases: Vec::new(),
+        shards,
     };
     // Each model's files are hashed once, even when another model names it as reference.
     let mut hashes: BTreeMap<usize, String> = BTreeMap::new();
@@ -87,7 +116,7 @@ fn run_on_pool(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> 
     };
     for (index, model) in plan.models.iter().enumerate() {
         let ids: Vec<String> = plan.schemes.iter().map(|s| format!("{}/{}", model.name, s.label)).collect();
-        let wanted = |id: &String| selected(id, options.filter.as_deref()) || previous.contains_key(id);
+        let wanted = |id: &String| chosen(id) || previous.contains_key(id);
         if !ids.iter().any(wanted) {
             continue;
         }
@@ -98,9 +127,9 @@ fn run_on_pool(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> 
         let mut runner: Option<ModelRunner> = None;
         for (planned, id) in plan.schemes.iter().zip(ids) {
             let spec = case_spec_hash(plan, &record, &results.workload, planned);
-            let chosen = selected(&id, options.filter.as_deref());
+            let chosen = chosen(&id);
             // With --resume, finished cases stay in the results whether or not the filter
-            // selects them; a filtered run must not drop earlier work.
+            // (or the shard) selects them; a filtered run must not drop earlier work.
             match previous.get(&id) {
                 Some(done) if done.spec_sha256 == spec => {
                     if chosen {
@@ -109,11 +138,13 @@ fn run_on_pool(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> 
                     results.cases.push(done.clone());
                     continue;
                 }
-                Some(_) => eprintln!(
+                Some(_) => {
+                    eprintln!(
                     "note: {id}: the earlier result is {}: its model, scheme parameters, metrics or device \
                      differ from this run's",
-                    if chosen { "replaced" } else { "dropped (--filter does not select the case)" }
-                ),
+                    if chosen { "replaced" } else { "dropped (--filter or --shard does not select the case)" }
+                )
+                }
                 None => {}
             }
             if !chosen {
@@ -121,8 +152,13 @@ fn run_on_pool(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> 
             }
             if runner.is_none() {
                 progress.note(&format!("{}: reference pass", model.name));
-                let built = ModelRunner::new(plan, index, &hash_of(model.reference.unwrap_or(index))?, &out)
-                    .with_context(|| format!("model {}", model.name))?;
+                let built = ModelRunner::new(
+                    plan,
+                    index,
+                    &hash_of(model.reference.unwrap_or(index))?,
+                    &reference_folder,
+                )
+                .with_context(|| format!("model {}", model.name))?;
                 let record = results.models.last_mut().expect("pushed above");
                 record.reference_cache = built.reference_cache.clone();
                 record.input_limit = built.input_limit.clone();
@@ -173,10 +209,6 @@ fn previous_cases(
         });
     }
     Ok(previous.cases.into_iter().map(|c| (c.id.clone(), c)).collect())
-}
-
-fn count_selected(plan: &Plan, options: &RunOptions) -> usize {
-    plan.case_ids().iter().filter(|id| selected(id, options.filter.as_deref())).count()
 }
 
 /// Whether case `id` passes the filter: a pattern with `*` must match the whole id, one

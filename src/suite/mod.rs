@@ -2,6 +2,7 @@
 //! allowed keys), and validation into a [`plan::Plan`] before any work starts.
 
 pub mod plan;
+pub mod shard;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,6 +15,7 @@ use serde_saphyr::Spanned;
 use crate::error::{Error, Result};
 
 pub use plan::{CalibrationData, Plan, PlannedModel, PlannedScheme, Workload};
+pub use shard::Shard;
 
 /// A suite as written in YAML.
 #[derive(Debug, Deserialize)]

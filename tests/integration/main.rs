@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod cli;
+mod distributed;
 mod golden;
 mod layers;
 mod measure;
