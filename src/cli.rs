@@ -94,6 +94,12 @@ pub enum Command {
         /// Merge even when planned cases are missing (they are listed).
         #[arg(long)]
         allow_partial: bool,
+        /// Compare the merged results with baseline NAME (reports/baselines/NAME/).
+        #[arg(long, value_name = "NAME")]
+        baseline: Option<String>,
+        /// With --baseline: exit with 2 when a metric regressed.
+        #[arg(long, requires = "baseline")]
+        fail_on_regression: bool,
     },
     /// Render results.md, results.csv, summary.md, the charts and index.html from results.json.
     Report {
@@ -312,7 +318,20 @@ pub fn execute(cli: Cli) -> Result<i32> {
                 }
             }
         }
-        Command::Merge { run_dirs, out, allow_partial } => merge(&run_dirs, &out, allow_partial)?,
+        Command::Merge { run_dirs, out, allow_partial, baseline, fail_on_regression } => {
+            let baselines = Path::new(baseline::BASELINES_DIR);
+            let baseline_path =
+                baseline.as_deref().map(|name| baseline::path(baselines, name)).transpose()?;
+            let results = merge(&run_dirs, &out, allow_partial)?;
+            if let Some(base_path) = baseline_path {
+                let base = Results::read(&base_path)?;
+                let new_path = out.join("results.json");
+                let comparison = write_comparison(&base, &base_path, &results, &new_path, None, &out)?;
+                if fail_on_regression {
+                    return gate(&comparison);
+                }
+            }
+        }
         Command::Report { run_dir } => {
             let path = report::results_path(&run_dir);
             let results = Results::read(&path)?;
@@ -410,7 +429,7 @@ fn write_comparison(
 }
 
 /// `bench merge`: read every shard, merge, write results.json and the reports into `out`.
-fn merge(run_dirs: &[PathBuf], out: &Path, allow_partial: bool) -> Result<()> {
+fn merge(run_dirs: &[PathBuf], out: &Path, allow_partial: bool) -> Result<Results> {
     let mut inputs = Vec::new();
     for dir in run_dirs {
         let path = report::results_path(dir);
@@ -440,7 +459,7 @@ fn merge(run_dirs: &[PathBuf], out: &Path, allow_partial: bool) -> Result<()> {
         if machines.len() == 1 { "" } else { "s" },
         results_path.display()
     );
-    Ok(())
+    Ok(merged.results)
 }
 
 fn open_model(spec: &str) -> Result<ModelFiles> {

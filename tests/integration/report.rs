@@ -300,20 +300,35 @@ fn nightly_workflow_has_the_github_actions_schema() {
         }
     }
     assert!(uses.iter().any(|(u, _)| u.starts_with("actions/checkout@")));
+    // The suite runs as a matrix of shards, each uploaded; one job merges them against the
+    // baseline.
+    let shard_job =
+        jobs.values().find(|j| j["strategy"]["matrix"]["shard"].is_array()).expect("a shard matrix");
+    let shards = shard_job["strategy"]["matrix"]["shard"].as_array().unwrap();
+    let indices: Vec<u64> = shards.iter().map(|s| s.as_u64().expect("shard indices are numbers")).collect();
+    assert_eq!(indices, (1..=indices.len() as u64).collect::<Vec<_>>(), "1-based shard indices");
     assert!(
-        runs.iter().any(|r| r.contains("suites/nightly.yaml")
+        runs.iter().any(|r| r.contains("run suites/nightly.yaml")
+            && r.contains("--shard \"${{ matrix.shard }}/${{ strategy.job-total }}\"")),
+        "no step runs a shard of the nightly suite: {runs:?}"
+    );
+    assert!(
+        runs.iter().any(|r| r.contains("merge shards/")
             && r.contains("--baseline nightly")
             && r.contains("--fail-on-regression")),
-        "no step runs the nightly suite against the baseline: {runs:?}"
+        "no step merges the shards against the baseline: {runs:?}"
     );
     assert!(runs.iter().any(|r| r.contains("summary.md") && r.contains("$GITHUB_STEP_SUMMARY")));
-    let (_, with) =
-        uses.iter().find(|(u, _)| u.starts_with("actions/upload-artifact@")).expect("artifact upload");
-    let path = with.as_ref().and_then(|w| w["path"].as_str()).expect("upload-artifact with.path");
+    let uploads: Vec<&str> = uses
+        .iter()
+        .filter(|(u, _)| u.starts_with("actions/upload-artifact@"))
+        .map(|(_, with)| with.as_ref().and_then(|w| w["path"].as_str()).expect("upload-artifact with.path"))
+        .collect();
+    assert!(uploads.contains(&"shards/shard-${{ matrix.shard }}/"), "each shard is uploaded: {uploads:?}");
     let output = read(&root().join("suites/nightly.yaml"));
     assert!(
-        output.contains(&format!("output: {}", path.trim_end_matches('/'))),
-        "artifact path {path} is not the suite output"
+        uploads.iter().any(|path| output.contains(&format!("output: {}", path.trim_end_matches('/')))),
+        "no upload of the suite output: {uploads:?}"
     );
 }
 
