@@ -31,6 +31,7 @@ cargo build --release --quiet
 bench=$repo/target/release/bench
 
 work=$(mktemp -d /tmp/slurm-test.XXXXXX)
+mkdir -p "$work/log"
 daemons=()
 cleanup() {
   for pid in "${daemons[@]}"; do kill "$pid" 2>/dev/null || true; done
