@@ -63,7 +63,8 @@ pub enum Command {
         keep_models: bool,
         /// Run part I of N (1-based) of the cases, for one machine of many; `bench merge`
         /// joins the parts. Parts are contiguous in suite order and differ by at most one case.
-        #[arg(long, value_name = "I/N")]
+        /// Default output: runs/SUITE-NAME/shard-I.
+        #[arg(long, value_name = "I/N", conflicts_with = "publish")]
         shard: Option<Shard>,
         /// Read divergence references from DIR, and store the ones computed there
         /// (default OUT/references/): a folder the shards share, or an earlier run's.
@@ -285,7 +286,11 @@ pub fn execute(cli: Cli) -> Result<i32> {
             }
             let baseline_path =
                 baseline.as_deref().map(|name| baseline::path(baselines, name)).transpose()?;
-            let out = out.unwrap_or_else(|| if publish { plan.output.clone() } else { plan.run_folder() });
+            let out = out.unwrap_or_else(|| match (publish, shard) {
+                (true, _) => plan.output.clone(),
+                (false, Some(shard)) => plan.run_folder().join(format!("shard-{}", shard.index)),
+                (false, None) => plan.run_folder(),
+            });
             let options = RunOptions { out: Some(out), resume, filter, keep_models, shard, references };
             let (dir, results) = runner::run(&plan, &options)?;
             // The compact per-model tables; every column is in results.md and results.csv.

@@ -207,3 +207,63 @@ fn every_committed_suite_partitions_into_disjoint_covering_shards() {
     }
     assert!(checked >= 3, "too few suites checked: {checked}");
 }
+
+/// A run merged from shards on two machines is judged case by case: a timing measured on
+/// another machine than the baseline's is shown but does not gate, while accuracy still
+/// gates and cases measured on the baseline's machine gate on everything.
+#[test]
+fn compare_gates_timings_only_for_cases_measured_on_the_baselines_machine() {
+    use crate::support::fixture;
+    let dir = tempfile::tempdir().unwrap();
+    let new: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("report/new/results.json")).unwrap()).unwrap();
+    let baseline = fixture("report/baseline/results.json").display().to_string();
+    let machine = |cpu: &str, threads: u64| {
+        let mut p = new["provenance"].clone();
+        p["cpu"] = cpu.into();
+        p["threads"] = threads.into();
+        p
+    };
+    let planned = ["tiny/fp32", "tiny/fp16", "tiny/int8-dynamic", "tiny/int4-block"];
+    let compare_with = |second_machine: Value| {
+        let mut merged = new.clone();
+        merged["shards"] = serde_json::json!([
+            {"index": 1, "count": 2, "planned": planned, "cases": &planned[..2], "provenance": machine("Fixture CPU @ 2.0GHz", 2)},
+            {"index": 2, "count": 2, "planned": planned, "cases": &planned[2..], "provenance": second_machine},
+        ]);
+        let path = dir.path().join("merged.json");
+        std::fs::write(&path, merged.to_string()).unwrap();
+        let out = dir.path().join("cmp");
+        let run = bench(
+            &[
+                "compare",
+                &baseline,
+                path.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--fail-on-regression",
+            ],
+            dir.path(),
+            &shared_cache(),
+        );
+        (run.code, std::fs::read_to_string(out.join("compare.md")).unwrap())
+    };
+    let (code, md) = compare_with(machine("Other CPU", 8));
+    assert_eq!(code, 2, "the accuracy regression still gates: {md}");
+    assert!(md.contains("2 of the cases were measured on different machines"), "{md}");
+    assert!(md.contains("2 machines: Fixture CPU @ 2.0GHz, 2 threads; Other CPU, 8 threads"), "{md}");
+    assert!(
+        md.contains("| tiny/int8-dynamic | prefill_ms | 2.5022 | 2.7524 | +10.00% | [+9.53%, +10.48%] | ±2.00% | regressed (not gating: other machine) |"),
+        "{md}"
+    );
+    assert!(
+        md.contains(
+            "| tiny/int4-block | kld_mean | 0.136287 | 0.143101 | +5.00% | – | ±1.00% | **regressed** |"
+        ),
+        "{md}"
+    );
+    // The same shards on the baseline's machine: the timing gates again.
+    let (_, md) = compare_with(machine("Fixture CPU @ 2.0GHz", 2));
+    assert!(!md.contains("different machines"), "{md}");
+    assert!(md.contains("| tiny/int8-dynamic | prefill_ms | 2.5022 | 2.7524 | +10.00% | [+9.53%, +10.48%] | ±2.00% | **regressed** |"), "{md}");
+}
