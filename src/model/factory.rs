@@ -6,7 +6,9 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::scheme::{Calibration, DenseWeight, FloatLinear, FloatStorage, Linear, Scheme, StoredSource};
 
-use super::weights::WeightStore;
+use safetensors::tensor::Dtype;
+
+use super::weights::{StoredType, WeightStore};
 
 /// Canonical name of an untied output head.
 pub const HEAD: &str = "lm_head";
@@ -137,7 +139,7 @@ impl WeightFactory for QuantizeFactory<'_> {
         Ok(Some(if self.quantize_head {
             self.scheme.quantize(weight, None, self.calibration_of(HEAD)?)?
         } else {
-            Box::new(FloatLinear::unquantized(weight, None))
+            Box::new(FloatLinear::unquantized(weight, None, self.precision))
         }))
     }
 }
@@ -177,9 +179,16 @@ impl WeightFactory for ReloadFactory<'_> {
         if tied_to.is_some() {
             return Ok(None);
         }
-        let data = self.store.f32(&format!("{HEAD}.weight"), &[rows, cols])?;
+        let name = format!("{HEAD}.weight");
+        // Saved at the model's precision: reloaded at the same one.
+        let precision = match self.store.entry(&name)?.stored {
+            StoredType::Safetensors(Dtype::F16) => FloatStorage::F16,
+            StoredType::Safetensors(Dtype::BF16) => FloatStorage::BF16,
+            _ => FloatStorage::F32,
+        };
+        let data = self.store.f32(&name, &[rows, cols])?;
         let weight = DenseWeight { name: HEAD.to_string(), rows, cols, data };
-        Ok(Some(Box::new(FloatLinear::unquantized(weight, None))))
+        Ok(Some(Box::new(FloatLinear::unquantized(weight, None, precision))))
     }
 }
 

@@ -765,9 +765,10 @@ fn time_encoding(encoder: &dyn Encoder, tokens: &[u32], batch: usize, clock: &mu
 
 /// The model at its reference precision with no quantization.
 fn full_precision(model: &PlannedModel) -> Result<Model> {
-    let fp32 = (scheme::lookup("fp32")?.build)(&Default::default())?;
+    // Weights held at the model's precision: a bf16 reference takes 2 bytes a weight.
+    let float = scheme::float_scheme(model.dtype);
     let files = &model.files;
-    files.build(&mut QuantizeFactory::new(&files.store, model.dtype, fp32.as_ref(), false))
+    files.build(&mut QuantizeFactory::new(&files.store, model.dtype, float.as_ref(), false))
 }
 
 /// The divergence reference of `judge` on this run's evaluation tokens: read from

@@ -1,8 +1,7 @@
-//! The float baselines `fp32`, `fp16` and `bf16`: weights rounded to the storage type,
-//! computed in f32.
+//! The float baselines `fp32`, `fp16` and `bf16`: weights stored in the storage type (16-bit
+//! weights stay 16-bit in memory), computed in f32.
 
 use half::{bf16, f16};
-use rayon::prelude::*;
 use safetensors::tensor::Dtype;
 
 use super::{
@@ -10,6 +9,7 @@ use super::{
     StoredSource, StoredTensor, TensorRole, WeightParts,
 };
 use crate::error::Result;
+use crate::tensor::half::{matmul_nt_half, HalfType};
 
 /// The storage type of a float linear layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +41,15 @@ impl FloatStorage {
         }
     }
 
+    /// The 16-bit format of `F16` and `BF16`; `None` for `F32`.
+    pub fn half(self) -> Option<HalfType> {
+        match self {
+            FloatStorage::F32 => None,
+            FloatStorage::F16 => Some(HalfType::F16),
+            FloatStorage::BF16 => Some(HalfType::Bf16),
+        }
+    }
+
     fn dtype(self) -> Dtype {
         match self {
             FloatStorage::F32 => Dtype::F32,
@@ -49,49 +58,62 @@ impl FloatStorage {
         }
     }
 
-    fn encode(self, data: &[f32]) -> Vec<u8> {
-        match self {
-            FloatStorage::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            FloatStorage::F16 => data.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
-            FloatStorage::BF16 => data.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
-        }
-    }
-
     fn kernel(self) -> &'static str {
         match self {
             FloatStorage::F32 => "f32-gemm",
-            FloatStorage::F16 => "f16-weights/f32-gemm",
-            FloatStorage::BF16 => "bf16-weights/f32-gemm",
+            FloatStorage::F16 => "f16-weights/f32-compute",
+            FloatStorage::BF16 => "bf16-weights/f32-compute",
         }
     }
 }
 
-/// A linear layer whose weights are floats of some storage type, kept as f32 for compute.
+/// A linear layer whose weights are floats of some storage type: f32, or 16-bit values
+/// widened inside the product ([`matmul_nt_half`]).
 pub struct FloatLinear {
     rows: usize,
     cols: usize,
-    weight: Vec<f32>,
+    weight: FloatWeights,
     bias: Option<Vec<f32>>,
     storage: FloatStorage,
     role: TensorRole,
 }
 
+/// The weight values as held.
+enum FloatWeights {
+    F32(Vec<f32>),
+    Half(Vec<u16>, HalfType),
+}
+
 impl FloatLinear {
-    /// A layer from `weight` (`[rows, cols]`), rounded to `storage`.
+    /// A layer from `weight` (`[rows, cols]`), rounded to `storage` and held in it.
     pub fn new(weight: DenseWeight, bias: Option<Vec<f32>>, storage: FloatStorage) -> Self {
-        let data = weight.data.par_iter().with_min_len(1 << 16).map(|&v| storage.round(v)).collect();
         let (rows, cols) = (weight.rows, weight.cols);
-        FloatLinear { rows, cols, weight: data, bias, storage, role: TensorRole::PackedWeights }
+        let weight = match storage.half() {
+            None => FloatWeights::F32(weight.data),
+            Some(ty) => FloatWeights::Half(ty.encode(&weight.data), ty),
+        };
+        FloatLinear { rows, cols, weight, bias, storage, role: TensorRole::PackedWeights }
     }
 
-    /// A full-precision layer outside the quantization boundary (an unquantized head).
-    pub fn unquantized(weight: DenseWeight, bias: Option<Vec<f32>>) -> Self {
-        FloatLinear { role: TensorRole::Unquantized, ..Self::new(weight, bias, FloatStorage::F32) }
+    /// A layer outside the quantization boundary (an unquantized head), held at `storage`
+    /// (the model's precision).
+    pub fn unquantized(weight: DenseWeight, bias: Option<Vec<f32>>, storage: FloatStorage) -> Self {
+        FloatLinear { role: TensorRole::Unquantized, ..Self::new(weight, bias, storage) }
     }
 
-    /// The f32 weight values (`[rows, cols]`).
-    pub fn weight(&self) -> &[f32] {
-        &self.weight
+    /// The weight values (`[rows, cols]`) when held as f32.
+    pub fn f32_weight(&self) -> Option<&[f32]> {
+        match &self.weight {
+            FloatWeights::F32(w) => Some(w),
+            FloatWeights::Half(..) => None,
+        }
+    }
+
+    fn weight_bytes(&self) -> Vec<u8> {
+        match &self.weight {
+            FloatWeights::F32(w) => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            FloatWeights::Half(bits, _) => bits.iter().flat_map(|b| b.to_le_bytes()).collect(),
+        }
     }
 }
 
@@ -105,7 +127,10 @@ impl Linear for FloatLinear {
     }
 
     fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) {
-        crate::tensor::matmul_nt(x, rows, self.cols, &self.weight, self.rows, out);
+        match &self.weight {
+            FloatWeights::F32(w) => crate::tensor::matmul_nt(x, rows, self.cols, w, self.rows, out),
+            FloatWeights::Half(bits, ty) => matmul_nt_half(x, rows, self.cols, bits, *ty, self.rows, out),
+        }
         super::add_bias(out, self.bias.as_deref());
     }
 
@@ -114,9 +139,9 @@ impl Linear for FloatLinear {
     }
 
     fn parts(&self) -> LayerParts<'_> {
-        let weights = match self.storage {
-            FloatStorage::F32 => WeightParts::Dense { weight: &self.weight, pruned: false },
-            storage => WeightParts::Half { weight: &self.weight, storage },
+        let weights = match &self.weight {
+            FloatWeights::F32(weight) => WeightParts::Dense { weight, pruned: false },
+            FloatWeights::Half(bits, _) => WeightParts::Half { bits, storage: self.storage },
         };
         LayerParts { weights, bias: self.bias.as_deref() }
     }
@@ -129,7 +154,7 @@ impl Linear for FloatLinear {
             role: self.role,
             dtype: self.storage.dtype(),
             shape: vec![self.rows, self.cols],
-            bytes: self.storage.encode(&self.weight),
+            bytes: self.weight_bytes(),
             represents: self.rows * self.cols,
         }];
         out.extend(super::bias_tensor(name, self.bias.as_deref()));
@@ -161,6 +186,12 @@ impl Scheme for FloatScheme {
         let weight = DenseWeight { name: name.to_string(), rows, cols, data };
         Ok(Box::new(FloatLinear::new(weight, bias, self.0)))
     }
+}
+
+/// The float scheme that holds weights at `storage` (`fp32`, `fp16` or `bf16`): the
+/// reference model of a model whose `dtype` is `storage`.
+pub fn float_scheme(storage: FloatStorage) -> Box<dyn Scheme> {
+    Box::new(FloatScheme(storage))
 }
 
 fn build_f32(_: &SchemeParams) -> Result<Box<dyn Scheme>> {

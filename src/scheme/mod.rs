@@ -32,7 +32,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 
-pub use float::{FloatLinear, FloatStorage};
+pub use float::{float_scheme, FloatLinear, FloatStorage};
 pub use parts::{LayerParts, WeightParts};
 
 /// What a stored tensor is for, in the memory and disk accounts.

@@ -32,11 +32,11 @@ pub enum WeightParts<'a> {
         /// True for a pruned layer.
         pruned: bool,
     },
-    /// `fp16` / `bf16`: weights rounded to `storage` (each value exactly representable in
-    /// it, kept as f32); the CPU multiplies them with f32 activations in f32.
+    /// `fp16` / `bf16` (and an unquantized head of a 16-bit model): 16-bit weights, which
+    /// the CPU widens to f32 inside the product with f32 activations.
     Half {
-        /// The rounded weight values.
-        weight: &'a [f32],
+        /// The weights' bits.
+        bits: &'a [u16],
         /// `F16` or `BF16`.
         storage: FloatStorage,
     },
@@ -99,13 +99,12 @@ pub enum WeightParts<'a> {
 
 impl WeightParts<'_> {
     /// Bytes of the representation as this process holds it (what a product reads):
-    /// values, codes, scales, offsets and per-row terms; 16-bit weights are held as f32.
+    /// values, codes, scales, offsets and per-row terms.
     pub fn bytes(&self) -> usize {
         use std::mem::size_of_val;
         match self {
-            WeightParts::Dense { weight, .. }
-            | WeightParts::Half { weight, .. }
-            | WeightParts::FakeQuant { weight, .. } => size_of_val(*weight),
+            WeightParts::Dense { weight, .. } | WeightParts::FakeQuant { weight, .. } => size_of_val(*weight),
+            WeightParts::Half { bits, .. } => size_of_val(*bits),
             WeightParts::Int8Dynamic { weight, scales, .. }
             | WeightParts::Int8Outlier { weight, scales, .. } => size_of_val(*weight) + size_of_val(*scales),
             WeightParts::Int8Static { weight, row_sums, out_scales, .. } => {

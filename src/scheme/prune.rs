@@ -102,7 +102,13 @@ impl Linear for PrunedLinear {
 
     fn parts(&self) -> LayerParts<'_> {
         let bias = self.inner.parts().bias;
-        LayerParts { weights: WeightParts::Dense { weight: self.inner.weight(), pruned: true }, bias }
+        LayerParts {
+            weights: WeightParts::Dense {
+                weight: self.inner.f32_weight().expect("prune holds f32 weights"),
+                pruned: true,
+            },
+            bias,
+        }
     }
 
     fn stats(&self) -> Vec<(&'static str, f64)> {

@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod exp;
 pub mod gelu;
+pub mod half;
 pub mod silu;
 pub mod skinny;
 

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 
 use quantbench::backend::cuda::blas::Blas;
 use quantbench::backend::cuda::linear::CudaLinear;
-use quantbench::scheme::{Calibration, DenseWeight, FloatLinear, Linear, SchemeParams, WeightParts, SCHEMES};
+use quantbench::scheme::{
+    Calibration, DenseWeight, FloatLinear, FloatStorage, Linear, SchemeParams, WeightParts, SCHEMES,
+};
 
 use super::{data, gpu, max_err, poisoned, EXACT, GEMM_F32_L2};
 
@@ -118,7 +120,7 @@ fn cpu_layer(case: &Case, (k, n): (usize, usize)) -> Box<dyn Linear> {
     let weight = DenseWeight { name: "layer.weight".into(), rows: n, cols: k, data: data(n * k, seed, 0.2) };
     let bias = Some(data(n, seed + 1, 0.1));
     if case.scheme == "head" {
-        return Box::new(FloatLinear::unquantized(weight, bias));
+        return Box::new(FloatLinear::unquantized(weight, bias, FloatStorage::F32));
     }
     let info = SCHEMES.iter().find(|s| s.name == case.scheme).unwrap_or_else(|| panic!("{}", case.scheme));
     let raw: BTreeMap<String, serde_json::Value> =
@@ -164,9 +166,8 @@ fn every_case_builds_on_the_cpu_with_consistent_parts() {
             let (k, n) = shape;
             assert_eq!(parts.bias.map(<[f32]>::len), Some(n), "{}", case.label);
             let values = match parts.weights {
-                WeightParts::Dense { weight, .. }
-                | WeightParts::Half { weight, .. }
-                | WeightParts::FakeQuant { weight, .. } => weight.len(),
+                WeightParts::Dense { weight, .. } | WeightParts::FakeQuant { weight, .. } => weight.len(),
+                WeightParts::Half { bits, .. } => bits.len(),
                 WeightParts::Int8Dynamic { weight, .. }
                 | WeightParts::Int8Static { weight, .. }
                 | WeightParts::Int8Outlier { weight, .. } => weight.len(),

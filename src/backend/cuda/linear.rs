@@ -222,15 +222,11 @@ impl CudaLinear {
                 check_len(OP, "weight", weight.len(), n)?;
                 Repr::Dense { weight: gpu.upload(weight)?, pruned }
             }
-            WeightParts::Half { weight, storage } => {
-                check_len(OP, "weight", weight.len(), n)?;
-                let (bits, bf16): (Vec<u16>, bool) = match storage {
-                    FloatStorage::F16 => {
-                        (weight.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect(), false)
-                    }
-                    FloatStorage::BF16 => {
-                        (weight.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect(), true)
-                    }
+            WeightParts::Half { bits, storage } => {
+                check_len(OP, "weight", bits.len(), n)?;
+                let bf16 = match storage {
+                    FloatStorage::F16 => false,
+                    FloatStorage::BF16 => true,
                     FloatStorage::F32 => {
                         return Err(CudaError::Shape {
                             op: OP,
@@ -238,7 +234,7 @@ impl CudaLinear {
                         })
                     }
                 };
-                Repr::Half { weight: gpu.upload(&bits)?, bf16 }
+                Repr::Half { weight: gpu.upload(bits)?, bf16 }
             }
             WeightParts::Int8Dynamic { weight, scales, options } => {
                 check_len(OP, "weight", weight.len(), n)?;
