@@ -473,6 +473,27 @@ impl ModelFiles {
         (self.arch.build)(&self.config, factory)
     }
 
+    /// The precision the checkpoint stores its linear weights in: `BF16` or `F16` when
+    /// every one is that type, else `F32` (f32, mixed, or block-quantized GGUF weights).
+    /// A suite's `dtype: auto` (the default) holds the reference at this precision.
+    pub fn stored_precision(&self) -> Result<crate::scheme::FloatStorage> {
+        use crate::scheme::FloatStorage;
+        use safetensors::tensor::Dtype;
+        let mut found = None;
+        for spec in self.check_tensors()?.iter().filter(|s| s.kind == TensorKind::Linear) {
+            let precision = match self.store.entry(&spec.name)?.stored {
+                weights::StoredType::Safetensors(Dtype::BF16) => FloatStorage::BF16,
+                weights::StoredType::Safetensors(Dtype::F16) => FloatStorage::F16,
+                _ => return Ok(FloatStorage::F32),
+            };
+            if found.is_some_and(|f| f != precision) {
+                return Ok(FloatStorage::F32);
+            }
+            found = Some(precision);
+        }
+        Ok(found.unwrap_or(FloatStorage::F32))
+    }
+
     /// Parameter counts, dtypes and stored bytes.
     pub fn summary(&self) -> Result<ModelSummary> {
         let specs = self.check_tensors()?;

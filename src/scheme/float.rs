@@ -217,7 +217,7 @@ pub(super) const FP32: SchemeInfo = SchemeInfo {
 
 pub(super) const FP16: SchemeInfo = SchemeInfo {
     name: "fp16",
-    summary: "weights rounded to IEEE half precision, f32 compute",
+    summary: "weights held in IEEE half precision, widened to f32 inside the product",
     bits_per_weight: 16.0,
     block_size: None,
     needs_calibration: false,
@@ -228,7 +228,7 @@ pub(super) const FP16: SchemeInfo = SchemeInfo {
 
 pub(super) const BF16: SchemeInfo = SchemeInfo {
     name: "bf16",
-    summary: "weights rounded to bfloat16, f32 compute",
+    summary: "weights held in bfloat16, widened to f32 inside the product",
     bits_per_weight: 16.0,
     block_size: None,
     needs_calibration: false,

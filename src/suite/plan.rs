@@ -364,15 +364,17 @@ impl Checker<'_> {
                     format!("model name `{name}` must be unique, non-empty, without slashes"),
                 ));
             }
+            // `None`: `auto`, the checkpoint's own precision, known once its files are open.
             let dtype = match entry.dtype.as_ref().map(|d| d.value.as_str()) {
-                None | Some("f32") => FloatStorage::F32,
-                Some("f16") => FloatStorage::F16,
-                Some("bf16") => FloatStorage::BF16,
+                None | Some("auto") => None,
+                Some("f32") => Some(FloatStorage::F32),
+                Some("f16") => Some(FloatStorage::F16),
+                Some("bf16") => Some(FloatStorage::BF16),
                 Some(other) => {
                     let at = entry.dtype.as_ref().expect("matched Some");
                     return Err(self.value(
                         at,
-                        format!("model {name}: dtype `{other}`, expected one of: f32, f16, bf16"),
+                        format!("model {name}: dtype `{other}`, expected one of: auto, f32, f16, bf16"),
                     ));
                 }
             };
@@ -391,6 +393,10 @@ impl Checker<'_> {
                 ));
             }
             check_lengths(&files, workload).map_err(context)?;
+            let dtype = match dtype {
+                Some(dtype) => dtype,
+                None => files.stored_precision().map_err(context)?,
+            };
             out.push(PlannedModel { name, spec: entry.path.value.clone(), dtype, files, reference: None });
         }
         for (i, entry) in entries.iter().enumerate() {

@@ -7,6 +7,7 @@ mod distributed;
 mod golden;
 mod layers;
 mod measure;
+mod precision;
 mod real;
 mod report;
 mod support;
