@@ -2,10 +2,11 @@
 //! in memory, half the bytes of f32, and are widened to f32 inside the product.
 //!
 //! A few rows (decode) take a fused dot product that widens eight weights at a time in
-//! registers, so the product reads 2 bytes per weight. More rows widen a block of weight
-//! rows into an f32 buffer that stays in cache and hand it to [`super::matmul_nt`]. The
-//! widening is exact, so both paths compute the f32 product of the same values; only the
-//! order of the additions differs from an f32 product of the widened matrix.
+//! registers, so the product reads 2 bytes per weight. Up to 128 rows, each task of the
+//! skinny product widens its 48 weight rows into a buffer that stays in cache; beyond,
+//! blocks of weight rows are widened for [`super::matmul_nt`]. The widening is exact, so
+//! every path computes the f32 product of the same values; only the order of the
+//! additions differs from an f32 product of the widened matrix.
 
 use rayon::prelude::*;
 
@@ -58,11 +59,6 @@ impl HalfType {
     }
 }
 
-/// Activation rows up to which the fused dot product runs (decode, small batches); more
-/// rows widen blocks of weights for the f32 product, whose register tiles reuse each
-/// weight across rows.
-pub const HALF_DOT_MAX_ROWS: usize = 4;
-
 /// f32 values of widened weights per block on the many-rows path: 1 MiB, in L2.
 const BLOCK_VALUES: usize = 1 << 18;
 
@@ -74,33 +70,32 @@ pub fn matmul_nt_half(a: &[f32], m: usize, k: usize, w: &[u16], ty: HalfType, n:
     if m == 0 || n == 0 {
         return;
     }
-    if m <= HALF_DOT_MAX_ROWS {
+    if m <= super::gemv::DOT_MAX_ROWS {
         few_rows(a, m, k, w, ty, n, out);
+    } else if m <= super::skinny::SKINNY_MAX_ROWS {
+        super::skinny::matmul_nt_skinny_rows(a, m, k, &HalfRows { bits: w, ty }, n, out);
     } else {
         many_rows(a, m, k, w, ty, n, out);
     }
 }
 
-/// Each weight row widened in registers and dotted with every activation row; weight rows
-/// split over the pool.
-fn few_rows(a: &[f32], m: usize, k: usize, w: &[u16], ty: HalfType, n: usize, out: &mut [f32]) {
-    // Transposed results (`[n, m]`) so each task writes a contiguous range.
-    let mut by_row = vec![0.0f32; n * m];
-    let rows_per_task = (super::SERIAL_MACS / (m * k).max(1)).clamp(1, n);
-    by_row.par_chunks_mut(rows_per_task * m).enumerate().for_each(|(task, chunk)| {
-        let first = task * rows_per_task;
-        for (r, dots) in chunk.chunks_exact_mut(m).enumerate() {
-            let row = &w[(first + r) * k..(first + r + 1) * k];
-            for (i, dot) in dots.iter_mut().enumerate() {
-                *dot = dot_half(&a[i * k..(i + 1) * k], row, ty);
-            }
-        }
-    });
-    for i in 0..m {
-        for j in 0..n {
-            out[i * n + j] = by_row[j * m + i];
-        }
+/// 16-bit weight rows, widened per task of the skinny product.
+struct HalfRows<'a> {
+    bits: &'a [u16],
+    ty: HalfType,
+}
+
+impl super::skinny::WeightRows for HalfRows<'_> {
+    fn rows<'s>(&'s self, j0: usize, rows: usize, k: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
+        scratch.resize(rows * k, 0.0);
+        self.ty.widen(&self.bits[j0 * k..(j0 + rows) * k], scratch);
+        scratch
     }
+}
+
+/// Each weight row widened in registers and dotted with every activation row.
+fn few_rows(a: &[f32], m: usize, k: usize, w: &[u16], ty: HalfType, n: usize, out: &mut [f32]) {
+    super::gemv::by_dots(m, k, n, out, |i, j| dot_half(&a[i * k..(i + 1) * k], &w[j * k..(j + 1) * k], ty));
 }
 
 /// Blocks of weight rows widened into an f32 buffer, each multiplied by the f32 product.

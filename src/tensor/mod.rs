@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod exp;
 pub mod gelu;
+pub mod gemv;
 pub mod half;
 pub mod silu;
 pub mod skinny;
@@ -73,6 +74,11 @@ pub fn matmul_nt(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [
     }
     if k == 0 {
         out.fill(0.0);
+        return;
+    }
+    // One row (decode): fused dot products read each weight once, at the speed of memory.
+    if m == 1 {
+        gemv::matmul_nt_dots(a, m, k, w, n, out);
         return;
     }
     if (2..=skinny::SKINNY_MAX_ROWS).contains(&m) {

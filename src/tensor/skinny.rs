@@ -29,8 +29,34 @@ const ROWS_PER_TASK: usize = 48;
 /// `out[m, n] = a[m, k] · w[n, k]ᵀ`, row-major, on AVX2 and FMA when the CPU has them
 /// (the same bits either way).
 pub fn matmul_nt_skinny(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
-    assert_eq!(a.len(), m * k, "matmul_nt_skinny: lhs is not [m, k]");
     assert_eq!(w.len(), n * k, "matmul_nt_skinny: weight is not [n, k]");
+    matmul_nt_skinny_rows(a, m, k, w, n, out);
+}
+
+/// Where the skinny product gets a task's block of weight rows as f32: the weights
+/// themselves, or 16-bit weights widened into the task's scratch buffer, which stays in
+/// cache while the block is multiplied.
+pub trait WeightRows: Sync {
+    /// Rows `j0 .. j0 + rows` (each `k` long) as f32.
+    fn rows<'s>(&'s self, j0: usize, rows: usize, k: usize, scratch: &'s mut Vec<f32>) -> &'s [f32];
+}
+
+impl WeightRows for [f32] {
+    fn rows<'s>(&'s self, j0: usize, rows: usize, k: usize, _: &'s mut Vec<f32>) -> &'s [f32] {
+        &self[j0 * k..(j0 + rows) * k]
+    }
+}
+
+/// [`matmul_nt_skinny`] over any [`WeightRows`] (`n` rows of `k`).
+pub fn matmul_nt_skinny_rows<W: WeightRows + ?Sized>(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    w: &W,
+    n: usize,
+    out: &mut [f32],
+) {
+    assert_eq!(a.len(), m * k, "matmul_nt_skinny: lhs is not [m, k]");
     assert_eq!(out.len(), m * n, "matmul_nt_skinny: output is not [m, n]");
     #[cfg(target_arch = "x86_64")]
     let fast = super::has_avx2_fma();
@@ -44,7 +70,8 @@ pub fn matmul_nt_skinny(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, out:
             let j0 = t * ROWS_PER_TASK;
             let rows = ROWS_PER_TASK.min(n - j0);
             let mut part = vec![0.0f32; m * rows];
-            block(a, m, k, &w[j0 * k..(j0 + rows) * k], rows, &mut part, fast);
+            let mut scratch = Vec::new();
+            block(a, m, k, w.rows(j0, rows, k, &mut scratch), rows, &mut part, fast);
             (j0, part)
         })
         .collect();

@@ -1,0 +1,149 @@
+//! Products of a few activation rows with a weight matrix (decode), one fused dot product
+//! per output: each weight row is read once from memory while the activation rows stay in
+//! cache, so the product runs at the speed of reading the weights.
+
+use rayon::prelude::*;
+
+/// Activation rows up to which the dot-product path runs; more rows go to products whose
+/// register tiles reuse each weight across rows.
+pub const DOT_MAX_ROWS: usize = 4;
+
+/// `out[i·n + j] = dot(i, j)` for `m` activation rows and `n` weight rows of length `k`,
+/// weight rows split over the pool in tasks of about [`super::SERIAL_MACS`] multiply-adds.
+pub fn by_dots(m: usize, k: usize, n: usize, out: &mut [f32], dot: impl Fn(usize, usize) -> f32 + Sync) {
+    assert_eq!(out.len(), m * n, "gemv: output is not [m, n]");
+    // A small product runs on this thread: a pool task costs more than its work.
+    if m * n * k < super::SERIAL_MACS {
+        for i in 0..m {
+            out[i * n..(i + 1) * n].iter_mut().enumerate().for_each(|(j, o)| *o = dot(i, j));
+        }
+        return;
+    }
+    if m == 1 {
+        let per_task = (super::SERIAL_MACS / k.max(1)).clamp(1, n.max(1));
+        out.par_chunks_mut(per_task).enumerate().for_each(|(task, chunk)| {
+            let first = task * per_task;
+            chunk.iter_mut().enumerate().for_each(|(r, o)| *o = dot(0, first + r));
+        });
+        return;
+    }
+    // Transposed results (`[n, m]`) so each task writes one contiguous range.
+    let mut by_row = vec![0.0f32; n * m];
+    let per_task = (super::SERIAL_MACS / (m * k).max(1)).clamp(1, n.max(1));
+    by_row.par_chunks_mut(per_task * m).enumerate().for_each(|(task, chunk)| {
+        let first = task * per_task;
+        for (r, dots) in chunk.chunks_exact_mut(m).enumerate() {
+            dots.iter_mut().enumerate().for_each(|(i, d)| *d = dot(i, first + r));
+        }
+    });
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = by_row[j * m + i];
+        }
+    }
+}
+
+/// `out[m×n] = a[m×k] · wᵀ` by dot products (`m` at most a few rows).
+pub fn matmul_nt_dots(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    by_dots(m, k, n, out, |i, j| dot_f32(&a[i * k..(i + 1) * k], &w[j * k..(j + 1) * k]));
+}
+
+/// `Σ a[i] · b[i]`: AVX2 with four eight-lane accumulators where the CPU has it.
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        // SAFETY: the features were just detected.
+        return unsafe { avx2::dot(a, b) };
+    }
+    dot_f32_scalar(a, b)
+}
+
+/// The scalar dot product the vector path is checked against.
+pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(&x, &y)| x * y).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// [`super::dot_f32`], 32 products an iteration.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let o = i + 8 * j;
+                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+            i += 8;
+        }
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+        let mut total = crate::tensor::sum_lanes(lanes);
+        for j in i..n {
+            total += a[j] * b[j];
+        }
+        total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::matmul_nt_reference;
+
+    /// Largest error of the dot-product path against the f64 product, relative to Σ|a·w|
+    /// of the output: f32 accumulation over k terms.
+    const DOT_PRODUCT_ERROR: f64 = 1e-5;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32 - 0.5) * 4.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dot_products_match_the_f64_reference() {
+        for (m, k, n) in [(1, 1, 1), (1, 7, 5), (1, 576, 1536), (2, 33, 9), (4, 100, 70), (1, 0, 3)] {
+            let (a, w) = (values(m * k, 3), values(n * k, 11));
+            let want = matmul_nt_reference(&a, m, k, &w, n);
+            let mut got = vec![f32::NAN; m * n];
+            matmul_nt_dots(&a, m, k, &w, n, &mut got);
+            for i in 0..m {
+                for j in 0..n {
+                    let scale: f64 = (0..k).map(|kk| (a[i * k + kk] * w[j * k + kk]).abs() as f64).sum();
+                    let err = (got[i * n + j] as f64 - want[i * n + j] as f64).abs();
+                    assert!(
+                        err <= DOT_PRODUCT_ERROR * scale.max(1e-30),
+                        "m {m} k {k} n {n} ({i}, {j}): {err:e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_vector_dot_stays_within_budget_of_the_scalar_one() {
+        for k in [0, 1, 8, 31, 32, 33, 100, 4096] {
+            let (a, b) = (values(k, 5), values(k, 9));
+            let scale: f64 = a.iter().zip(&b).map(|(&x, &y)| (x * y).abs() as f64).sum();
+            let err = (dot_f32(&a, &b) as f64 - dot_f32_scalar(&a, &b) as f64).abs();
+            assert!(err <= DOT_PRODUCT_ERROR * scale.max(1e-30), "k {k}: {err:e}");
+        }
+    }
+}
