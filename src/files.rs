@@ -116,6 +116,15 @@ pub fn cache_root() -> Option<PathBuf> {
 /// disk, then renamed over the target, so a crash or an interruption never leaves a
 /// half-written file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, &mut |w| w.write_all(bytes))
+}
+
+/// [`write_atomic`] for contents written piece by piece (a model saved tensor by tensor,
+/// never whole in memory): `write` fills a buffered writer on the temporary file.
+pub fn write_atomic_with(
+    path: &Path,
+    write: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
     let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("output");
@@ -123,9 +132,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let _writing = hold_writes();
     let _temporary = temporary(&tmp);
     let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
+        let mut file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+        write(&mut file)?;
+        file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
     result.map_err(|e| {

@@ -711,7 +711,7 @@ pub fn summarize(scores: &[TokenScore], cosines: &[f64], nmses: &[f64], top_k: O
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheme::{Linear, StoredTensor};
+    use crate::scheme::Linear;
     use crate::tensor::attention::{AttentionShape, KvCache};
 
     /// A causal model whose logits are a fixed function of the token, with one value
@@ -742,9 +742,7 @@ mod tests {
             logits[self.position * 4 + self.entry] = self.poison;
             Ok(logits)
         }
-        fn export(&self) -> Vec<StoredTensor> {
-            Vec::new()
-        }
+        fn export_to(&self, _: &mut crate::scheme::TensorSink) {}
         fn linears(&self) -> Vec<(&str, &dyn Linear)> {
             Vec::new()
         }

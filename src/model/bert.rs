@@ -2,7 +2,7 @@
 //! post-LayerNorm blocks, bidirectional attention with a padding mask.
 
 use crate::error::{Error, Result};
-use crate::scheme::{Linear, StoredTensor, TensorRole};
+use crate::scheme::{Linear, StoredTensor, TensorRole, TensorSink};
 use crate::tensor;
 use crate::tensor::attention::{AttentionShape, KvCache, Masking};
 
@@ -240,25 +240,26 @@ impl Encoder for Bert {
         Ok(hidden)
     }
 
-    fn export(&self) -> Vec<StoredTensor> {
+    fn export_to(&self, sink: &mut TensorSink) {
         let c = &self.config;
         let dense = |name: &str, shape: Vec<usize>, data: &[f32]| {
             StoredTensor::f32(name, TensorRole::Unquantized, shape, data)
         };
-        let mut out = vec![
-            dense("embeddings.word_embeddings.weight", vec![c.vocab, c.hidden], &self.word),
-            dense("embeddings.position_embeddings.weight", vec![c.max_positions, c.hidden], &self.position),
-            dense("embeddings.token_type_embeddings.weight", vec![c.type_vocab, c.hidden], &self.token_type),
-        ];
-        self.embed_norm.export(&mut out);
+        sink(dense("embeddings.word_embeddings.weight", vec![c.vocab, c.hidden], &self.word));
+        sink(dense("embeddings.position_embeddings.weight", vec![c.max_positions, c.hidden], &self.position));
+        sink(dense(
+            "embeddings.token_type_embeddings.weight",
+            vec![c.type_vocab, c.hidden],
+            &self.token_type,
+        ));
+        self.embed_norm.export(sink);
         for layer in &self.layers {
             for (name, linear) in &layer.linears {
-                out.extend(linear.export(name));
+                linear.export(name).into_iter().for_each(&mut *sink);
             }
-            layer.attn_norm.export(&mut out);
-            layer.out_norm.export(&mut out);
+            layer.attn_norm.export(sink);
+            layer.out_norm.export(sink);
         }
-        out
     }
 
     fn linears(&self) -> Vec<(&str, &dyn Linear)> {

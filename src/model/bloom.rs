@@ -2,7 +2,7 @@
 //! `query_key_value` with per-head interleaved q/k/v, tanh GELU, a tied head.
 
 use crate::error::Result;
-use crate::scheme::{Linear, StoredTensor, TensorRole};
+use crate::scheme::{Linear, StoredTensor, TensorRole, TensorSink};
 use crate::tensor;
 use crate::tensor::attention::{AttentionShape, KvCache, Masking};
 
@@ -162,19 +162,17 @@ impl CausalLm for Bloom {
         Ok(decoder::head_logits(&hidden, self.head.as_deref(), &self.embed, self.config.vocab))
     }
 
-    fn export(&self) -> Vec<StoredTensor> {
+    fn export_to(&self, sink: &mut TensorSink) {
         let c = &self.config;
-        let mut out =
-            vec![StoredTensor::f32(EMBED, TensorRole::Unquantized, vec![c.vocab, c.hidden], &self.embed)];
-        self.embed_norm.export(&mut out);
+        sink(StoredTensor::f32(EMBED, TensorRole::Unquantized, vec![c.vocab, c.hidden], &self.embed));
+        self.embed_norm.export(sink);
         for block in &self.blocks {
-            block.export(&mut out);
+            block.export(sink);
         }
-        self.final_norm.export(&mut out);
+        self.final_norm.export(sink);
         if let Some(head) = &self.head {
-            out.extend(head.export(super::factory::HEAD));
+            head.export(super::factory::HEAD).into_iter().for_each(&mut *sink);
         }
-        out
     }
 
     fn linears(&self) -> Vec<(&str, &dyn Linear)> {

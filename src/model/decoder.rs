@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::profile;
-use crate::scheme::{Linear, StoredTensor};
+use crate::scheme::{Linear, TensorSink};
 use crate::tensor;
 use crate::tensor::attention::{KvCache, Masking};
 
@@ -173,11 +173,11 @@ impl FusedBlock {
     }
 
     /// Append the block's tensors for saving.
-    pub fn export(&self, out: &mut Vec<StoredTensor>) {
-        self.attn_norm.export(out);
-        self.mlp_norm.export(out);
+    pub fn export(&self, sink: &mut TensorSink) {
+        self.attn_norm.export(sink);
+        self.mlp_norm.export(sink);
         for (name, linear) in &self.linears {
-            out.extend(linear.export(name));
+            linear.export(name).into_iter().for_each(&mut *sink);
         }
     }
 

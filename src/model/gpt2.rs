@@ -2,7 +2,7 @@
 //! `[in, out]`, a fused `c_attn` (all q, then all k, then all v), tied head.
 
 use crate::error::{Error, Result};
-use crate::scheme::{Linear, StoredTensor, TensorRole};
+use crate::scheme::{Linear, StoredTensor, TensorRole, TensorSink};
 use crate::tensor;
 use crate::tensor::attention::{AttentionShape, KvCache, Masking};
 
@@ -197,25 +197,22 @@ impl CausalLm for Gpt2 {
         Ok(decoder::head_logits(&hidden, self.head.as_deref(), &self.embed, self.config.vocab))
     }
 
-    fn export(&self) -> Vec<StoredTensor> {
+    fn export_to(&self, sink: &mut TensorSink) {
         let c = &self.config;
-        let mut out = vec![
-            StoredTensor::f32(EMBED, TensorRole::Unquantized, vec![c.vocab, c.hidden], &self.embed),
-            StoredTensor::f32(
-                POSITIONS,
-                TensorRole::Unquantized,
-                vec![c.positions, c.hidden],
-                &self.positions,
-            ),
-        ];
+        sink(StoredTensor::f32(EMBED, TensorRole::Unquantized, vec![c.vocab, c.hidden], &self.embed));
+        sink(StoredTensor::f32(
+            POSITIONS,
+            TensorRole::Unquantized,
+            vec![c.positions, c.hidden],
+            &self.positions,
+        ));
         for block in &self.blocks {
-            block.export(&mut out);
+            block.export(sink);
         }
-        self.final_norm.export(&mut out);
+        self.final_norm.export(sink);
         if let Some(head) = &self.head {
-            out.extend(head.export(super::factory::HEAD));
+            head.export(super::factory::HEAD).into_iter().for_each(&mut *sink);
         }
-        out
     }
 
     fn linears(&self) -> Vec<(&str, &dyn Linear)> {

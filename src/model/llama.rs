@@ -2,7 +2,7 @@
 //! tied or untied head), written once against the linear-layer boundary.
 
 use crate::error::Result;
-use crate::scheme::{Linear, StoredTensor, TensorRole};
+use crate::scheme::{Linear, StoredTensor, TensorRole, TensorSink};
 use crate::tensor::attention::{AttentionShape, KvCache, Masking};
 use crate::tensor::{self, Rope};
 
@@ -271,25 +271,24 @@ impl CausalLm for Llama {
         Ok(decoder::head_logits(&hidden, self.head.as_deref(), &self.embed, self.config.vocab))
     }
 
-    fn export(&self) -> Vec<StoredTensor> {
+    fn export_to(&self, sink: &mut TensorSink) {
         let c = &self.config;
         let dense = |name: String, shape: Vec<usize>, data: &[f32]| {
             StoredTensor::f32(name, TensorRole::Unquantized, shape, data)
         };
-        let mut out = vec![dense(EMBED.into(), vec![c.vocab, c.hidden], &self.embed)];
+        sink(dense(EMBED.into(), vec![c.vocab, c.hidden], &self.embed));
         for (i, block) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            out.push(dense(format!("{p}.input_layernorm.weight"), vec![c.hidden], &block.attn_norm));
-            out.push(dense(format!("{p}.post_attention_layernorm.weight"), vec![c.hidden], &block.mlp_norm));
+            sink(dense(format!("{p}.input_layernorm.weight"), vec![c.hidden], &block.attn_norm));
+            sink(dense(format!("{p}.post_attention_layernorm.weight"), vec![c.hidden], &block.mlp_norm));
             for (name, linear) in &block.linears {
-                out.extend(linear.export(name));
+                linear.export(name).into_iter().for_each(&mut *sink);
             }
         }
-        out.push(dense(FINAL_NORM.into(), vec![c.hidden], &self.final_norm));
+        sink(dense(FINAL_NORM.into(), vec![c.hidden], &self.final_norm));
         if let Some(head) = &self.head {
-            out.extend(head.export(super::factory::HEAD));
+            head.export(super::factory::HEAD).into_iter().for_each(&mut *sink);
         }
-        out
     }
 
     fn linears(&self) -> Vec<(&str, &dyn Linear)> {

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::scheme::{Linear, StoredTensor};
+use crate::scheme::{Linear, StoredTensor, TensorSink};
 use crate::tensor::attention::KvCache;
 pub use config::ConfigJson;
 pub use factory::{LinearSpec, QuantizeFactory, ReloadFactory, WeightFactory};
@@ -61,8 +61,15 @@ pub trait CausalLm: Send + Sync {
         logits: Logits,
         observe: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<Vec<f32>>;
-    /// Every tensor of the model as stored (for the byte account and for saving).
-    fn export(&self) -> Vec<StoredTensor>;
+    /// Every tensor of the model as stored, one at a time into `sink` (the byte account
+    /// and the saved file take them as they come: no second copy of the model).
+    fn export_to(&self, sink: &mut TensorSink);
+    /// Every tensor of the model as stored, collected.
+    fn export(&self) -> Vec<StoredTensor> {
+        let mut out = Vec::new();
+        self.export_to(&mut |t| out.push(t));
+        out
+    }
     /// Every linear layer with its name, the output head included when it is one.
     fn linears(&self) -> Vec<(&str, &dyn Linear)>;
     /// The kernel paths its forward passes take (recorded per case).
@@ -126,8 +133,14 @@ pub trait Encoder: Send + Sync {
         batch: usize,
         observe: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<Vec<f32>>;
-    /// Every tensor of the model as stored.
-    fn export(&self) -> Vec<StoredTensor>;
+    /// Every tensor of the model as stored, one at a time into `sink`.
+    fn export_to(&self, sink: &mut TensorSink);
+    /// Every tensor of the model as stored, collected.
+    fn export(&self) -> Vec<StoredTensor> {
+        let mut out = Vec::new();
+        self.export_to(&mut |t| out.push(t));
+        out
+    }
     /// Every linear layer with its name.
     fn linears(&self) -> Vec<(&str, &dyn Linear)>;
 }
@@ -141,11 +154,19 @@ pub enum Model {
 }
 
 impl Model {
-    /// Every tensor of the model as stored.
+    /// Every tensor of the model as stored, collected.
     pub fn export(&self) -> Vec<StoredTensor> {
         match self {
             Model::Causal(m) => m.export(),
             Model::Encoder(m) => m.export(),
+        }
+    }
+
+    /// Every tensor of the model as stored, one at a time into `sink`.
+    pub fn export_to(&self, sink: &mut TensorSink) {
+        match self {
+            Model::Causal(m) => m.export_to(sink),
+            Model::Encoder(m) => m.export_to(sink),
         }
     }
 

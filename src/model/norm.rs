@@ -1,7 +1,7 @@
 //! A LayerNorm's parameters, shared by the architectures that use LayerNorm.
 
 use crate::error::Result;
-use crate::scheme::{StoredTensor, TensorRole};
+use crate::scheme::{StoredTensor, TensorRole, TensorSink};
 use crate::tensor;
 
 use super::{TensorKind, TensorSpec, WeightFactory};
@@ -44,10 +44,10 @@ impl Norm {
     }
 
     /// Append its tensors for saving.
-    pub fn export(&self, out: &mut Vec<StoredTensor>) {
+    pub fn export(&self, sink: &mut TensorSink) {
         let n = self.weight.len();
         let name = &self.name;
-        out.push(StoredTensor::f32(format!("{name}.weight"), TensorRole::Unquantized, vec![n], &self.weight));
-        out.push(StoredTensor::f32(format!("{name}.bias"), TensorRole::Unquantized, vec![n], &self.bias));
+        sink(StoredTensor::f32(format!("{name}.weight"), TensorRole::Unquantized, vec![n], &self.weight));
+        sink(StoredTensor::f32(format!("{name}.bias"), TensorRole::Unquantized, vec![n], &self.bias));
     }
 }

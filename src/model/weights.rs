@@ -19,7 +19,7 @@ use serde::Deserialize;
 use super::gguf::{GgmlType, GgufFile};
 use crate::error::dims_text;
 use crate::error::{Error, Result};
-use crate::scheme::StoredTensor;
+use crate::scheme::{StoredTensor, TensorSink};
 
 /// Prefixes that exporters put in front of tensor names (`model.`, `transformer.`, `bert.`);
 /// lookups try the name with and without them.
@@ -393,7 +393,9 @@ impl WeightStore {
             ) => {
                 let f = &files[*file];
                 let start = f.header.data_start;
-                Ok((d, f.mmap[start + offsets.0..start + offsets.1].to_vec()))
+                let bytes = f.mmap[start + offsets.0..start + offsets.1].to_vec();
+                release_pages(&f.mmap, start + offsets.0, offsets.1 - offsets.0);
+                Ok((d, bytes))
             }
             _ => Err(Error::Tensor {
                 name: name.to_string(),
@@ -411,7 +413,9 @@ impl WeightStore {
                 let start = f.header.data_start;
                 let bytes = &f.mmap[start + offsets.0..start + offsets.1];
                 let StoredType::Safetensors(dtype) = entry.stored else { unreachable!("safetensors entry") };
-                to_f32(bytes, dtype).ok_or_else(|| Error::Tensor {
+                let values = to_f32(bytes, dtype);
+                release_pages(&f.mmap, start + offsets.0, offsets.1 - offsets.0);
+                values.ok_or_else(|| Error::Tensor {
                     name: name.to_string(),
                     message: format!(
                         "dtype {dtype} in {} is not a float type, expected F32, F16 or BF16",
@@ -432,6 +436,25 @@ impl WeightStore {
         }
     }
 }
+
+/// Drop this process's mapping of a tensor's pages once the tensor is copied out: they
+/// would otherwise stay in the resident set beside the copy, doubling a model's memory
+/// while it loads (the kernel keeps the bytes in its page cache, where they are shared and
+/// reclaimable). Only tensors of a megabyte or more: the call costs more than small ones
+/// hold.
+fn release_pages(mmap: &Mmap, offset: usize, len: usize) {
+    if len < RELEASE_MIN_BYTES {
+        return;
+    }
+    #[cfg(unix)]
+    // SAFETY: the mapping is a private, read-only view of a file this process does not
+    // write; after MADV_DONTNEED a read of these pages faults them in again from the file,
+    // with the same bytes. A failure only leaves the pages resident.
+    let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
+}
+
+/// Tensors smaller than this keep their pages mapped.
+const RELEASE_MIN_BYTES: usize = 1 << 20;
 
 /// True for the stored types a model may compute with.
 pub fn is_float(dtype: Dtype) -> bool {
@@ -520,8 +543,62 @@ fn shards_from_index(index_path: &Path) -> Result<Vec<PathBuf>> {
     Ok(shards)
 }
 
-/// Write `tensors` as one safetensors file at `path`, atomically (a temporary file in the
-/// same directory, then a rename), with `metadata` in the header. Returns the file size.
+/// Save the tensors `export` puts into its sink as one safetensors file at `path`,
+/// atomically (a temporary file in the same directory, then a rename), with `metadata` in
+/// the header, one tensor at a time: `export` runs twice, first to lay out the header (names, types, shapes, sizes),
+/// then to write the bytes, and must give the same tensors in the same order both times.
+/// Nothing but one tensor is ever held, so saving a model never doubles its memory.
+/// Returns the file size.
+pub fn save_streaming(
+    path: &Path,
+    export: &dyn Fn(&mut TensorSink),
+    metadata: BTreeMap<String, String>,
+) -> Result<u64> {
+    let mut layout: Vec<(String, Dtype, Vec<usize>, usize)> = Vec::new();
+    export(&mut |t: StoredTensor| layout.push((t.name, t.dtype, t.shape, t.bytes.len())));
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::to_value(&metadata).expect("strings serialise"));
+    }
+    let mut offset = 0usize;
+    for (name, dtype, shape, len) in &layout {
+        let entry =
+            serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len] });
+        header.insert(name.clone(), entry);
+        offset += len;
+    }
+    let mut json = serde_json::to_vec(&header).expect("header serialises");
+    // The data section starts 8-byte aligned, as the format's own writer pads it.
+    json.resize((8 + json.len()).next_multiple_of(8) - 8, b' ');
+    let total = 8 + json.len() + offset;
+    let mut index = 0;
+    crate::files::write_atomic_with(path, &mut |w| {
+        w.write_all(&(json.len() as u64).to_le_bytes())?;
+        w.write_all(&json)?;
+        let mut result = Ok(());
+        export(&mut |t: StoredTensor| {
+            let expected = layout.get(index).map(|(name, _, _, len)| (name.as_str(), *len));
+            index += 1;
+            if result.is_ok() && expected != Some((t.name.as_str(), t.bytes.len())) {
+                result = Err(std::io::Error::other(format!(
+                    "tensor {} ({} bytes) is not the one the header laid out ({expected:?}): the model \
+                     exported differently the second time",
+                    t.name,
+                    t.bytes.len()
+                )));
+            }
+            if result.is_ok() {
+                result = w.write_all(&t.bytes);
+            }
+        });
+        result
+    })?;
+    Ok(total as u64)
+}
+
+/// Write `tensors` as one safetensors file at `path`, atomically, with `metadata` in the
+/// header (the format crate's own layout); returns the file size. A whole model is saved
+/// with [`save_streaming`], which never holds it twice.
 pub fn save(path: &Path, tensors: &[StoredTensor], metadata: BTreeMap<String, String>) -> Result<u64> {
     let views = tensors.iter().map(|t| (t.name.as_str(), StoredView(t)));
     let metadata = (!metadata.is_empty()).then(|| metadata.into_iter().collect());
@@ -608,6 +685,46 @@ mod tests {
         }
         let store = WeightStore::open_files(&[path]).unwrap();
         assert_eq!(store.f32("a", &[2, 2]).unwrap().len(), 4);
+    }
+
+    /// A model saved tensor by tensor reads back byte for byte through our reader and the
+    /// format crate's, metadata included; an export that changes between the two passes is
+    /// an error and leaves no file.
+    #[test]
+    fn streamed_saves_read_back_and_a_changing_export_is_refused() {
+        let tensors = [
+            stored("z.weight", Dtype::BF16, vec![2, 3], (0..12).collect()),
+            stored("a.bias", Dtype::F32, vec![3], vec![7; 12]),
+            stored("m.codes", Dtype::U8, vec![5], vec![1, 2, 3, 4, 5]),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let metadata = BTreeMap::from([("quantbench.scheme".to_string(), "nf4".to_string())]);
+        let export = |sink: &mut TensorSink| tensors.iter().cloned().for_each(&mut *sink);
+        let size = save_streaming(&path, &export, metadata.clone()).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(size, bytes.len() as u64);
+        let header = parse_safetensors(&bytes, &path).unwrap();
+        assert_eq!(header.metadata, metadata);
+        assert_eq!(header.data_start % 8, 0, "the data section starts aligned");
+        let reference = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let store = WeightStore::open_files(std::slice::from_ref(&path)).unwrap();
+        for t in &tensors {
+            assert_eq!(reference.tensor(&t.name).unwrap().data(), t.bytes.as_slice(), "{}", t.name);
+            assert_eq!(store.raw(&t.name, &t.shape).unwrap(), (t.dtype, t.bytes.clone()), "{}", t.name);
+        }
+        let calls = std::cell::Cell::new(0);
+        let changing = |sink: &mut TensorSink| {
+            calls.set(calls.get() + 1);
+            let len = if calls.get() == 1 { 12 } else { 6 };
+            sink(stored("w", Dtype::U8, vec![len], vec![0; len]));
+        };
+        let other = dir.path().join("other.safetensors");
+        let err = save_streaming(&other, &changing, BTreeMap::new()).unwrap_err().chain_inline();
+        assert!(err.contains("tensor w (6 bytes) is not the one the header laid out"), "{err}");
+        assert!(!other.exists());
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("model.safetensors")], "no temporary left");
     }
 
     /// Regression: these used to say "invalid shape, data type, or offset for tensor" or

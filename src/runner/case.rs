@@ -228,17 +228,14 @@ impl<'p> ModelRunner<'p> {
         let peak_rss = rss.and_then(|w| w.peak());
         let peak_device = crate::backend::device_peak_bytes(self.plan.device);
 
-        let exported = model.export();
-        let mut memory = self.memory(&exported)?;
+        let mut memory = self.memory(&model)?;
         let (disk, load_s) = if metrics.contains(&MetricGroup::Disk) {
             progress.step("save and reload");
-            let (disk, seconds) =
-                self.disk(&model, &exported, planned, scheme.as_ref(), id, output, &memory)?;
+            let (disk, seconds) = self.disk(&model, planned, scheme.as_ref(), id, output, &memory)?;
             (Some(disk), Some(seconds))
         } else {
             (None, None)
         };
-        drop(exported);
         if let Some(latency) = latency.as_mut() {
             latency.load_s = load_s;
         }
@@ -324,18 +321,19 @@ impl<'p> ModelRunner<'p> {
         })
     }
 
-    fn memory(&self, exported: &[StoredTensor]) -> Result<Memory> {
+    /// The byte account of `model`, from its tensors as exported one at a time.
+    fn memory(&self, model: &Model) -> Result<Memory> {
         let parameters = self.model.files.summary()?.parameters;
         let mut by_role: BTreeMap<String, u64> =
             TensorRole::ALL.iter().map(|r| (r.name().to_string(), 0)).collect();
         let (mut weight_bytes, mut quantized_weights) = (0u64, 0u64);
-        for t in exported {
+        model.export_to(&mut |t: StoredTensor| {
             *by_role.get_mut(t.role.name()).expect("every role listed") += t.bytes.len() as u64;
             if t.role.is_weight_representation() {
                 weight_bytes += t.bytes.len() as u64;
                 quantized_weights += t.represents as u64;
             }
-        }
+        });
         let total_bytes: u64 = by_role.values().sum();
         Ok(Memory {
             bytes_by_role: by_role,
@@ -376,7 +374,6 @@ impl<'p> ModelRunner<'p> {
     fn disk(
         &self,
         model: &Model,
-        exported: &[StoredTensor],
         planned: &PlannedScheme,
         scheme: &dyn Scheme,
         id: &str,
@@ -396,7 +393,8 @@ impl<'p> ModelRunner<'p> {
         ]);
         // Removed if the run is interrupted before the reload check has passed.
         let temporary = crate::files::temporary(&path);
-        let bytes = crate::model::weights::save(&path, exported, metadata)?;
+        // Written tensor by tensor: saving holds one tensor beside the model, not a copy of it.
+        let bytes = crate::model::weights::save_streaming(&path, &|sink| model.export_to(sink), metadata)?;
         let t = Instant::now();
         let store = WeightStore::open_files(std::slice::from_ref(&path))?;
         let quantize_head = planned.params.bool("quantize_head", false);
@@ -879,9 +877,7 @@ mod tests {
         ) -> Result<Vec<f32>> {
             Ok(vec![0.0; 3 * batch.min(tokens.len())])
         }
-        fn export(&self) -> Vec<StoredTensor> {
-            Vec::new()
-        }
+        fn export_to(&self, _: &mut crate::scheme::TensorSink) {}
         fn linears(&self) -> Vec<(&str, &dyn Linear)> {
             Vec::new()
         }

@@ -89,6 +89,9 @@ impl TensorRole {
     }
 }
 
+/// Where exported tensors go, one at a time: the byte account, a file being written.
+pub type TensorSink<'a> = dyn FnMut(StoredTensor) + 'a;
+
 /// One tensor as a scheme stores it: the unit of saving, reloading and byte accounting.
 #[derive(Debug, Clone)]
 pub struct StoredTensor {

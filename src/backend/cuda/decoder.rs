@@ -20,7 +20,7 @@ use super::{driver, guard, CudaError, Gpu};
 use crate::error::{Error, Result};
 use crate::model::plan::{DecoderPlan, MlpPlan, NormPlan, PositionPlan, QkvPlan};
 use crate::model::{CausalLm, DeviceReport, Logits};
-use crate::scheme::{Linear, StoredTensor};
+use crate::scheme::{Linear, TensorSink};
 use crate::tensor::attention::{AttentionShape, KvCache};
 
 /// The kernel path of the tied, unquantized output head (the f32 embedding matrix).
@@ -734,8 +734,8 @@ impl CausalLm for CudaCausalLm {
         self.run(tokens, batch, cache, logits, Some(observe))
     }
 
-    fn export(&self) -> Vec<StoredTensor> {
-        self.cpu.export()
+    fn export_to(&self, sink: &mut TensorSink) {
+        self.cpu.export_to(sink)
     }
 
     fn linears(&self) -> Vec<(&str, &dyn Linear)> {
