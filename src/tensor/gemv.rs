@@ -9,7 +9,7 @@ use rayon::prelude::*;
 pub const DOT_MAX_ROWS: usize = 4;
 
 /// `out[i·n + j] = dot(i, j)` for `m` activation rows and `n` weight rows of length `k`,
-/// weight rows split over the pool in tasks of about [`super::SERIAL_MACS`] multiply-adds.
+/// weight rows split over the pool in tasks of about 256 k multiply-adds (`SERIAL_MACS`).
 pub fn by_dots(m: usize, k: usize, n: usize, out: &mut [f32], dot: impl Fn(usize, usize) -> f32 + Sync) {
     assert_eq!(out.len(), m * n, "gemv: output is not [m, n]");
     // A small product runs on this thread: a pool task costs more than its work.
