@@ -63,36 +63,54 @@ pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(&x, &y)| x * y).sum()
 }
 
+/// The body of an eight-lane fused dot product of `n` terms: four accumulators over 32
+/// terms an iteration, then eight at a time, lanes summed by [`super::sum_lanes`], the tail
+/// one by one. `$a` points at the f32 activations; `$load(i)` gives the eight weights
+/// from `i` as an `__m256`, `$tail(i)` the product of term `i`. For use inside an
+/// `unsafe` function compiled with AVX2 and FMA (and what `$load` needs).
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    /// [`super::dot_f32`], 32 products an iteration.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+macro_rules! fused_dot_avx2 {
+    ($n:expr, $a:expr, $load:expr, $tail:expr) => {{
+        use std::arch::x86_64::*;
+        let (n, pa) = ($n, $a);
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut i = 0;
         while i + 32 <= n {
             for (j, acc) in acc.iter_mut().enumerate() {
                 let o = i + 8 * j;
-                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
+                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), $load(o), *acc);
             }
             i += 32;
         }
         while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), $load(i), acc[0]);
             i += 8;
         }
         let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
         let mut lanes = [0.0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-        let mut total = crate::tensor::sum_lanes(lanes);
+        let mut total = $crate::tensor::sum_lanes(lanes);
         for j in i..n {
-            total += a[j] * b[j];
+            total += $tail(j);
         }
         total
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use fused_dot_avx2;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    /// [`super::dot_f32`], 32 products an iteration.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let pb = b.as_ptr();
+        super::fused_dot_avx2!(
+            a.len().min(b.len()),
+            a.as_ptr(),
+            |i| _mm256_loadu_ps(pb.add(i)),
+            |j: usize| a[j] * b[j]
+        )
     }
 }
 
@@ -105,17 +123,7 @@ mod tests {
     /// of the output: f32 accumulation over k terms.
     const DOT_PRODUCT_ERROR: f64 = 1e-5;
 
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32 - 0.5) * 4.0
-            })
-            .collect()
-    }
+    use crate::tensor::test_values as values;
 
     #[test]
     fn dot_products_match_the_f64_reference() {

@@ -165,29 +165,13 @@ mod avx2 {
     /// [`super::dot_half`]: four eight-lane accumulators, 32 weights an iteration.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot(a: &[f32], w: &[u16], ty: HalfType) -> f32 {
-        let n = a.len().min(w.len());
-        let (pa, pw) = (a.as_ptr(), w.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= n {
-            for (j, acc) in acc.iter_mut().enumerate() {
-                let o = i + 8 * j;
-                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), load8(pw.add(o), ty), *acc);
-            }
-            i += 32;
-        }
-        while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), load8(pw.add(i), ty), acc[0]);
-            i += 8;
-        }
-        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let mut lanes = [0.0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-        let mut total = crate::tensor::sum_lanes(lanes);
-        for j in i..n {
-            total += a[j] * ty.to_f32(w[j]);
-        }
-        total
+        let pw = w.as_ptr();
+        crate::tensor::gemv::fused_dot_avx2!(
+            a.len().min(w.len()),
+            a.as_ptr(),
+            |i| load8(pw.add(i), ty),
+            |j: usize| a[j] * ty.to_f32(w[j])
+        )
     }
 }
 
@@ -200,17 +184,7 @@ mod tests {
     /// values, relative to Σ|a·w| of the output: f32 accumulation over k terms.
     const HALF_PRODUCT_ERROR: f64 = 1e-5;
 
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32 - 0.5) * 4.0
-            })
-            .collect()
-    }
+    use crate::tensor::test_values as values;
 
     #[test]
     fn widening_is_exact_for_every_bf16_and_finite_f16() {

@@ -21,6 +21,20 @@ pub fn has_avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
+/// Seeded values in [−2, 2) for the kernel tests (xorshift; no dependency).
+#[cfg(test)]
+pub(crate) fn test_values(len: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s as f32 / u32::MAX as f32 - 0.5) * 4.0
+        })
+        .collect()
+}
+
 /// Eight lane sums added pairwise, ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)): the
 /// order of an AVX2 horizontal add, used by the scalar twins of the eight-lane kernels.
 pub fn sum_lanes(l: [f32; 8]) -> f32 {
