@@ -315,12 +315,7 @@ pub fn execute(cli: Cli) -> Result<i32> {
                 eprintln!("saved baseline {name} to {}", path.display());
             }
             if let Some(base_path) = baseline_path {
-                let base = Results::read(&base_path)?;
-                let new_path = dir.join("results.json");
-                let comparison = write_comparison(&base, &base_path, &results, &new_path, None, &dir)?;
-                if fail_on_regression {
-                    return gate(&comparison);
-                }
+                return against_baseline(&base_path, &results, &dir, fail_on_regression);
             }
         }
         Command::Merge { run_dirs, out, allow_partial, baseline, fail_on_regression } => {
@@ -329,12 +324,7 @@ pub fn execute(cli: Cli) -> Result<i32> {
                 baseline.as_deref().map(|name| baseline::path(baselines, name)).transpose()?;
             let results = merge(&run_dirs, &out, allow_partial)?;
             if let Some(base_path) = baseline_path {
-                let base = Results::read(&base_path)?;
-                let new_path = out.join("results.json");
-                let comparison = write_comparison(&base, &base_path, &results, &new_path, None, &out)?;
-                if fail_on_regression {
-                    return gate(&comparison);
-                }
+                return against_baseline(&base_path, &results, &out, fail_on_regression);
             }
         }
         Command::Report { run_dir } => {
@@ -412,6 +402,23 @@ fn gate(comparison: &compare::Comparison) -> Result<i32> {
         )));
     }
     Ok(if comparison.gate_failures() > 0 { EXIT_REGRESSION } else { EXIT_OK })
+}
+
+/// `--baseline`: compare `results` (written to `dir/results.json`) with the baseline at
+/// `base_path`, writing compare.md and compare.html into `dir`; the exit code, gated with
+/// `--fail-on-regression`.
+fn against_baseline(
+    base_path: &Path,
+    results: &Results,
+    dir: &Path,
+    fail_on_regression: bool,
+) -> Result<i32> {
+    let base = Results::read(base_path)?;
+    let comparison = write_comparison(&base, base_path, results, &dir.join("results.json"), None, dir)?;
+    if fail_on_regression {
+        return gate(&comparison);
+    }
+    Ok(EXIT_OK)
 }
 
 /// Compare, write compare.md and compare.html into `dir`, print compare.md; returns the
