@@ -40,6 +40,19 @@ impl RssWindow {
     }
 }
 
+/// Memory this process may still fill, bytes: `QUANTBENCH_MEMORY_LIMIT` (bytes) when set,
+/// to run as if on a smaller machine, else the kernel's `MemAvailable`; `None` when
+/// neither is known.
+pub fn available_bytes() -> Option<u64> {
+    if let Some(limit) = std::env::var("QUANTBENCH_MEMORY_LIMIT").ok().and_then(|v| v.trim().parse().ok()) {
+        return Some(limit);
+    }
+    let meminfo = fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line["MemAvailable:".len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// A `kB` field of `/proc/self/status`, in bytes.
 fn status_bytes(field: &str) -> Option<u64> {
     let status = fs::read_to_string("/proc/self/status").ok()?;

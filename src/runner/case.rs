@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::measure::divergence::{self, Reference};
 use crate::measure::embedding::{self, EncoderOutputs};
 use crate::measure::latency::{self, Clock, Stats, WallClock};
-use crate::measure::memory::RssWindow;
+use crate::measure::memory::{self, RssWindow};
 use crate::measure::reference_cache::{self, CacheKey};
 use crate::measure::MetricGroup;
 use crate::model::generate::greedy;
@@ -229,12 +229,13 @@ impl<'p> ModelRunner<'p> {
         let peak_device = crate::backend::device_peak_bytes(self.plan.device);
 
         let mut memory = self.memory(&model)?;
-        let (disk, load_s) = if metrics.contains(&MetricGroup::Disk) {
+        let (disk, load_s, model) = if metrics.contains(&MetricGroup::Disk) {
             progress.step("save and reload");
-            let (disk, seconds) = self.disk(&model, planned, scheme.as_ref(), id, output, &memory)?;
-            (Some(disk), Some(seconds))
+            let (disk, seconds, model) =
+                self.disk(model, planned, scheme.as_ref(), id, output, &memory, &mut warnings)?;
+            (Some(disk), Some(seconds), model)
         } else {
-            (None, None)
+            (None, None, model)
         };
         if let Some(latency) = latency.as_mut() {
             latency.load_s = load_s;
@@ -371,15 +372,22 @@ impl<'p> ModelRunner<'p> {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// Save the model, reload it and check the reloaded model's outputs equal the
+    /// original's bit for bit; returns the file's account, the load time and the model the
+    /// case goes on with. When a second copy would not fit in the memory left
+    /// ([`memory::available_bytes`]), the original is freed before the reload and the case
+    /// goes on with the reloaded model (identical, as just checked), with a warning.
+    #[allow(clippy::too_many_arguments)]
     fn disk(
         &self,
-        model: &Model,
+        model: Model,
         planned: &PlannedScheme,
         scheme: &dyn Scheme,
         id: &str,
         output: &CaseOutput,
         memory: &Memory,
-    ) -> Result<(Disk, f64)> {
+        warnings: &mut Vec<String>,
+    ) -> Result<(Disk, f64, Model)> {
         let dir = output.dir.join("models");
         let path = dir.join(format!("{}.safetensors", id.replace('/', "__")));
         let metadata = BTreeMap::from([
@@ -395,15 +403,37 @@ impl<'p> ModelRunner<'p> {
         let temporary = crate::files::temporary(&path);
         // Written tensor by tensor: saving holds one tensor beside the model, not a copy of it.
         let bytes = crate::model::weights::save_streaming(&path, &|sink| model.export_to(sink), metadata)?;
+        let a = self.probe(&model)?;
+        let free_original =
+            memory::available_bytes().is_some_and(|free| memory.total_bytes.saturating_mul(3) / 2 > free);
+        let original = if free_original {
+            warnings.push(format!(
+                "a second copy of the model ({:.2} GB) would not fit in the memory left, so the original \
+                 was freed before the reload check and the case went on with the reloaded model: the \
+                 layer statistics cover only the passes after the reload",
+                memory.total_bytes as f64 / 1e9
+            ));
+            drop(model);
+            None
+        } else {
+            Some(model)
+        };
         let t = Instant::now();
         let store = WeightStore::open_files(std::slice::from_ref(&path))?;
         let quantize_head = planned.params.bool("quantize_head", false);
         let reloaded =
             self.place(self.model.files.build(&mut ReloadFactory::new(&store, scheme, quantize_head))?)?;
         let load_s = t.elapsed().as_secs_f64();
-        let (a, b) = (self.probe(model)?, self.probe(&reloaded)?);
+        let b = self.probe(&reloaded)?;
         let identical = a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
-        drop((reloaded, store));
+        drop(store);
+        let model = match original {
+            Some(original) => {
+                drop(reloaded);
+                original
+            }
+            None => reloaded,
+        };
         if !output.keep_models {
             std::fs::remove_file(&path).map_err(|e| Error::io("cannot remove", &path, e))?;
             let _ = std::fs::remove_dir(&dir);
@@ -424,7 +454,7 @@ impl<'p> ModelRunner<'p> {
             bytes_over_memory: bytes as f64 / memory.total_bytes as f64,
             reload_identical: true,
         };
-        Ok((disk, load_s))
+        Ok((disk, load_s, model))
     }
 
     /// Latency input: the workload's prompts (or sentences) tokenized, concatenated and

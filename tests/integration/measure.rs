@@ -250,3 +250,39 @@ fn a_small_case_after_a_large_one_reports_its_own_peak() {
          {large_peak} (start {large_start})"
     );
 }
+
+/// Where a second copy of the model would not fit (`QUANTBENCH_MEMORY_LIMIT`, as on a
+/// machine too small for it), the reload check frees the original first and the case goes
+/// on with the reloaded model: the same figures, the reload still checked bit for bit, and
+/// a warning that says so.
+#[test]
+fn the_reload_check_frees_the_original_when_memory_is_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = write_small_suite(dir.path(), "[int8-dynamic, nf4]");
+    let text = std::fs::read_to_string(&suite).unwrap();
+    std::fs::write(&suite, format!("{text}metrics: [memory, disk, divergence, generation]\n")).unwrap();
+    let run = |name: &str, limit: Option<&str>| {
+        let out = dir.path().join(name);
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_bench"));
+        command.args(["run", suite.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        command.current_dir(dir.path()).env("QUANTBENCH_CACHE", shared_cache()).env("HF_HUB_OFFLINE", "1");
+        if let Some(limit) = limit {
+            command.env("QUANTBENCH_MEMORY_LIMIT", limit);
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        read_json(&out.join("results.json"))
+    };
+    let (roomy, short) = (run("roomy", None), run("short", Some("1")));
+    for label in ["int8-dynamic", "nf4"] {
+        let (a, b) = (case(&roomy, label), case(&short, label));
+        assert_eq!(b["disk"]["reload_identical"], true);
+        for key in ["divergence", "generation", "disk"] {
+            assert_eq!(a[key], b[key], "{label}: {key}");
+        }
+        let warned = |c: &serde_json::Value| {
+            c["warnings"].as_array().unwrap().iter().any(|w| w.as_str().unwrap().contains("would not fit"))
+        };
+        assert!(!warned(a) && warned(b), "{label}: {:?}", b["warnings"]);
+    }
+}
