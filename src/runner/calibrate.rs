@@ -92,6 +92,9 @@ struct Recording {
     limit: usize,
     keep_outputs: bool,
     store: Shared,
+    /// The model's precision: the recorded model holds its weights as the reference does
+    /// (a bf16 model's 2 bytes a weight, not 4).
+    precision: FloatStorage,
 }
 
 impl Scheme for Recording {
@@ -102,7 +105,7 @@ impl Scheme for Recording {
         _: Option<Calibration>,
     ) -> Result<Box<dyn Linear>> {
         let name = weight.name.clone();
-        let inner = FloatLinear::new(weight, bias, FloatStorage::F32);
+        let inner = FloatLinear::new(weight, bias, self.precision);
         let (limit, keep_outputs, store) = (self.limit, self.keep_outputs, self.store.clone());
         Ok(Box::new(Recorder { name, inner, limit, keep_outputs, store }))
     }
@@ -132,7 +135,8 @@ pub fn record(
     context: usize,
 ) -> Result<LayerInputs> {
     let store: Shared = Arc::default();
-    let recording = Recording { limit: data.samples, keep_outputs: false, store: store.clone() };
+    let recording =
+        Recording { limit: data.samples, keep_outputs: false, store: store.clone(), precision: dtype };
     // The head records too, for schemes asked to quantize it.
     let model = files.build(&mut QuantizeFactory::new(&files.store, dtype, &recording, true))?;
     let tokenizer = &files.tokenizer;
@@ -185,7 +189,8 @@ pub struct LayerProbe {
 /// Record a [`LayerProbe`] of the model at `dtype` on `tokens`.
 pub fn record_probe(files: &ModelFiles, dtype: FloatStorage, tokens: Vec<u32>) -> Result<LayerProbe> {
     let store: Shared = Arc::default();
-    let recording = Recording { limit: tokens.len(), keep_outputs: true, store: store.clone() };
+    let recording =
+        Recording { limit: tokens.len(), keep_outputs: true, store: store.clone(), precision: dtype };
     // The head records too, for cases that quantize it.
     let model = files.build(&mut QuantizeFactory::new(&files.store, dtype, &recording, true))?;
     let blocks = block_states(&model, &tokens)?;
