@@ -127,12 +127,12 @@ fn run_on_pool(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> 
         let mut runner: Option<ModelRunner> = None;
         for (planned, id) in plan.schemes.iter().zip(ids) {
             let spec = case_spec_hash(plan, &record, &results.workload, planned);
-            let chosen = chosen(&id);
+            let this_run = chosen(&id);
             // With --resume, finished cases stay in the results whether or not the filter
             // (or the shard) selects them; a filtered run must not drop earlier work.
             match previous.get(&id) {
                 Some(done) if done.spec_sha256 == spec => {
-                    if chosen {
+                    if this_run {
                         progress.skip(&id);
                     }
                     results.cases.push(done.clone());
@@ -142,12 +142,12 @@ fn run_on_pool(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> 
                     eprintln!(
                     "note: {id}: the earlier result is {}: its model, scheme parameters, metrics or device \
                      differ from this run's",
-                    if chosen { "replaced" } else { "dropped (--filter or --shard does not select the case)" }
+                    if this_run { "replaced" } else { "dropped (--filter or --shard does not select the case)" }
                 )
                 }
                 None => {}
             }
-            if !chosen {
+            if !this_run {
                 continue;
             }
             if runner.is_none() {
