@@ -6,9 +6,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::scheme::{Calibration, DenseWeight, FloatLinear, FloatStorage, Linear, Scheme, StoredSource};
 
-use safetensors::tensor::Dtype;
-
-use super::weights::{StoredType, WeightStore};
+use super::weights::WeightStore;
 
 /// Canonical name of an untied output head.
 pub const HEAD: &str = "lm_head";
@@ -181,11 +179,7 @@ impl WeightFactory for ReloadFactory<'_> {
         }
         let name = format!("{HEAD}.weight");
         // Saved at the model's precision: reloaded at the same one.
-        let precision = match self.store.entry(&name)?.stored {
-            StoredType::Safetensors(Dtype::F16) => FloatStorage::F16,
-            StoredType::Safetensors(Dtype::BF16) => FloatStorage::BF16,
-            _ => FloatStorage::F32,
-        };
+        let precision = self.store.entry(&name)?.stored.precision();
         let data = self.store.f32(&name, &[rows, cols])?;
         let weight = DenseWeight { name: HEAD.to_string(), rows, cols, data };
         Ok(Some(Box::new(FloatLinear::unquantized(weight, None, precision))))

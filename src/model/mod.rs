@@ -499,14 +499,12 @@ impl ModelFiles {
     /// A suite's `dtype: auto` (the default) holds the reference at this precision.
     pub fn stored_precision(&self) -> Result<crate::scheme::FloatStorage> {
         use crate::scheme::FloatStorage;
-        use safetensors::tensor::Dtype;
         let mut found = None;
         for spec in self.check_tensors()?.iter().filter(|s| s.kind == TensorKind::Linear) {
-            let precision = match self.store.entry(&spec.name)?.stored {
-                weights::StoredType::Safetensors(Dtype::BF16) => FloatStorage::BF16,
-                weights::StoredType::Safetensors(Dtype::F16) => FloatStorage::F16,
-                _ => return Ok(FloatStorage::F32),
-            };
+            let precision = self.store.entry(&spec.name)?.stored.precision();
+            if precision == FloatStorage::F32 {
+                return Ok(FloatStorage::F32);
+            }
             if found.is_some_and(|f| f != precision) {
                 return Ok(FloatStorage::F32);
             }

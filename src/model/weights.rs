@@ -215,6 +215,17 @@ impl StoredType {
         }
     }
 
+    /// The float storage a layer stored in this type keeps in memory: `F16` or `BF16` for
+    /// a 16-bit safetensors float, else `F32` (f32, and GGUF types, which are dequantized).
+    pub fn precision(self) -> crate::scheme::FloatStorage {
+        use crate::scheme::FloatStorage;
+        match self {
+            StoredType::Safetensors(Dtype::F16) => FloatStorage::F16,
+            StoredType::Safetensors(Dtype::BF16) => FloatStorage::BF16,
+            _ => FloatStorage::F32,
+        }
+    }
+
     /// Whether the harness can turn it into f32 weights.
     pub fn is_computable(self) -> bool {
         match self {

@@ -362,6 +362,7 @@ pub fn compare(
             only_new.push(case.id.clone());
             continue;
         };
+        let other_machine = !same_machine(&case.id);
         for metric in METRICS {
             let Some(ex) = extractor(metric.name) else { continue };
             let (Some(b), Some(n)) = ((ex.value)(base), (ex.value)(case)) else {
@@ -373,8 +374,8 @@ pub fn compare(
             if b.is_nan() || n.is_nan() {
                 continue;
             }
-            let across_machines = other_workload
-                .or((machine_dependent(metric) && !same_machine(&case.id)).then_some("other machine"));
+            let across_machines =
+                other_workload.or((machine_dependent(metric) && other_machine).then_some("other machine"));
             let samples = ((ex.samples)(base), (ex.samples)(case));
             let row = match samples {
                 (Some(sb), Some(sn)) if sb.len() >= 2 && sn.len() >= 2 => {
