@@ -7,6 +7,7 @@ use quantbench::cli::{self, Cli};
 fn main() {
     // First, before any thread starts: see `quantbench::interrupt`.
     quantbench::interrupt::install();
+    quantbench::measure::memory::keep_freed_buffers();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(usage) => {

@@ -195,6 +195,7 @@ impl Bert {
         tensor::add_in_place(&mut out, &attn);
         layer.out_norm.apply(&mut out, c.eps);
         hidden.copy_from_slice(&out);
+        [q, k, v, attn, inner, out].into_iter().for_each(tensor::scratch::recycle);
     }
 }
 

@@ -74,9 +74,10 @@ pub fn head_logits(hidden: &[f32], head: Option<&dyn Linear>, embed: &[f32], voc
     out
 }
 
-/// Run the linear layer `layer` on `rows` rows of `x`.
+/// Run the linear layer `layer` on `rows` rows of `x`, into a buffer from
+/// [`tensor::scratch`] (give it back with [`tensor::scratch::recycle`] when done).
 pub fn run_linear(layer: &dyn Linear, x: &[f32], rows: usize) -> Vec<f32> {
-    let mut out = vec![0.0; rows * layer.out_features()];
+    let mut out = tensor::scratch::take(rows * layer.out_features());
     let _span = profile::span("linear", layer.kernel(), || linear_work(layer, rows));
     layer.forward(x, rows, &mut out);
     out

@@ -221,7 +221,8 @@ impl Llama {
         let layer = |i: usize| block.linears[i].1.as_ref();
         let run = |l: &dyn Linear, x: &[f32]| decoder::run_linear(l, x, rows);
 
-        let mut x = hidden.to_vec();
+        let mut x = tensor::scratch::take(hidden.len());
+        x.copy_from_slice(hidden);
         tensor::rms_norm_rows(&mut x, &block.attn_norm, c.eps);
         let mut q = run(layer(0), &x);
         let mut k = run(layer(1), &x);
@@ -230,15 +231,20 @@ impl Llama {
         self.rotate(&mut q, c.attention.heads, seq, start);
         self.rotate(&mut k, c.attention.kv_heads, seq, start);
         cache.append(index, &k, &v, seq);
-        let mut attn = vec![0.0; q.len()];
+        let mut attn = tensor::scratch::take(q.len());
         cache.attend(index, &q, seq, Masking::CAUSAL, &mut attn);
-        tensor::add_in_place(hidden, &run(layer(3), &attn));
+        let projected = run(layer(3), &attn);
+        tensor::add_in_place(hidden, &projected);
 
-        let mut x = hidden.to_vec();
-        tensor::rms_norm_rows(&mut x, &block.mlp_norm, c.eps);
-        let mut gate = run(layer(4), &x);
-        tensor::silu_mul_in_place(&mut gate, &run(layer(5), &x));
-        tensor::add_in_place(hidden, &run(layer(6), &gate));
+        let mut x2 = x;
+        x2.copy_from_slice(hidden);
+        tensor::rms_norm_rows(&mut x2, &block.mlp_norm, c.eps);
+        let mut gate = run(layer(4), &x2);
+        let up = run(layer(5), &x2);
+        tensor::silu_mul_in_place(&mut gate, &up);
+        let down = run(layer(6), &gate);
+        tensor::add_in_place(hidden, &down);
+        [q, k, v, attn, projected, x2, gate, up, down].into_iter().for_each(tensor::scratch::recycle);
     }
 }
 

@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 use super::int8_gemm::{Code, OutPtr};
 
 /// Output columns per panel: two vectors of 16 i32 lanes.
-const NR: usize = 32;
+pub(super) const NR: usize = 32;
 
 /// Activation rows per register block: 8 rows × 2 vectors = 16 accumulators.
 const MR: usize = 8;
@@ -43,22 +43,57 @@ pub(super) struct UnsignedRows {
     data: Vec<u8>,
     stride: usize,
     shift: i32,
+    rows: usize,
 }
 
 /// `a` (`[m, k]`) as [`UnsignedRows`].
 pub(super) fn unsigned_rows<T: Code>(a: &[T], m: usize, k: usize) -> UnsignedRows {
-    let stride = k.div_ceil(4) * 4;
-    let mut data = vec![0u8; m * stride];
-    if stride > 0 {
-        for (dst, src) in data.chunks_exact_mut(stride).zip(a.chunks_exact(k)) {
-            dst[..k].iter_mut().zip(src).for_each(|(d, &s)| *d = (Into::<i32>::into(s) + T::SHIFT) as u8);
+    UnsignedRows::from_codes(a, m, k)
+}
+
+impl UnsignedRows {
+    /// `a` (`[m, k]`) stored unsigned.
+    pub(super) fn from_codes<T: Code>(a: &[T], m: usize, k: usize) -> UnsignedRows {
+        let mut rows = UnsignedRows::zeroed(m, k, T::SHIFT);
+        if k > 0 {
+            for (dst, src) in rows.data.chunks_exact_mut(rows.stride).zip(a.chunks_exact(k)) {
+                dst[..k].iter_mut().zip(src).for_each(|(d, &s)| *d = (Into::<i32>::into(s) + T::SHIFT) as u8);
+            }
         }
+        rows
     }
-    UnsignedRows { data, stride, shift: T::SHIFT }
+
+    /// `m` rows of `k` zero bytes (plus padding) for codes shifted by `shift`, to be
+    /// filled through [`UnsignedRows::rows_mut`].
+    pub(super) fn zeroed(m: usize, k: usize, shift: i32) -> UnsignedRows {
+        let stride = k.div_ceil(4) * 4;
+        UnsignedRows { data: vec![0u8; m * stride], stride, shift, rows: m }
+    }
+
+    /// The rows' bytes and the stride between rows (only each row's first `k` bytes may
+    /// be written: the padding must stay zero).
+    pub(super) fn bytes_mut(&mut self) -> (&mut [u8], usize) {
+        (&mut self.data, self.stride)
+    }
+
+    /// What was added to each code.
+    pub(super) fn shift(&self) -> i32 {
+        self.shift
+    }
+
+    /// Rows held.
+    pub(super) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The first byte of row `r`.
+    pub(super) fn row_ptr(&self, r: usize) -> *const u8 {
+        self.data[r * self.stride..].as_ptr()
+    }
 }
 
 /// Bytes per packed panel for `k` inputs.
-fn panel_len(k: usize) -> usize {
+pub(super) fn panel_len(k: usize) -> usize {
     k.div_ceil(4) * 4 * NR
 }
 
@@ -123,7 +158,7 @@ pub(super) unsafe fn gemm_cols(
 /// `[k/4][32][4]` bytes: whole quads of 16 full-width columns by one gather each, the
 /// rest byte by byte.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn pack_panel(w: &[i8], k: usize, j0: usize, width: usize, dst: &mut [i8]) {
+pub(super) unsafe fn pack_panel(w: &[i8], k: usize, j0: usize, width: usize, dst: &mut [i8]) {
     let (quads, whole) = (k.div_ceil(4), k / 4);
     dst.fill(0);
     let offsets = _mm512_mullo_epi32(
@@ -153,7 +188,7 @@ unsafe fn pack_panel(w: &[i8], k: usize, j0: usize, width: usize, dst: &mut [i8]
 /// `−shift·Σ_k w` for each of a packed panel's 32 columns: the sums by `vpdpbusd` against
 /// a vector of ones, two instructions per k quad.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn column_corrections(panel: &[i8], shift: i32, dst: &mut [i32]) {
+pub(super) unsafe fn column_corrections(panel: &[i8], shift: i32, dst: &mut [i32]) {
     let ones = _mm512_set1_epi8(1);
     let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
     let w = panel.as_ptr() as *const __m512i;

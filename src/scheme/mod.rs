@@ -13,6 +13,8 @@ mod int8_gemm_panel;
 #[cfg(target_arch = "x86_64")]
 mod int8_gemm_vnni;
 pub mod int8_outlier;
+#[cfg(target_arch = "x86_64")]
+mod int8_panels;
 mod int8_static;
 mod kmeans;
 mod nf4;
@@ -33,7 +35,9 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 
 pub use float::{float_scheme, FloatLinear, FloatStorage};
-pub use parts::{LayerParts, WeightParts};
+#[cfg(target_arch = "x86_64")]
+pub use int8_panels::Int8Panels;
+pub use parts::{Int8Codes, LayerParts, WeightParts};
 
 /// What a stored tensor is for, in the memory and disk accounts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -138,7 +142,8 @@ pub trait Linear: Send + Sync {
     fn in_features(&self) -> usize;
     /// Output features (rows of W).
     fn out_features(&self) -> usize;
-    /// `out[rows, out_features] = x[rows, in_features] · Wᵀ + b`.
+    /// `out[rows, out_features] = x[rows, in_features] · Wᵀ + b`, every value of `out`
+    /// written: its previous contents are arbitrary (a recycled buffer) and never read.
     fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]);
     /// The kernel path this layer runs (recorded per case), e.g. `f32-gemm`.
     fn kernel(&self) -> &'static str;
@@ -441,6 +446,33 @@ mod tests {
             layer.forward(&x, 2, &mut a);
             reloaded.forward(&x, 2, &mut b);
             assert_eq!(a, b, "scheme {}", info.name);
+        }
+    }
+
+    /// `forward` writes every output value and reads none (run_linear hands it recycled
+    /// buffers): filled with NaN or with zeros beforehand, the same bits come out, for
+    /// every scheme at decode, skinny and prefill row counts and at shapes that reach the
+    /// vectorised paths (64 and 576 columns) as well as odd ones.
+    #[test]
+    fn every_scheme_overwrites_the_whole_output() {
+        for &(n, k) in &[(5usize, 7usize), (64, 64), (40, 576)] {
+            let mut rng = crate::tensor::SeededRng::new(9);
+            let weight = DenseWeight { name: "w".into(), rows: n, cols: k, data: rng.normal_vec(n * k, 1.0) };
+            let calibration_rows = rng.normal_vec(16 * k, 1.0);
+            for info in SCHEMES {
+                let scheme = (info.build)(&SchemeParams::default()).unwrap();
+                let calibration =
+                    info.needs_calibration.then_some(Calibration { inputs: &calibration_rows, rows: 16 });
+                let layer = scheme.quantize(weight.clone(), Some(vec![0.5; n]), calibration).unwrap();
+                for m in [1, 3, 9, 40] {
+                    let x = rng.normal_vec(m * k, 1.0);
+                    let (mut zeros, mut nans) = (vec![0.0f32; m * n], vec![f32::NAN; m * n]);
+                    layer.forward(&x, m, &mut zeros);
+                    layer.forward(&x, m, &mut nans);
+                    let same = zeros.iter().zip(&nans).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "scheme {} n {n} k {k} m {m}", info.name);
+                }
+            }
         }
     }
 

@@ -10,6 +10,9 @@ use super::int8_outlier::OutlierDtype;
 use super::observer::AffineU8;
 use super::packed4::Packed4;
 use super::FloatStorage;
+#[cfg(target_arch = "x86_64")]
+use super::Int8Panels;
+use std::borrow::Cow;
 
 /// A layer's weight representation and bias (`y = x·Wᵀ + b`).
 #[derive(Debug, Clone, Copy)]
@@ -44,7 +47,7 @@ pub enum WeightParts<'a> {
     /// the one tensor scale repeated per row), activations quantized at run time.
     Int8Dynamic {
         /// Codes.
-        weight: &'a [i8],
+        weight: Int8Codes<'a>,
         /// One scale per output row.
         scales: &'a [f32],
         /// The scheme's options.
@@ -97,6 +100,50 @@ pub enum WeightParts<'a> {
     },
 }
 
+/// int8 codes as a layer holds them: row-major, or packed for the AVX-512 VNNI product.
+#[derive(Debug, Clone, Copy)]
+pub enum Int8Codes<'a> {
+    /// Row-major `[out, in]`.
+    RowMajor(&'a [i8]),
+    /// Packed panels ([`Int8Panels`]), on CPUs with AVX-512 VNNI.
+    #[cfg(target_arch = "x86_64")]
+    Panels(&'a Int8Panels),
+}
+
+impl<'a> Int8Codes<'a> {
+    /// The codes as row-major `[out, in]` (unpacked when packed).
+    pub fn row_major(&self) -> Cow<'a, [i8]> {
+        match *self {
+            Int8Codes::RowMajor(codes) => Cow::Borrowed(codes),
+            #[cfg(target_arch = "x86_64")]
+            Int8Codes::Panels(panels) => Cow::Owned(panels.row_major()),
+        }
+    }
+
+    /// How many codes: one per weight.
+    pub fn len(&self) -> usize {
+        match self {
+            Int8Codes::RowMajor(codes) => codes.len(),
+            #[cfg(target_arch = "x86_64")]
+            Int8Codes::Panels(panels) => panels.rows() * panels.cols(),
+        }
+    }
+
+    /// True for a layer without weights.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Int8Codes::RowMajor(codes) => codes.len(),
+            #[cfg(target_arch = "x86_64")]
+            Int8Codes::Panels(panels) => panels.bytes(),
+        }
+    }
+}
+
 impl WeightParts<'_> {
     /// Bytes of the representation as this process holds it (what a product reads):
     /// values, codes, scales, offsets and per-row terms.
@@ -105,8 +152,8 @@ impl WeightParts<'_> {
         match self {
             WeightParts::Dense { weight, .. } | WeightParts::FakeQuant { weight, .. } => size_of_val(*weight),
             WeightParts::Half { bits, .. } => size_of_val(*bits),
-            WeightParts::Int8Dynamic { weight, scales, .. }
-            | WeightParts::Int8Outlier { weight, scales, .. } => size_of_val(*weight) + size_of_val(*scales),
+            WeightParts::Int8Dynamic { weight, scales, .. } => weight.bytes() + size_of_val(*scales),
+            WeightParts::Int8Outlier { weight, scales, .. } => size_of_val(*weight) + size_of_val(*scales),
             WeightParts::Int8Static { weight, row_sums, out_scales, .. } => {
                 size_of_val(*weight) + size_of_val(*row_sums) + size_of_val(*out_scales)
             }

@@ -9,6 +9,7 @@ pub mod exp;
 pub mod gelu;
 pub mod gemv;
 pub mod half;
+pub mod scratch;
 pub mod silu;
 pub mod skinny;
 
@@ -148,7 +149,7 @@ pub fn rms_norm_rows(x: &mut [f32], weight: &[f32], eps: f32) {
     let _span = crate::profile::span("norm", "rms norm", || crate::profile::elementwise(x.len(), 4.0));
     let dim = weight.len();
     map_rows(x, dim, |row| {
-        let mean_sq = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / dim as f64;
+        let mean_sq = sum_f64_lanes(row, |v| v * v) / dim as f64;
         let inv = 1.0 / ((mean_sq as f32) + eps).sqrt();
         for (v, w) in row.iter_mut().zip(weight) {
             *v = *v * inv * w;
@@ -162,13 +163,32 @@ pub fn layer_norm_rows(x: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
     let _span = crate::profile::span("norm", "layer norm", || crate::profile::elementwise(x.len(), 7.0));
     let dim = weight.len();
     map_rows(x, dim, |row| {
-        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / dim as f64;
-        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / dim as f64;
+        let mean = sum_f64_lanes(row, |v| v) / dim as f64;
+        let var = sum_f64_lanes(row, |v| (v - mean) * (v - mean)) / dim as f64;
         let inv = 1.0 / (var + eps as f64).sqrt();
         for ((v, w), b) in row.iter_mut().zip(weight).zip(bias) {
             *v = ((*v as f64 - mean) * inv) as f32 * w + b;
         }
     });
+}
+
+/// Running sums a row statistic keeps: independent chains the compiler vectorises, where
+/// one f64 sum is a chain of dependent adds (a LayerNorm row took 7 cycles per value).
+const SUM_LANES: usize = 8;
+
+/// `Σ f(v)` over `row` in f64, accumulated in [`SUM_LANES`] interleaved partial sums (a
+/// fixed order, the same on every CPU and thread count).
+#[inline(always)]
+fn sum_f64_lanes(row: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut lanes = [0.0f64; SUM_LANES];
+    let chunks = row.chunks_exact(SUM_LANES);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v as f64)).sum();
+    for c in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(c) {
+            *lane += f(v as f64);
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
 }
 
 /// Values below which an element-wise pass stays on the calling thread (waking the pool

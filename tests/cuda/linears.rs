@@ -168,9 +168,10 @@ fn every_case_builds_on_the_cpu_with_consistent_parts() {
             let values = match parts.weights {
                 WeightParts::Dense { weight, .. } | WeightParts::FakeQuant { weight, .. } => weight.len(),
                 WeightParts::Half { bits, .. } => bits.len(),
-                WeightParts::Int8Dynamic { weight, .. }
-                | WeightParts::Int8Static { weight, .. }
-                | WeightParts::Int8Outlier { weight, .. } => weight.len(),
+                WeightParts::Int8Dynamic { weight, .. } => weight.len(),
+                WeightParts::Int8Static { weight, .. } | WeightParts::Int8Outlier { weight, .. } => {
+                    weight.len()
+                }
                 WeightParts::Packed4(p) => p.rows * p.cols,
                 WeightParts::Codebook { indices, bits, .. } => indices.len() * 8 / bits as usize,
             };

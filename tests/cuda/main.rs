@@ -575,7 +575,7 @@ fn cuda_linears_match_the_cpu_layers_for_decode_and_prefill() {
             Int8DynamicOptions::default(),
         )
         .unwrap();
-        let layer = CudaLinear::int8(&gpu, (n, k), cpu.weight(), cpu.scales(), Some(&bias)).unwrap();
+        let layer = CudaLinear::int8(&gpu, (n, k), &cpu.weight(), cpu.scales(), Some(&bias)).unwrap();
         for m in [1usize, 5, 40] {
             let x = data(m * k, 82 + m as u64, 1.0);
             let mut want = vec![0.0f32; m * n];

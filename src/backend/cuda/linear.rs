@@ -244,7 +244,11 @@ impl CudaLinear {
                     Int8DynamicOptions { per_tensor_activations: true, .. } => Activations::PerTensor,
                     _ => Activations::PerRow,
                 };
-                Repr::Int8 { weight: gpu.upload(weight)?, scales: gpu.upload(scales)?, activations }
+                Repr::Int8 {
+                    weight: gpu.upload(&weight.row_major())?,
+                    scales: gpu.upload(scales)?,
+                    activations,
+                }
             }
             WeightParts::Int8Static { weight, row_sums, out_scales, input } => {
                 check_len(OP, "weight", weight.len(), n)?;
