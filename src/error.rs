@@ -24,6 +24,9 @@ pub enum Error {
     /// A model directory or file is missing.
     #[error("model {what} not found at {path}: {hint}")]
     ModelMissing { what: &'static str, path: PathBuf, hint: String },
+    /// Downloading a model from the hub failed.
+    #[error("hub repository {repo} at {endpoint}: {message}")]
+    Hub { repo: String, endpoint: String, message: String },
     /// A model file exists but its content is not what was expected.
     #[error("model file {path}: {message}")]
     ModelFormat { path: PathBuf, message: String },

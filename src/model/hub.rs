@@ -1,15 +1,20 @@
 //! Models named `org/name`: found in the Hugging Face cache (`HF_HUB_CACHE`, `HF_HOME`,
-//! `~/.cache/huggingface/hub`), or fetched into it with the official `hf` command-line
-//! tool when the network allows and `HF_HUB_OFFLINE` is not set.
+//! `~/.cache/huggingface/hub`), or downloaded into it ([`super::hub_download`]: the hub's
+//! file API from Rust, `HF_ENDPOINT` and `HF_TOKEN` honoured) unless `HF_HUB_OFFLINE` is
+//! set.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+use super::hub_download::HubClient;
 
 use crate::error::{Error, Result};
 
 /// Files fetched for a model: config, tokenizer and safetensors weights (not the
 /// PyTorch, TensorFlow or ONNX copies many repositories also hold).
-const PATTERNS: &[&str] = &["*.json", "*.safetensors", "*.txt"];
+const PATTERNS: &[&str] = &["*.json", "*.safetensors", "*.txt", "tokenizer.model"];
+
+/// The revision fetched.
+const REVISION: &str = "main";
 
 /// True for a string shaped like a hub repository id (`org/name`) rather than a path.
 pub fn looks_like_repo(spec: &str) -> bool {
@@ -67,8 +72,8 @@ pub fn resolve(repo: &str) -> Result<PathBuf> {
         return Ok(dir);
     }
     let manual = format!(
-        "download it where the network allows (`hf download {repo}`) and copy {} here, or point the suite \
-         at a directory holding config.json, the safetensors weights and tokenizer.json",
+        "download it where the network allows (`bench` fetches it when HF_HUB_OFFLINE is unset) and copy {} \
+         here, or point the suite at a directory holding config.json, the safetensors weights and tokenizer.json",
         repo_dir.display()
     );
     if offline() {
@@ -78,31 +83,16 @@ pub fn resolve(repo: &str) -> Result<PathBuf> {
             hint: format!("not in the Hugging Face cache and HF_HUB_OFFLINE is set; {manual}"),
         });
     }
-    let mut command = Command::new("hf");
-    command.args(["download", repo, "--include"]).args(PATTERNS).arg("--cache-dir").arg(&cache);
-    match command.output() {
-        Ok(out) if out.status.success() => cached_snapshot(&repo_dir).ok_or_else(|| Error::ModelMissing {
-            what: "snapshot",
-            path: repo_dir.clone(),
-            hint: format!("`hf download {repo}` finished but left no snapshot with config.json; {manual}"),
-        }),
-        Ok(out) => Err(Error::ModelMissing {
-            what: "snapshot",
-            path: repo_dir,
-            hint: format!(
-                "not in the Hugging Face cache, and `hf download {repo}` failed: {}; {manual}",
-                String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("no message").trim()
-            ),
-        }),
-        Err(_) => Err(Error::ModelMissing {
-            what: "snapshot",
-            path: repo_dir,
-            hint: format!(
-                "not in the Hugging Face cache, and the `hf` tool that fetches it is not installed \
-                 (pip install huggingface_hub); {manual}"
-            ),
-        }),
+    let client = HubClient::from_env(|k| std::env::var(k).ok());
+    let snapshot = client.download(repo, REVISION, PATTERNS, &cache)?;
+    if snapshot.join("config.json").is_file() {
+        return Ok(snapshot);
     }
+    Err(Error::ModelMissing {
+        what: "config.json",
+        path: snapshot,
+        hint: format!("the download of {repo} holds no config.json; {manual}"),
+    })
 }
 
 #[cfg(test)]

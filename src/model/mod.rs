@@ -12,6 +12,7 @@ pub mod generate;
 pub mod gguf;
 pub mod gpt2;
 pub mod hub;
+pub mod hub_download;
 pub mod llama;
 mod norm;
 pub mod plan;

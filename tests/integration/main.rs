@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod distributed;
 mod golden;
+mod hub;
 mod layers;
 mod measure;
 mod precision;
