@@ -279,6 +279,9 @@ pub fn index(results: &Results, svgs: &[String]) -> String {
     for (model, cases) in table::cases_by_model(results) {
         body.push_str(&format!("<h2>{}</h2>\n", escape(&model)));
         if let Some(m) = results.models.iter().find(|m| m.name == model) {
+            if let Some(note) = m.fallback_note() {
+                body.push_str(&format!("<p class=\"warn\"><strong>{}</strong></p>\n", escape(&note)));
+            }
             body.push_str(&format!(
                 "<p class=\"muted\">{}, {} parameters, judged against {} ({}), {} evaluation tokens. \
                  Click a column to sort.</p>\n",

@@ -176,6 +176,30 @@ pub struct ModelRecord {
     /// and in results written before it was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_limit: Option<InputLimit>,
+    /// Set when the suite's model could not be had and its `fallback` (`path`) ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_for: Option<FallbackRecord>,
+}
+
+/// The model a suite asked for when its fallback ran instead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FallbackRecord {
+    /// The suite's `path`.
+    pub requested: String,
+    /// Why it could not be had.
+    pub reason: String,
+}
+
+impl ModelRecord {
+    /// "ran X in place of Y (reason)" for a fallback, for reports.
+    pub fn fallback_note(&self) -> Option<String> {
+        self.fallback_for.as_ref().map(|f| {
+            format!(
+                "Fallback: this is `{}`, run in place of `{}`, which was unavailable ({}).",
+                self.path, f.requested, f.reason
+            )
+        })
+    }
 }
 
 /// The most tokens an encoder input keeps, and how many of a run's inputs were cut to it.

@@ -79,6 +79,9 @@ pub fn model_tables(results: &Results) -> String {
     for (model, cases) in table::cases_by_model(results) {
         md.push_str(&format!("\n## {model}\n\n"));
         if let Some(m) = results.models.iter().find(|m| m.name == model) {
+            if let Some(note) = m.fallback_note() {
+                md.push_str(&format!("**{note}**\n\n"));
+            }
             md.push_str(&format!(
                 "{}, {} parameters, reference {} ({}), {} evaluation tokens.\n\n",
                 m.arch, m.parameters, m.reference, m.dtype, m.eval_tokens

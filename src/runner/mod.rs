@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result, ResultExt};
 use crate::hash::{sha256_file, sha256_hex};
 use crate::report::results::{
-    CalibrationRecord, CaseResult, ModelRecord, Provenance, Results, ShardRecord, SuiteRecord,
-    WorkloadRecord, SCHEMA_VERSION,
+    CalibrationRecord, CaseResult, FallbackRecord, ModelRecord, Provenance, Results, ShardRecord,
+    SuiteRecord, WorkloadRecord, SCHEMA_VERSION,
 };
 use crate::suite::{Plan, PlannedModel, PlannedScheme, Shard};
 
@@ -291,6 +291,10 @@ fn model_record(plan: &Plan, model: &PlannedModel, model_sha256: String) -> Resu
         reference: model.reference.map_or_else(|| model.name.clone(), |j| plan.models[j].name.clone()),
         reference_cache: None,
         input_limit: None,
+        fallback_for: model
+            .substitute
+            .as_ref()
+            .map(|s| FallbackRecord { requested: s.requested.clone(), reason: s.reason.clone() }),
     })
 }
 

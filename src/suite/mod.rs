@@ -89,6 +89,11 @@ pub struct ModelEntry {
     /// tokenizer.
     #[serde(default)]
     pub reference: Option<Spanned<String>>,
+    /// What to run when `path` is a hub id that cannot be had here (offline, no network,
+    /// refused): a folder or `builtin:NAME`. The results and reports say plainly that the
+    /// fallback ran, and why.
+    #[serde(default)]
+    pub fallback: Option<Spanned<String>>,
 }
 
 /// One scheme of a suite: a bare name, or a map with `name` and parameters.

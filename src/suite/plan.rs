@@ -75,6 +75,17 @@ pub struct PlannedModel {
     /// Index (in the plan's models) of the model whose outputs are the reference, when it
     /// is another one.
     pub reference: Option<usize>,
+    /// Set when the suite's `path` could not be had and its `fallback` runs instead.
+    pub substitute: Option<Substitute>,
+}
+
+/// A model entry's `fallback` standing in for its `path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Substitute {
+    /// The `path` the suite asked for.
+    pub requested: String,
+    /// Why it could not be had.
+    pub reason: String,
 }
 
 /// A scheme of the plan.
@@ -379,7 +390,26 @@ impl Checker<'_> {
                 }
             };
             let context = |e: Error| self.value(&entry.path, format!("model {name}: {}", e.chain_inline()));
-            let dir = model::resolve_model_path(&entry.path.value, base).map_err(context)?;
+            let (spec, dir, substitute) =
+                match (model::resolve_model_path(&entry.path.value, base), &entry.fallback) {
+                    (Ok(dir), _) => (entry.path.value.clone(), dir, None),
+                    (Err(e), Some(fallback)) => {
+                        let reason = e.chain_inline();
+                        eprintln!(
+                        "warning: model {name}: `{}` is unavailable ({reason}); running its fallback `{}` \
+                         instead, and the reports say so",
+                        entry.path.value, fallback.value
+                    );
+                        let fallback_context = |e: Error| {
+                            self.value(fallback, format!("model {name}: fallback: {}", e.chain_inline()))
+                        };
+                        let dir =
+                            model::resolve_model_path(&fallback.value, base).map_err(fallback_context)?;
+                        let substitute = Substitute { requested: entry.path.value.clone(), reason };
+                        (fallback.value.clone(), dir, Some(substitute))
+                    }
+                    (Err(e), None) => return Err(context(e)),
+                };
             let files = ModelFiles::open(&dir).map_err(context)?;
             let tokens = files.tokenizer.encode(&workload.eval_text).map_err(context)?;
             if tokens.len() < workload.context {
@@ -397,7 +427,7 @@ impl Checker<'_> {
                 Some(dtype) => dtype,
                 None => files.stored_precision().map_err(context)?,
             };
-            out.push(PlannedModel { name, spec: entry.path.value.clone(), dtype, files, reference: None });
+            out.push(PlannedModel { name, spec, dtype, files, reference: None, substitute });
         }
         for (i, entry) in entries.iter().enumerate() {
             if let Some(other) = &entry.reference {

@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::support::{assert_mentions, bench, fixture, model_copy, root, shared_cache, Run};
+use crate::support::{
+    assert_mentions, bench, fixture, model_copy, root, shared_cache, write_small_suite, Run,
+};
 
 /// Overwrite element `index` of the f32 or bf16 tensor `name` in `file` with `value`.
 fn poison(file: &Path, name: &str, index: usize, value: f32) {
@@ -456,4 +458,42 @@ fn a_stale_incomplete_builtin_cache_folder_is_replaced() {
     let again = inspect(&cache);
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
     assert!(generated.join(".complete").is_file() && !generated.join("junk").exists());
+}
+
+/// A hub model that cannot be had runs its `fallback:`, and the warning, results.json and
+/// both reports say which model ran in place of which, and why.
+#[test]
+fn an_unreachable_model_runs_its_labelled_fallback() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = write_small_suite(dir.path(), "[fp32]");
+    let text = std::fs::read_to_string(&suite).unwrap().replace(
+        "path: builtin:tiny-llama\n",
+        "path: absent-org/absent-model\n    fallback: builtin:tiny-llama\n",
+    );
+    std::fs::write(&suite, text).unwrap();
+    let out = dir.path().join("out");
+    let run =
+        bench(&["run", suite.to_str().unwrap(), "--out", out.to_str().unwrap()], dir.path(), &shared_cache());
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("absent-org/absent-model") && run.stderr.contains("fallback"),
+        "{}",
+        run.stderr
+    );
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let model = &results["models"][0];
+    assert_eq!(model["path"], "builtin:tiny-llama");
+    assert_eq!(model["fallback_for"]["requested"], "absent-org/absent-model");
+    assert!(model["fallback_for"]["reason"].as_str().unwrap().contains("HF_HUB_OFFLINE"), "{model}");
+    for report in ["summary.md", "index.html"] {
+        let text = std::fs::read_to_string(out.join(report)).unwrap();
+        assert!(text.contains("in place of `absent-org/absent-model`"), "{report}");
+    }
+    // Without a fallback the same suite is refused, naming the model.
+    let strict = std::fs::read_to_string(&suite).unwrap().replace("    fallback: builtin:tiny-llama\n", "");
+    std::fs::write(&suite, strict).unwrap();
+    let refused = bench(&["validate", suite.to_str().unwrap()], dir.path(), &shared_cache());
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("absent-org/absent-model"), "{}", refused.stderr);
 }
