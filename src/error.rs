@@ -15,55 +15,128 @@ pub enum Error {
     // ---- suite parsing and validation -------------------------------------------------
     /// The suite file is not valid YAML or does not match the schema.
     #[error("suite {path}: {message}")]
-    SuiteSyntax { path: PathBuf, message: String },
+    SuiteSyntax {
+        /// The file or folder concerned.
+        path: PathBuf,
+        /// What is wrong, and what was expected.
+        message: String,
+    },
     /// The suite parsed but a value is not acceptable.
     #[error("suite {path}, line {line}: {message}")]
-    SuiteValue { path: PathBuf, line: u64, message: String },
+    SuiteValue {
+        /// The file or folder concerned.
+        path: PathBuf,
+        /// The line in the suite file (1-based).
+        line: u64,
+        /// What is wrong, and what was expected.
+        message: String,
+    },
 
     // ---- model loading --------------------------------------------------------------
     /// A model directory or file is missing.
     #[error("model {what} not found at {path}: {hint}")]
-    ModelMissing { what: &'static str, path: PathBuf, hint: String },
+    ModelMissing {
+        /// What is missing (a folder, a file).
+        what: &'static str,
+        /// The file or folder concerned.
+        path: PathBuf,
+        /// How to provide it.
+        hint: String,
+    },
     /// Downloading a model from the hub failed.
     #[error("hub repository {repo} at {endpoint}: {message}")]
-    Hub { repo: String, endpoint: String, message: String },
+    Hub {
+        /// The repository id (`org/name`).
+        repo: String,
+        /// The hub endpoint asked.
+        endpoint: String,
+        /// What is wrong, and what was expected.
+        message: String,
+    },
     /// A model file exists but its content is not what was expected.
     #[error("model file {path}: {message}")]
-    ModelFormat { path: PathBuf, message: String },
+    ModelFormat {
+        /// The file or folder concerned.
+        path: PathBuf,
+        /// What is wrong, and what was expected.
+        message: String,
+    },
     /// A tensor is missing, or has the wrong shape or dtype for the config.
     #[error("tensor {name}: {message}")]
-    Tensor { name: String, message: String },
+    Tensor {
+        /// The tensor's name.
+        name: String,
+        /// What is wrong, and what was expected.
+        message: String,
+    },
     /// config.json holds a value the architecture cannot use.
     #[error("config {path}: {message}")]
-    Config { path: PathBuf, message: String },
+    Config {
+        /// The file or folder concerned.
+        path: PathBuf,
+        /// What is wrong, and what was expected.
+        message: String,
+    },
     /// The tokenizer could not be loaded or used.
     #[error("tokenizer {path}: {message}")]
-    Tokenizer { path: PathBuf, message: String },
+    Tokenizer {
+        /// The file or folder concerned.
+        path: PathBuf,
+        /// What is wrong, and what was expected.
+        message: String,
+    },
 
     // ---- schemes ----------------------------------------------------------------------
     /// A scheme name or parameter is unknown or out of range.
     #[error("scheme {scheme}: {message}")]
-    Scheme { scheme: String, message: String },
+    Scheme {
+        /// The scheme's name.
+        scheme: String,
+        /// What is wrong, and what was expected.
+        message: String,
+    },
 
     // ---- running and measuring ------------------------------------------------------
     /// A check made while running failed (e.g. a reloaded model disagrees with the original).
     #[error("case {case}: {message}")]
-    Case { case: String, message: String },
+    Case {
+        /// The case's id.
+        case: String,
+        /// What is wrong, and what was expected.
+        message: String,
+    },
     /// A tensor computed while running holds a NaN or an infinity.
     #[error(
         "non-finite value in {tensor} at {position}: found {value}, expected a finite number \
          (the forward pass overflowed, or a weight or norm epsilon makes it divide by zero)"
     )]
-    NonFinite { tensor: String, position: String, value: f32 },
+    NonFinite {
+        /// The tensor (layer output, logits) that holds it.
+        tensor: String,
+        /// Where in the tensor.
+        position: String,
+        /// The value found.
+        value: f32,
+    },
     /// A prompt or sentence file that does not hold what its extension says.
     #[error("input file {path}: {message}")]
-    Inputs { path: PathBuf, message: String },
+    Inputs {
+        /// The file or folder concerned.
+        path: PathBuf,
+        /// What is wrong, and what was expected.
+        message: String,
+    },
     /// A workload cannot be run (too few tokens, empty prompt list, ...).
     #[error("workload: {0}")]
     Workload(String),
     /// The compute device failed (a CUDA call, a kernel launch, device memory).
     #[error("device {device}: {message}")]
-    Device { device: &'static str, message: String },
+    Device {
+        /// The device (`cuda`).
+        device: &'static str,
+        /// What is wrong, and what was expected.
+        message: String,
+    },
     /// A report could not be rendered.
     #[error("report: {0}")]
     Render(String),
@@ -72,31 +145,48 @@ pub enum Error {
     Merge(String),
     /// An existing results file cannot be resumed.
     #[error("results file {path}: {message}")]
-    Results { path: PathBuf, message: String },
+    Results {
+        /// The file or folder concerned.
+        path: PathBuf,
+        /// What is wrong, and what was expected.
+        message: String,
+    },
     /// A stored reference (`references/NAME.qbref`) cannot be used.
     #[error("stored reference {path}: {message}")]
-    Reference { path: PathBuf, message: String },
+    Reference {
+        /// The file or folder concerned.
+        path: PathBuf,
+        /// What is wrong, and what was expected.
+        message: String,
+    },
 
     // ---- plumbing ---------------------------------------------------------------------
     /// An I/O operation on a named path failed.
     #[error("{action} {path}")]
     Io {
+        /// What was being done (`reading`, `writing`, ...).
         action: &'static str,
+        /// The file or folder concerned.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
     /// A JSON document could not be read or written.
     #[error("json {path}")]
     Json {
+        /// The file or folder concerned.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: serde_json::Error,
     },
     /// Outer context around an inner error.
     #[error("{context}")]
     Context {
+        /// The line of context printed before the inner error.
         context: String,
+        /// The underlying error.
         #[source]
         source: Box<Error>,
     },

@@ -3,7 +3,9 @@
 //! A YAML suite names models, schemes, a workload and metrics; [`runner`] loads each
 //! model, applies each scheme, and measures memory, disk size, latency and divergence from
 //! the full-precision reference; [`report`] writes results.json and renders tables. See
-//! DESIGN.md in the repository for the data flow.
+//! ARCHITECTURE.md in the repository for the data flow, the layers and their rules.
+
+#![warn(missing_docs)]
 
 pub mod backend;
 pub mod cli;

@@ -64,6 +64,7 @@ pub fn exp_sum_in_place(row: &mut [f32], shift: f32) -> f32 {
     crate::tensor::sum_lanes(lanes) + tail.iter().sum::<f32>()
 }
 
+/// The AVX2 kernels, for the other vectorised element-wise passes to build on.
 #[cfg(target_arch = "x86_64")]
 pub mod avx2 {
     use std::arch::x86_64::*;

@@ -41,22 +41,54 @@ pub enum CudaError {
     NoDriver(String),
     /// A CUDA library (NVRTC, cuBLAS, cuBLASLt) could not be loaded.
     #[error("cuda library {lib}: {message}")]
-    Library { lib: &'static str, message: String },
+    Library {
+        /// The library.
+        lib: &'static str,
+        /// What went wrong.
+        message: String,
+    },
     /// A driver call failed.
     #[error("cuda {op}: {message}")]
-    Driver { op: String, message: String },
+    Driver {
+        /// The call or op.
+        op: String,
+        /// What went wrong.
+        message: String,
+    },
     /// NVRTC rejected a kernel file.
     #[error("kernel file kernels/{file} does not compile for {arch}:\n{log}")]
-    Compile { file: &'static str, arch: String, log: String },
+    Compile {
+        /// The kernel file.
+        file: &'static str,
+        /// The GPU architecture compiled for.
+        arch: String,
+        /// NVRTC's log.
+        log: String,
+    },
     /// A cuBLAS or cuBLASLt call failed.
     #[error("{op}: {message}")]
-    Blas { op: &'static str, message: String },
+    Blas {
+        /// The call or op.
+        op: &'static str,
+        /// What went wrong.
+        message: String,
+    },
     /// Arguments of an op do not fit together.
     #[error("cuda op {op}: {message}")]
-    Shape { op: &'static str, message: String },
+    Shape {
+        /// The call or op.
+        op: &'static str,
+        /// What went wrong.
+        message: String,
+    },
     /// cudarc panicked (a missing library or symbol); the message it gave.
     #[error("cuda {op}: cudarc panicked: {message}")]
-    Panic { op: &'static str, message: String },
+    Panic {
+        /// The call or op.
+        op: &'static str,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// Run `f`, turning a cudarc panic into [`CudaError::Panic`].
