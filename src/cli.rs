@@ -528,7 +528,7 @@ pub fn list(what: ListWhat, markdown: bool) -> String {
                         format!("{}", s.bits_per_weight),
                         s.block_size.map_or("–".into(), |b| b.to_string()),
                         yes_no(s.needs_calibration).into(),
-                        serde_json::to_value(s.devices).expect("serialises").as_str().unwrap_or("").into(),
+                        s.devices.name().into(),
                         if params.is_empty() { "–".into() } else { params.join(", ") },
                         s.summary.into(),
                     ]

@@ -79,6 +79,9 @@ pub struct MetricInfo {
     pub tolerance: f64,
     /// What it means.
     pub summary: &'static str,
+    /// Whether its value depends on the machine (timings, resident memory): across two
+    /// machines `bench compare` shows its verdict but does not fail on it.
+    pub machine_dependent: bool,
 }
 
 const fn metric(
@@ -90,7 +93,16 @@ const fn metric(
     tolerance: f64,
     summary: &'static str,
 ) -> MetricInfo {
-    MetricInfo { name, group, unit, higher_is_better, aggregation, tolerance, summary }
+    // Timings depend on the machine by nature; other groups say so with `on_machine`.
+    let machine_dependent = matches!(group, MetricGroup::Latency);
+    MetricInfo { name, group, unit, higher_is_better, aggregation, tolerance, summary, machine_dependent }
+}
+
+impl MetricInfo {
+    /// The same row, marked as depending on the machine.
+    const fn on_machine(self) -> MetricInfo {
+        MetricInfo { machine_dependent: true, ..self }
+    }
 }
 
 use Aggregation::*;
@@ -116,7 +128,8 @@ pub static METRICS: &[MetricInfo] = &[
         Exact,
         0.05,
         "peak resident set size of the process during the case (the high-water mark is reset per case)",
-    ),
+    )
+    .on_machine(),
     metric("disk_bytes", Disk, "B", false, Exact, 0.0, "size of the saved safetensors file"),
     metric(
         "quantize_s",

@@ -146,13 +146,6 @@ fn extractor(metric: &str) -> Option<&'static Extractor> {
     EXTRACTORS.iter().find(|e| e.metric == metric)
 }
 
-/// Whether a metric depends on the machine (timings, resident memory): across different
-/// machines its verdict is shown but does not fail the comparison. Timings without repeated
-/// samples (quantize, load) never fail it: one sample has no noise estimate.
-fn machine_dependent(metric: &MetricInfo) -> bool {
-    metric.group == MetricGroup::Latency || metric.name == "peak_rss_bytes"
-}
-
 /// The verdict on one metric of one case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -375,7 +368,7 @@ pub fn compare(
                 continue;
             }
             let across_machines =
-                other_workload.or((machine_dependent(metric) && other_machine).then_some("other machine"));
+                other_workload.or((metric.machine_dependent && other_machine).then_some("other machine"));
             let samples = ((ex.samples)(base), (ex.samples)(case));
             let row = match samples {
                 (Some(sb), Some(sn)) if sb.len() >= 2 && sn.len() >= 2 => {

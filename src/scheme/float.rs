@@ -210,7 +210,7 @@ pub(super) const FP32: SchemeInfo = SchemeInfo {
     bits_per_weight: 32.0,
     block_size: None,
     needs_calibration: false,
-    devices: DeviceSupport::Cpu,
+    devices: DeviceSupport::CpuAndCuda,
     params: &[],
     build: build_f32,
 };
@@ -221,7 +221,7 @@ pub(super) const FP16: SchemeInfo = SchemeInfo {
     bits_per_weight: 16.0,
     block_size: None,
     needs_calibration: false,
-    devices: DeviceSupport::Cpu,
+    devices: DeviceSupport::CpuAndCuda,
     params: &[],
     build: build_f16,
 };
@@ -232,7 +232,7 @@ pub(super) const BF16: SchemeInfo = SchemeInfo {
     bits_per_weight: 16.0,
     block_size: None,
     needs_calibration: false,
-    devices: DeviceSupport::Cpu,
+    devices: DeviceSupport::CpuAndCuda,
     params: &[],
     build: build_bf16,
 };

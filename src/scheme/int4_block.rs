@@ -311,7 +311,7 @@ pub(super) const INT4_BLOCK: SchemeInfo = SchemeInfo {
     bits_per_weight: 4.0 + 16.0 / DEFAULT_BLOCK as f64,
     block_size: Some(DEFAULT_BLOCK),
     needs_calibration: false,
-    devices: DeviceSupport::Cpu,
+    devices: DeviceSupport::CpuAndCuda,
     params: &[
         ParamInfo {
             name: "block_size",

@@ -285,7 +285,7 @@ pub(super) const INT8_OUTLIER: SchemeInfo = SchemeInfo {
     bits_per_weight: 8.0,
     block_size: None,
     needs_calibration: false,
-    devices: DeviceSupport::Cpu,
+    devices: DeviceSupport::CpuAndCuda,
     params: &[
         ParamInfo {
             name: "threshold",

@@ -328,7 +328,7 @@ pub(super) const INT8_STATIC: SchemeInfo = SchemeInfo {
     bits_per_weight: 8.0,
     block_size: None,
     needs_calibration: true,
-    devices: DeviceSupport::Cpu,
+    devices: DeviceSupport::CpuAndCuda,
     params: &OBSERVER_PARAMS,
     build,
 };

@@ -343,7 +343,7 @@ pub(super) const KMEANS: SchemeInfo = SchemeInfo {
     bits_per_weight: 4.0,
     block_size: None,
     needs_calibration: false,
-    devices: DeviceSupport::Cpu,
+    devices: DeviceSupport::CpuAndCuda,
     params: &[
         ParamInfo {
             name: "clusters",

@@ -301,14 +301,26 @@ impl SchemeParams {
     }
 }
 
-/// Which devices run a scheme.
+/// Which devices run a scheme (checked against the CUDA backend's uploads by
+/// `backend::cuda::linear`'s tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
 pub enum DeviceSupport {
     /// CPU only.
+    #[serde(rename = "cpu")]
     Cpu,
     /// CPU and CUDA.
+    #[serde(rename = "cpu, cuda")]
     CpuAndCuda,
+}
+
+impl DeviceSupport {
+    /// As listed: `cpu` or `cpu, cuda`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceSupport::Cpu => "cpu",
+            DeviceSupport::CpuAndCuda => "cpu, cuda",
+        }
+    }
 }
 
 /// One row of the scheme table.

@@ -392,7 +392,7 @@ pub(super) const NF4: SchemeInfo = SchemeInfo {
     bits_per_weight: BITS,
     block_size: Some(DEFAULT_BLOCK),
     needs_calibration: false,
-    devices: DeviceSupport::Cpu,
+    devices: DeviceSupport::CpuAndCuda,
     params: PARAMS,
     build: build_nf4,
 };
@@ -403,7 +403,7 @@ pub(super) const FP4: SchemeInfo = SchemeInfo {
     bits_per_weight: BITS,
     block_size: Some(DEFAULT_BLOCK),
     needs_calibration: false,
-    devices: DeviceSupport::Cpu,
+    devices: DeviceSupport::CpuAndCuda,
     params: PARAMS,
     build: build_fp4,
 };

@@ -180,7 +180,7 @@ pub(super) const PRUNE: SchemeInfo = SchemeInfo {
     bits_per_weight: 32.0,
     block_size: None,
     needs_calibration: false,
-    devices: DeviceSupport::Cpu,
+    devices: DeviceSupport::CpuAndCuda,
     params: &[
         ParamInfo {
             name: "fraction",

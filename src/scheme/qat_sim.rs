@@ -375,7 +375,7 @@ pub(super) const QAT_SIM: SchemeInfo = SchemeInfo {
     bits_per_weight: 8.0,
     block_size: None,
     needs_calibration: true,
-    devices: DeviceSupport::Cpu,
+    devices: DeviceSupport::CpuAndCuda,
     params: &PARAMS,
     build,
 };

@@ -199,6 +199,22 @@ fn int8_names(repr: &Repr) -> [&'static str; 3] {
     }
 }
 
+/// Whether [`CudaLinear::from_linear`] has a CUDA path for this weight representation:
+/// every one today. The match has no wildcard, so a new representation does not compile
+/// until it is decided here, and the scheme table's `devices` must then agree (tested).
+pub fn uploads(weights: &WeightParts) -> bool {
+    match weights {
+        WeightParts::Dense { .. }
+        | WeightParts::Half { .. }
+        | WeightParts::Int8Dynamic { .. }
+        | WeightParts::Int8Static { .. }
+        | WeightParts::Int8Outlier { .. }
+        | WeightParts::FakeQuant { .. }
+        | WeightParts::Packed4(_)
+        | WeightParts::Codebook { .. } => true,
+    }
+}
+
 impl CudaLinear {
     /// A device copy of any scheme's layer, from its [`Linear::parts`]. Every
     /// representation and option has a CUDA path; errors are shape mismatches between the
@@ -675,5 +691,29 @@ impl CudaLinear {
         let mut done = uninit::<f32>(gpu, m * n)?;
         write(&mut done)?;
         fuse::bias_act_rows(gpu, &done, None, fuse, out, (m, n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheme::{Calibration, DeviceSupport, SchemeParams, SCHEMES};
+
+    /// The scheme table's `devices` says CUDA exactly for the schemes whose layers this
+    /// backend uploads (no GPU needed: only the representation is looked at).
+    #[test]
+    fn scheme_table_devices_match_what_the_backend_uploads() {
+        let (rows, cols) = (8, 64);
+        let mut rng = crate::tensor::SeededRng::new(2);
+        let data = rng.normal_vec(rows * cols, 1.0);
+        let inputs = rng.normal_vec(16 * cols, 1.0);
+        for info in SCHEMES {
+            let scheme = (info.build)(&SchemeParams::default()).unwrap();
+            let calibration = info.needs_calibration.then_some(Calibration { inputs: &inputs, rows: 16 });
+            let weight = crate::scheme::DenseWeight { name: "w".into(), rows, cols, data: data.clone() };
+            let layer = scheme.quantize(weight, None, calibration).unwrap();
+            let on_cuda = info.devices == DeviceSupport::CpuAndCuda;
+            assert_eq!(uploads(&layer.parts().weights), on_cuda, "scheme {}", info.name);
+        }
     }
 }
