@@ -64,6 +64,16 @@ pub static BUILTINS: &[BuiltinInfo] = &[
         storage: Storage::F32,
     },
     BuiltinInfo {
+        name: "smollm2-135m-shapes",
+        summary: "HuggingFaceTB/SmolLM2-135M's architecture and shapes (30 layers, hidden 576, GQA 9/3 \
+              heads, FFN 1536, 49152-token vocabulary, tied head) with seeded weights, stored bf16 \
+              (269 MB); the 512-token built-in tokenizer (135M parameters)",
+        config: smollm2_135m_shapes_config,
+        seed: 20261206,
+        outliers: &[],
+        storage: Storage::Bf16Streamed,
+    },
+    BuiltinInfo {
         name: "bloom-560m-shapes",
         summary: "bigscience/bloom-560m's architecture and shapes (24 layers, hidden 1024, 16 heads, \
               250880-token vocabulary) with seeded weights, not the trained ones; the 512-token \
@@ -123,6 +133,27 @@ fn tiny_llama_config() -> Value {
         "torch_dtype": "float32",
         "quantbench_builtin": "tiny-llama",
     })
+}
+
+/// HuggingFaceTB/SmolLM2-135M's config.json, shapes only: the weights are seeded.
+fn smollm2_135m_shapes_config() -> Value {
+    let mut config = tiny_llama_config();
+    for (key, value) in [
+        ("vocab_size", json!(49152)),
+        ("hidden_size", json!(576)),
+        ("intermediate_size", json!(1536)),
+        ("num_hidden_layers", json!(30)),
+        ("num_attention_heads", json!(9)),
+        ("num_key_value_heads", json!(3)),
+        ("max_position_embeddings", json!(8192)),
+        ("rope_theta", json!(100000.0)),
+        ("tie_word_embeddings", json!(true)),
+        ("torch_dtype", json!("bfloat16")),
+        ("quantbench_builtin", json!("smollm2-135m-shapes")),
+    ] {
+        config[key] = value;
+    }
+    config
 }
 
 /// bigscience/bloom-560m's config.json, shapes only: the weights are seeded.
@@ -520,6 +551,7 @@ mod tests {
         assert_eq!(parameters("llama-2-7b-shapes"), 6_738_415_616);
         assert_eq!(parameters("bloom-1b7-shapes"), 1_722_408_960);
         assert_eq!(parameters("bloom-560m-shapes"), 559_214_592);
+        assert_eq!(parameters("smollm2-135m-shapes"), 134_515_008);
     }
 
     #[test]
