@@ -700,7 +700,7 @@ fn generate(args: &GenerateArgs) -> Result<()> {
             for (i, row) in logits.as_deref().unwrap_or_default().chunks_exact(model.vocab_size()).enumerate()
             {
                 out.raw(if i == 0 { "\n    " } else { ",\n    " })?;
-                out.value(&top_k(row, args.top_k, tokenizer)?)?;
+                write_top_k(out, row, args.top_k, tokenizer)?;
             }
             out.raw("]")?;
         }
@@ -799,16 +799,25 @@ fn profile(args: &ProfileArgs) -> Result<()> {
     Ok(())
 }
 
-/// The `k` most likely tokens of one logits row with their log-probabilities.
-fn top_k(row: &[f32], k: usize, tokenizer: &model::tokenizer::TextTokenizer) -> Result<serde_json::Value> {
+/// The `k` most likely tokens of one logits row with their log-probabilities, as a JSON
+/// array written entry by entry (the full vocabulary as one value took about 15 MB per
+/// row).
+fn write_top_k<W: std::io::Write>(
+    out: &mut JsonOut<W>,
+    row: &[f32],
+    k: usize,
+    tokenizer: &model::tokenizer::TextTokenizer,
+) -> Result<()> {
     let mut logp = Vec::new();
     tensor::log_softmax(row, &mut logp);
     let mut order: Vec<usize> = (0..row.len()).collect();
     order.sort_by(|&a, &b| logp[b].total_cmp(&logp[a]).then(a.cmp(&b)));
-    let entries = order
-        .into_iter()
-        .take(k)
-        .map(|id| Ok(json!({"id": id, "logprob": logp[id], "token": tokenizer.decode(&[id as u32])?})))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(serde_json::Value::Array(entries))
+    out.raw("[")?;
+    for (i, id) in order.into_iter().take(k).enumerate() {
+        if i > 0 {
+            out.raw(", ")?;
+        }
+        out.value(&json!({"id": id, "logprob": logp[id], "token": tokenizer.decode(&[id as u32])?}))?;
+    }
+    out.raw("]")
 }

@@ -286,3 +286,46 @@ fn the_reload_check_frees_the_original_when_memory_is_short() {
         assert!(!warned(a) && warned(b), "{label}: {:?}", b["warnings"]);
     }
 }
+
+/// Peak memory grows with the bytes a case holds, not faster: on two built-in sizes
+/// (tiny-llama, 13 MB of f32; SmolLM2-135M's shapes, 269 MB of bf16), every case's peak
+/// RSS stays within 1.3 × (reference bytes + its quantized copy) + 512 MiB, and between
+/// the two sizes RSS grows by at most 1.3 bytes per byte held.
+#[test]
+fn peak_memory_grows_with_the_model_bytes_at_most_1_3_times() {
+    const OVERHEAD: f64 = 512.0 * 1024.0 * 1024.0;
+    let dir = tempfile::tempdir().unwrap();
+    let eval = std::fs::read_to_string(crate::support::root().join("suites/data/eval.txt")).unwrap();
+    std::fs::write(dir.path().join("eval.txt"), eval).unwrap();
+    let suite = dir.path().join("scale.yaml");
+    std::fs::write(
+        &suite,
+        "name: scale-test\n\
+         models:\n  - name: small\n    path: builtin:tiny-llama\n    dtype: bf16\n  \
+         - name: large\n    path: builtin:smollm2-135m-shapes\n    dtype: bf16\n\
+         schemes: [bf16, int8-dynamic]\n\
+         workload:\n  prompts: [\"Hello\"]\n  eval_text: eval.txt\n  prompt_len: 8\n  gen_len: 2\n  context: 32\n\
+         metrics: [memory]\nrepeats: 1\nwarmup: 0\n",
+    )
+    .unwrap();
+    let results = run_suite(dir.path(), &suite);
+    let cases = results["cases"].as_array().unwrap();
+    let field = |model: &str, scheme: &str, key: &str| -> f64 {
+        let c = cases.iter().find(|c| c["model"] == model && c["scheme"] == scheme).unwrap();
+        c["memory"][key].as_f64().unwrap_or_else(|| panic!("{model}/{scheme}: no {key}"))
+    };
+    for scheme in ["bf16", "int8-dynamic"] {
+        let mut held_and_peak = Vec::new();
+        for model in ["small", "large"] {
+            let (reference, copy) =
+                (field(model, "bf16", "total_bytes"), field(model, scheme, "total_bytes"));
+            let peak = field(model, scheme, "peak_rss_bytes");
+            let bound = 1.3 * (reference + copy) + OVERHEAD;
+            assert!(peak <= bound, "{model}/{scheme}: peak {peak} above {bound}");
+            held_and_peak.push((reference + copy, peak));
+        }
+        let [(held_small, peak_small), (held_large, peak_large)] = held_and_peak[..] else { unreachable!() };
+        let slope = (peak_large - peak_small) / (held_large - held_small);
+        assert!(slope <= 1.3, "{scheme}: {slope:.3} bytes of RSS per byte held, expected at most 1.3");
+    }
+}
