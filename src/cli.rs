@@ -177,12 +177,10 @@ pub enum ListWhat {
     Builtins,
 }
 
-/// Arguments of `bench generate`.
+/// How `generate`, `embed` and `profile` build their model: a scheme with parameters, over
+/// weights held at a precision.
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompts"])))]
-pub struct GenerateArgs {
-    /// Model directory or builtin:NAME.
-    pub model: String,
+pub struct BuildArgs {
     /// Scheme to apply (default fp32).
     #[arg(long, default_value = "fp32")]
     pub scheme: String,
@@ -190,6 +188,31 @@ pub struct GenerateArgs {
     /// 64, 0.5) and else as text; checked with the suite's rules. Repeatable.
     #[arg(long = "param", value_name = "KEY=VALUE")]
     pub params: Vec<String>,
+    /// The precision weights are held at before the scheme applies, as a suite's `dtype:`:
+    /// auto (the checkpoint's own: bf16 stays bf16), f32, f16 or bf16.
+    #[arg(long, default_value = "auto", value_parser = parse_dtype)]
+    pub dtype: Dtype,
+}
+
+/// `--dtype`'s value: a precision, or `None` for `auto`.
+#[derive(Debug, Clone, Copy)]
+pub struct Dtype(pub Option<FloatStorage>);
+
+fn parse_dtype(name: &str) -> std::result::Result<Dtype, String> {
+    FloatStorage::parse_dtype(name).map(Dtype).ok_or_else(|| {
+        format!("`{name}` is not a precision, expected one of: {}", FloatStorage::dtype_names())
+    })
+}
+
+/// Arguments of `bench generate`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompts"])))]
+pub struct GenerateArgs {
+    /// Model directory or builtin:NAME.
+    pub model: String,
+    /// The scheme, its parameters and the reference precision.
+    #[command(flatten)]
+    pub build: BuildArgs,
     /// One prompt.
     #[arg(long)]
     pub prompt: Option<String>,
@@ -213,13 +236,9 @@ pub struct GenerateArgs {
 pub struct ProfileArgs {
     /// Model directory, GGUF file or builtin:NAME.
     pub model: String,
-    /// Scheme to apply (default fp32).
-    #[arg(long, default_value = "fp32")]
-    pub scheme: String,
-    /// A scheme parameter, as a suite would set it: KEY=VALUE, VALUE read as JSON (true,
-    /// 64, 0.5) and else as text; checked with the suite's rules. Repeatable.
-    #[arg(long = "param", value_name = "KEY=VALUE")]
-    pub params: Vec<String>,
+    /// The scheme, its parameters and the reference precision.
+    #[command(flatten)]
+    pub build: BuildArgs,
     /// Sequences per pass.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
@@ -240,13 +259,9 @@ pub struct ProfileArgs {
 pub struct EmbedArgs {
     /// Model directory or builtin:NAME.
     pub model: String,
-    /// Scheme to apply (default fp32).
-    #[arg(long, default_value = "fp32")]
-    pub scheme: String,
-    /// A scheme parameter, as a suite would set it: KEY=VALUE, VALUE read as JSON (true,
-    /// 64, 0.5) and else as text; checked with the suite's rules. Repeatable.
-    #[arg(long = "param", value_name = "KEY=VALUE")]
-    pub params: Vec<String>,
+    /// The scheme, its parameters and the reference precision.
+    #[command(flatten)]
+    pub build: BuildArgs,
     /// One sentence.
     #[arg(long)]
     pub sentence: Option<String>,
@@ -605,23 +620,21 @@ fn read_inputs(single: &Option<String>, file: &Option<PathBuf>) -> Result<Vec<St
     }
 }
 
-/// Open `spec` and build it with scheme `name` (default parameters).
-fn build_with_scheme(
-    spec: &str,
-    name: &str,
-    params: &[String],
-) -> Result<(ModelFiles, Model, &'static SchemeInfo)> {
-    let info = scheme::lookup(name)?;
-    let params = info.validate_params(parse_params(params)?)?;
+/// Open `spec` and build it as `build` says.
+fn build_with_scheme(spec: &str, build: &BuildArgs) -> Result<(ModelFiles, Model, &'static SchemeInfo)> {
+    let info = scheme::lookup(&build.scheme)?;
+    let params = info.validate_params(parse_params(&build.params)?)?;
     let scheme = (info.build)(&params)?;
     let quantize_head = params.bool("quantize_head", false);
     let files = open_model(spec)?;
-    let model = files.build(&mut QuantizeFactory::new(
-        &files.store,
-        FloatStorage::F32,
-        scheme.as_ref(),
-        quantize_head,
-    ))?;
+    let precision = match build.dtype.0 {
+        Some(precision) => precision,
+        None => files.stored_precision()?,
+    };
+    let model =
+        files.build(&mut QuantizeFactory::new(&files.store, precision, scheme.as_ref(), quantize_head))?;
+    // Loading left freed f32 copies of each weight in the heap: give them back.
+    crate::measure::memory::release_free_heap();
     Ok((files, model, info))
 }
 
@@ -642,7 +655,7 @@ fn parse_params(params: &[String]) -> Result<std::collections::BTreeMap<String, 
 
 fn generate(args: &GenerateArgs) -> Result<()> {
     let prompts = read_inputs(&args.prompt, &args.prompts)?;
-    let (files, model, info) = build_with_scheme(&args.model, &args.scheme, &args.params)?;
+    let (files, model, info) = build_with_scheme(&args.model, &args.build)?;
     let model = model.causal("bench generate")?;
     let tokenizer = &files.tokenizer;
     // --json streams its document: a record, and within it a position's top-k list, is
@@ -741,7 +754,7 @@ impl<W: std::io::Write> JsonOut<W> {
 
 fn embed(args: &EmbedArgs) -> Result<()> {
     let sentences = read_inputs(&args.sentence, &args.sentences)?;
-    let (files, model, info) = build_with_scheme(&args.model, &args.scheme, &args.params)?;
+    let (files, model, info) = build_with_scheme(&args.model, &args.build)?;
     let encoder = model.encoder("bench embed")?;
     let (limit, source) = files.encoder_limit(encoder.max_positions());
     let mut records = Vec::new();
@@ -785,7 +798,7 @@ fn embed(args: &EmbedArgs) -> Result<()> {
 }
 
 fn profile(args: &ProfileArgs) -> Result<()> {
-    let (files, model, info) = build_with_scheme(&args.model, &args.scheme, &args.params)?;
+    let (files, model, info) = build_with_scheme(&args.model, &args.build)?;
     let vocab = match &model {
         Model::Causal(lm) => lm.vocab_size(),
         Model::Encoder(_) => files.tokenizer.vocab_size(),

@@ -88,7 +88,7 @@ pub fn keep_freed_buffers() {
 
 /// Hand free heap pages, and the recycled activation buffers, back to the kernel so they
 /// stop counting as resident.
-fn release_free_heap() {
+pub fn release_free_heap() {
     crate::tensor::scratch::release();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks the allocator's own free lists; it takes no pointers.

@@ -2,11 +2,12 @@
 //! `query_key_value` with per-head interleaved q/k/v, tanh GELU, a tied head.
 
 use crate::error::Result;
-use crate::scheme::{Linear, StoredTensor, TensorRole, TensorSink};
+use crate::scheme::{Linear, TensorSink};
 use crate::tensor;
 use crate::tensor::attention::{AttentionShape, KvCache, Masking};
 
 use super::decoder::{self, FusedBlock, FusedBlockOps};
+use super::embedding::Embedding;
 use super::norm::Norm;
 use super::plan::{DecoderPlan, PositionPlan};
 use super::{ArchInfo, ArchKind, CausalLm, ConfigJson, Logits, Model, TensorKind, TensorSpec, WeightFactory};
@@ -95,7 +96,7 @@ fn tensor_specs(config: &ConfigJson) -> Result<Vec<TensorSpec>> {
 /// A built BLOOM model.
 pub struct Bloom {
     config: BloomConfig,
-    embed: Vec<f32>,
+    embed: Embedding,
     embed_norm: Norm,
     blocks: Vec<FusedBlock>,
     final_norm: Norm,
@@ -106,7 +107,7 @@ pub struct Bloom {
 fn build(config: &ConfigJson, factory: &mut dyn WeightFactory) -> Result<Model> {
     let c = BloomConfig::parse(config)?;
     let h = c.hidden;
-    let embed = factory.dense(EMBED, &[c.vocab, h])?;
+    let embed = factory.embedding(EMBED, c.vocab, h)?;
     let embed_norm = Norm::load(factory, EMBED_NORM, h)?;
     let blocks = (0..c.layers)
         .map(|i| FusedBlock::load(factory, c.norms(i), h, c.linears(i), false))
@@ -149,7 +150,7 @@ impl CausalLm for Bloom {
         observe: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<Vec<f32>> {
         let (rows, seq) = decoder::check_batch(tokens, batch, cache)?;
-        let mut hidden = decoder::embed_rows(&self.embed, self.config.vocab, tokens)?;
+        let mut hidden = self.embed.rows(tokens)?;
         self.embed_norm.apply(&mut hidden, self.config.eps);
         let ops = self.ops();
         for (i, block) in self.blocks.iter().enumerate() {
@@ -159,12 +160,11 @@ impl CausalLm for Bloom {
         cache.advance(seq);
         let mut hidden = decoder::select_rows(hidden, seq, self.config.hidden, logits);
         self.final_norm.apply(&mut hidden, self.config.eps);
-        Ok(decoder::head_logits(&hidden, self.head.as_deref(), &self.embed, self.config.vocab))
+        Ok(decoder::head_logits(&hidden, self.head.as_deref(), &self.embed))
     }
 
     fn export_to(&self, sink: &mut TensorSink) {
-        let c = &self.config;
-        sink(StoredTensor::f32(EMBED, TensorRole::Unquantized, vec![c.vocab, c.hidden], &self.embed));
+        sink(self.embed.stored(EMBED));
         self.embed_norm.export(sink);
         for block in &self.blocks {
             block.export(sink);
@@ -188,7 +188,7 @@ impl CausalLm for Bloom {
             hidden: c.hidden,
             attention: AttentionShape { heads: c.heads, kv_heads: c.heads, head_dim },
             eps: c.eps,
-            embed: &self.embed,
+            embed: self.embed.f32_values(),
             embed_norm: Some(self.embed_norm.plan()),
             positions: PositionPlan::Alibi { slopes: &self.slopes },
             blocks: self.blocks.iter().map(|b| b.plan(head_dim, true)).collect(),

@@ -1,6 +1,6 @@
-//! Pieces every decoder's forward pass shares: batch checks, embedding lookup, picking the
-//! rows whose logits are wanted, the output head (its own layer or the tied embedding), and
-//! the fused-q/k/v LayerNorm block of BLOOM and GPT-2.
+//! Pieces every decoder's forward pass shares: batch checks, picking the rows whose logits
+//! are wanted, the output head (its own layer or the tied embedding), and the fused-q/k/v
+//! LayerNorm block of BLOOM and GPT-2.
 
 use crate::error::{Error, Result};
 use crate::profile;
@@ -8,6 +8,7 @@ use crate::scheme::{Linear, TensorSink};
 use crate::tensor;
 use crate::tensor::attention::{KvCache, Masking};
 
+use super::embedding::Embedding;
 use super::norm::Norm;
 use super::plan::{BlockPlan, MlpPlan, QkvPlan};
 use super::{LinearSpec, Logits, WeightFactory};
@@ -25,22 +26,6 @@ pub fn check_batch(tokens: &[u32], batch: usize, cache: &KvCache) -> Result<(usi
     Ok((tokens.len(), tokens.len() / batch))
 }
 
-/// Rows of `table` (`[vocab, width]`) for each token, or an error for an id outside it.
-pub fn embed_rows(table: &[f32], vocab: usize, tokens: &[u32]) -> Result<Vec<f32>> {
-    let width = table.len() / vocab;
-    let mut out = Vec::with_capacity(tokens.len() * width);
-    for &t in tokens {
-        let t = t as usize;
-        if t >= vocab {
-            return Err(Error::Workload(format!(
-                "token id {t} is outside the model's vocabulary of {vocab}"
-            )));
-        }
-        out.extend_from_slice(&table[t * width..(t + 1) * width]);
-    }
-    Ok(out)
-}
-
 /// The hidden rows whose logits are wanted: all, or the last of each sequence.
 pub fn select_rows(hidden: Vec<f32>, seq: usize, width: usize, logits: Logits) -> Vec<f32> {
     match logits {
@@ -51,26 +36,16 @@ pub fn select_rows(hidden: Vec<f32>, seq: usize, width: usize, logits: Logits) -
     }
 }
 
-/// Logits of normalised `hidden` rows through `head`, or through the embedding matrix
+/// Logits of normalised `hidden` rows through `head`, or through the embedding table
 /// when the head is tied and unquantized.
-pub fn head_logits(hidden: &[f32], head: Option<&dyn Linear>, embed: &[f32], vocab: usize) -> Vec<f32> {
-    let width = embed.len() / vocab;
-    let rows = hidden.len() / width;
-    let mut out = vec![0.0; rows * vocab];
-    match head {
-        Some(head) => {
-            let _span = profile::span("linear", head.kernel(), || linear_work(head, rows));
-            head.forward(hidden, rows, &mut out)
-        }
-        None => {
-            let work = || profile::Work {
-                ops: 2.0 * (rows * width * vocab) as f64,
-                bytes: 4.0 * (embed.len() + rows * (width + vocab)) as f64,
-            };
-            let _span = profile::span("linear", "f32-gemm (tied head)", work);
-            tensor::matmul_nt(hidden, rows, width, embed, vocab, &mut out)
-        }
-    }
+pub fn head_logits(hidden: &[f32], head: Option<&dyn Linear>, embed: &Embedding) -> Vec<f32> {
+    let Some(head) = head else {
+        return embed.logits(hidden, hidden.len() / embed.width());
+    };
+    let rows = hidden.len() / head.in_features();
+    let mut out = vec![0.0; rows * head.out_features()];
+    let _span = profile::span("linear", head.kernel(), || linear_work(head, rows));
+    head.forward(hidden, rows, &mut out);
     out
 }
 

@@ -6,6 +6,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::scheme::{Calibration, DenseWeight, FloatLinear, FloatStorage, Linear, Scheme, StoredSource};
 
+use super::embedding::Embedding;
 use super::weights::WeightStore;
 
 /// Canonical name of an untied output head.
@@ -43,6 +44,8 @@ impl<'a> LinearSpec<'a> {
 pub trait WeightFactory {
     /// A full-precision tensor (embedding, norm) of `shape`.
     fn dense(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+    /// The token embedding table `name` (`[vocab, width]`), at the model's precision.
+    fn embedding(&mut self, name: &str, vocab: usize, width: usize) -> Result<Embedding>;
     /// The linear layer `name` (`[rows, cols]` weight at `{name}.weight`), in the scheme's
     /// representation.
     fn linear(&mut self, spec: LinearSpec) -> Result<Box<dyn Linear>>;
@@ -114,6 +117,24 @@ impl WeightFactory for QuantizeFactory<'_> {
         self.read(name, shape)
     }
 
+    fn embedding(&mut self, name: &str, vocab: usize, width: usize) -> Result<Embedding> {
+        let Some(ty) = self.precision.half() else {
+            return Ok(Embedding::new(self.read(name, &[vocab, width])?, vocab, width, self.precision));
+        };
+        // A chunk of rows at a time: the f32 table (twice the 16-bit one) is never whole.
+        let how = format!(" once rounded to {}", self.precision.name());
+        let mut bits = Vec::with_capacity(vocab * width);
+        self.store.f32_chunks(name, &[vocab, width], EMBEDDING_CHUNK_ROWS, &mut |chunk| {
+            non_finite_weight_at(name, chunk, bits.len(), "")?;
+            let encoded = ty.encode(chunk);
+            let rounded: Vec<f32> = encoded.iter().map(|&b| ty.to_f32(b)).collect();
+            non_finite_weight_at(name, &rounded, bits.len(), &how)?;
+            bits.extend_from_slice(&encoded);
+            Ok(())
+        })?;
+        Ok(Embedding::from_bits(bits, vocab, width, self.precision))
+    }
+
     fn linear(&mut self, spec: LinearSpec) -> Result<Box<dyn Linear>> {
         let LinearSpec { name, rows, cols, .. } = spec;
         let weight = format!("{name}.weight");
@@ -165,6 +186,12 @@ impl WeightFactory for ReloadFactory<'_> {
         self.store.f32(name, shape)
     }
 
+    fn embedding(&mut self, name: &str, vocab: usize, width: usize) -> Result<Embedding> {
+        // Saved at the model's precision: reloaded at the same one.
+        let precision = self.store.entry(name)?.stored.precision();
+        Ok(Embedding::new(self.store.f32(name, &[vocab, width])?, vocab, width, precision))
+    }
+
     fn linear(&mut self, spec: LinearSpec) -> Result<Box<dyn Linear>> {
         let bias = self.bias(spec.name, spec.rows, spec.bias)?;
         self.scheme.load(spec.name, spec.rows, spec.cols, bias, self.store)
@@ -189,14 +216,23 @@ impl WeightFactory for ReloadFactory<'_> {
 /// An error naming weight `name` and its first NaN or infinite element (`how`: how the
 /// values were made, e.g. " once rounded to f16").
 pub(crate) fn non_finite_weight(name: &str, data: &[f32], how: &str) -> Result<()> {
+    non_finite_weight_at(name, data, 0, how)
+}
+
+/// [`non_finite_weight`] for a part of the weight starting at element `offset`.
+fn non_finite_weight_at(name: &str, data: &[f32], offset: usize, how: &str) -> Result<()> {
     match crate::tensor::first_non_finite(data) {
         None => Ok(()),
         Some((i, value)) => Err(Error::Tensor {
             name: name.to_string(),
-            message: format!("element {i} is {value}{how}, expected finite weights"),
+            message: format!("element {} is {value}{how}, expected finite weights", offset + i),
         }),
     }
 }
+
+/// Rows of an embedding table read and rounded at a time (4096 × a 4096-wide row is 64 MiB
+/// of f32).
+const EMBEDDING_CHUNK_ROWS: usize = 4096;
 
 /// `[rows, cols]` row-major → `[cols, rows]` row-major.
 fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {

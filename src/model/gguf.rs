@@ -590,10 +590,45 @@ impl GgufFile {
         let start = tensor.offset as usize;
         let data = &self.data[start..start + tensor.bytes as usize];
         let values = decode(tensor.ggml_type, data, tensor.elements());
+        if let Data::Mapped(map) = &self.data {
+            super::pages::release(map, start, tensor.bytes as usize);
+        }
         match self.rope_heads(tensor)? {
             Some(heads) => unpermute_tensor(tensor, &values, heads),
             None => Ok(values),
         }
+    }
+
+    /// The tensor `gguf_name` as f32 in chunks of `rows` rows (of its first dimension),
+    /// each handed to `visit` in order: a tensor of block-aligned rows that needs no
+    /// permutation is decoded a chunk at a time, so the whole f32 tensor is never held.
+    pub fn dequantize_chunks(
+        &self,
+        gguf_name: &str,
+        rows: usize,
+        visit: &mut dyn FnMut(&[f32]) -> Result<()>,
+    ) -> Result<()> {
+        let tensor = self.tensor(gguf_name).ok_or_else(|| Error::Tensor {
+            name: gguf_name.to_string(),
+            message: format!("not in {} ({} tensors present)", self.path.display(), self.tensors.len()),
+        })?;
+        let width = tensor.elements() / tensor.shape.first().copied().unwrap_or(1).max(1);
+        let ty = tensor.ggml_type;
+        if width == 0 || !width.is_multiple_of(ty.block_size()) || self.rope_heads(tensor)?.is_some() {
+            let values = self.dequantize(gguf_name)?;
+            return values.chunks(rows.max(1) * width.max(1)).try_for_each(visit);
+        }
+        let row_bytes = width / ty.block_size() * ty.block_bytes();
+        let start = tensor.offset as usize;
+        let data = &self.data[start..start + tensor.bytes as usize];
+        for chunk in data.chunks(rows.max(1) * row_bytes) {
+            visit(&decode(ty, chunk, chunk.len() / row_bytes * width))?;
+            if let Data::Mapped(map) = &self.data {
+                let offset = chunk.as_ptr() as usize - map.as_ptr() as usize;
+                super::pages::release(map, offset, chunk.len());
+            }
+        }
+        Ok(())
     }
 
     /// The head count whose permutation llama.cpp applied to `tensor`, or `None` when the
@@ -1578,6 +1613,37 @@ mod tests {
         for i in 0..32 {
             assert_eq!(x[i], 0.25 * (i as f32 * 4.0 - 64.0), "element {i}");
             assert_eq!(x[32 + i], if i % 2 == 0 { -63.5 } else { 64.0 }, "element {}", 32 + i);
+        }
+    }
+
+    /// Decoding a chunk of rows at a time gives the whole tensor's values, in order, for
+    /// block rows (Q8_0, 5 rows of 64 in chunks of 2) and element rows (F32).
+    #[test]
+    fn chunked_dequantization_gives_the_whole_tensor_in_order() {
+        let mut q8 = Vec::new();
+        for b in 0..10 {
+            q8.extend(q8_0_block(0.125 * (b + 1) as f32, &std::array::from_fn(|i| (i as i8) - b as i8)));
+        }
+        let f32s: Vec<f32> = (0..15).map(|i| i as f32 * 0.5).collect();
+        let writer = Writer::new().tensor("q", &[64, 5], 8, q8).f32_tensor("f", &[3, 5], &f32s);
+        let (_dir, file) = writer.open();
+        let file = file.unwrap();
+        for (name, rows, width) in [("q", 5, 64), ("f", 5, 3)] {
+            let mut chunks = Vec::new();
+            file.dequantize_chunks(name, 2, &mut |c| {
+                chunks.push(c.len());
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(chunks, [2 * width, 2 * width, width], "{name}");
+            let mut joined = Vec::new();
+            file.dequantize_chunks(name, 2, &mut |c| {
+                joined.extend_from_slice(c);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(joined, file.dequantize(name).unwrap(), "{name}");
+            assert_eq!(joined.len(), rows * width);
         }
     }
 

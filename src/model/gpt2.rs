@@ -7,6 +7,7 @@ use crate::tensor;
 use crate::tensor::attention::{AttentionShape, KvCache, Masking};
 
 use super::decoder::{self, FusedBlock, FusedBlockOps};
+use super::embedding::Embedding;
 use super::norm::Norm;
 use super::plan::{DecoderPlan, PositionPlan};
 use super::{ArchInfo, ArchKind, CausalLm, ConfigJson, Logits, Model, TensorKind, TensorSpec, WeightFactory};
@@ -120,7 +121,7 @@ fn tensor_specs(config: &ConfigJson) -> Result<Vec<TensorSpec>> {
 /// A built GPT-2 model.
 pub struct Gpt2 {
     config: Gpt2Config,
-    embed: Vec<f32>,
+    embed: Embedding,
     positions: Vec<f32>,
     blocks: Vec<FusedBlock>,
     final_norm: Norm,
@@ -130,7 +131,7 @@ pub struct Gpt2 {
 fn build(config: &ConfigJson, factory: &mut dyn WeightFactory) -> Result<Model> {
     let c = Gpt2Config::parse(config)?;
     let h = c.hidden;
-    let embed = factory.dense(EMBED, &[c.vocab, h])?;
+    let embed = factory.embedding(EMBED, c.vocab, h)?;
     let positions = factory.dense(POSITIONS, &[c.positions, h])?;
     // Conv1D: every weight is stored [in, out].
     let blocks = (0..c.layers)
@@ -181,7 +182,7 @@ impl CausalLm for Gpt2 {
                 self.config.positions
             )));
         }
-        let mut hidden = decoder::embed_rows(&self.embed, self.config.vocab, tokens)?;
+        let mut hidden = self.embed.rows(tokens)?;
         for (row, x) in hidden.chunks_exact_mut(h).enumerate() {
             let pos = start + row % seq;
             tensor::add_in_place(x, &self.positions[pos * h..(pos + 1) * h]);
@@ -194,12 +195,12 @@ impl CausalLm for Gpt2 {
         cache.advance(seq);
         let mut hidden = decoder::select_rows(hidden, seq, h, logits);
         self.final_norm.apply(&mut hidden, self.config.eps);
-        Ok(decoder::head_logits(&hidden, self.head.as_deref(), &self.embed, self.config.vocab))
+        Ok(decoder::head_logits(&hidden, self.head.as_deref(), &self.embed))
     }
 
     fn export_to(&self, sink: &mut TensorSink) {
         let c = &self.config;
-        sink(StoredTensor::f32(EMBED, TensorRole::Unquantized, vec![c.vocab, c.hidden], &self.embed));
+        sink(self.embed.stored(EMBED));
         sink(StoredTensor::f32(
             POSITIONS,
             TensorRole::Unquantized,
@@ -227,7 +228,7 @@ impl CausalLm for Gpt2 {
             hidden: c.hidden,
             attention: AttentionShape { heads: c.heads, kv_heads: c.heads, head_dim: c.hidden / c.heads },
             eps: c.eps,
-            embed: &self.embed,
+            embed: self.embed.f32_values(),
             embed_norm: None,
             positions: PositionPlan::Learned { table: &self.positions },
             blocks: self.blocks.iter().map(|b| b.plan(c.hidden, c.tanh_gelu)).collect(),

@@ -7,6 +7,7 @@ use crate::tensor::attention::{AttentionShape, KvCache, Masking};
 use crate::tensor::{self, Rope};
 
 use super::decoder;
+use super::embedding::Embedding;
 use super::plan::{BlockPlan, DecoderPlan, MlpPlan, NormPlan, PositionPlan, QkvPlan};
 use super::{
     ArchInfo, ArchKind, CausalLm, ConfigJson, LinearSpec, Logits, Model, TensorKind, TensorSpec,
@@ -168,7 +169,7 @@ struct Block {
 /// A built Llama model.
 pub struct Llama {
     config: LlamaConfig,
-    embed: Vec<f32>,
+    embed: Embedding,
     blocks: Vec<Block>,
     final_norm: Vec<f32>,
     /// `None`: the head is the embedding matrix.
@@ -178,7 +179,7 @@ pub struct Llama {
 
 fn build(config: &ConfigJson, factory: &mut dyn WeightFactory) -> Result<Model> {
     let c = LlamaConfig::parse(config)?;
-    let embed = factory.dense(EMBED, &[c.vocab, c.hidden])?;
+    let embed = factory.embedding(EMBED, c.vocab, c.hidden)?;
     let mut blocks = Vec::with_capacity(c.layers);
     for i in 0..c.layers {
         let p = format!("model.layers.{i}");
@@ -266,7 +267,7 @@ impl CausalLm for Llama {
         observe: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<Vec<f32>> {
         let (rows, seq) = decoder::check_batch(tokens, batch, cache)?;
-        let mut hidden = decoder::embed_rows(&self.embed, self.config.vocab, tokens)?;
+        let mut hidden = self.embed.rows(tokens)?;
         for i in 0..self.blocks.len() {
             self.block(i, &mut hidden, rows, seq, cache);
             observe(i, &hidden);
@@ -274,7 +275,7 @@ impl CausalLm for Llama {
         cache.advance(seq);
         let mut hidden = decoder::select_rows(hidden, seq, self.config.hidden, logits);
         tensor::rms_norm_rows(&mut hidden, &self.final_norm, self.config.eps);
-        Ok(decoder::head_logits(&hidden, self.head.as_deref(), &self.embed, self.config.vocab))
+        Ok(decoder::head_logits(&hidden, self.head.as_deref(), &self.embed))
     }
 
     fn export_to(&self, sink: &mut TensorSink) {
@@ -282,7 +283,7 @@ impl CausalLm for Llama {
         let dense = |name: String, shape: Vec<usize>, data: &[f32]| {
             StoredTensor::f32(name, TensorRole::Unquantized, shape, data)
         };
-        sink(dense(EMBED.into(), vec![c.vocab, c.hidden], &self.embed));
+        sink(self.embed.stored(EMBED));
         for (i, block) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{i}");
             sink(dense(format!("{p}.input_layernorm.weight"), vec![c.hidden], &block.attn_norm));
@@ -323,7 +324,7 @@ impl CausalLm for Llama {
             hidden: c.hidden,
             attention: c.attention,
             eps: c.eps,
-            embed: &self.embed,
+            embed: self.embed.f32_values(),
             embed_norm: None,
             positions: PositionPlan::Rotary { inv_freq: self.rope.inv_freq_f32() },
             blocks,

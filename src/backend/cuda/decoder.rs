@@ -165,7 +165,7 @@ impl CudaDecoder {
             hidden: plan.hidden,
             attention: plan.attention,
             eps: plan.eps,
-            embed: gpu.upload(plan.embed)?,
+            embed: gpu.upload(&plan.embed)?,
             embed_norm: plan.embed_norm.as_ref().map(|n| DeviceNorm::upload(gpu, n)).transpose()?,
             positions,
             blocks,
