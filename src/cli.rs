@@ -306,7 +306,8 @@ pub fn execute(cli: Cli) -> Result<i32> {
                 (false, Some(shard)) => plan.run_folder().join(format!("shard-{}", shard.index)),
                 (false, None) => plan.run_folder(),
             });
-            let options = RunOptions { out: Some(out), resume, filter, keep_models, shard, references };
+            let options =
+                RunOptions { out: Some(out), resume, filter, keep_models, shard, references, clock: None };
             let (dir, results) = runner::run(&plan, &options)?;
             // The compact per-model tables; every column is in results.md and results.csv.
             println!("{}", report::summary::model_tables(&results).trim());
@@ -399,7 +400,7 @@ pub fn execute(cli: Cli) -> Result<i32> {
         Command::Profile(args) => profile(&args)?,
         Command::Builtin { name, dir } => {
             builtin::write_to(&name, &dir)?;
-            println!("wrote builtin:{name} to {}", dir.display());
+            println!("wrote {}{name} to {}", builtin::PREFIX, dir.display());
         }
     }
     Ok(EXIT_OK)
@@ -585,7 +586,10 @@ pub fn list(what: ListWhat, markdown: bool) -> String {
         ),
         ListWhat::Builtins => (
             vec!["model", "summary"],
-            builtin::BUILTINS.iter().map(|b| vec![format!("builtin:{}", b.name), b.summary.into()]).collect(),
+            builtin::BUILTINS
+                .iter()
+                .map(|b| vec![format!("{}{}", builtin::PREFIX, b.name), b.summary.into()])
+                .collect(),
         ),
     };
     if markdown {

@@ -137,6 +137,10 @@ pub enum Error {
         /// What is wrong, and what was expected.
         message: String,
     },
+    /// A CUDA call failed: its error (`backend::cuda::CudaError`) is the source, so the
+    /// printed chain keeps it.
+    #[error("device cuda")]
+    Cuda(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A report could not be rendered.
     #[error("report: {0}")]
     Render(String),

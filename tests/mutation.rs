@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use quantbench::measure::divergence::{Kept, Reference, TAIL_SAMPLES};
 use quantbench::measure::reference_cache::{self, CacheKey};
+use quantbench::measure::results::Results;
 use quantbench::model::gguf::{GgufArray, GgufFile, GgufValue};
 use quantbench::model::weights::{self, parse_safetensors, to_f32};
-use quantbench::report::results::Results;
 use quantbench::scheme::{StoredTensor, TensorRole};
 use sha2::{Digest, Sha256};
 

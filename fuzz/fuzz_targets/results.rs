@@ -6,5 +6,5 @@ use std::path::Path;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = quantbench::report::results::Results::parse(data, Path::new("results.json"));
+    let _ = quantbench::measure::results::Results::parse(data, Path::new("results.json"));
 });

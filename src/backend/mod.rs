@@ -9,6 +9,10 @@
 pub mod bench;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+// The same names with and without CUDA: the rest of this file never asks which build it is.
+#[cfg_attr(feature = "cuda", path = "gpu_cuda.rs")]
+#[cfg_attr(not(feature = "cuda"), path = "gpu_stub.rs")]
+mod gpu;
 
 use std::fmt;
 use std::str::FromStr;
@@ -116,14 +120,7 @@ pub const RUNNER_RUNS_CUDA: bool = cfg!(feature = "cuda");
 
 /// Look for a usable CUDA device without letting cudarc panic.
 pub fn cuda_probe() -> CudaProbe {
-    #[cfg(feature = "cuda")]
-    {
-        cuda::probe()
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        CudaProbe::NotBuilt
-    }
+    gpu::probe()
 }
 
 /// The device a suite's request resolves to, given what the probe found and whether the
@@ -177,27 +174,8 @@ pub fn gpu_record() -> Result<GpuRecord, crate::error::Error> {
     if let Some(r) = RECORD.get() {
         return Ok(r.clone());
     }
-    let r = measure_gpu()?;
+    let r = gpu::record(BANDWIDTH_PROBE_BYTES)?;
     Ok(RECORD.get_or_init(|| r).clone())
-}
-
-fn measure_gpu() -> Result<GpuRecord, crate::error::Error> {
-    #[cfg(feature = "cuda")]
-    {
-        let e = |e: cuda::CudaError| crate::error::Error::Device { device: "cuda", message: e.to_string() };
-        let gpu = cuda::shared_gpu().map_err(e)?;
-        let (major, minor) = gpu.capability();
-        Ok(GpuRecord {
-            name: format!("{} (compute capability {major}.{minor})", gpu.name()),
-            driver: cuda::driver_version().map_err(e)?,
-            copy_gb_s: cuda::copy_bandwidth_gb_s(&gpu, BANDWIDTH_PROBE_BYTES, 20).map_err(e)?,
-        })
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = BANDWIDTH_PROBE_BYTES;
-        Err(crate::error::Error::Device { device: "cuda", message: DeviceError::NotBuilt.to_string() })
-    }
 }
 
 /// Put a built `model` on `device`: unchanged for the CPU; on CUDA a decoder's forward
@@ -211,46 +189,24 @@ pub fn place(
     use crate::model::Model;
     match (device, model) {
         (Device::Cpu, model) => Ok(model),
-        #[cfg(feature = "cuda")]
-        (Device::Cuda, Model::Causal(lm)) => {
-            let e =
-                |e: cuda::CudaError| crate::error::Error::Device { device: "cuda", message: e.to_string() };
-            let gpu = cuda::shared_gpu().map_err(e)?;
-            Ok(Model::Causal(Box::new(cuda::decoder::CudaCausalLm::new(lm, gpu, prefill_rows)?)))
-        }
+        (Device::Cuda, Model::Causal(lm)) => gpu::place_decoder(lm, prefill_rows).map(Model::Causal),
         (Device::Cuda, Model::Encoder(_)) => Err(crate::error::Error::Device {
             device: "cuda",
             message: "encoders (bert) have no CUDA forward pass yet; run them with `device: cpu`".into(),
         }),
-        #[cfg(not(feature = "cuda"))]
-        (Device::Cuda, Model::Causal(_)) => {
-            let _ = prefill_rows;
-            Err(crate::error::Error::Device { device: "cuda", message: DeviceError::NotBuilt.to_string() })
-        }
     }
 }
 
 /// Start a new device-memory high-water mark (CUDA runs; nothing on the CPU).
 pub fn reset_device_peak(device: Device) {
-    #[cfg(feature = "cuda")]
     if device == Device::Cuda {
-        if let Ok(gpu) = cuda::shared_gpu() {
-            let _ = gpu.reset_peak_pool_bytes();
-        }
+        gpu::reset_peak();
     }
-    #[cfg(not(feature = "cuda"))]
-    let _ = device;
 }
 
 /// The device-memory high-water mark since [`reset_device_peak`], bytes (CUDA runs).
 pub fn device_peak_bytes(device: Device) -> Option<u64> {
-    #[cfg(feature = "cuda")]
-    if device == Device::Cuda {
-        return cuda::shared_gpu().ok().and_then(|g| g.peak_pool_bytes().ok());
-    }
-    #[cfg(not(feature = "cuda"))]
-    let _ = device;
-    None
+    (device == Device::Cuda).then(gpu::peak_bytes).flatten()
 }
 
 #[cfg(test)]

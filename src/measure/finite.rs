@@ -276,7 +276,7 @@ mod tests {
         mean: f64,
         counts: Vec<Option<f64>>,
         by_layer: BTreeMap<String, f32>,
-        #[serde(with = "crate::report::results::f64_or_inf")]
+        #[serde(with = "crate::measure::results::f64_or_inf")]
         sqnr_db: f64,
     }
 

@@ -27,6 +27,14 @@ pub trait Clock {
     fn now_ms(&mut self) -> f64;
 }
 
+/// Makes the clock a run times with: [`wall_clock`] in runs, a script in tests.
+pub type ClockSource = fn() -> Box<dyn Clock>;
+
+/// A fresh [`WallClock`], as a [`ClockSource`].
+pub fn wall_clock() -> Box<dyn Clock> {
+    Box::new(WallClock::default())
+}
+
 /// The monotonic wall clock.
 #[derive(Debug, Clone, Copy)]
 pub struct WallClock(Instant);

@@ -3,12 +3,16 @@
 
 pub mod divergence;
 pub mod embedding;
+pub mod finite;
 pub mod latency;
 pub mod memory;
 pub mod profile;
 pub mod reference_cache;
+pub mod results;
 
 use serde::Serialize;
+
+use results::CaseResult;
 
 /// The groups a suite's `metrics:` list switches on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -65,6 +69,13 @@ pub enum Aggregation {
 /// One row of the metric table.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct MetricInfo {
+    /// Its value in a case, when the case measured it.
+    #[serde(skip)]
+    pub value: fn(&CaseResult) -> Option<f64>,
+    /// For timings, the raw samples behind the value (compared by bootstrap); `None`
+    /// for deterministic values.
+    #[serde(skip)]
+    pub samples: fn(&CaseResult) -> Option<Vec<f64>>,
     /// Name in results and reports.
     pub name: &'static str,
     /// Group that measures it.
@@ -84,6 +95,19 @@ pub struct MetricInfo {
     pub machine_dependent: bool,
 }
 
+/// A metric row without its value reader: [`MetricRow::read`] completes it, so no row can
+/// leave out where its value lives.
+struct MetricRow {
+    name: &'static str,
+    group: MetricGroup,
+    unit: &'static str,
+    higher_is_better: bool,
+    aggregation: Aggregation,
+    tolerance: f64,
+    summary: &'static str,
+    machine_dependent: bool,
+}
+
 const fn metric(
     name: &'static str,
     group: MetricGroup,
@@ -92,17 +116,54 @@ const fn metric(
     aggregation: Aggregation,
     tolerance: f64,
     summary: &'static str,
-) -> MetricInfo {
+) -> MetricRow {
     // Timings depend on the machine by nature; other groups say so with `on_machine`.
     let machine_dependent = matches!(group, MetricGroup::Latency);
-    MetricInfo { name, group, unit, higher_is_better, aggregation, tolerance, summary, machine_dependent }
+    MetricRow { name, group, unit, higher_is_better, aggregation, tolerance, summary, machine_dependent }
+}
+
+impl MetricRow {
+    /// The same row, marked as depending on the machine.
+    const fn on_machine(self) -> MetricRow {
+        MetricRow { machine_dependent: true, ..self }
+    }
+
+    /// The row, reading its value off a case with `value`.
+    const fn read(self, value: fn(&CaseResult) -> Option<f64>) -> MetricInfo {
+        let MetricRow {
+            name,
+            group,
+            unit,
+            higher_is_better,
+            aggregation,
+            tolerance,
+            summary,
+            machine_dependent,
+        } = self;
+        MetricInfo {
+            value,
+            samples: no_samples,
+            name,
+            group,
+            unit,
+            higher_is_better,
+            aggregation,
+            tolerance,
+            summary,
+            machine_dependent,
+        }
+    }
 }
 
 impl MetricInfo {
-    /// The same row, marked as depending on the machine.
-    const fn on_machine(self) -> MetricInfo {
-        MetricInfo { machine_dependent: true, ..self }
+    /// The same row, with the raw samples behind its value.
+    const fn sampled(self, samples: fn(&CaseResult) -> Option<Vec<f64>>) -> MetricInfo {
+        MetricInfo { samples, ..self }
     }
+}
+
+fn no_samples(_: &CaseResult) -> Option<Vec<f64>> {
+    None
 }
 
 use Aggregation::*;
@@ -110,7 +171,8 @@ use MetricGroup::*;
 
 /// Every metric the harness reports.
 pub static METRICS: &[MetricInfo] = &[
-    metric("weight_bytes", Memory, "B", false, Exact, 0.0, "bytes of every tensor as the scheme stores it"),
+    metric("weight_bytes", Memory, "B", false, Exact, 0.0, "bytes of every tensor as the scheme stores it")
+        .read(|c| c.memory.as_ref().map(|m| m.total_bytes as f64)),
     metric(
         "bits_per_weight",
         Memory,
@@ -119,7 +181,8 @@ pub static METRICS: &[MetricInfo] = &[
         Exact,
         0.0,
         "bits per quantized linear weight, scales and zero points included",
-    ),
+    )
+    .read(|c| c.memory.as_ref().map(|m| m.bits_per_weight)),
     metric(
         "peak_rss_bytes",
         Memory,
@@ -129,8 +192,10 @@ pub static METRICS: &[MetricInfo] = &[
         0.05,
         "peak resident set size of the process during the case (the high-water mark is reset per case)",
     )
-    .on_machine(),
-    metric("disk_bytes", Disk, "B", false, Exact, 0.0, "size of the saved safetensors file"),
+    .on_machine()
+    .read(|c| c.memory.as_ref().and_then(|m| m.peak_rss_bytes).map(|b| b as f64)),
+    metric("disk_bytes", Disk, "B", false, Exact, 0.0, "size of the saved safetensors file")
+        .read(|c| c.disk.as_ref().map(|d| d.bytes as f64)),
     metric(
         "quantize_s",
         Latency,
@@ -139,8 +204,10 @@ pub static METRICS: &[MetricInfo] = &[
         Median,
         0.10,
         "time to build the model from the full-precision checkpoint, quantization included",
-    ),
-    metric("load_s", Latency, "s", false, Median, 0.10, "time to load the saved quantized file"),
+    )
+    .read(|c| c.latency.as_ref().map(|l| l.quantize_s)),
+    metric("load_s", Latency, "s", false, Median, 0.10, "time to load the saved quantized file")
+        .read(|c| c.latency.as_ref().and_then(|l| l.load_s)),
     metric(
         "prefill_ms",
         Latency,
@@ -149,7 +216,9 @@ pub static METRICS: &[MetricInfo] = &[
         Median,
         0.02,
         "time to first token: one forward pass over batch × prompt_len tokens",
-    ),
+    )
+    .read(|c| c.latency.as_ref().map(|l| l.prefill.median))
+    .sampled(|c| c.latency.as_ref().map(|l| l.prefill_ms.clone())),
     metric(
         "decode_ms_per_token",
         Latency,
@@ -158,7 +227,9 @@ pub static METRICS: &[MetricInfo] = &[
         Median,
         0.02,
         "time of one decode step (batch tokens) with the KV cache",
-    ),
+    )
+    .read(|c| c.latency.as_ref().and_then(|l| l.decode.as_ref()).map(|d| d.median))
+    .sampled(|c| c.latency.as_ref().map(|l| l.decode_ms.clone()).filter(|s| !s.is_empty())),
     metric(
         "decode_tokens_per_s",
         Latency,
@@ -167,7 +238,14 @@ pub static METRICS: &[MetricInfo] = &[
         Median,
         0.02,
         "tokens generated per second across the batch",
-    ),
+    )
+    .read(|c| c.latency.as_ref().and_then(|l| l.decode_tokens_per_s))
+    .sampled(|c| {
+        let l = c.latency.as_ref()?;
+        let batch = l.batch_size.max(1) as f64;
+        Some(l.decode_ms.iter().filter(|ms| **ms > 0.0).map(|ms| batch * 1e3 / ms).collect())
+            .filter(|s: &Vec<f64>| !s.is_empty())
+    }),
     metric(
         "kld_mean",
         Divergence,
@@ -176,7 +254,8 @@ pub static METRICS: &[MetricInfo] = &[
         MeanOverTokens,
         0.01,
         "mean KL(reference ‖ quantized) of next-token distributions",
-    ),
+    )
+    .read(|c| c.divergence_stats().map(|s| s.kld.mean)),
     metric(
         "same_top1",
         Divergence,
@@ -185,7 +264,8 @@ pub static METRICS: &[MetricInfo] = &[
         MeanOverTokens,
         0.005,
         "fraction of positions whose most likely token is unchanged",
-    ),
+    )
+    .read(|c| c.divergence_stats().map(|s| s.same_top1.value)),
     metric(
         "kld_p99",
         Divergence,
@@ -194,7 +274,8 @@ pub static METRICS: &[MetricInfo] = &[
         MeanOverTokens,
         0.02,
         "99th percentile of the per-token KL divergence",
-    ),
+    )
+    .read(|c| c.divergence_stats().map(|s| s.kld.percentiles.p99)),
     metric(
         "delta_p_rms",
         Divergence,
@@ -203,7 +284,8 @@ pub static METRICS: &[MetricInfo] = &[
         MeanOverTokens,
         0.01,
         "root mean square change in probability of the correct token",
-    ),
+    )
+    .read(|c| c.divergence_stats().map(|s| s.delta_p.rms.value)),
     metric(
         "logits_cosine",
         Divergence,
@@ -212,7 +294,8 @@ pub static METRICS: &[MetricInfo] = &[
         MeanOverTokens,
         0.0001,
         "cosine of quantized and reference logit vectors at the probe positions",
-    ),
+    )
+    .read(|c| c.divergence_stats().map(|s| s.logits_cosine)),
     metric(
         "worst_layer_sqnr_db",
         Divergence,
@@ -221,9 +304,12 @@ pub static METRICS: &[MetricInfo] = &[
         Exact,
         0.01,
         "lowest SQNR of any quantized linear layer's output on the reference's inputs",
-    ),
-    metric("ppl", Divergence, "", false, MeanOverTokens, 0.005, "perplexity of the evaluation text"),
-    metric("ppl_ratio", Divergence, "", false, Ratio, 0.005, "perplexity over the reference's perplexity"),
+    )
+    .read(|c| c.worst_layer().map(|l| l.sqnr_db)),
+    metric("ppl", Divergence, "", false, MeanOverTokens, 0.005, "perplexity of the evaluation text")
+        .read(|c| c.divergence_stats().map(|s| s.ppl.value)),
+    metric("ppl_ratio", Divergence, "", false, Ratio, 0.005, "perplexity over the reference's perplexity")
+        .read(|c| c.divergence_stats().map(|s| s.ppl_ratio.value)),
     metric(
         "embedding_cosine",
         Divergence,
@@ -232,7 +318,8 @@ pub static METRICS: &[MetricInfo] = &[
         MeanOverTokens,
         0.0001,
         "encoders: cosine between quantized and reference sentence embeddings (mean and min)",
-    ),
+    )
+    .read(|c| c.embedding.as_ref().map(|e| e.cosine_mean)),
     metric(
         "hidden_nmse",
         Divergence,
@@ -241,7 +328,8 @@ pub static METRICS: &[MetricInfo] = &[
         MeanOverTokens,
         0.01,
         "encoders: squared error of last hidden states over their squared norm",
-    ),
+    )
+    .read(|c| c.embedding.as_ref().map(|e| e.hidden_nmse)),
     metric(
         "first_divergent_token",
         Generation,
@@ -250,7 +338,13 @@ pub static METRICS: &[MetricInfo] = &[
         Exact,
         0.0,
         "first generated position where greedy output differs from the reference",
-    ),
+    )
+    .read(|c| {
+        // Identical continuations count as diverging after their last token.
+        c.generation.as_ref().and_then(|g| {
+            g.iter().map(|x| x.first_divergent_token.unwrap_or(x.ids.len()) as f64).reduce(f64::min)
+        })
+    }),
 ];
 
 /// A suite's metric entry (a group or a metric name) resolved to its group, or a message
@@ -273,6 +367,34 @@ pub fn resolve_metric(name: &str) -> Result<MetricGroup, String> {
 
 #[cfg(test)]
 mod tests {
+    use super::results::Results;
+
+    /// Every row reads its value off a case: a committed decoder run (the quickstart
+    /// suite: memory, disk, timings, divergence, layers, generation) has each decoder
+    /// metric, and an encoder's embedding divergence gives the encoder metrics. Timings
+    /// carry their samples.
+    #[test]
+    fn every_metric_reads_its_value_off_a_case() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/reports/quickstart/results.json");
+        let results = Results::read(std::path::Path::new(path)).unwrap();
+        let mut encoder = results.cases[1].clone();
+        encoder.embedding = Some(embedding::EmbeddingDivergence {
+            sentences: 2,
+            cosine_mean: 0.99,
+            cosine_min: 0.98,
+            hidden_nmse: 0.01,
+        });
+        for m in METRICS {
+            let read = results.cases.iter().chain([&encoder]).any(|c| (m.value)(c).is_some());
+            assert!(read, "no case gives a value for {}", m.name);
+            // Only timings have samples to bootstrap.
+            let sampled = results.cases.iter().any(|c| (m.samples)(c).is_some_and(|s| s.len() >= 2));
+            assert!(!sampled || m.group == MetricGroup::Latency, "{} has samples", m.name);
+        }
+        let sampled = METRICS.iter().filter(|m| results.cases.iter().any(|c| (m.samples)(c).is_some()));
+        assert_eq!(sampled.count(), 3, "prefill, decode time and decode tokens/s carry samples");
+    }
+
     use super::*;
 
     #[test]

@@ -5,10 +5,10 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::divergence::{Divergence, DivergenceStats};
+use super::embedding::EmbeddingDivergence;
+use super::latency::Stats;
 use crate::error::{Error, Result};
-use crate::measure::divergence::Divergence;
-use crate::measure::embedding::EmbeddingDivergence;
-use crate::measure::latency::Stats;
 
 /// Bumped on any incompatible change of this schema.
 pub const SCHEMA_VERSION: u32 = 2;
@@ -490,6 +490,21 @@ impl WorkloadRecord {
 }
 
 impl CaseResult {
+    /// The divergence statistics, when measured and not withheld.
+    pub fn divergence_stats(&self) -> Option<&DivergenceStats> {
+        self.divergence.as_ref().and_then(|d| d.stats.as_ref())
+    }
+
+    /// A GPU case's device timings.
+    pub fn device_latency(&self) -> Option<&DeviceLatency> {
+        self.latency.as_ref().and_then(|l| l.device.as_ref())
+    }
+
+    /// The quantized linear layer with the lowest SQNR.
+    pub fn worst_layer(&self) -> Option<&LayerDivergence> {
+        self.layers.iter().filter(|l| l.kind == "linear").min_by(|a, b| a.sqnr_db.total_cmp(&b.sqnr_db))
+    }
+
     /// An error naming this case and the first metric that is NaN or infinite.
     pub fn check_finite(&self) -> Result<()> {
         match super::finite::first_non_finite(self) {

@@ -47,6 +47,9 @@ enum Storage {
     Bf16Streamed,
 }
 
+/// How a model path names a built-in: `builtin:NAME`.
+pub const PREFIX: &str = "builtin:";
+
 /// Every built-in model.
 pub static BUILTINS: &[BuiltinInfo] = &[
     BuiltinInfo {
@@ -211,10 +214,10 @@ pub fn names() -> Vec<&'static str> {
 fn lookup(name: &str) -> Result<&'static BuiltinInfo> {
     BUILTINS.iter().find(|b| b.name == name).ok_or_else(|| Error::ModelMissing {
         what: "built-in model",
-        path: PathBuf::from(format!("builtin:{name}")),
+        path: PathBuf::from(format!("{PREFIX}{name}")),
         hint: format!(
             "expected one of: {}",
-            names().iter().map(|n| format!("builtin:{n}")).collect::<Vec<_>>().join(", ")
+            names().iter().map(|n| format!("{PREFIX}{n}")).collect::<Vec<_>>().join(", ")
         ),
     })
 }

@@ -551,7 +551,7 @@ impl ModelFiles {
 /// generated into the cache on first use; an existing path is used as is; `org/name`
 /// that is no path is a Hugging Face hub model (see [`hub`]).
 pub fn resolve_model_path(spec: &str, base: &Path) -> Result<PathBuf> {
-    if let Some(name) = spec.strip_prefix("builtin:") {
+    if let Some(name) = spec.strip_prefix(builtin::PREFIX) {
         return builtin::ensure(name);
     }
     let path = Path::new(spec);

@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::results::Results;
 use crate::error::{Error, Result};
+use crate::measure::results::Results;
 
 /// Folder of the named baselines, relative to the working directory.
 pub const BASELINES_DIR: &str = "reports/baselines";

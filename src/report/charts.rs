@@ -11,9 +11,9 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::results::{CaseResult, Results};
-use super::table::{self, format_db};
+use super::table::format_db;
 use crate::error::{Error, Result};
+use crate::measure::results::{CaseResult, Results};
 
 /// The bundled font (DejaVu Sans, Latin subset; see assets/fonts/LICENSE).
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-subset.ttf");
@@ -311,7 +311,7 @@ where
         .cases
         .iter()
         .filter_map(|c| {
-            let kld = table::stats(c)?.kld.mean;
+            let kld = c.divergence_stats()?.kld.mean;
             let x = c.memory.as_ref()?.bytes_per_parameter;
             (kld.is_finite() && x.is_finite()).then(|| Point {
                 model: c.model.clone(),

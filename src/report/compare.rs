@@ -6,9 +6,8 @@
 use std::path::Path;
 
 use super::html::{escape, page};
-use super::results::{CaseResult, Results};
-use super::table;
 use crate::measure::latency::percentile;
+use crate::measure::results::Results;
 use crate::measure::{MetricGroup, MetricInfo, METRICS};
 use crate::tensor::SeededRng;
 
@@ -28,123 +27,6 @@ const LEVEL: f64 = 0.95;
 /// Below this absolute difference two deterministic values count as equal (a value of 0
 /// has no relative change).
 const ABS_EPSILON: f64 = 1e-12;
-
-/// How a metric is read off a case: its value, and for timings the raw samples.
-struct Extractor {
-    metric: &'static str,
-    value: fn(&CaseResult) -> Option<f64>,
-    samples: fn(&CaseResult) -> Option<Vec<f64>>,
-}
-
-fn no_samples(_: &CaseResult) -> Option<Vec<f64>> {
-    None
-}
-
-/// Where each metric of [`METRICS`] lives in a case (a unit test keeps the two in step).
-const EXTRACTORS: &[Extractor] = &[
-    Extractor {
-        metric: "weight_bytes",
-        value: |c| c.memory.as_ref().map(|m| m.total_bytes as f64),
-        samples: no_samples,
-    },
-    Extractor {
-        metric: "bits_per_weight",
-        value: |c| c.memory.as_ref().map(|m| m.bits_per_weight),
-        samples: no_samples,
-    },
-    Extractor {
-        metric: "peak_rss_bytes",
-        value: |c| c.memory.as_ref().and_then(|m| m.peak_rss_bytes).map(|b| b as f64),
-        samples: no_samples,
-    },
-    Extractor {
-        metric: "disk_bytes",
-        value: |c| c.disk.as_ref().map(|d| d.bytes as f64),
-        samples: no_samples,
-    },
-    Extractor {
-        metric: "quantize_s",
-        value: |c| c.latency.as_ref().map(|l| l.quantize_s),
-        samples: no_samples,
-    },
-    Extractor { metric: "load_s", value: |c| c.latency.as_ref().and_then(|l| l.load_s), samples: no_samples },
-    Extractor {
-        metric: "prefill_ms",
-        value: |c| c.latency.as_ref().map(|l| l.prefill.median),
-        samples: |c| c.latency.as_ref().map(|l| l.prefill_ms.clone()),
-    },
-    Extractor {
-        metric: "decode_ms_per_token",
-        value: |c| c.latency.as_ref().and_then(|l| l.decode.as_ref()).map(|d| d.median),
-        samples: |c| c.latency.as_ref().map(|l| l.decode_ms.clone()).filter(|s| !s.is_empty()),
-    },
-    Extractor {
-        metric: "decode_tokens_per_s",
-        value: |c| c.latency.as_ref().and_then(|l| l.decode_tokens_per_s),
-        samples: |c| {
-            let l = c.latency.as_ref()?;
-            let batch = l.batch_size.max(1) as f64;
-            Some(l.decode_ms.iter().filter(|ms| **ms > 0.0).map(|ms| batch * 1e3 / ms).collect())
-                .filter(|s: &Vec<f64>| !s.is_empty())
-        },
-    },
-    Extractor { metric: "kld_mean", value: |c| table::stats(c).map(|s| s.kld.mean), samples: no_samples },
-    Extractor {
-        metric: "same_top1",
-        value: |c| table::stats(c).map(|s| s.same_top1.value),
-        samples: no_samples,
-    },
-    Extractor {
-        metric: "kld_p99",
-        value: |c| table::stats(c).map(|s| s.kld.percentiles.p99),
-        samples: no_samples,
-    },
-    Extractor {
-        metric: "delta_p_rms",
-        value: |c| table::stats(c).map(|s| s.delta_p.rms.value),
-        samples: no_samples,
-    },
-    Extractor {
-        metric: "logits_cosine",
-        value: |c| table::stats(c).map(|s| s.logits_cosine),
-        samples: no_samples,
-    },
-    Extractor {
-        metric: "worst_layer_sqnr_db",
-        value: |c| table::worst_layer(c).map(|l| l.sqnr_db),
-        samples: no_samples,
-    },
-    Extractor { metric: "ppl", value: |c| table::stats(c).map(|s| s.ppl.value), samples: no_samples },
-    Extractor {
-        metric: "ppl_ratio",
-        value: |c| table::stats(c).map(|s| s.ppl_ratio.value),
-        samples: no_samples,
-    },
-    Extractor {
-        metric: "embedding_cosine",
-        value: |c| c.embedding.as_ref().map(|e| e.cosine_mean),
-        samples: no_samples,
-    },
-    Extractor {
-        metric: "hidden_nmse",
-        value: |c| c.embedding.as_ref().map(|e| e.hidden_nmse),
-        samples: no_samples,
-    },
-    Extractor {
-        metric: "first_divergent_token",
-        // Identical continuations count as diverging after their last token.
-        value: |c| {
-            c.generation.as_ref().and_then(|g| {
-                g.iter().map(|x| x.first_divergent_token.unwrap_or(x.ids.len()) as f64).reduce(f64::min)
-            })
-        },
-        samples: no_samples,
-    },
-];
-
-fn extractor(metric: &str) -> Option<&'static Extractor> {
-    EXTRACTORS.iter().find(|e| e.metric == metric)
-}
 
 /// The verdict on one metric of one case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -357,9 +239,8 @@ pub fn compare(
         };
         let other_machine = !same_machine(&case.id);
         for metric in METRICS {
-            let Some(ex) = extractor(metric.name) else { continue };
-            let (Some(b), Some(n)) = ((ex.value)(base), (ex.value)(case)) else {
-                if (ex.value)(base).is_some() {
+            let (Some(b), Some(n)) = ((metric.value)(base), (metric.value)(case)) else {
+                if (metric.value)(base).is_some() {
                     missing_metrics.push(format!("{}: {}", case.id, metric.name));
                 }
                 continue;
@@ -369,7 +250,7 @@ pub fn compare(
             }
             let across_machines =
                 other_workload.or((metric.machine_dependent && other_machine).then_some("other machine"));
-            let samples = ((ex.samples)(base), (ex.samples)(case));
+            let samples = ((metric.samples)(base), (metric.samples)(case));
             let row = match samples {
                 (Some(sb), Some(sn)) if sb.len() >= 2 && sn.len() >= 2 => {
                     let interval = bootstrap_relative_change(&sb, &sn);
@@ -702,15 +583,6 @@ pub fn html(c: &Comparison) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_registry_metric_has_an_extractor_and_no_other() {
-        let mut ours: Vec<&str> = EXTRACTORS.iter().map(|e| e.metric).collect();
-        let mut registry: Vec<&str> = METRICS.iter().map(|m| m.name).collect();
-        ours.sort();
-        registry.sort();
-        assert_eq!(ours, registry);
-    }
 
     #[test]
     fn relative_change_handles_zero_and_infinity() {

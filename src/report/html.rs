@@ -3,9 +3,9 @@
 //! frame is shared with compare.html.
 
 use super::charts::CHARTS;
-use super::results::{CaseResult, Results};
 use super::summary::provenance_line;
 use super::table::{self, Cell, Column, SUMMARY_COLUMNS};
+use crate::measure::results::{CaseResult, Results};
 
 /// Escape text for HTML element content and attribute values.
 pub fn escape(text: &str) -> String {
@@ -128,7 +128,7 @@ pub fn table(cases: &[&CaseResult], columns: &[&Column]) -> String {
             };
             // A worst-layer cell sorts by its dB value, not its text.
             let sort = match (col.header, &cell) {
-                ("worst layer SQNR dB", _) => table::worst_layer(case).map_or(String::new(), |l| {
+                ("worst layer SQNR dB", _) => case.worst_layer().map_or(String::new(), |l| {
                     if l.sqnr_db.is_finite() {
                         l.sqnr_db.to_string()
                     } else {

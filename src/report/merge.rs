@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use super::results::{ModelRecord, Provenance, Results, ShardRecord};
 use crate::error::{Error, Result};
+use crate::measure::results::{ModelRecord, Provenance, Results, ShardRecord};
 
 /// The merged results and what they lack.
 #[derive(Debug)]

@@ -5,10 +5,8 @@
 pub mod baseline;
 pub mod charts;
 pub mod compare;
-pub mod finite;
 pub mod html;
 pub mod merge;
-pub mod results;
 pub mod summary;
 pub mod table;
 
@@ -17,7 +15,7 @@ use std::path::Path;
 use crate::error::Result;
 
 use crate::files::write_atomic;
-pub use results::{CaseResult, Results};
+pub use crate::measure::results::{CaseResult, Results};
 
 /// Folder under a run's output that holds the charts.
 pub const CHARTS_DIR: &str = "charts";

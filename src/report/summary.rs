@@ -2,8 +2,8 @@
 //! (scheme, bits per weight, memory, disk, prefill, decode tok/s, KLD, same top-1, PPL
 //! ratio, worst layer), the provenance in one line, and the warnings.
 
-use super::results::Results;
 use super::table::{self, SUMMARY_COLUMNS};
+use crate::measure::results::Results;
 
 /// The provenance in one line; a run merged from shards also says on how many machines.
 pub fn provenance_line(results: &Results) -> String {
@@ -27,7 +27,7 @@ pub fn provenance_line(results: &Results) -> String {
 /// The distinct machines that measured the run's cases ([`Provenance::machine`]), in
 /// shard order.
 ///
-/// [`Provenance::machine`]: super::results::Provenance::machine
+/// [`Provenance::machine`]: crate::measure::results::Provenance::machine
 pub fn machines(results: &Results) -> Vec<String> {
     let mut machines: Vec<String> = Vec::new();
     let all = results.shards.iter().map(|s| &s.provenance);

@@ -2,9 +2,8 @@
 //! all from one column list so they never disagree. `summary.md` and the HTML report pick
 //! their columns from the same list by header.
 
-use super::results::{CaseResult, DeviceLatency, LayerDivergence, Results};
 use crate::error::{Error, Result};
-use crate::measure::divergence::DivergenceStats;
+use crate::measure::results::{CaseResult, Results};
 
 /// One cell's value.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,21 +79,6 @@ fn opt<T>(v: Option<T>, f: impl FnOnce(T) -> Cell) -> Cell {
     v.map_or(Cell::Missing, f)
 }
 
-/// A case's divergence statistics, when measured and not withheld.
-pub fn stats(c: &CaseResult) -> Option<&DivergenceStats> {
-    c.divergence.as_ref().and_then(|d| d.stats.as_ref())
-}
-
-/// A GPU case's device timings.
-pub fn device(c: &CaseResult) -> Option<&DeviceLatency> {
-    c.latency.as_ref().and_then(|l| l.device.as_ref())
-}
-
-/// The quantized linear layer with the lowest SQNR.
-pub fn worst_layer(c: &CaseResult) -> Option<&LayerDivergence> {
-    c.layers.iter().filter(|l| l.kind == "linear").min_by(|a, b| a.sqnr_db.total_cmp(&b.sqnr_db))
-}
-
 /// SQNR as printed: `inf` for identical outputs.
 pub fn format_db(db: f64) -> String {
     if db.is_infinite() {
@@ -129,17 +113,20 @@ pub const COLUMNS: &[Column] = &[
     },
     Column {
         header: "GPU ms/step",
-        value: |c| opt(device(c).and_then(|d| d.decode.as_ref()), |d| Cell::Num(d.median, 3)),
+        value: |c| opt(c.device_latency().and_then(|d| d.decode.as_ref()), |d| Cell::Num(d.median, 3)),
     },
     Column {
         header: "GPU tok/s",
-        value: |c| opt(device(c).and_then(|d| d.decode_tokens_per_s), |t| Cell::Num(t, 1)),
+        value: |c| opt(c.device_latency().and_then(|d| d.decode_tokens_per_s), |t| Cell::Num(t, 1)),
     },
     Column {
         header: "eager tok/s",
-        value: |c| opt(device(c).and_then(|d| d.eager_decode_tokens_per_s), |t| Cell::Num(t, 1)),
+        value: |c| opt(c.device_latency().and_then(|d| d.eager_decode_tokens_per_s), |t| Cell::Num(t, 1)),
     },
-    Column { header: "floor tok/s", value: |c| opt(device(c), |d| Cell::Num(d.floor_tokens_per_s, 1)) },
+    Column {
+        header: "floor tok/s",
+        value: |c| opt(c.device_latency(), |d| Cell::Num(d.floor_tokens_per_s, 1)),
+    },
     Column {
         header: "GPU peak MiB",
         value: |c| opt(c.memory.as_ref().and_then(|m| m.peak_device_bytes), |b| Cell::Num(b as f64 / MIB, 1)),
@@ -148,16 +135,25 @@ pub const COLUMNS: &[Column] = &[
         header: "peak RSS MiB",
         value: |c| opt(c.memory.as_ref().and_then(|m| m.peak_rss_bytes), |b| Cell::Num(b as f64 / MIB, 1)),
     },
-    Column { header: "KLD mean", value: |c| opt(stats(c), |d| Cell::Sig(d.kld.mean)) },
-    Column { header: "KLD p99", value: |c| opt(stats(c), |d| Cell::Sig(d.kld.percentiles.p99)) },
-    Column { header: "same top-1 %", value: |c| opt(stats(c), |d| Cell::Num(100.0 * d.same_top1.value, 2)) },
-    Column { header: "Δp RMS %", value: |c| opt(stats(c), |d| Cell::Num(100.0 * d.delta_p.rms.value, 3)) },
-    Column { header: "PPL ref", value: |c| opt(stats(c), |d| Cell::Num(d.ppl_reference.value, 3)) },
-    Column { header: "PPL", value: |c| opt(stats(c), |d| Cell::Num(d.ppl.value, 3)) },
-    Column { header: "PPL ratio", value: |c| opt(stats(c), |d| Cell::Num(d.ppl_ratio.value, 4)) },
+    Column { header: "KLD mean", value: |c| opt(c.divergence_stats(), |d| Cell::Sig(d.kld.mean)) },
+    Column { header: "KLD p99", value: |c| opt(c.divergence_stats(), |d| Cell::Sig(d.kld.percentiles.p99)) },
+    Column {
+        header: "same top-1 %",
+        value: |c| opt(c.divergence_stats(), |d| Cell::Num(100.0 * d.same_top1.value, 2)),
+    },
+    Column {
+        header: "Δp RMS %",
+        value: |c| opt(c.divergence_stats(), |d| Cell::Num(100.0 * d.delta_p.rms.value, 3)),
+    },
+    Column {
+        header: "PPL ref",
+        value: |c| opt(c.divergence_stats(), |d| Cell::Num(d.ppl_reference.value, 3)),
+    },
+    Column { header: "PPL", value: |c| opt(c.divergence_stats(), |d| Cell::Num(d.ppl.value, 3)) },
+    Column { header: "PPL ratio", value: |c| opt(c.divergence_stats(), |d| Cell::Num(d.ppl_ratio.value, 4)) },
     Column {
         header: "worst layer SQNR dB",
-        value: |c| opt(worst_layer(c), |l| Cell::Text(format!("{} ({})", format_db(l.sqnr_db), l.name))),
+        value: |c| opt(c.worst_layer(), |l| Cell::Text(format!("{} ({})", format_db(l.sqnr_db), l.name))),
     },
     Column { header: "emb cos min", value: |c| opt(c.embedding.as_ref(), |e| Cell::Num(e.cosine_min, 6)) },
     Column { header: "hidden NMSE", value: |c| opt(c.embedding.as_ref(), |e| Cell::Num(e.hidden_nmse, 8)) },

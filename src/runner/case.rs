@@ -1,24 +1,24 @@
 //! One model's cases: the reference outputs (computed once), then per scheme the
 //! quantized model and every measurement the plan asks for.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::measure::divergence::{self, Reference};
 use crate::measure::embedding::{self, EncoderOutputs};
-use crate::measure::latency::{self, Clock, Stats, WallClock};
+use crate::measure::latency::{self, Clock, ClockSource, Stats};
 use crate::measure::memory::{self, RssWindow};
 use crate::measure::reference_cache::{self, CacheKey};
+use crate::measure::results::{
+    BatchInvariance, CaseResult, DeviceLatency, Disk, Generation, InputLimit, Latency, LayerDivergence,
+    Memory, ReferenceCacheRecord,
+};
 use crate::measure::MetricGroup;
 use crate::model::generate::greedy;
 use crate::model::weights::WeightStore;
 use crate::model::{ArchKind, CausalLm, Encoder, Logits, Model, QuantizeFactory, ReloadFactory};
-use crate::report::results::{
-    BatchInvariance, CaseResult, DeviceLatency, Disk, Generation, InputLimit, Latency, LayerDivergence,
-    Memory, ReferenceCacheRecord,
-};
 use crate::scheme::{self, Scheme, StoredTensor, TensorRole};
 use crate::suite::{Plan, PlannedModel, PlannedScheme};
 use crate::tensor;
@@ -57,6 +57,8 @@ pub struct ModelRunner<'p> {
     layer_probe: Option<LayerProbe>,
     /// An encoder's input limit and how many inputs were cut to it.
     pub input_limit: Option<InputLimit>,
+    /// Where the cases' timings come from.
+    clock: RefCell<Box<dyn Clock>>,
 }
 
 /// How far the saved file's size may stray from the in-memory byte account (header,
@@ -171,7 +173,26 @@ impl<'p> ModelRunner<'p> {
         } else {
             None
         };
-        Ok(ModelRunner { plan, model, references, calibration, reference_cache, layer_probe, input_limit })
+        Ok(ModelRunner {
+            plan,
+            model,
+            references,
+            calibration,
+            reference_cache,
+            layer_probe,
+            input_limit,
+            clock: RefCell::new(latency::wall_clock()),
+        })
+    }
+
+    /// The same runner, timing with a clock from `source`.
+    pub fn with_clock(self, source: ClockSource) -> Self {
+        ModelRunner { clock: RefCell::new(source()), ..self }
+    }
+
+    /// Seconds on the runner's clock, from an arbitrary origin.
+    fn now_s(&self) -> f64 {
+        self.clock.borrow_mut().now_ms() / 1e3
     }
 
     /// A built model on the plan's device.
@@ -189,13 +210,13 @@ impl<'p> ModelRunner<'p> {
         output: &CaseOutput,
         progress: &mut Progress,
     ) -> Result<CaseResult> {
-        let started = Instant::now();
+        let started = self.now_s();
         let rss = RssWindow::open();
         let metrics = &self.plan.metrics;
         let scheme = (planned.info.build)(&planned.params)?;
         let quantize_head = planned.params.bool("quantize_head", false);
         progress.step("quantize");
-        let t = Instant::now();
+        let t = self.now_s();
         let files = &self.model.files;
         let lookup = |name: &str| self.calibration.as_ref().and_then(|c| c.get(name));
         let mut factory =
@@ -206,7 +227,7 @@ impl<'p> ModelRunner<'p> {
         }
         crate::backend::reset_device_peak(self.plan.device);
         let model = self.place(files.build(&mut factory)?)?;
-        let quantize_s = t.elapsed().as_secs_f64();
+        let quantize_s = self.now_s() - t;
         // What stays resident once the model is built (the staging copies freed).
         let built_rss = rss.and_then(|w| w.now());
         let mut warnings = Vec::new();
@@ -301,8 +322,8 @@ impl<'p> ModelRunner<'p> {
             device: self.plan.device.to_string(),
             kernels,
             spec_sha256: spec,
-            git_revision: crate::report::results::git_revision().to_string(),
-            elapsed_s: started.elapsed().as_secs_f64(),
+            git_revision: crate::measure::results::git_revision().to_string(),
+            elapsed_s: self.now_s() - started,
             memory: metrics.contains(&MetricGroup::Memory).then_some(memory),
             disk,
             latency,
@@ -418,12 +439,12 @@ impl<'p> ModelRunner<'p> {
         } else {
             Some(model)
         };
-        let t = Instant::now();
+        let t = self.now_s();
         let store = WeightStore::open_files(std::slice::from_ref(&path))?;
         let quantize_head = planned.params.bool("quantize_head", false);
         let reloaded =
             self.place(self.model.files.build(&mut ReloadFactory::new(&store, scheme, quantize_head))?)?;
-        let load_s = t.elapsed().as_secs_f64();
+        let load_s = self.now_s() - t;
         let b = self.probe(&reloaded)?;
         let identical = a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
         drop(store);
@@ -510,8 +531,14 @@ impl<'p> ModelRunner<'p> {
     fn latency(&self, model: &Model, quantize_s: f64, warnings: &mut Vec<String>) -> Result<Latency> {
         let w = &self.plan.workload;
         let tokens = self.latency_tokens();
-        let timings =
-            time_runs(model, &tokens, w, self.plan.warmup, self.plan.repeats, &mut WallClock::default())?;
+        let timings = time_runs(
+            model,
+            &tokens,
+            w,
+            self.plan.warmup,
+            self.plan.repeats,
+            &mut **self.clock.borrow_mut(),
+        )?;
         warnings.extend(timings.warnings);
         // A GPU decoder's decode steps replay a CUDA graph; the eager ones are timed too.
         let eager_ms = match model {
@@ -521,7 +548,7 @@ impl<'p> ModelRunner<'p> {
                         "the decode graph could not be captured, decode steps ran eagerly: {why}"
                     ));
                 }
-                eager_decode_ms(lm.as_ref(), &tokens, w, self.plan.repeats)?
+                eager_decode_ms(lm.as_ref(), &tokens, w, self.plan.repeats, &mut **self.clock.borrow_mut())?
             }
             _ => Vec::new(),
         };
@@ -744,14 +771,14 @@ fn eager_decode_ms(
     tokens: &[u32],
     w: &crate::suite::Workload,
     repeats: usize,
+    clock: &mut dyn Clock,
 ) -> Result<Vec<f64>> {
     if lm.set_decode_graph(false) != Some(true) {
         return Ok(Vec::new());
     }
     let mut ms = Vec::new();
-    let mut clock = WallClock::default();
     let timed = (0..repeats).try_for_each(|_| {
-        ms.extend(time_generation(lm, tokens, w.batch_size, w.gen_len, &mut clock)?.device_steps);
+        ms.extend(time_generation(lm, tokens, w.batch_size, w.gen_len, clock)?.device_steps);
         Ok::<_, Error>(())
     });
     lm.set_decode_graph(true);

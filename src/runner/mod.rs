@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result, ResultExt};
 use crate::hash::{sha256_file, sha256_hex};
-use crate::report::results::{
+use crate::measure::latency::{self, ClockSource};
+use crate::measure::results::{
     CalibrationRecord, CaseResult, FallbackRecord, ModelRecord, Provenance, Results, ShardRecord,
     SuiteRecord, WorkloadRecord, SCHEMA_VERSION,
 };
@@ -36,6 +37,9 @@ pub struct RunOptions {
     /// Where divergence references are read from and stored (default `OUT/references/`):
     /// a folder shared by the shards, or one an earlier run filled.
     pub references: Option<PathBuf>,
+    /// Where every timing of the run comes from (default: the wall clock); a test
+    /// scripts it to check the whole path from a timed pass to results.json.
+    pub clock: Option<ClockSource>,
 }
 
 /// Run the plan. Returns the results, also written to `OUT/results.json` after every case.
@@ -158,7 +162,8 @@ fn run_on_pool(plan: &Plan, options: &RunOptions) -> Result<(PathBuf, Results)> 
                     &hash_of(model.reference.unwrap_or(index))?,
                     &reference_folder,
                 )
-                .with_context(|| format!("model {}", model.name))?;
+                .with_context(|| format!("model {}", model.name))?
+                .with_clock(options.clock.unwrap_or(latency::wall_clock));
                 let record = results.models.last_mut().expect("pushed above");
                 record.reference_cache = built.reference_cache.clone();
                 record.input_limit = built.input_limit.clone();

@@ -295,7 +295,7 @@ pub(super) fn block_size(scheme: &str, params: &SchemeParams, default: usize) ->
 }
 
 fn build(params: &SchemeParams) -> Result<Box<dyn Scheme>> {
-    let block = block_size("int4-block", params, DEFAULT_BLOCK)?;
+    let block = block_size(INT4_BLOCK.name, params, DEFAULT_BLOCK)?;
     Ok(Box::new(Int4Block {
         block,
         asymmetric: params.bool("asymmetric", false),

@@ -319,7 +319,7 @@ impl Scheme for KMeans {
 }
 
 fn build(params: &SchemeParams) -> Result<Box<dyn Scheme>> {
-    let error = |message: String| Error::Scheme { scheme: "kmeans".to_string(), message };
+    let error = |message: String| Error::Scheme { scheme: KMEANS.name.to_string(), message };
     let clusters = params.integer("clusters", DEFAULT_CLUSTERS as u64);
     if !(2..=65536).contains(&clusters) {
         return Err(error(format!(

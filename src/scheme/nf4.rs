@@ -360,11 +360,11 @@ fn build(name: &str, format: Format, params: &SchemeParams) -> Result<Box<dyn Sc
 }
 
 fn build_nf4(params: &SchemeParams) -> Result<Box<dyn Scheme>> {
-    build("nf4", Format::Nf4, params)
+    build(NF4.name, Format::Nf4, params)
 }
 
 fn build_fp4(params: &SchemeParams) -> Result<Box<dyn Scheme>> {
-    build("fp4", Format::Fp4, params)
+    build(FP4.name, Format::Fp4, params)
 }
 
 const PARAMS: &[ParamInfo] = &[

@@ -146,7 +146,7 @@ impl Scheme for Prune {
 }
 
 fn scheme_error(message: String) -> Error {
-    Error::Scheme { scheme: "prune".to_string(), message }
+    Error::Scheme { scheme: PRUNE.name.to_string(), message }
 }
 
 fn build(params: &SchemeParams) -> Result<Box<dyn Scheme>> {

@@ -329,3 +329,49 @@ fn peak_memory_grows_with_the_model_bytes_at_most_1_3_times() {
         assert!(slope <= 1.3, "{scheme}: {slope:.3} bytes of RSS per byte held, expected at most 1.3");
     }
 }
+
+/// A clock that moves 2 ms between any two reads.
+struct Steps(f64);
+
+impl quantbench::measure::latency::Clock for Steps {
+    fn now_ms(&mut self) -> f64 {
+        self.0 += 2.0;
+        self.0
+    }
+}
+
+/// The run's clock reaches every timing: with a scripted clock the whole path from a
+/// timed pass to results.json gives exactly the scripted intervals (each read 2 ms after
+/// the last), quantizing and reloading included, and no noise warnings.
+#[test]
+fn a_scripted_clock_times_every_pass_of_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    quantbench::model::builtin::write_to("tiny-llama", &dir.path().join("model")).unwrap();
+    let eval = std::fs::read_to_string(crate::support::root().join("suites/data/eval.txt")).unwrap();
+    std::fs::write(dir.path().join("eval.txt"), eval).unwrap();
+    let suite = dir.path().join("clock.yaml");
+    std::fs::write(
+        &suite,
+        "name: clock\nmodels:\n  - name: m\n    path: model\nschemes: [fp32, int8-dynamic]\n\
+         workload:\n  prompts: [\"Hello\"]\n  eval_text: eval.txt\n  prompt_len: 8\n  gen_len: 3\n\
+         metrics: [latency, disk]\nrepeats: 4\nwarmup: 1\n",
+    )
+    .unwrap();
+    let plan = quantbench::suite::Plan::load(&suite).unwrap();
+    let options = quantbench::runner::RunOptions {
+        out: Some(dir.path().join("out")),
+        clock: Some(|| Box::new(Steps(0.0))),
+        ..Default::default()
+    };
+    let (_, results) = quantbench::runner::run(&plan, &options).unwrap();
+    assert_eq!(results.cases.len(), 2);
+    for case in &results.cases {
+        let latency = case.latency.as_ref().unwrap();
+        assert_eq!(latency.prefill_ms, vec![2.0; 4], "{}", case.id);
+        assert_eq!(latency.decode_ms, vec![2.0; 4 * 3], "{}: one sample per decode step", case.id);
+        let load_s = latency.load_s.unwrap();
+        assert!((latency.quantize_s - 0.002).abs() < 1e-12 && (load_s - 0.002).abs() < 1e-12, "{}", case.id);
+        assert_eq!(latency.decode_tokens_per_s, Some(500.0), "{}", case.id);
+        assert!(case.warnings.iter().all(|w| !w.contains("vary")), "{}: {:?}", case.id, case.warnings);
+    }
+}

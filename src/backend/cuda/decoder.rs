@@ -26,10 +26,6 @@ use crate::tensor::attention::{AttentionShape, KvCache};
 /// The kernel path of the tied, unquantized output head (the f32 embedding matrix).
 const TIED_HEAD_KERNEL: &str = "cuda-cublas-f32-tied-head";
 
-fn device_error(e: CudaError) -> Error {
-    Error::Device { device: "cuda", message: e.to_string() }
-}
-
 /// Who gets each block's hidden states (downloaded), if anyone.
 type Observer<'a> = Option<&'a mut dyn FnMut(usize, &[f32])>;
 
@@ -465,10 +461,10 @@ impl CudaCausalLm {
             device: "cuda",
             message: "this architecture has no CUDA forward pass yet (it describes no decoder plan)".into(),
         })?;
-        let blas = Blas::new(&gpu).map_err(device_error)?;
-        let decoder = CudaDecoder::upload(&gpu, &plan).map_err(device_error)?;
+        let blas = Blas::new(&gpu)?;
+        let decoder = CudaDecoder::upload(&gpu, &plan)?;
         drop(plan);
-        gpu.synchronize().map_err(device_error)?;
+        gpu.synchronize()?;
         let state = Mutex::new(DeviceState {
             gpu,
             blas,
@@ -501,9 +497,9 @@ impl CudaCausalLm {
             device: "cuda",
             message: "the key/value cache was not made by this model's new_cache".into(),
         })?;
-        slot.allocate(gpu, decoder, batch).map_err(device_error)?;
+        slot.allocate(gpu, decoder, batch)?;
         let CacheSlot { capacity, graph: slot_graph, cache: Some(device_cache) } = slot else {
-            return Err(device_error(CudaError::Shape {
+            return Err(Error::from(CudaError::Shape {
                 op: "decoder forward",
                 message: "device cache missing after allocation".into(),
             }));
@@ -518,26 +514,24 @@ impl CudaCausalLm {
             && decoder.replayable(tokens, start, *capacity);
         let replay = decode && warm.contains(&batch);
         let mut out = Ok(Vec::new());
-        let ms = gpu
-            .time_ms(|| {
-                out = if replay {
-                    decoder.graph_step(gpu, blas, device_cache, slot_graph, tokens, start, graph_failed)
-                } else {
-                    decoder.eager_step(
-                        gpu,
-                        blas,
-                        Step::Host { tokens, start },
-                        batch,
-                        device_cache,
-                        logits,
-                        observe,
-                    )
-                };
-                out.as_ref().map(|_| ()).map_err(Clone::clone)
-            })
-            .map_err(device_error)?;
+        let ms = gpu.time_ms(|| {
+            out = if replay {
+                decoder.graph_step(gpu, blas, device_cache, slot_graph, tokens, start, graph_failed)
+            } else {
+                decoder.eager_step(
+                    gpu,
+                    blas,
+                    Step::Host { tokens, start },
+                    batch,
+                    device_cache,
+                    logits,
+                    observe,
+                )
+            };
+            out.as_ref().map(|_| ()).map_err(Clone::clone)
+        })?;
         *last_ms = Some(f64::from(ms));
-        let out = out.map_err(device_error)?;
+        let out = out?;
         if decode {
             warm.insert(batch);
         }

@@ -91,6 +91,12 @@ pub enum CudaError {
     },
 }
 
+impl From<CudaError> for crate::error::Error {
+    fn from(e: CudaError) -> Self {
+        crate::error::Error::Cuda(Box::new(e))
+    }
+}
+
 /// Run `f`, turning a cudarc panic into [`CudaError::Panic`].
 pub fn guard<T>(op: &'static str, f: impl FnOnce() -> Result<T, CudaError>) -> Result<T, CudaError> {
     match catch_unwind(AssertUnwindSafe(f)) {
