@@ -70,6 +70,27 @@ pub struct SuiteRecord {
     pub noise_threshold: Option<f64>,
 }
 
+impl SuiteRecord {
+    /// Results written before `description` and `noise_threshold` were recorded hold them
+    /// only in the stored suite text: read them from there, once, when the file is read,
+    /// so every report of an old run shows what it showed when it was written. A text that
+    /// does not parse leaves both empty.
+    fn fill_from_text(&mut self) {
+        if self.description.is_some() || self.noise_threshold.is_some() {
+            return;
+        }
+        #[derive(Deserialize)]
+        struct Recorded {
+            description: Option<String>,
+            noise_threshold: Option<f64>,
+        }
+        if let Ok(recorded) = serde_saphyr::from_str::<Recorded>(&self.text) {
+            self.description = recorded.description;
+            self.noise_threshold = recorded.noise_threshold;
+        }
+    }
+}
+
 /// The machine and build.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Provenance {
@@ -558,9 +579,10 @@ impl Results {
             )));
         }
         let mut de = serde_json::Deserializer::from_slice(bytes);
-        let results: Results = serde_path_to_error::deserialize(&mut de)
+        let mut results: Results = serde_path_to_error::deserialize(&mut de)
             .map_err(|e| results_error(format!("key {}: {}", e.path(), e.inner())))?;
         de.end().map_err(json_error)?;
+        results.suite.fill_from_text();
         Ok(results)
     }
 

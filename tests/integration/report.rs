@@ -352,3 +352,30 @@ fn the_suite_noise_threshold_recorded_in_results_applies() {
     let md = read(&out.join("compare.md"));
     assert!(md.contains("±20.00% (noise_threshold of suite small)"), "{md}");
 }
+
+/// Every committed report re-renders from its results.json to the same bytes: tables,
+/// summary and HTML page (results written before the suite's description was recorded
+/// get it from the stored suite text). A change of any renderer shows here as a diff of a
+/// committed report, to be made on purpose with `bench report reports/NAME`.
+#[test]
+fn committed_reports_re_render_byte_identical() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(root().join("reports")).unwrap() {
+        let dir = entry.unwrap().path();
+        let Ok(results) = Results::read(&dir.join("results.json")) else { continue };
+        let out = tempfile::tempdir().unwrap();
+        quantbench::report::render(&results, out.path()).unwrap();
+        for name in ["results.md", "results.csv", "summary.md", "index.html"] {
+            let Ok(committed) = std::fs::read_to_string(dir.join(name)) else { continue };
+            let rendered = std::fs::read_to_string(out.path().join(name)).unwrap();
+            assert!(
+                committed == rendered,
+                "{} re-renders differently: run `bench report {}`",
+                dir.join(name).display(),
+                dir.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "only {checked} committed report files were checked");
+}
