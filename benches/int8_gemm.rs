@@ -15,7 +15,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-use quantbench::scheme::int8_gemm::gemm_i8;
+use quantbench::scheme::kernels::int8_gemm::gemm_i8;
 use quantbench::tensor::{matmul_nt, on_pool, SeededRng};
 
 /// `(n, k)`: output features × input features.

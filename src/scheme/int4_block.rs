@@ -434,7 +434,7 @@ mod tests {
                     &q.scales,
                     q.minima.as_deref(),
                 );
-                super::super::packed4::testing::check_kernels(&p, seed as u64);
+                crate::scheme::kernels::packed4_gemv::testing::check_kernels(&p, seed as u64);
             }
         }
     }

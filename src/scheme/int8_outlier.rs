@@ -8,7 +8,7 @@
 //!   `outlier_dtype: bf16`), multiplied and accumulated in f32;
 //! - int8 part: `x` with the outlier columns set to zero, quantized per row (token) with
 //!   `scale = row absmax / 127` over the remaining columns; the int8 weight (per output row,
-//!   `scale = absmax / 127`) through [`super::int8_gemm`]; rescaled `acc · s_x · s_w`;
+//!   `scale = absmax / 127`) through [`super::kernels::int8_gemm`]; rescaled `acc · s_x · s_w`;
 //! - `y = int8 part + bias + 16-bit part`.
 //!
 //! What is stored, and why: the int8 weight `[rows, cols]` and one f32 scale per output
@@ -30,7 +30,7 @@ use std::sync::Mutex;
 use half::{bf16, f16};
 
 use super::int8_dynamic::{load_i8_weight, quantize_activations, quantize_weight_rows, rescale};
-use super::int8_gemm::{gemm_i8, kernel_name};
+use super::kernels::int8_gemm::{gemm_i8, kernel_name};
 use super::{
     Calibration, DenseWeight, DeviceSupport, LayerParts, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo,
     SchemeParams, StoredSource, StoredTensor, TensorRole, WeightParts,

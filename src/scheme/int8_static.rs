@@ -15,7 +15,7 @@
 
 use safetensors::tensor::Dtype;
 
-use super::int8_gemm::{gemm_i8, gemm_i8_reference};
+use super::kernels::int8_gemm::{gemm_i8, gemm_i8_reference};
 use super::observer::{check_calibration, check_weight, AffineU8, ChannelInt8, Observer};
 use super::{
     Calibration, DenseWeight, DeviceSupport, LayerParts, Linear, ParamInfo, ParamKind, Scheme, SchemeInfo,
@@ -49,7 +49,7 @@ pub(super) const OBSERVER_PARAMS: [ParamInfo; 2] = [
 pub(super) enum DotKernel {
     /// Portable loop.
     Scalar,
-    /// The shared AVX2 GEMM of [`super::int8_gemm`]: codes widened to i16, `vpmaddwd`
+    /// The shared AVX2 GEMM of [`super::kernels::int8_gemm`]: codes widened to i16, `vpmaddwd`
     /// into i32 (exact: a pair is at most 2·255·128), panels of packed weights for
     /// prefill.
     Avx2,

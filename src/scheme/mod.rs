@@ -7,22 +7,15 @@
 mod float;
 mod int4_block;
 pub mod int8_dynamic;
-pub mod int8_gemm;
-#[cfg(target_arch = "x86_64")]
-mod int8_gemm_panel;
-#[cfg(target_arch = "x86_64")]
-mod int8_gemm_vnni;
 pub mod int8_outlier;
-#[cfg(target_arch = "x86_64")]
-mod int8_panels;
 mod int8_static;
+pub mod kernels;
 mod kmeans;
 mod nf4;
 
 pub use nf4::NF4_CODE;
 pub mod observer;
 pub mod packed4;
-pub mod packed4_gemv;
 mod parts;
 mod prune;
 mod qat_sim;
@@ -36,7 +29,7 @@ use crate::error::{Error, Result};
 
 pub use float::{float_scheme, FloatLinear, FloatStorage};
 #[cfg(target_arch = "x86_64")]
-pub use int8_panels::Int8Panels;
+pub use kernels::int8_panels::Int8Panels;
 pub use parts::{Int8Codes, LayerParts, WeightParts};
 
 /// What a stored tensor is for, in the memory and disk accounts.

@@ -550,7 +550,7 @@ mod tests {
                 let stored =
                     if dq { Scales::Double(DoubleQuant::new(&absmax)) } else { Scales::Plain(absmax) };
                 let layer = s.layer(9, 77, pack_nibbles(&codes), stored, None);
-                super::super::packed4::testing::check_kernels(&layer.packed, seed as u64);
+                crate::scheme::kernels::packed4_gemv::testing::check_kernels(&layer.packed, seed as u64);
             }
         }
     }

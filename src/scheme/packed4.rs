@@ -7,7 +7,7 @@
 //! The fused GEMV has three paths ([`Gemv`]): the scalar f32 reference; an AVX2 f32 path
 //! that decodes nibbles to f32 and multiplies with FMAs (exact numerics, compute-bound at
 //! a fifth of memory bandwidth); and, by default on AVX2 where the shape allows, the
-//! fixed-point path of [`super::packed4_gemv`] (activations rounded to 16-bit fixed point
+//! fixed-point path of [`super::kernels::packed4_gemv`] (activations rounded to 16-bit fixed point
 //! per 32 values, integer block dot products; memory-bound). Scheme parameter
 //! `exact_gemv: true` keeps the exact f32 path. Prefill (more than [`GEMV_MAX_ROWS`]
 //! rows) always runs the exact dequantize-then-GEMM, so divergence measured on prefill
@@ -19,8 +19,6 @@
 //! may span two rows and a row may start in the middle of a block or a byte.
 
 use rayon::prelude::*;
-
-use super::packed4_gemv::{self, Activations, FixedTable, Layout};
 
 /// Above this many activation rows, `forward` dequantizes row panels and runs the f32
 /// GEMM instead of the fused GEMV. Measured on the 2-core AMD EPYC (Zen 3, AVX2) this
@@ -61,7 +59,7 @@ pub struct Packed4 {
     /// One offset per block (asymmetric formats), added after scaling.
     pub offsets: Option<Vec<f32>>,
     /// Keep the fused GEMV's activations in f32 (the exact path) instead of 16-bit fixed
-    /// point (see [`super::packed4_gemv`]): slower, bit for bit the reference numerics.
+    /// point (see [`super::kernels::packed4_gemv`]): slower, bit for bit the reference numerics.
     pub exact_gemv: bool,
 }
 
@@ -73,7 +71,7 @@ pub enum Gemv {
     /// Exact f32 activations, nibbles decoded to f32 with AVX2 and multiplied with FMAs.
     Avx2,
     /// 16-bit fixed-point activations and exact integer block dot products
-    /// ([`super::packed4_gemv`]), AVX2.
+    /// ([`super::kernels::packed4_gemv`]), AVX2.
     Avx2Fixed,
 }
 
@@ -192,19 +190,6 @@ impl Packed4 {
         out
     }
 
-    /// The fused GEMV path [`Self::matmul`] takes on this CPU for this weight (finite
-    /// activations).
-    pub fn gemv_path(&self) -> Gemv {
-        if !has_avx2() {
-            Gemv::Scalar
-        } else if self.exact_gemv || !packed4_gemv::shape_fits(self) || FixedTable::new(&self.table).is_none()
-        {
-            Gemv::Avx2
-        } else {
-            Gemv::Avx2Fixed
-        }
-    }
-
     /// The kernels `matmul` runs on this CPU: the fused GEMV for decode, dequantized
     /// panels through the f32 GEMM for prefill.
     pub fn kernel(&self) -> &'static str {
@@ -247,34 +232,9 @@ impl Packed4 {
         }
     }
 
-    /// The fused GEMV over all output rows, in tasks of 16 rows (parallel for large
-    /// weights). `path` must be one this CPU runs ([`Self::gemv_path`] or a slower one);
-    /// the fixed-point path falls back to the exact one for a shape it does not take or
-    /// non-finite activations.
-    pub fn gemv(&self, x: &[f32], m: usize, out: &mut [f32], path: Gemv) {
-        assert_eq!(x.len(), m * self.cols, "packed4 gemv: input is not [m, cols]");
-        assert_eq!(out.len(), m * self.rows, "packed4 gemv: output is not [m, rows]");
-        #[cfg(target_arch = "x86_64")]
-        if path == Gemv::Avx2Fixed && has_avx2() && packed4_gemv::shape_fits(self) {
-            let work = || crate::profile::Work { ops: 3.0 * x.len() as f64, bytes: 6.0 * x.len() as f64 };
-            let quantizing = crate::profile::span("activation quantization", "16-bit per 32 values", work);
-            let prepared = FixedTable::new(&self.table).and_then(|t| {
-                let layout = Layout::for_weight(self, &t);
-                Activations::new(x, m, self.cols, &t, self.offsets.is_some(), layout).map(|a| (t, a))
-            });
-            drop(quantizing);
-            if let Some((table, acts)) = prepared {
-                self.run_tasks(m, out, |r, dst| self.row_dots_fixed(&table, &acts, r, dst));
-                return;
-            }
-        }
-        let avx2 = path != Gemv::Scalar && has_avx2();
-        self.run_tasks(m, out, |r, dst| self.row_dots(r, x, dst, avx2));
-    }
-
     /// Run `row(r, dst)` for every weight row `r` (`dst`: its `m` outputs), in tasks of
     /// [`ROWS_PER_TASK`] rows, and scatter the results into `out` (`[m, rows]`).
-    fn run_tasks(&self, m: usize, out: &mut [f32], row: impl Fn(usize, &mut [f32]) + Sync) {
+    pub(crate) fn run_tasks(&self, m: usize, out: &mut [f32], row: impl Fn(usize, &mut [f32]) + Sync) {
         let rows = self.rows;
         if m == 0 || rows == 0 {
             return;
@@ -319,26 +279,8 @@ impl Packed4 {
         }
     }
 
-    /// `dst[i] = x[i] · W[r]` on the fixed-point path, four activation rows at a time.
-    #[cfg(target_arch = "x86_64")]
-    fn row_dots_fixed(&self, table: &FixedTable, acts: &Activations, r: usize, dst: &mut [f32]) {
-        let mut i = 0;
-        while i + 4 <= dst.len() {
-            // SAFETY: `gemv` checked AVX2, FMA and `shape_fits`, and built `acts` from
-            // this weight's table with `dst.len()` rows (and sums when it has offsets).
-            let d = unsafe { packed4_gemv::row_dots::<4>(self, table, acts, r, i) };
-            dst[i..i + 4].copy_from_slice(&d);
-            i += 4;
-        }
-        while i < dst.len() {
-            // SAFETY: as above.
-            dst[i] = unsafe { packed4_gemv::row_dots::<1>(self, table, acts, r, i) }[0];
-            i += 1;
-        }
-    }
-
     /// `dst[i] = x[i] · W[r]` for every activation row `i` (`dst.len()` rows of `x`).
-    fn row_dots(&self, r: usize, x: &[f32], dst: &mut [f32], avx2: bool) {
+    pub(crate) fn row_dots(&self, r: usize, x: &[f32], dst: &mut [f32], avx2: bool) {
         let cols = self.cols;
         let mut i = 0;
         #[cfg(target_arch = "x86_64")]
@@ -671,60 +613,6 @@ pub(crate) mod testing {
     use super::*;
     use crate::tensor::SeededRng;
 
-    /// Exact fused GEMV against dequantize + f64 reference GEMM: f32 accumulation over
-    /// `cols` terms in a different order, relative L2 of the output.
-    pub const GEMV_REL_L2_BUDGET: f64 = 1e-5;
-
-    /// Check every GEMV path of `p` (and the panel path) against the reference: the
-    /// exact paths within [`GEMV_REL_L2_BUDGET`], the fixed-point path within the bound
-    /// `packed4_gemv::testing::fixed_point_bound` derives from its rounding steps.
-    pub fn check_kernels(p: &Packed4, seed: u64) {
-        for m in [1, 3, 5, GEMV_MAX_ROWS + 1] {
-            let x = SeededRng::new(seed).normal_vec(m * p.cols, 1.0);
-            let reference = crate::tensor::matmul_nt_reference(&x, m, p.cols, &p.dequantize(), p.rows);
-            let scalar = run(p, &x, m, Gemv::Scalar);
-            let err = crate::tensor::relative_l2(&scalar, &reference);
-            assert!(err <= GEMV_REL_L2_BUDGET, "scalar gemv {}x{} m={m}: {err}", p.rows, p.cols);
-            if has_avx2() {
-                let err = crate::tensor::relative_l2(&run(p, &x, m, Gemv::Avx2), &scalar);
-                assert!(err <= GEMV_REL_L2_BUDGET, "avx2 vs scalar {}x{} m={m}: {err}", p.rows, p.cols);
-                if packed4_gemv::shape_fits(p) {
-                    let fixed = run(p, &x, m, Gemv::Avx2Fixed);
-                    within_fixed_point_bound(p, &x, m, &fixed, &reference);
-                }
-            }
-            let mut auto = vec![f32::NAN; m * p.rows];
-            p.matmul(&x, m, &mut auto);
-            if m <= GEMV_MAX_ROWS && p.gemv_path() == Gemv::Avx2Fixed {
-                within_fixed_point_bound(p, &x, m, &auto, &reference);
-            } else {
-                let err = crate::tensor::relative_l2(&auto, &reference);
-                assert!(err <= GEMV_REL_L2_BUDGET, "matmul {}x{} m={m}: {err}", p.rows, p.cols);
-            }
-        }
-    }
-
-    /// `p.gemv` on `path`, into a fresh output.
-    pub fn run(p: &Packed4, x: &[f32], m: usize, path: Gemv) -> Vec<f32> {
-        let mut out = vec![f32::NAN; m * p.rows];
-        p.gemv(x, m, &mut out, path);
-        out
-    }
-
-    /// Every output of the fixed-point path within its bound of the reference.
-    pub fn within_fixed_point_bound(p: &Packed4, x: &[f32], m: usize, got: &[f32], reference: &[f32]) {
-        let bound = packed4_gemv::testing::fixed_point_bound(p, x, m);
-        for (i, ((&g, &r), &b)) in got.iter().zip(reference).zip(&bound).enumerate() {
-            let err = (g as f64 - r as f64).abs();
-            assert!(
-                err <= b,
-                "fixed-point {}x{} m={m} output {i}: |{g} - {r}| = {err} > {b}",
-                p.rows,
-                p.cols
-            );
-        }
-    }
-
     /// A random packed weight with random codes, scales and (optionally) offsets.
     pub fn random(rows: usize, cols: usize, block: usize, offsets: bool, seed: u64) -> Packed4 {
         let mut rng = SeededRng::new(seed);
@@ -780,95 +668,6 @@ mod tests {
                     }
                 }
             }
-        }
-    }
-
-    #[test]
-    fn every_layout_of_whole_pair_weights_agrees_with_the_reference() {
-        use super::packed4_gemv::{FixedTable, Layout};
-        let signed: [f32; 16] = std::array::from_fn(|u| ((u as i32 + 8) % 16 - 8) as f32);
-        let unsigned: [f32; 16] = std::array::from_fn(|u| u as f32);
-        // Rows of whole pairs with blocks of one or two pairs, blocks across rows, and
-        // one block over the whole weight.
-        for (seed, &(rows, cols, block)) in
-            [(5, 128, 64), (3, 192, 128), (4, 64, 128), (2, 256, 512)].iter().enumerate()
-        {
-            for offsets in [false, true] {
-                let mut p = random(rows, cols, block, offsets, seed as u64);
-                for (table, layout) in [(signed, Layout::SignedNibbles), (unsigned, Layout::UnsignedNibbles)]
-                {
-                    p.table = table;
-                    assert_eq!(Layout::for_weight(&p, &FixedTable::new(&table).unwrap()), layout);
-                    check_kernels(&p, 7 + seed as u64);
-                }
-                p.table = random(1, 16, 16, false, 50 + seed as u64).table;
-                assert_eq!(Layout::for_weight(&p, &FixedTable::new(&p.table).unwrap()), Layout::Lookup);
-                check_kernels(&p, 9 + seed as u64);
-            }
-        }
-    }
-
-    #[test]
-    fn kernels_agree_on_odd_shapes_and_blocks_spanning_rows() {
-        // Odd column counts make rows start on a low nibble; blocks that do not divide
-        // the row make blocks span rows and rows start mid-block.
-        let shapes =
-            [(1, 1, 128), (3, 5, 4), (7, 33, 16), (5, 127, 128), (9, 300, 128), (33, 129, 64), (4, 64, 200)];
-        for (seed, &(rows, cols, block)) in shapes.iter().enumerate() {
-            for offsets in [false, true] {
-                check_kernels(&random(rows, cols, block, offsets, seed as u64), 100 + seed as u64);
-            }
-        }
-    }
-
-    #[test]
-    fn fixed_point_path_stays_within_its_bound_on_every_piece_layout() {
-        // Columns of 16·odd leave a half chunk at each row's end; blocks of 48 start pieces
-        // mid-chunk; 688 with block 128 is the built-in model's down projection (rows
-        // start at multiples of 16 inside a block); a block larger than the weight is
-        // k-means' single block.
-        let shapes = [
-            (3, 16, 16),
-            (5, 48, 32),
-            (6, 80, 48),
-            (7, 688, 128),
-            (4, 576, 128),
-            (9, 16, 128),
-            (2, 32, 1000),
-        ];
-        for (seed, &(rows, cols, block)) in shapes.iter().enumerate() {
-            for offsets in [false, true] {
-                let p = random(rows, cols, block, offsets, 40 + seed as u64);
-                assert!(packed4_gemv::shape_fits(&p), "{rows}x{cols} block {block}");
-                check_kernels(&p, 200 + seed as u64);
-            }
-        }
-    }
-
-    #[test]
-    fn fixed_point_path_handles_integer_tables_extreme_and_non_finite_inputs() {
-        let mut p = random(5, 96, 32, true, 7);
-        p.table = [0., 1., 2., 3., 4., 5., 6., 7., -8., -7., -6., -5., -4., -3., -2., -1.];
-        check_kernels(&p, 8);
-        // One huge value per chunk next to tiny ones, and all-zero chunks.
-        let mut x = vec![0.0f32; 2 * 96];
-        x.iter_mut().enumerate().for_each(|(k, v)| {
-            *v = if k % 32 == 5 {
-                3.0e4
-            } else if k < 96 {
-                1e-3
-            } else {
-                0.0
-            }
-        });
-        let reference = crate::tensor::matmul_nt_reference(&x, 2, 96, &p.dequantize(), 5);
-        if has_avx2() {
-            let fixed = run(&p, &x, 2, Gemv::Avx2Fixed);
-            within_fixed_point_bound(&p, &x, 2, &fixed, &reference);
-            // Non-finite activations take the exact path: the same NaN/inf pattern.
-            x[3] = f32::NAN;
-            let (fixed, exact) = (run(&p, &x, 2, Gemv::Avx2Fixed), run(&p, &x, 2, Gemv::Avx2));
-            assert!(fixed.iter().zip(&exact).all(|(a, b)| a.to_bits() == b.to_bits()));
         }
     }
 

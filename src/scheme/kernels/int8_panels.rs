@@ -3,7 +3,7 @@
 //! outputs directly: `out[i, j] = acc[i, j] · (s_x[i] · s_w[j]) + b[j]`.
 //!
 //! Why: [`super::int8_gemm::gemm_i8`] packs the weights on every call, writes an i32
-//! product that [`super::int8_dynamic::rescale`] then reads back on one thread. On
+//! product that [`crate::scheme::int8_dynamic::rescale`] then reads back on one thread. On
 //! all-MiniLM-L6-v2 (8 × 128 tokens) packing, the i32 round trip and the serial rescale
 //! were a third of the int8 linears' time. Here the weights are packed once, the rescale
 //! and the bias run on each 8 × 32 register block as it leaves the kernel, and every
@@ -15,7 +15,7 @@
 //!
 //! Numerics: the i32 sums are the scalar reference's bits (wrapping arithmetic, as in
 //! [`super::int8_gemm_vnni`]); the rescale is the same f32 operations in the same order
-//! as [`super::int8_dynamic::rescale`] (`s_x · s_w` rounded, then `acc · scale + b`, or one
+//! as [`crate::scheme::int8_dynamic::rescale`] (`s_x · s_w` rounded, then `acc · scale + b`, or one
 //! fused multiply-add in torch mode), so outputs are bit-identical to the unpacked path.
 
 use std::arch::x86_64::*;
@@ -25,10 +25,10 @@ use rayon::prelude::*;
 use super::int8_gemm_vnni::{self as vnni, UnsignedRows, NR};
 
 /// The kernel name a layer on this path records.
-pub(super) const KERNEL: &str = "int8-avx512vnni-packed";
+pub(crate) const KERNEL: &str = "int8-avx512vnni-packed";
 
 /// i8 codes `q` (`[m, k]`) as the kernel's unsigned rows.
-pub(super) fn unsigned(q: &[i8], m: usize, k: usize) -> UnsignedRows {
+pub(crate) fn unsigned(q: &[i8], m: usize, k: usize) -> UnsignedRows {
     UnsignedRows::from_codes(q, m, k)
 }
 
@@ -36,10 +36,10 @@ pub(super) fn unsigned(q: &[i8], m: usize, k: usize) -> UnsignedRows {
 const PARALLEL_QUANTIZE_ELEMENTS: usize = 1 << 17;
 
 /// Activations `x[m, k]` quantized symmetric per row (or with one scale for all when
-/// `per_tensor`) exactly as [`super::int8_dynamic::quantize_activations`] does, written
+/// `per_tensor`) exactly as [`crate::scheme::int8_dynamic::quantize_activations`] does, written
 /// straight into the kernel's unsigned rows (`code + 128`); and the scales.
-pub(super) fn quantize_rows(x: &[f32], m: usize, k: usize, per_tensor: bool) -> (UnsignedRows, Vec<f32>) {
-    use super::int8_dynamic::{absmax, quantize_symmetric, symmetric_scale};
+pub(crate) fn quantize_rows(x: &[f32], m: usize, k: usize, per_tensor: bool) -> (UnsignedRows, Vec<f32>) {
+    use super::int8_quant::{absmax, quantize_symmetric, symmetric_scale};
     let _span = crate::profile::span("activation quantization", "int8 symmetric", || crate::profile::Work {
         ops: 3.0 * x.len() as f64,
         bytes: 5.0 * x.len() as f64,
@@ -164,7 +164,7 @@ impl Int8Panels {
 
 /// How the i32 sums become f32 outputs.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Rescale<'a> {
+pub(crate) struct Rescale<'a> {
     /// One scale per activation row.
     pub row_scales: &'a [f32],
     /// One scale per output column.
@@ -180,7 +180,7 @@ pub(super) struct Rescale<'a> {
 ///
 /// # Panics
 /// When the shapes disagree.
-pub(super) fn matmul_f32(panels: &Int8Panels, a: &UnsignedRows, m: usize, rescale: Rescale, out: &mut [f32]) {
+pub(crate) fn matmul_f32(panels: &Int8Panels, a: &UnsignedRows, m: usize, rescale: Rescale, out: &mut [f32]) {
     let (n, k) = (panels.rows, panels.cols);
     assert_eq!(a.shift(), 128, "int8 panels: activations must be i8 codes stored + 128");
     assert_eq!(a.rows(), m, "int8 panels: {} activation rows, expected {m}", a.rows());
@@ -352,7 +352,7 @@ fn lane_mask(width: usize, lo: usize) -> __mmask16 {
 mod tests {
     use super::*;
     use crate::scheme::int8_dynamic::{quantize_activations, rescale as rescale_reference};
-    use crate::scheme::int8_gemm::gemm_i8_reference;
+    use crate::scheme::kernels::int8_gemm::gemm_i8_reference;
     use crate::tensor::SeededRng;
 
     fn skipped() -> bool {

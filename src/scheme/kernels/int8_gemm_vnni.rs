@@ -19,10 +19,10 @@
 
 use std::arch::x86_64::*;
 
-use super::int8_gemm::{Code, OutPtr};
+use super::int8_common::{Code, OutPtr};
 
 /// Output columns per panel: two vectors of 16 i32 lanes.
-pub(super) const NR: usize = 32;
+pub(crate) const NR: usize = 32;
 
 /// Activation rows per register block: 8 rows × 2 vectors = 16 accumulators.
 const MR: usize = 8;
@@ -31,7 +31,7 @@ const MR: usize = 8;
 const PACKED_BYTES: usize = 512 * 1024;
 
 /// Whether this CPU runs the kernel.
-pub(super) fn available() -> bool {
+pub(crate) fn available() -> bool {
     is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vnni")
@@ -39,7 +39,7 @@ pub(super) fn available() -> bool {
 
 /// Activation rows as unsigned bytes, `stride` (k rounded up to 4) per row, and the
 /// amount added to each code to make it unsigned (128 for `i8`, 0 for `u8`).
-pub(super) struct UnsignedRows {
+pub(crate) struct UnsignedRows {
     data: Vec<u8>,
     stride: usize,
     shift: i32,
@@ -47,7 +47,7 @@ pub(super) struct UnsignedRows {
 }
 
 /// `a` (`[m, k]`) as [`UnsignedRows`].
-pub(super) fn unsigned_rows<T: Code>(a: &[T], m: usize, k: usize) -> UnsignedRows {
+pub(crate) fn unsigned_rows<T: Code>(a: &[T], m: usize, k: usize) -> UnsignedRows {
     UnsignedRows::from_codes(a, m, k)
 }
 
@@ -93,7 +93,7 @@ impl UnsignedRows {
 }
 
 /// Bytes per packed panel for `k` inputs.
-pub(super) fn panel_len(k: usize) -> usize {
+pub(crate) fn panel_len(k: usize) -> usize {
     k.div_ceil(4) * 4 * NR
 }
 
@@ -106,7 +106,7 @@ pub(super) fn panel_len(k: usize) -> usize {
 /// other thread may write columns `cols`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_cols(
+pub(crate) unsafe fn gemm_cols(
     a: &UnsignedRows,
     m: usize,
     k: usize,
@@ -158,7 +158,7 @@ pub(super) unsafe fn gemm_cols(
 /// `[k/4][32][4]` bytes: whole quads of 16 full-width columns by one gather each, the
 /// rest byte by byte.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(super) unsafe fn pack_panel(w: &[i8], k: usize, j0: usize, width: usize, dst: &mut [i8]) {
+pub(crate) unsafe fn pack_panel(w: &[i8], k: usize, j0: usize, width: usize, dst: &mut [i8]) {
     let (quads, whole) = (k.div_ceil(4), k / 4);
     dst.fill(0);
     let offsets = _mm512_mullo_epi32(
@@ -188,7 +188,7 @@ pub(super) unsafe fn pack_panel(w: &[i8], k: usize, j0: usize, width: usize, dst
 /// `−shift·Σ_k w` for each of a packed panel's 32 columns: the sums by `vpdpbusd` against
 /// a vector of ones, two instructions per k quad.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(super) unsafe fn column_corrections(panel: &[i8], shift: i32, dst: &mut [i32]) {
+pub(crate) unsafe fn column_corrections(panel: &[i8], shift: i32, dst: &mut [i32]) {
     let ones = _mm512_set1_epi8(1);
     let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
     let w = panel.as_ptr() as *const __m512i;

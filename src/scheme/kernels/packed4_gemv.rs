@@ -1,4 +1,4 @@
-//! The fast fused GEMV of the 4-bit block format ([`super::packed4`]): activations in
+//! The fast fused GEMV of the 4-bit block format ([`crate::scheme::packed4`]): activations in
 //! 16-bit fixed point, codes looked up as 16-bit integers, exact integer dot products.
 //!
 //! Why: decoding every nibble to f32 and multiplying with FMAs costs about three vector
@@ -43,7 +43,7 @@
 //! end. SmolLM2 (576, 1536), MiniLM (384, 1536) and the built-in models (256, 688) qualify;
 //! all but 688 are whole pairs.
 
-use super::packed4::Packed4;
+use crate::scheme::packed4::{has_avx2, Gemv, Packed4};
 
 /// Activation values per chunk: one scale each, and the unit of the integer dot products.
 pub const CHUNK: usize = 32;
@@ -217,7 +217,7 @@ impl Activations {
         let mut codes = vec![0i16; m * pairs * PAIR];
         let mut scales = vec![0.0f32; m * pairs * 8];
         #[cfg(target_arch = "x86_64")]
-        if super::packed4::has_avx2() {
+        if crate::scheme::packed4::has_avx2() {
             // SAFETY: the CPU has AVX2 and FMA.
             unsafe { quantize_rows_avx2(x, cols, table, layout, &mut codes, &mut scales) };
         } else {
@@ -747,10 +747,125 @@ fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// The fused GEMV's dispatch on a 4-bit weight: which path this CPU and weight take, and
+/// the fixed-point path's rows (the exact path's rows live with the format, `scheme::packed4`).
+impl Packed4 {
+    /// The fused GEMV path [`Self::matmul`] takes on this CPU for this weight (finite
+    /// activations).
+    pub fn gemv_path(&self) -> Gemv {
+        if !has_avx2() {
+            Gemv::Scalar
+        } else if self.exact_gemv || !shape_fits(self) || FixedTable::new(&self.table).is_none() {
+            Gemv::Avx2
+        } else {
+            Gemv::Avx2Fixed
+        }
+    }
+
+    /// The fused GEMV over all output rows, in tasks of 16 rows (parallel for large
+    /// weights). `path` must be one this CPU runs ([`Self::gemv_path`] or a slower one);
+    /// the fixed-point path falls back to the exact one for a shape it does not take or
+    /// non-finite activations.
+    pub fn gemv(&self, x: &[f32], m: usize, out: &mut [f32], path: Gemv) {
+        assert_eq!(x.len(), m * self.cols, "packed4 gemv: input is not [m, cols]");
+        assert_eq!(out.len(), m * self.rows, "packed4 gemv: output is not [m, rows]");
+        #[cfg(target_arch = "x86_64")]
+        if path == Gemv::Avx2Fixed && has_avx2() && shape_fits(self) {
+            let work = || crate::profile::Work { ops: 3.0 * x.len() as f64, bytes: 6.0 * x.len() as f64 };
+            let quantizing = crate::profile::span("activation quantization", "16-bit per 32 values", work);
+            let prepared = FixedTable::new(&self.table).and_then(|t| {
+                let layout = Layout::for_weight(self, &t);
+                Activations::new(x, m, self.cols, &t, self.offsets.is_some(), layout).map(|a| (t, a))
+            });
+            drop(quantizing);
+            if let Some((table, acts)) = prepared {
+                self.run_tasks(m, out, |r, dst| self.row_dots_fixed(&table, &acts, r, dst));
+                return;
+            }
+        }
+        let avx2 = path != Gemv::Scalar && has_avx2();
+        self.run_tasks(m, out, |r, dst| self.row_dots(r, x, dst, avx2));
+    }
+
+    /// `dst[i] = x[i] · W[r]` on the fixed-point path, four activation rows at a time.
+    #[cfg(target_arch = "x86_64")]
+    fn row_dots_fixed(&self, table: &FixedTable, acts: &Activations, r: usize, dst: &mut [f32]) {
+        let mut i = 0;
+        while i + 4 <= dst.len() {
+            // SAFETY: `gemv` checked AVX2, FMA and `shape_fits`, and built `acts` from
+            // this weight's table with `dst.len()` rows (and sums when it has offsets).
+            let d = unsafe { row_dots::<4>(self, table, acts, r, i) };
+            dst[i..i + 4].copy_from_slice(&d);
+            i += 4;
+        }
+        while i < dst.len() {
+            // SAFETY: as above.
+            dst[i] = unsafe { row_dots::<1>(self, table, acts, r, i) }[0];
+            i += 1;
+        }
+    }
+}
+
 /// The error budget of the fixed-point path.
 #[cfg(test)]
 pub(crate) mod testing {
     use super::*;
+    use crate::scheme::packed4::GEMV_MAX_ROWS;
+    use crate::tensor::SeededRng;
+
+    /// Exact fused GEMV against dequantize + f64 reference GEMM: f32 accumulation over
+    /// `cols` terms in a different order, relative L2 of the output.
+    pub const GEMV_REL_L2_BUDGET: f64 = 1e-5;
+
+    /// Check every GEMV path of `p` (and the panel path) against the reference: the
+    /// exact paths within [`GEMV_REL_L2_BUDGET`], the fixed-point path within the bound
+    /// `fixed_point_bound` derives from its rounding steps.
+    pub fn check_kernels(p: &Packed4, seed: u64) {
+        for m in [1, 3, 5, GEMV_MAX_ROWS + 1] {
+            let x = SeededRng::new(seed).normal_vec(m * p.cols, 1.0);
+            let reference = crate::tensor::matmul_nt_reference(&x, m, p.cols, &p.dequantize(), p.rows);
+            let scalar = run(p, &x, m, Gemv::Scalar);
+            let err = crate::tensor::relative_l2(&scalar, &reference);
+            assert!(err <= GEMV_REL_L2_BUDGET, "scalar gemv {}x{} m={m}: {err}", p.rows, p.cols);
+            if has_avx2() {
+                let err = crate::tensor::relative_l2(&run(p, &x, m, Gemv::Avx2), &scalar);
+                assert!(err <= GEMV_REL_L2_BUDGET, "avx2 vs scalar {}x{} m={m}: {err}", p.rows, p.cols);
+                if shape_fits(p) {
+                    let fixed = run(p, &x, m, Gemv::Avx2Fixed);
+                    within_fixed_point_bound(p, &x, m, &fixed, &reference);
+                }
+            }
+            let mut auto = vec![f32::NAN; m * p.rows];
+            p.matmul(&x, m, &mut auto);
+            if m <= GEMV_MAX_ROWS && p.gemv_path() == Gemv::Avx2Fixed {
+                within_fixed_point_bound(p, &x, m, &auto, &reference);
+            } else {
+                let err = crate::tensor::relative_l2(&auto, &reference);
+                assert!(err <= GEMV_REL_L2_BUDGET, "matmul {}x{} m={m}: {err}", p.rows, p.cols);
+            }
+        }
+    }
+
+    /// `p.gemv` on `path`, into a fresh output.
+    pub fn run(p: &Packed4, x: &[f32], m: usize, path: Gemv) -> Vec<f32> {
+        let mut out = vec![f32::NAN; m * p.rows];
+        p.gemv(x, m, &mut out, path);
+        out
+    }
+
+    /// Every output of the fixed-point path within its bound of the reference.
+    pub fn within_fixed_point_bound(p: &Packed4, x: &[f32], m: usize, got: &[f32], reference: &[f32]) {
+        let bound = fixed_point_bound(p, x, m);
+        for (i, ((&g, &r), &b)) in got.iter().zip(reference).zip(&bound).enumerate() {
+            let err = (g as f64 - r as f64).abs();
+            assert!(
+                err <= b,
+                "fixed-point {}x{} m={m} output {i}: |{g} - {r}| = {err} > {b}",
+                p.rows,
+                p.cols
+            );
+        }
+    }
 
     /// Relative slack for f32 summation in a different order: `n·ε` of `Σ|w·x|` over the
     /// `n` terms of a row (the textbook worst case of recursive summation).
@@ -770,7 +885,7 @@ pub(crate) mod testing {
                 let (mut bound, mut mass) = (0.0f64, 0.0f64);
                 for k in 0..p.cols {
                     let flat = r * p.cols + k;
-                    let (b, u) = (flat / p.block, super::super::packed4::nibble(&p.bytes, flat) as usize);
+                    let (b, u) = (flat / p.block, crate::scheme::packed4::nibble(&p.bytes, flat) as usize);
                     let xv = x[i * p.cols + k] as f64;
                     let d = (acts.chunk_scale(i, k) / table.step) as f64;
                     let s = p.scales[b].abs() as f64;
@@ -787,7 +902,97 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
+    use super::testing::*;
     use super::*;
+    use crate::scheme::packed4::testing::random;
+
+    #[test]
+    fn every_layout_of_whole_pair_weights_agrees_with_the_reference() {
+        let signed: [f32; 16] = std::array::from_fn(|u| ((u as i32 + 8) % 16 - 8) as f32);
+        let unsigned: [f32; 16] = std::array::from_fn(|u| u as f32);
+        // Rows of whole pairs with blocks of one or two pairs, blocks across rows, and
+        // one block over the whole weight.
+        for (seed, &(rows, cols, block)) in
+            [(5, 128, 64), (3, 192, 128), (4, 64, 128), (2, 256, 512)].iter().enumerate()
+        {
+            for offsets in [false, true] {
+                let mut p = random(rows, cols, block, offsets, seed as u64);
+                for (table, layout) in [(signed, Layout::SignedNibbles), (unsigned, Layout::UnsignedNibbles)]
+                {
+                    p.table = table;
+                    assert_eq!(Layout::for_weight(&p, &FixedTable::new(&table).unwrap()), layout);
+                    check_kernels(&p, 7 + seed as u64);
+                }
+                p.table = random(1, 16, 16, false, 50 + seed as u64).table;
+                assert_eq!(Layout::for_weight(&p, &FixedTable::new(&p.table).unwrap()), Layout::Lookup);
+                check_kernels(&p, 9 + seed as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_agree_on_odd_shapes_and_blocks_spanning_rows() {
+        // Odd column counts make rows start on a low nibble; blocks that do not divide
+        // the row make blocks span rows and rows start mid-block.
+        let shapes =
+            [(1, 1, 128), (3, 5, 4), (7, 33, 16), (5, 127, 128), (9, 300, 128), (33, 129, 64), (4, 64, 200)];
+        for (seed, &(rows, cols, block)) in shapes.iter().enumerate() {
+            for offsets in [false, true] {
+                check_kernels(&random(rows, cols, block, offsets, seed as u64), 100 + seed as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn fixed_point_path_stays_within_its_bound_on_every_piece_layout() {
+        // Columns of 16·odd leave a half chunk at each row's end; blocks of 48 start pieces
+        // mid-chunk; 688 with block 128 is the built-in model's down projection (rows
+        // start at multiples of 16 inside a block); a block larger than the weight is
+        // k-means' single block.
+        let shapes = [
+            (3, 16, 16),
+            (5, 48, 32),
+            (6, 80, 48),
+            (7, 688, 128),
+            (4, 576, 128),
+            (9, 16, 128),
+            (2, 32, 1000),
+        ];
+        for (seed, &(rows, cols, block)) in shapes.iter().enumerate() {
+            for offsets in [false, true] {
+                let p = random(rows, cols, block, offsets, 40 + seed as u64);
+                assert!(shape_fits(&p), "{rows}x{cols} block {block}");
+                check_kernels(&p, 200 + seed as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn fixed_point_path_handles_integer_tables_extreme_and_non_finite_inputs() {
+        let mut p = random(5, 96, 32, true, 7);
+        p.table = [0., 1., 2., 3., 4., 5., 6., 7., -8., -7., -6., -5., -4., -3., -2., -1.];
+        check_kernels(&p, 8);
+        // One huge value per chunk next to tiny ones, and all-zero chunks.
+        let mut x = vec![0.0f32; 2 * 96];
+        x.iter_mut().enumerate().for_each(|(k, v)| {
+            *v = if k % 32 == 5 {
+                3.0e4
+            } else if k < 96 {
+                1e-3
+            } else {
+                0.0
+            }
+        });
+        let reference = crate::tensor::matmul_nt_reference(&x, 2, 96, &p.dequantize(), 5);
+        if has_avx2() {
+            let fixed = run(&p, &x, 2, Gemv::Avx2Fixed);
+            within_fixed_point_bound(&p, &x, 2, &fixed, &reference);
+            // Non-finite activations take the exact path: the same NaN/inf pattern.
+            x[3] = f32::NAN;
+            let (fixed, exact) = (run(&p, &x, 2, Gemv::Avx2Fixed), run(&p, &x, 2, Gemv::Avx2));
+            assert!(fixed.iter().zip(&exact).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+    }
 
     #[test]
     fn slots_follow_the_unpacked_order_of_a_chunk_pair() {

@@ -16,7 +16,7 @@
 
 use std::arch::x86_64::*;
 
-use super::int8_gemm::{OutPtr, Widened};
+use super::int8_common::{OutPtr, Widened};
 
 /// Output columns per panel: two vectors of 8 i32 lanes.
 const NR: usize = 16;
@@ -30,7 +30,7 @@ const MR: usize = 4;
 const PACKED_BYTES: usize = 256 * 1024;
 
 /// Fewest activation rows for which packing pays: below this the row-major kernel runs.
-pub(super) const PANEL_MIN_ROWS: usize = 8;
+pub(crate) const PANEL_MIN_ROWS: usize = 8;
 
 /// i16 values per packed panel for `k` inputs (k rounded up to 16 so packing handles
 /// whole 8×8 blocks of pairs).
@@ -46,7 +46,7 @@ fn panel_len(k: usize) -> usize {
 /// multiple of 16, zero padded); `out` must point to `m·n` i32 and no other thread may
 /// write columns `cols`.
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn gemm_cols(
+pub(crate) unsafe fn gemm_cols(
     a: &Widened,
     m: usize,
     k: usize,

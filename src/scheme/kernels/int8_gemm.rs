@@ -48,6 +48,11 @@
 
 use rayon::prelude::*;
 
+pub use super::int8_common::Code;
+use super::int8_common::OutPtr;
+#[cfg(target_arch = "x86_64")]
+use super::int8_common::{widen_rows, Widened};
+
 #[cfg(target_arch = "x86_64")]
 use super::int8_gemm_panel::PANEL_MIN_ROWS;
 
@@ -86,20 +91,6 @@ pub fn kernel_name() -> &'static str {
 
 fn avx2_available() -> bool {
     crate::tensor::has_avx2()
-}
-
-/// An activation code the kernels take: `i8` (symmetric schemes) or `u8` (the affine
-/// activations of `int8-static`). Both widen to i16 exactly, and a `vpmaddwd` pair of
-/// them with i8 weights is at most 2·255·128 = 65280 in magnitude.
-pub trait Code: Copy + Sync + Into<i16> + Into<i32> {
-    /// Added to a code to make it unsigned (the VNNI kernel's activation operand).
-    const SHIFT: i32;
-}
-impl Code for i8 {
-    const SHIFT: i32 = 128;
-}
-impl Code for u8 {
-    const SHIFT: i32 = 0;
 }
 
 /// Scalar reference: `out[i·n + j] = Σ_kk a[i·k + kk] · w[j·k + kk]`, wrapping i32 sums.
@@ -141,7 +132,7 @@ pub fn gemm_i8<T: Code>(a: &[T], m: usize, k: usize, w: &[i8], n: usize, out: &m
     }
     #[cfg(target_arch = "x86_64")]
     if avx2_available() {
-        let a16 = avx2::widen_rows(a, m, k);
+        let a16 = widen_rows(a, m, k);
         if m >= PANEL_MIN_ROWS {
             run_blocks(m, n, k, PANEL_ALIGN, out, |cols, out_ptr| {
                 // SAFETY: AVX2 was detected above; `a16` holds m rows widened from k
@@ -169,13 +160,6 @@ pub fn gemm_i8<T: Code>(a: &[T], m: usize, k: usize, w: &[i8], n: usize, out: &m
     });
 }
 
-/// The output pointer shared by the tasks, each writing its own columns.
-#[derive(Clone, Copy)]
-pub(super) struct OutPtr(pub(super) *mut i32);
-// SAFETY: tasks write disjoint columns of the output (see `run_blocks`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
 /// Split the weight rows (output columns) into tasks and run `task(rows, out)` on each,
 /// in parallel when the product is large enough to pay for it.
 /// Task boundaries are multiples of `align` columns (the panel kernel's panel width).
@@ -196,9 +180,6 @@ where
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) use avx2::Widened;
-
-#[cfg(target_arch = "x86_64")]
 mod avx2 {
     //! The AVX2 kernel: register blocks of up to 2 activation rows × 4 weight rows (8
     //! accumulators, 4 widened weight vectors and one activation vector: 13 of the 16
@@ -206,34 +187,7 @@ mod avx2 {
 
     use std::arch::x86_64::*;
 
-    use super::OutPtr;
-
-    /// Activation rows are widened to i16 once per product and padded to a multiple of
-    /// 16 with zeros, so the inner loop loads whole vectors.
-    pub(super) fn widen_rows<T: super::Code>(a: &[T], m: usize, k: usize) -> Widened {
-        let stride = k.div_ceil(16) * 16;
-        let mut data = vec![0i16; m * stride];
-        if stride == 0 {
-            return Widened { data, stride };
-        }
-        for (dst, src) in data.chunks_exact_mut(stride).zip(a.chunks_exact(k)) {
-            dst[..k].iter_mut().zip(src).for_each(|(d, &s)| *d = s.into());
-        }
-        Widened { data, stride }
-    }
-
-    /// Activations as i16, `stride` values per row.
-    pub(in crate::scheme) struct Widened {
-        data: Vec<i16>,
-        stride: usize,
-    }
-
-    impl Widened {
-        /// Row `r` with its zero padding (`stride` values, a multiple of 16).
-        pub(in crate::scheme) fn row(&self, r: usize) -> &[i16] {
-            &self.data[r * self.stride..(r + 1) * self.stride]
-        }
-    }
+    use super::{OutPtr, Widened};
 
     /// Every activation row against weight rows `rows`, written into `out` ([m, n]).
     ///
@@ -286,7 +240,8 @@ mod avx2 {
         let mut acc = [[_mm256_setzero_si256(); NR]; MR];
         let full = k / 16;
         let wrow = |r: usize| w.as_ptr().add((j + r) * k);
-        let arow = |r: usize| a.data.as_ptr().add((i + r) * a.stride);
+        let (base, stride) = (a.as_ptr(), a.stride());
+        let arow = |r: usize| base.add((i + r) * stride);
         for c in 0..full {
             let mut wv = [_mm256_setzero_si256(); NR];
             for (r, v) in wv.iter_mut().enumerate() {
