@@ -20,6 +20,7 @@ pub const ARCH: ArchInfo = ArchInfo {
     quantizable: "attention query/key/value/output.dense, intermediate.dense, output.dense",
     tensors: tensor_specs,
     build,
+    gguf: None,
 };
 
 #[derive(Debug, Clone)]

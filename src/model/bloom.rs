@@ -21,6 +21,7 @@ pub const ARCH: ArchInfo = ArchInfo {
     quantizable: "query_key_value, dense, dense_h_to_4h, dense_4h_to_h (tied head with quantize_head)",
     tensors: tensor_specs,
     build,
+    gguf: None,
 };
 
 const EMBED: &str = "word_embeddings.weight";

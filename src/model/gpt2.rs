@@ -21,6 +21,7 @@ pub const ARCH: ArchInfo = ArchInfo {
     quantizable: "c_attn, attn.c_proj, c_fc, mlp.c_proj (tied head with quantize_head)",
     tensors: tensor_specs,
     build,
+    gguf: None,
 };
 
 const EMBED: &str = "wte.weight";

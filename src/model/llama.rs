@@ -23,6 +23,7 @@ pub const ARCH: ArchInfo = ArchInfo {
     quantizable: "q/k/v/o_proj, gate/up/down_proj (lm_head with quantize_head)",
     tensors: tensor_specs,
     build,
+    gguf: Some(super::gguf::GgufFile::hf_config),
 };
 
 /// The table row for Qwen2: the Llama path with biases on q, k and v.
@@ -34,6 +35,8 @@ pub const QWEN2: ArchInfo = ArchInfo {
     quantizable: "q/k/v/o_proj, gate/up/down_proj (lm_head with quantize_head)",
     tensors: tensor_specs,
     build,
+    // Qwen2 GGUFs name their metadata `qwen2.*`; the translation reads Llama's keys.
+    gguf: None,
 };
 
 /// The hyper-parameters the forward pass needs.

@@ -290,6 +290,9 @@ pub struct ArchInfo {
     pub tensors: fn(&ConfigJson) -> Result<Vec<TensorSpec>>,
     /// Build the model, taking each tensor from the factory.
     pub build: fn(&ConfigJson, &mut dyn WeightFactory) -> Result<Model>,
+    /// How a GGUF file whose `general.architecture` is one of `model_types` becomes a
+    /// config.json; `None`: GGUF files of this architecture are refused.
+    pub gguf: Option<fn(&gguf::GgufFile) -> Result<serde_json::Value>>,
 }
 
 /// Every architecture the harness runs.
@@ -398,8 +401,22 @@ impl ModelFiles {
     /// Open a GGUF file: config, tokenizer and tensors all come from it.
     fn open_gguf(path: &Path) -> Result<Self> {
         let gguf = gguf::GgufFile::open(path)?;
-        let config = ConfigJson::from_value(path.to_path_buf(), gguf.hf_config()?);
-        let arch = arch_for(&config)?;
+        let found = gguf.architecture().unwrap_or_default();
+        let readable = || ARCHS.iter().filter(|a| a.gguf.is_some());
+        let (arch, translate) =
+            readable().find(|a| a.model_types.contains(&found)).and_then(|a| Some((a, a.gguf?))).ok_or_else(
+                || {
+                    let names: Vec<_> = readable().flat_map(|a| a.model_types.iter().copied()).collect();
+                    Error::ModelFormat {
+                        path: path.to_path_buf(),
+                        message: format!(
+                            "general.architecture is {found:?}, expected one this reader translates from GGUF: {}",
+                            names.join(", ")
+                        ),
+                    }
+                },
+            )?;
+        let config = ConfigJson::from_value(path.to_path_buf(), translate(&gguf)?);
         let tokenizer = TextTokenizer::from_text(&gguf.tokenizer_json()?.to_string(), path)?;
         let store = WeightStore::open_gguf(gguf);
         let files = ModelFiles { dir: path.to_path_buf(), config, arch, store, tokenizer, sentence: None };

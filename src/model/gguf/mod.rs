@@ -215,6 +215,12 @@ impl GgufFile {
         Ok(())
     }
 
+    /// `general.architecture`, the model type the file says it holds (the architecture
+    /// table, `model::ARCHS`, decides whether it can be read).
+    pub fn architecture(&self) -> Option<&str> {
+        self.str_key("general.architecture")
+    }
+
     /// The head count whose permutation llama.cpp applied to `tensor`, or `None` when the
     /// tensor is stored as Hugging Face has it. Only the `llama` architecture is permuted
     /// by the converter (qwen2, for one, is not).
@@ -662,10 +668,13 @@ mod tests {
 
     #[test]
     fn hf_config_names_missing_keys_and_other_architectures() {
+        // The architecture table decides which files are read: qwen2 has no translation.
         let (_dir, file) = Writer::new().kv("general.architecture", s("qwen2")).open();
-        let err = err_text(file.unwrap().hf_config());
+        let err = err_text(crate::model::ModelFiles::open(file.unwrap().path()).map(|_| ()));
         assert!(
-            err.contains("general.architecture is \"qwen2\" (string), but only llama is supported"),
+            err.contains(
+                "general.architecture is \"qwen2\", expected one this reader translates from GGUF: llama"
+            ),
             "{err}"
         );
         let writer = Writer::new()

@@ -13,16 +13,10 @@ pub(super) const TOKEN_ID_KEYS: [&str; 5] = [
 ];
 
 impl GgufFile {
-    /// A Hugging Face `config.json` equivalent of the file's metadata (Llama only).
+    /// A Hugging Face `config.json` equivalent of a Llama file's metadata: the `llama` row's
+    /// GGUF translation in the architecture table (`model::ARCHS`), which checks
+    /// `general.architecture` before calling it.
     pub fn hf_config(&self) -> Result<Value> {
-        let arch = self.str_key("general.architecture").unwrap_or("");
-        if arch != "llama" {
-            let found = self.metadata.get("general.architecture").map(GgufValue::describe);
-            return Err(self.format_error(format!(
-                "general.architecture is {}, but only llama is supported from GGUF",
-                found.unwrap_or_else(|| "missing".into())
-            )));
-        }
         let heads = self.positive("llama.attention.head_count")?;
         let mut config = json!({
             "architectures": ["LlamaForCausalLM"],
