@@ -178,6 +178,29 @@ pub fn gpu_record() -> Result<GpuRecord, crate::error::Error> {
     Ok(RECORD.get_or_init(|| r).clone())
 }
 
+/// The floor of a decode step on the run's GPU: reading its weights once at the measured
+/// copy speed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecodeFloor {
+    /// The GPU's measured device-to-device copy bandwidth, GB/s.
+    pub copy_gb_s: f64,
+    /// Milliseconds to read the step's weight bytes at that speed.
+    pub floor_ms: f64,
+}
+
+impl DecodeFloor {
+    /// The floor of reading `weight_bytes` at `copy_gb_s`.
+    pub fn of(weight_bytes: u64, copy_gb_s: f64) -> DecodeFloor {
+        DecodeFloor { copy_gb_s, floor_ms: weight_bytes as f64 / (copy_gb_s * 1e9) * 1e3 }
+    }
+}
+
+/// The floor of a decode step that reads `weight_bytes` on this run's GPU (its copy
+/// bandwidth measured once).
+pub fn decode_floor(weight_bytes: u64) -> Result<DecodeFloor, crate::error::Error> {
+    Ok(DecodeFloor::of(weight_bytes, gpu_record()?.copy_gb_s))
+}
+
 /// Put a built `model` on `device`: unchanged for the CPU; on CUDA a decoder's forward
 /// passes move to the GPU (`prefill_rows`: the prefill size whose kernel paths are
 /// recorded next to the decode step's).

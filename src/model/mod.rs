@@ -85,15 +85,8 @@ pub trait CausalLm: Send + Sync {
         let layers = self.linears().into_iter().map(|(name, l)| (name.to_string(), l.stats()));
         layers.filter(|(_, s)| !s.is_empty()).collect()
     }
-    /// What a model running on a device reports about itself (`None` on the CPU).
-    fn device_report(&self) -> Option<DeviceReport> {
-        None
-    }
-    /// Capture decode steps (one token per sequence) in a CUDA graph and replay them
-    /// (`on`), or launch each step's kernels one by one; returns the previous setting, or
-    /// `None` for a model without such a mode (the CPU), which ignores the call.
-    fn set_decode_graph(&self, on: bool) -> Option<bool> {
-        let _ = on;
+    /// The device hooks of a model whose forward passes run on a device; `None` on the CPU.
+    fn device(&self) -> Option<&dyn DeviceLm> {
         None
     }
     /// The forward pass as a device-neutral description, for backends other than the
@@ -101,6 +94,16 @@ pub trait CausalLm: Send + Sync {
     fn plan(&self) -> Option<plan::DecoderPlan<'_>> {
         None
     }
+}
+
+/// The hooks of a decoder whose forward passes run on a device (the CUDA backend's, or a
+/// test's mock): what the device measured, and how decode steps are launched.
+pub trait DeviceLm {
+    /// What the model reports about itself.
+    fn report(&self) -> DeviceReport;
+    /// Capture decode steps (one token per sequence) in a graph and replay them (`on`), or
+    /// launch each step's kernels one by one; returns the previous setting.
+    fn set_decode_graph(&self, on: bool) -> bool;
 }
 
 /// What a model running on a device reports about itself.

@@ -18,7 +18,9 @@ use crate::measure::results::{
 use crate::measure::MetricGroup;
 use crate::model::generate::greedy;
 use crate::model::weights::WeightStore;
-use crate::model::{ArchKind, CausalLm, Encoder, Logits, Model, QuantizeFactory, ReloadFactory};
+use crate::model::{
+    ArchKind, CausalLm, DeviceReport, Encoder, Logits, Model, QuantizeFactory, ReloadFactory,
+};
 use crate::scheme::{self, Scheme, StoredTensor, TensorRole};
 use crate::suite::{Plan, PlannedModel, PlannedScheme};
 use crate::tensor;
@@ -501,30 +503,14 @@ impl<'p> ModelRunner<'p> {
         decode_ms: Vec<f64>,
         eager_decode_ms: Vec<f64>,
     ) -> Result<Option<DeviceLatency>> {
-        let (Model::Causal(lm), Some(prefill)) = (model, Stats::of(&prefill_ms)) else {
+        let Model::Causal(lm) = model else { return Ok(None) };
+        let Some(report) = lm.device().map(|d| d.report()) else { return Ok(None) };
+        if prefill_ms.is_empty() {
             return Ok(None);
-        };
-        let Some(report) = lm.device_report() else { return Ok(None) };
-        let copy_gb_s = crate::backend::gpu_record()?.copy_gb_s;
-        let batch = self.plan.workload.batch_size as f64;
-        // A decode step reads each weight once: the floor is that read at copy speed.
-        let floor_ms = report.weight_bytes_per_token as f64 / (copy_gb_s * 1e9) * 1e3;
-        let decode = Stats::of(&decode_ms);
-        let eager_decode = Stats::of(&eager_decode_ms);
-        Ok(Some(DeviceLatency {
-            prefill_ms,
-            prefill,
-            decode_tokens_per_s: decode.as_ref().map(|d| batch * 1e3 / d.median),
-            decode_ms,
-            decode,
-            eager_decode_tokens_per_s: eager_decode.as_ref().map(|d| batch * 1e3 / d.median),
-            eager_decode_ms,
-            eager_decode,
-            weight_bytes_per_token: report.weight_bytes_per_token,
-            copy_gb_s,
-            floor_ms,
-            floor_tokens_per_s: batch * 1e3 / floor_ms,
-        }))
+        }
+        let floor = crate::backend::decode_floor(report.weight_bytes_per_token)?;
+        let batch = self.plan.workload.batch_size;
+        Ok(device_timings(batch, &report, floor, prefill_ms, decode_ms, eager_decode_ms))
     }
 
     /// Timings; `load_s` is filled in by the save-and-reload check, which runs after.
@@ -543,7 +529,7 @@ impl<'p> ModelRunner<'p> {
         // A GPU decoder's decode steps replay a CUDA graph; the eager ones are timed too.
         let eager_ms = match model {
             Model::Causal(lm) if !timings.device_decode_ms.is_empty() => {
-                if let Some(why) = lm.device_report().and_then(|r| r.decode_graph_failed) {
+                if let Some(why) = lm.device().and_then(|d| d.report().decode_graph_failed) {
                     warnings.push(format!(
                         "the decode graph could not be captured, decode steps ran eagerly: {why}"
                     ));
@@ -773,7 +759,8 @@ fn eager_decode_ms(
     repeats: usize,
     clock: &mut dyn Clock,
 ) -> Result<Vec<f64>> {
-    if lm.set_decode_graph(false) != Some(true) {
+    let Some(device) = lm.device() else { return Ok(Vec::new()) };
+    if !device.set_decode_graph(false) {
         return Ok(Vec::new());
     }
     let mut ms = Vec::new();
@@ -781,8 +768,38 @@ fn eager_decode_ms(
         ms.extend(time_generation(lm, tokens, w.batch_size, w.gen_len, clock)?.device_steps);
         Ok::<_, Error>(())
     });
-    lm.set_decode_graph(true);
+    device.set_decode_graph(true);
     timed.map(|()| ms)
+}
+
+/// A GPU case's device timings from its samples and the decode step's floor (`None`
+/// without prefill samples).
+fn device_timings(
+    batch: usize,
+    report: &DeviceReport,
+    floor: crate::backend::DecodeFloor,
+    prefill_ms: Vec<f64>,
+    decode_ms: Vec<f64>,
+    eager_decode_ms: Vec<f64>,
+) -> Option<DeviceLatency> {
+    let prefill = Stats::of(&prefill_ms)?;
+    let batch = batch as f64;
+    let per_s = |s: &Option<Stats>| s.as_ref().map(|d| batch * 1e3 / d.median);
+    let (decode, eager_decode) = (Stats::of(&decode_ms), Stats::of(&eager_decode_ms));
+    Some(DeviceLatency {
+        prefill_ms,
+        prefill,
+        decode_tokens_per_s: per_s(&decode),
+        decode_ms,
+        decode,
+        eager_decode_tokens_per_s: per_s(&eager_decode),
+        eager_decode_ms,
+        eager_decode,
+        weight_bytes_per_token: report.weight_bytes_per_token,
+        copy_gb_s: floor.copy_gb_s,
+        floor_ms: floor.floor_ms,
+        floor_tokens_per_s: batch * 1e3 / floor.floor_ms,
+    })
 }
 
 /// One timed generation run: the prefill and each decode step.
@@ -794,7 +811,7 @@ fn time_generation(
     clock: &mut dyn Clock,
 ) -> Result<RunTimes> {
     let vocab = lm.vocab_size();
-    let device_ms = || lm.device_report().and_then(|r| r.last_forward_ms);
+    let device_ms = || lm.device().and_then(|d| d.report().last_forward_ms);
     let mut cache = lm.new_cache(batch, tokens.len() / batch + steps);
     let t = clock.now_ms();
     let mut logits = lm.forward(tokens, batch, &mut cache, Logits::Last)?;
@@ -1009,5 +1026,93 @@ mod tests {
         assert!(text.contains("first measured prefill run is an outlier"), "{text}");
         assert!(text.contains("first measured decode run is an outlier"), "{text}");
         assert!(text.contains("raise `warmup`"), "{text}");
+    }
+
+    /// A mock GPU decoder: no work, and device timings from a script — 3 ms for a prefill,
+    /// 0.5 ms for a decode step replayed from a graph, 0.8 ms launched eagerly.
+    struct MockGpu {
+        graph: std::sync::atomic::AtomicBool,
+        last_ms: std::sync::Mutex<Option<f64>>,
+    }
+
+    impl MockGpu {
+        fn new() -> MockGpu {
+            MockGpu { graph: true.into(), last_ms: None.into() }
+        }
+    }
+
+    impl CausalLm for MockGpu {
+        fn vocab_size(&self) -> usize {
+            Instant3.vocab_size()
+        }
+        fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
+            Instant3.new_cache(batch, capacity)
+        }
+        fn forward_observed(
+            &self,
+            tokens: &[u32],
+            batch: usize,
+            cache: &mut KvCache,
+            logits: Logits,
+            observe: &mut dyn FnMut(usize, &[f32]),
+        ) -> Result<Vec<f32>> {
+            let decode = tokens.len() == batch;
+            let graph = self.graph.load(std::sync::atomic::Ordering::Relaxed);
+            let ms = match (decode, graph) {
+                (false, _) => 3.0,
+                (true, true) => 0.5,
+                (true, false) => 0.8,
+            };
+            *self.last_ms.lock().unwrap() = Some(ms);
+            Instant3.forward_observed(tokens, batch, cache, logits, observe)
+        }
+        fn export_to(&self, _: &mut crate::scheme::TensorSink) {}
+        fn linears(&self) -> Vec<(&str, &dyn Linear)> {
+            Vec::new()
+        }
+        fn device(&self) -> Option<&dyn crate::model::DeviceLm> {
+            Some(self)
+        }
+    }
+
+    impl crate::model::DeviceLm for MockGpu {
+        fn report(&self) -> DeviceReport {
+            DeviceReport {
+                last_forward_ms: *self.last_ms.lock().unwrap(),
+                decode_graph_failed: None,
+                weight_bytes_per_token: 2_000_000,
+            }
+        }
+        fn set_decode_graph(&self, on: bool) -> bool {
+            self.graph.swap(on, std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    /// On a (mock) device the runner collects the device's own timings next to the host
+    /// clock's, times the eager decode steps with the graph off and turns it back on, and
+    /// sets both against the weight-read floor.
+    #[test]
+    fn a_mock_device_gives_device_timings_graph_and_eager_and_the_floor() {
+        let model = Model::Causal(Box::new(MockGpu::new()));
+        let mut clock = Scripted { now: 0.0, reads: 0, intervals: vec![10.0, 1.0, 1.0, 1.0] };
+        let t = time_runs(&model, &[1, 2, 3, 4], &workload(), 1, 4, &mut clock).unwrap();
+        assert_eq!((t.prefill_ms.clone(), t.decode_ms.len()), (vec![10.0; 4], 12), "host clock");
+        assert_eq!((t.device_prefill_ms.clone(), t.device_decode_ms.clone()), (vec![3.0; 4], vec![0.5; 12]));
+        let Model::Causal(lm) = &model else { unreachable!() };
+        let eager = eager_decode_ms(lm.as_ref(), &[1, 2, 3, 4], &workload(), 2, &mut clock).unwrap();
+        assert_eq!(eager, vec![0.8; 6], "two runs of three eager steps");
+        assert!(lm.device().unwrap().set_decode_graph(true), "the graph is back on");
+        let report = lm.device().unwrap().report();
+        // 2 MB a step at 100 GB/s: a 0.02 ms floor, 50,000 tokens/s.
+        let floor = crate::backend::DecodeFloor::of(report.weight_bytes_per_token, 100.0);
+        let d = device_timings(1, &report, floor, t.device_prefill_ms, t.device_decode_ms, eager).unwrap();
+        assert_eq!((d.decode_tokens_per_s, d.eager_decode_tokens_per_s), (Some(2000.0), Some(1250.0)));
+        assert!((d.floor_ms - 0.02).abs() < 1e-12 && (d.floor_tokens_per_s - 50_000.0).abs() < 1e-6, "{d:?}");
+        assert_eq!(d.prefill.median, 3.0);
+        // A CPU model has no device timings.
+        let cpu = Model::Causal(Box::new(Instant3));
+        let Model::Causal(cpu_lm) = &cpu else { unreachable!() };
+        assert!(cpu_lm.device().is_none());
+        assert!(eager_decode_ms(cpu_lm.as_ref(), &[1, 2], &workload(), 1, &mut clock).unwrap().is_empty());
     }
 }

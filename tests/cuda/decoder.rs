@@ -98,7 +98,7 @@ fn quantized_schemes_run_on_the_gpu_like_on_the_cpu() {
 /// cache, with the decode graph on or off.
 fn decode(model: &Model, batch: usize, steps: usize, graph: bool) -> Vec<Vec<f32>> {
     let Model::Causal(lm) = model else { panic!("a decoder") };
-    assert!(lm.set_decode_graph(graph).is_some(), "a GPU decoder has a decode graph mode");
+    lm.device().expect("a GPU decoder has device hooks").set_decode_graph(graph);
     let vocab = lm.vocab_size();
     let prompt = 5;
     let tokens: Vec<u32> =
@@ -162,7 +162,7 @@ fn the_decode_graph_gives_the_eager_logits_bit_for_bit() {
             }
         }
         let Model::Causal(lm) = &model else { unreachable!() };
-        assert_eq!(lm.device_report().unwrap().decode_graph_failed, None, "{folder} {scheme_name}");
+        assert_eq!(lm.device().unwrap().report().decode_graph_failed, None, "{folder} {scheme_name}");
         assert!(
             model.kernels().contains("cuda-graph-decode"),
             "{folder} {scheme_name}: {:?}",

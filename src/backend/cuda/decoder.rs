@@ -19,7 +19,7 @@ use super::ops::{self, CacheShape, DeviceMasking, Unary};
 use super::{driver, guard, CudaError, Gpu};
 use crate::error::{Error, Result};
 use crate::model::plan::{DecoderPlan, MlpPlan, NormPlan, PositionPlan, QkvPlan};
-use crate::model::{CausalLm, DeviceReport, Logits};
+use crate::model::{CausalLm, DeviceLm, DeviceReport, Logits};
 use crate::scheme::{Linear, TensorSink};
 use crate::tensor::attention::{AttentionShape, KvCache};
 
@@ -428,7 +428,7 @@ struct DeviceState {
     decoder: CudaDecoder,
     /// Device milliseconds of the last forward pass (CUDA events around it).
     last_ms: Option<f64>,
-    /// Decode steps are captured in a CUDA graph and replayed ([`CausalLm::set_decode_graph`]).
+    /// Decode steps are captured in a CUDA graph and replayed ([`DeviceLm::set_decode_graph`]).
     graph: bool,
     /// Batch sizes whose decode step already ran eagerly on this model. A capture records
     /// launches without running them, so the first decode step of a batch size runs
@@ -455,7 +455,7 @@ const GRAPH_FAILED_KERNEL: &str = "cuda-graph-decode-failed-eager";
 impl CudaCausalLm {
     /// Upload `cpu` to `gpu`. `prefill_rows`: the row count whose kernel path is listed
     /// next to the decode path in [`CausalLm::kernels`]. Decode steps replay a CUDA graph
-    /// ([`CausalLm::set_decode_graph`] turns that off).
+    /// ([`DeviceLm::set_decode_graph`] turns that off).
     pub fn new(cpu: Box<dyn CausalLm>, gpu: Arc<Gpu>, prefill_rows: usize) -> Result<CudaCausalLm> {
         let plan = cpu.plan().ok_or_else(|| Error::Device {
             device: "cuda",
@@ -751,8 +751,8 @@ impl CausalLm for CudaCausalLm {
         out
     }
 
-    fn set_decode_graph(&self, on: bool) -> Option<bool> {
-        Some(std::mem::replace(&mut self.state().graph, on))
+    fn device(&self) -> Option<&dyn DeviceLm> {
+        Some(self)
     }
 
     /// The device layers' own observations (counted on the GPU), under the CPU layers'
@@ -767,15 +767,21 @@ impl CausalLm for CudaCausalLm {
             .filter(|(_, s)| !s.is_empty())
             .collect()
     }
+}
 
-    fn device_report(&self) -> Option<DeviceReport> {
+impl DeviceLm for CudaCausalLm {
+    fn report(&self) -> DeviceReport {
         let state = self.state();
         let d = &state.decoder;
         let head = if d.head.is_none() { d.embed.len() * 4 } else { 0 };
-        Some(DeviceReport {
+        DeviceReport {
             last_forward_ms: state.last_ms,
             decode_graph_failed: state.graph_failed.clone(),
             weight_bytes_per_token: (d.linear_bytes() + head) as u64,
-        })
+        }
+    }
+
+    fn set_decode_graph(&self, on: bool) -> bool {
+        std::mem::replace(&mut self.state().graph, on)
     }
 }
