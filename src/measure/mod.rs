@@ -169,182 +169,247 @@ fn no_samples(_: &CaseResult) -> Option<Vec<f64>> {
 use Aggregation::*;
 use MetricGroup::*;
 
+/// The `weight_bytes` row.
+pub const WEIGHT_BYTES: MetricInfo =
+    metric("weight_bytes", Memory, "B", false, Exact, 0.0, "bytes of every tensor as the scheme stores it")
+        .read(|c| c.memory.as_ref().map(|m| m.total_bytes as f64));
+
+/// The `bits_per_weight` row.
+pub const BITS_PER_WEIGHT: MetricInfo = metric(
+    "bits_per_weight",
+    Memory,
+    "bit",
+    false,
+    Exact,
+    0.0,
+    "bits per quantized linear weight, scales and zero points included",
+)
+.read(|c| c.memory.as_ref().map(|m| m.bits_per_weight));
+
+/// The `peak_rss_bytes` row.
+pub const PEAK_RSS_BYTES: MetricInfo = metric(
+    "peak_rss_bytes",
+    Memory,
+    "B",
+    false,
+    Exact,
+    0.05,
+    "peak resident set size of the process during the case (the high-water mark is reset per case)",
+)
+.on_machine()
+.read(|c| c.memory.as_ref().and_then(|m| m.peak_rss_bytes).map(|b| b as f64));
+
+/// The `disk_bytes` row.
+pub const DISK_BYTES: MetricInfo =
+    metric("disk_bytes", Disk, "B", false, Exact, 0.0, "size of the saved safetensors file")
+        .read(|c| c.disk.as_ref().map(|d| d.bytes as f64));
+
+/// The `quantize_s` row.
+pub const QUANTIZE_S: MetricInfo = metric(
+    "quantize_s",
+    Latency,
+    "s",
+    false,
+    Median,
+    0.10,
+    "time to build the model from the full-precision checkpoint, quantization included",
+)
+.read(|c| c.latency.as_ref().map(|l| l.quantize_s));
+
+/// The `load_s` row.
+pub const LOAD_S: MetricInfo =
+    metric("load_s", Latency, "s", false, Median, 0.10, "time to load the saved quantized file")
+        .read(|c| c.latency.as_ref().and_then(|l| l.load_s));
+
+/// The `prefill_ms` row.
+pub const PREFILL_MS: MetricInfo = metric(
+    "prefill_ms",
+    Latency,
+    "ms",
+    false,
+    Median,
+    0.02,
+    "time to first token: one forward pass over batch × prompt_len tokens",
+)
+.read(|c| c.latency.as_ref().map(|l| l.prefill.median))
+.sampled(|c| c.latency.as_ref().map(|l| l.prefill_ms.clone()));
+
+/// The `decode_ms_per_token` row.
+pub const DECODE_MS_PER_TOKEN: MetricInfo = metric(
+    "decode_ms_per_token",
+    Latency,
+    "ms",
+    false,
+    Median,
+    0.02,
+    "time of one decode step (batch tokens) with the KV cache",
+)
+.read(|c| c.latency.as_ref().and_then(|l| l.decode.as_ref()).map(|d| d.median))
+.sampled(|c| c.latency.as_ref().map(|l| l.decode_ms.clone()).filter(|s| !s.is_empty()));
+
+/// The `decode_tokens_per_s` row.
+pub const DECODE_TOKENS_PER_S: MetricInfo = metric(
+    "decode_tokens_per_s",
+    Latency,
+    "tok/s",
+    true,
+    Median,
+    0.02,
+    "tokens generated per second across the batch",
+)
+.read(|c| c.latency.as_ref().and_then(|l| l.decode_tokens_per_s))
+.sampled(|c| {
+    let l = c.latency.as_ref()?;
+    let batch = l.batch_size.max(1) as f64;
+    Some(l.decode_ms.iter().filter(|ms| **ms > 0.0).map(|ms| batch * 1e3 / ms).collect())
+        .filter(|s: &Vec<f64>| !s.is_empty())
+});
+
+/// The `kld_mean` row.
+pub const KLD_MEAN: MetricInfo = metric(
+    "kld_mean",
+    Divergence,
+    "nat",
+    false,
+    MeanOverTokens,
+    0.01,
+    "mean KL(reference ‖ quantized) of next-token distributions",
+)
+.read(|c| c.divergence_stats().map(|s| s.kld.mean));
+
+/// The `same_top1` row.
+pub const SAME_TOP1: MetricInfo = metric(
+    "same_top1",
+    Divergence,
+    "fraction",
+    true,
+    MeanOverTokens,
+    0.005,
+    "fraction of positions whose most likely token is unchanged",
+)
+.read(|c| c.divergence_stats().map(|s| s.same_top1.value));
+
+/// The `kld_p99` row.
+pub const KLD_P99: MetricInfo = metric(
+    "kld_p99",
+    Divergence,
+    "nat",
+    false,
+    MeanOverTokens,
+    0.02,
+    "99th percentile of the per-token KL divergence",
+)
+.read(|c| c.divergence_stats().map(|s| s.kld.percentiles.p99));
+
+/// The `delta_p_rms` row.
+pub const DELTA_P_RMS: MetricInfo = metric(
+    "delta_p_rms",
+    Divergence,
+    "",
+    false,
+    MeanOverTokens,
+    0.01,
+    "root mean square change in probability of the correct token",
+)
+.read(|c| c.divergence_stats().map(|s| s.delta_p.rms.value));
+
+/// The `logits_cosine` row.
+pub const LOGITS_COSINE: MetricInfo = metric(
+    "logits_cosine",
+    Divergence,
+    "",
+    true,
+    MeanOverTokens,
+    0.0001,
+    "cosine of quantized and reference logit vectors at the probe positions",
+)
+.read(|c| c.divergence_stats().map(|s| s.logits_cosine));
+
+/// The `worst_layer_sqnr_db` row.
+pub const WORST_LAYER_SQNR_DB: MetricInfo = metric(
+    "worst_layer_sqnr_db",
+    Divergence,
+    "dB",
+    true,
+    Exact,
+    0.01,
+    "lowest SQNR of any quantized linear layer's output on the reference's inputs",
+)
+.read(|c| c.worst_layer().map(|l| l.sqnr_db));
+
+/// The `ppl` row.
+pub const PPL: MetricInfo =
+    metric("ppl", Divergence, "", false, MeanOverTokens, 0.005, "perplexity of the evaluation text")
+        .read(|c| c.divergence_stats().map(|s| s.ppl.value));
+
+/// The `ppl_ratio` row.
+pub const PPL_RATIO: MetricInfo =
+    metric("ppl_ratio", Divergence, "", false, Ratio, 0.005, "perplexity over the reference's perplexity")
+        .read(|c| c.divergence_stats().map(|s| s.ppl_ratio.value));
+
+/// The `embedding_cosine` row.
+pub const EMBEDDING_COSINE: MetricInfo = metric(
+    "embedding_cosine",
+    Divergence,
+    "",
+    true,
+    MeanOverTokens,
+    0.0001,
+    "encoders: cosine between quantized and reference sentence embeddings (mean and min)",
+)
+.read(|c| c.embedding.as_ref().map(|e| e.cosine_mean));
+
+/// The `hidden_nmse` row.
+pub const HIDDEN_NMSE: MetricInfo = metric(
+    "hidden_nmse",
+    Divergence,
+    "",
+    false,
+    MeanOverTokens,
+    0.01,
+    "encoders: squared error of last hidden states over their squared norm",
+)
+.read(|c| c.embedding.as_ref().map(|e| e.hidden_nmse));
+
+/// The `first_divergent_token` row.
+pub const FIRST_DIVERGENT_TOKEN: MetricInfo = metric(
+    "first_divergent_token",
+    Generation,
+    "tok",
+    true,
+    Exact,
+    0.0,
+    "first generated position where greedy output differs from the reference",
+)
+.read(|c| {
+    // Identical continuations count as diverging after their last token.
+    c.generation.as_ref().and_then(|g| {
+        g.iter().map(|x| x.first_divergent_token.unwrap_or(x.ids.len()) as f64).reduce(f64::min)
+    })
+});
+
 /// Every metric the harness reports.
 pub static METRICS: &[MetricInfo] = &[
-    metric("weight_bytes", Memory, "B", false, Exact, 0.0, "bytes of every tensor as the scheme stores it")
-        .read(|c| c.memory.as_ref().map(|m| m.total_bytes as f64)),
-    metric(
-        "bits_per_weight",
-        Memory,
-        "bit",
-        false,
-        Exact,
-        0.0,
-        "bits per quantized linear weight, scales and zero points included",
-    )
-    .read(|c| c.memory.as_ref().map(|m| m.bits_per_weight)),
-    metric(
-        "peak_rss_bytes",
-        Memory,
-        "B",
-        false,
-        Exact,
-        0.05,
-        "peak resident set size of the process during the case (the high-water mark is reset per case)",
-    )
-    .on_machine()
-    .read(|c| c.memory.as_ref().and_then(|m| m.peak_rss_bytes).map(|b| b as f64)),
-    metric("disk_bytes", Disk, "B", false, Exact, 0.0, "size of the saved safetensors file")
-        .read(|c| c.disk.as_ref().map(|d| d.bytes as f64)),
-    metric(
-        "quantize_s",
-        Latency,
-        "s",
-        false,
-        Median,
-        0.10,
-        "time to build the model from the full-precision checkpoint, quantization included",
-    )
-    .read(|c| c.latency.as_ref().map(|l| l.quantize_s)),
-    metric("load_s", Latency, "s", false, Median, 0.10, "time to load the saved quantized file")
-        .read(|c| c.latency.as_ref().and_then(|l| l.load_s)),
-    metric(
-        "prefill_ms",
-        Latency,
-        "ms",
-        false,
-        Median,
-        0.02,
-        "time to first token: one forward pass over batch × prompt_len tokens",
-    )
-    .read(|c| c.latency.as_ref().map(|l| l.prefill.median))
-    .sampled(|c| c.latency.as_ref().map(|l| l.prefill_ms.clone())),
-    metric(
-        "decode_ms_per_token",
-        Latency,
-        "ms",
-        false,
-        Median,
-        0.02,
-        "time of one decode step (batch tokens) with the KV cache",
-    )
-    .read(|c| c.latency.as_ref().and_then(|l| l.decode.as_ref()).map(|d| d.median))
-    .sampled(|c| c.latency.as_ref().map(|l| l.decode_ms.clone()).filter(|s| !s.is_empty())),
-    metric(
-        "decode_tokens_per_s",
-        Latency,
-        "tok/s",
-        true,
-        Median,
-        0.02,
-        "tokens generated per second across the batch",
-    )
-    .read(|c| c.latency.as_ref().and_then(|l| l.decode_tokens_per_s))
-    .sampled(|c| {
-        let l = c.latency.as_ref()?;
-        let batch = l.batch_size.max(1) as f64;
-        Some(l.decode_ms.iter().filter(|ms| **ms > 0.0).map(|ms| batch * 1e3 / ms).collect())
-            .filter(|s: &Vec<f64>| !s.is_empty())
-    }),
-    metric(
-        "kld_mean",
-        Divergence,
-        "nat",
-        false,
-        MeanOverTokens,
-        0.01,
-        "mean KL(reference ‖ quantized) of next-token distributions",
-    )
-    .read(|c| c.divergence_stats().map(|s| s.kld.mean)),
-    metric(
-        "same_top1",
-        Divergence,
-        "fraction",
-        true,
-        MeanOverTokens,
-        0.005,
-        "fraction of positions whose most likely token is unchanged",
-    )
-    .read(|c| c.divergence_stats().map(|s| s.same_top1.value)),
-    metric(
-        "kld_p99",
-        Divergence,
-        "nat",
-        false,
-        MeanOverTokens,
-        0.02,
-        "99th percentile of the per-token KL divergence",
-    )
-    .read(|c| c.divergence_stats().map(|s| s.kld.percentiles.p99)),
-    metric(
-        "delta_p_rms",
-        Divergence,
-        "",
-        false,
-        MeanOverTokens,
-        0.01,
-        "root mean square change in probability of the correct token",
-    )
-    .read(|c| c.divergence_stats().map(|s| s.delta_p.rms.value)),
-    metric(
-        "logits_cosine",
-        Divergence,
-        "",
-        true,
-        MeanOverTokens,
-        0.0001,
-        "cosine of quantized and reference logit vectors at the probe positions",
-    )
-    .read(|c| c.divergence_stats().map(|s| s.logits_cosine)),
-    metric(
-        "worst_layer_sqnr_db",
-        Divergence,
-        "dB",
-        true,
-        Exact,
-        0.01,
-        "lowest SQNR of any quantized linear layer's output on the reference's inputs",
-    )
-    .read(|c| c.worst_layer().map(|l| l.sqnr_db)),
-    metric("ppl", Divergence, "", false, MeanOverTokens, 0.005, "perplexity of the evaluation text")
-        .read(|c| c.divergence_stats().map(|s| s.ppl.value)),
-    metric("ppl_ratio", Divergence, "", false, Ratio, 0.005, "perplexity over the reference's perplexity")
-        .read(|c| c.divergence_stats().map(|s| s.ppl_ratio.value)),
-    metric(
-        "embedding_cosine",
-        Divergence,
-        "",
-        true,
-        MeanOverTokens,
-        0.0001,
-        "encoders: cosine between quantized and reference sentence embeddings (mean and min)",
-    )
-    .read(|c| c.embedding.as_ref().map(|e| e.cosine_mean)),
-    metric(
-        "hidden_nmse",
-        Divergence,
-        "",
-        false,
-        MeanOverTokens,
-        0.01,
-        "encoders: squared error of last hidden states over their squared norm",
-    )
-    .read(|c| c.embedding.as_ref().map(|e| e.hidden_nmse)),
-    metric(
-        "first_divergent_token",
-        Generation,
-        "tok",
-        true,
-        Exact,
-        0.0,
-        "first generated position where greedy output differs from the reference",
-    )
-    .read(|c| {
-        // Identical continuations count as diverging after their last token.
-        c.generation.as_ref().and_then(|g| {
-            g.iter().map(|x| x.first_divergent_token.unwrap_or(x.ids.len()) as f64).reduce(f64::min)
-        })
-    }),
+    WEIGHT_BYTES,
+    BITS_PER_WEIGHT,
+    PEAK_RSS_BYTES,
+    DISK_BYTES,
+    QUANTIZE_S,
+    LOAD_S,
+    PREFILL_MS,
+    DECODE_MS_PER_TOKEN,
+    DECODE_TOKENS_PER_S,
+    KLD_MEAN,
+    SAME_TOP1,
+    KLD_P99,
+    DELTA_P_RMS,
+    LOGITS_COSINE,
+    WORST_LAYER_SQNR_DB,
+    PPL,
+    PPL_RATIO,
+    EMBEDDING_COSINE,
+    HIDDEN_NMSE,
+    FIRST_DIVERGENT_TOKEN,
 ];
 
 /// A suite's metric entry (a group or a metric name) resolved to its group, or a message

@@ -4,6 +4,11 @@
 
 use crate::error::{Error, Result};
 use crate::measure::results::{CaseResult, Results};
+use crate::measure::{
+    MetricInfo, BITS_PER_WEIGHT, DECODE_MS_PER_TOKEN, DECODE_TOKENS_PER_S, DELTA_P_RMS, DISK_BYTES,
+    HIDDEN_NMSE, KLD_MEAN, KLD_P99, PEAK_RSS_BYTES, PPL, PPL_RATIO, PREFILL_MS, QUANTIZE_S, SAME_TOP1,
+    WEIGHT_BYTES,
+};
 
 /// One cell's value.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,6 +84,12 @@ fn opt<T>(v: Option<T>, f: impl FnOnce(T) -> Cell) -> Cell {
     v.map_or(Cell::Missing, f)
 }
 
+/// The cell of a metric's value in `c`, read by the metric table's own reader (the table
+/// and comparisons read each value one way).
+fn metric(m: &MetricInfo, c: &CaseResult, cell: impl FnOnce(f64) -> Cell) -> Cell {
+    opt((m.value)(c), cell)
+}
+
 /// SQNR as printed: `inf` for identical outputs.
 pub fn format_db(db: f64) -> String {
     if db.is_infinite() {
@@ -92,25 +103,16 @@ pub fn format_db(db: f64) -> String {
 pub const COLUMNS: &[Column] = &[
     Column { header: "model", value: |c| Cell::Text(c.model.clone()) },
     Column { header: "scheme", value: |c| Cell::Text(c.label.clone()) },
-    Column { header: "bits/weight", value: |c| opt(c.memory.as_ref(), |m| Cell::Num(m.bits_per_weight, 2)) },
-    Column {
-        header: "weights MiB",
-        value: |c| opt(c.memory.as_ref(), |m| Cell::Num(m.total_bytes as f64 / MIB, 2)),
-    },
-    Column { header: "disk MiB", value: |c| opt(c.disk.as_ref(), |d| Cell::Num(d.bytes as f64 / MIB, 2)) },
-    Column { header: "quantize s", value: |c| opt(c.latency.as_ref(), |l| Cell::Num(l.quantize_s, 3)) },
-    Column { header: "prefill ms", value: |c| opt(c.latency.as_ref(), |l| Cell::Num(l.prefill.median, 2)) },
+    Column { header: "bits/weight", value: |c| metric(&BITS_PER_WEIGHT, c, |v| Cell::Num(v, 2)) },
+    Column { header: "weights MiB", value: |c| metric(&WEIGHT_BYTES, c, |v| Cell::Num(v / MIB, 2)) },
+    Column { header: "disk MiB", value: |c| metric(&DISK_BYTES, c, |v| Cell::Num(v / MIB, 2)) },
+    Column { header: "quantize s", value: |c| metric(&QUANTIZE_S, c, |v| Cell::Num(v, 3)) },
+    Column { header: "prefill ms", value: |c| metric(&PREFILL_MS, c, |v| Cell::Num(v, 2)) },
     Column {
         header: "prefill ±σ", value: |c| opt(c.latency.as_ref(), |l| Cell::Num(l.prefill.std_dev, 2))
     },
-    Column {
-        header: "decode ms/step",
-        value: |c| opt(c.latency.as_ref().and_then(|l| l.decode.as_ref()), |d| Cell::Num(d.median, 3)),
-    },
-    Column {
-        header: "tok/s",
-        value: |c| opt(c.latency.as_ref().and_then(|l| l.decode_tokens_per_s), |t| Cell::Num(t, 1)),
-    },
+    Column { header: "decode ms/step", value: |c| metric(&DECODE_MS_PER_TOKEN, c, |v| Cell::Num(v, 3)) },
+    Column { header: "tok/s", value: |c| metric(&DECODE_TOKENS_PER_S, c, |v| Cell::Num(v, 1)) },
     Column {
         header: "GPU ms/step",
         value: |c| opt(c.device_latency().and_then(|d| d.decode.as_ref()), |d| Cell::Num(d.median, 3)),
@@ -131,32 +133,23 @@ pub const COLUMNS: &[Column] = &[
         header: "GPU peak MiB",
         value: |c| opt(c.memory.as_ref().and_then(|m| m.peak_device_bytes), |b| Cell::Num(b as f64 / MIB, 1)),
     },
-    Column {
-        header: "peak RSS MiB",
-        value: |c| opt(c.memory.as_ref().and_then(|m| m.peak_rss_bytes), |b| Cell::Num(b as f64 / MIB, 1)),
-    },
-    Column { header: "KLD mean", value: |c| opt(c.divergence_stats(), |d| Cell::Sig(d.kld.mean)) },
-    Column { header: "KLD p99", value: |c| opt(c.divergence_stats(), |d| Cell::Sig(d.kld.percentiles.p99)) },
-    Column {
-        header: "same top-1 %",
-        value: |c| opt(c.divergence_stats(), |d| Cell::Num(100.0 * d.same_top1.value, 2)),
-    },
-    Column {
-        header: "Δp RMS %",
-        value: |c| opt(c.divergence_stats(), |d| Cell::Num(100.0 * d.delta_p.rms.value, 3)),
-    },
+    Column { header: "peak RSS MiB", value: |c| metric(&PEAK_RSS_BYTES, c, |v| Cell::Num(v / MIB, 1)) },
+    Column { header: "KLD mean", value: |c| metric(&KLD_MEAN, c, Cell::Sig) },
+    Column { header: "KLD p99", value: |c| metric(&KLD_P99, c, Cell::Sig) },
+    Column { header: "same top-1 %", value: |c| metric(&SAME_TOP1, c, |v| Cell::Num(100.0 * v, 2)) },
+    Column { header: "Δp RMS %", value: |c| metric(&DELTA_P_RMS, c, |v| Cell::Num(100.0 * v, 3)) },
     Column {
         header: "PPL ref",
         value: |c| opt(c.divergence_stats(), |d| Cell::Num(d.ppl_reference.value, 3)),
     },
-    Column { header: "PPL", value: |c| opt(c.divergence_stats(), |d| Cell::Num(d.ppl.value, 3)) },
-    Column { header: "PPL ratio", value: |c| opt(c.divergence_stats(), |d| Cell::Num(d.ppl_ratio.value, 4)) },
+    Column { header: "PPL", value: |c| metric(&PPL, c, |v| Cell::Num(v, 3)) },
+    Column { header: "PPL ratio", value: |c| metric(&PPL_RATIO, c, |v| Cell::Num(v, 4)) },
     Column {
         header: "worst layer SQNR dB",
         value: |c| opt(c.worst_layer(), |l| Cell::Text(format!("{} ({})", format_db(l.sqnr_db), l.name))),
     },
     Column { header: "emb cos min", value: |c| opt(c.embedding.as_ref(), |e| Cell::Num(e.cosine_min, 6)) },
-    Column { header: "hidden NMSE", value: |c| opt(c.embedding.as_ref(), |e| Cell::Num(e.hidden_nmse, 8)) },
+    Column { header: "hidden NMSE", value: |c| metric(&HIDDEN_NMSE, c, |v| Cell::Num(v, 8)) },
     Column {
         header: "first diff tok",
         value: |c| {
