@@ -6,6 +6,7 @@ use crate::scheme::{Linear, StoredTensor, TensorRole, TensorSink};
 use crate::tensor;
 use crate::tensor::attention::{AttentionShape, KvCache, Masking};
 
+use super::embedding::Embedding;
 use super::norm::Norm;
 use super::{
     ArchInfo, ArchKind, ConfigJson, Encoder, LinearSpec, Model, TensorKind, TensorSpec, WeightFactory,
@@ -121,7 +122,7 @@ struct Layer {
 /// A built BERT encoder.
 pub struct Bert {
     config: BertConfig,
-    word: Vec<f32>,
+    word: Embedding,
     position: Vec<f32>,
     token_type: Vec<f32>,
     embed_norm: Norm,
@@ -131,7 +132,7 @@ pub struct Bert {
 fn build(config: &ConfigJson, factory: &mut dyn WeightFactory) -> Result<Model> {
     let c = BertConfig::parse(config)?;
     let h = c.hidden;
-    let word = factory.dense("embeddings.word_embeddings.weight", &[c.vocab, h])?;
+    let word = factory.embedding("embeddings.word_embeddings.weight", c.vocab, h)?;
     let position = factory.dense("embeddings.position_embeddings.weight", &[c.max_positions, h])?;
     let token_type = factory.dense("embeddings.token_type_embeddings.weight", &[c.type_vocab, h])?;
     let embed_norm = Norm::load(factory, EMBED_NORM, h)?;
@@ -158,19 +159,14 @@ fn build(config: &ConfigJson, factory: &mut dyn WeightFactory) -> Result<Model> 
 impl Bert {
     fn embed(&self, tokens: &[u32], seq: usize) -> Result<Vec<f32>> {
         let h = self.config.hidden;
-        let mut out = Vec::with_capacity(tokens.len() * h);
-        for (i, &t) in tokens.iter().enumerate() {
-            let t = t as usize;
-            if t >= self.config.vocab {
-                return Err(Error::Workload(format!(
-                    "token id {t} is outside the model's vocabulary of {}",
-                    self.config.vocab
-                )));
+        // The word rows (an error for an id outside the vocabulary), then the position's
+        // and token type 0's rows added: single-sentence inputs.
+        let mut out = self.word.rows(tokens)?;
+        for (i, row) in out.chunks_exact_mut(h).enumerate() {
+            let position = &self.position[(i % seq) * h..][..h];
+            for ((x, p), t) in row.iter_mut().zip(position).zip(&self.token_type[..h]) {
+                *x = *x + p + t;
             }
-            let pos = i % seq;
-            // Token type 0 for every position: single-sentence inputs.
-            let rows = [&self.word[t * h..][..h], &self.position[pos * h..][..h], &self.token_type[..h]];
-            out.extend((0..h).map(|j| rows[0][j] + rows[1][j] + rows[2][j]));
         }
         self.embed_norm.apply(&mut out, self.config.eps);
         Ok(out)
@@ -247,7 +243,7 @@ impl Encoder for Bert {
         let dense = |name: &str, shape: Vec<usize>, data: &[f32]| {
             StoredTensor::f32(name, TensorRole::Unquantized, shape, data)
         };
-        sink(dense("embeddings.word_embeddings.weight", vec![c.vocab, c.hidden], &self.word));
+        sink(self.word.stored("embeddings.word_embeddings.weight"));
         sink(dense("embeddings.position_embeddings.weight", vec![c.max_positions, c.hidden], &self.position));
         sink(dense(
             "embeddings.token_type_embeddings.weight",
