@@ -6,41 +6,27 @@ use std::borrow::Cow;
 
 use crate::error::{Error, Result};
 use crate::profile;
-use crate::scheme::{FloatStorage, StoredTensor, TensorRole};
-use crate::tensor;
-use crate::tensor::half::{matmul_nt_half, HalfType};
+use crate::scheme::{FloatStorage, FloatValues, StoredTensor, TensorRole};
 
 /// A `[vocab, width]` embedding table.
 pub struct Embedding {
     vocab: usize,
     width: usize,
     precision: FloatStorage,
-    values: Values,
-}
-
-enum Values {
-    F32(Vec<f32>),
-    Half(Vec<u16>, HalfType),
+    values: FloatValues,
 }
 
 impl Embedding {
     /// The table from `values` (`[vocab, width]`, already at `precision`: rounding to a
     /// 16-bit type here is then exact).
     pub fn new(values: Vec<f32>, vocab: usize, width: usize, precision: FloatStorage) -> Self {
-        debug_assert_eq!(values.len(), vocab * width);
-        let values = match precision.half() {
-            None => Values::F32(values),
-            Some(ty) => Values::Half(ty.encode(&values), ty),
-        };
-        Embedding { vocab, width, precision, values }
+        Self::from_values(FloatValues::new(values, precision), vocab, width, precision)
     }
 
-    /// The table from 16-bit `bits` (`[vocab, width]`) of `precision`, which must be
-    /// `F16` or `BF16`.
-    pub fn from_bits(bits: Vec<u16>, vocab: usize, width: usize, precision: FloatStorage) -> Self {
-        debug_assert_eq!(bits.len(), vocab * width);
-        let ty = precision.half().expect("a 16-bit precision");
-        Embedding { vocab, width, precision, values: Values::Half(bits, ty) }
+    /// The table from values already held at `precision` (`[vocab, width]`).
+    pub fn from_values(values: FloatValues, vocab: usize, width: usize, precision: FloatStorage) -> Self {
+        debug_assert_eq!(values.byte_len(), vocab * width * if precision.half().is_some() { 2 } else { 4 });
+        Embedding { vocab, width, precision, values }
     }
 
     /// Rows in the table.
@@ -65,11 +51,7 @@ impl Embedding {
                     self.vocab
                 )));
             }
-            let row = t * width..(t + 1) * width;
-            match &self.values {
-                Values::F32(v) => dst.copy_from_slice(&v[row]),
-                Values::Half(bits, ty) => ty.widen(&bits[row], dst),
-            }
+            self.values.widen_into(t * width..(t + 1) * width, dst);
         }
         Ok(out)
     }
@@ -84,10 +66,7 @@ impl Embedding {
             bytes: (self.bytes() + 4 * rows * (width + vocab)) as f64,
         };
         let _span = profile::span("linear", self.kernel(), work);
-        match &self.values {
-            Values::F32(v) => tensor::matmul_nt(hidden, rows, width, v, vocab, &mut out),
-            Values::Half(bits, ty) => matmul_nt_half(hidden, rows, width, bits, *ty, vocab, &mut out),
-        }
+        self.values.matmul_nt(hidden, rows, width, vocab, &mut out);
         out
     }
 
@@ -95,10 +74,10 @@ impl Embedding {
     /// copy).
     pub fn f32_values(&self) -> Cow<'_, [f32]> {
         match &self.values {
-            Values::F32(v) => Cow::Borrowed(v),
-            Values::Half(bits, ty) => {
+            FloatValues::F32(v) => Cow::Borrowed(v),
+            FloatValues::Half(bits, _) => {
                 let mut wide = vec![0.0; bits.len()];
-                ty.widen(bits, &mut wide);
+                self.values.widen_into(0..bits.len(), &mut wide);
                 Cow::Owned(wide)
             }
         }
@@ -106,10 +85,7 @@ impl Embedding {
 
     /// Bytes the table holds.
     pub fn bytes(&self) -> usize {
-        match &self.values {
-            Values::F32(v) => 4 * v.len(),
-            Values::Half(bits, _) => 2 * bits.len(),
-        }
+        self.values.byte_len()
     }
 
     /// The kernel path of the tied head's product.
@@ -123,16 +99,12 @@ impl Embedding {
 
     /// The table as saved and accounted: `name`, at its precision, kept in full precision.
     pub fn stored(&self, name: &str) -> StoredTensor {
-        let bytes = match &self.values {
-            Values::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            Values::Half(bits, _) => bits.iter().flat_map(|b| b.to_le_bytes()).collect(),
-        };
         StoredTensor {
             name: name.to_string(),
             role: TensorRole::Unquantized,
             dtype: self.precision.dtype(),
             shape: vec![self.vocab, self.width],
-            bytes,
+            bytes: self.values.le_bytes(),
             represents: 0,
         }
     }
@@ -170,7 +142,7 @@ mod tests {
             let (values, e) = table(precision);
             let hidden = [0.5, -1.0, 2.0, 0.25, 0.0, -0.75];
             let mut expected = vec![0.0; 2 * 5];
-            tensor::matmul_nt(&hidden, 2, 3, &values, 5, &mut expected);
+            crate::tensor::matmul_nt(&hidden, 2, 3, &values, 5, &mut expected);
             let got = e.logits(&hidden, 2);
             for (g, x) in got.iter().zip(&expected) {
                 assert!((g - x).abs() <= 1e-6, "{precision:?}: {got:?} vs {expected:?}");

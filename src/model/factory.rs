@@ -4,7 +4,9 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::scheme::{Calibration, DenseWeight, FloatLinear, FloatStorage, Linear, Scheme, StoredSource};
+use crate::scheme::{
+    Calibration, DenseWeight, FloatLinear, FloatStorage, FloatValues, Linear, Scheme, StoredSource,
+};
 
 use super::embedding::Embedding;
 use super::weights::WeightStore;
@@ -118,21 +120,10 @@ impl WeightFactory for QuantizeFactory<'_> {
     }
 
     fn embedding(&mut self, name: &str, vocab: usize, width: usize) -> Result<Embedding> {
-        let Some(ty) = self.precision.half() else {
+        if self.precision.half().is_none() {
             return Ok(Embedding::new(self.read(name, &[vocab, width])?, vocab, width, self.precision));
-        };
-        // A chunk of rows at a time: the f32 table (twice the 16-bit one) is never whole.
-        let how = format!(" once rounded to {}", self.precision.name());
-        let mut bits = Vec::with_capacity(vocab * width);
-        self.store.f32_chunks(name, &[vocab, width], EMBEDDING_CHUNK_ROWS, &mut |chunk| {
-            non_finite_weight_at(name, chunk, bits.len(), "")?;
-            let encoded = ty.encode(chunk);
-            let rounded: Vec<f32> = encoded.iter().map(|&b| ty.to_f32(b)).collect();
-            non_finite_weight_at(name, &rounded, bits.len(), &how)?;
-            bits.extend_from_slice(&encoded);
-            Ok(())
-        })?;
-        Ok(Embedding::from_bits(bits, vocab, width, self.precision))
+        }
+        read_16_bit_embedding(self.store, name, vocab, width, self.precision)
     }
 
     fn linear(&mut self, spec: LinearSpec) -> Result<Box<dyn Linear>> {
@@ -189,6 +180,9 @@ impl WeightFactory for ReloadFactory<'_> {
     fn embedding(&mut self, name: &str, vocab: usize, width: usize) -> Result<Embedding> {
         // Saved at the model's precision: reloaded at the same one.
         let precision = self.store.entry(name)?.stored.precision();
+        if precision.half().is_some() {
+            return read_16_bit_embedding(self.store, name, vocab, width, precision);
+        }
         Ok(Embedding::new(self.store.f32(name, &[vocab, width])?, vocab, width, precision))
     }
 
@@ -228,6 +222,31 @@ fn non_finite_weight_at(name: &str, data: &[f32], offset: usize, how: &str) -> R
             message: format!("element {} is {value}{how}, expected finite weights", offset + i),
         }),
     }
+}
+
+/// The embedding table `name` at the 16-bit `precision`, read and rounded a chunk of rows
+/// at a time, so the f32 table (twice the 16-bit one) is never whole. A value that is not
+/// finite, as stored or once rounded, is an error naming it.
+fn read_16_bit_embedding(
+    store: &WeightStore,
+    name: &str,
+    vocab: usize,
+    width: usize,
+    precision: FloatStorage,
+) -> Result<Embedding> {
+    let ty = precision.half().expect("a 16-bit precision");
+    let how = format!(" once rounded to {}", precision.name());
+    let mut bits = Vec::with_capacity(vocab * width);
+    store.f32_chunks(name, &[vocab, width], EMBEDDING_CHUNK_ROWS, &mut |chunk| {
+        non_finite_weight_at(name, chunk, bits.len(), "")?;
+        let encoded = ty.encode(chunk);
+        if let Some(i) = encoded.iter().position(|&b| !ty.to_f32(b).is_finite()) {
+            non_finite_weight_at(name, &[ty.to_f32(encoded[i])], bits.len() + i, &how)?;
+        }
+        bits.extend_from_slice(&encoded);
+        Ok(())
+    })?;
+    Ok(Embedding::from_values(FloatValues::Half(bits, ty), vocab, width, precision))
 }
 
 /// Rows of an embedding table read and rounded at a time (4096 × a 4096-wide row is 64 MiB

@@ -426,13 +426,7 @@ impl WeightStore {
                 let StoredType::Safetensors(dtype) = entry.stored else { unreachable!("safetensors entry") };
                 let values = to_f32(bytes, dtype);
                 super::pages::release(&f.mmap, start + offsets.0, offsets.1 - offsets.0);
-                values.ok_or_else(|| Error::Tensor {
-                    name: name.to_string(),
-                    message: format!(
-                        "dtype {dtype} in {} is not a float type, expected F32, F16 or BF16",
-                        f.path.display()
-                    ),
-                })
+                values.ok_or_else(|| not_float(name, dtype, &f.path))
             }
             (Backing::Gguf(gguf), Location::Gguf { name }) => gguf.dequantize(name),
             _ => unreachable!("entries always point into their own store's backing"),
@@ -458,13 +452,7 @@ impl WeightStore {
                 let start = f.header.data_start + offsets.0;
                 let bytes = &f.mmap[start..f.header.data_start + offsets.1];
                 if !is_float(dtype) {
-                    return Err(Error::Tensor {
-                        name: name.to_string(),
-                        message: format!(
-                            "dtype {dtype} in {} is not a float type, expected F32, F16 or BF16",
-                            f.path.display()
-                        ),
-                    });
+                    return Err(not_float(name, dtype, &f.path));
                 }
                 let row_bytes = row_values * dtype.bitsize() / 8;
                 for (i, chunk) in bytes.chunks(rows.max(1) * row_bytes).enumerate() {
@@ -484,6 +472,17 @@ impl WeightStore {
             Backing::Safetensors(files) => files.iter().map(|f| f.path.as_path()).collect(),
             Backing::Gguf(gguf) => vec![gguf.path()],
         }
+    }
+}
+
+/// The error for tensor `name`, stored as `dtype` in `path`, read as floats.
+fn not_float(name: &str, dtype: Dtype, path: &Path) -> Error {
+    Error::Tensor {
+        name: name.to_string(),
+        message: format!(
+            "dtype {dtype} in {} is not a float type, expected F32, F16 or BF16",
+            path.display()
+        ),
     }
 }
 

@@ -91,26 +91,68 @@ impl FloatStorage {
 pub struct FloatLinear {
     rows: usize,
     cols: usize,
-    weight: FloatWeights,
+    weight: FloatValues,
     bias: Option<Vec<f32>>,
     storage: FloatStorage,
     role: TensorRole,
 }
 
-/// The weight values as held.
-enum FloatWeights {
+/// A float matrix as held: f32 values, or 16-bit ones widened where they are used (a
+/// float layer's weights, a token embedding table).
+pub enum FloatValues {
+    /// f32 values.
     F32(Vec<f32>),
+    /// bf16 or f16 bits.
     Half(Vec<u16>, HalfType),
+}
+
+impl FloatValues {
+    /// `values` held at `storage` (rounded to it when it is 16-bit).
+    pub fn new(values: Vec<f32>, storage: FloatStorage) -> Self {
+        match storage.half() {
+            None => FloatValues::F32(values),
+            Some(ty) => FloatValues::Half(ty.encode(&values), ty),
+        }
+    }
+
+    /// Bytes held.
+    pub fn byte_len(&self) -> usize {
+        match self {
+            FloatValues::F32(v) => 4 * v.len(),
+            FloatValues::Half(bits, _) => 2 * bits.len(),
+        }
+    }
+
+    /// The values as stored in a file: little-endian, at their own width.
+    pub fn le_bytes(&self) -> Vec<u8> {
+        match self {
+            FloatValues::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            FloatValues::Half(bits, _) => bits.iter().flat_map(|b| b.to_le_bytes()).collect(),
+        }
+    }
+
+    /// Values `range` widened into `dst` (same length).
+    pub fn widen_into(&self, range: std::ops::Range<usize>, dst: &mut [f32]) {
+        match self {
+            FloatValues::F32(v) => dst.copy_from_slice(&v[range]),
+            FloatValues::Half(bits, ty) => ty.widen(&bits[range], dst),
+        }
+    }
+
+    /// `out[m, n] = x[m, k] · selfᵀ`, the matrix being `[n, k]`.
+    pub fn matmul_nt(&self, x: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) {
+        match self {
+            FloatValues::F32(w) => crate::tensor::matmul_nt(x, m, k, w, n, out),
+            FloatValues::Half(bits, ty) => matmul_nt_half(x, m, k, bits, *ty, n, out),
+        }
+    }
 }
 
 impl FloatLinear {
     /// A layer from `weight` (`[rows, cols]`), rounded to `storage` and held in it.
     pub fn new(weight: DenseWeight, bias: Option<Vec<f32>>, storage: FloatStorage) -> Self {
         let (rows, cols) = (weight.rows, weight.cols);
-        let weight = match storage.half() {
-            None => FloatWeights::F32(weight.data),
-            Some(ty) => FloatWeights::Half(ty.encode(&weight.data), ty),
-        };
+        let weight = FloatValues::new(weight.data, storage);
         FloatLinear { rows, cols, weight, bias, storage, role: TensorRole::PackedWeights }
     }
 
@@ -123,15 +165,8 @@ impl FloatLinear {
     /// The weight values (`[rows, cols]`) when held as f32.
     pub fn f32_weight(&self) -> Option<&[f32]> {
         match &self.weight {
-            FloatWeights::F32(w) => Some(w),
-            FloatWeights::Half(..) => None,
-        }
-    }
-
-    fn weight_bytes(&self) -> Vec<u8> {
-        match &self.weight {
-            FloatWeights::F32(w) => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            FloatWeights::Half(bits, _) => bits.iter().flat_map(|b| b.to_le_bytes()).collect(),
+            FloatValues::F32(w) => Some(w),
+            FloatValues::Half(..) => None,
         }
     }
 }
@@ -146,10 +181,7 @@ impl Linear for FloatLinear {
     }
 
     fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) {
-        match &self.weight {
-            FloatWeights::F32(w) => crate::tensor::matmul_nt(x, rows, self.cols, w, self.rows, out),
-            FloatWeights::Half(bits, ty) => matmul_nt_half(x, rows, self.cols, bits, *ty, self.rows, out),
-        }
+        self.weight.matmul_nt(x, rows, self.cols, self.rows, out);
         super::add_bias(out, self.bias.as_deref());
     }
 
@@ -159,8 +191,8 @@ impl Linear for FloatLinear {
 
     fn parts(&self) -> LayerParts<'_> {
         let weights = match &self.weight {
-            FloatWeights::F32(weight) => WeightParts::Dense { weight, pruned: false },
-            FloatWeights::Half(bits, _) => WeightParts::Half { bits, storage: self.storage },
+            FloatValues::F32(weight) => WeightParts::Dense { weight, pruned: false },
+            FloatValues::Half(bits, _) => WeightParts::Half { bits, storage: self.storage },
         };
         LayerParts { weights, bias: self.bias.as_deref() }
     }
@@ -173,7 +205,7 @@ impl Linear for FloatLinear {
             role: self.role,
             dtype: self.storage.dtype(),
             shape: vec![self.rows, self.cols],
-            bytes: self.weight_bytes(),
+            bytes: self.weight.le_bytes(),
             represents: self.rows * self.cols,
         }];
         out.extend(super::bias_tensor(name, self.bias.as_deref()));

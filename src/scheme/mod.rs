@@ -27,7 +27,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 
-pub use float::{float_scheme, FloatLinear, FloatStorage};
+pub use float::{float_scheme, FloatLinear, FloatStorage, FloatValues};
 #[cfg(target_arch = "x86_64")]
 pub use kernels::int8_panels::Int8Panels;
 pub use parts::{Int8Codes, LayerParts, WeightParts};

@@ -161,15 +161,20 @@ impl GgufFile {
         self.tensors.get(self.by_name[at])
     }
 
+    /// The tensor `gguf_name`, or an error naming it and the file.
+    fn present(&self, gguf_name: &str) -> Result<&GgufTensor> {
+        self.tensor(gguf_name).ok_or_else(|| Error::Tensor {
+            name: gguf_name.to_string(),
+            message: format!("not in {} ({} tensors present)", self.path.display(), self.tensors.len()),
+        })
+    }
+
     /// The tensor `gguf_name` as f32, row-major in its [`GgufTensor::shape`]. In a Llama
     /// file the rows of `blk.N.attn_q.weight` and `blk.N.attn_k.weight` are returned in
     /// Hugging Face order (llama.cpp's converter interleaves them for its RoPE; see
     /// [`unpermute_qk_rows`]).
     pub fn dequantize(&self, gguf_name: &str) -> Result<Vec<f32>> {
-        let tensor = self.tensor(gguf_name).ok_or_else(|| Error::Tensor {
-            name: gguf_name.to_string(),
-            message: format!("not in {} ({} tensors present)", self.path.display(), self.tensors.len()),
-        })?;
+        let tensor = self.present(gguf_name)?;
         // open() checked offset + bytes against the file length.
         let start = tensor.offset as usize;
         let data = &self.data[start..start + tensor.bytes as usize];
@@ -192,10 +197,7 @@ impl GgufFile {
         rows: usize,
         visit: &mut dyn FnMut(&[f32]) -> Result<()>,
     ) -> Result<()> {
-        let tensor = self.tensor(gguf_name).ok_or_else(|| Error::Tensor {
-            name: gguf_name.to_string(),
-            message: format!("not in {} ({} tensors present)", self.path.display(), self.tensors.len()),
-        })?;
+        let tensor = self.present(gguf_name)?;
         let width = tensor.elements() / tensor.shape.first().copied().unwrap_or(1).max(1);
         let ty = tensor.ggml_type;
         if width == 0 || !width.is_multiple_of(ty.block_size()) || self.rope_heads(tensor)?.is_some() {
