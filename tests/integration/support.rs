@@ -23,12 +23,18 @@ pub struct Run {
 
 /// Run `bench` with `args` in `cwd`, with built-in models cached under `cache`.
 pub fn bench(args: &[&str], cwd: &Path, cache: &Path) -> Run {
+    bench_with_env(args, cwd, cache, &[])
+}
+
+/// [`bench`] with extra environment variables.
+pub fn bench_with_env(args: &[&str], cwd: &Path, cache: &Path, env: &[(&str, &str)]) -> Run {
     let Output { status, stdout, stderr } = std::process::Command::new(env!("CARGO_BIN_EXE_bench"))
         .args(args)
         .current_dir(cwd)
         .env("QUANTBENCH_CACHE", cache)
         // Tests never reach the network: hub models must come from the cache.
         .env("HF_HUB_OFFLINE", "1")
+        .envs(env.iter().copied())
         .output()
         .expect("bench starts");
     let run = Run {
