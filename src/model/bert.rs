@@ -232,6 +232,7 @@ impl Encoder for Bert {
         }
         let mut hidden = self.embed(tokens, seq)?;
         for i in 0..self.layers.len() {
+            crate::tensor::awake::keep_awake();
             self.layer(i, &mut hidden, tokens.len(), seq, mask);
             observe(i, &hidden);
         }

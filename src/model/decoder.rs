@@ -123,6 +123,7 @@ impl FusedBlock {
         cache: &mut KvCache,
         ops: &FusedBlockOps,
     ) {
+        tensor::awake::keep_awake();
         let run = |i: usize, x: &[f32]| run_linear(self.linears[i].1.as_ref(), x, rows);
         let mut x = hidden.to_vec();
         self.attn_norm.apply(&mut x, ops.eps);

@@ -272,6 +272,7 @@ impl CausalLm for Llama {
         let (rows, seq) = decoder::check_batch(tokens, batch, cache)?;
         let mut hidden = self.embed.rows(tokens)?;
         for i in 0..self.blocks.len() {
+            tensor::awake::keep_awake();
             self.block(i, &mut hidden, rows, seq, cache);
             observe(i, &hidden);
         }

@@ -33,6 +33,12 @@ use super::exp::exp_nonpositive;
 /// loop (the same bits).
 pub fn gelu_erf(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the features were just detected.
+        unsafe { avx512::gelu_erf(x) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if super::has_avx2_fma() {
         // SAFETY: the features were just detected.
         unsafe { avx2::gelu_erf(x) };
@@ -90,6 +96,44 @@ mod avx2 {
     }
 }
 
+/// [`avx2`]'s operations sixteen lanes at a time where the CPU has AVX-512F (the same
+/// bits): half the instructions per value, for BERT's feed-forward GELU.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::ERFC_POLY;
+    use crate::tensor::exp::avx512::exp16;
+
+    /// [`super::gelu_erf_scalar`] sixteen values at a time; the rest by the AVX2 path.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn gelu_erf(x: &mut [f32]) {
+        let mut chunks = x.chunks_exact_mut(16);
+        for c in &mut chunks {
+            let v = _mm512_loadu_ps(c.as_ptr());
+            _mm512_storeu_ps(c.as_mut_ptr(), gelu16(v));
+        }
+        super::avx2::gelu_erf(chunks.into_remainder());
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn gelu16(x: __m512) -> __m512 {
+        let one = _mm512_set1_ps(1.0);
+        let z = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+        let a = _mm512_abs_ps(z);
+        let t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.5), a, one));
+        let mut p = _mm512_set1_ps(ERFC_POLY[0]);
+        for &c in &ERFC_POLY[1..] {
+            p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(c));
+        }
+        let half_x = _mm512_mul_ps(_mm512_set1_ps(0.5), x);
+        let erfc = _mm512_mul_ps(t, exp16(_mm512_fnmadd_ps(half_x, x, p)));
+        let non_negative = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(z, _mm512_setzero_ps());
+        let one_plus_erf = _mm512_mask_blend_ps(non_negative, erfc, _mm512_sub_ps(_mm512_set1_ps(2.0), erfc));
+        _mm512_mul_ps(half_x, one_plus_erf)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +176,26 @@ mod tests {
         gelu_erf(&mut vector);
         for (v, &x) in vector.iter().zip(&x) {
             assert_eq!(v.to_bits(), gelu_erf_scalar(x).to_bits(), "x = {x}");
+        }
+        // The eight-lane path too, where the dispatch above took the sixteen-lane one; and
+        // lengths that leave every kind of remainder.
+        #[cfg(target_arch = "x86_64")]
+        if crate::tensor::has_avx2_fma() {
+            let mut eight = x.clone();
+            // SAFETY: the features were just detected.
+            unsafe { avx2::gelu_erf(&mut eight) };
+            assert_eq!(
+                eight.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                vector.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
+        for len in [1, 9, 17, 31] {
+            let mut short = x[..len].to_vec();
+            gelu_erf(&mut short);
+            assert_eq!(
+                short.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                vector[..len].iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
         }
     }
 

@@ -5,6 +5,7 @@
 //! tests compare against with a named error budget.
 
 pub mod attention;
+pub mod awake;
 pub mod exp;
 pub mod gelu;
 pub mod gemv;
@@ -12,6 +13,9 @@ pub mod half;
 pub mod scratch;
 pub mod silu;
 pub mod skinny;
+pub mod softmax;
+
+pub use softmax::softmax_in_place;
 
 use gemm::Parallelism;
 
@@ -259,15 +263,6 @@ pub fn alibi_slopes(heads: usize) -> Vec<f32> {
         slopes.extend((0..remaining).map(|i| extra.powi((2 * i + 1) as i32) as f32));
     }
     slopes
-}
-
-/// Softmax of one row, in place, numerically stable: the exponentials and their sum
-/// vectorised ([`exp::exp_sum_in_place`], the same bits on every CPU).
-pub fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum = exp::exp_sum_in_place(row, max);
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// Log-softmax of one row into `out` (f64 for the sums, so perplexity and KL stay exact

@@ -39,7 +39,7 @@ const PARALLEL_QUANTIZE_ELEMENTS: usize = 1 << 17;
 /// `per_tensor`) exactly as [`crate::scheme::int8_dynamic::quantize_activations`] does, written
 /// straight into the kernel's unsigned rows (`code + 128`); and the scales.
 pub(crate) fn quantize_rows(x: &[f32], m: usize, k: usize, per_tensor: bool) -> (UnsignedRows, Vec<f32>) {
-    use super::int8_quant::{absmax, quantize_symmetric, symmetric_scale};
+    use super::int8_quant::{absmax, quantize_symmetric_offset, symmetric_scale};
     let _span = crate::profile::span("activation quantization", "int8 symmetric", || crate::profile::Work {
         ops: 3.0 * x.len() as f64,
         bytes: 5.0 * x.len() as f64,
@@ -52,13 +52,7 @@ pub(crate) fn quantize_rows(x: &[f32], m: usize, k: usize, per_tensor: bool) -> 
     let (bytes, stride) = rows.bytes_mut();
     let row = |(src, dst): (&[f32], &mut [u8])| {
         let scale = tensor_scale.unwrap_or_else(|| symmetric_scale(absmax(src)));
-        let codes = &mut dst[..k];
-        // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is
-        // valid for both.
-        let signed = unsafe { std::slice::from_raw_parts_mut(codes.as_mut_ptr() as *mut i8, k) };
-        quantize_symmetric(src, scale, signed);
-        // code + 128 as a byte: flip the sign bit.
-        codes.iter_mut().for_each(|b| *b ^= 0x80);
+        quantize_symmetric_offset(src, scale, &mut dst[..k]);
         scale
     };
     let scales = if x.len() >= PARALLEL_QUANTIZE_ELEMENTS {

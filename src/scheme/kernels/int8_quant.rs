@@ -65,38 +65,70 @@ fn absmax_lanes(values: &[f32]) -> f32 {
 
 /// `clamp(round_half_even(v / scale), −127, 127)` into `out`.
 pub fn quantize_symmetric(values: &[f32], scale: f32, out: &mut [i8]) {
+    // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is valid
+    // for both.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, out.len()) };
+    quantize_bytes::<false>(values, scale, bytes);
+}
+
+/// [`quantize_symmetric`]'s codes plus 128, as unsigned bytes (the form the VNNI kernels
+/// multiply), in the same pass: the sign bit flipped in the register before the store.
+pub fn quantize_symmetric_offset(values: &[f32], scale: f32, out: &mut [u8]) {
+    quantize_bytes::<true>(values, scale, out);
+}
+
+/// The codes as bytes, plus 128 when `OFFSET`.
+fn quantize_bytes<const OFFSET: bool>(values: &[f32], scale: f32, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
     if crate::tensor::has_avx2() {
-        // SAFETY: the CPU has AVX2.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            quantize_symmetric_avx2(values, scale, out)
-        };
-        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F and AVX2.
+            unsafe { quantize_avx512::<OFFSET>(values, scale, out) };
+        } else {
+            // SAFETY: the CPU has AVX2.
+            unsafe { quantize_avx2::<OFFSET>(values, scale, out) };
+        }
         return;
     }
-    quantize_symmetric_lanes(values, scale, out);
+    quantize_lanes::<OFFSET>(values, scale, out);
+}
+
+/// One code.
+#[inline(always)]
+fn code(v: f32, scale: f32) -> i8 {
+    (v / scale).round_ties_even().clamp(-127.0, 127.0) as i8
 }
 
 #[inline(always)]
-pub(crate) fn quantize_symmetric_lanes(values: &[f32], scale: f32, out: &mut [i8]) {
+fn quantize_lanes<const OFFSET: bool>(values: &[f32], scale: f32, out: &mut [u8]) {
+    let flip = if OFFSET { 0x80 } else { 0 };
     for (q, &v) in out.iter_mut().zip(values) {
-        *q = (v / scale).round_ties_even().clamp(-127.0, 127.0) as i8;
+        *q = code(v, scale) as u8 ^ flip;
     }
 }
 
-/// [`quantize_symmetric_lanes`] in AVX2 intrinsics, 32 values per step: divide, round
-/// half to even, clamp, then pack to bytes (the compiler's own vectorisation of the
-/// saturating `as i8` took about 2.5 cycles per value). The same result bit for bit: a
-/// NaN quotient becomes 0, as `as i8` makes it.
+/// The portable loop of [`quantize_symmetric`] (tests compare the vector paths with it).
+#[cfg(test)]
+pub(crate) fn quantize_symmetric_lanes(values: &[f32], scale: f32, out: &mut [i8]) {
+    for (q, &v) in out.iter_mut().zip(values) {
+        *q = code(v, scale);
+    }
+}
+
+/// [`quantize_lanes`] in AVX2 intrinsics, 32 values per step: divide, round half to
+/// even, clamp, then pack to bytes (the compiler's own vectorisation of the saturating
+/// `as i8` took about 2.5 cycles per value). The same result bit for bit: a NaN quotient
+/// becomes 0, as `as i8` makes it.
 ///
 /// # Safety
 /// The CPU must have AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn quantize_symmetric_avx2(values: &[f32], scale: f32, out: &mut [i8]) {
+unsafe fn quantize_avx2<const OFFSET: bool>(values: &[f32], scale: f32, out: &mut [u8]) {
     use std::arch::x86_64::*;
     let n = values.len().min(out.len());
     let (s, lo, hi) = (_mm256_set1_ps(scale), _mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    let flip = _mm256_set1_epi8(if OFFSET { 0x80u8 as i8 } else { 0 });
     let eight = |at: usize| {
         let q = _mm256_div_ps(_mm256_loadu_ps(values.as_ptr().add(at)), s);
         let q = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q);
@@ -110,8 +142,70 @@ unsafe fn quantize_symmetric_avx2(values: &[f32], scale: f32, out: &mut [i8]) {
         // packs work within 128-bit lanes: one permute restores the order.
         let bytes = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
         let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256(out.as_mut_ptr().add(i) as *mut __m256i, bytes);
+        _mm256_storeu_si256(out.as_mut_ptr().add(i) as *mut __m256i, _mm256_xor_si256(bytes, flip));
         i += 32;
     }
-    quantize_symmetric_lanes(&values[i..n], scale, &mut out[i..n]);
+    quantize_lanes::<OFFSET>(&values[i..n], scale, &mut out[i..n]);
+}
+
+/// [`quantize_avx2`] sixteen values per instruction where the CPU has AVX-512F: the same
+/// operations lane for lane, and a truncating narrow to bytes (the values are already
+/// clamped to ±127).
+///
+/// # Safety
+/// The CPU must have AVX-512F and AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn quantize_avx512<const OFFSET: bool>(values: &[f32], scale: f32, out: &mut [u8]) {
+    use std::arch::x86_64::*;
+    let n = values.len().min(out.len());
+    let (s, lo, hi) = (_mm512_set1_ps(scale), _mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    let flip = _mm_set1_epi8(if OFFSET { 0x80u8 as i8 } else { 0 });
+    let mut i = 0;
+    while i + 16 <= n {
+        let q = _mm512_div_ps(_mm512_loadu_ps(values.as_ptr().add(i)), s);
+        let q = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q);
+        let q = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(q, q), q);
+        let codes = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, lo), hi)));
+        _mm_storeu_si128(out.as_mut_ptr().add(i) as *mut __m128i, _mm_xor_si128(codes, flip));
+        i += 16;
+    }
+    quantize_avx2::<OFFSET>(&values[i..n], scale, &mut out[i..n]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every vector path gives the portable loop's bytes, plain and offset, at lengths
+    /// around the 16- and 32-value steps, with ties, clamping, signed zero and NaN.
+    #[test]
+    fn every_path_gives_the_portable_bytes() {
+        let mut x = crate::tensor::SeededRng::new(8).normal_vec(300, 3.0);
+        x[..6].copy_from_slice(&[0.5, -0.5, 1.5, -2.5, -0.0, f32::NAN]);
+        x[37] = 1e30;
+        x[50] = f32::NEG_INFINITY;
+        for len in [0, 1, 15, 16, 17, 31, 32, 33, 47, 64, 100, 300] {
+            let x = &x[..len];
+            for scale in [1.0f32, 0.37, symmetric_scale(10.0)] {
+                let (mut plain, mut offset) = (vec![0u8; len], vec![0u8; len]);
+                quantize_lanes::<false>(x, scale, &mut plain);
+                quantize_lanes::<true>(x, scale, &mut offset);
+                assert!(plain.iter().zip(&offset).all(|(p, o)| p ^ 0x80 == *o));
+                let mut signed = vec![0i8; len];
+                quantize_symmetric(x, scale, &mut signed);
+                assert_eq!(signed.iter().map(|&c| c as u8).collect::<Vec<_>>(), plain, "{len} {scale}");
+                let mut fast = vec![0u8; len];
+                quantize_symmetric_offset(x, scale, &mut fast);
+                assert_eq!(fast, offset, "{len} {scale}");
+                #[cfg(target_arch = "x86_64")]
+                if crate::tensor::has_avx2() {
+                    let mut avx2 = vec![0u8; len];
+                    // SAFETY: the CPU has AVX2.
+                    unsafe { quantize_avx2::<true>(x, scale, &mut avx2) };
+                    assert_eq!(avx2, offset, "avx2 {len} {scale}");
+                }
+            }
+        }
+    }
 }

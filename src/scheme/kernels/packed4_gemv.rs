@@ -351,7 +351,7 @@ fn prefix_sums(x: &[f32], m: usize, cols: usize) -> Vec<f64> {
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn row_dots<const M: usize>(
     p: &Packed4,
-    table: &FixedTable,
+    lut: &Lut,
     acts: &Activations,
     r: usize,
     first: usize,
@@ -359,13 +359,12 @@ pub unsafe fn row_dots<const M: usize>(
     use std::arch::x86_64::*;
     match acts.layout {
         _ if !pairs_only(p) => {}
-        Layout::Lookup => return row_dots_pairs::<M, DECODE_LOOKUP>(p, table, acts, r, first),
-        Layout::SignedNibbles => return row_dots_pairs::<M, DECODE_SIGNED>(p, table, acts, r, first),
-        Layout::UnsignedNibbles => return row_dots_pairs::<M, DECODE_UNSIGNED>(p, table, acts, r, first),
+        Layout::Lookup => return row_dots_pairs::<M, DECODE_LOOKUP>(p, lut, acts, r, first),
+        Layout::SignedNibbles => return row_dots_pairs::<M, DECODE_SIGNED>(p, lut, acts, r, first),
+        Layout::UnsignedNibbles => return row_dots_pairs::<M, DECODE_UNSIGNED>(p, lut, acts, r, first),
     }
     debug_assert_eq!(acts.layout, Layout::Lookup, "shift layouts need whole pairs");
     let (cols, start) = (p.cols, r * p.cols);
-    let lut = Lut::new(table);
     let bytes = p.bytes.as_ptr().add(start / 2);
     let mut total = [_mm256_setzero_ps(); M];
     let mut extra = [0.0f32; M];
@@ -378,15 +377,15 @@ pub unsafe fn row_dots<const M: usize>(
         let mut k = k0;
         // Up to the first pair boundary, then whole pairs, then what is left.
         while k < k1 && (k % PAIR != 0 || k + PAIR > k1) {
-            k = edge_dots::<M>(&lut, bytes, acts, first, k, k1, &mut acc);
+            k = edge_dots::<M>(lut, bytes, acts, first, k, k1, &mut acc);
         }
         if k + PAIR <= k1 {
             let n = (k1 - k) / PAIR;
-            pairs_dots::<M>(&lut, bytes.add(k / 2), acts, first, k / PAIR, n, &mut acc);
+            pairs_dots::<M>(lut, bytes.add(k / 2), acts, first, k / PAIR, n, &mut acc);
             k += n * PAIR;
         }
         while k < k1 {
-            k = edge_dots::<M>(&lut, bytes, acts, first, k, k1, &mut acc);
+            k = edge_dots::<M>(lut, bytes, acts, first, k, k1, &mut acc);
         }
         let scale = _mm256_set1_ps(*p.scales.get_unchecked(b));
         for i in 0..M {
@@ -420,13 +419,12 @@ fn pairs_only(p: &Packed4) -> bool {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn row_dots_pairs<const M: usize, const D: u8>(
     p: &Packed4,
-    table: &FixedTable,
+    lut: &Lut,
     acts: &Activations,
     r: usize,
     first: usize,
 ) -> [f32; M] {
     use std::arch::x86_64::*;
-    let lut = Lut::new(table);
     let (start, row_pairs) = (r * p.cols, p.cols / PAIR);
     let bytes = p.bytes.as_ptr().add(start / 2);
     let xs: [*const __m256i; M] = std::array::from_fn(|i| acts.codes_at(first + i, 0, 0) as *const __m256i);
@@ -442,12 +440,12 @@ unsafe fn row_dots_pairs<const M: usize, const D: u8>(
         // Two accumulators, alternate pairs: the FMA latency chain stays short.
         let (mut even, mut odd) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
         while j + 2 <= end {
-            pair_step::<M, D>(&lut, bytes, &xs, &ss, j, &mut even);
-            pair_step::<M, D>(&lut, bytes, &xs, &ss, j + 1, &mut odd);
+            pair_step::<M, D>(lut, bytes, &xs, &ss, j, &mut even);
+            pair_step::<M, D>(lut, bytes, &xs, &ss, j + 1, &mut odd);
             j += 2;
         }
         if j < end {
-            pair_step::<M, D>(&lut, bytes, &xs, &ss, j, &mut even);
+            pair_step::<M, D>(lut, bytes, &xs, &ss, j, &mut even);
             j += 1;
         }
         let scale = _mm256_set1_ps(*p.scales.get_unchecked(b));
@@ -510,7 +508,7 @@ unsafe fn pair_step<const M: usize, const D: u8>(
 /// The code table split into the low and high bytes of its 16-bit codes, in both lanes,
 /// and the nibble mask.
 #[cfg(target_arch = "x86_64")]
-struct Lut {
+pub struct Lut {
     lo: std::arch::x86_64::__m256i,
     hi: std::arch::x86_64::__m256i,
     mask: std::arch::x86_64::__m256i,
@@ -518,8 +516,13 @@ struct Lut {
 
 #[cfg(target_arch = "x86_64")]
 impl Lut {
+    /// Built once per GEMV call: rebuilt per row it cost as much as a 576-value row's
+    /// dot product (32 byte stores read back as two vectors stall store forwarding).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    fn new(table: &FixedTable) -> Lut {
+    pub fn new(table: &FixedTable) -> Lut {
         use std::arch::x86_64::*;
         let lo: [u8; 16] = std::array::from_fn(|u| table.codes[u] as u16 as u8);
         let hi: [u8; 16] = std::array::from_fn(|u| (table.codes[u] as u16 >> 8) as u8);
@@ -779,7 +782,9 @@ impl Packed4 {
             });
             drop(quantizing);
             if let Some((table, acts)) = prepared {
-                self.run_tasks(m, out, |r, dst| self.row_dots_fixed(&table, &acts, r, dst));
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                let lut = unsafe { Lut::new(&table) };
+                self.run_tasks(m, out, |r, dst| self.row_dots_fixed(&lut, &acts, r, dst));
                 return;
             }
         }
@@ -789,18 +794,18 @@ impl Packed4 {
 
     /// `dst[i] = x[i] · W[r]` on the fixed-point path, four activation rows at a time.
     #[cfg(target_arch = "x86_64")]
-    fn row_dots_fixed(&self, table: &FixedTable, acts: &Activations, r: usize, dst: &mut [f32]) {
+    fn row_dots_fixed(&self, lut: &Lut, acts: &Activations, r: usize, dst: &mut [f32]) {
         let mut i = 0;
         while i + 4 <= dst.len() {
             // SAFETY: `gemv` checked AVX2, FMA and `shape_fits`, and built `acts` from
             // this weight's table with `dst.len()` rows (and sums when it has offsets).
-            let d = unsafe { row_dots::<4>(self, table, acts, r, i) };
+            let d = unsafe { row_dots::<4>(self, lut, acts, r, i) };
             dst[i..i + 4].copy_from_slice(&d);
             i += 4;
         }
         while i < dst.len() {
             // SAFETY: as above.
-            dst[i] = unsafe { row_dots::<1>(self, table, acts, r, i) }[0];
+            dst[i] = unsafe { row_dots::<1>(self, lut, acts, r, i) }[0];
             i += 1;
         }
     }
