@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::scheme::{Linear, StoredTensor, TensorRole, TensorSink};
 use crate::tensor;
-use crate::tensor::attention::{AttentionShape, KvCache, Masking};
+use crate::tensor::attention::{self, AttentionShape, Masking};
 
 use super::embedding::Embedding;
 use super::norm::Norm;
@@ -178,11 +178,9 @@ impl Bert {
         let run = |i: usize, x: &[f32]| super::decoder::run_linear(layer.linears[i].1.as_ref(), x, rows);
         let (q, k, v) = (run(0, hidden), run(1, hidden), run(2, hidden));
         let shape = AttentionShape { heads: c.heads, kv_heads: c.heads, head_dim: c.hidden / c.heads };
-        let mut cache = KvCache::new(1, rows / seq, shape, seq);
-        cache.append(0, &k, &v, seq);
-        let mut context = vec![0.0; q.len()];
+        let mut context = tensor::scratch::take(q.len());
         let masking = Masking { causal: false, alibi: None, key_mask: Some(mask) };
-        cache.attend(0, &q, seq, masking, &mut context);
+        attention::self_attention(shape, rows / seq, &q, &k, &v, seq, masking, &mut context);
         let mut attn = run(3, &context);
         tensor::add_in_place(&mut attn, hidden);
         layer.attn_norm.apply(&mut attn, c.eps);
@@ -192,7 +190,7 @@ impl Bert {
         tensor::add_in_place(&mut out, &attn);
         layer.out_norm.apply(&mut out, c.eps);
         hidden.copy_from_slice(&out);
-        [q, k, v, attn, inner, out].into_iter().for_each(tensor::scratch::recycle);
+        [q, k, v, context, attn, inner, out].into_iter().for_each(tensor::scratch::recycle);
     }
 }
 

@@ -218,91 +218,14 @@ impl KvCache {
         }
     }
 
-    /// [`KvCache::attend`] for many queries (prefill, encoders): per sequence and head, the
-    /// scores of all queries against all keys as one matrix product, the masks and the
-    /// softmax row by row, then the values as a second product; sequences × heads in
-    /// parallel. Rows of the scores past a query's causal horizon are zero after the
-    /// softmax, so they add nothing.
+    /// [`KvCache::attend`] for many queries (prefill): [`head_products`] over the cached
+    /// keys and values of each sequence and head.
     fn attend_heads(&self, layer: usize, q: &[f32], seq: usize, masking: Masking, out: &mut [f32]) {
-        let AttentionShape { heads, kv_heads, head_dim } = self.shape;
-        let group = heads / kv_heads;
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let (start, row_width) = (self.len, heads * head_dim);
-        let keys_total = start + seq;
-        let head_out = |job: usize| -> Vec<f32> {
-            let (b, h) = (job / heads, job % heads);
-            let kv = b * kv_heads + h / group;
-            let (keys, values) = (&self.keys[layer][kv], &self.values[layer][kv]);
-            let qh = &q[b * seq * row_width + h * head_dim..];
-            let mut scores = vec![0.0f32; seq * keys_total];
-            // SAFETY: lhs rows t < seq of qh (row stride row_width, head_dim values each)
-            // lie in q; rhs is keys[keys_total, head_dim] read transposed; dst is
-            // scores[seq, keys_total].
-            unsafe {
-                gemm::gemm(
-                    seq,
-                    keys_total,
-                    head_dim,
-                    scores.as_mut_ptr(),
-                    1,
-                    keys_total as isize,
-                    false,
-                    qh.as_ptr(),
-                    1,
-                    row_width as isize,
-                    keys.as_ptr(),
-                    head_dim as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for (t, row) in scores.chunks_exact_mut(keys_total).enumerate() {
-                let visible = if masking.causal { start + t + 1 } else { keys_total };
-                let (seen, unseen) = row.split_at_mut(visible);
-                masking.apply(seen, h, masking.key_mask.map(|m| &m[b * keys_total..][..visible]));
-                super::softmax_in_place(seen);
-                unseen.fill(0.0);
-            }
-            let mut o = vec![0.0f32; seq * head_dim];
-            // SAFETY: lhs is scores[seq, keys_total], rhs values[keys_total, head_dim], dst
-            // o[seq, head_dim], all row-major.
-            unsafe {
-                gemm::gemm(
-                    seq,
-                    head_dim,
-                    keys_total,
-                    o.as_mut_ptr(),
-                    1,
-                    head_dim as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    keys_total as isize,
-                    values.as_ptr(),
-                    1,
-                    head_dim as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            o
+        let kv = |job: usize| {
+            let (keys, values) = (&self.keys[layer][job], &self.values[layer][job]);
+            KvRows { keys, values, stride: self.shape.head_dim }
         };
-        let per_head: Vec<Vec<f32>> = (0..self.batch * heads).into_par_iter().map(head_out).collect();
-        for (job, o) in per_head.iter().enumerate() {
-            let (b, h) = (job / heads, job % heads);
-            for (t, src) in o.chunks_exact(head_dim).enumerate() {
-                out[(b * seq + t) * row_width + h * head_dim..][..head_dim].copy_from_slice(src);
-            }
-        }
+        head_products(self.shape, self.batch, q, seq, self.len, masking, &kv, out);
     }
 
     /// [`KvCache::attend_row`] compiled for AVX2: the same operations in the same order
@@ -357,6 +280,164 @@ impl KvCache {
             weighted_sum(&scores, values, head_dim, &mut out_row[h * head_dim..][..head_dim]);
         }
     }
+}
+
+/// Where [`head_products`] reads one sequence's keys and values for one key/value head:
+/// row `p` (position `p`) of each starts at `p · stride`, `head_dim` values.
+#[derive(Clone, Copy)]
+struct KvRows<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    stride: usize,
+}
+
+/// The output pointer shared by the parallel heads, each writing its own columns.
+#[derive(Clone, Copy)]
+struct HeadOut(*mut f32);
+
+// SAFETY: every head writes a disjoint set of elements (its columns of its sequence's
+// rows), and the caller holds the `&mut` borrow of the whole output until all are done.
+unsafe impl Send for HeadOut {}
+unsafe impl Sync for HeadOut {}
+
+impl HeadOut {
+    /// The element `offset` places in (a method, so closures capture the whole wrapper
+    /// rather than its raw pointer field).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// Attention for many queries (prefills, encoders): per sequence and head, the scores of
+/// all queries against all keys as one matrix product, the masks and the softmax row by
+/// row, then the values as a second product written straight into the head's columns of
+/// `out`; sequences × heads in parallel. Rows of the scores past a query's causal horizon
+/// are zero after the softmax, so they add nothing. `kv(b · kv_heads + g)` gives sequence
+/// `b`'s keys and values for key/value head `g`, `start + seq` positions of them; query
+/// `t` sits at position `start + t`.
+#[allow(clippy::too_many_arguments)]
+fn head_products<'a>(
+    shape: AttentionShape,
+    batch: usize,
+    q: &[f32],
+    seq: usize,
+    start: usize,
+    masking: Masking,
+    kv: &(dyn Fn(usize) -> KvRows<'a> + Sync),
+    out: &mut [f32],
+) {
+    let AttentionShape { heads, kv_heads, head_dim } = shape;
+    let group = heads / kv_heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let row_width = heads * head_dim;
+    let keys_total = start + seq;
+    assert!(q.len() >= batch * seq * row_width && out.len() >= batch * seq * row_width);
+    let dst = HeadOut(out.as_mut_ptr());
+    let head = |job: usize| {
+        let (b, h) = (job / heads, job % heads);
+        let KvRows { keys, values, stride } = kv(b * kv_heads + h / group);
+        assert!(keys_total == 0 || keys.len().min(values.len()) >= (keys_total - 1) * stride + head_dim);
+        let qh = &q[b * seq * row_width + h * head_dim..];
+        let mut scores = super::scratch::take(seq * keys_total);
+        // SAFETY: lhs rows t < seq of qh (row stride row_width, head_dim values each) lie
+        // in q; rhs is keys[keys_total, head_dim] (row stride `stride`, checked above) read
+        // transposed; dst is scores[seq, keys_total].
+        unsafe {
+            gemm::gemm(
+                seq,
+                keys_total,
+                head_dim,
+                scores.as_mut_ptr(),
+                1,
+                keys_total as isize,
+                false,
+                qh.as_ptr(),
+                1,
+                row_width as isize,
+                keys.as_ptr(),
+                stride as isize,
+                1,
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for (t, row) in scores.chunks_exact_mut(keys_total).enumerate() {
+            let visible = if masking.causal { start + t + 1 } else { keys_total };
+            let (seen, unseen) = row.split_at_mut(visible);
+            masking.apply(seen, h, masking.key_mask.map(|m| &m[b * keys_total..][..visible]));
+            super::softmax_in_place(seen);
+            unseen.fill(0.0);
+        }
+        // SAFETY: lhs is scores[seq, keys_total]; rhs values[keys_total, head_dim] (row
+        // stride `stride`); dst is this head's columns h·head_dim.. of sequence b's rows of
+        // out (row stride row_width), inside out by the assert above and written by no
+        // other head.
+        unsafe {
+            gemm::gemm(
+                seq,
+                head_dim,
+                keys_total,
+                dst.at(b * seq * row_width + h * head_dim),
+                1,
+                row_width as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                keys_total as isize,
+                values.as_ptr(),
+                1,
+                stride as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        super::scratch::recycle(scores);
+    };
+    (0..batch * heads).into_par_iter().for_each(head);
+}
+
+/// Self-attention of a one-pass encoder over its own projections, read in place: `q`
+/// (`[batch, seq, heads · head_dim]`), `k` and `v` (`[batch, seq, kv_heads · head_dim]`),
+/// every query against every key of its sequence (`masking` says which it may see), into
+/// `out` (laid out as `q`). The same values as appending `k` and `v` to an empty
+/// [`KvCache`] and attending, without copying them into one.
+#[allow(clippy::too_many_arguments)]
+pub fn self_attention(
+    shape: AttentionShape,
+    batch: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    seq: usize,
+    masking: Masking,
+    out: &mut [f32],
+) {
+    if seq < HEAD_GEMM_MIN_QUERIES {
+        let mut cache = KvCache::new(1, batch, shape, seq);
+        cache.append(0, k, v, seq);
+        cache.attend(0, q, seq, masking, out);
+        return;
+    }
+    let kv_width = shape.kv_heads * shape.head_dim;
+    let row_width = shape.heads * shape.head_dim;
+    let _span = crate::profile::span("attention", "per-head products", || crate::profile::Work {
+        ops: 4.0 * (batch * seq * seq * row_width) as f64,
+        bytes: (8 * batch * seq * kv_width + 8 * out.len()) as f64,
+    });
+    let kv = |job: usize| {
+        let (b, g) = (job / shape.kv_heads, job % shape.kv_heads);
+        let at = b * seq * kv_width + g * shape.head_dim;
+        KvRows { keys: &k[at..], values: &v[at..], stride: kv_width }
+    };
+    head_products(shape, batch, q, seq, 0, masking, &kv, out);
 }
 
 /// `out = Σ_p w[p] · values[p]` over rows of `values` (`head_dim` each), every output
@@ -415,6 +496,29 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An encoder's attention read in place gives what the cache path gives, bit for bit,
+    /// with padding, grouped heads, and too few queries for the per-head products.
+    #[test]
+    fn self_attention_in_place_matches_the_cache_path() {
+        for (batch, seq, heads, kv_heads) in [(3, 9, 4, 2), (2, 16, 3, 3), (2, 3, 2, 1)] {
+            let shape = AttentionShape { heads, kv_heads, head_dim: 8 };
+            let (qw, kw) = (heads * 8, kv_heads * 8);
+            let q = crate::tensor::test_values(batch * seq * qw, 1);
+            let k = crate::tensor::test_values(batch * seq * kw, 2);
+            let v = crate::tensor::test_values(batch * seq * kw, 3);
+            let mask: Vec<u8> = (0..batch * seq).map(|i| u8::from(i % seq < seq - i / seq)).collect();
+            let masking = Masking { causal: false, alibi: None, key_mask: Some(&mask) };
+            let mut cache = KvCache::new(1, batch, shape, seq);
+            cache.append(0, &k, &v, seq);
+            let mut want = vec![0.0; q.len()];
+            cache.attend(0, &q, seq, masking, &mut want);
+            let mut got = vec![f32::NAN; q.len()];
+            self_attention(shape, batch, &q, &k, &v, seq, masking, &mut got);
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "batch {batch} seq {seq} heads {heads}/{kv_heads}");
+        }
+    }
 
     #[test]
     fn masked_keys_are_the_same_on_every_path() {
