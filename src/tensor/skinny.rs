@@ -64,6 +64,7 @@ pub fn matmul_nt_skinny_rows<W: WeightRows + ?Sized>(
     assert_eq!(a.len(), m * k, "matmul_nt_skinny: lhs is not [m, k]");
     assert_eq!(out.len(), m * n, "matmul_nt_skinny: output is not [m, n]");
     let path = Path::detect();
+    let paired = if path == Path::Avx512 { pair_rows(a, m, k) } else { Vec::new() };
     // Each task writes the columns j0 .. j0 + ROWS_PER_TASK of every output row: collect
     // per task, then scatter (outputs are small next to the weights read).
     let tasks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(ROWS_PER_TASK))
@@ -73,7 +74,7 @@ pub fn matmul_nt_skinny_rows<W: WeightRows + ?Sized>(
             let rows = ROWS_PER_TASK.min(n - j0);
             let mut part = vec![0.0f32; m * rows];
             let mut scratch = Vec::new();
-            block(a, m, k, w.rows(j0, rows, k, &mut scratch), rows, &mut part, path);
+            block(Lhs { a, paired: &paired }, m, k, w.rows(j0, rows, k, &mut scratch), rows, &mut part, path);
             (j0, part)
         })
         .collect();
@@ -103,8 +104,48 @@ impl Path {
     }
 }
 
+/// The rows of `a`, and for the AVX-512 tiles the same values with rows paired.
+#[derive(Clone, Copy)]
+struct Lhs<'a> {
+    a: &'a [f32],
+    /// Rows `2p` and `2p + 1` of the whole tiles, eight values of each in turn (see
+    /// [`pair_rows`]); empty on the other paths.
+    paired: &'a [f32],
+}
+
+/// The rows of `a` that fill whole AVX-512 tiles, pairs interleaved eight values at a
+/// time (`[m/2, k/8, 16]`, the tail past `k/8·8` left out): each step of the tile then
+/// loads a row pair with one instruction instead of two loads and an insert, which
+/// competed with the multiply-adds for a port.
+fn pair_rows(a: &[f32], m: usize, k: usize) -> Vec<f32> {
+    let (full_m, steps) = (m / avx512_tile_a() * avx512_tile_a(), k / LANES);
+    let mut paired = vec![0.0f32; full_m * steps * LANES];
+    // On the pool: done serially it cost a tenth of a 64-row product on two threads.
+    paired.par_chunks_mut((2 * steps * LANES).max(1)).enumerate().for_each(|(p, dst)| {
+        let (low, high) = (&a[2 * p * k..][..k], &a[(2 * p + 1) * k..][..k]);
+        for (t, step) in dst.chunks_exact_mut(2 * LANES).enumerate() {
+            step[..LANES].copy_from_slice(&low[t * LANES..][..LANES]);
+            step[LANES..].copy_from_slice(&high[t * LANES..][..LANES]);
+        }
+    });
+    paired
+}
+
+/// Rows of `a` per AVX-512 tile (none where the module is not compiled).
+fn avx512_tile_a() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512::TILE_A
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        usize::MAX
+    }
+}
+
 /// `part[m, rows] = a · w_blockᵀ` for one block of weight rows.
-fn block(a: &[f32], m: usize, k: usize, w: &[f32], rows: usize, part: &mut [f32], path: Path) {
+fn block(lhs: Lhs, m: usize, k: usize, w: &[f32], rows: usize, part: &mut [f32], path: Path) {
+    let a = lhs.a;
     #[cfg(target_arch = "x86_64")]
     if path == Path::Avx512 {
         let (full_m, full_rows) =
@@ -113,7 +154,7 @@ fn block(a: &[f32], m: usize, k: usize, w: &[f32], rows: usize, part: &mut [f32]
             for i in (0..full_m).step_by(avx512::TILE_A) {
                 let mut sums = [[0.0f32; avx512::TILE_W]; avx512::TILE_A];
                 // SAFETY: AVX-512F, AVX2 and FMA were detected; the tile lies inside a and w.
-                unsafe { avx512::full(a, i, w, j, k, &mut sums) };
+                unsafe { avx512::full(lhs, i, w, j, k, &mut sums) };
                 for (r, row) in sums.iter().enumerate() {
                     part[(i + r) * rows + j..][..avx512::TILE_W].copy_from_slice(row);
                 }
@@ -262,11 +303,12 @@ mod avx512 {
     /// AVX2 and scalar paths' lane sums, in the same order.
     ///
     /// # Safety
-    /// The CPU must have AVX-512F and FMA; rows `i .. i + TILE_A` of `a` and `j .. j +
-    /// TILE_W` of `w` (each `k` long) must exist.
+    /// The CPU must have AVX-512F and FMA; rows `i .. i + TILE_A` of `lhs.a` and `j .. j +
+    /// TILE_W` of `w` (each `k` long) must exist, `i` even, and `lhs.paired` must be
+    /// [`super::pair_rows`] of `lhs.a` with those rows in it.
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub unsafe fn full(
-        a: &[f32],
+        lhs: super::Lhs,
         i: usize,
         w: &[f32],
         j: usize,
@@ -275,8 +317,12 @@ mod avx512 {
     ) {
         const PAIRS: usize = TILE_A / 2;
         let body = k / LANES * LANES;
-        let ap: [*const f32; TILE_A] = std::array::from_fn(|r| a.as_ptr().add((i + r) * k));
+        let ap: [*const f32; TILE_A] = std::array::from_fn(|r| lhs.a.as_ptr().add((i + r) * k));
         let wp: [*const f32; TILE_W] = std::array::from_fn(|c| w.as_ptr().add((j + c) * k));
+        // Pair i/2 + p's steps, sixteen values each.
+        let steps = k / LANES;
+        let pp: [*const f32; PAIRS] =
+            std::array::from_fn(|p| lhs.paired.as_ptr().add((i / 2 + p) * steps * 2 * LANES));
         let mut acc = [[_mm512_setzero_ps(); TILE_W]; PAIRS];
         let mut t = 0;
         while t < body {
@@ -287,9 +333,7 @@ mod avx512 {
             });
             for (p, acc_p) in acc.iter_mut().enumerate() {
                 // Row 2p's eight values in the low half, row 2p + 1's in the high half.
-                let low = _mm512_castps256_ps512(_mm256_loadu_ps(ap[2 * p].add(t)));
-                let high = _mm256_castps_pd(_mm256_loadu_ps(ap[2 * p + 1].add(t)));
-                let av = _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castps_pd(low), high));
+                let av = _mm512_loadu_ps(pp[p].add(2 * t));
                 for (acc_pc, wv_c) in acc_p.iter_mut().zip(&wv) {
                     *acc_pc = _mm512_fmadd_ps(av, *wv_c, *acc_pc);
                 }
@@ -298,12 +342,8 @@ mod avx512 {
         }
         for (p, acc_p) in acc.iter().enumerate() {
             for (c, acc_pc) in acc_p.iter().enumerate() {
-                let mut lanes = [0.0f32; 2 * LANES];
-                _mm512_storeu_ps(lanes.as_mut_ptr(), *acc_pc);
-                for (half, r) in [2 * p, 2 * p + 1].into_iter().enumerate() {
-                    let half_lanes: [f32; LANES] =
-                        lanes[half * LANES..][..LANES].try_into().expect("eight lanes");
-                    let mut s = crate::tensor::sum_lanes(half_lanes);
+                let [low, high] = sum_lanes_pair(*acc_pc);
+                for (r, mut s) in [(2 * p, low), (2 * p + 1, high)] {
                     for t in body..k {
                         s = (*ap[r].add(t)).mul_add(*wp[c].add(t), s);
                     }
@@ -311,6 +351,22 @@ mod avx512 {
                 }
             }
         }
+    }
+
+    /// [`crate::tensor::sum_lanes`] of both eight-lane halves of `v`, in registers: the
+    /// same additions in the same order, ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)),
+    /// each done for all lanes at once. (Through memory, the 32 sums of a tile cost as
+    /// much as its products at SmolLM2's row length.)
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    fn sum_lanes_pair(v: __m512) -> [f32; 2] {
+        // Lanes 0-3 of each half: l0 + l4, l1 + l5, l2 + l6, l3 + l7.
+        let h = _mm512_add_ps(v, _mm512_shuffle_f32x4::<0b10_11_00_01>(v, v));
+        // Lanes 0 and 1: (l0 + l4) + (l2 + l6) and (l1 + l5) + (l3 + l7).
+        let q = _mm512_add_ps(h, _mm512_permute_ps::<0b01_00_11_10>(h));
+        // Lane 0: their sum.
+        let s = _mm512_add_ps(q, _mm512_permute_ps::<0b10_11_00_01>(q));
+        [_mm512_cvtss_f32(s), _mm_cvtss_f32(_mm512_extractf32x4_ps::<2>(s))]
     }
 }
 
@@ -358,7 +414,7 @@ mod tests {
     /// The whole product through the scalar tiles.
     fn block_scalar(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
         let mut part = vec![0.0f32; m * n];
-        block(a, m, k, w, n, &mut part, Path::Scalar);
+        block(Lhs { a, paired: &[] }, m, k, w, n, &mut part, Path::Scalar);
         out.copy_from_slice(&part);
     }
 }
