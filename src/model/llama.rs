@@ -4,7 +4,7 @@
 use crate::error::Result;
 use crate::scheme::{Linear, StoredTensor, TensorRole, TensorSink};
 use crate::tensor::attention::{AttentionShape, KvCache, Masking};
-use crate::tensor::{self, Rope};
+use crate::tensor::{self, Rope, RopeAngles};
 
 use super::decoder;
 use super::embedding::Embedding;
@@ -211,15 +211,22 @@ impl Llama {
     }
 
     /// Rotate every head of `x` (`[batch, seq, heads · head_dim]`) for its position.
-    fn rotate(&self, x: &mut [f32], heads: usize, seq: usize, start: usize) {
+    fn rotate(&self, x: &mut [f32], heads: usize, seq: usize, start: usize, angles: &RopeAngles) {
         let hd = self.config.attention.head_dim;
         for (row, chunk) in x.chunks_exact_mut(heads * hd).enumerate() {
             let pos = start + row % seq;
-            chunk.chunks_exact_mut(hd).for_each(|head| self.rope.apply(head, pos));
+            chunk.chunks_exact_mut(hd).for_each(|head| angles.apply(head, pos));
         }
     }
 
-    fn block(&self, index: usize, hidden: &mut [f32], rows: usize, seq: usize, cache: &mut KvCache) {
+    fn block(
+        &self,
+        index: usize,
+        hidden: &mut [f32],
+        (rows, seq): (usize, usize),
+        cache: &mut KvCache,
+        angles: &RopeAngles,
+    ) {
         let c = &self.config;
         let block = &self.blocks[index];
         let layer = |i: usize| block.linears[i].1.as_ref();
@@ -232,8 +239,8 @@ impl Llama {
         let mut k = run(layer(1), &x);
         let v = run(layer(2), &x);
         let start = cache.len();
-        self.rotate(&mut q, c.attention.heads, seq, start);
-        self.rotate(&mut k, c.attention.kv_heads, seq, start);
+        self.rotate(&mut q, c.attention.heads, seq, start, angles);
+        self.rotate(&mut k, c.attention.kv_heads, seq, start, angles);
         cache.append(index, &k, &v, seq);
         let mut attn = tensor::scratch::take(q.len());
         cache.attend(index, &q, seq, Masking::CAUSAL, &mut attn);
@@ -271,9 +278,10 @@ impl CausalLm for Llama {
     ) -> Result<Vec<f32>> {
         let (rows, seq) = decoder::check_batch(tokens, batch, cache)?;
         let mut hidden = self.embed.rows(tokens)?;
+        let angles = self.rope.angles(cache.len()..cache.len() + seq);
         for i in 0..self.blocks.len() {
             tensor::awake::keep_awake();
-            self.block(i, &mut hidden, rows, seq, cache);
+            self.block(i, &mut hidden, (rows, seq), cache, &angles);
             observe(i, &hidden);
         }
         cache.advance(seq);
