@@ -516,8 +516,9 @@ pub struct Lut {
 
 #[cfg(target_arch = "x86_64")]
 impl Lut {
-    /// Built once per GEMV call: rebuilt per row it cost as much as a 576-value row's
-    /// dot product (32 byte stores read back as two vectors stall store forwarding).
+    /// Built once per GEMV call. Rebuilt per row (32 byte stores read back as two
+    /// vectors, which stalls store forwarding), it held SmolLM2's 4-bit decode GEMVs at
+    /// 8.5 GB/s on one thread of the 2-core Xeon, against 9.0 GB/s built once.
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA.
