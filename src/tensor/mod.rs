@@ -421,15 +421,9 @@ impl Rope {
         Rope { head_dim, inv_freq }
     }
 
-    /// The inverse frequencies rounded to f32, as [`Rope::apply`] uses them.
+    /// The inverse frequencies rounded to f32, as [`Rope::angles`] uses them.
     pub fn inv_freq_f32(&self) -> Vec<f32> {
         self.inv_freq.iter().map(|&f| f as f32).collect()
-    }
-
-    /// Rotate one head vector `x` (`head_dim` values) for position `pos`, in place.
-    pub fn apply(&self, x: &mut [f32], pos: usize) {
-        let angles = self.angles(pos..pos + 1);
-        angles.apply(x, pos);
     }
 
     /// The cosines and sines of positions `positions`, for every head and layer of a
@@ -674,10 +668,10 @@ mod tests {
         let rope = Rope::new(8, 10000.0);
         let x = random(8, 5);
         let mut at_zero = x.clone();
-        rope.apply(&mut at_zero, 0);
+        rope.angles(0..1).apply(&mut at_zero, 0);
         assert_eq!(at_zero, x);
         let mut rotated = x.clone();
-        rope.apply(&mut rotated, 37);
+        rope.angles(30..40).apply(&mut rotated, 37);
         let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
         assert!((norm(&rotated) - norm(&x)).abs() < 1e-4);
         assert_ne!(rotated, x);

@@ -78,6 +78,7 @@ pub fn matmul_nt_skinny_rows<W: WeightRows + ?Sized>(
             (j0, part)
         })
         .collect();
+    super::scratch::recycle(paired);
     for (j0, part) in tasks {
         let rows = part.len() / m.max(1);
         for (i, src) in part.chunks_exact(rows.max(1)).enumerate().take(m) {
@@ -119,7 +120,8 @@ struct Lhs<'a> {
 /// competed with the multiply-adds for a port.
 fn pair_rows(a: &[f32], m: usize, k: usize) -> Vec<f32> {
     let (full_m, steps) = (m / avx512_tile_a() * avx512_tile_a(), k / LANES);
-    let mut paired = vec![0.0f32; full_m * steps * LANES];
+    // Every value is written below: a recycled buffer needs no zeroing.
+    let mut paired = super::scratch::take(full_m * steps * LANES);
     // On the pool: done serially it cost a tenth of a 64-row product on two threads.
     paired.par_chunks_mut((2 * steps * LANES).max(1)).enumerate().for_each(|(p, dst)| {
         let (low, high) = (&a[2 * p * k..][..k], &a[(2 * p + 1) * k..][..k]);

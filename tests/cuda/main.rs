@@ -422,7 +422,9 @@ fn norms_activations_softmax_and_rotary_match_the_cpu() {
     let rope = Rope::new(hd, 10000.0);
     let mut want = q.clone();
     for (t, row) in want.chunks_exact_mut(heads * hd).enumerate() {
-        row.chunks_exact_mut(hd).for_each(|h| rope.apply(h, positions[t] as usize));
+        let pos = positions[t] as usize;
+        let angles = rope.angles(pos..pos + 1);
+        row.chunks_exact_mut(hd).for_each(|h| angles.apply(h, pos));
     }
     let inv_freq: Vec<f32> =
         (0..hd / 2).map(|i| (1.0 / 10000f64.powf((2 * i) as f64 / hd as f64)) as f32).collect();
