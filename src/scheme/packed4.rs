@@ -73,6 +73,9 @@ pub enum Gemv {
     /// 16-bit fixed-point activations and exact integer block dot products
     /// ([`super::kernels::packed4_gemv`]), AVX2.
     Avx2Fixed,
+    /// As [`Gemv::Avx2Fixed`], the integer tables' products on bytes with AVX-512 VNNI
+    /// (`super::kernels::packed4_gemv_vnni`): the same sums, so the same bits.
+    VnniFixed,
 }
 
 impl Gemv {
@@ -82,6 +85,7 @@ impl Gemv {
             Gemv::Scalar => "fused-gemv-scalar (m<=32) / dequant-f32-gemm",
             Gemv::Avx2 => "fused-gemv-avx2-f32 (m<=32) / dequant-f32-gemm",
             Gemv::Avx2Fixed => "fused-gemv-avx2-q15 (m<=32) / dequant-f32-gemm",
+            Gemv::VnniFixed => "fused-gemv-vnni-q15 (m<=32) / dequant-f32-gemm",
         }
     }
 }

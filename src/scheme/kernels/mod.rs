@@ -4,7 +4,8 @@
 //!
 //! Imports point one way inside: `int8_gemm` dispatches to `int8_gemm_panel` and
 //! `int8_gemm_vnni`, which share `int8_common`; `int8_panels` builds on `int8_gemm_vnni`
-//! and `int8_quant`; `packed4_gemv` runs on the format of `scheme::packed4`.
+//! and `int8_quant`; `packed4_gemv` runs on the format of `scheme::packed4` and hands int4-block's tables
+//! to `packed4_gemv_vnni` where the CPU has VNNI.
 
 pub(crate) mod int8_common;
 pub mod int8_gemm;
@@ -16,3 +17,4 @@ mod int8_gemm_vnni;
 pub(crate) mod int8_panels;
 pub(crate) mod int8_quant;
 pub mod packed4_gemv;
+pub mod packed4_gemv_vnni;
