@@ -236,6 +236,18 @@ impl Packed4 {
         }
     }
 
+    /// For one activation row: run `rows(r0, dst)` over runs of [`ROWS_PER_TASK`] weight
+    /// rows from `r0` (`dst`: their outputs, written in place), in parallel for large
+    /// weights.
+    pub(crate) fn run_row_runs(&self, out: &mut [f32], rows: impl Fn(usize, &mut [f32]) + Sync) {
+        let task = |(t, dst): (usize, &mut [f32])| rows(t * ROWS_PER_TASK, dst);
+        if self.rows * self.cols < SERIAL_VALUES {
+            out.chunks_mut(ROWS_PER_TASK).enumerate().for_each(task);
+        } else {
+            out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(task);
+        }
+    }
+
     /// Run `row(r, dst)` for every weight row `r` (`dst`: its `m` outputs), in tasks of
     /// [`ROWS_PER_TASK`] rows, and scatter the results into `out` (`[m, rows]`).
     pub(crate) fn run_tasks(&self, m: usize, out: &mut [f32], row: impl Fn(usize, &mut [f32]) + Sync) {
@@ -245,17 +257,11 @@ impl Packed4 {
         }
         let serial = m * rows * self.cols < SERIAL_VALUES;
         if m == 1 {
-            // One activation row: each task writes its outputs in place.
-            let task = |(t, dst): (usize, &mut [f32])| {
+            self.run_row_runs(out, |r0, dst| {
                 for (r, d) in dst.iter_mut().enumerate() {
-                    row(t * ROWS_PER_TASK + r, std::slice::from_mut(d));
+                    row(r0 + r, std::slice::from_mut(d));
                 }
-            };
-            if serial {
-                out.chunks_mut(ROWS_PER_TASK).enumerate().for_each(task);
-            } else {
-                out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(task);
-            }
+            });
             return;
         }
         let task = |t: usize| {

@@ -771,9 +771,61 @@ unsafe fn row_dots_pairs<const M: usize, const D: u8>(
     let bytes = p.bytes.as_ptr().add(r * p.cols / 2);
     let xs: [*const __m256i; M] = std::array::from_fn(|i| acts.codes_at(first + i, 0, 0) as *const __m256i);
     let ss: [*const f32; M] = std::array::from_fn(|i| acts.scales_at(first + i, 0, 0));
-    walk_pairs::<M>(p, acts, r, first, |j, end, even, odd| {
+    walk_pairs::<M>(p, acts, RowStart::of(p, r), first, |j, end, even, odd| {
         alternate(j, end, even, odd, |j, acc| pair_step::<M, D>(lut, bytes, &xs, &ss, j, acc))
     })
+}
+
+/// [`row_dots_pairs`] for one activation row and the consecutive weight rows from `r0`
+/// (`dst`: their outputs): one call for a task's rows, each row's block start stepped
+/// from the last, where a call per row and its division cost a third of a 576-value
+/// row's time.
+///
+/// # Safety
+/// As [`row_dots_pairs`], for rows `r0..r0 + dst.len()` and activation row 0.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_dots_pairs<const D: u8>(
+    p: &Packed4,
+    lut: &Lut,
+    acts: &Activations,
+    r0: usize,
+    dst: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let xs: [*const __m256i; 1] = [acts.codes_at(0, 0, 0) as *const __m256i];
+    let ss: [*const f32; 1] = [acts.scales_at(0, 0, 0)];
+    let mut at = RowStart::of(p, r0);
+    for (k, d) in dst.iter_mut().enumerate() {
+        let bytes = p.bytes.as_ptr().add((r0 + k) * p.cols / 2);
+        *d = walk_pairs::<1>(p, acts, at, 0, |j, end, even, odd| {
+            alternate(j, end, even, odd, |j, acc| pair_step::<1, D>(lut, bytes, &xs, &ss, j, acc))
+        })[0];
+        at = at.next(p);
+    }
+}
+
+/// `dst[k] = x[0] · W[r0 + k]` on the fixed-point path for one activation row.
+///
+/// # Safety
+/// As [`row_dots`] for each of the rows, with one activation row in `acts`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn run_dots(p: &Packed4, lut: &Lut, acts: &Activations, r0: usize, dst: &mut [f32]) {
+    if pairs_only(p) {
+        match acts.layout {
+            Layout::Lookup => return run_dots_pairs::<DECODE_LOOKUP>(p, lut, acts, r0, dst),
+            Layout::SignedNibbles => return run_dots_pairs::<DECODE_SIGNED>(p, lut, acts, r0, dst),
+            Layout::UnsignedNibbles => return run_dots_pairs::<DECODE_UNSIGNED>(p, lut, acts, r0, dst),
+            Layout::SignedBytes => return super::packed4_gemv_vnni::run_dots_split::<true>(p, acts, r0, dst),
+            Layout::UnsignedBytes => {
+                return super::packed4_gemv_vnni::run_dots_split::<false>(p, acts, r0, dst)
+            }
+        }
+    }
+    for (k, d) in dst.iter_mut().enumerate() {
+        *d = row_dots::<1>(p, lut, acts, r0 + k, 0)[0];
+    }
 }
 
 /// The block walk of a whole-pairs row, shared by the 16-bit and the byte-split kernels:
@@ -785,22 +837,22 @@ unsafe fn row_dots_pairs<const M: usize, const D: u8>(
 ///
 /// # Safety
 /// As [`row_dots`], and `pairs_only(p)`; `piece` must be safe to call for every piece of
-/// the row.
+/// the row; the CPU must have AVX2 and FMA. Always inlined, into callers compiled for
+/// those features (a call would pass every accumulator through memory, and the caller's
+/// `piece` could not be inlined into a function compiled for fewer features).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
+#[inline(always)]
 pub(super) unsafe fn walk_pairs<const M: usize>(
     p: &Packed4,
     acts: &Activations,
-    r: usize,
+    at: RowStart,
     first: usize,
     mut piece: impl FnMut(usize, usize, &mut [std::arch::x86_64::__m256; M], &mut [std::arch::x86_64::__m256; M]),
 ) -> [f32; M] {
     use std::arch::x86_64::*;
-    let (start, row_pairs) = (r * p.cols, p.cols / PAIR);
-    let one_block = p.block >= p.rows * p.cols;
-    let (mut b, block_pairs) = if one_block { (0, row_pairs) } else { (start / p.block, p.block / PAIR) };
-    let mut left_in_block = if one_block { row_pairs } else { (p.block - start % p.block) / PAIR };
+    let row_pairs = p.cols / PAIR;
+    let block_pairs = if p.block >= p.rows * p.cols { row_pairs } else { p.block / PAIR };
+    let (mut b, mut left_in_block) = (at.block, at.left);
     let mut total = [_mm256_setzero_ps(); M];
     let mut extra = [0.0f32; M];
     let mut j0 = 0;
@@ -823,6 +875,40 @@ pub(super) unsafe fn walk_pairs<const M: usize>(
         left_in_block = block_pairs;
     }
     std::array::from_fn(|i| hsum(total[i]) + extra[i])
+}
+
+/// Where a whole-pairs row's first block piece starts: its block and the pairs left in
+/// that block. Consecutive rows step from one to the next without a division.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RowStart {
+    block: usize,
+    left: usize,
+    /// Values from the block's start to the row's.
+    offset: usize,
+}
+
+impl RowStart {
+    /// Row `r`'s start (`pairs_only(p)`).
+    pub(super) fn of(p: &Packed4, r: usize) -> RowStart {
+        if p.block >= p.rows * p.cols {
+            return RowStart { block: 0, left: p.cols / PAIR, offset: 0 };
+        }
+        let start = r * p.cols;
+        let offset = start % p.block;
+        RowStart { block: start / p.block, left: (p.block - offset) / PAIR, offset }
+    }
+
+    /// The next row's start.
+    pub(super) fn next(self, p: &Packed4) -> RowStart {
+        if p.block >= p.rows * p.cols {
+            return self;
+        }
+        let (mut block, mut offset) = (self.block + p.cols / p.block, self.offset + p.cols % p.block);
+        if offset >= p.block {
+            (block, offset) = (block + 1, offset - p.block);
+        }
+        RowStart { block, left: (p.block - offset) / PAIR, offset }
+    }
 }
 
 /// Pairs `j..end` one at a time, alternately into `even` and `odd` (the first into
@@ -1175,7 +1261,12 @@ impl Packed4 {
                 // SAFETY: the CPU has AVX2 and FMA (checked above).
                 let lut = unsafe { Lut::new(&table) };
                 let acts: &Activations = &acts;
-                self.run_tasks(m, out, |r, dst| self.row_dots_fixed(&lut, acts, r, dst));
+                if m == 1 {
+                    // SAFETY: as `row_dots_fixed`'s, for each row of the run.
+                    self.run_row_runs(out, |r0, dst| unsafe { run_dots(self, &lut, acts, r0, dst) });
+                } else {
+                    self.run_tasks(m, out, |r, dst| self.row_dots_fixed(&lut, acts, r, dst));
+                }
                 return;
             }
         }
@@ -1217,6 +1308,7 @@ pub(crate) mod testing {
     /// exact paths within [`GEMV_REL_L2_BUDGET`], the fixed-point path within the bound
     /// `fixed_point_bound` derives from its rounding steps.
     pub fn check_kernels(p: &Packed4, seed: u64) {
+        let mut first_row: Option<Vec<f32>> = None;
         for m in [1, 3, 5, GEMV_MAX_ROWS + 1] {
             let x = SeededRng::new(seed).normal_vec(m * p.cols, 1.0);
             let reference = crate::tensor::matmul_nt_reference(&x, m, p.cols, &p.dequantize(), p.rows);
@@ -1229,6 +1321,18 @@ pub(crate) mod testing {
                 if shape_fits(p) {
                     let fixed = run(p, &x, m, Gemv::Avx2Fixed);
                     within_fixed_point_bound(p, &x, m, &fixed, &reference);
+                    // Every m shares its first activation row: one row's run over
+                    // consecutive weight rows gives the per-row kernel's bits.
+                    let row: Vec<f32> = fixed[..p.rows].to_vec();
+                    match &first_row {
+                        None => first_row = Some(row),
+                        Some(one) => assert!(
+                            one.iter().zip(&row).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "row runs vs rows {}x{} m={m}",
+                            p.rows,
+                            p.cols
+                        ),
+                    }
                     if has_vnni() {
                         // The byte products sum the same integers: the same bits.
                         let vnni = run(p, &x, m, Gemv::VnniFixed);
@@ -1393,6 +1497,25 @@ mod tests {
             x[3] = f32::NAN;
             let (fixed, exact) = (run(&p, &x, 2, Gemv::Avx2Fixed), run(&p, &x, 2, Gemv::Avx2));
             assert!(fixed.iter().zip(&exact).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+    }
+
+    #[test]
+    fn row_starts_step_to_what_each_row_computes() {
+        for &(rows, cols, block) in
+            &[(9, 576, 128), (7, 192, 128), (5, 128, 64), (6, 64, 256), (4, 256, 2048)]
+        {
+            let p = random(rows, cols, block, false, 1);
+            let mut at = RowStart::of(&p, 0);
+            for r in 0..rows {
+                let want = RowStart::of(&p, r);
+                assert_eq!(
+                    (at.block, at.left),
+                    (want.block, want.left),
+                    "{rows}x{cols} block {block} row {r}"
+                );
+                at = at.next(&p);
+            }
         }
     }
 

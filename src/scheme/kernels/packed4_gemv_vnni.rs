@@ -21,7 +21,7 @@
 //! start), so it is the same integer; conversion, scaling and the block walk
 //! ([`super::packed4_gemv::walk_pairs`]) are shared. Tests compare the two bit for bit.
 
-use super::packed4_gemv::{walk_pairs, Activations, PREFETCH_BYTES, SPLIT_ENTRY};
+use super::packed4_gemv::{walk_pairs, Activations, RowStart, PREFETCH_BYTES, SPLIT_ENTRY};
 use crate::scheme::packed4::Packed4;
 
 /// Whether this CPU runs the byte-product kernel: AVX-512 (F, BW, VL) with VNNI, and AVX2
@@ -62,19 +62,62 @@ pub(super) unsafe fn row_dots_split<const M: usize, const SIGNED: bool>(
     r: usize,
     first: usize,
 ) -> [f32; M] {
-    use std::arch::x86_64::*;
-    let bytes = p.bytes.as_ptr().add(r * p.cols / 2);
     let rows = Rows {
-        bytes,
+        bytes: p.bytes.as_ptr().add(r * p.cols / 2),
         xs: std::array::from_fn(|i| acts.split_at(first + i, 0)),
         starts: std::array::from_fn(|i| acts.lane_starts_at(first + i, 0)),
         scales: std::array::from_fn(|i| acts.scales_at(first + i, 0, 0)),
     };
-    walk_pairs::<M>(p, acts, r, first, |j0, end, even, odd| {
+    split_row::<M, SIGNED>(p, acts, &rows, RowStart::of(p, r), first)
+}
+
+/// [`row_dots_split`] for one activation row and the consecutive weight rows from `r0`
+/// (`dst`: their outputs), each row's block start stepped from the last.
+///
+/// # Safety
+/// As [`row_dots_split`], for rows `r0..r0 + dst.len()` and activation row 0.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+pub(super) unsafe fn run_dots_split<const SIGNED: bool>(
+    p: &Packed4,
+    acts: &Activations,
+    r0: usize,
+    dst: &mut [f32],
+) {
+    let mut rows = Rows {
+        bytes: p.bytes.as_ptr().add(r0 * p.cols / 2),
+        xs: [acts.split_at(0, 0)],
+        starts: [acts.lane_starts_at(0, 0)],
+        scales: [acts.scales_at(0, 0, 0)],
+    };
+    let mut at = RowStart::of(p, r0);
+    for d in dst.iter_mut() {
+        *d = split_row::<1, SIGNED>(p, acts, &rows, at, 0)[0];
+        rows.bytes = rows.bytes.add(p.cols / 2);
+        at = at.next(p);
+    }
+}
+
+/// One weight row (`rows.bytes`) against `M` activation rows from `first`.
+///
+/// # Safety
+/// As [`row_dots_split`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+#[inline]
+unsafe fn split_row<const M: usize, const SIGNED: bool>(
+    p: &Packed4,
+    acts: &Activations,
+    rows: &Rows<M>,
+    at: RowStart,
+    first: usize,
+) -> [f32; M] {
+    use std::arch::x86_64::*;
+    walk_pairs::<M>(p, acts, at, first, |j0, end, even, odd| {
         let mut both = [_mm512_setzero_ps(); M];
         let mut j = j0;
         while j + 2 <= end {
-            two_pairs_step::<M, SIGNED>(&rows, j, &mut both);
+            two_pairs_step::<M, SIGNED>(rows, j, &mut both);
             j += 2;
         }
         for i in 0..M {
@@ -82,7 +125,7 @@ pub(super) unsafe fn row_dots_split<const M: usize, const SIGNED: bool>(
             odd[i] = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(both[i])));
         }
         if j < end {
-            pair_step::<M, SIGNED>(&rows, j, even);
+            pair_step::<M, SIGNED>(rows, j, even);
         }
     })
 }
