@@ -43,7 +43,7 @@
 //! end. SmolLM2 (576, 1536), MiniLM (384, 1536) and the built-in models (256, 688) qualify;
 //! all but 688 are whole pairs.
 
-use super::packed4_gemv_vnni::has_vnni;
+use super::packed4_gemv_vnni::{self as vnni, has_vnni};
 use crate::scheme::packed4::{has_avx2, Gemv, Packed4};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -147,6 +147,11 @@ pub enum Layout {
     SignedBytes,
     /// [`Layout::UnsignedNibbles`]' table for the byte-product kernel.
     UnsignedBytes,
+    /// Any 13-bit fixed-point table (NF4, FP4, k-means) for the byte-product kernel: the
+    /// table's codes biased by 4096 and split into bytes, activation codes split into two
+    /// signed bytes, each chunk's packed bytes taken in [`Layout::Lookup`]'s lane order
+    /// ([`lookup_byte_order`]).
+    LookupBytes,
 }
 
 impl Layout {
@@ -161,20 +166,33 @@ impl Layout {
         }
     }
 
-    /// The byte-product form of a nibble layout (others are unchanged): what
-    /// [`Gemv::VnniFixed`] runs.
-    pub fn split_bytes(self) -> Layout {
-        match self {
-            Layout::SignedNibbles => Layout::SignedBytes,
-            Layout::UnsignedNibbles => Layout::UnsignedBytes,
-            other => other,
+    /// The byte layout [`Gemv::VnniFixed`] runs for weight `p` with `table`: whole pairs,
+    /// and for a looked-up table 13-bit codes (an integer table's 16-bit activation codes
+    /// do not split into two signed bytes).
+    pub fn for_bytes(p: &Packed4, table: &FixedTable) -> Option<Layout> {
+        match Layout::for_weight(p, table) {
+            Layout::SignedNibbles => Some(Layout::SignedBytes),
+            Layout::UnsignedNibbles => Some(Layout::UnsignedBytes),
+            Layout::Lookup if pairs_only(p) && table.qx == QX_FIXED_TABLE => Some(Layout::LookupBytes),
+            _ => None,
+        }
+    }
+
+    /// What the high byte of a split code adds before its shift: 0 for the integer
+    /// tables' unsigned low byte, 128 for [`Layout::LookupBytes`]' signed one (`x = 256·hi +
+    /// lo` with `lo` in −128..128).
+    fn high_bias(self) -> i32 {
+        if self == Layout::LookupBytes {
+            128
+        } else {
+            0
         }
     }
 
     /// Whether activation codes are split into bytes ([`split_slot`]) rather than held
     /// as 16-bit codes at [`Layout::slot`].
     pub fn is_split(self) -> bool {
-        matches!(self, Layout::SignedBytes | Layout::UnsignedBytes)
+        matches!(self, Layout::SignedBytes | Layout::UnsignedBytes | Layout::LookupBytes)
     }
 
     /// The slot of value `p` (0..64) inside its pair's 16-bit codes (byte layouts: the
@@ -190,6 +208,7 @@ impl Layout {
             Layout::Lookup => &LOOKUP_SLOTS,
             Layout::SignedNibbles | Layout::UnsignedNibbles => &SHIFT_SLOTS,
             Layout::SignedBytes | Layout::UnsignedBytes => &SPLIT_SLOTS,
+            Layout::LookupBytes => &LOOKUP_SPLIT_SLOTS,
         }
     }
 }
@@ -203,6 +222,7 @@ const fn slot_table(layout: Layout) -> [u8; PAIR] {
             Layout::Lookup => slot(p),
             Layout::SignedNibbles | Layout::UnsignedNibbles => shift_slot(p),
             Layout::SignedBytes | Layout::UnsignedBytes => split_slot(p),
+            Layout::LookupBytes => lookup_split_slot(p),
         } as u8;
         p += 1;
     }
@@ -212,6 +232,33 @@ const fn slot_table(layout: Layout) -> [u8; PAIR] {
 static LOOKUP_SLOTS: [u8; PAIR] = slot_table(Layout::Lookup);
 static SHIFT_SLOTS: [u8; PAIR] = slot_table(Layout::SignedNibbles);
 static SPLIT_SLOTS: [u8; PAIR] = slot_table(Layout::SignedBytes);
+static LOOKUP_SPLIT_SLOTS: [u8; PAIR] = slot_table(Layout::LookupBytes);
+
+/// The packed byte of a 16-byte chunk that [`Layout::LookupBytes`]' kernel puts at each
+/// position: positions `4j..4j + 4` take bytes `2j, 2j + 1, 2j + 8, 2j + 9`, the bytes
+/// whose values the 16-bit lookup kernel sums in its 32-bit lane `j` ([`slot`]), so a
+/// `vpdpbusd` lane sums the same values.
+pub const fn lookup_byte_order() -> [u8; 16] {
+    let mut order = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        let (j, t) = (i / 4, i % 4);
+        order[i] = (2 * j + t % 2 + 8 * (t / 2)) as u8;
+        i += 1;
+    }
+    order
+}
+
+/// [`split_slot`] for [`Layout::LookupBytes`]: byte `s` of the pair sits where
+/// [`lookup_byte_order`] takes it within its chunk.
+pub const fn lookup_split_slot(p: usize) -> usize {
+    let (s, order) = (p / 2, lookup_byte_order());
+    let mut position = 0;
+    while order[position] as usize != s % 16 {
+        position += 1;
+    }
+    64 * (p % 2) + 16 * (s / 16) + position
+}
 
 /// The activation rows of one call, quantized chunk by chunk and laid out in the order
 /// the kernel produces codes.
@@ -305,6 +352,11 @@ pub const fn split_slot(p: usize) -> usize {
     64 * (p % 2) + p / 2
 }
 
+/// What [`Layout::LookupBytes`] adds to every table code (13 bits, |c| ≤ 4095), so the
+/// biased code is positive and its high byte (0..32) and low byte are unsigned; each lane
+/// starts from minus this times its activation codes' sum.
+pub(super) const LOOKUP_CODE_BIAS: i32 = 4096;
+
 /// Bytes per pair in the byte layouts: each of [`split_slot`]'s four 32-byte runs of the
 /// pair, then the same run of the next pair (zeros after a row's last pair), so one
 /// 512-bit load takes a run of two consecutive pairs wherever a block piece starts.
@@ -390,7 +442,7 @@ impl Activations {
     }
 
     /// `Σ x[row, k0..k1]` in f32 from the prefix sums (`k0`, `k1` multiples of 16).
-    fn sum(&self, row: usize, k0: usize, k1: usize) -> f32 {
+    pub(super) fn sum(&self, row: usize, k0: usize, k1: usize) -> f32 {
         let p = &self.prefix[row * self.prefix_stride..(row + 1) * self.prefix_stride];
         (p[k1 / HALF] - p[k0 / HALF]) as f32
     }
@@ -399,8 +451,13 @@ impl Activations {
     pub fn value(&self, row: usize, k: usize, step: f32) -> f32 {
         let (at, h) = (row * self.pairs + k / PAIR, (k % PAIR) / CHUNK);
         let code = if self.layout.is_split() {
-            let at = at * SPLIT_ENTRY + entry_offset(split_slot(k % PAIR));
-            (self.split[at] as i8 as i16) << 8 | self.split[at + 64] as i16
+            let at = at * SPLIT_ENTRY + entry_offset(self.layout.slot(k % PAIR));
+            let low = if self.layout == Layout::LookupBytes {
+                self.split[at + 64] as i8 as i32
+            } else {
+                self.split[at + 64] as i32
+            };
+            ((self.split[at] as i8 as i32) * 256 + low) as i16
         } else {
             self.codes[at * PAIR + self.layout.slot(k % PAIR)]
         };
@@ -457,12 +514,19 @@ trait ChunkOps {
     /// the chunk's scale times the table step.
     fn quantize(&self, values: &[f32], table: &FixedTable, out: &mut [i16; CHUNK]) -> f32;
 
-    /// Place chunk `h`'s codes into half `half` of a split entry: its pair's own entry
-    /// (half 0) or the previous pair's (half 1); see [`SPLIT_ENTRY`].
-    fn place_split(&self, codes: &[i16; CHUNK], h: usize, entry: &mut [u8; SPLIT_ENTRY], half: usize) {
+    /// Place chunk `h`'s codes into half `half` of a split entry of byte layout `layout`:
+    /// its pair's own entry (half 0) or the previous pair's (half 1); see [`SPLIT_ENTRY`].
+    fn place_split(
+        &self,
+        layout: Layout,
+        codes: &[i16; CHUNK],
+        h: usize,
+        entry: &mut [u8; SPLIT_ENTRY],
+        half: usize,
+    ) {
         for (p, &q) in codes.iter().enumerate() {
-            let at = entry_offset(split_slot(CHUNK * h + p)) + 32 * half;
-            (entry[at], entry[at + 64]) = ((q >> 8) as u8, q as u8);
+            let at = entry_offset(layout.slot(CHUNK * h + p)) + 32 * half;
+            (entry[at], entry[at + 64]) = (((q as i32 + layout.high_bias()) >> 8) as u8, q as u8);
         }
     }
 }
@@ -496,16 +560,27 @@ fn quantize_rows(
             if layout.is_split() {
                 let entry = |at: usize| at * SPLIT_ENTRY..(at + 1) * SPLIT_ENTRY;
                 let own = (&mut out.split[entry(at)]).try_into().expect("an entry");
-                ops.place_split(&chunk, h, own, 0);
+                ops.place_split(layout, &chunk, h, own, 0);
                 if c >= 2 {
                     let previous = (&mut out.split[entry(at - 1)]).try_into().expect("an entry");
-                    ops.place_split(&chunk, h, previous, 1);
+                    ops.place_split(layout, &chunk, h, previous, 1);
                 }
-                if layout == Layout::SignedBytes {
-                    for (lane, values) in chunk.chunks_exact(8).enumerate() {
-                        let sum: i32 = values.iter().map(|&q| q as i32).sum();
-                        out.lane_starts[at * 8 + 4 * h + lane] = -SIGNED_OFFSET * sum;
+                let starts = &mut out.lane_starts[at * 8 + 4 * h..at * 8 + 4 * h + 4];
+                match layout {
+                    Layout::SignedBytes => {
+                        for (start, values) in starts.iter_mut().zip(chunk.chunks_exact(8)) {
+                            *start = -SIGNED_OFFSET * values.iter().map(|&q| q as i32).sum::<i32>();
+                        }
                     }
+                    Layout::LookupBytes => {
+                        // Lane `j` sums values `4j..4j + 4` of each half of the chunk.
+                        for (j, start) in starts.iter_mut().enumerate() {
+                            let lane =
+                                chunk[4 * j..4 * j + 4].iter().chain(&chunk[16 + 4 * j..16 + 4 * j + 4]);
+                            *start = -LOOKUP_CODE_BIAS * lane.map(|&q| q as i32).sum::<i32>();
+                        }
+                    }
+                    _ => {}
                 }
             } else {
                 let pair: &mut [i16; PAIR] =
@@ -536,9 +611,16 @@ impl ChunkOps for Avx2Chunks {
     }
 
     #[inline(always)]
-    fn place_split(&self, codes: &[i16; CHUNK], h: usize, entry: &mut [u8; SPLIT_ENTRY], half: usize) {
+    fn place_split(
+        &self,
+        layout: Layout,
+        codes: &[i16; CHUNK],
+        h: usize,
+        entry: &mut [u8; SPLIT_ENTRY],
+        half: usize,
+    ) {
         // SAFETY: as above.
-        unsafe { place_split_avx2(codes, h, entry, half) }
+        unsafe { place_split_avx2(layout, codes, h, entry, half) }
     }
 }
 
@@ -563,8 +645,15 @@ unsafe fn quantize_rows_avx2(x: &[f32], cols: usize, table: &FixedTable, layout:
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-fn place_split_avx2(codes: &[i16; CHUNK], h: usize, entry: &mut [u8; SPLIT_ENTRY], half: usize) {
+fn place_split_avx2(
+    layout: Layout,
+    codes: &[i16; CHUNK],
+    h: usize,
+    entry: &mut [u8; SPLIT_ENTRY],
+    half: usize,
+) {
     use std::arch::x86_64::*;
+    const LOOKUP_ORDER: [u8; 16] = lookup_byte_order();
     // Little-endian codes: value v of a lane has its low byte at 2v and its high at 2v + 1.
     const GROUPS: [i8; 16] = [1, 5, 9, 13, 0, 4, 8, 12, 3, 7, 11, 15, 2, 6, 10, 14];
     // SAFETY: two 32-byte reads of 64 bytes of codes; four 16-byte writes at
@@ -572,13 +661,22 @@ fn place_split_avx2(codes: &[i16; CHUNK], h: usize, entry: &mut [u8; SPLIT_ENTRY
     unsafe {
         let shuffle = _mm256_broadcastsi128_si256(_mm_loadu_si128(GROUPS.as_ptr() as *const __m128i));
         let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let bias = _mm256_set1_epi16(layout.high_bias() as i16);
         let group = |at: usize| {
             let v = _mm256_loadu_si256(codes.as_ptr().add(at) as *const __m256i);
-            _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(v, shuffle), order)
+            // High bytes (groups 0 and 2) from the biased codes, low bytes from the codes.
+            let (biased, plain) =
+                (_mm256_shuffle_epi8(_mm256_add_epi16(v, bias), shuffle), _mm256_shuffle_epi8(v, shuffle));
+            _mm256_permutevar8x32_epi32(_mm256_blend_epi32::<0b0101_0101>(plain, biased), order)
         };
         let (a, b) = (group(0), group(16));
         // Lane 0: even values' high bytes, lane 1: odd values' high bytes; then low bytes.
-        let (high, low) = (_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
+        let (mut high, mut low) = (_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
+        if layout == Layout::LookupBytes {
+            // Runs in value order go to the positions the kernel reads them at.
+            let order = _mm256_broadcastsi128_si256(_mm_loadu_si128(LOOKUP_ORDER.as_ptr() as *const __m128i));
+            (high, low) = (_mm256_shuffle_epi8(high, order), _mm256_shuffle_epi8(low, order));
+        }
         let dst = entry.as_mut_ptr().add(32 * half + 16 * h);
         _mm_storeu_si128(dst as *mut __m128i, _mm256_castsi256_si128(high));
         _mm_storeu_si128(dst.add(64) as *mut __m128i, _mm256_castsi256_si128(low));
@@ -701,10 +799,11 @@ pub unsafe fn row_dots<const M: usize>(
         Layout::SignedNibbles => return row_dots_pairs::<M, DECODE_SIGNED>(p, lut, acts, r, first),
         Layout::UnsignedNibbles => return row_dots_pairs::<M, DECODE_UNSIGNED>(p, lut, acts, r, first),
         // The byte layouts come only from `Gemv::VnniFixed`, chosen where the CPU has VNNI.
-        Layout::SignedBytes => return super::packed4_gemv_vnni::row_dots_split::<M, true>(p, acts, r, first),
+        Layout::SignedBytes => return vnni::row_dots_split::<M, { vnni::SIGNED }>(p, lut, acts, r, first),
         Layout::UnsignedBytes => {
-            return super::packed4_gemv_vnni::row_dots_split::<M, false>(p, acts, r, first)
+            return vnni::row_dots_split::<M, { vnni::UNSIGNED }>(p, lut, acts, r, first)
         }
+        Layout::LookupBytes => return vnni::row_dots_split::<M, { vnni::LOOKUP }>(p, lut, acts, r, first),
     }
     debug_assert_eq!(acts.layout, Layout::Lookup, "shift layouts need whole pairs");
     let (cols, start) = (p.cols, r * p.cols);
@@ -817,10 +916,11 @@ pub unsafe fn run_dots(p: &Packed4, lut: &Lut, acts: &Activations, r0: usize, ds
             Layout::Lookup => return run_dots_pairs::<DECODE_LOOKUP>(p, lut, acts, r0, dst),
             Layout::SignedNibbles => return run_dots_pairs::<DECODE_SIGNED>(p, lut, acts, r0, dst),
             Layout::UnsignedNibbles => return run_dots_pairs::<DECODE_UNSIGNED>(p, lut, acts, r0, dst),
-            Layout::SignedBytes => return super::packed4_gemv_vnni::run_dots_split::<true>(p, acts, r0, dst),
+            Layout::SignedBytes => return vnni::run_dots_split::<{ vnni::SIGNED }>(p, lut, acts, r0, dst),
             Layout::UnsignedBytes => {
-                return super::packed4_gemv_vnni::run_dots_split::<false>(p, acts, r0, dst)
+                return vnni::run_dots_split::<{ vnni::UNSIGNED }>(p, lut, acts, r0, dst)
             }
+            Layout::LookupBytes => return vnni::run_dots_split::<{ vnni::LOOKUP }>(p, lut, acts, r0, dst),
         }
     }
     for (k, d) in dst.iter_mut().enumerate() {
@@ -881,7 +981,8 @@ pub(super) unsafe fn walk_pairs<const M: usize>(
 /// that block. Consecutive rows step from one to the next without a division.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct RowStart {
-    block: usize,
+    /// The block holding the row's first value.
+    pub(super) block: usize,
     left: usize,
     /// Values from the block's start to the row's.
     offset: usize,
@@ -979,6 +1080,9 @@ pub struct Lut {
     lo: std::arch::x86_64::__m256i,
     hi: std::arch::x86_64::__m256i,
     mask: std::arch::x86_64::__m256i,
+    /// [`Layout::LookupBytes`]: the high and low bytes of each code plus
+    /// [`LOOKUP_CODE_BIAS`].
+    pub(super) biased: [[u8; 16]; 2],
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1001,7 +1105,9 @@ impl Lut {
                 _mm256_broadcastsi128_si256(_mm_loadu_si128(hi.as_ptr() as *const __m128i)),
             )
         };
-        Lut { lo, hi, mask: _mm256_set1_epi8(0x0F) }
+        let biased = table.codes.map(|c| (c as i32 + LOOKUP_CODE_BIAS) as u16);
+        let biased = [biased.map(|c| (c >> 8) as u8), biased.map(|c| c as u8)];
+        Lut { lo, hi, mask: _mm256_set1_epi8(0x0F), biased }
     }
 }
 
@@ -1210,7 +1316,7 @@ unsafe fn add_low(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+pub(super) fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -1229,9 +1335,9 @@ impl Packed4 {
         } else if self.exact_gemv || !shape_fits(self) {
             Gemv::Avx2
         } else {
-            match FixedTable::new(&self.table).map(|t| Layout::for_weight(self, &t)) {
+            match FixedTable::new(&self.table) {
                 None => Gemv::Avx2,
-                Some(layout) if layout.split_bytes().is_split() && has_vnni() => Gemv::VnniFixed,
+                Some(t) if Layout::for_bytes(self, &t).is_some() && has_vnni() => Gemv::VnniFixed,
                 Some(_) => Gemv::Avx2Fixed,
             }
         }
@@ -1250,10 +1356,8 @@ impl Packed4 {
             let work = || crate::profile::Work { ops: 3.0 * x.len() as f64, bytes: 6.0 * x.len() as f64 };
             let quantizing = crate::profile::span("activation quantization", "16-bit per 32 values", work);
             let prepared = FixedTable::new(&self.table).and_then(|t| {
-                let layout = match Layout::for_weight(self, &t) {
-                    nibbles if path == Gemv::VnniFixed && has_vnni() => nibbles.split_bytes(),
-                    layout => layout,
-                };
+                let bytes = Layout::for_bytes(self, &t).filter(|_| path == Gemv::VnniFixed && has_vnni());
+                let layout = bytes.unwrap_or_else(|| Layout::for_weight(self, &t));
                 Activations::shared(x, m, self.cols, &t, self.offsets.is_some(), layout).map(|a| (t, a))
             });
             drop(quantizing);
@@ -1589,9 +1693,14 @@ mod tests {
                     for half in 0..2 {
                         let (mut portable_entry, mut register_entry) =
                             ([1u8; SPLIT_ENTRY], [1u8; SPLIT_ENTRY]);
-                        Portable.place_split(&portable, h, &mut portable_entry, half);
-                        Avx2Chunks.place_split(&portable, h, &mut register_entry, half);
-                        assert_eq!(portable_entry, register_entry, "chunk {n} chunk {h} half {half}");
+                        for layout in [Layout::SignedBytes, Layout::LookupBytes] {
+                            Portable.place_split(layout, &portable, h, &mut portable_entry, half);
+                            Avx2Chunks.place_split(layout, &portable, h, &mut register_entry, half);
+                            assert_eq!(
+                                portable_entry, register_entry,
+                                "{layout:?} chunk {n}, {h}, half {half}"
+                            );
+                        }
                     }
                 }
             }
