@@ -17,6 +17,12 @@
 //! accumulator: 23 instructions per 32 weights, half of them scalar bookkeeping, and an
 //! FMA chain of one latency per chunk; it reached 55–60% of memory bandwidth.)
 //!
+//! Where the CPU has AVX-512 VNNI, weights of whole chunk pairs go to the byte-product
+//! kernel of [`super::packed4_gemv_vnni`] instead ([`Gemv::VnniFixed`]): the same integer
+//! lane sums, so the same bits. Activations are quantized once per call in registers
+//! (the same codes as the portable loop), and a thread reuses the last activations it
+//! made when the next call's input has the same bits ([`Activations::shared`]).
+//!
 //! Numerics (what changes against the exact f32 path):
 //! - Activations are quantized once per call, per chunk of [`CHUNK`] values of each row:
 //!   `d = absmax / qx`, `q = round_half_even(x / d)` with `qx` = 32767 (integer tables) or

@@ -1,28 +1,33 @@
-//! The 4-bit GEMV's byte-product step for int4-block's integer tables on AVX-512 VNNI:
-//! the same exact integer lane sums as the 16-bit kernel ([`super::packed4_gemv`]) in
-//! fewer instructions, so the same bits.
+//! The 4-bit GEMV's byte-product kernel on AVX-512 VNNI: the same exact integer lane
+//! sums as the 16-bit kernel ([`super::packed4_gemv`]) in fewer instructions, so the same
+//! bits, for every table the 16-bit kernel takes on weights of whole chunk pairs.
 //!
-//! Why: on the Intel cores this runs on, the 16-bit kernel's shifts and `vpmaddwd`
-//! products only issue on two of the three vector ports: a chunk pair (64 weights) costs
-//! 13 such instructions, and one core decoded about 9 GB/s of packed weights where its
-//! cache delivers 20–60. Here a pair costs 8 of them:
-//! - one shift and two masks leave the 32 high nibbles (even values) and 32 low nibbles
-//!   (odd values) as bytes, after an exclusive or with `0x88` for the signed table (it maps
-//!   `t = u − 8` for two's-complement nibbles to `u ^ 8`, which the lane start corrects);
-//! - each 16-bit activation code `x` is held as a signed high byte and an unsigned low
-//!   byte, `x = 256·hi + lo` ([`super::packed4_gemv::split_slot`]), and `vpdpbusd`
-//!   multiplies four byte pairs per 32-bit lane: nibbles × high bytes and low bytes ×
-//!   nibbles, two instructions each for the even and odd values;
-//! - the lane sum is `256·Σ u·hi + Σ lo·u + start`, with `start = −8·Σ x` for the
-//!   signed table.
+//! Why: the 16-bit kernel decodes a chunk pair (64 weights) into four vectors of 16-bit
+//! codes and multiplies them with `vpmaddwd`; on the Xeon this runs on, one core decoded
+//! about 9 GB/s of packed weights where its caches deliver 20–60, bound by instructions
+//! (about 35 a pair with the loop's bookkeeping). Here `vpdpbusd` multiplies four byte
+//! pairs per 32-bit lane, and 512-bit registers take two pairs per step:
+//! - int4-block's integer tables (`Layout::SignedBytes`, `Layout::UnsignedBytes`): one
+//!   shift and two masks leave the high nibbles (even values) and low nibbles (odd values)
+//!   as bytes `u`, after an exclusive or with `0x88` for the signed table (it maps the
+//!   two's-complement `t = u − 8` to `u ^ 8`, which each lane's start corrects). Each
+//!   16-bit activation code is held as a signed high byte and an unsigned low byte,
+//!   `x = 256·hi + lo`, and a lane sums `256·Σ u·hi + Σ lo·u + start`.
+//! - Any other table (`Layout::LookupBytes`: NF4, FP4, k-means; 13-bit codes `|c| < 4096`
+//!   against activation codes `|x| ≤ 8191`): the codes biased by 4096 are positive, so
+//!   their high byte (0..32) and low byte are unsigned, looked up with `vpshufb`; the
+//!   activation code is held as two signed bytes, `x = 256·xh + xl` with `xl` in −128..128;
+//!   a lane sums `65536·Σ ch·xh + 256·Σ (ch·xl + cl·xh) + Σ cl·xl − 4096·Σ x` in eight
+//!   `vpdpbusd` per pair. Each chunk's packed bytes are first put in the order of the
+//!   16-bit kernel's lanes (`packed4_gemv::lookup_byte_order`).
 //!
-//! Lane `j` sums values `8j..8j + 8` (packed bytes `4j..4j + 4`), the lanes the 16-bit
-//! kernel's shift layout sums, and each sum is exact (at most `8·15·32767` before the
-//! start), so it is the same integer; conversion, scaling and the block walk
-//! ([`super::packed4_gemv::walk_pairs`]) are shared. Tests compare the two bit for bit.
+//! So each lane sums the values the 16-bit kernel's lane sums, every sum is exact (below
+//! 2³¹ in magnitude), and conversion, scaling and the block walk
+//! (`packed4_gemv::walk_pairs`) are the 16-bit kernel's. The tests compare the two bit
+//! for bit on every layout, block size and row count.
 
 use super::packed4_gemv::{
-    hsum, lookup_byte_order, walk_pairs, Activations, Lut, RowStart, PAIR, PREFETCH_BYTES, SPLIT_ENTRY,
+    hsum, lookup_byte_order, walk_pairs, Activations, Lut, RowStart, PAIR, SPLIT_ENTRY,
 };
 use crate::scheme::packed4::Packed4;
 
@@ -42,6 +47,12 @@ pub fn has_vnni() -> bool {
         false
     }
 }
+
+/// How far ahead of the two pairs being decoded the weight bytes are prefetched: the
+/// 16-bit kernel's 1024 left this kernel waiting on memory once it decoded faster.
+/// SmolLM2-135M's decode-step GEMVs on two threads of the Xeon (medians of alternated
+/// runs): int4-block 4.25 ms at 1024 bytes, 3.6–3.9 ms at 4096, the same at 8192.
+const PREFETCH_AHEAD: usize = 4096;
 
 /// The kernel's kinds of code, by layout: `Layout::SignedBytes`.
 pub(super) const SIGNED: u8 = 0;
@@ -311,7 +322,7 @@ unsafe fn two_pairs_step<const M: usize, const K: u8>(
 ) {
     use std::arch::x86_64::*;
     let mut raw = _mm512_loadu_si512(rows.bytes.add(32 * j) as *const __m512i);
-    _mm_prefetch::<_MM_HINT_T0>(rows.bytes.wrapping_add(32 * j + PREFETCH_BYTES) as *const i8);
+    _mm_prefetch::<_MM_HINT_T0>(rows.bytes.wrapping_add(32 * j + PREFETCH_AHEAD) as *const i8);
     if K == LOOKUP {
         raw = _mm512_shuffle_epi8(raw, rows.order);
     } else if K == SIGNED {
