@@ -66,16 +66,18 @@ pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
 /// The body of an eight-lane fused dot product of `n` terms: four accumulators over 32
 /// terms an iteration, then eight at a time, lanes summed by [`super::sum_lanes`], the tail
 /// one by one. `$a` points at the f32 activations; `$load(i)` gives the eight weights
-/// from `i` as an `__m256`, `$tail(i)` the product of term `i`. For use inside an
-/// `unsafe` function compiled with AVX2 and FMA (and what `$load` needs).
+/// from `i` as an `__m256`, `$tail(i)` the product of term `i`, and `$ahead(i)` asks for
+/// the weights [`WEIGHT_PREFETCH_BYTES`] past term `i`'s (once per 32 terms). For use
+/// inside an `unsafe` function compiled with AVX2 and FMA (and what `$load` needs).
 #[cfg(target_arch = "x86_64")]
 macro_rules! fused_dot_avx2 {
-    ($n:expr, $a:expr, $load:expr, $tail:expr) => {{
+    ($n:expr, $a:expr, $load:expr, $tail:expr, $ahead:expr) => {{
         use std::arch::x86_64::*;
         let (n, pa) = ($n, $a);
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut i = 0;
         while i + 32 <= n {
+            $ahead(i);
             for (j, acc) in acc.iter_mut().enumerate() {
                 let o = i + 8 * j;
                 *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), $load(o), *acc);
@@ -99,6 +101,21 @@ macro_rules! fused_dot_avx2 {
 #[cfg(target_arch = "x86_64")]
 pub(crate) use fused_dot_avx2;
 
+/// How far ahead of the weights being multiplied a GEMV prefetches them (rows follow one
+/// another in memory, so past a row's end is the next row's start): the hardware's own
+/// prefetch left decode GEMVs waiting on memory (see `bench profile --decode`).
+pub(crate) const WEIGHT_PREFETCH_BYTES: usize = 4096;
+
+/// Ask for the cache line at `p` (which may lie past the weights: a prefetch does not
+/// fault).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch<T>(p: *const T) {
+    use std::arch::x86_64::*;
+    // SAFETY: a prefetch reads nothing architecturally and never faults.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     /// [`super::dot_f32`], 32 products an iteration.
@@ -109,7 +126,13 @@ mod avx2 {
             a.len().min(b.len()),
             a.as_ptr(),
             |i| _mm256_loadu_ps(pb.add(i)),
-            |j: usize| a[j] * b[j]
+            |j: usize| a[j] * b[j],
+            // 32 terms are two cache lines.
+            |i: usize| {
+                let ahead = (pb as *const u8).wrapping_add(4 * i + super::WEIGHT_PREFETCH_BYTES);
+                super::prefetch(ahead);
+                super::prefetch(ahead.wrapping_add(64));
+            }
         )
     }
 }

@@ -170,7 +170,11 @@ mod avx2 {
             a.len().min(w.len()),
             a.as_ptr(),
             |i| load8(pw.add(i), ty),
-            |j: usize| a[j] * ty.to_f32(w[j])
+            |j: usize| a[j] * ty.to_f32(w[j]),
+            // 32 terms are one cache line.
+            |i: usize| crate::tensor::gemv::prefetch(
+                (pw as *const u8).wrapping_add(2 * i + crate::tensor::gemv::WEIGHT_PREFETCH_BYTES)
+            )
         )
     }
 }
