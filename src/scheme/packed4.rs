@@ -74,7 +74,7 @@ pub enum Gemv {
     /// ([`super::kernels::packed4_gemv`]), AVX2.
     Avx2Fixed,
     /// As [`Gemv::Avx2Fixed`], the integer tables' products on bytes with AVX-512 VNNI
-    /// (`super::kernels::packed4_gemv_vnni`): the same sums, so the same bits.
+    /// ([`super::kernels::packed4_gemv::vnni`]): the same sums, so the same bits.
     VnniFixed,
 }
 

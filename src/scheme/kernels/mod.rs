@@ -4,8 +4,8 @@
 //!
 //! Imports point one way inside: `int8_gemm` dispatches to `int8_gemm_panel` and
 //! `int8_gemm_vnni`, which share `int8_common`; `int8_panels` builds on `int8_gemm_vnni`
-//! and `int8_quant`; `packed4_gemv` runs on the format of `scheme::packed4` and hands whole-pair weights to
-//! `packed4_gemv_vnni` where the CPU has AVX-512 VNNI.
+//! and `int8_quant`; `packed4_gemv` runs on the format of `scheme::packed4`; its child `packed4_gemv::vnni`
+//! takes whole-pair weights where the CPU has AVX-512 VNNI.
 
 pub(crate) mod int8_common;
 pub mod int8_gemm;
@@ -17,4 +17,3 @@ mod int8_gemm_vnni;
 pub(crate) mod int8_panels;
 pub(crate) mod int8_quant;
 pub mod packed4_gemv;
-pub mod packed4_gemv_vnni;

@@ -18,7 +18,7 @@
 //! FMA chain of one latency per chunk; it reached 55–60% of memory bandwidth.)
 //!
 //! Where the CPU has AVX-512 VNNI, weights of whole chunk pairs go to the byte-product
-//! kernel of [`super::packed4_gemv_vnni`] instead ([`Gemv::VnniFixed`]): the same integer
+//! kernel of [`vnni`] instead ([`Gemv::VnniFixed`]): the same integer
 //! lane sums, so the same bits. Activations are quantized once per call in registers
 //! (the same codes as the portable loop), and a thread reuses the last activations it
 //! made when the next call's input has the same bits ([`Activations::shared`]).
@@ -49,10 +49,12 @@
 //! end. SmolLM2 (576, 1536), MiniLM (384, 1536) and the built-in models (256, 688) qualify;
 //! all but 688 are whole pairs.
 
-use super::packed4_gemv_vnni::{self as vnni, has_vnni};
 use crate::scheme::packed4::{has_avx2, Gemv, Packed4};
 use std::cell::RefCell;
 use std::rc::Rc;
+use vnni::has_vnni;
+
+pub mod vnni;
 
 /// Activation values per chunk: one scale each, and the unit of the integer dot products.
 pub const CHUNK: usize = 32;
@@ -148,7 +150,7 @@ pub enum Layout {
     /// int4-block's asymmetric table `u`: as [`Layout::SignedNibbles`], zero-extended.
     UnsignedNibbles,
     /// [`Layout::SignedNibbles`]' table for the byte-product kernel (AVX-512 VNNI,
-    /// [`super::packed4_gemv_vnni`]): activation codes split into bytes ([`split_slot`]),
+    /// [`vnni`]): activation codes split into bytes ([`split_slot`]),
     /// with each lane's code sum for the table's offset of 8.
     SignedBytes,
     /// [`Layout::UnsignedNibbles`]' table for the byte-product kernel.

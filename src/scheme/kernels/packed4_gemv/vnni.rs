@@ -1,5 +1,5 @@
 //! The 4-bit GEMV's byte-product kernel on AVX-512 VNNI: the same exact integer lane
-//! sums as the 16-bit kernel ([`super::packed4_gemv`]) in fewer instructions, so the same
+//! sums as the 16-bit kernel (the parent module, [`super`]) in fewer instructions, so the same
 //! bits, for every table the 16-bit kernel takes on weights of whole chunk pairs.
 //!
 //! Why: the 16-bit kernel decodes a chunk pair (64 weights) into four vectors of 16-bit
@@ -19,16 +19,14 @@
 //!   activation code is held as two signed bytes, `x = 256·xh + xl` with `xl` in −128..128;
 //!   a lane sums `65536·Σ ch·xh + 256·Σ (ch·xl + cl·xh) + Σ cl·xl − 4096·Σ x` in eight
 //!   `vpdpbusd` per pair. Each chunk's packed bytes are first put in the order of the
-//!   16-bit kernel's lanes (`packed4_gemv::lookup_byte_order`).
+//!   16-bit kernel's lanes ([`super::lookup_byte_order`]).
 //!
 //! So each lane sums the values the 16-bit kernel's lane sums, every sum is exact (below
 //! 2³¹ in magnitude), and conversion, scaling and the block walk
-//! (`packed4_gemv::walk_pairs`) are the 16-bit kernel's. The tests compare the two bit
+//! ([`super::walk_pairs`]) are the 16-bit kernel's. The tests compare the two bit
 //! for bit on every layout, block size and row count.
 
-use super::packed4_gemv::{
-    hsum, lookup_byte_order, walk_pairs, Activations, Lut, RowStart, PAIR, SPLIT_ENTRY,
-};
+use super::{hsum, lookup_byte_order, walk_pairs, Activations, Lut, RowStart, PAIR, SPLIT_ENTRY};
 use crate::scheme::packed4::Packed4;
 
 /// Whether this CPU runs the byte-product kernel: AVX-512 (F, BW, VL) with VNNI, and AVX2
@@ -72,7 +70,7 @@ pub(super) const LOOKUP: u8 = 2;
 /// blocks per 512-bit step, each half then scaled by its own block in order.
 ///
 /// # Safety
-/// [`has_vnni`] must hold, and what `packed4_gemv::row_dots` requires of a whole-pairs
+/// [`has_vnni`] must hold, and what `row_dots` in the parent requires of a whole-pairs
 /// weight, with `acts` in byte layout `K` and `lut` built from the weight's table.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
@@ -106,7 +104,7 @@ pub(super) unsafe fn run_dots_split<const K: u8>(
     for d in dst.iter_mut() {
         *d = split_row::<1, K>(p, acts, &rows, at, 0)[0];
         rows.bytes = rows.bytes.add(p.cols / 2);
-        at = at.next(p);
+        at = at.next(`walk_pairs` in the parent);
     }
 }
 
