@@ -23,7 +23,7 @@
 //!
 //! So each lane sums the values the 16-bit kernel's lane sums, every sum is exact (below
 //! 2³¹ in magnitude), and conversion, scaling and the block walk
-//! ([`super::walk_pairs`]) are the 16-bit kernel's. The tests compare the two bit
+//! (`walk_pairs` in the parent) are the 16-bit kernel's. The tests compare the two bit
 //! for bit on every layout, block size and row count.
 
 use super::{hsum, lookup_byte_order, walk_pairs, Activations, Lut, RowStart, PAIR, SPLIT_ENTRY};
@@ -104,7 +104,7 @@ pub(super) unsafe fn run_dots_split<const K: u8>(
     for d in dst.iter_mut() {
         *d = split_row::<1, K>(p, acts, &rows, at, 0)[0];
         rows.bytes = rows.bytes.add(p.cols / 2);
-        at = at.next(`walk_pairs` in the parent);
+        at = at.next(p);
     }
 }
 
