@@ -63,14 +63,14 @@ pub const CHUNK: usize = 32;
 const HALF: usize = 16;
 
 /// Values per chunk pair: the 32 packed bytes one 256-bit register decodes.
-pub(super) const PAIR: usize = 2 * CHUNK;
+const PAIR: usize = 2 * CHUNK;
 
 /// How far ahead of the pair being decoded the weight bytes are prefetched. Without it
 /// one core streamed the weights at about 70% of what it reads in a plain summing loop
 /// (the same with the cheaper signed-nibble decoding: it waited on memory, not on
 /// instructions); 512, 1024 and 2048 bytes measured alike. A prefetch past the end of
 /// the weight reads nothing and cannot fault.
-pub(super) const PREFETCH_BYTES: usize = 1024;
+const PREFETCH_BYTES: usize = 1024;
 
 /// [`row_dots_pairs`]'s decoding, by [`Layout`].
 const DECODE_LOOKUP: u8 = 0;
@@ -363,15 +363,15 @@ pub const fn split_slot(p: usize) -> usize {
 /// What [`Layout::LookupBytes`] adds to every table code (13 bits, |c| ≤ 4095), so the
 /// biased code is positive and its high byte (0..32) and low byte are unsigned; each lane
 /// starts from minus this times its activation codes' sum.
-pub(super) const LOOKUP_CODE_BIAS: i32 = 4096;
+const LOOKUP_CODE_BIAS: i32 = 4096;
 
 /// Bytes per pair in the byte layouts: each of [`split_slot`]'s four 32-byte runs of the
 /// pair, then the same run of the next pair (zeros after a row's last pair), so one
 /// 512-bit load takes a run of two consecutive pairs wherever a block piece starts.
-pub(super) const SPLIT_ENTRY: usize = 4 * PAIR;
+const SPLIT_ENTRY: usize = 4 * PAIR;
 
 /// Where byte `s` of a pair's 128 split bytes ([`split_slot`]) sits in its own entry.
-pub(super) const fn entry_offset(s: usize) -> usize {
+const fn entry_offset(s: usize) -> usize {
     64 * (s / 32) + s % 32
 }
 
@@ -450,7 +450,7 @@ impl Activations {
     }
 
     /// `Σ x[row, k0..k1]` in f32 from the prefix sums (`k0`, `k1` multiples of 16).
-    pub(super) fn sum(&self, row: usize, k0: usize, k1: usize) -> f32 {
+    fn sum(&self, row: usize, k0: usize, k1: usize) -> f32 {
         let p = &self.prefix[row * self.prefix_stride..(row + 1) * self.prefix_stride];
         (p[k1 / HALF] - p[k0 / HALF]) as f32
     }
@@ -487,21 +487,21 @@ impl Activations {
 
     /// The split entry of pair `pair` of row `row` (byte layouts, [`SPLIT_ENTRY`]).
     #[inline(always)]
-    pub(super) fn split_at(&self, row: usize, pair: usize) -> *const u8 {
+    fn split_at(&self, row: usize, pair: usize) -> *const u8 {
         // SAFETY (of the callers' reads): 128 bytes per pair.
         unsafe { self.split.as_ptr().add((row * self.pairs + pair) * SPLIT_ENTRY) }
     }
 
     /// The eight lane starts of pair `pair` of row `row` (byte layouts).
     #[inline(always)]
-    pub(super) fn lane_starts_at(&self, row: usize, pair: usize) -> *const i32 {
+    fn lane_starts_at(&self, row: usize, pair: usize) -> *const i32 {
         // SAFETY (of the callers' reads): eight lanes per pair.
         unsafe { self.lane_starts.as_ptr().add((row * self.pairs + pair) * 8) }
     }
 
     /// The eight expanded scales of pair `pair` of row `row`, from lane `lane`.
     #[inline(always)]
-    pub(super) fn scales_at(&self, row: usize, pair: usize, lane: usize) -> *const f32 {
+    fn scales_at(&self, row: usize, pair: usize, lane: usize) -> *const f32 {
         // SAFETY (of the callers' reads): `lane + 4 ≤ 8` or `lane = 0` for eight lanes.
         unsafe { self.scales.as_ptr().add((row * self.pairs + pair) * 8 + lane) }
     }
@@ -950,7 +950,7 @@ pub unsafe fn run_dots(p: &Packed4, lut: &Lut, acts: &Activations, r0: usize, ds
 /// `piece` could not be inlined into a function compiled for fewer features).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(super) unsafe fn walk_pairs<const M: usize>(
+unsafe fn walk_pairs<const M: usize>(
     p: &Packed4,
     acts: &Activations,
     at: RowStart,
@@ -988,9 +988,9 @@ pub(super) unsafe fn walk_pairs<const M: usize>(
 /// Where a whole-pairs row's first block piece starts: its block and the pairs left in
 /// that block. Consecutive rows step from one to the next without a division.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct RowStart {
+struct RowStart {
     /// The block holding the row's first value.
-    pub(super) block: usize,
+    block: usize,
     left: usize,
     /// Values from the block's start to the row's.
     offset: usize,
@@ -998,7 +998,7 @@ pub(super) struct RowStart {
 
 impl RowStart {
     /// Row `r`'s start (`pairs_only(p)`).
-    pub(super) fn of(p: &Packed4, r: usize) -> RowStart {
+    fn of(p: &Packed4, r: usize) -> RowStart {
         if p.block >= p.rows * p.cols {
             return RowStart { block: 0, left: p.cols / PAIR, offset: 0 };
         }
@@ -1008,7 +1008,7 @@ impl RowStart {
     }
 
     /// The next row's start.
-    pub(super) fn next(self, p: &Packed4) -> RowStart {
+    fn next(self, p: &Packed4) -> RowStart {
         if p.block >= p.rows * p.cols {
             return self;
         }
@@ -1023,7 +1023,7 @@ impl RowStart {
 /// Pairs `j..end` one at a time, alternately into `even` and `odd` (the first into
 /// `even`): the accumulation order every kernel keeps.
 #[inline(always)]
-pub(super) fn alternate<A>(
+fn alternate<A>(
     mut j: usize,
     end: usize,
     even: &mut A,
@@ -1090,7 +1090,7 @@ pub struct Lut {
     mask: std::arch::x86_64::__m256i,
     /// [`Layout::LookupBytes`]: the high and low bytes of each code plus
     /// [`LOOKUP_CODE_BIAS`].
-    pub(super) biased: [[u8; 16]; 2],
+    biased: [[u8; 16]; 2],
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1324,7 +1324,7 @@ unsafe fn add_low(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-pub(super) fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
