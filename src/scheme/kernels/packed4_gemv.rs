@@ -1023,13 +1023,7 @@ impl RowStart {
 /// Pairs `j..end` one at a time, alternately into `even` and `odd` (the first into
 /// `even`): the accumulation order every kernel keeps.
 #[inline(always)]
-fn alternate<A>(
-    mut j: usize,
-    end: usize,
-    even: &mut A,
-    odd: &mut A,
-    mut step: impl FnMut(usize, &mut A),
-) {
+fn alternate<A>(mut j: usize, end: usize, even: &mut A, odd: &mut A, mut step: impl FnMut(usize, &mut A)) {
     while j + 2 <= end {
         step(j, even);
         step(j + 1, odd);
