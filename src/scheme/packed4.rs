@@ -73,8 +73,9 @@ pub enum Gemv {
     /// 16-bit fixed-point activations and exact integer block dot products
     /// ([`super::kernels::packed4_gemv`]), AVX2.
     Avx2Fixed,
-    /// As [`Gemv::Avx2Fixed`], the integer tables' products on bytes with AVX-512 VNNI
-    /// ([`super::kernels::packed4_gemv::vnni`]): the same sums, so the same bits.
+    /// As [`Gemv::Avx2Fixed`] for weights of whole chunk pairs, the products on bytes
+    /// with AVX-512 VNNI ([`super::kernels::packed4_gemv::vnni`]): the same sums, so the
+    /// same bits.
     VnniFixed,
 }
 
