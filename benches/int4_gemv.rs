@@ -103,8 +103,14 @@ fn bandwidth(c: &mut Criterion) {
         // The signed int4 table (exact 16-bit codes), then NF4's (13-bit fixed point).
         for (table, tname) in [(SIGNED, "int4"), (NF4, "nf4")] {
             mats.iter_mut().for_each(|m| m.table = table);
-            for path in [mats[0].gemv_path(), Gemv::Avx2, Gemv::Scalar] {
-                if (tname == "nf4" || path == Gemv::Scalar) && path != mats[0].gemv_path() {
+            let default = mats[0].gemv_path();
+            for (n, path) in [default, Gemv::Avx2Fixed, Gemv::Avx2, Gemv::Scalar].into_iter().enumerate() {
+                // The default path, the 16-bit kernel beside the VNNI one, and for int4 the
+                // exact f32 path; the scalar loop only where it is the default.
+                let vnni_twin = path == Gemv::Avx2Fixed && default == Gemv::VnniFixed;
+                let other =
+                    n > 0 && path != default && (vnni_twin || (tname == "int4" && path == Gemv::Avx2));
+                if n > 0 && !other {
                     continue;
                 }
                 // The bandwidth reference and the GEMV in alternating rounds, so a quiet
