@@ -46,8 +46,8 @@ pub fn has_vnni() -> bool {
     }
 }
 
-/// How far ahead of the two pairs being decoded the weight bytes are prefetched: the
-/// 16-bit kernel's 1024 left this kernel waiting on memory once it decoded faster.
+/// How far ahead of the two pairs being decoded the weight bytes are prefetched: at the
+/// 16-bit kernel's former 1024 this kernel waited on memory once it decoded faster.
 /// SmolLM2-135M's decode-step GEMVs on two threads of the Xeon (medians of alternated
 /// runs): int4-block 4.25 ms at 1024 bytes, 3.6–3.9 ms at 4096, the same at 8192.
 const PREFETCH_AHEAD: usize = 4096;
