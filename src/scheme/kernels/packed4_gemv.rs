@@ -259,10 +259,13 @@ pub const fn lookup_byte_order() -> [u8; 16] {
     order
 }
 
+/// [`lookup_byte_order`], computed once.
+const LOOKUP_ORDER: [u8; 16] = lookup_byte_order();
+
 /// [`split_slot`] for [`Layout::LookupBytes`]: byte `s` of the pair sits where
 /// [`lookup_byte_order`] takes it within its chunk.
 pub const fn lookup_split_slot(p: usize) -> usize {
-    let (s, order) = (p / 2, lookup_byte_order());
+    let (s, order) = (p / 2, LOOKUP_ORDER);
     let mut position = 0;
     while order[position] as usize != s % 16 {
         position += 1;
@@ -663,7 +666,6 @@ fn place_split_avx2(
     half: usize,
 ) {
     use std::arch::x86_64::*;
-    const LOOKUP_ORDER: [u8; 16] = lookup_byte_order();
     // Little-endian codes: value v of a lane has its low byte at 2v and its high at 2v + 1.
     const GROUPS: [i8; 16] = [1, 5, 9, 13, 0, 4, 8, 12, 3, 7, 11, 15, 2, 6, 10, 14];
     // SAFETY: two 32-byte reads of 64 bytes of codes; four 16-byte writes at
@@ -1680,10 +1682,9 @@ mod tests {
                 v.try_into().unwrap()
             })
             .collect();
-        // Ties after scaling (k + 0.5 steps of 1/qx), negative zero, one spike, all zero.
-        chunks.push(std::array::from_fn(|i| {
-            (i as f32 - 16.0 + 0.5) / 32767.0 * 2.0 * if i == 0 { 32767.0 } else { 1.0 }
-        }));
+        // Exact ties under the integer table (absmax 32767, so the scale is 1 and every
+        // other value is k + 0.5, rounded to even), negative zero, one spike, all zero.
+        chunks.push(std::array::from_fn(|i| if i == 0 { 32767.0 } else { i as f32 - 16.0 + 0.5 }));
         chunks.push(std::array::from_fn(|i| if i % 2 == 0 { -0.0 } else { 1e-30 * i as f32 }));
         chunks.push(std::array::from_fn(|i| if i == 31 { -3.0e38 } else { i as f32 }));
         chunks.push([0.0; CHUNK]);

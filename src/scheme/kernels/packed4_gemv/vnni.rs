@@ -26,7 +26,7 @@
 //! (`walk_pairs` in the parent) are the 16-bit kernel's. The tests compare the two bit
 //! for bit on every layout, block size and row count.
 
-use super::{hsum, lookup_byte_order, walk_pairs, Activations, Lut, RowStart, PAIR, SPLIT_ENTRY};
+use super::{hsum, walk_pairs, Activations, Lut, RowStart, LOOKUP_ORDER, PAIR, SPLIT_ENTRY};
 use crate::scheme::packed4::Packed4;
 
 /// Whether this CPU runs the byte-product kernel: AVX-512 (F, BW, VL) with VNNI, and AVX2
@@ -233,7 +233,7 @@ impl<const M: usize> Rows<M> {
             scales: std::array::from_fn(|i| acts.scales_at(first + i, 0, 0)),
             code_high: lanes(&lut.biased[0]),
             code_low: lanes(&lut.biased[1]),
-            order: lanes(&lookup_byte_order()),
+            order: lanes(&LOOKUP_ORDER),
         }
     }
 }
