@@ -124,7 +124,8 @@ pub(crate) fn bias_tensor(name: &str, bias: Option<&[f32]>) -> Option<StoredTens
 /// Add `bias` to every row of `out` (`[rows, bias.len()]`).
 pub(crate) fn add_bias(out: &mut [f32], bias: Option<&[f32]>) {
     if let Some(bias) = bias {
-        out.chunks_exact_mut(bias.len()).for_each(|row| crate::tensor::add_in_place(row, bias));
+        let _span = crate::profile::span("bias", "add", || crate::profile::elementwise(out.len(), 1.0));
+        crate::tensor::add_bias_rows(out, bias);
     }
 }
 

@@ -1,6 +1,7 @@
 //! Multi-head attention over a key/value cache (grouped-query aware, causal), shared by
 //! every decoder architecture.
 
+use super::tile::{self, Matrix};
 use rayon::prelude::*;
 
 /// The shape of one attention layer.
@@ -333,37 +334,22 @@ fn head_products<'a>(
     let keys_total = start + seq;
     assert!(q.len() >= batch * seq * row_width && out.len() >= batch * seq * row_width);
     let dst = HeadOut(out.as_mut_ptr());
+    let tiles = tile::has_tiles();
     let head = |job: usize| {
         let (b, h) = (job / heads, job % heads);
         let KvRows { keys, values, stride } = kv(b * kv_heads + h / group);
         assert!(keys_total == 0 || keys.len().min(values.len()) >= (keys_total - 1) * stride + head_dim);
         let qh = &q[b * seq * row_width + h * head_dim..];
         let mut scores = super::scratch::take(seq * keys_total);
-        // SAFETY: lhs rows t < seq of qh (row stride row_width, head_dim values each) lie
-        // in q; rhs is keys[keys_total, head_dim] (row stride `stride`, checked above) read
-        // transposed; dst is scores[seq, keys_total].
-        unsafe {
-            gemm::gemm(
-                seq,
-                keys_total,
-                head_dim,
-                scores.as_mut_ptr(),
-                1,
-                keys_total as isize,
-                false,
-                qh.as_ptr(),
-                1,
-                row_width as isize,
-                keys.as_ptr(),
-                stride as isize,
-                1,
-                0.0,
-                scale,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+        if tiles {
+            let mut keys_t = super::scratch::take(head_dim * keys_total);
+            tile::transpose_into(Matrix::new(keys, keys_total, head_dim, stride), &mut keys_t);
+            let queries = Matrix::new(qh, seq, head_dim, row_width);
+            let keys_t_view = Matrix::new(&keys_t, head_dim, keys_total, keys_total);
+            tile::product(queries, keys_t_view, scale, &mut scores, keys_total);
+            super::scratch::recycle(keys_t);
+        } else {
+            scores_gemm(qh, seq, row_width, keys, stride, keys_total, head_dim, scale, &mut scores);
         }
         for (t, row) in scores.chunks_exact_mut(keys_total).enumerate() {
             let visible = if masking.causal { start + t + 1 } else { keys_total };
@@ -372,36 +358,112 @@ fn head_products<'a>(
             super::softmax_in_place(seen);
             unseen.fill(0.0);
         }
-        // SAFETY: lhs is scores[seq, keys_total]; rhs values[keys_total, head_dim] (row
-        // stride `stride`); dst is this head's columns h·head_dim.. of sequence b's rows of
-        // out (row stride row_width), inside out by the assert above and written by no
-        // other head.
-        unsafe {
-            gemm::gemm(
-                seq,
-                head_dim,
-                keys_total,
-                dst.at(b * seq * row_width + h * head_dim),
-                1,
-                row_width as isize,
-                false,
-                scores.as_ptr(),
-                1,
-                keys_total as isize,
-                values.as_ptr(),
-                1,
-                stride as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+        let out_at = dst.at(b * seq * row_width + h * head_dim);
+        if tiles {
+            let weights = Matrix::new(&scores, seq, keys_total, keys_total);
+            let values = Matrix::new(values, keys_total, head_dim, stride);
+            // SAFETY: values hold keys_total rows of head_dim (the assert above); out_at
+            // is this head's columns h·head_dim.. of sequence b's rows of out (row stride
+            // row_width), inside out by the assert above and written by no other head.
+            unsafe { tile::product_raw(weights, values, 1.0, out_at, row_width) };
+        } else {
+            // SAFETY: as above.
+            unsafe {
+                weighted_sum_gemm(&scores, seq, keys_total, values, stride, head_dim, out_at, row_width)
+            };
         }
         super::scratch::recycle(scores);
     };
     (0..batch * heads).into_par_iter().for_each(head);
+}
+
+/// `scores[seq, keys_total] = scale · q · keysᵀ` by the `gemm` crate, where the register
+/// tiles do not run: `q`'s rows at stride `row_width`, `keys`' at stride `stride`.
+#[allow(clippy::too_many_arguments)]
+fn scores_gemm(
+    q: &[f32],
+    seq: usize,
+    row_width: usize,
+    keys: &[f32],
+    stride: usize,
+    keys_total: usize,
+    head_dim: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    assert!(seq == 0 || q.len() >= (seq - 1) * row_width + head_dim);
+    assert!(keys_total == 0 || keys.len() >= (keys_total - 1) * stride + head_dim);
+    assert!(scores.len() >= seq * keys_total);
+    // SAFETY: lhs rows t < seq of q (row stride row_width, head_dim values each) lie in q;
+    // rhs is keys[keys_total, head_dim] (row stride `stride`) read transposed; dst is
+    // scores[seq, keys_total]; all checked above.
+    unsafe {
+        gemm::gemm(
+            seq,
+            keys_total,
+            head_dim,
+            scores.as_mut_ptr(),
+            1,
+            keys_total as isize,
+            false,
+            q.as_ptr(),
+            1,
+            row_width as isize,
+            keys.as_ptr(),
+            stride as isize,
+            1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `out[seq, head_dim] = scores · values` by the `gemm` crate, where the register tiles
+/// do not run: `values`' rows at stride `stride`, `out`'s at `out_stride`.
+///
+/// # Safety
+/// `scores` holds `seq × keys_total` values, `values` holds `keys_total` rows, and `out`
+/// is valid for writes of `seq` rows of `head_dim` at stride `out_stride`, written by no
+/// one else meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn weighted_sum_gemm(
+    scores: &[f32],
+    seq: usize,
+    keys_total: usize,
+    values: &[f32],
+    stride: usize,
+    head_dim: usize,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            seq,
+            head_dim,
+            keys_total,
+            out,
+            1,
+            out_stride as isize,
+            false,
+            scores.as_ptr(),
+            1,
+            keys_total as isize,
+            values.as_ptr(),
+            1,
+            stride as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
 /// Self-attention of a one-pass encoder over its own projections, read in place: `q`

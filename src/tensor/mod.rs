@@ -14,6 +14,7 @@ pub mod scratch;
 pub mod silu;
 pub mod skinny;
 pub mod softmax;
+pub mod tile;
 
 pub use softmax::softmax_in_place;
 
@@ -335,9 +336,25 @@ pub fn silu_mul_in_place(gate: &mut [f32], up: &[f32]) {
     }
 }
 
-/// Element-wise `dst += src`.
+/// `bias` added to every row of `x` (rows of `bias.len()`), in place; the rows of large
+/// outputs on the thread pool.
+///
+/// Why parallel: a linear layer's bias add is a pass over its whole output, and MiniLM's
+/// 36 of them took 3.9 ms of a 97 ms encoder pass on one thread (2-core Xeon).
+pub fn add_bias_rows(x: &mut [f32], bias: &[f32]) {
+    map_rows(x, bias.len(), |row| add_in_place(row, bias));
+}
+
+/// Element-wise `dst += src` (over the shorter of the two); large slices in pieces on the
+/// thread pool (a residual add over a 1024-token batch is a 1.5 MB pass).
 pub fn add_in_place(dst: &mut [f32], src: &[f32]) {
-    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+    use rayon::prelude::*;
+    let add = |(d, s): (&mut [f32], &[f32])| d.iter_mut().zip(s).for_each(|(d, s)| *d += s);
+    if dst.len() < PARALLEL_ELEMENTS {
+        add((dst, src));
+    } else {
+        dst.par_chunks_mut(ELEMENT_CHUNK).zip(src.par_chunks(ELEMENT_CHUNK)).for_each(add);
+    }
 }
 
 /// The first value of `values` that is NaN or infinite, with its index: outputs are
@@ -542,6 +559,10 @@ mod tests {
         let up: Vec<f32> = x.iter().rev().copied().collect();
         let mut silu = x.clone();
         silu_mul_in_place(&mut silu, &up);
+        let mut biased = x.clone();
+        add_bias_rows(&mut biased, &b);
+        let mut summed = x.clone();
+        add_in_place(&mut summed, &up);
         for (i, row) in x.chunks_exact(dim).enumerate() {
             let at = i * dim..(i + 1) * dim;
             let mut one = row.to_vec();
@@ -558,7 +579,11 @@ mod tests {
             assert_eq!(bits(&one), bits(&rms[at.clone()]), "rms_norm row {i}");
             let mut one = row.to_vec();
             silu_mul_in_place(&mut one, &up[at.clone()]);
-            assert_eq!(bits(&one), bits(&silu[at]), "silu_mul row {i}");
+            assert_eq!(bits(&one), bits(&silu[at.clone()]), "silu_mul row {i}");
+            let with_bias: Vec<f32> = row.iter().zip(&b).map(|(x, b)| x + b).collect();
+            assert_eq!(bits(&with_bias), bits(&biased[at.clone()]), "bias row {i}");
+            let with_up: Vec<f32> = row.iter().zip(&up[at.clone()]).map(|(x, u)| x + u).collect();
+            assert_eq!(bits(&with_up), bits(&summed[at]), "add row {i}");
         }
     }
 

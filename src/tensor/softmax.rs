@@ -40,7 +40,8 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn softmax_in_place(row: &mut [f32]) {
         let max = max(row);
-        let sum = crate::tensor::exp::avx2::exp_sum_in_place(row, max);
+        // The dispatching pass: sixteen lanes where the CPU has AVX-512, the same bits.
+        let sum = crate::tensor::exp::exp_sum_in_place(row, max);
         let inv = 1.0 / sum;
         let v = _mm256_set1_ps(inv);
         let mut chunks = row.chunks_exact_mut(LANES);
