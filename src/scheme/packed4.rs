@@ -37,7 +37,8 @@ pub const GEMV_MAX_ROWS: usize = 32;
 /// temporary so a prefill never holds a full f32 copy of the weight.
 const PANEL_VALUES: usize = 1 << 20;
 
-/// Output rows per parallel task of the fused GEMV.
+/// Most output rows per parallel task of the fused GEMV ([`Packed4::task_rows`] picks
+/// the size).
 const ROWS_PER_TASK: usize = 64;
 
 /// A `[rows, cols]` weight in the shared 4-bit block format.
@@ -241,12 +242,22 @@ impl Packed4 {
     /// rows from `r0` (`dst`: their outputs, written in place), in parallel for large
     /// weights.
     pub(crate) fn run_row_runs(&self, out: &mut [f32], rows: impl Fn(usize, &mut [f32]) + Sync) {
-        let task = |(t, dst): (usize, &mut [f32])| rows(t * ROWS_PER_TASK, dst);
+        let span = self.task_rows();
+        let task = |(t, dst): (usize, &mut [f32])| rows(t * span, dst);
         if self.rows * self.cols < SERIAL_VALUES {
-            out.chunks_mut(ROWS_PER_TASK).enumerate().for_each(task);
+            out.chunks_mut(span).enumerate().for_each(task);
         } else {
-            out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(task);
+            out.par_chunks_mut(span).enumerate().for_each(task);
         }
+    }
+
+    /// Weight rows per task: at most [`ROWS_PER_TASK`], in a count of tasks that the
+    /// pool's threads share evenly.
+    ///
+    /// Why: in tasks of 64 a 192-row projection (SmolLM2's k and v) made 3 tasks, two on
+    /// one thread and one on the other, and a 576-row one 9; the thread left over waited.
+    fn task_rows(&self) -> usize {
+        crate::tensor::balanced_task_len(self.rows, ROWS_PER_TASK)
     }
 
     /// Run `row(r, dst)` for every weight row `r` (`dst`: its `m` outputs), in tasks of
@@ -265,23 +276,24 @@ impl Packed4 {
             });
             return;
         }
+        let span = self.task_rows();
         let task = |t: usize| {
-            let r0 = t * ROWS_PER_TASK;
-            let n = ROWS_PER_TASK.min(rows - r0);
+            let r0 = t * span;
+            let n = span.min(rows - r0);
             let mut local = vec![0.0f32; n * m];
             for (r, dst) in local.chunks_exact_mut(m).enumerate() {
                 row(r0 + r, dst);
             }
             local
         };
-        let count = rows.div_ceil(ROWS_PER_TASK);
+        let count = rows.div_ceil(span);
         let tasks: Vec<Vec<f32>> = if serial {
             (0..count).map(task).collect()
         } else {
             (0..count).into_par_iter().map(task).collect()
         };
         for (t, local) in tasks.iter().enumerate() {
-            let r0 = t * ROWS_PER_TASK;
+            let r0 = t * span;
             for (r, vals) in local.chunks_exact(m).enumerate() {
                 for (i, v) in vals.iter().enumerate() {
                     out[i * rows + r0 + r] = *v;

@@ -20,7 +20,7 @@ pub fn by_dots(m: usize, k: usize, n: usize, out: &mut [f32], dot: impl Fn(usize
         return;
     }
     if m == 1 {
-        let per_task = (super::SERIAL_MACS / k.max(1)).clamp(1, n.max(1));
+        let per_task = super::balanced_task_len(n, super::SERIAL_MACS / k.max(1));
         out.par_chunks_mut(per_task).enumerate().for_each(|(task, chunk)| {
             let first = task * per_task;
             chunk.iter_mut().enumerate().for_each(|(r, o)| *o = dot(0, first + r));

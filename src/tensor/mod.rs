@@ -67,6 +67,17 @@ pub fn threads() -> usize {
     rayon::current_num_threads()
 }
 
+/// Items per task when `items` are split into tasks of at most `most` that the pool's
+/// threads share evenly: the fewest tasks of at most `most` in a multiple of the thread
+/// count, as equal as whole items allow.
+///
+/// Why: a fixed task size leaves a remainder. SmolLM2's 576-row projections in tasks of
+/// 64 made 9 tasks, 5 on one thread and 4 on the other, and the second thread waited.
+pub fn balanced_task_len(items: usize, most: usize) -> usize {
+    let per_thread = items.div_ceil(threads().max(1)).max(1);
+    per_thread.div_ceil(per_thread.div_ceil(most.max(1)))
+}
+
 /// Run `f` on a thread of the pool, waiting for it here.
 ///
 /// Why: a parallel loop started from a thread outside the pool hands its work over and
@@ -593,6 +604,21 @@ mod tests {
 
     /// f32 GEMM against an f64 reference: the error budget is f32 rounding over k terms.
     const GEMM_REL_L2_BUDGET: f64 = 1e-5;
+
+    #[test]
+    fn balanced_tasks_share_the_threads_evenly() {
+        let threads = threads();
+        for (items, most) in [(192, 64), (576, 64), (1536, 64), (576, 455), (1, 64), (100, 1), (7, 3)] {
+            let len = balanced_task_len(items, most);
+            let tasks = items.div_ceil(len);
+            assert!((1..=most).contains(&len), "{items} by {most}: tasks of {len}");
+            // Even: every thread gets the same number of tasks, bar the last one or two
+            // short ones, so no thread holds more than a task's worth over its share.
+            let per_thread = tasks.div_ceil(threads) * len;
+            assert!(per_thread <= items.div_ceil(threads) + len, "{items} by {most}: {tasks} tasks of {len}");
+            assert!(tasks >= items.div_ceil(most), "{items} by {most}: tasks larger than {most}");
+        }
+    }
 
     #[test]
     fn matmul_matches_reference_on_odd_shapes() {
