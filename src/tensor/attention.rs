@@ -355,8 +355,14 @@ fn head_products<'a>(
             let visible = if masking.causal { start + t + 1 } else { keys_total };
             let (seen, unseen) = row.split_at_mut(visible);
             masking.apply(seen, h, masking.key_mask.map(|m| &m[b * keys_total..][..visible]));
-            super::softmax_in_place(seen);
+            if masking.causal {
+                super::softmax_in_place(seen);
+            }
             unseen.fill(0.0);
+        }
+        if !masking.causal {
+            // Every row sees every key: rows of one length, which go two at a time.
+            super::softmax::softmax_rows_in_place(&mut scores, keys_total);
         }
         let out_at = dst.at(b * seq * row_width + h * head_dim);
         if tiles {

@@ -160,17 +160,50 @@ pub mod avx512 {
     /// The CPU must have AVX-512F, AVX2 and FMA.
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub unsafe fn exp_sum_in_place(row: &mut [f32], shift: f32) -> f32 {
-        let s = _mm512_set1_ps(shift);
-        let mut acc = _mm256_setzero_ps();
-        let mut chunks = row.chunks_exact_mut(2 * LANES);
-        for c in &mut chunks {
-            let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), s));
-            _mm512_storeu_ps(c.as_mut_ptr(), e);
-            // The low eight values, then the high eight: the order of the 8-lane paths.
-            acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
-            acc = _mm256_add_ps(acc, _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e))));
+        let [sum] = exp_sum_rows([row], [shift]);
+        sum
+    }
+
+    /// [`exp_sum_in_place`] of `N` rows of one length at once: each row's operations in
+    /// the one-row order, so the same bits, with the rows' chains of dependent sums
+    /// interleaved (a lone 128-value attention row waited on its own).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F, AVX2 and FMA.
+    ///
+    /// # Panics
+    /// When the rows differ in length.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn exp_sum_rows<const N: usize>(rows: [&mut [f32]; N], shifts: [f32; N]) -> [f32; N] {
+        let len = rows.first().map_or(0, |r| r.len());
+        assert!(rows.iter().all(|r| r.len() == len), "exp_sum_rows: rows differ in length");
+        let ptrs = rows.map(|r| r.as_mut_ptr());
+        let mut acc = [_mm256_setzero_ps(); N];
+        let whole = len - len % (2 * LANES);
+        for at in (0..whole).step_by(2 * LANES) {
+            for ((p, acc), &shift) in ptrs.iter().zip(acc.iter_mut()).zip(&shifts) {
+                let p = p.add(at);
+                let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p), _mm512_set1_ps(shift)));
+                _mm512_storeu_ps(p, e);
+                // The low eight values, then the high eight: the order of the 8-lane paths.
+                *acc = _mm256_add_ps(*acc, _mm512_castps512_ps256(e));
+                *acc =
+                    _mm256_add_ps(*acc, _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e))));
+            }
         }
-        let rest = chunks.into_remainder();
+        let mut sums = [0.0f32; N];
+        for (r, sum) in sums.iter_mut().enumerate() {
+            // SAFETY: row r is `len` values from ptrs[r], borrowed mutably by `rows`.
+            let rest = std::slice::from_raw_parts_mut(ptrs[r].add(whole), len - whole);
+            *sum = finish(rest, shifts[r], acc[r]);
+        }
+        sums
+    }
+
+    /// The values after the last sixteen of a row: eight more in the lanes `acc` holds,
+    /// then one at a time; the lanes summed pairwise and the tail added.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn finish(rest: &mut [f32], shift: f32, mut acc: __m256) -> f32 {
         let mut eights = rest.chunks_exact_mut(LANES);
         for c in &mut eights {
             let e = super::avx2::exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), _mm256_set1_ps(shift)));

@@ -9,12 +9,38 @@
 /// Softmax of `row`, in place, numerically stable (shifted by the row's maximum).
 pub fn softmax_in_place(row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
+    if super::tile::has_tiles() && super::has_avx2_fma() {
+        // SAFETY: the features were just detected.
+        unsafe { avx512::softmax_in_place(row) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if super::has_avx2_fma() {
         // SAFETY: the features were just detected.
         unsafe { avx2::softmax_in_place(row) };
         return;
     }
     softmax_scalar(row);
+}
+
+/// [`softmax_in_place`] of every row of `width` values of `x`: the same bits, two rows at
+/// a time where the CPU has AVX-512 (their chains of dependent sums interleave).
+pub fn softmax_rows_in_place(x: &mut [f32], width: usize) {
+    if width == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::tile::has_tiles() && super::has_avx2_fma() {
+        let mut pairs = x.chunks_exact_mut(2 * width);
+        for pair in &mut pairs {
+            let (a, b) = pair.split_at_mut(width);
+            // SAFETY: the features were just detected.
+            unsafe { avx512::softmax_two(a, b) };
+        }
+        pairs.into_remainder().chunks_mut(width).for_each(softmax_in_place);
+        return;
+    }
+    x.chunks_mut(width).for_each(softmax_in_place);
 }
 
 /// The portable path, and the reference the vector one is tested against.
@@ -40,8 +66,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn softmax_in_place(row: &mut [f32]) {
         let max = max(row);
-        // The dispatching pass: sixteen lanes where the CPU has AVX-512, the same bits.
-        let sum = crate::tensor::exp::exp_sum_in_place(row, max);
+        let sum = crate::tensor::exp::avx2::exp_sum_in_place(row, max);
         let inv = 1.0 / sum;
         let v = _mm256_set1_ps(inv);
         let mut chunks = row.chunks_exact_mut(LANES);
@@ -73,6 +98,77 @@ mod avx2 {
     }
 }
 
+/// Sixteen values at a time: the maximum, the exponentials and their sum
+/// ([`crate::tensor::exp::avx512::exp_sum_in_place`], the same bits as the other paths),
+/// then the scaling; tails through masked loads and stores.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use crate::tensor::exp::avx512 as exp;
+    use std::arch::x86_64::*;
+
+    const LANES: usize = 16;
+
+    /// [`super::softmax_in_place`] sixteen values at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, AVX2 and FMA.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn softmax_in_place(row: &mut [f32]) {
+        let shift = max(row);
+        let [sum] = exp::exp_sum_rows([&mut *row], [shift]);
+        scale(row, 1.0 / sum);
+    }
+
+    /// [`softmax_in_place`] of two rows of one length, the exponentials of both in one
+    /// loop.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, AVX2 and FMA.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn softmax_two(a: &mut [f32], b: &mut [f32]) {
+        let shifts = [max(a), max(b)];
+        let [sum_a, sum_b] = exp::exp_sum_rows([&mut *a, &mut *b], shifts);
+        scale(a, 1.0 / sum_a);
+        scale(b, 1.0 / sum_b);
+    }
+
+    /// `row[i] *= inv`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scale(row: &mut [f32], inv: f32) {
+        let (inv, p) = (_mm512_set1_ps(inv), row.as_mut_ptr());
+        for at in (0..row.len()).step_by(LANES) {
+            let mask = tail_mask(row.len() - at);
+            let v = _mm512_maskz_loadu_ps(mask, p.add(at));
+            _mm512_mask_storeu_ps(p.add(at), mask, _mm512_mul_ps(v, inv));
+        }
+    }
+
+    /// Lanes holding values when `left` values remain.
+    fn tail_mask(left: usize) -> u16 {
+        if left >= LANES {
+            u16::MAX
+        } else {
+            ((1u32 << left) - 1) as u16
+        }
+    }
+
+    /// The largest value of `row` (−∞ when empty), in two running maxima; lanes past the
+    /// end are not read (−∞).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn max(row: &[f32]) -> f32 {
+        let low = _mm512_set1_ps(f32::NEG_INFINITY);
+        let load = |at: usize| {
+            _mm512_mask_loadu_ps(low, tail_mask(row.len().saturating_sub(at)), row.as_ptr().wrapping_add(at))
+        };
+        let (mut even, mut odd) = (low, low);
+        for at in (0..row.len()).step_by(2 * LANES) {
+            even = _mm512_max_ps(even, load(at));
+            odd = _mm512_max_ps(odd, load(at + LANES));
+        }
+        _mm512_reduce_max_ps(_mm512_max_ps(even, odd))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,6 +187,19 @@ mod tests {
             assert_eq!(bits(&row), bits(&scalar), "length {len}");
             let sum: f32 = row.iter().sum();
             assert!((sum - 1.0).abs() < 1e-5, "length {len}: {sum}");
+        }
+    }
+
+    #[test]
+    fn rows_in_pairs_give_each_row_s_bits() {
+        for (rows, width) in [(4, 128), (3, 40), (5, 7), (1, 33)] {
+            let mut x = crate::tensor::test_values(rows * width, width as u32);
+            x.iter_mut().step_by(9).for_each(|v| *v = f32::MIN);
+            let mut each = x.clone();
+            each.chunks_mut(width).for_each(softmax_scalar);
+            softmax_rows_in_place(&mut x, width);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&x), bits(&each), "{rows} rows of {width}");
         }
     }
 

@@ -117,6 +117,18 @@ pub fn product_reference(a: Matrix, b: Matrix, scale: f32) -> Vec<f32> {
 /// `t[j, i] = m[i, j]`, into `t` (`m.cols × m.rows`, row-major).
 pub fn transpose_into(m: Matrix, t: &mut [f32]) {
     assert!(t.len() >= m.rows * m.cols, "transpose: {} values cannot hold {} × {}", t.len(), m.cols, m.rows);
+    #[cfg(target_arch = "x86_64")]
+    if has_tiles() && m.stride < (i32::MAX as usize) / 16 {
+        // SAFETY: the CPU has AVX-512 F; `t` holds the output (asserted above) and the
+        // gathers' offsets fit in i32 (checked here).
+        unsafe { avx512::transpose(m, t) };
+        return;
+    }
+    transpose_scalar(m, t);
+}
+
+/// [`transpose_into`] one value at a time.
+fn transpose_scalar(m: Matrix, t: &mut [f32]) {
     for i in 0..m.rows {
         let row = &m.data[i * m.stride..][..m.cols];
         for (j, &v) in row.iter().enumerate() {
@@ -132,65 +144,106 @@ mod avx512 {
 
     /// Lanes of a vector.
     const LANES: usize = 16;
+    /// Row pointers of a tile: one per three rows.
+    const GROUPS: usize = TILE_ROWS.div_ceil(3);
 
-    /// [`super::product_raw`] in tiles: column panels of [`TILE_COLS`] (the last one
-    /// masked), rows in blocks of [`TILE_ROWS`] (the last one shorter).
+    /// [`super::product_raw`] in tiles: column panels of [`WIDE_COLS`] while whole ones
+    /// remain, then of [`TILE_COLS`] (the last one masked); rows in blocks of as many as
+    /// the panel's tile holds (the last one shorter).
     ///
     /// # Safety
     /// The CPU must have AVX-512 F, and the contract of [`super::product_raw`] holds.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn product(a: Matrix, b: Matrix, scale: f32, c: *mut f32, c_stride: usize) {
-        let (rows, k, cols) = (a.rows, a.cols, b.cols);
-        let (ap, bp) = (a.data.as_ptr(), b.data.as_ptr());
-        for j0 in (0..cols).step_by(TILE_COLS) {
-            let masks = Masks::new(cols - j0);
-            let tile = |i0: usize| Tile {
-                a: ap.add(i0 * a.stride),
-                a_stride: a.stride,
-                b: bp.add(j0),
-                b_stride: b.stride,
-                k,
-                scale,
-                c: c.add(i0 * c_stride + j0),
-                c_stride,
-                masks,
-            };
-            let full = rows / TILE_ROWS;
-            for block in 0..full {
-                tile(block * TILE_ROWS).run::<TILE_ROWS>();
-            }
-            let (i0, left) = (full * TILE_ROWS, rows % TILE_ROWS);
-            let t = tile(i0);
-            match left {
-                0 => {}
-                1 => t.run::<1>(),
-                2 => t.run::<2>(),
-                3 => t.run::<3>(),
-                4 => t.run::<4>(),
-                5 => t.run::<5>(),
-                6 => t.run::<6>(),
-                7 => t.run::<7>(),
-                8 => t.run::<8>(),
-                9 => t.run::<9>(),
-                10 => t.run::<10>(),
-                _ => t.run::<11>(),
+        let cols = b.cols;
+        let tile = |i0: usize, j0: usize| Tile {
+            a: a.data.as_ptr().add(i0 * a.stride),
+            a_stride: a.stride,
+            b: b.data.as_ptr().add(j0),
+            b_stride: b.stride,
+            k: a.cols,
+            scale,
+            c: c.add(i0 * c_stride + j0),
+            c_stride,
+            cols_left: cols - j0,
+        };
+        let mut j0 = 0;
+        while cols - j0 >= WIDE_COLS {
+            panel::<WIDE_ROWS, { WIDE_COLS / LANES }>(a.rows, |i0| tile(i0, j0));
+            j0 += WIDE_COLS;
+        }
+        while j0 < cols {
+            panel::<TILE_ROWS, { TILE_COLS / LANES }>(a.rows, |i0| tile(i0, j0));
+            j0 += TILE_COLS;
+        }
+    }
+
+    /// Columns of a wide panel: four vectors, whose tile of [`WIDE_ROWS`] rows needs only
+    /// six broadcasts for its 24 multiply-adds per step.
+    const WIDE_COLS: usize = 4 * LANES;
+    /// Rows of a wide panel's tile (6 × 4 accumulators).
+    const WIDE_ROWS: usize = 6;
+
+    /// Every row of one column panel: blocks of `R` rows of `V` vectors, then the rest.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn panel<const R: usize, const V: usize>(rows: usize, tile: impl Fn(usize) -> Tile) {
+        let full = rows / R;
+        for block in 0..full {
+            tile(block * R).run::<R, V>();
+        }
+        let t = tile(full * R);
+        match rows % R {
+            0 => {}
+            1 => t.run::<1, V>(),
+            2 => t.run::<2, V>(),
+            3 => t.run::<3, V>(),
+            4 => t.run::<4, V>(),
+            5 => t.run::<5, V>(),
+            6 => t.run::<6, V>(),
+            7 => t.run::<7, V>(),
+            8 => t.run::<8, V>(),
+            9 => t.run::<9, V>(),
+            10 => t.run::<10, V>(),
+            _ => t.run::<11, V>(),
+        }
+    }
+
+    /// [`super::transpose_into`]: sixteen rows at a time, each column of them gathered
+    /// into one vector and stored as a run of the output row.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `t` holds `m.rows × m.cols` values and `16 · m.stride`
+    /// fits in an i32.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn transpose(m: Matrix, t: &mut [f32]) {
+        let stride = m.stride as i32;
+        let offsets = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(stride),
+        );
+        for i0 in (0..m.rows).step_by(LANES) {
+            let mask = lanes(m.rows - i0);
+            let rows = m.data.as_ptr().add(i0 * m.stride);
+            for j in 0..m.cols {
+                // Masked lanes (rows past the matrix) are not read.
+                let column = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, offsets, rows.add(j));
+                _mm512_mask_storeu_ps(t.as_mut_ptr().add(j * m.rows + i0), mask, column);
             }
         }
     }
 
-    /// Which lanes of a panel's two vectors are columns of the matrix.
-    #[derive(Clone, Copy)]
-    struct Masks(u16, u16);
-
-    impl Masks {
-        fn new(cols_left: usize) -> Self {
-            let lanes = |n: usize| if n >= LANES { u16::MAX } else { ((1u32 << n) - 1) as u16 };
-            Masks(lanes(cols_left), lanes(cols_left.saturating_sub(LANES)))
+    /// Lanes holding columns when `left` columns remain.
+    fn lanes(left: usize) -> u16 {
+        if left >= LANES {
+            u16::MAX
+        } else {
+            ((1u32 << left) - 1) as u16
         }
     }
 
-    /// One register tile's operands: `R` rows of `a` from `a`, the panel's columns of `b`
-    /// from `b`, the output tile at `c`.
+    /// One register tile's operands: rows of `a` from `a`, the panel's columns of `b`
+    /// from `b` (`cols_left` of them from there to the matrix's edge), the output tile
+    /// at `c`.
     struct Tile {
         a: *const f32,
         a_stride: usize,
@@ -200,32 +253,50 @@ mod avx512 {
         scale: f32,
         c: *mut f32,
         c_stride: usize,
-        masks: Masks,
+        cols_left: usize,
     }
 
     impl Tile {
-        /// The tile's `R × 32` sums in registers, along `k`, then scaled and stored
-        /// (masked lanes are neither read from `b` nor written).
+        /// The tile's `R × 16V` sums in registers, along `k`, then scaled and stored
+        /// (lanes past the matrix's edge are neither read from `b` nor written).
         #[target_feature(enable = "avx512f")]
-        unsafe fn run<const R: usize>(&self) {
-            let Masks(m0, m1) = self.masks;
-            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        unsafe fn run<const R: usize, const V: usize>(&self) {
+            let mut masks = [0u16; V];
+            for (v, mask) in masks.iter_mut().enumerate() {
+                *mask = lanes(self.cols_left.saturating_sub(v * LANES));
+            }
+            let mut acc = [[_mm512_setzero_ps(); V]; R];
             let mut b = self.b;
-            for kk in 0..self.k {
-                let b0 = _mm512_maskz_loadu_ps(m0, b);
-                let b1 = _mm512_maskz_loadu_ps(m1, b.add(LANES));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let x = _mm512_set1_ps(*self.a.add(r * self.a_stride + kk));
-                    acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
-                    acc[1] = _mm512_fmadd_ps(x, b1, acc[1]);
+            // Rows in groups of three from one pointer each: `[group + stride · i]` is one
+            // addressing mode, where a pointer per row needed more registers than x86 has
+            // and one stepped row by row made a chain of dependent adds.
+            let stride = self.a_stride;
+            let mut groups = [self.a; GROUPS];
+            for (g, p) in groups.iter_mut().enumerate() {
+                *p = self.a.wrapping_add(3 * g * stride);
+            }
+            for _ in 0..self.k {
+                let mut bv = [_mm512_setzero_ps(); V];
+                for (v, (bv, &mask)) in bv.iter_mut().zip(&masks).enumerate() {
+                    *bv = _mm512_maskz_loadu_ps(mask, b.wrapping_add(v * LANES));
                 }
-                b = b.add(self.b_stride);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let x = _mm512_set1_ps(*groups[r / 3].add((r % 3) * stride));
+                    for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                        *acc = _mm512_fmadd_ps(x, bv, *acc);
+                    }
+                }
+                for p in groups.iter_mut() {
+                    *p = p.wrapping_add(1);
+                }
+                b = b.wrapping_add(self.b_stride);
             }
             let scale = _mm512_set1_ps(self.scale);
             for (r, acc) in acc.iter().enumerate() {
                 let c = self.c.add(r * self.c_stride);
-                _mm512_mask_storeu_ps(c, m0, _mm512_mul_ps(acc[0], scale));
-                _mm512_mask_storeu_ps(c.add(LANES), m1, _mm512_mul_ps(acc[1], scale));
+                for (v, (&acc, &mask)) in acc.iter().zip(&masks).enumerate() {
+                    _mm512_mask_storeu_ps(c.wrapping_add(v * LANES), mask, _mm512_mul_ps(acc, scale));
+                }
             }
         }
     }
@@ -280,6 +351,16 @@ mod tests {
         let mut t = vec![0.0; 6];
         transpose_into(Matrix::new(&m, 3, 2, 5), &mut t);
         assert_eq!(t, vec![m[0], m[5], m[10], m[1], m[6], m[11]]);
+        // Around the vector width, on every path.
+        for (rows, cols, stride) in [(16, 32, 40), (17, 3, 3), (128, 32, 384), (5, 1, 9)] {
+            let data = test_values((rows - 1) * stride + cols, 6);
+            let m = Matrix::new(&data, rows, cols, stride);
+            let (mut fast, mut plain) = (vec![f32::NAN; rows * cols + 1], vec![f32::NAN; rows * cols + 1]);
+            transpose_into(m, &mut fast);
+            transpose_scalar(m, &mut plain);
+            assert_eq!(bits(&fast), bits(&plain), "{rows} × {cols}");
+            assert!(fast[rows * cols].is_nan(), "wrote past the output");
+        }
     }
 
     #[test]
