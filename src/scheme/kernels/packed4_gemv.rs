@@ -445,7 +445,12 @@ impl Activations {
             if let Some(memo) = last.as_ref().filter(|memo| memo.serves(x, m, table, sums, layout)) {
                 return Some(memo.acts.clone());
             }
+            // The profile's quantization line counts the inputs quantized, not those served
+            // from the memo (whose bit check stays in the linear's own time).
+            let work = || crate::profile::Work { ops: 3.0 * x.len() as f64, bytes: 6.0 * x.len() as f64 };
+            let quantizing = crate::profile::span("activation quantization", "16-bit per 32 values", work);
             let acts = Rc::new(Activations::new(x, m, cols, table, sums, layout)?);
+            drop(quantizing);
             let mut input = last.take().map(|memo| memo.input).unwrap_or_default();
             input.clear();
             input.extend_from_slice(x);
@@ -1359,14 +1364,11 @@ impl Packed4 {
         #[cfg(target_arch = "x86_64")]
         let fixed = path == Gemv::Avx2Fixed || path == Gemv::VnniFixed;
         if fixed && has_avx2() && shape_fits(self) {
-            let work = || crate::profile::Work { ops: 3.0 * x.len() as f64, bytes: 6.0 * x.len() as f64 };
-            let quantizing = crate::profile::span("activation quantization", "16-bit per 32 values", work);
             let prepared = FixedTable::new(&self.table).and_then(|t| {
                 let bytes = Layout::for_bytes(self, &t).filter(|_| path == Gemv::VnniFixed && has_vnni());
                 let layout = bytes.unwrap_or_else(|| Layout::for_weight(self, &t));
                 Activations::shared(x, m, self.cols, &t, self.offsets.is_some(), layout).map(|a| (t, a))
             });
-            drop(quantizing);
             if let Some((table, acts)) = prepared {
                 // SAFETY: the CPU has AVX2 and FMA (checked above).
                 let lut = unsafe { Lut::new(&table) };
