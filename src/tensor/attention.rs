@@ -2,6 +2,7 @@
 //! every decoder architecture.
 
 use super::tile::{self, Matrix};
+use super::DisjointOut;
 use rayon::prelude::*;
 
 /// The shape of one attention layer.
@@ -292,23 +293,6 @@ struct KvRows<'a> {
     stride: usize,
 }
 
-/// The output pointer shared by the parallel heads, each writing its own columns.
-#[derive(Clone, Copy)]
-struct HeadOut(*mut f32);
-
-// SAFETY: every head writes a disjoint set of elements (its columns of its sequence's
-// rows), and the caller holds the `&mut` borrow of the whole output until all are done.
-unsafe impl Send for HeadOut {}
-unsafe impl Sync for HeadOut {}
-
-impl HeadOut {
-    /// The element `offset` places in (a method, so closures capture the whole wrapper
-    /// rather than its raw pointer field).
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
-}
-
 /// Attention for many queries (prefills, encoders): per sequence and head, the scores of
 /// all queries against all keys as one matrix product, the masks and the softmax row by
 /// row, then the values as a second product written straight into the head's columns of
@@ -333,7 +317,7 @@ fn head_products<'a>(
     let row_width = heads * head_dim;
     let keys_total = start + seq;
     assert!(q.len() >= batch * seq * row_width && out.len() >= batch * seq * row_width);
-    let dst = HeadOut(out.as_mut_ptr());
+    let dst = DisjointOut::new(out);
     let tiles = tile::has_tiles();
     let head = |job: usize| {
         let (b, h) = (job / heads, job % heads);

@@ -78,6 +78,29 @@ pub fn balanced_task_len(items: usize, most: usize) -> usize {
     per_thread.div_ceil(per_thread.div_ceil(most.max(1)))
 }
 
+/// An output shared by parallel tasks that each write their own elements of it (a head's
+/// columns, a block of weight rows' columns).
+#[derive(Clone, Copy)]
+pub(crate) struct DisjointOut(*mut f32);
+
+// SAFETY: the tasks write disjoint sets of elements, and the code that made the wrapper
+// holds the `&mut` borrow of the whole output until every task is done.
+unsafe impl Send for DisjointOut {}
+unsafe impl Sync for DisjointOut {}
+
+impl DisjointOut {
+    /// The wrapper of `out`, which the caller keeps borrowed while tasks write to it.
+    pub(crate) fn new(out: &mut [f32]) -> Self {
+        DisjointOut(out.as_mut_ptr())
+    }
+
+    /// The element `offset` places in (a method, so closures capture the whole wrapper
+    /// rather than its raw pointer field).
+    pub(crate) fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
 /// Run `f` on a thread of the pool, waiting for it here.
 ///
 /// Why: a parallel loop started from a thread outside the pool hands its work over and

@@ -65,26 +65,25 @@ pub fn matmul_nt_skinny_rows<W: WeightRows + ?Sized>(
     assert_eq!(out.len(), m * n, "matmul_nt_skinny: output is not [m, n]");
     let path = Path::detect();
     let paired = if path == Path::Avx512 { pair_rows(a, m, k) } else { Vec::new() };
-    // Each task writes the columns j0 .. j0 + ROWS_PER_TASK of every output row: collect
-    // per task, then scatter (outputs are small next to the weights read).
-    let tasks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(ROWS_PER_TASK))
-        .into_par_iter()
-        .map(|t| {
-            let j0 = t * ROWS_PER_TASK;
-            let rows = ROWS_PER_TASK.min(n - j0);
-            let mut part = vec![0.0f32; m * rows];
-            let mut scratch = Vec::new();
-            block(Lhs { a, paired: &paired }, m, k, w.rows(j0, rows, k, &mut scratch), rows, &mut part, path);
-            (j0, part)
-        })
-        .collect();
-    super::scratch::recycle(paired);
-    for (j0, part) in tasks {
-        let rows = part.len() / m.max(1);
-        for (i, src) in part.chunks_exact(rows.max(1)).enumerate().take(m) {
-            out[i * n + j0..i * n + j0 + rows].copy_from_slice(src);
+    // Each task computes the columns j0 .. j0 + ROWS_PER_TASK of every output row into a
+    // buffer of its own and copies them into place itself: done after the tasks, on one
+    // thread, the copies cost SmolLM2's 64-row prefill about 6% of its time (Xeon).
+    let dst = super::DisjointOut::new(out);
+    (0..n.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|t| {
+        let j0 = t * ROWS_PER_TASK;
+        let rows = ROWS_PER_TASK.min(n - j0);
+        let mut part = super::scratch::take(m * rows);
+        let mut scratch = Vec::new();
+        block(Lhs { a, paired: &paired }, m, k, w.rows(j0, rows, k, &mut scratch), rows, &mut part, path);
+        for (i, src) in part.chunks_exact(rows).enumerate() {
+            // SAFETY: out is m × n (asserted above) and j0 + rows ≤ n, so row i's columns
+            // j0 .. j0 + rows lie inside it; they belong to this task alone, and `out`
+            // stays borrowed until every task is done.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.at(i * n + j0), rows) };
         }
-    }
+        super::scratch::recycle(part);
+    });
+    super::scratch::recycle(paired);
 }
 
 /// The tile kernels this CPU runs (all give the same bits).
