@@ -318,23 +318,14 @@ fn head_products<'a>(
     let keys_total = start + seq;
     assert!(q.len() >= batch * seq * row_width && out.len() >= batch * seq * row_width);
     let dst = DisjointOut::new(out);
-    let tiles = tile::has_tiles();
     let head = |job: usize| {
         let (b, h) = (job / heads, job % heads);
         let KvRows { keys, values, stride } = kv(b * kv_heads + h / group);
         assert!(keys_total == 0 || keys.len().min(values.len()) >= (keys_total - 1) * stride + head_dim);
         let qh = &q[b * seq * row_width + h * head_dim..];
         let mut scores = super::scratch::take(seq * keys_total);
-        if tiles {
-            let mut keys_t = super::scratch::take(head_dim * keys_total);
-            tile::transpose_into(Matrix::new(keys, keys_total, head_dim, stride), &mut keys_t);
-            let queries = Matrix::new(qh, seq, head_dim, row_width);
-            let keys_t_view = Matrix::new(&keys_t, head_dim, keys_total, keys_total);
-            tile::product(queries, keys_t_view, scale, &mut scores, keys_total);
-            super::scratch::recycle(keys_t);
-        } else {
-            scores_gemm(qh, seq, row_width, keys, stride, keys_total, head_dim, scale, &mut scores);
-        }
+        let queries = Matrix::new(qh, seq, head_dim, row_width);
+        head_scores(queries, Matrix::new(keys, keys_total, head_dim, stride), scale, &mut scores);
         for (t, row) in scores.chunks_exact_mut(keys_total).enumerate() {
             let visible = if masking.causal { start + t + 1 } else { keys_total };
             let (seen, unseen) = row.split_at_mut(visible);
@@ -348,45 +339,51 @@ fn head_products<'a>(
             // Every row sees every key: rows of one length, which go two at a time.
             super::softmax::softmax_rows_in_place(&mut scores, keys_total);
         }
-        let out_at = dst.at(b * seq * row_width + h * head_dim);
-        if tiles {
-            let weights = Matrix::new(&scores, seq, keys_total, keys_total);
-            let values = Matrix::new(values, keys_total, head_dim, stride);
-            // SAFETY: values hold keys_total rows of head_dim (the assert above); out_at
-            // is this head's columns h·head_dim.. of sequence b's rows of out (row stride
-            // row_width), inside out by the assert above and written by no other head.
-            unsafe { tile::product_raw(weights, values, 1.0, out_at, row_width) };
-        } else {
-            // SAFETY: as above.
-            unsafe {
-                weighted_sum_gemm(&scores, seq, keys_total, values, stride, head_dim, out_at, row_width)
-            };
-        }
+        let weights = Matrix::new(&scores, seq, keys_total, keys_total);
+        // SAFETY: the output is this head's columns h·head_dim.. of sequence b's rows of
+        // out (row stride row_width), inside out by the assert above and written by no
+        // other head.
+        unsafe {
+            head_weighted_sum(
+                weights,
+                Matrix::new(values, keys_total, head_dim, stride),
+                dst.at(b * seq * row_width + h * head_dim),
+                row_width,
+            )
+        };
         super::scratch::recycle(scores);
     };
     (0..batch * heads).into_par_iter().for_each(head);
 }
 
-/// `scores[seq, keys_total] = scale · q · keysᵀ` by the `gemm` crate, where the register
-/// tiles do not run: `q`'s rows at stride `row_width`, `keys`' at stride `stride`.
-#[allow(clippy::too_many_arguments)]
-fn scores_gemm(
-    q: &[f32],
-    seq: usize,
-    row_width: usize,
-    keys: &[f32],
-    stride: usize,
-    keys_total: usize,
-    head_dim: usize,
-    scale: f32,
-    scores: &mut [f32],
-) {
-    assert!(seq == 0 || q.len() >= (seq - 1) * row_width + head_dim);
-    assert!(keys_total == 0 || keys.len() >= (keys_total - 1) * stride + head_dim);
-    assert!(scores.len() >= seq * keys_total);
-    // SAFETY: lhs rows t < seq of q (row stride row_width, head_dim values each) lie in q;
-    // rhs is keys[keys_total, head_dim] (row stride `stride`) read transposed; dst is
-    // scores[seq, keys_total]; all checked above.
+/// `scores = scale · queries · keysᵀ` (`queries.rows() × keys.rows()`, row-major): with
+/// AVX-512 the keys transposed once and a register-tile product, else the `gemm` crate.
+fn head_scores(queries: Matrix, keys: Matrix, scale: f32, scores: &mut [f32]) {
+    let (seq, keys_total, head_dim) = (queries.rows(), keys.rows(), queries.cols());
+    assert!(keys.cols() == head_dim && scores.len() >= seq * keys_total, "attention scores: shapes differ");
+    if tile::has_tiles() {
+        head_scores_tiles(queries, keys, scale, scores);
+    } else {
+        head_scores_gemm(queries, keys, scale, scores);
+    }
+}
+
+/// [`head_scores`] by register tiles (on any CPU: the scalar loop without AVX-512).
+fn head_scores_tiles(queries: Matrix, keys: Matrix, scale: f32, scores: &mut [f32]) {
+    let (keys_total, head_dim) = (keys.rows(), keys.cols());
+    let mut keys_t = super::scratch::take(head_dim * keys_total);
+    tile::transpose_into(keys, &mut keys_t);
+    let keys_t_view = Matrix::new(&keys_t, head_dim, keys_total, keys_total);
+    tile::product(queries, keys_t_view, scale, scores, keys_total);
+    super::scratch::recycle(keys_t);
+}
+
+/// [`head_scores`] by the `gemm` crate.
+fn head_scores_gemm(queries: Matrix, keys: Matrix, scale: f32, scores: &mut [f32]) {
+    let (seq, keys_total, head_dim) = (queries.rows(), keys.rows(), queries.cols());
+    assert!(keys.cols() == head_dim && scores.len() >= seq * keys_total, "attention scores: shapes differ");
+    // SAFETY: both matrices lie inside their slices (checked when made), and dst is
+    // scores[seq, keys_total] (checked above); rhs is keys read transposed.
     unsafe {
         gemm::gemm(
             seq,
@@ -396,11 +393,11 @@ fn scores_gemm(
             1,
             keys_total as isize,
             false,
-            q.as_ptr(),
+            queries.data().as_ptr(),
             1,
-            row_width as isize,
-            keys.as_ptr(),
-            stride as isize,
+            queries.stride() as isize,
+            keys.data().as_ptr(),
+            keys.stride() as isize,
             1,
             0.0,
             scale,
@@ -412,40 +409,44 @@ fn scores_gemm(
     }
 }
 
-/// `out[seq, head_dim] = scores · values` by the `gemm` crate, where the register tiles
-/// do not run: `values`' rows at stride `stride`, `out`'s at `out_stride`.
+/// `out = weights · values` (`weights.rows() × values.cols()` at row stride
+/// `out_stride`): register tiles with AVX-512, else the `gemm` crate.
 ///
 /// # Safety
-/// `scores` holds `seq × keys_total` values, `values` holds `keys_total` rows, and `out`
-/// is valid for writes of `seq` rows of `head_dim` at stride `out_stride`, written by no
-/// one else meanwhile.
-#[allow(clippy::too_many_arguments)]
-unsafe fn weighted_sum_gemm(
-    scores: &[f32],
-    seq: usize,
-    keys_total: usize,
-    values: &[f32],
-    stride: usize,
-    head_dim: usize,
-    out: *mut f32,
-    out_stride: usize,
-) {
-    // SAFETY: the caller's contract.
+/// `out` must be valid for writes of that matrix, written by no one else meanwhile.
+unsafe fn head_weighted_sum(weights: Matrix, values: Matrix, out: *mut f32, out_stride: usize) {
+    assert_eq!(weights.cols(), values.rows(), "attention weighted sum: shapes differ");
+    if tile::has_tiles() {
+        // SAFETY: the caller's contract; the shapes agree (checked above).
+        unsafe { tile::product_raw(weights, values, 1.0, out, out_stride) };
+    } else {
+        // SAFETY: the caller's contract; the shapes agree (checked above).
+        unsafe { head_weighted_sum_gemm(weights, values, out, out_stride) };
+    }
+}
+
+/// [`head_weighted_sum`] by the `gemm` crate.
+///
+/// # Safety
+/// As [`head_weighted_sum`]'s, and `weights.cols() == values.rows()`.
+unsafe fn head_weighted_sum_gemm(weights: Matrix, values: Matrix, out: *mut f32, out_stride: usize) {
+    // SAFETY: both matrices lie inside their slices (checked when made); the caller's
+    // contract covers the output.
     unsafe {
         gemm::gemm(
-            seq,
-            head_dim,
-            keys_total,
+            weights.rows(),
+            values.cols(),
+            weights.cols(),
             out,
             1,
             out_stride as isize,
             false,
-            scores.as_ptr(),
+            weights.data().as_ptr(),
             1,
-            keys_total as isize,
-            values.as_ptr(),
+            weights.stride() as isize,
+            values.data().as_ptr(),
             1,
-            stride as isize,
+            values.stride() as isize,
             0.0,
             1.0,
             false,
@@ -632,6 +633,33 @@ mod tests {
     }
 
     /// The lane-parallel dot product against an f64 sum, for lengths around the lanes.
+    /// The register tiles (here or in their scalar form) and the `gemm` crate, which CPUs
+    /// without AVX-512 run, agree on a head's scores and weighted sum.
+    #[test]
+    fn both_head_product_paths_agree() {
+        let (seq, keys_total, head_dim, stride) = (37, 45, 24, 40);
+        let q = crate::tensor::test_values(seq * stride, 1);
+        let kv = crate::tensor::test_values(keys_total * stride, 2);
+        let (queries, keys) =
+            (Matrix::new(&q, seq, head_dim, stride), Matrix::new(&kv, keys_total, head_dim, stride));
+        let (mut tiles, mut gemm) = (vec![0.0; seq * keys_total], vec![0.0; seq * keys_total]);
+        head_scores_tiles(queries, keys, 0.3, &mut tiles);
+        head_scores_gemm(queries, keys, 0.3, &mut gemm);
+        let close =
+            |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * y.abs().max(1.0));
+        assert!(close(&tiles, &gemm), "scores differ");
+        let weights = Matrix::new(&tiles, seq, keys_total, keys_total);
+        let values = Matrix::new(&kv, keys_total, head_dim, stride);
+        let (mut by_tiles, mut by_gemm) = (vec![f32::NAN; seq * stride], vec![f32::NAN; seq * stride]);
+        // SAFETY: each output holds seq rows of head_dim at stride `stride`.
+        unsafe {
+            tile::product_raw(weights, values, 1.0, by_tiles.as_mut_ptr(), stride);
+            head_weighted_sum_gemm(weights, values, by_gemm.as_mut_ptr(), stride);
+        }
+        let written = |v: &[f32]| v.chunks(stride).flat_map(|r| r[..head_dim].to_vec()).collect::<Vec<f32>>();
+        assert!(close(&written(&by_tiles), &written(&by_gemm)), "weighted sums differ");
+    }
+
     #[test]
     fn lane_dot_products_match_an_f64_sum() {
         let mut rng = SeededRng::new(13);

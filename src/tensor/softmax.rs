@@ -3,8 +3,10 @@
 //! Why a kernel of its own: in an encoder pass of all-MiniLM-L6-v2 (8 × 128 tokens) the
 //! softmax over 9.4 M scores took half the attention's time. The scalar fold for the
 //! maximum runs one value per instruction, and the final scaling four; the AVX2 path
-//! takes eight at a time for both. The exponentials and their sum are
-//! [`super::exp::exp_sum_in_place`] on both paths, so both give the same bits.
+//! takes eight at a time for both and the AVX-512 path sixteen, two rows at once where
+//! the rows have one length ([`softmax_rows_in_place`]). The exponentials and their sum
+//! are [`super::exp`]'s on every path, summed in the same order, so all give the same
+//! bits.
 
 /// Softmax of `row`, in place, numerically stable (shifted by the row's maximum).
 pub fn softmax_in_place(row: &mut [f32]) {
@@ -99,8 +101,8 @@ mod avx2 {
 }
 
 /// Sixteen values at a time: the maximum, the exponentials and their sum
-/// ([`crate::tensor::exp::avx512::exp_sum_in_place`], the same bits as the other paths),
-/// then the scaling; tails through masked loads and stores.
+/// ([`crate::tensor::exp::avx512::exp_sum_rows`], the same bits as the other paths), then
+/// the scaling; tails through masked loads and stores.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use crate::tensor::exp::avx512 as exp;

@@ -44,6 +44,26 @@ impl<'a> Matrix<'a> {
     fn at(&self, i: usize, j: usize) -> f32 {
         self.data[i * self.stride + j]
     }
+
+    /// The values the matrix lies in.
+    pub fn data(&self) -> &'a [f32] {
+        self.data
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Values from one row's start to the next's.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
 }
 
 /// Whether a `rows × cols` matrix at row stride `stride` lies inside `len` values.
