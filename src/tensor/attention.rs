@@ -359,8 +359,6 @@ fn head_products<'a>(
 /// `scores = scale · queries · keysᵀ` (`queries.rows() × keys.rows()`, row-major): with
 /// AVX-512 the keys transposed once and a register-tile product, else the `gemm` crate.
 fn head_scores(queries: Matrix, keys: Matrix, scale: f32, scores: &mut [f32]) {
-    let (seq, keys_total, head_dim) = (queries.rows(), keys.rows(), queries.cols());
-    assert!(keys.cols() == head_dim && scores.len() >= seq * keys_total, "attention scores: shapes differ");
     if tile::has_tiles() {
         head_scores_tiles(queries, keys, scale, scores);
     } else {
@@ -380,33 +378,15 @@ fn head_scores_tiles(queries: Matrix, keys: Matrix, scale: f32, scores: &mut [f3
 
 /// [`head_scores`] by the `gemm` crate.
 fn head_scores_gemm(queries: Matrix, keys: Matrix, scale: f32, scores: &mut [f32]) {
-    let (seq, keys_total, head_dim) = (queries.rows(), keys.rows(), queries.cols());
-    assert!(keys.cols() == head_dim && scores.len() >= seq * keys_total, "attention scores: shapes differ");
-    // SAFETY: both matrices lie inside their slices (checked when made), and dst is
-    // scores[seq, keys_total] (checked above); rhs is keys read transposed.
-    unsafe {
-        gemm::gemm(
-            seq,
-            keys_total,
-            head_dim,
-            scores.as_mut_ptr(),
-            1,
-            keys_total as isize,
-            false,
-            queries.data().as_ptr(),
-            1,
-            queries.stride() as isize,
-            keys.data().as_ptr(),
-            keys.stride() as isize,
-            1,
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    let (seq, keys_total) = (queries.rows(), keys.rows());
+    assert!(queries.cols() == keys.cols(), "attention scores: queries and keys differ in width");
+    assert!(
+        scores.len() >= seq * keys_total,
+        "attention scores: {} values cannot hold {seq} × {keys_total}",
+        scores.len()
+    );
+    // SAFETY: the shapes agree and `scores` holds the output (checked above).
+    unsafe { crate_product(queries, Rhs::Transposed(keys), scale, scores.as_mut_ptr(), keys_total) };
 }
 
 /// `out = weights · values` (`weights.rows() × values.cols()` at row stride
@@ -416,39 +396,52 @@ fn head_scores_gemm(queries: Matrix, keys: Matrix, scale: f32, scores: &mut [f32
 /// `out` must be valid for writes of that matrix, written by no one else meanwhile.
 unsafe fn head_weighted_sum(weights: Matrix, values: Matrix, out: *mut f32, out_stride: usize) {
     assert_eq!(weights.cols(), values.rows(), "attention weighted sum: shapes differ");
+    // SAFETY (both arms): the caller's contract; the shapes agree (checked above).
     if tile::has_tiles() {
-        // SAFETY: the caller's contract; the shapes agree (checked above).
         unsafe { tile::product_raw(weights, values, 1.0, out, out_stride) };
     } else {
-        // SAFETY: the caller's contract; the shapes agree (checked above).
-        unsafe { head_weighted_sum_gemm(weights, values, out, out_stride) };
+        unsafe { crate_product(weights, Rhs::AsIs(values), 1.0, out, out_stride) };
     }
 }
 
-/// [`head_weighted_sum`] by the `gemm` crate.
+/// The right-hand matrix of [`crate_product`]: read as it lies, or transposed.
+#[derive(Clone, Copy)]
+enum Rhs<'a> {
+    AsIs(Matrix<'a>),
+    Transposed(Matrix<'a>),
+}
+
+/// `out = scale · lhs · rhs` by the `gemm` crate, on one thread (the heads run in
+/// parallel), `out` at row stride `out_stride`.
 ///
 /// # Safety
-/// As [`head_weighted_sum`]'s, and `weights.cols() == values.rows()`.
-unsafe fn head_weighted_sum_gemm(weights: Matrix, values: Matrix, out: *mut f32, out_stride: usize) {
+/// `lhs`'s columns must be `rhs`'s rows (as read); `out` must be valid for writes of the
+/// `lhs.rows() × n` output, written by no one else meanwhile.
+unsafe fn crate_product(lhs: Matrix, rhs: Rhs, scale: f32, out: *mut f32, out_stride: usize) {
+    // The k × n view of rhs: its pointer, n, and the strides of its rows and columns.
+    let (data, n, row_stride, col_stride) = match rhs {
+        Rhs::AsIs(m) => (m.data(), m.cols(), m.stride(), 1),
+        Rhs::Transposed(m) => (m.data(), m.rows(), 1, m.stride()),
+    };
     // SAFETY: both matrices lie inside their slices (checked when made); the caller's
-    // contract covers the output.
+    // contract covers the shapes and the output.
     unsafe {
         gemm::gemm(
-            weights.rows(),
-            values.cols(),
-            weights.cols(),
+            lhs.rows(),
+            n,
+            lhs.cols(),
             out,
             1,
             out_stride as isize,
             false,
-            weights.data().as_ptr(),
+            lhs.data().as_ptr(),
             1,
-            weights.stride() as isize,
-            values.data().as_ptr(),
-            1,
-            values.stride() as isize,
+            lhs.stride() as isize,
+            data.as_ptr(),
+            col_stride as isize,
+            row_stride as isize,
             0.0,
-            1.0,
+            scale,
             false,
             false,
             false,
@@ -654,7 +647,7 @@ mod tests {
         // SAFETY: each output holds seq rows of head_dim at stride `stride`.
         unsafe {
             tile::product_raw(weights, values, 1.0, by_tiles.as_mut_ptr(), stride);
-            head_weighted_sum_gemm(weights, values, by_gemm.as_mut_ptr(), stride);
+            crate_product(weights, Rhs::AsIs(values), 1.0, by_gemm.as_mut_ptr(), stride);
         }
         let written = |v: &[f32]| v.chunks(stride).flat_map(|r| r[..head_dim].to_vec()).collect::<Vec<f32>>();
         assert!(close(&written(&by_tiles), &written(&by_gemm)), "weighted sums differ");
