@@ -102,8 +102,14 @@ pub(super) const EXACT_GEMV_PARAM: super::ParamInfo = super::ParamInfo {
 };
 
 /// Below this many weight values a GEMV runs on one thread: waking the pool costs more
-/// than reading the weight (a 256×256 layer is 32 KiB, a few microseconds).
-const SERIAL_VALUES: usize = 256 * 1024;
+/// than reading the weight.
+///
+/// Why this size: at 256 Ki, SmolLM2's 192 × 576 key and value projections ran on one
+/// thread. On two threads of the Xeon (best of 30 calls, each shape rotated through more
+/// copies than fit in L2) they take 3.9–4.5 µs instead of 5.3–6.2, and 256 × 256 takes
+/// 3.0–3.3 µs instead of 3.5 and more; SmolLM2's decode-step GEMVs went from 3.9 to 3.7
+/// ms (medians of 4 alternated runs, int4-block and nf4 alike).
+const SERIAL_VALUES: usize = 64 * 1024;
 
 /// Pack 4-bit codes two per byte, the first in the high nibble; an odd count is padded
 /// with a zero nibble. Codes above 15 keep their low nibble.

@@ -8,12 +8,15 @@ use rayon::prelude::*;
 /// register tiles reuse each weight across rows.
 pub const DOT_MAX_ROWS: usize = 4;
 
+/// Below this many multiply-adds the dot products run on the calling thread.
+const SERIAL_DOT_MACS: usize = 32 * 1024;
+
 /// `out[i·n + j] = dot(i, j)` for `m` activation rows and `n` weight rows of length `k`,
 /// weight rows split over the pool in tasks of about 256 k multiply-adds (`SERIAL_MACS`).
 pub fn by_dots(m: usize, k: usize, n: usize, out: &mut [f32], dot: impl Fn(usize, usize) -> f32 + Sync) {
     assert_eq!(out.len(), m * n, "gemv: output is not [m, n]");
     // A small product runs on this thread: a pool task costs more than its work.
-    if m * n * k < super::SERIAL_MACS {
+    if m * n * k < SERIAL_DOT_MACS {
         for i in 0..m {
             out[i * n..(i + 1) * n].iter_mut().enumerate().for_each(|(j, o)| *o = dot(i, j));
         }

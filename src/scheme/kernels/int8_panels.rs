@@ -77,7 +77,7 @@ const ROWS_PER_TASK: usize = 128;
 
 /// Products below this many multiply-adds run on the calling thread (see
 /// [`super::int8_gemm`]'s `SERIAL_MACS`).
-const SERIAL_MACS: usize = 128 * 1024;
+const SERIAL_MACS: usize = 32 * 1024;
 
 /// A `[n, k]` int8 weight as the VNNI kernel reads it: panels of 32 output columns,
 /// `[k/4][32][4]` bytes each (zeros past `n` and `k`), with each column's correction

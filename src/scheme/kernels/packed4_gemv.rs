@@ -157,11 +157,11 @@ pub enum Layout {
     SignedBytes,
     /// [`Layout::UnsignedNibbles`]' table for the byte-product kernel.
     UnsignedBytes,
-    /// Any 13-bit fixed-point table (NF4, FP4, k-means) for the byte-product kernel: the
-    /// table's codes biased by 4096 and split into bytes, activation codes split into two
-    /// signed bytes, each chunk's packed bytes taken in [`Layout::Lookup`]'s lane order
-    /// ([`lookup_byte_order`]).
-    LookupBytes,
+    /// Any 13-bit fixed-point table (NF4, FP4, k-means) for the VNNI kernel's 16-bit
+    /// products ([`vnni`]): activation codes as 16-bit words ([`lookup_word_slot`]) in
+    /// the byte layouts' entries, so that each 32-bit lane sums the values that
+    /// [`Layout::Lookup`]'s lane sums.
+    LookupWords,
 }
 
 impl Layout {
@@ -176,37 +176,27 @@ impl Layout {
         }
     }
 
-    /// The byte layout [`Gemv::VnniFixed`] runs for weight `p` with `table`: whole pairs,
-    /// and for a looked-up table 13-bit codes (an integer table's 16-bit activation codes
-    /// do not split into two signed bytes).
+    /// The layout [`Gemv::VnniFixed`] runs for weight `p` with `table`: whole pairs, and
+    /// for a looked-up table 13-bit codes (the kernel's tests cover those; an integer
+    /// table other than int4-block's two stays on the 16-bit kernel).
     pub fn for_bytes(p: &Packed4, table: &FixedTable) -> Option<Layout> {
         match Layout::for_weight(p, table) {
             Layout::SignedNibbles => Some(Layout::SignedBytes),
             Layout::UnsignedNibbles => Some(Layout::UnsignedBytes),
-            Layout::Lookup if pairs_only(p) && table.qx == QX_FIXED_TABLE => Some(Layout::LookupBytes),
+            Layout::Lookup if pairs_only(p) && table.qx == QX_FIXED_TABLE => Some(Layout::LookupWords),
             _ => None,
         }
     }
 
-    /// What the high byte of a split code adds before its shift: 0 for the integer
-    /// tables' unsigned low byte, 128 for [`Layout::LookupBytes`]' signed one (`x = 256·hi +
-    /// lo` with `lo` in −128..128).
-    fn high_bias(self) -> i32 {
-        if self == Layout::LookupBytes {
-            128
-        } else {
-            0
-        }
-    }
-
-    /// Whether activation codes are split into bytes ([`split_slot`]) rather than held
-    /// as 16-bit codes at [`Layout::slot`].
+    /// Whether activation codes sit in the VNNI kernel's entries (`SPLIT_ENTRY` bytes a
+    /// pair: split into bytes at [`split_slot`], or words at [`lookup_word_slot`])
+    /// rather than held as 16-bit codes at [`Layout::slot`].
     pub fn is_split(self) -> bool {
-        matches!(self, Layout::SignedBytes | Layout::UnsignedBytes | Layout::LookupBytes)
+        matches!(self, Layout::SignedBytes | Layout::UnsignedBytes | Layout::LookupWords)
     }
 
     /// The slot of value `p` (0..64) inside its pair's 16-bit codes (byte layouts: the
-    /// slot of its high byte, [`split_slot`]).
+    /// slot of its high byte, [`split_slot`]; [`Layout::LookupWords`]: the word).
     pub fn slot(self, p: usize) -> usize {
         self.slots()[p] as usize
     }
@@ -218,7 +208,7 @@ impl Layout {
             Layout::Lookup => &LOOKUP_SLOTS,
             Layout::SignedNibbles | Layout::UnsignedNibbles => &SHIFT_SLOTS,
             Layout::SignedBytes | Layout::UnsignedBytes => &SPLIT_SLOTS,
-            Layout::LookupBytes => &LOOKUP_SPLIT_SLOTS,
+            Layout::LookupWords => &LOOKUP_WORD_SLOTS,
         }
     }
 }
@@ -232,7 +222,7 @@ const fn slot_table(layout: Layout) -> [u8; PAIR] {
             Layout::Lookup => slot(p),
             Layout::SignedNibbles | Layout::UnsignedNibbles => shift_slot(p),
             Layout::SignedBytes | Layout::UnsignedBytes => split_slot(p),
-            Layout::LookupBytes => lookup_split_slot(p),
+            Layout::LookupWords => lookup_word_slot(p),
         } as u8;
         p += 1;
     }
@@ -242,35 +232,22 @@ const fn slot_table(layout: Layout) -> [u8; PAIR] {
 static LOOKUP_SLOTS: [u8; PAIR] = slot_table(Layout::Lookup);
 static SHIFT_SLOTS: [u8; PAIR] = slot_table(Layout::SignedNibbles);
 static SPLIT_SLOTS: [u8; PAIR] = slot_table(Layout::SignedBytes);
-static LOOKUP_SPLIT_SLOTS: [u8; PAIR] = slot_table(Layout::LookupBytes);
+static LOOKUP_WORD_SLOTS: [u8; PAIR] = slot_table(Layout::LookupWords);
 
-/// The packed byte of a 16-byte chunk that [`Layout::LookupBytes`]' kernel puts at each
-/// position: positions `4j..4j + 4` take bytes `2j, 2j + 1, 2j + 8, 2j + 9`, the bytes
-/// whose values the 16-bit lookup kernel sums in its 32-bit lane `j` ([`slot`]), so a
-/// `vpdpbusd` lane sums the same values.
-pub const fn lookup_byte_order() -> [u8; 16] {
-    let mut order = [0u8; 16];
-    let mut i = 0;
-    while i < 16 {
-        let (j, t) = (i / 4, i % 4);
-        order[i] = (2 * j + t % 2 + 8 * (t / 2)) as u8;
-        i += 1;
-    }
-    order
-}
-
-/// [`lookup_byte_order`], computed once.
-const LOOKUP_ORDER: [u8; 16] = lookup_byte_order();
-
-/// [`split_slot`] for [`Layout::LookupBytes`]: byte `s` of the pair sits where
-/// [`lookup_byte_order`] takes it within its chunk.
-pub const fn lookup_split_slot(p: usize) -> usize {
-    let (s, order) = (p / 2, LOOKUP_ORDER);
-    let mut position = 0;
-    while order[position] as usize != s % 16 {
-        position += 1;
-    }
-    64 * (p % 2) + 16 * (s / 16) + position
+/// The word of value `p` (0..64) inside its pair's half of a [`Layout::LookupWords`]
+/// entry: run `r` of four (each 64 bytes: this pair's 16 words, then the next pair's)
+/// holds the even values of each chunk's first half (`r = 0`), its odd ones (1), the even
+/// values of its second half (2) and the odd ones (3); word `8h + w` of a run belongs to
+/// chunk `h`'s packed byte `w` (runs 0 and 1) or `8 + w` (runs 2 and 3).
+///
+/// Why this order: zero-extending the chunk's bytes 0–7 and 8–15 to words
+/// (`vpunpcklbw`, `vpunpckhbw`) puts bytes `2j, 2j + 1` and `2j + 8, 2j + 9` in 32-bit lane
+/// `j` of the two vectors, which are the bytes whose values [`Layout::Lookup`]'s lane `j`
+/// sums ([`slot`]): the integer lane sums, and so the bits, are the 16-bit kernel's.
+pub const fn lookup_word_slot(p: usize) -> usize {
+    let (h, v) = (p / CHUNK, p % CHUNK);
+    let run = 2 * (v / HALF) + v % 2;
+    32 * run + 8 * h + (v % HALF) / 2
 }
 
 /// The activation rows of one call, quantized chunk by chunk and laid out in the order
@@ -287,7 +264,7 @@ pub struct Activations {
     /// [`SPLIT_ENTRY`]).
     split: Vec<u8>,
     /// Byte layouts: `[rows, pairs, 8]`, what each lane's integer sum starts from: minus
-    /// 8 times its codes' sum for the signed table, zero for the unsigned one.
+    /// 8 times its codes' sum for the signed table, zero for the others.
     lane_starts: Vec<i32>,
     /// `[rows, pairs, 8]`: each chunk's activation step times the table step, four times
     /// over (lanes 0–3 the pair's first chunk, 4–7 its second), as the kernel multiplies.
@@ -364,11 +341,6 @@ fn all_finite(x: &[f32]) -> bool {
 pub const fn split_slot(p: usize) -> usize {
     64 * (p % 2) + p / 2
 }
-
-/// What [`Layout::LookupBytes`] adds to every table code (13 bits, |c| ≤ 4095), so the
-/// biased code is positive and its high byte (0..32) and low byte are unsigned; each lane
-/// starts from minus this times its activation codes' sum.
-const LOOKUP_CODE_BIAS: i32 = 4096;
 
 /// Bytes per pair in the byte layouts: each of [`split_slot`]'s four 32-byte runs of the
 /// pair, then the same run of the next pair (zeros after a row's last pair), so one
@@ -469,13 +441,14 @@ impl Activations {
     pub fn value(&self, row: usize, k: usize, step: f32) -> f32 {
         let (at, h) = (row * self.pairs + k / PAIR, (k % PAIR) / CHUNK);
         let code = if self.layout.is_split() {
-            let at = at * SPLIT_ENTRY + entry_offset(self.layout.slot(k % PAIR));
-            let low = if self.layout == Layout::LookupBytes {
-                self.split[at + 64] as i8 as i32
+            let at = at * SPLIT_ENTRY;
+            if self.layout == Layout::LookupWords {
+                let at = at + 2 * self.layout.slot(k % PAIR);
+                i16::from_le_bytes([self.split[at], self.split[at + 1]])
             } else {
-                self.split[at + 64] as i32
-            };
-            ((self.split[at] as i8 as i32) * 256 + low) as i16
+                let at = at + entry_offset(self.layout.slot(k % PAIR));
+                ((self.split[at] as i8 as i32) * 256 + self.split[at + 64] as i32) as i16
+            }
         } else {
             self.codes[at * PAIR + self.layout.slot(k % PAIR)]
         };
@@ -543,8 +516,14 @@ trait ChunkOps {
         half: usize,
     ) {
         for (p, &q) in codes.iter().enumerate() {
-            let at = entry_offset(layout.slot(CHUNK * h + p)) + 32 * half;
-            (entry[at], entry[at + 64]) = (((q as i32 + layout.high_bias()) >> 8) as u8, q as u8);
+            let slot = layout.slot(CHUNK * h + p);
+            if layout == Layout::LookupWords {
+                let at = 2 * slot + 32 * half;
+                entry[at..at + 2].copy_from_slice(&q.to_le_bytes());
+            } else {
+                let at = entry_offset(slot) + 32 * half;
+                (entry[at], entry[at + 64]) = ((q >> 8) as u8, q as u8);
+            }
         }
     }
 }
@@ -583,22 +562,11 @@ fn quantize_rows(
                     let previous = (&mut out.split[entry(at - 1)]).try_into().expect("an entry");
                     ops.place_split(layout, &chunk, h, previous, 1);
                 }
-                let starts = &mut out.lane_starts[at * 8 + 4 * h..at * 8 + 4 * h + 4];
-                match layout {
-                    Layout::SignedBytes => {
-                        for (start, values) in starts.iter_mut().zip(chunk.chunks_exact(8)) {
-                            *start = -SIGNED_OFFSET * values.iter().map(|&q| q as i32).sum::<i32>();
-                        }
+                if layout == Layout::SignedBytes {
+                    let starts = &mut out.lane_starts[at * 8 + 4 * h..at * 8 + 4 * h + 4];
+                    for (start, values) in starts.iter_mut().zip(chunk.chunks_exact(8)) {
+                        *start = -SIGNED_OFFSET * values.iter().map(|&q| q as i32).sum::<i32>();
                     }
-                    Layout::LookupBytes => {
-                        // Lane `j` sums values `4j..4j + 4` of each half of the chunk.
-                        for (j, start) in starts.iter_mut().enumerate() {
-                            let lane =
-                                chunk[4 * j..4 * j + 4].iter().chain(&chunk[16 + 4 * j..16 + 4 * j + 4]);
-                            *start = -LOOKUP_CODE_BIAS * lane.map(|&q| q as i32).sum::<i32>();
-                        }
-                    }
-                    _ => {}
                 }
             } else {
                 let pair: &mut [i16; PAIR] =
@@ -656,7 +624,9 @@ unsafe fn quantize_rows_avx2(x: &[f32], cols: usize, table: &FixedTable, layout:
 /// [`ChunkOps::place_split`] in registers: one byte shuffle per 128-bit lane of eight
 /// codes leaves four 32-bit groups (high bytes of the even values, their low bytes, the
 /// same of the odd), a permutation pairs each register's groups, and 64-bit unpacks join
-/// the two registers' groups into the four 16-byte runs.
+/// the two registers' groups into the four 16-byte runs. [`Layout::LookupWords`]: one
+/// shuffle per 128-bit lane gathers its even codes before its odd ones, and a permutation
+/// of 64-bit quarters joins each run's two halves.
 ///
 /// # Safety
 /// The CPU must have AVX2.
@@ -673,32 +643,38 @@ fn place_split_avx2(
     use std::arch::x86_64::*;
     // Little-endian codes: value v of a lane has its low byte at 2v and its high at 2v + 1.
     const GROUPS: [i8; 16] = [1, 5, 9, 13, 0, 4, 8, 12, 3, 7, 11, 15, 2, 6, 10, 14];
+    const EVEN_THEN_ODD: [i8; 16] = [0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15];
+    let lanes = |bytes: &[i8; 16]| {
+        // SAFETY: a 16-byte read of a 16-byte array.
+        _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(bytes.as_ptr() as *const __m128i) })
+    };
     // SAFETY: two 32-byte reads of 64 bytes of codes; four 16-byte writes at
     // `32·half + 16h + {0, 64, 128, 192}` ≤ 240 of a 256-byte entry.
     unsafe {
-        let shuffle = _mm256_broadcastsi128_si256(_mm_loadu_si128(GROUPS.as_ptr() as *const __m128i));
-        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        let bias = _mm256_set1_epi16(layout.high_bias() as i16);
-        let group = |at: usize| {
-            let v = _mm256_loadu_si256(codes.as_ptr().add(at) as *const __m256i);
-            // High bytes (groups 0 and 2) from the biased codes, low bytes from the codes.
-            let (biased, plain) =
-                (_mm256_shuffle_epi8(_mm256_add_epi16(v, bias), shuffle), _mm256_shuffle_epi8(v, shuffle));
-            _mm256_permutevar8x32_epi32(_mm256_blend_epi32::<0b0101_0101>(plain, biased), order)
+        let load = |at: usize| _mm256_loadu_si256(codes.as_ptr().add(at) as *const __m256i);
+        let (first, second) = if layout == Layout::LookupWords {
+            // Runs 0 and 1 from the chunk's first half, 2 and 3 from its second.
+            let runs = |at: usize| {
+                _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(
+                    load(at),
+                    lanes(&EVEN_THEN_ODD),
+                ))
+            };
+            let (a, b) = (runs(0), runs(16));
+            (_mm256_permute2x128_si256::<0x20>(a, b), _mm256_permute2x128_si256::<0x31>(a, b))
+        } else {
+            let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+            let group =
+                |at: usize| _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(load(at), lanes(&GROUPS)), order);
+            let (a, b) = (group(0), group(16));
+            // Lane 0: even values' high bytes, lane 1: odd values' high bytes; then low bytes.
+            (_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b))
         };
-        let (a, b) = (group(0), group(16));
-        // Lane 0: even values' high bytes, lane 1: odd values' high bytes; then low bytes.
-        let (mut high, mut low) = (_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
-        if layout == Layout::LookupBytes {
-            // Runs in value order go to the positions the kernel reads them at.
-            let order = _mm256_broadcastsi128_si256(_mm_loadu_si128(LOOKUP_ORDER.as_ptr() as *const __m128i));
-            (high, low) = (_mm256_shuffle_epi8(high, order), _mm256_shuffle_epi8(low, order));
-        }
         let dst = entry.as_mut_ptr().add(32 * half + 16 * h);
-        _mm_storeu_si128(dst as *mut __m128i, _mm256_castsi256_si128(high));
-        _mm_storeu_si128(dst.add(64) as *mut __m128i, _mm256_castsi256_si128(low));
-        _mm_storeu_si128(dst.add(128) as *mut __m128i, _mm256_extracti128_si256::<1>(high));
-        _mm_storeu_si128(dst.add(192) as *mut __m128i, _mm256_extracti128_si256::<1>(low));
+        _mm_storeu_si128(dst as *mut __m128i, _mm256_castsi256_si128(first));
+        _mm_storeu_si128(dst.add(64) as *mut __m128i, _mm256_castsi256_si128(second));
+        _mm_storeu_si128(dst.add(128) as *mut __m128i, _mm256_extracti128_si256::<1>(first));
+        _mm_storeu_si128(dst.add(192) as *mut __m128i, _mm256_extracti128_si256::<1>(second));
     }
 }
 
@@ -820,7 +796,7 @@ pub unsafe fn row_dots<const M: usize>(
         Layout::UnsignedBytes => {
             return vnni::row_dots_split::<M, { vnni::UNSIGNED }>(p, lut, acts, r, first)
         }
-        Layout::LookupBytes => return vnni::row_dots_split::<M, { vnni::LOOKUP }>(p, lut, acts, r, first),
+        Layout::LookupWords => return vnni::row_dots_split::<M, { vnni::LOOKUP }>(p, lut, acts, r, first),
     }
     debug_assert_eq!(acts.layout, Layout::Lookup, "shift layouts need whole pairs");
     let (cols, start) = (p.cols, r * p.cols);
@@ -937,7 +913,7 @@ pub unsafe fn run_dots(p: &Packed4, lut: &Lut, acts: &Activations, r0: usize, ds
             Layout::UnsignedBytes => {
                 return vnni::run_dots_split::<{ vnni::UNSIGNED }>(p, lut, acts, r0, dst)
             }
-            Layout::LookupBytes => return vnni::run_dots_split::<{ vnni::LOOKUP }>(p, lut, acts, r0, dst),
+            Layout::LookupWords => return vnni::run_dots_split::<{ vnni::LOOKUP }>(p, lut, acts, r0, dst),
         }
     }
     for (k, d) in dst.iter_mut().enumerate() {
@@ -1091,9 +1067,9 @@ pub struct Lut {
     lo: std::arch::x86_64::__m256i,
     hi: std::arch::x86_64::__m256i,
     mask: std::arch::x86_64::__m256i,
-    /// [`Layout::LookupBytes`]: the high and low bytes of each code plus
-    /// [`LOOKUP_CODE_BIAS`].
-    biased: [[u8; 16]; 2],
+    /// [`Layout::LookupWords`]: the 16-bit codes twice over, so a word's low five bits
+    /// (its byte's low nibble and one bit of the high) look up the low nibble's code.
+    words: [i16; 2 * 16],
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1116,9 +1092,8 @@ impl Lut {
                 _mm256_broadcastsi128_si256(_mm_loadu_si128(hi.as_ptr() as *const __m128i)),
             )
         };
-        let biased = table.codes.map(|c| (c as i32 + LOOKUP_CODE_BIAS) as u16);
-        let biased = [biased.map(|c| (c >> 8) as u8), biased.map(|c| c as u8)];
-        Lut { lo, hi, mask: _mm256_set1_epi8(0x0F), biased }
+        let words = std::array::from_fn(|i| table.codes[i % 16]);
+        Lut { lo, hi, mask: _mm256_set1_epi8(0x0F), words }
     }
 }
 
@@ -1528,10 +1503,11 @@ mod tests {
     fn every_layout_of_whole_pair_weights_agrees_with_the_reference() {
         let signed: [f32; 16] = std::array::from_fn(|u| ((u as i32 + 8) % 16 - 8) as f32);
         let unsigned: [f32; 16] = std::array::from_fn(|u| u as f32);
-        // Rows of whole pairs with blocks of one or two pairs, blocks across rows, and
-        // one block over the whole weight.
+        // Rows of whole pairs with blocks of one or two pairs (an odd count of one-pair
+        // blocks per row, and an odd count of rows, which the VNNI kernel takes two at a
+        // time), blocks across rows, and one block over the whole weight.
         for (seed, &(rows, cols, block)) in
-            [(5, 128, 64), (3, 192, 128), (4, 64, 128), (2, 256, 512)].iter().enumerate()
+            [(5, 128, 64), (5, 192, 64), (3, 192, 128), (4, 64, 128), (2, 256, 512)].iter().enumerate()
         {
             for offsets in [false, true] {
                 let mut p = random(rows, cols, block, offsets, seed as u64);
@@ -1700,7 +1676,7 @@ mod tests {
                     for half in 0..2 {
                         let (mut portable_entry, mut register_entry) =
                             ([1u8; SPLIT_ENTRY], [1u8; SPLIT_ENTRY]);
-                        for layout in [Layout::SignedBytes, Layout::LookupBytes] {
+                        for layout in [Layout::SignedBytes, Layout::LookupWords] {
                             Portable.place_split(layout, &portable, h, &mut portable_entry, half);
                             Avx2Chunks.place_split(layout, &portable, h, &mut register_entry, half);
                             assert_eq!(

@@ -1,32 +1,36 @@
-//! The 4-bit GEMV's byte-product kernel on AVX-512 VNNI: the same exact integer lane
-//! sums as the 16-bit kernel (the parent module, [`super`]) in fewer instructions, so the same
-//! bits, for every table the 16-bit kernel takes on weights of whole chunk pairs.
+//! The 4-bit GEMV's kernel on AVX-512 VNNI: the same exact integer lane sums as the
+//! 16-bit kernel (the parent module, [`super`]) in fewer instructions, so the same bits,
+//! for every table the 16-bit kernel takes on weights of whole chunk pairs.
 //!
 //! Why: the 16-bit kernel decodes a chunk pair (64 weights) into four vectors of 16-bit
 //! codes and multiplies them with `vpmaddwd`; on the Xeon this runs on, one core decoded
 //! about 9 GB/s of packed weights where its caches deliver 20–60, bound by instructions
-//! (about 35 a pair with the loop's bookkeeping). Here `vpdpbusd` multiplies four byte
-//! pairs per 32-bit lane, and 512-bit registers take two pairs per step:
-//! - int4-block's integer tables (`Layout::SignedBytes`, `Layout::UnsignedBytes`): one
-//!   shift and two masks leave the high nibbles (even values) and low nibbles (odd values)
-//!   as bytes `u`, after an exclusive or with `0x88` for the signed table (it maps the
-//!   two's-complement `t = u − 8` to `u ^ 8`, which each lane's start corrects). Each
-//!   16-bit activation code is held as a signed high byte and an unsigned low byte,
-//!   `x = 256·hi + lo`, and a lane sums `256·Σ u·hi + Σ lo·u + start`.
-//! - Any other table (`Layout::LookupBytes`: NF4, FP4, k-means; 13-bit codes `|c| < 4096`
-//!   against activation codes `|x| ≤ 8191`): the codes biased by 4096 are positive, so
-//!   their high byte (0..32) and low byte are unsigned, looked up with `vpshufb`; the
-//!   activation code is held as two signed bytes, `x = 256·xh + xl` with `xl` in −128..128;
-//!   a lane sums `65536·Σ ch·xh + 256·Σ (ch·xl + cl·xh) + Σ cl·xl − 4096·Σ x` in eight
-//!   `vpdpbusd` per pair. Each chunk's packed bytes are first put in the order of the
-//!   16-bit kernel's lanes ([`super::lookup_byte_order`]).
+//! (about 35 a pair with the loop's bookkeeping). Here 512-bit registers take two pairs
+//! per step:
+//! - int4-block's integer tables (`Layout::SignedBytes`, `Layout::UnsignedBytes`):
+//!   `vpdpbusd` multiplies four byte pairs per 32-bit lane. One shift and two masks leave
+//!   the high nibbles (even values) and low nibbles (odd values) as bytes `u`, after an
+//!   exclusive or with `0x88` for the signed table (it maps the two's-complement
+//!   `t = u − 8` to `u ^ 8`, which each lane's start corrects). Each 16-bit activation
+//!   code is held as a signed high byte and an unsigned low byte, `x = 256·hi + lo`, and
+//!   a lane sums `256·Σ u·hi + Σ lo·u + start`.
+//! - Any other table (`Layout::LookupWords`: NF4, FP4, k-means; 13-bit codes `|c| < 4096`
+//!   against activation codes `|x| ≤ 8191`): `vpdpwssd` multiplies two pairs of 16-bit
+//!   words per lane. Each 128-bit lane's packed bytes 0–7 and 8–15 are widened to words;
+//!   a shift leaves their high nibbles, and `vpermw` looks up the codes of both nibbles
+//!   in the table held as 32 words. The activation codes are stored in that order
+//!   ([`super::lookup_word_slot`]), so 32-bit lane `j` sums the values of bytes `2j, 2j + 1,
+//!   2j + 8, 2j + 9`, as the 16-bit kernel's lane `j` does. Four `vpdpwssd` a step replaced
+//!   eight `vpdpbusd` on codes split into bytes, and the byte shuffle that put each chunk
+//!   in lane order: SmolLM2's NF4 decode-step GEMVs went from 3.9 to 3.1 ms on two threads
+//!   of the Xeon (medians of 4 alternated runs, two weight rows at a time).
 //!
 //! So each lane sums the values the 16-bit kernel's lane sums, every sum is exact (below
 //! 2³¹ in magnitude), and conversion, scaling and the block walk
 //! (`walk_pairs` in the parent) are the 16-bit kernel's. The tests compare the two bit
 //! for bit on every layout, block size and row count.
 
-use super::{hsum, walk_pairs, Activations, Lut, RowStart, LOOKUP_ORDER, PAIR, SPLIT_ENTRY};
+use super::{hsum, walk_pairs, Activations, Lut, RowStart, PAIR, SPLIT_ENTRY};
 use crate::scheme::packed4::Packed4;
 
 /// Whether this CPU runs the byte-product kernel: AVX-512 (F, BW, VL) with VNNI, and AVX2
@@ -56,7 +60,7 @@ const PREFETCH_AHEAD: usize = 4096;
 pub(super) const SIGNED: u8 = 0;
 /// `Layout::UnsignedBytes`.
 pub(super) const UNSIGNED: u8 = 1;
-/// `Layout::LookupBytes`.
+/// `Layout::LookupWords`.
 pub(super) const LOOKUP: u8 = 2;
 
 /// `dst[i] = x[first + i] · W[r]` for `M` activation rows held in byte layout `K`.
@@ -101,6 +105,18 @@ pub(super) unsafe fn run_dots_split<const K: u8>(
 ) {
     let mut rows = Rows::<1>::new(p, lut, acts, r0, 0);
     let mut at = RowStart::of(p, r0);
+    if p.block == PAIR && p.block < p.rows * p.cols {
+        let mut twos = dst.chunks_exact_mut(2);
+        for d in &mut twos {
+            d.copy_from_slice(&single_pair_rows::<2, K>(p, acts, &rows, at));
+            rows.bytes = rows.bytes.add(p.cols);
+            at = at.next(p).next(p);
+        }
+        for d in twos.into_remainder() {
+            *d = single_pair_rows::<1, K>(p, acts, &rows, at)[0];
+        }
+        return;
+    }
     for d in dst.iter_mut() {
         *d = split_row::<1, K>(p, acts, &rows, at, 0)[0];
         rows.bytes = rows.bytes.add(p.cols / 2);
@@ -202,17 +218,72 @@ unsafe fn single_pair_blocks<const M: usize, const K: u8>(
     std::array::from_fn(|i| hsum(total[i]) + extra[i])
 }
 
+/// [`single_pair_blocks`] for `R` consecutive weight rows from `rows.bytes` (the first
+/// starting at `at`) against activation row 0, their steps interleaved: each row's sums
+/// take the same operations in the same order, so the same bits.
+///
+/// Why: a row's block scales go into one total in block order, two dependent
+/// multiply-adds per 512-bit step. Once NF4's codes took 16-bit products, that chain,
+/// not the decoding, bounded a row; two rows' chains overlap. NF4 GEMV of 2048 × 2048
+/// (in L2) on two threads of the Xeon: 121 µs one row at a time before the 16-bit
+/// products, 94 µs after them, and 69 µs two rows at a time.
+///
+/// # Safety
+/// As [`row_dots_split`] for the `R` rows; `p.block == 64`, more than one block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+#[inline]
+unsafe fn single_pair_rows<const R: usize, const K: u8>(
+    p: &Packed4,
+    acts: &Activations,
+    rows: &Rows<1>,
+    at: RowStart,
+) -> [f32; R] {
+    use std::arch::x86_64::*;
+    let row_pairs = p.cols / PAIR;
+    let each: [Rows<1>; R] = std::array::from_fn(|t| Rows { bytes: rows.bytes.add(t * p.cols / 2), ..*rows });
+    let mut total = [_mm256_setzero_ps(); R];
+    let mut extra = [0.0f32; R];
+    let zero = _mm256_setzero_ps();
+    let add_block = |t: usize, j: usize, sums: __m256, total: &mut __m256, extra: &mut f32| {
+        let b = at.block + t * row_pairs + j;
+        *total =
+            _mm256_fmadd_ps(_mm256_add_ps(sums, zero), _mm256_set1_ps(*p.scales.get_unchecked(b)), *total);
+        if let Some(o) = &p.offsets {
+            *extra += *o.get_unchecked(b) * acts.sum(0, j * PAIR, (j + 1) * PAIR);
+        }
+    };
+    let mut j = 0;
+    while j + 2 <= row_pairs {
+        for t in 0..R {
+            let mut both = [_mm512_setzero_ps()];
+            two_pairs_step::<1, K>(&each[t], j, &mut both);
+            let (first, second) = halves(both[0]);
+            add_block(t, j, first, &mut total[t], &mut extra[t]);
+            add_block(t, j + 1, second, &mut total[t], &mut extra[t]);
+        }
+        j += 2;
+    }
+    if j < row_pairs {
+        for t in 0..R {
+            let mut sums = [zero];
+            pair_step::<1, K>(&each[t], j, &mut sums);
+            add_block(t, j, sums[0], &mut total[t], &mut extra[t]);
+        }
+    }
+    std::array::from_fn(|t| hsum(total[t]) + extra[t])
+}
+
 /// Where one row's steps read: its packed weight row; each activation row's split
-/// entries, lane starts and scales; and for [`LOOKUP`] the biased code bytes and the
-/// chunk byte order, in every 128-bit lane.
+/// entries, lane starts and scales; and for [`LOOKUP`] the table's 16-bit codes twice
+/// over (`Lut::words`).
+#[derive(Clone, Copy)]
 struct Rows<const M: usize> {
     bytes: *const u8,
     xs: [*const u8; M],
     starts: [*const i32; M],
     scales: [*const f32; M],
-    code_high: std::arch::x86_64::__m512i,
-    code_low: std::arch::x86_64::__m512i,
-    order: std::arch::x86_64::__m512i,
+    table: std::arch::x86_64::__m512i,
 }
 
 impl<const M: usize> Rows<M> {
@@ -224,16 +295,12 @@ impl<const M: usize> Rows<M> {
     #[target_feature(enable = "avx512f,avx2")]
     unsafe fn new(p: &Packed4, lut: &Lut, acts: &Activations, r: usize, first: usize) -> Rows<M> {
         use std::arch::x86_64::*;
-        let lanes =
-            |bytes: &[u8; 16]| _mm512_broadcast_i32x4(_mm_loadu_si128(bytes.as_ptr() as *const __m128i));
         Rows {
             bytes: p.bytes.as_ptr().add(r * p.cols / 2),
             xs: std::array::from_fn(|i| acts.split_at(first + i, 0)),
             starts: std::array::from_fn(|i| acts.lane_starts_at(first + i, 0)),
             scales: std::array::from_fn(|i| acts.scales_at(first + i, 0, 0)),
-            code_high: lanes(&lut.biased[0]),
-            code_low: lanes(&lut.biased[1]),
-            order: lanes(&LOOKUP_ORDER),
+            table: _mm512_loadu_si512(lut.words.as_ptr() as *const __m512i),
         }
     }
 }
@@ -253,25 +320,26 @@ unsafe fn pair_step<const M: usize, const K: u8>(
     use std::arch::x86_64::*;
     let mut raw = _mm256_loadu_si256(rows.bytes.add(32 * j) as *const __m256i);
     if K == LOOKUP {
-        raw = _mm256_shuffle_epi8(raw, _mm512_castsi512_si256(rows.order));
-    } else if K == SIGNED {
+        let codes = lookup_words_256(raw, _mm512_castsi512_si256(rows.table));
+        for (i, acc) in acc.iter_mut().enumerate() {
+            // The runs sit 64 bytes apart; this pair's words are their first halves.
+            let x = rows.xs[i].add(SPLIT_ENTRY * j) as *const __m256i;
+            let words: [__m256i; 4] = std::array::from_fn(|r| _mm256_loadu_si256(x.add(2 * r)));
+            let sum = codes
+                .iter()
+                .zip(&words)
+                .fold(_mm256_setzero_si256(), |s, (&c, &x)| _mm256_dpwssd_epi32(s, c, x));
+            let scale = _mm256_loadu_ps(rows.scales[i].add(8 * j));
+            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, *acc);
+        }
+        return;
+    }
+    if K == SIGNED {
         raw = _mm256_xor_si256(raw, _mm256_set1_epi8(0x88u8 as i8));
     }
     let mask = _mm256_set1_epi8(0x0F);
     let even = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
     let odd = _mm256_and_si256(raw, mask);
-    let (high_table, low_table) =
-        (_mm512_castsi512_si256(rows.code_high), _mm512_castsi512_si256(rows.code_low));
-    let (even_high, even_low, odd_high, odd_low) = if K == LOOKUP {
-        (
-            _mm256_shuffle_epi8(high_table, even),
-            _mm256_shuffle_epi8(low_table, even),
-            _mm256_shuffle_epi8(high_table, odd),
-            _mm256_shuffle_epi8(low_table, odd),
-        )
-    } else {
-        (even, even, odd, odd)
-    };
     for (i, acc) in acc.iter_mut().enumerate() {
         // The entry's runs sit 64 bytes apart; this pair's are their first halves.
         let x = rows.xs[i].add(SPLIT_ENTRY * j) as *const __m256i;
@@ -287,22 +355,47 @@ unsafe fn pair_step<const M: usize, const K: u8>(
         } else {
             _mm256_loadu_si256(rows.starts[i].add(8 * j) as *const __m256i)
         };
-        let sum = if K == LOOKUP {
-            // Biased codes `256·ch + cl` (both unsigned) times `256·xh + xl` (both signed).
-            let hh = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(zero, even_high, xh_even), odd_high, xh_odd);
-            let mid = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(zero, even_high, xl_even), even_low, xh_even);
-            let mid = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(mid, odd_high, xl_odd), odd_low, xh_odd);
-            let ll = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(start, even_low, xl_even), odd_low, xl_odd);
-            _mm256_add_epi32(_mm256_slli_epi32(_mm256_add_epi32(_mm256_slli_epi32(hh, 8), mid), 8), ll)
-        } else {
-            // Nibbles `u` times the signed high byte, and the unsigned low byte times `u`.
-            let high = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(zero, even, xh_even), odd, xh_odd);
-            let low = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(start, xl_even, even), xl_odd, odd);
-            _mm256_add_epi32(_mm256_slli_epi32(high, 8), low)
-        };
+        // Nibbles `u` times the signed high byte, and the unsigned low byte times `u`.
+        let high = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(zero, even, xh_even), odd, xh_odd);
+        let low = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(start, xl_even, even), xl_odd, odd);
+        let sum = _mm256_add_epi32(_mm256_slli_epi32(high, 8), low);
         let scale = _mm256_loadu_ps(rows.scales[i].add(8 * j));
         *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, *acc);
     }
+}
+
+/// The 16-bit codes of one pair's 32 packed bytes (one chunk per 128-bit lane) in the
+/// order of `Layout::LookupWords`' runs: the bytes 0–7 and 8–15 of each lane widened to
+/// words, their high nibbles (a shift) and low nibbles (the low four bits, which a 256-bit
+/// `vpermw` reads) looked up in `table`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+fn lookup_words_256(
+    raw: std::arch::x86_64::__m256i,
+    table: std::arch::x86_64::__m256i,
+) -> [std::arch::x86_64::__m256i; 4] {
+    use std::arch::x86_64::*;
+    let zero = _mm256_setzero_si256();
+    let (first, second) = (_mm256_unpacklo_epi8(raw, zero), _mm256_unpackhi_epi8(raw, zero));
+    let code = |index| _mm256_permutexvar_epi16(index, table);
+    [code(_mm256_srli_epi16::<4>(first)), code(first), code(_mm256_srli_epi16::<4>(second)), code(second)]
+}
+
+/// [`lookup_words_256`] for two pairs: with 32 words a `vpermw` reads five index bits,
+/// which the doubled table (`Lut::words`) answers for the low nibble.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2")]
+#[inline]
+fn lookup_words_512(
+    raw: std::arch::x86_64::__m512i,
+    table: std::arch::x86_64::__m512i,
+) -> [std::arch::x86_64::__m512i; 4] {
+    use std::arch::x86_64::*;
+    let zero = _mm512_setzero_si512();
+    let (first, second) = (_mm512_unpacklo_epi8(raw, zero), _mm512_unpackhi_epi8(raw, zero));
+    let code = |index| _mm512_permutexvar_epi16(index, table);
+    [code(_mm512_srli_epi16::<4>(first)), code(first), code(_mm512_srli_epi16::<4>(second)), code(second)]
 }
 
 /// Pairs `j` and `j + 1` of a row in one 512-bit step: [`pair_step`] of each, the first
@@ -322,23 +415,26 @@ unsafe fn two_pairs_step<const M: usize, const K: u8>(
     let mut raw = _mm512_loadu_si512(rows.bytes.add(32 * j) as *const __m512i);
     _mm_prefetch::<_MM_HINT_T0>(rows.bytes.wrapping_add(32 * j + PREFETCH_AHEAD) as *const i8);
     if K == LOOKUP {
-        raw = _mm512_shuffle_epi8(raw, rows.order);
-    } else if K == SIGNED {
+        let codes = lookup_words_512(raw, rows.table);
+        for (i, acc) in acc.iter_mut().enumerate() {
+            // Each 64-byte run holds this pair's 16 words and then the next pair's.
+            let x = rows.xs[i].add(SPLIT_ENTRY * j) as *const __m512i;
+            let words: [__m512i; 4] = std::array::from_fn(|r| _mm512_loadu_si512(x.add(r)));
+            let sum = codes
+                .iter()
+                .zip(&words)
+                .fold(_mm512_setzero_si512(), |s, (&c, &x)| _mm512_dpwssd_epi32(s, c, x));
+            let scale = _mm512_loadu_ps(rows.scales[i].add(8 * j));
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, *acc);
+        }
+        return;
+    }
+    if K == SIGNED {
         raw = _mm512_xor_si512(raw, _mm512_set1_epi8(0x88u8 as i8));
     }
     let mask = _mm512_set1_epi8(0x0F);
     let even = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), mask);
     let odd = _mm512_and_si512(raw, mask);
-    let (even_high, even_low, odd_high, odd_low) = if K == LOOKUP {
-        (
-            _mm512_shuffle_epi8(rows.code_high, even),
-            _mm512_shuffle_epi8(rows.code_low, even),
-            _mm512_shuffle_epi8(rows.code_high, odd),
-            _mm512_shuffle_epi8(rows.code_low, odd),
-        )
-    } else {
-        (even, even, odd, odd)
-    };
     for (i, acc) in acc.iter_mut().enumerate() {
         // Each 64-byte run holds this pair's 32 bytes and then the next pair's.
         let x = rows.xs[i].add(SPLIT_ENTRY * j) as *const __m512i;
@@ -354,17 +450,9 @@ unsafe fn two_pairs_step<const M: usize, const K: u8>(
         } else {
             _mm512_loadu_si512(rows.starts[i].add(8 * j) as *const __m512i)
         };
-        let sum = if K == LOOKUP {
-            let hh = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, even_high, xh_even), odd_high, xh_odd);
-            let mid = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, even_high, xl_even), even_low, xh_even);
-            let mid = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(mid, odd_high, xl_odd), odd_low, xh_odd);
-            let ll = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, even_low, xl_even), odd_low, xl_odd);
-            _mm512_add_epi32(_mm512_slli_epi32::<8>(_mm512_add_epi32(_mm512_slli_epi32::<8>(hh), mid)), ll)
-        } else {
-            let high = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, even, xh_even), odd, xh_odd);
-            let low = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, xl_even, even), xl_odd, odd);
-            _mm512_add_epi32(_mm512_slli_epi32::<8>(high), low)
-        };
+        let high = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, even, xh_even), odd, xh_odd);
+        let low = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, xl_even, even), xl_odd, odd);
+        let sum = _mm512_add_epi32(_mm512_slli_epi32::<8>(high), low);
         let scale = _mm512_loadu_ps(rows.scales[i].add(8 * j));
         *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, *acc);
     }
