@@ -19,7 +19,7 @@ const SERIAL_DOT_MACS: usize = 32 * 1024;
 
 /// `out[i·n + j] = dot(i, j)` for `m` activation rows and `n` weight rows of length `k`,
 /// weight rows split over the pool in tasks of about 256 k multiply-adds (`SERIAL_MACS`)
-/// when there are [`SERIAL_DOT_MACS`] or more.
+/// when there are `SERIAL_DOT_MACS` or more.
 pub fn by_dots(m: usize, k: usize, n: usize, out: &mut [f32], dot: impl Fn(usize, usize) -> f32 + Sync) {
     assert_eq!(out.len(), m * n, "gemv: output is not [m, n]");
     // A small product runs on this thread: a pool task costs more than its work.
