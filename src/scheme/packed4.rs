@@ -222,7 +222,7 @@ impl Packed4 {
     }
 
     /// Dequantize panels of output rows and multiply each with the f32 GEMM (the prefill
-    /// path; public so the benchmark can time it at any row count). Up to
+    /// path; public so the benchmark can time it at any row count). From 2 to
     /// [`SKINNY_MAX_ROWS`] activation rows, each task of the skinny product dequantizes
     /// its own block of weight rows into a buffer that stays in cache.
     ///
@@ -231,7 +231,7 @@ impl Packed4 {
     /// of the Xeon (3 alternated runs): int4-block 112–123 → 85–96 ms, NF4 115–118 →
     /// 89–93 ms, the same bits.
     pub fn dequant_gemm(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        if m <= SKINNY_MAX_ROWS {
+        if (2..=SKINNY_MAX_ROWS).contains(&m) {
             crate::tensor::skinny::matmul_nt_skinny_rows(
                 x,
                 m,
@@ -727,6 +727,22 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn prefill_products_are_the_f32_products_of_the_dequantized_weight() {
+        // Rows of activations on the skinny path (weight rows dequantized per task), at its
+        // limit and past it (panels): the bits of the f32 product of the whole weight.
+        let p = random(150, 96, 32, true, 8);
+        for m in [2, 33, SKINNY_MAX_ROWS, SKINNY_MAX_ROWS + 1] {
+            let x = crate::tensor::SeededRng::new(m as u64).normal_vec(m * p.cols, 1.0);
+            let mut want = vec![0.0; m * p.rows];
+            crate::tensor::matmul_nt(&x, m, p.cols, &p.dequantize(), p.rows, &mut want);
+            let mut got = vec![f32::NAN; m * p.rows];
+            p.dequant_gemm(&x, m, &mut got);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "m = {m}");
         }
     }
 

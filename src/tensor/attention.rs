@@ -537,7 +537,8 @@ fn weighted_sum(w: &[f32], values: &[f32], head_dim: usize, out: &mut [f32]) {
 
 /// Multiply-adds of one query row's scores (heads × keys × head dimension) from which its
 /// heads run on the pool. SmolLM2-135M after 64 tokens (9 × 65 × 64 = 37 Ki) took about
-/// 20 µs a layer on one thread of the Xeon.
+/// 20 µs a layer on one thread of the Xeon; on two, its decode step's attention went
+/// 0.62 → 0.38 ms.
 const PARALLEL_ROW_MACS: usize = 16 * 1024;
 
 /// Queries from which [`KvCache::attend`] computes each head as two matrix products rather
