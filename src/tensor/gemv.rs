@@ -29,8 +29,11 @@ pub fn by_dots(m: usize, k: usize, n: usize, out: &mut [f32], dot: impl Fn(usize
         }
         return;
     }
+    // Tasks of about `SERIAL_MACS` in a count the threads share: from `SERIAL_DOT_MACS`
+    // up, a product of a few rows would otherwise be one task, run on this thread after
+    // the copy below.
+    let per_task = super::balanced_task_len(n, super::SERIAL_MACS / (m * k).max(1));
     if m == 1 {
-        let per_task = super::balanced_task_len(n, super::SERIAL_MACS / k.max(1));
         out.par_chunks_mut(per_task).enumerate().for_each(|(task, chunk)| {
             let first = task * per_task;
             chunk.iter_mut().enumerate().for_each(|(r, o)| *o = dot(0, first + r));
@@ -39,7 +42,6 @@ pub fn by_dots(m: usize, k: usize, n: usize, out: &mut [f32], dot: impl Fn(usize
     }
     // Transposed results (`[n, m]`) so each task writes one contiguous range.
     let mut by_row = vec![0.0f32; n * m];
-    let per_task = (super::SERIAL_MACS / (m * k).max(1)).clamp(1, n.max(1));
     by_row.par_chunks_mut(per_task * m).enumerate().for_each(|(task, chunk)| {
         let first = task * per_task;
         for (r, dots) in chunk.chunks_exact_mut(m).enumerate() {
