@@ -181,6 +181,22 @@ mod tests {
     }
 
     #[test]
+    fn pool_tasks_give_each_dot_product_its_own_bits() {
+        // Serial, one row on the pool, a few rows on the pool (the transposed copy).
+        for (m, k, n) in [(2, 33, 9), (1, 200, 300), (3, 200, 300), (4, 576, 192)] {
+            let (a, w) = (values(m * k, 5), values(n * k, 13));
+            let mut got = vec![f32::NAN; m * n];
+            crate::tensor::on_pool(|| matmul_nt_dots(&a, m, k, &w, n, &mut got));
+            for i in 0..m {
+                for j in 0..n {
+                    let want = dot_f32(&a[i * k..][..k], &w[j * k..][..k]);
+                    assert_eq!(got[i * n + j].to_bits(), want.to_bits(), "m {m} k {k} n {n} ({i}, {j})");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn the_vector_dot_stays_within_budget_of_the_scalar_one() {
         for k in [0, 1, 8, 31, 32, 33, 100, 4096] {
             let (a, b) = (values(k, 5), values(k, 9));
