@@ -44,9 +44,16 @@ pub fn matmul_nt_skinny(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, out:
 pub trait WeightRows: Sync {
     /// Rows `j0 .. j0 + rows` (each `k` long) as f32.
     fn rows<'s>(&'s self, j0: usize, rows: usize, k: usize, scratch: &'s mut Vec<f32>) -> &'s [f32];
+
+    /// Whether the rows come straight from memory, so that the kernel should prefetch
+    /// the next tile's; rows made in the task's scratch are in cache already (prefetching
+    /// them made 4-bit prefill 3% slower).
+    const FROM_MEMORY: bool = false;
 }
 
 impl WeightRows for [f32] {
+    const FROM_MEMORY: bool = true;
+
     fn rows<'s>(&'s self, j0: usize, rows: usize, k: usize, _: &'s mut Vec<f32>) -> &'s [f32] {
         &self[j0 * k..(j0 + rows) * k]
     }
@@ -74,7 +81,8 @@ pub fn matmul_nt_skinny_rows<W: WeightRows + ?Sized>(
         let rows = ROWS_PER_TASK.min(n - j0);
         let mut part = super::scratch::take(m * rows);
         let mut scratch = Vec::new();
-        block(Lhs { a, paired: &paired }, m, k, w.rows(j0, rows, k, &mut scratch), rows, &mut part, path);
+        let lhs = Lhs { a, paired: &paired, prefetch: W::FROM_MEMORY };
+        block(lhs, m, k, w.rows(j0, rows, k, &mut scratch), rows, &mut part, path);
         for (i, src) in part.chunks_exact(rows).enumerate() {
             // SAFETY: out is m × n (asserted above) and j0 + rows ≤ n, so row i's columns
             // j0 .. j0 + rows lie inside it; they belong to this task alone, and `out`
@@ -111,6 +119,9 @@ struct Lhs<'a> {
     /// Rows `2p` and `2p + 1` of the whole tiles, eight values of each in turn (see
     /// [`pair_rows`]); empty on the other paths.
     paired: &'a [f32],
+    /// Whether the AVX-512 tiles prefetch the next tile's weights (see
+    /// [`WeightRows::FROM_MEMORY`]).
+    prefetch: bool,
 }
 
 /// The rows of `a` that fill whole AVX-512 tiles, pairs interleaved eight values at a
@@ -151,11 +162,24 @@ fn block(lhs: Lhs, m: usize, k: usize, w: &[f32], rows: usize, part: &mut [f32],
     if path == Path::Avx512 {
         let (full_m, full_rows) =
             (m / avx512::TILE_A * avx512::TILE_A, rows / avx512::TILE_W * avx512::TILE_W);
+        let a_tiles = full_m / avx512::TILE_A;
         for j in (0..full_rows).step_by(avx512::TILE_W) {
+            // The next tile's weights, fetched in shares while this tile runs over the
+            // rows of `a`: without it each tile's first pass waited on memory (SmolLM2's
+            // 64-token prefill: 165 against 185-192 GFLOP/s in its products, Xeon).
+            // (A task's first tile is left to the hardware: prefetching it from the task
+            // before made no difference.)
+            let next = match lhs.prefetch {
+                true => w.get((j + avx512::TILE_W) * k..(j + 2 * avx512::TILE_W) * k).unwrap_or(&[]),
+                false => &[],
+            };
+            let share = next.len().div_ceil(a_tiles.max(1));
             for i in (0..full_m).step_by(avx512::TILE_A) {
+                let q = i / avx512::TILE_A;
+                let pf = &next[(q * share).min(next.len())..((q + 1) * share).min(next.len())];
                 let mut sums = [[0.0f32; avx512::TILE_W]; avx512::TILE_A];
                 // SAFETY: AVX-512F, AVX2 and FMA were detected; the tile lies inside a and w.
-                unsafe { avx512::full(lhs, i, w, j, k, &mut sums) };
+                unsafe { avx512::full(lhs, i, w, j, k, pf, &mut sums) };
                 for (r, row) in sums.iter().enumerate() {
                     part[(i + r) * rows + j..][..avx512::TILE_W].copy_from_slice(row);
                 }
@@ -301,6 +325,8 @@ mod avx512 {
     /// the 32 registers. (Four weight rows left the loads and the pair inserts a larger
     /// share: one SmolLM2 layer at 64 rows took 2.64 ms on two threads, against 2.33.)
     pub const TILE_W: usize = 6;
+    /// f32 values per cache line.
+    const LINE: usize = 16;
 
     /// `sums[r][c] = a[i + r] · w[j + c]` for a whole tile, each lane summing what the
     /// AVX2 and scalar paths' lane sums, in the same order.
@@ -308,7 +334,8 @@ mod avx512 {
     /// # Safety
     /// The CPU must have AVX-512F and FMA; rows `i .. i + TILE_A` of `lhs.a` and `j .. j +
     /// TILE_W` of `w` (each `k` long) must exist, `i` even, and `lhs.paired` must be
-    /// [`super::pair_rows`] of `lhs.a` with those rows in it.
+    /// [`super::pair_rows`] of `lhs.a` with those rows in it. `pf` is memory to prefetch
+    /// into L1 meanwhile (the next tile's weights, or a share of them).
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub unsafe fn full(
         lhs: super::Lhs,
@@ -316,8 +343,12 @@ mod avx512 {
         w: &[f32],
         j: usize,
         k: usize,
+        pf: &[f32],
         sums: &mut [[f32; TILE_W]; TILE_A],
     ) {
+        // Lines of `pf` to prefetch per step of eight values, spread over the whole loop.
+        let pf_lines = pf.len().div_ceil(LINE);
+        let pf_per_step = pf_lines.div_ceil((k / LANES).max(1));
         const PAIRS: usize = TILE_A / 2;
         let body = k / LANES * LANES;
         let ap: [*const f32; TILE_A] = std::array::from_fn(|r| lhs.a.as_ptr().add((i + r) * k));
@@ -329,6 +360,9 @@ mod avx512 {
         let mut acc = [[_mm512_setzero_ps(); TILE_W]; PAIRS];
         let mut t = 0;
         while t < body {
+            for line in (t / LANES * pf_per_step..).take(pf_per_step).take_while(|&l| l < pf_lines) {
+                _mm_prefetch::<_MM_HINT_T0>(pf.as_ptr().add(line * LINE).cast());
+            }
             // Eight weights of each row in both halves of a register.
             let wv: [__m512; TILE_W] = std::array::from_fn(|c| {
                 let eight = _mm256_castps_pd(_mm256_loadu_ps(wp[c].add(t)));
@@ -417,7 +451,7 @@ mod tests {
     /// The whole product through the scalar tiles.
     fn block_scalar(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
         let mut part = vec![0.0f32; m * n];
-        block(Lhs { a, paired: &[] }, m, k, w, n, &mut part, Path::Scalar);
+        block(Lhs { a, paired: &[], prefetch: true }, m, k, w, n, &mut part, Path::Scalar);
         out.copy_from_slice(&part);
     }
 }
