@@ -116,28 +116,33 @@ impl Path {
 #[derive(Clone, Copy)]
 struct Lhs<'a> {
     a: &'a [f32],
-    /// Rows `2p` and `2p + 1` of the whole tiles, eight values of each in turn (see
-    /// [`pair_rows`]); empty on the other paths.
+    /// The whole tiles' rows, paired and interleaved (see [`pair_rows`]); empty on the
+    /// other paths.
     paired: &'a [f32],
     /// Whether the AVX-512 tiles prefetch the next tile's weights (see
     /// [`WeightRows::FROM_MEMORY`]).
     prefetch: bool,
 }
 
-/// The rows of `a` that fill whole AVX-512 tiles, pairs interleaved eight values at a
-/// time (`[m/2, k/8, 16]`, the tail past `k/8·8` left out): each step of the tile then
-/// loads a row pair with one instruction instead of two loads and an insert, which
-/// competed with the multiply-adds for a port.
+/// The rows of `a` that fill whole AVX-512 tiles, laid out as the tile kernel reads them:
+/// `[m / TILE_A, k / 8, TILE_A / 2, 16]`, each tile's step holding eight values of rows
+/// `2p` and `2p + 1` in turn for each pair `p` (the tail past `k/8·8` left out). A step
+/// then loads each row pair with one instruction instead of two loads and an insert,
+/// which competed with the multiply-adds for a port, and a tile's rows are one stream
+/// behind one pointer (four pointers had spilled to the stack).
 fn pair_rows(a: &[f32], m: usize, k: usize) -> Vec<f32> {
-    let (full_m, steps) = (m / avx512_tile_a() * avx512_tile_a(), k / LANES);
+    let tile_a = avx512_tile_a();
+    let (tiles, steps) = (m / tile_a, k / LANES);
+    let tile_len = steps * tile_a * LANES;
     // Every value is written below: a recycled buffer needs no zeroing.
-    let mut paired = super::scratch::take(full_m * steps * LANES);
+    let mut paired = super::scratch::take(tiles * tile_len);
     // On the pool: done serially it cost a tenth of a 64-row product on two threads.
-    paired.par_chunks_mut((2 * steps * LANES).max(1)).enumerate().for_each(|(p, dst)| {
-        let (low, high) = (&a[2 * p * k..][..k], &a[(2 * p + 1) * k..][..k]);
-        for (t, step) in dst.chunks_exact_mut(2 * LANES).enumerate() {
-            step[..LANES].copy_from_slice(&low[t * LANES..][..LANES]);
-            step[LANES..].copy_from_slice(&high[t * LANES..][..LANES]);
+    paired.par_chunks_mut(tile_len.max(1)).enumerate().for_each(|(q, dst)| {
+        let rows = &a[q * tile_a * k..][..tile_a * k];
+        for (t, step) in dst.chunks_exact_mut(tile_a * LANES).enumerate() {
+            for (r, eight) in step.chunks_exact_mut(LANES).enumerate() {
+                eight.copy_from_slice(&rows[r * k + t * LANES..][..LANES]);
+            }
         }
     });
     paired
@@ -162,24 +167,30 @@ fn block(lhs: Lhs, m: usize, k: usize, w: &[f32], rows: usize, part: &mut [f32],
     if path == Path::Avx512 {
         let (full_m, full_rows) =
             (m / avx512::TILE_A * avx512::TILE_A, rows / avx512::TILE_W * avx512::TILE_W);
+        // Each tile prefetches the next tile's weights into L1, in shares over its passes
+        // across the rows of `a`: without it each tile's first pass waited on memory
+        // (SmolLM2's 64-token prefill: 165 against 185-192 GFLOP/s in its products, Xeon).
+        // The last tile prefetches the rows after the block: the next task's, for weights
+        // that lie in one slice (a prefetch past an allocation is dropped, not a fault).
         let a_tiles = full_m / avx512::TILE_A;
+        let tile_lines = (avx512::TILE_W * k).div_ceil(avx512::LINE);
+        let steps = (k / LANES).max(1);
+        let per_step = match lhs.prefetch {
+            true => tile_lines.div_ceil(steps * a_tiles.max(1)).min(avx512::MOST_PREFETCH_PER_STEP),
+            false => 0,
+        };
         for j in (0..full_rows).step_by(avx512::TILE_W) {
-            // The next tile's weights, fetched in shares while this tile runs over the
-            // rows of `a`: without it each tile's first pass waited on memory (SmolLM2's
-            // 64-token prefill: 165 against 185-192 GFLOP/s in its products, Xeon).
-            // (A task's first tile is left to the hardware: prefetching it from the task
-            // before made no difference.)
-            let next = match lhs.prefetch {
-                true => w.get((j + avx512::TILE_W) * k..(j + 2 * avx512::TILE_W) * k).unwrap_or(&[]),
-                false => &[],
-            };
-            let share = next.len().div_ceil(a_tiles.max(1));
+            let next = w.as_ptr().wrapping_add((j + avx512::TILE_W) * k);
             for i in (0..full_m).step_by(avx512::TILE_A) {
-                let q = i / avx512::TILE_A;
-                let pf = &next[(q * share).min(next.len())..((q + 1) * share).min(next.len())];
+                // Lines the passes before this one prefetched: none left, none to do.
+                let done = i / avx512::TILE_A * steps * per_step;
+                let prefetch = avx512::Prefetch {
+                    from: next.wrapping_add(done * avx512::LINE),
+                    per_step: if done < tile_lines { per_step } else { 0 },
+                };
                 let mut sums = [[0.0f32; avx512::TILE_W]; avx512::TILE_A];
                 // SAFETY: AVX-512F, AVX2 and FMA were detected; the tile lies inside a and w.
-                unsafe { avx512::full(lhs, i, w, j, k, pf, &mut sums) };
+                unsafe { avx512::full(lhs, i, w, j, k, prefetch, &mut sums) };
                 for (r, row) in sums.iter().enumerate() {
                     part[(i + r) * rows + j..][..avx512::TILE_W].copy_from_slice(row);
                 }
@@ -326,16 +337,28 @@ mod avx512 {
     /// share: one SmolLM2 layer at 64 rows took 2.64 ms on two threads, against 2.33.)
     pub const TILE_W: usize = 6;
     /// f32 values per cache line.
-    const LINE: usize = 16;
+    pub const LINE: usize = 16;
+
+    /// Cache lines a tile prefetches per step of eight values, at most: three cover the
+    /// next tile of six rows in one pass (a tile of 8 rows of `a`).
+    pub const MOST_PREFETCH_PER_STEP: usize = 3;
+
+    /// What a tile prefetches while it runs: `per_step` cache lines a step, consecutive,
+    /// from `from` on (any address: prefetches never fault).
+    #[derive(Clone, Copy)]
+    pub struct Prefetch {
+        pub from: *const f32,
+        pub per_step: usize,
+    }
 
     /// `sums[r][c] = a[i + r] · w[j + c]` for a whole tile, each lane summing what the
-    /// AVX2 and scalar paths' lane sums, in the same order.
+    /// AVX2 and scalar paths' lane sums, in the same order; prefetching as `prefetch`
+    /// says meanwhile.
     ///
     /// # Safety
     /// The CPU must have AVX-512F and FMA; rows `i .. i + TILE_A` of `lhs.a` and `j .. j +
-    /// TILE_W` of `w` (each `k` long) must exist, `i` even, and `lhs.paired` must be
-    /// [`super::pair_rows`] of `lhs.a` with those rows in it. `pf` is memory to prefetch
-    /// into L1 meanwhile (the next tile's weights, or a share of them).
+    /// TILE_W` of `w` (each `k` long) must exist, `i` a multiple of `TILE_A`, and
+    /// `lhs.paired` must be [`super::pair_rows`] of `lhs.a` with those rows in it.
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub unsafe fn full(
         lhs: super::Lhs,
@@ -343,25 +366,42 @@ mod avx512 {
         w: &[f32],
         j: usize,
         k: usize,
-        pf: &[f32],
+        prefetch: Prefetch,
         sums: &mut [[f32; TILE_W]; TILE_A],
     ) {
-        // Lines of `pf` to prefetch per step of eight values, spread over the whole loop.
-        let pf_lines = pf.len().div_ceil(LINE);
-        let pf_per_step = pf_lines.div_ceil((k / LANES).max(1));
+        // A constant count per step: counted at run time, the prefetch loop's registers
+        // pushed three row pointers to the stack.
+        match prefetch.per_step {
+            0 => tile::<0>(lhs, i, w, j, k, prefetch.from, sums),
+            1 => tile::<1>(lhs, i, w, j, k, prefetch.from, sums),
+            2 => tile::<2>(lhs, i, w, j, k, prefetch.from, sums),
+            _ => tile::<MOST_PREFETCH_PER_STEP>(lhs, i, w, j, k, prefetch.from, sums),
+        }
+    }
+
+    /// [`full`] with `PREFETCH` lines a step.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn tile<const PREFETCH: usize>(
+        lhs: super::Lhs,
+        i: usize,
+        w: &[f32],
+        j: usize,
+        k: usize,
+        mut prefetch: *const f32,
+        sums: &mut [[f32; TILE_W]; TILE_A],
+    ) {
         const PAIRS: usize = TILE_A / 2;
         let body = k / LANES * LANES;
         let ap: [*const f32; TILE_A] = std::array::from_fn(|r| lhs.a.as_ptr().add((i + r) * k));
         let wp: [*const f32; TILE_W] = std::array::from_fn(|c| w.as_ptr().add((j + c) * k));
-        // Pair i/2 + p's steps, sixteen values each.
-        let steps = k / LANES;
-        let pp: [*const f32; PAIRS] =
-            std::array::from_fn(|p| lhs.paired.as_ptr().add((i / 2 + p) * steps * 2 * LANES));
+        // This tile's steps, TILE_A · 8 values each: pair p's sixteen at 16·p.
+        let mut tp = lhs.paired.as_ptr().add(i * (k / LANES) * LANES);
         let mut acc = [[_mm512_setzero_ps(); TILE_W]; PAIRS];
         let mut t = 0;
         while t < body {
-            for line in (t / LANES * pf_per_step..).take(pf_per_step).take_while(|&l| l < pf_lines) {
-                _mm_prefetch::<_MM_HINT_T0>(pf.as_ptr().add(line * LINE).cast());
+            for _ in 0..PREFETCH {
+                _mm_prefetch::<_MM_HINT_T0>(prefetch.cast());
+                prefetch = prefetch.wrapping_add(LINE);
             }
             // Eight weights of each row in both halves of a register.
             let wv: [__m512; TILE_W] = std::array::from_fn(|c| {
@@ -370,12 +410,13 @@ mod avx512 {
             });
             for (p, acc_p) in acc.iter_mut().enumerate() {
                 // Row 2p's eight values in the low half, row 2p + 1's in the high half.
-                let av = _mm512_loadu_ps(pp[p].add(2 * t));
+                let av = _mm512_loadu_ps(tp.add(2 * LANES * p));
                 for (acc_pc, wv_c) in acc_p.iter_mut().zip(&wv) {
                     *acc_pc = _mm512_fmadd_ps(av, *wv_c, *acc_pc);
                 }
             }
             t += LANES;
+            tp = tp.add(TILE_A * LANES);
         }
         for (p, acc_p) in acc.iter().enumerate() {
             for (c, acc_pc) in acc_p.iter().enumerate() {
