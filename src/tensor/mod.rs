@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod awake;
 pub mod exp;
+pub mod fma_peak;
 pub mod gelu;
 pub mod gemv;
 pub mod half;
