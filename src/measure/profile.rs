@@ -1,7 +1,8 @@
 //! `bench profile`: where one forward pass spends its time, per op kind, with achieved
 //! rates against this machine's peaks measured at start (the f32 multiply-add peak of
-//! every thread and a parallel memory read). The spans come from [`crate::profile`]; time no span covers (embedding
-//! lookups, residual adds, copies, allocation) is reported as "other".
+//! every thread and a parallel memory read). The spans come from [`crate::profile`];
+//! time no span covers (embedding lookups, residual adds, copies, allocation) is
+//! reported as "other".
 
 use std::time::Instant;
 

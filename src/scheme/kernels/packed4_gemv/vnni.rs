@@ -117,7 +117,7 @@ pub(super) unsafe fn run_dots_split<const K: u8>(
         }
         return;
     }
-    if p.block == 2 * PAIR && p.block < p.rows * p.cols && p.offsets.is_none() {
+    if whole_two_pair_blocks(p) {
         let mut twos = dst.chunks_exact_mut(2);
         for d in &mut twos {
             let second = at.next(p);
@@ -155,7 +155,7 @@ unsafe fn split_row<const M: usize, const K: u8>(
     if p.block == PAIR && p.block < p.rows * p.cols {
         return single_pair_blocks::<M, K>(p, acts, rows, at, first);
     }
-    if p.block == 2 * PAIR && p.block < p.rows * p.cols && p.offsets.is_none() {
+    if whole_two_pair_blocks(p) {
         return two_pair_blocks::<M, K>(p, rows, at);
     }
     walk_pairs::<M>(p, acts, at, first, |j0, end, even, odd| {
@@ -232,6 +232,13 @@ unsafe fn single_pair_blocks<const M: usize, const K: u8>(
         add_block(at.block + j, j, sums, &mut total);
     }
     std::array::from_fn(|i| hsum(total[i]) + extra[i])
+}
+
+/// Whether [`two_pair_blocks`] and [`two_pair_rows`] take `p`: blocks of two pairs, more
+/// than one, without offsets.
+#[cfg(target_arch = "x86_64")]
+fn whole_two_pair_blocks(p: &Packed4) -> bool {
+    p.block == 2 * PAIR && p.block < p.rows * p.cols && p.offsets.is_none()
 }
 
 /// [`split_row`] where every block is two pairs (int4-block's default of 128 values) and
