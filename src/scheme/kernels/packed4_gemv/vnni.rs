@@ -155,9 +155,6 @@ unsafe fn split_row<const M: usize, const K: u8>(
     if p.block == PAIR && p.block < p.rows * p.cols {
         return single_pair_blocks::<M, K>(p, acts, rows, at, first);
     }
-    if whole_two_pair_blocks(p) {
-        return two_pair_blocks::<M, K>(p, rows, at);
-    }
     walk_pairs::<M>(p, acts, at, first, |j0, end, even, odd| {
         let mut both = [_mm512_setzero_ps(); M];
         let mut j = j0;
@@ -234,77 +231,27 @@ unsafe fn single_pair_blocks<const M: usize, const K: u8>(
     std::array::from_fn(|i| hsum(total[i]) + extra[i])
 }
 
-/// Whether [`two_pair_blocks`] and [`two_pair_rows`] take `p`: blocks of two pairs, more
-/// than one, without offsets.
+/// Whether [`two_pair_rows`] takes `p`: blocks of two pairs, more than one, without
+/// offsets.
 #[cfg(target_arch = "x86_64")]
 fn whole_two_pair_blocks(p: &Packed4) -> bool {
     p.block == 2 * PAIR && p.block < p.rows * p.cols && p.offsets.is_none()
 }
 
-/// [`split_row`] where every block is two pairs (int4-block's default of 128 values) and
-/// there are no offsets: what `walk_pairs` does for such blocks (a row that starts in a
-/// block's second pair begins with that pair alone, one that ends in a block's first pair
-/// ends with it; each piece's even plus odd sums times the block scale into the total, in
-/// block order), with one 512-bit step a whole block and none of the walk's per-piece
-/// bookkeeping.
+/// One activation row against `R` consecutive weight rows from `rows.bytes` (starting at
+/// `at`) where every block is two pairs (int4-block's default of 128 values) and there
+/// are no offsets: what `walk_pairs` does for such blocks (a row that starts in a block's
+/// second pair begins with that pair alone, one that ends in a block's first pair ends
+/// with it; each piece's even plus odd sums times the block scale into the total, in
+/// block order), with one 512-bit step a whole block, the rows' steps interleaved. Each
+/// row's sums take the same operations in the same order, so the same bits.
 ///
 /// Why: at 576 values a row is 4.5 blocks, and the walk's per-piece work (zeroed halves,
-/// the piece's bounds, the offsets check) was about as many instructions as the products:
-/// one Xeon core ran 1536 × 576 at 11-12 GB/s from its caches, two cores no faster than
-/// memory.
-///
-/// # Safety
-/// As [`row_dots_split`]; `p.block == 128`, more than one block, no offsets.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-#[inline]
-unsafe fn two_pair_blocks<const M: usize, const K: u8>(
-    p: &Packed4,
-    rows: &Rows<M>,
-    at: RowStart,
-) -> [f32; M] {
-    use std::arch::x86_64::*;
-    let row_pairs = p.cols / PAIR;
-    let zero = _mm256_setzero_ps();
-    let mut total = [zero; M];
-    // One pair alone (the even sums; the odd ones are zero) into the total.
-    let lone_pair = |j: usize, b: usize, total: &mut [__m256; M]| {
-        let mut even = [zero; M];
-        pair_step::<M, K>(rows, j, &mut even);
-        let scale = _mm256_set1_ps(*p.scales.get_unchecked(b));
-        for i in 0..M {
-            total[i] = _mm256_fmadd_ps(_mm256_add_ps(even[i], zero), scale, total[i]);
-        }
-    };
-    let (mut b, mut j) = (at.block, 0);
-    if at.left == 1 && row_pairs > 0 {
-        lone_pair(0, b, &mut total);
-        (b, j) = (b + 1, 1);
-    }
-    while j + 2 <= row_pairs {
-        let mut both = [_mm512_setzero_ps(); M];
-        two_pairs_step::<M, K>(rows, j, &mut both);
-        let scale = _mm256_set1_ps(*p.scales.get_unchecked(b));
-        for i in 0..M {
-            let (even, odd) = halves(both[i]);
-            total[i] = _mm256_fmadd_ps(_mm256_add_ps(even, odd), scale, total[i]);
-        }
-        (b, j) = (b + 1, j + 2);
-    }
-    if j < row_pairs {
-        lone_pair(j, b, &mut total);
-    }
-    // The walk adds each row's offset term, zero here: kept, for the same bits (-0 + 0).
-    std::array::from_fn(|i| hsum(total[i]) + 0.0)
-}
-
-/// [`two_pair_blocks`] for `R` consecutive weight rows from `rows.bytes` (starting at
-/// `at`) against activation row 0, their steps interleaved: each row's sums take the same
-/// operations in the same order, so the same bits.
-///
-/// Why: each row ends in a chain of dependent additions (its total's horizontal sum)
-/// that held a third of a profile's samples; two rows' work overlaps it. One Xeon core,
-/// 1536 × 576 from its caches: 33 µs a row at a time.
+/// the piece's bounds, the offsets check) was about as many instructions as the products
+/// (one Xeon core, 1536 × 576 from its caches: 39.5 µs); without it, 33 µs; and each row
+/// ends in a chain of dependent additions (its total's horizontal sum) that then held a
+/// third of a profile's samples, which a second row's work overlaps: 31.7 µs. Several
+/// activation rows (small batches) keep the walk.
 ///
 /// # Safety
 /// As [`row_dots_split`] for the `R` rows; `p.block == 128`, more than one block, no
